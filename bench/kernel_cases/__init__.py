@@ -1,0 +1,30 @@
+"""Benchmark cases for `python -m bench.kernels`, one module per group of kernels.
+
+Each module defines `cases(xp, size)` returning a list of `Case`:
+  xp    numpy (the CPU emulator: only `size="tiny"` is sensible) or cupy (the GPU);
+  size  "tiny" (a few thousand elements, seconds on the emulator, for CI) or "resnet50"
+        (the ResNet-50 v1.5 shapes at batch 256, on a GPU).
+A Case times `run()` (our kernel) and, when given, `baseline()` (cuDNN / cuBLAS / a CuPy
+built-in doing the same work), and reports bytes/s against the measured copy bandwidth and
+FLOP/s against the measured matmul peak.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+__all__ = ["Case", "MODULES"]
+
+# bench.kernels imports these in order; add a module here when you add a file.
+MODULES = ["elementwise", "reduce", "gemm_conv", "norm_pool_loss_optim"]
+
+
+@dataclass
+class Case:
+    name: str                      # "conv2d_forward 3x3 s1 [256,56,56,64]->64"
+    run: Callable[[], object]      # launches our kernel once (inputs prepared in advance)
+    bytes: int = 0                 # fewest bytes the op must move (inputs read once + outputs written once)
+    flops: int = 0                 # floating-point operations (2 per multiply-add)
+    baseline: Optional[Callable[[], object]] = None
+    baseline_name: str = ""        # "cuDNN", "cuBLAS", "cupy.maximum", ...
+    group: str = ""                # filled in by bench.kernels from the module name
+    notes: dict = field(default_factory=dict)

@@ -1,0 +1,80 @@
+"""Helpers shared by the launchers (kernels/<op>.py): which backend the arrays live on, argument
+validation with clear messages, and launch-grid arithmetic.
+
+A launcher validates everything before launching: a wrong dtype, shape or a non-contiguous
+array is a TypeError/ValueError naming the argument, never a wrong answer or a crash.
+"""
+
+import numpy as np
+
+from .runtime import load_module
+
+__all__ = ["array_module", "is_cupy", "check_array", "blocks_for", "module", "empty_like", "empty",
+           "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+# The emulator runs blocks one after another; a grid-stride loop over fewer, fuller blocks
+# computes the same result with fewer fibers, so launches on NumPy arrays cap the grid lower.
+_MAX_BLOCKS = {"cupy": 65535, "numpy": 64}
+
+
+def is_cupy(a):
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def array_module(*arrays):
+    """numpy or cupy, whichever holds `arrays` (None entries ignored); mixing them is an error."""
+    kinds = {("cupy" if is_cupy(a) else "numpy") for a in arrays if a is not None}
+    if len(kinds) > 1:
+        raise TypeError("arguments mix NumPy and CuPy arrays; move them to one device first")
+    if kinds == {"cupy"}:
+        import cupy
+        return cupy
+    return np
+
+
+def check_array(op, name, a, dtype=None, ndim=None, shape=None, contiguous=True):
+    """Raise a clear TypeError/ValueError unless `a` is an array as described.
+
+    dtype may be a dtype or a tuple of allowed dtypes; shape may contain None for "any".
+    """
+    if not hasattr(a, "dtype") or not hasattr(a, "shape") or isinstance(a, np.generic):
+        raise TypeError(f"{op}: {name} must be a NumPy or CuPy array, got {type(a).__name__}")
+    if dtype is not None:
+        allowed = tuple(np.dtype(d) for d in (dtype if isinstance(dtype, (tuple, list)) else (dtype,)))
+        if a.dtype not in allowed:
+            names = " or ".join(d.name for d in allowed)
+            raise TypeError(f"{op}: {name} must be {names}, got {a.dtype}")
+    if ndim is not None:
+        allowed_ndim = ndim if isinstance(ndim, (tuple, list)) else (ndim,)
+        if a.ndim not in allowed_ndim:
+            raise ValueError(f"{op}: {name} must have {' or '.join(map(str, allowed_ndim))} dimensions, "
+                             f"got shape {tuple(a.shape)}")
+    if shape is not None:
+        if len(shape) != a.ndim or any(s is not None and s != t for s, t in zip(shape, a.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{op}: {name} must have shape {want}, got {tuple(a.shape)}")
+    if contiguous and not a.flags.c_contiguous:
+        raise ValueError(f"{op}: {name} must be C-contiguous (got strides {a.strides}); "
+                         f"pass xp.ascontiguousarray({name})")
+    return a
+
+
+def blocks_for(n, block, xp, per_thread=1):
+    """Blocks for n elements at `per_thread` elements per thread, capped for grid-stride loops."""
+    need = max(1, -(-int(n) // (block * per_thread)))
+    return min(need, _MAX_BLOCKS["cupy" if xp is not np else "numpy"])
+
+
+def module(filename, options=()):
+    """The RawModule of kernels/<filename> (compiled once per process and backend)."""
+    return load_module(filename, options)
+
+
+def empty(xp, shape, dtype):
+    return xp.empty(shape, dtype=dtype)
+
+
+def empty_like(a):
+    return array_module(a).empty_like(a)

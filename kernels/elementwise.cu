@@ -1,0 +1,113 @@
+/*
+ * elementwise.cu: the simplest kernels of the network, one output element per loop iteration.
+ *
+ *   relu_forward      y  = max(x, 0)
+ *   relu_backward     dx = dy * (y > 0)           (from the output y: it is what forward keeps)
+ *   add               c  = a + b                  (the residual connection)
+ *   add_relu_forward  y  = max(a + b, 0)          (the end of a bottleneck, fused: one pass)
+ *   scale             y  = alpha * x
+ *   axpy              y  = alpha * x + y          (in place on y)
+ *   fill              y  = value
+ *   cast_*            float32 <-> float16 / bfloat16, round to nearest even
+ *
+ * Memory-access plan: every kernel reads its inputs once and writes its output once, with
+ * consecutive threads touching consecutive elements (coalesced).  They are memory bound: the
+ * only speed that matters is bytes moved per second, compared in bench/ with a device copy.
+ *
+ * The loop is a grid-stride loop: thread t of a grid of T threads handles t, t + T, t + 2T, ...
+ * so any grid size is correct.  The launcher picks enough blocks to fill the GPU (or few on the
+ * emulator, which runs blocks one after another).  Indices are 64-bit: n may exceed 2^31.
+ *
+ * float and __half versions come from one template each; the extern "C" names carry the type.
+ * Half-precision math is done in float and rounded once on the store.
+ */
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#define GRID_STRIDE_LOOP(i, n)                                                               \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);            \
+         i += (long long)blockDim.x * gridDim.x)
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return (float)v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) { return (T)v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T>
+__device__ void relu_forward(const T* __restrict__ x, T* __restrict__ y, long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        float v = to_float(x[i]);
+        y[i] = from_float<T>(v > 0.0f ? v : 0.0f);
+    }
+}
+
+template <typename T>
+__device__ void relu_backward(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                              long long n) {
+    GRID_STRIDE_LOOP(i, n) { dx[i] = to_float(y[i]) > 0.0f ? dy[i] : from_float<T>(0.0f); }
+}
+
+template <typename T>
+__device__ void add(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, long long n) {
+    GRID_STRIDE_LOOP(i, n) { c[i] = from_float<T>(to_float(a[i]) + to_float(b[i])); }
+}
+
+template <typename T>
+__device__ void add_relu_forward(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y,
+                                 long long n) {
+    GRID_STRIDE_LOOP(i, n) {
+        float v = to_float(a[i]) + to_float(b[i]);
+        y[i] = from_float<T>(v > 0.0f ? v : 0.0f);
+    }
+}
+
+extern "C" __global__ void relu_forward_f32(const float* x, float* y, long long n) { relu_forward(x, y, n); }
+extern "C" __global__ void relu_forward_f16(const __half* x, __half* y, long long n) { relu_forward(x, y, n); }
+extern "C" __global__ void relu_backward_f32(const float* dy, const float* y, float* dx, long long n) {
+    relu_backward(dy, y, dx, n);
+}
+extern "C" __global__ void relu_backward_f16(const __half* dy, const __half* y, __half* dx, long long n) {
+    relu_backward(dy, y, dx, n);
+}
+extern "C" __global__ void add_f32(const float* a, const float* b, float* c, long long n) { add(a, b, c, n); }
+extern "C" __global__ void add_f16(const __half* a, const __half* b, __half* c, long long n) { add(a, b, c, n); }
+extern "C" __global__ void add_relu_forward_f32(const float* a, const float* b, float* y, long long n) {
+    add_relu_forward(a, b, y, n);
+}
+extern "C" __global__ void add_relu_forward_f16(const __half* a, const __half* b, __half* y, long long n) {
+    add_relu_forward(a, b, y, n);
+}
+
+extern "C" __global__ void scale_f32(const float* __restrict__ x, float* __restrict__ y, float alpha, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = alpha * x[i]; }
+}
+
+extern "C" __global__ void axpy_f32(const float* __restrict__ x, float* __restrict__ y, float alpha, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = fmaf(alpha, x[i], y[i]); }
+}
+
+extern "C" __global__ void fill_f32(float* y, float value, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = value; }
+}
+
+extern "C" __global__ void cast_f32_to_f16(const float* __restrict__ x, __half* __restrict__ y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = __float2half_rn(x[i]); }
+}
+
+extern "C" __global__ void cast_f16_to_f32(const __half* __restrict__ x, float* __restrict__ y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = __half2float(x[i]); }
+}
+
+/* bfloat16 travels as its 16-bit pattern (NumPy has no bfloat16 type: uint16 arrays). */
+extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = __float2bfloat16_rn(x[i]); }
+}
+
+extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* __restrict__ x, float* __restrict__ y, long long n) {
+    GRID_STRIDE_LOOP(i, n) { y[i] = __bfloat162float(x[i]); }
+}

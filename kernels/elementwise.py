@@ -1,0 +1,136 @@
+"""Launchers of kernels/elementwise.cu (ReLU, add, fused add+ReLU, scale, axpy, fill, casts).
+
+Every launcher takes NumPy arrays (-> the CPU emulator) or CuPy arrays (-> the GPU), checks
+dtypes and shapes, and returns a new array on the same device (axpy and fill work in place).
+float32 and float16 are supported where the network needs both.
+"""
+
+import numpy as np
+
+from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, module
+
+__all__ = ["relu_forward", "relu_backward", "add", "add_relu_forward", "scale", "axpy", "fill", "cast",
+           "cast_from_bf16"]
+
+_BLOCK = 256
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
+
+
+def _run(name, n, args, xp):
+    kernel = module("elementwise.cu").get_function(name)
+    kernel((blocks_for(n, _BLOCK, xp),), (_BLOCK,), tuple(args) + (np.int64(n),))
+
+
+def _same(op, names, arrays):
+    first = arrays[0]
+    for nm, a in zip(names, arrays):
+        check_array(op, nm, a, dtype=FLOAT_DTYPES)
+        if a.shape != first.shape or a.dtype != first.dtype:
+            raise ValueError(f"{op}: {names[0]} and {nm} must have the same shape and dtype, got "
+                             f"{first.dtype}{tuple(first.shape)} and {a.dtype}{tuple(a.shape)}")
+
+
+def relu_forward(x):
+    """y = max(x, 0).  x: float32/float16 array of any shape (C-contiguous)."""
+    _same("relu_forward", ["x"], [x])
+    xp = array_module(x)
+    y = xp.empty_like(x)
+    if x.size:
+        _run(f"relu_forward_{_SUFFIX[x.dtype]}", x.size, (x, y), xp)
+    return y
+
+
+def relu_backward(dy, y):
+    """dx = dy where y > 0, else 0.  y is ReLU's output (what the forward pass keeps)."""
+    _same("relu_backward", ["dy", "y"], [dy, y])
+    xp = array_module(dy, y)
+    dx = xp.empty_like(dy)
+    if dy.size:
+        _run(f"relu_backward_{_SUFFIX[dy.dtype]}", dy.size, (dy, y, dx), xp)
+    return dx
+
+
+def add(a, b):
+    """c = a + b, same shape and dtype (the residual connection)."""
+    _same("add", ["a", "b"], [a, b])
+    xp = array_module(a, b)
+    c = xp.empty_like(a)
+    if a.size:
+        _run(f"add_{_SUFFIX[a.dtype]}", a.size, (a, b, c), xp)
+    return c
+
+
+def add_relu_forward(a, b):
+    """y = max(a + b, 0) in one pass (fused)."""
+    _same("add_relu_forward", ["a", "b"], [a, b])
+    xp = array_module(a, b)
+    y = xp.empty_like(a)
+    if a.size:
+        _run(f"add_relu_forward_{_SUFFIX[a.dtype]}", a.size, (a, b, y), xp)
+    return y
+
+
+def scale(x, alpha):
+    """y = alpha * x (float32)."""
+    check_array("scale", "x", x, dtype=np.float32)
+    xp = array_module(x)
+    y = xp.empty_like(x)
+    if x.size:
+        _run("scale_f32", x.size, (x, y, np.float32(alpha)), xp)
+    return y
+
+
+def axpy(alpha, x, y):
+    """y += alpha * x, in place on y (float32, same shape); returns y."""
+    check_array("axpy", "x", x, dtype=np.float32)
+    check_array("axpy", "y", y, dtype=np.float32, shape=x.shape)
+    xp = array_module(x, y)
+    if x.size:
+        _run("axpy_f32", x.size, (x, y, np.float32(alpha)), xp)
+    return y
+
+
+def fill(y, value):
+    """y[...] = value, in place (float32); returns y."""
+    check_array("fill", "y", y, dtype=np.float32)
+    xp = array_module(y)
+    if y.size:
+        _run("fill_f32", y.size, (y, np.float32(value)), xp)
+    return y
+
+
+_CASTS = {("float32", "float16"): "cast_f32_to_f16", ("float16", "float32"): "cast_f16_to_f32",
+          ("float32", "bfloat16"): "cast_f32_to_bf16", ("bfloat16", "float32"): "cast_bf16_to_f32"}
+
+
+def cast(x, dtype):
+    """x converted to dtype with round-to-nearest-even: float32 <-> float16, float32 -> 'bfloat16'.
+
+    NumPy has no bfloat16, so cast(x, 'bfloat16') returns a uint16 array holding the bfloat16
+    bit patterns; `cast_from_bf16(bits)` converts such an array back to float32.
+    """
+    target = "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
+    source = x.dtype.name
+    check_array("cast", "x", x)
+    if source == target:
+        return x.copy()
+    key = (source, target)
+    if key not in _CASTS:
+        raise TypeError(f"cast: unsupported conversion {source} -> {target} "
+                        f"(supported: {', '.join(f'{a}->{b}' for a, b in _CASTS)})")
+    xp = array_module(x)
+    out_dtype = np.uint16 if target == "bfloat16" else target
+    y = xp.empty(x.shape, dtype=out_dtype)
+    if x.size:
+        _run(_CASTS[key], x.size, (x, y), xp)
+    return y
+
+
+def cast_from_bf16(bits):
+    """float32 array from bfloat16 bit patterns (a uint16 array)."""
+    check_array("cast_from_bf16", "bits", bits, dtype=np.uint16)
+    xp = array_module(bits)
+    y = xp.empty(bits.shape, dtype=np.float32)
+    if bits.size:
+        _run("cast_bf16_to_f32", bits.size, (bits, y), xp)
+    return y

@@ -1,0 +1,681 @@
+/*
+ * runtime.cpp: the CPU emulator's runtime.  It runs a CUDA grid on one CPU thread.
+ *
+ * How a launch runs
+ *   Blocks run one after another (blockIdx.x fastest).  Inside a block every CUDA thread gets a
+ *   fiber: its own stack and saved registers.  A fiber runs the kernel until it reaches something
+ *   that needs the other threads (a __syncthreads(), a warp shuffle/vote) or returns; then it
+ *   switches back to the scheduler, which resumes the next ready thread.  So barriers have real
+ *   semantics, and a block of 256 threads with a few barriers costs a few thousand register
+ *   switches: microseconds.
+ *
+ *   Threads never run at the same time, so atomics are plain read-modify-writes and a racy
+ *   kernel runs in one particular serial order: it may pass here and fail on a GPU.
+ *
+ * What it checks, as a GPU would (or better)
+ *   - threads of one block waiting at different __syncthreads() calls: an error naming the
+ *     lines, instead of a hang (threads that have returned do not block a barrier);
+ *   - a warp collective that can never complete (a lane named in the mask has returned) or whose
+ *     lanes disagree on the operation or the mask: an error;
+ *   - SIGSEGV / SIGBUS / SIGFPE inside a kernel: caught (siglongjmp back to the launch), reported
+ *     with the faulting address, block and thread; Python then names the argument array that was
+ *     overrun when the debug mode put guard pages around every array;
+ *   - assert() and __trap() in kernel code.
+ *
+ * Fibers: a few lines of x86-64 assembly switch stacks (the callee-saved registers of the SysV
+ * ABI; kernels never change the floating-point control registers, so those are not switched).
+ * Elsewhere ucontext is used.  A thread that blocks hands over directly to the next ready
+ * thread; only when none is ready does control go back to the scheduler (to release a barrier
+ * or to report a deadlock).
+ */
+#include "emu_abi.h"
+
+#include <csetjmp>
+#include <csignal>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#if !defined(__x86_64__) || defined(EMU_USE_UCONTEXT)
+#define EMU_UCONTEXT 1
+#include <ucontext.h>
+#endif
+
+/* ------------------------------------------------------------------ the CUDA built-ins */
+extern "C" {
+__attribute__((visibility("default"))) uint3 threadIdx;
+__attribute__((visibility("default"))) uint3 blockIdx;
+__attribute__((visibility("default"))) dim3 blockDim;
+__attribute__((visibility("default"))) dim3 gridDim;
+}
+
+namespace {
+
+/* ------------------------------------------------------------------ context switching */
+#ifndef EMU_UCONTEXT
+extern "C" void emu_ctx_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .globl emu_ctx_switch
+    .hidden emu_ctx_switch
+    .type emu_ctx_switch, @function
+emu_ctx_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_ctx_switch, .-emu_ctx_switch
+)");
+
+struct Context { void* sp = nullptr; };
+
+void context_init(Context* c, char* stack_top, void (*fn)()) {
+    uintptr_t* sp = reinterpret_cast<uintptr_t*>(stack_top);  // 16-byte aligned
+    *--sp = 0;                                     // fake return address for debuggers
+    *--sp = reinterpret_cast<uintptr_t>(fn);       // `ret` lands here with rsp % 16 == 8
+    for (int i = 0; i < 6; ++i) *--sp = 0;         // rbp rbx r12 r13 r14 r15
+    c->sp = sp;
+}
+inline void context_switch(Context* from, Context* to) { emu_ctx_switch(&from->sp, to->sp); }
+#else
+struct Context { ucontext_t uc; };
+void context_init(Context* c, char* stack_top, void (*fn)(), size_t stack_size) {
+    getcontext(&c->uc);
+    c->uc.uc_stack.ss_sp = stack_top - stack_size;
+    c->uc.uc_stack.ss_size = stack_size;
+    c->uc.uc_link = nullptr;
+    makecontext(&c->uc, fn, 0);
+}
+inline void context_switch(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
+#endif
+
+/* ------------------------------------------------------------------ scheduler state */
+constexpr int kWarpSize = 32;
+constexpr size_t kStackBytes = 256 * 1024;   // per CUDA thread (fiber)
+constexpr size_t kStackGuard = 16 * 1024;    // PROT_NONE below each stack: overflow -> error
+
+enum ThreadState : uint8_t { READY, WAIT_BARRIER, WAIT_WARP, DONE };
+
+struct Thread {
+    Context ctx;
+    uint3 tid;
+    ThreadState state;
+    // barrier
+    const char* bar_file;
+    int bar_line;
+    int bar_pred;
+    // warp collective
+    int w_kind;
+    unsigned w_mask;
+    unsigned long long w_value;
+    unsigned long long w_result;
+    int w_arg;
+    int w_width;
+    const char* w_file;
+    int w_line;
+};
+
+struct Warp {
+    unsigned arrived;    // lanes waiting at a warp collective
+    unsigned existing;   // lanes that exist (the last warp of a block may be partial)
+    unsigned done;       // lanes that have returned
+};
+
+struct Scheduler {
+    const emu_launch_params* p = nullptr;
+    std::vector<Thread> threads;
+    std::vector<Warp> warps;
+    std::vector<int> ready;   // ring buffer of thread indices
+    size_t ready_head = 0, ready_count = 0;
+    int nthreads = 0;
+    int live = 0;
+    int bar_waiting = 0;
+    int bar_count = 0, bar_all = 0, bar_any = 0;   // __syncthreads_count/_and/_or results
+    int current = -1;
+    Context sched_ctx;
+    bool aborted = false;
+    int error_code = EMU_OK;
+
+    char* stacks = nullptr;      // nthreads_capacity * (guard + stack)
+    size_t stacks_capacity = 0;  // in threads
+} S;
+
+char g_error[4096];
+emu_fault_info g_fault;
+sigjmp_buf g_jmp;
+volatile sig_atomic_t g_in_launch = 0;
+struct sigaction g_old_segv, g_old_bus, g_old_fpe, g_old_ill;
+
+void set_error(int code, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_error, sizeof g_error, fmt, ap);
+    va_end(ap);
+    S.error_code = code;
+    S.aborted = true;
+}
+
+/* "block (1,0,0) thread (37,0,0)" */
+std::string where(int t) {
+    char buf[128];
+    const uint3& tid = S.threads[t].tid;
+    snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", blockIdx.x, blockIdx.y,
+             blockIdx.z, tid.x, tid.y, tid.z);
+    return buf;
+}
+
+void push_ready(int t) {
+    size_t cap = S.ready.size();
+    S.ready[(S.ready_head + S.ready_count) % cap] = t;
+    ++S.ready_count;
+}
+int pop_ready() {
+    int t = S.ready[S.ready_head];
+    S.ready_head = (S.ready_head + 1) % S.ready.size();
+    --S.ready_count;
+    return t;
+}
+
+/* The running fiber blocks: hand over to the next ready thread, or to the scheduler if none. */
+inline void yield_to_scheduler() {
+    Thread& t = S.threads[S.current];
+    if (S.ready_count > 0 && !S.aborted) {
+        int next = pop_ready();
+        S.current = next;
+        threadIdx = S.threads[next].tid;
+        context_switch(&t.ctx, &S.threads[next].ctx);
+    } else {
+        context_switch(&t.ctx, &S.sched_ctx);
+    }
+}
+
+void fiber_main() {
+    Thread& t = S.threads[S.current];
+    S.p->entry(S.p->args);
+    t.state = DONE;
+    --S.live;
+    int linear = S.current;
+    S.warps[linear / kWarpSize].done |= 1u << (linear % kWarpSize);
+    yield_to_scheduler();
+    // never resumed
+    abort();
+}
+
+bool ensure_stacks(size_t n) {
+    if (S.stacks_capacity >= n) return true;
+    if (S.stacks) munmap(S.stacks, S.stacks_capacity * (kStackBytes + kStackGuard));
+    size_t bytes = n * (kStackBytes + kStackGuard);
+    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (m == MAP_FAILED) {
+        S.stacks = nullptr;
+        S.stacks_capacity = 0;
+        return false;
+    }
+    S.stacks = static_cast<char*>(m);
+    for (size_t i = 0; i < n; ++i) mprotect(S.stacks + i * (kStackBytes + kStackGuard), kStackGuard, PROT_NONE);
+    S.stacks_capacity = n;
+    return true;
+}
+
+/* ------------------------------------------------------------------ barriers */
+void release_barrier() {
+    // Every live thread waits at a barrier: they must all be at the same one.
+    int first = -1;
+    for (int i = 0; i < S.nthreads; ++i) {
+        Thread& t = S.threads[i];
+        if (t.state != WAIT_BARRIER) continue;
+        if (first < 0) {
+            first = i;
+            continue;
+        }
+        Thread& f = S.threads[first];
+        if (t.bar_line != f.bar_line || strcmp(t.bar_file, f.bar_file) != 0) {
+            set_error(EMU_ERR_BARRIER,
+                      "divergent __syncthreads() in kernel '%s': %s waits at %s:%d while %s waits at "
+                      "%s:%d; every thread of a block must reach the same __syncthreads() (or return)",
+                      S.p->kernel_name, where(first).c_str(), f.bar_file, f.bar_line, where(i).c_str(),
+                      t.bar_file, t.bar_line);
+            return;
+        }
+    }
+    // __syncthreads_count/_and/_or: reduce the predicates of the waiting threads.
+    int count = 0, all = 1, any = 0;
+    for (int i = 0; i < S.nthreads; ++i) {
+        Thread& t = S.threads[i];
+        if (t.state != WAIT_BARRIER) continue;
+        count += t.bar_pred != 0;
+        all &= t.bar_pred != 0;
+        any |= t.bar_pred != 0;
+    }
+    S.bar_count = count;
+    S.bar_all = all;
+    S.bar_any = any;
+    for (int i = 0; i < S.nthreads; ++i) {
+        Thread& t = S.threads[i];
+        if (t.state != WAIT_BARRIER) continue;
+        t.state = READY;
+        push_ready(i);
+    }
+    S.bar_waiting = 0;
+}
+
+void report_deadlock() {
+    // No thread can run, and not every live thread is at the barrier.
+    std::string msg;
+    char buf[512];
+    for (int w = 0; w < (int)S.warps.size(); ++w) {
+        Warp& wp = S.warps[w];
+        for (int lane = 0; lane < kWarpSize; ++lane) {
+            if (!(wp.arrived >> lane & 1)) continue;
+            Thread& t = S.threads[w * kWarpSize + lane];
+            unsigned need = t.w_mask & wp.existing;
+            unsigned missing = need & ~wp.arrived;
+            int m = missing ? __builtin_ctz(missing) : -1;
+            const char* why = "is waiting elsewhere";
+            if (m >= 0 && (wp.done >> m & 1)) why = "has already returned";
+            else if (m >= 0 && S.threads[w * kWarpSize + m].state == WAIT_BARRIER) why = "waits at __syncthreads()";
+            snprintf(buf, sizeof buf,
+                     "%s waits in a warp collective at %s:%d with mask 0x%08x, but lane %d of its warp %s",
+                     where(w * kWarpSize + lane).c_str(), t.w_file, t.w_line, t.w_mask, m, why);
+            msg = buf;
+            break;
+        }
+        if (!msg.empty()) break;
+    }
+    if (msg.empty()) msg = "no thread can make progress";
+    set_error(EMU_ERR_DEADLOCK, "deadlock in kernel '%s': %s", S.p->kernel_name, msg.c_str());
+}
+
+/* ------------------------------------------------------------------ one block */
+void run_block() {
+    const int n = S.nthreads;
+    const unsigned bx = S.p->block[0], by = S.p->block[1];
+    for (int i = 0; i < n; ++i) {
+        Thread& t = S.threads[i];
+        t.tid = uint3{(unsigned)(i % bx), (unsigned)((i / bx) % by), (unsigned)(i / (bx * by))};
+        t.state = READY;
+        // Stagger the stack tops (cache colouring): equal offsets would share cache sets.
+        char* top = S.stacks + (size_t)i * (kStackBytes + kStackGuard) + kStackGuard + kStackBytes - (i % 64) * 64;
+#ifndef EMU_UCONTEXT
+        context_init(&t.ctx, top, fiber_main);
+#else
+        context_init(&t.ctx, top, fiber_main, kStackBytes);
+#endif
+    }
+    for (size_t w = 0; w < S.warps.size(); ++w) {
+        int lanes = n - (int)w * kWarpSize;
+        S.warps[w].existing = lanes >= kWarpSize ? 0xffffffffu : ((1u << lanes) - 1u);
+        S.warps[w].arrived = 0;
+        S.warps[w].done = 0;
+    }
+    S.ready_head = 0;
+    S.ready_count = 0;
+    for (int i = 0; i < n; ++i) push_ready(i);
+    S.live = n;
+    S.bar_waiting = 0;
+
+    if (S.p->debug) {
+        // Shared memory starts undefined on a GPU; make reads before writes visible (NaN, -1).
+        if (S.p->dynamic_shared && S.p->shared_mem) memset(S.p->dynamic_shared, 0xff, S.p->shared_mem);
+        if (S.p->static_shared_begin && S.p->static_shared_end > S.p->static_shared_begin)
+            memset(S.p->static_shared_begin, 0xff, S.p->static_shared_end - S.p->static_shared_begin);
+    }
+
+    while (S.live > 0) {
+        if (S.ready_count > 0) {
+            int t = pop_ready();
+            S.current = t;
+            threadIdx = S.threads[t].tid;
+            context_switch(&S.sched_ctx, &S.threads[t].ctx);
+            if (S.aborted) return;
+        } else if (S.bar_waiting == S.live) {
+            release_barrier();
+            if (S.aborted) return;
+        } else {
+            report_deadlock();
+            return;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ signals */
+void on_fault(int sig, siginfo_t* info, void* uctx) {
+    if (!g_in_launch) {
+        // Not ours: restore whatever was installed before and let it run again.
+        struct sigaction* old = sig == SIGSEGV ? &g_old_segv : sig == SIGBUS ? &g_old_bus
+                              : sig == SIGFPE ? &g_old_fpe : &g_old_ill;
+        sigaction(sig, old, nullptr);
+        return;
+    }
+    g_fault.signal = sig;
+    g_fault.address = reinterpret_cast<unsigned long long>(info->si_addr);
+    g_fault.is_write = -1;
+#if defined(__x86_64__) && defined(REG_ERR)
+    if (sig == SIGSEGV && uctx) {
+        auto* uc = static_cast<ucontext_t*>(uctx);
+        g_fault.is_write = (uc->uc_mcontext.gregs[REG_ERR] & 2) ? 1 : 0;
+    }
+#else
+    (void)uctx;
+#endif
+    g_fault.in_stack_guard = 0;
+    if (S.stacks && sig == SIGSEGV) {
+        char* a = static_cast<char*>(info->si_addr);
+        if (a >= S.stacks && a < S.stacks + S.stacks_capacity * (kStackBytes + kStackGuard)) {
+            size_t off = (size_t)(a - S.stacks) % (kStackBytes + kStackGuard);
+            g_fault.in_stack_guard = off < kStackGuard;
+        }
+    }
+    g_fault.block[0] = blockIdx.x;
+    g_fault.block[1] = blockIdx.y;
+    g_fault.block[2] = blockIdx.z;
+    if (S.current >= 0) {
+        g_fault.thread[0] = S.threads[S.current].tid.x;
+        g_fault.thread[1] = S.threads[S.current].tid.y;
+        g_fault.thread[2] = S.threads[S.current].tid.z;
+    }
+    siglongjmp(g_jmp, 1);
+}
+
+thread_local char* t_altstack = nullptr;
+
+void install_handlers() {
+    if (!t_altstack) {
+        size_t sz = 64 * 1024;
+        t_altstack = static_cast<char*>(malloc(sz));
+        stack_t ss;
+        ss.ss_sp = t_altstack;
+        ss.ss_size = sz;
+        ss.ss_flags = 0;
+        sigaltstack(&ss, nullptr);
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+    sigaction(SIGFPE, &sa, &g_old_fpe);
+    sigaction(SIGILL, &sa, &g_old_ill);
+}
+
+void restore_handlers() {
+    sigaction(SIGSEGV, &g_old_segv, nullptr);
+    sigaction(SIGBUS, &g_old_bus, nullptr);
+    sigaction(SIGFPE, &g_old_fpe, nullptr);
+    sigaction(SIGILL, &g_old_ill, nullptr);
+}
+
+const char* signal_name(int sig) {
+    switch (sig) {
+        case SIGSEGV: return "segmentation fault (invalid memory access)";
+        case SIGBUS: return "bus error (misaligned or invalid memory access)";
+        case SIGFPE: return "arithmetic exception (integer division by zero?)";
+        case SIGILL: return "illegal instruction";
+        default: return "signal";
+    }
+}
+
+}  // namespace
+
+/* ------------------------------------------------------------------ called by kernels */
+extern "C" {
+
+__attribute__((visibility("default"))) void __emu_syncthreads(const char* file, int line) {
+    Thread& t = S.threads[S.current];
+    t.state = WAIT_BARRIER;
+    t.bar_file = file;
+    t.bar_line = line;
+    t.bar_pred = 0;
+    ++S.bar_waiting;
+    yield_to_scheduler();
+}
+
+__attribute__((visibility("default"))) int __emu_syncthreads_reduce(int op, int predicate, const char* file,
+                                                                   int line) {
+    Thread& t = S.threads[S.current];
+    t.state = WAIT_BARRIER;
+    t.bar_file = file;
+    t.bar_line = line;
+    t.bar_pred = predicate != 0;
+    ++S.bar_waiting;
+    yield_to_scheduler();
+    // The results stay valid until the next release, which needs this thread again.
+    switch (op) {
+        case EMU_BAR_COUNT: return S.bar_count;
+        case EMU_BAR_AND: return S.bar_all;
+        default: return S.bar_any;
+    }
+}
+
+__attribute__((visibility("default"))) unsigned int __emu_activemask(void) {
+    int w = S.current / kWarpSize;
+    return S.warps[w].existing & ~S.warps[w].done;
+}
+
+__attribute__((visibility("default"))) void __emu_kernel_fail(const char* what, const char* file, int line,
+                                                             const char* func) {
+    set_error(EMU_ERR_ASSERT, "%s:%d: %s in kernel '%s' (function %s), %s", file, line, what,
+              S.p->kernel_name, func, where(S.current).c_str());
+    yield_to_scheduler();  // the scheduler sees `aborted` and unwinds the launch
+    abort();
+}
+
+/* A warp-wide operation: every lane named in `mask` (that exists) must call it with the same
+ * kind and mask.  The last lane to arrive computes every participant's result and queues them
+ * all, itself included, in lane order, so they continue roughly in step, as on a GPU. */
+__attribute__((visibility("default"))) unsigned long long __emu_warp_collective(
+    int kind, unsigned int mask, unsigned long long value, int arg, int width, const char* file, int line) {
+    const int self = S.current;
+    const int w = self / kWarpSize, lane = self % kWarpSize;
+    Warp& wp = S.warps[w];
+    Thread& t = S.threads[self];
+    if (!(mask >> lane & 1)) {
+        set_error(EMU_ERR_WARP, "%s:%d: lane %d calls a warp collective with mask 0x%08x that does not include it (%s)",
+                  file, line, lane, mask, where(self).c_str());
+        yield_to_scheduler();
+    }
+    if (kind <= EMU_WARP_SHFL_XOR && (width <= 0 || width > kWarpSize || (width & (width - 1)))) {
+        set_error(EMU_ERR_WARP, "%s:%d: shuffle width %d is not a power of two in [1, 32] (%s)", file, line, width,
+                  where(self).c_str());
+        yield_to_scheduler();
+    }
+    t.w_kind = kind;
+    t.w_mask = mask;
+    t.w_value = value;
+    t.w_arg = arg;
+    t.w_width = width;
+    t.w_file = file;
+    t.w_line = line;
+    wp.arrived |= 1u << lane;
+    const unsigned need = mask & wp.existing;
+    if ((wp.arrived & need) != need) {
+        t.state = WAIT_WARP;
+        yield_to_scheduler();
+        return t.w_result;
+    }
+    // Last to arrive: check agreement, then compute everybody's result.
+    const int base = w * kWarpSize;
+    for (int l = 0; l < kWarpSize; ++l) {
+        if (!(need >> l & 1)) continue;
+        Thread& o = S.threads[base + l];
+        if (o.w_kind != kind || o.w_mask != mask) {
+            set_error(EMU_ERR_WARP,
+                      "warp collective mismatch in kernel '%s': %s is at %s:%d (mask 0x%08x) while %s is at "
+                      "%s:%d (mask 0x%08x); all lanes in the mask must execute the same collective",
+                      S.p->kernel_name, where(self).c_str(), file, line, mask, where(base + l).c_str(), o.w_file,
+                      o.w_line, o.w_mask);
+            yield_to_scheduler();
+        }
+    }
+    unsigned long long ballot = 0;
+    for (int l = 0; l < kWarpSize; ++l)
+        if ((need >> l & 1) && S.threads[base + l].w_value) ballot |= 1ull << l;
+    unsigned long long reduced = 0;
+    if (kind >= EMU_WARP_REDUCE_ADD) {
+        bool first = true;
+        for (int l = 0; l < kWarpSize; ++l) {
+            if (!(need >> l & 1)) continue;
+            unsigned long long v = S.threads[base + l].w_value & 0xffffffffull;
+            if (first) { reduced = v; first = false; continue; }
+            unsigned a = (unsigned)reduced, b = (unsigned)v;
+            switch (kind) {
+                case EMU_WARP_REDUCE_ADD: reduced = (unsigned)(a + b); break;
+                case EMU_WARP_REDUCE_MIN: reduced = a < b ? a : b; break;
+                case EMU_WARP_REDUCE_MAX: reduced = a > b ? a : b; break;
+                case EMU_WARP_REDUCE_MIN_SIGNED: reduced = (unsigned)((int)a < (int)b ? (int)a : (int)b); break;
+                case EMU_WARP_REDUCE_MAX_SIGNED: reduced = (unsigned)((int)a > (int)b ? (int)a : (int)b); break;
+                case EMU_WARP_REDUCE_AND: reduced = a & b; break;
+                case EMU_WARP_REDUCE_OR: reduced = a | b; break;
+                default: reduced = a ^ b; break;
+            }
+        }
+    }
+    for (int l = 0; l < kWarpSize; ++l) {
+        if (!(need >> l & 1)) continue;
+        Thread& o = S.threads[base + l];
+        int src = l;
+        const int seg = l & ~(o.w_width - 1);
+        switch (kind) {
+            case EMU_WARP_SHFL_IDX: src = seg + (o.w_arg & (o.w_width - 1)); break;
+            case EMU_WARP_SHFL_UP: src = l - o.w_arg; if (src < seg) src = l; break;
+            case EMU_WARP_SHFL_DOWN: src = l + o.w_arg; if (src >= seg + o.w_width) src = l; break;
+            case EMU_WARP_SHFL_XOR: src = l ^ o.w_arg; if (src >= seg + o.w_width || src < 0) src = l; break;
+            default: break;
+        }
+        switch (kind) {
+            case EMU_WARP_SHFL_IDX:
+            case EMU_WARP_SHFL_UP:
+            case EMU_WARP_SHFL_DOWN:
+            case EMU_WARP_SHFL_XOR:
+                if (src < 0 || src >= kWarpSize || !(need >> src & 1)) {
+                    // Reading a lane outside the mask (or past the end of a partial warp) is
+                    // undefined on a GPU; in debug mode we say so, otherwise return own value.
+                    if (S.p->debug) {
+                        set_error(EMU_ERR_WARP,
+                                  "%s:%d: lane %d shuffles from lane %d, which is not in mask 0x%08x or does not "
+                                  "exist (block of %d threads): undefined on a GPU (%s)",
+                                  o.w_file, o.w_line, l, src, mask, S.nthreads, where(base + l).c_str());
+                        yield_to_scheduler();
+                    }
+                    src = l;
+                }
+                o.w_result = S.threads[base + src].w_value;
+                break;
+            case EMU_WARP_BALLOT: o.w_result = ballot; break;
+            case EMU_WARP_ANY: o.w_result = ballot != 0; break;
+            case EMU_WARP_ALL: o.w_result = ballot == (unsigned long long)need; break;
+            case EMU_WARP_SYNC: o.w_result = 0; break;
+            default: o.w_result = reduced; break;
+        }
+        o.state = READY;
+        push_ready(base + l);  // the caller too: lanes leave the collective in lane order
+    }
+    wp.arrived &= ~need;
+    yield_to_scheduler();
+    return t.w_result;
+}
+
+/* ------------------------------------------------------------------ called by Python */
+__attribute__((visibility("default"))) const char* emu_last_error(void) { return g_error; }
+
+__attribute__((visibility("default"))) void emu_last_fault(emu_fault_info* out) { *out = g_fault; }
+
+__attribute__((visibility("default"))) int emu_runtime_version(void) { return EMU_RUNTIME_VERSION; }
+
+__attribute__((visibility("default"))) int emu_launch(const emu_launch_params* p) {
+    g_error[0] = 0;
+    memset(&g_fault, 0, sizeof g_fault);
+    S.p = p;
+    S.aborted = false;
+    S.error_code = EMU_OK;
+    S.current = -1;
+    const unsigned long long n = (unsigned long long)p->block[0] * p->block[1] * p->block[2];
+    if (n == 0 || n > 1024 || p->grid[0] == 0 || p->grid[1] == 0 || p->grid[2] == 0) {
+        snprintf(g_error, sizeof g_error, "invalid launch configuration for kernel '%s'", p->kernel_name);
+        return EMU_ERR_CONFIG;
+    }
+    if (!ensure_stacks(n)) {
+        snprintf(g_error, sizeof g_error, "could not allocate %llu fiber stacks", n);
+        return EMU_ERR_CONFIG;
+    }
+    S.nthreads = (int)n;
+    S.threads.resize(n);
+    S.warps.resize((n + kWarpSize - 1) / kWarpSize);
+    S.ready.resize(n);
+    blockDim = dim3(p->block[0], p->block[1], p->block[2]);
+    gridDim = dim3(p->grid[0], p->grid[1], p->grid[2]);
+
+    install_handlers();
+    if (sigsetjmp(g_jmp, 1) != 0) {
+        g_in_launch = 0;
+        restore_handlers();
+        const char* what = signal_name(g_fault.signal);
+        if (g_fault.in_stack_guard)
+            what = "stack overflow (each emulated thread has a 256 KiB stack: large local arrays?)";
+        snprintf(g_error, sizeof g_error, "%s in kernel '%s' at address 0x%llx, block (%u,%u,%u) thread (%u,%u,%u)",
+                 what, p->kernel_name, g_fault.address, g_fault.block[0], g_fault.block[1], g_fault.block[2],
+                 g_fault.thread[0], g_fault.thread[1], g_fault.thread[2]);
+        fflush(stdout);
+        return EMU_ERR_SIGNAL;
+    }
+    g_in_launch = 1;
+    int rc = EMU_OK;
+    for (unsigned z = 0; z < p->grid[2] && rc == EMU_OK; ++z)
+        for (unsigned y = 0; y < p->grid[1] && rc == EMU_OK; ++y)
+            for (unsigned x = 0; x < p->grid[0]; ++x) {
+                blockIdx = uint3{x, y, z};
+                run_block();
+                if (S.aborted) {
+                    rc = S.error_code;
+                    break;
+                }
+            }
+    g_in_launch = 0;
+    restore_handlers();
+    fflush(stdout);  // kernel printf() output appears right after the launch
+    return rc;
+}
+
+/* Debug mode: a copy of an argument array lives in `data_bytes` of read-write pages with
+ * `guard_bytes` of inaccessible pages on each side, so any access past either end faults. */
+__attribute__((visibility("default"))) void* emu_map_guarded(unsigned long long data_bytes,
+                                                            unsigned long long guard_bytes) {
+    size_t total = data_bytes + 2 * guard_bytes;
+    void* m = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    char* data = static_cast<char*>(m) + guard_bytes;
+    if (data_bytes && mprotect(data, data_bytes, PROT_READ | PROT_WRITE) != 0) {
+        munmap(m, total);
+        return nullptr;
+    }
+    return data;
+}
+
+__attribute__((visibility("default"))) int emu_unmap_guarded(void* data, unsigned long long data_bytes,
+                                                            unsigned long long guard_bytes) {
+    return munmap(static_cast<char*>(data) - guard_bytes, data_bytes + 2 * guard_bytes);
+}
+
+}  // extern "C"

@@ -1,0 +1,637 @@
+"""The CPU emulator: runs unchanged CUDA C kernels on NumPy arrays.
+
+From source to launch:
+  1. `EmuModule(code, options)` prepares one C++ translation unit: a `#line` directive (so that
+     compiler messages point at your .cu file), your source, and for every extern "C" __global__
+     function an exported entry point that unpacks the argument list the way cuLaunchKernel does.
+     The header kernels/emu/include/cuda_emu.h is force-included: it maps CUDA C onto C++.
+  2. The system C++ compiler builds it into a shared library, cached in the user cache directory
+     under a hash of everything that went into it (source, options, headers, compiler).
+  3. A launch passes the grid, the block, the dynamic shared-memory size and pointers to the
+     arguments to the runtime (kernels/emu/runtime.cpp), which runs every block, giving every
+     CUDA thread a fiber so that __syncthreads() and warp shuffles really synchronise.
+
+Environment variables:
+  KERNELS_EMU_DEBUG=1    bounds-checked launches: every array argument is copied between guard
+                         pages, so an access past either end raises OutOfBoundsError naming the
+                         kernel and the argument; shared memory is poisoned (0xff) per block;
+                         shuffles from lanes outside the mask are errors; compiled with -O0 -g
+                         so that gdb can step through the kernel.
+  KERNELS_EMU_CACHE=DIR  where compiled kernels are kept (default ~/.cache/mlperf-resnet-cupy/emu).
+  CXX=...                the C++ compiler (default: c++, then g++, then clang++).
+  KERNELS_EMU_UCONTEXT=1 use the portable ucontext fiber switch instead of the x86-64 one.
+"""
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CompileError
+from .signature import find_kernels
+
+__all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
+           "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
+           "debug_enabled", "cache_dir", "emulated_arch"]
+
+_HERE = Path(__file__).resolve().parent
+_INCLUDE = _HERE / "emu" / "include"
+_RUNTIME_SRC = _HERE / "emu" / "runtime.cpp"
+_MAX_THREADS_PER_BLOCK = 1024
+_MAX_BLOCK = (1024, 1024, 64)
+_MAX_GRID = (2**31 - 1, 65535, 65535)
+_DEFAULT_DYNAMIC_SHARED = 48 * 1024
+# Largest dynamic shared memory a block may opt into, by compute capability (bytes).
+_MAX_OPTIN_SHARED = {60: 48 * 1024, 61: 48 * 1024, 70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024,
+                     86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+_DEFAULT_ARCH = 80
+_GUARD_BYTES = 1 << 20
+_PAGE = 4096
+
+
+# ---------------------------------------------------------------------------------- errors
+class EmulatorError(RuntimeError):
+    """A kernel launch on the CPU emulator failed; the message names the kernel."""
+
+
+class LaunchConfigError(EmulatorError, ValueError):
+    """Grid, block or shared-memory size that a GPU would refuse."""
+
+
+class BarrierDivergenceError(EmulatorError):
+    """Threads of one block wait at different __syncthreads() calls."""
+
+
+class DeadlockError(EmulatorError):
+    """No thread can make progress (a warp collective waits for a lane that returned, ...)."""
+
+
+class WarpCollectiveError(EmulatorError):
+    """Lanes of a warp disagree on a shuffle/vote, or a shuffle reads outside its mask."""
+
+
+class KernelAssertionError(EmulatorError, AssertionError):
+    """assert() failed or __trap() was called in kernel code."""
+
+
+class KernelFault(EmulatorError):
+    """The kernel crashed (invalid memory access, integer division by zero, stack overflow)."""
+
+
+class OutOfBoundsError(KernelFault, IndexError):
+    """Debug mode: the kernel accessed memory past either end of an argument array."""
+
+
+_ERROR_CLASSES = {1: LaunchConfigError, 2: BarrierDivergenceError, 3: DeadlockError, 4: KernelFault,
+                  5: KernelAssertionError, 6: WarpCollectiveError}
+
+
+def debug_enabled():
+    """True when KERNELS_EMU_DEBUG is set to something other than '', '0', 'false', 'no'."""
+    return os.environ.get("KERNELS_EMU_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def cache_dir():
+    """Directory of compiled kernel libraries (created on demand)."""
+    d = os.environ.get("KERNELS_EMU_CACHE")
+    if d:
+        path = Path(d)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "mlperf-resnet-cupy" / "emu"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------- compiler
+_compiler_lock = threading.Lock()
+_compiler_info = None
+
+
+def _compiler():
+    """(path, version string) of the C++ compiler."""
+    global _compiler_info
+    with _compiler_lock:
+        if _compiler_info is None:
+            candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+            for c in candidates:
+                path = shutil.which(c)
+                if path:
+                    out = subprocess.run([path, "--version"], capture_output=True, text=True)
+                    _compiler_info = (path, out.stdout.splitlines()[0] if out.stdout else c)
+                    break
+            else:
+                raise EmulatorError(
+                    "the CPU emulator needs a C++ compiler (g++ or clang++) and none was found; "
+                    "install one (Debian/Ubuntu: apt-get install g++) or set CXX")
+    return _compiler_info
+
+
+def _build(sources_text, extra_flags, out_path, display_name, link_with=None):
+    """Compile one translation unit into a shared library at out_path (atomically)."""
+    cxx, _ = _compiler()
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(prefix="emu-build-", dir=out_path.parent) as tmp:
+        src = Path(tmp) / "unit.cpp"
+        src.write_text(sources_text)
+        tmp_out = Path(tmp) / out_path.name
+        cmd = [cxx, "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-fvisibility=hidden",
+               "-I", str(_INCLUDE), *extra_flags, str(src), "-o", str(tmp_out)]
+        if link_with is not None:
+            cmd += [str(link_with), f"-Wl,-rpath,{Path(link_with).parent}", "-Wl,-z,defs"]
+        cmd += ["-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log = proc.stderr.replace(str(src), "<emulator unit>")
+            raise CompileError(f"{display_name}: the CPU emulator's C++ compiler failed", log=log,
+                               filename=display_name)
+        os.replace(tmp_out, out_path)
+
+
+def _digest(*parts):
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def _header_digest():
+    return _digest(*[(f.name, f.read_bytes()) for f in sorted(_INCLUDE.iterdir()) if f.is_file()])
+
+
+# ---------------------------------------------------------------------------------- runtime library
+class _FaultInfo(ctypes.Structure):
+    _fields_ = [("signal", ctypes.c_int), ("is_write", ctypes.c_int), ("in_stack_guard", ctypes.c_int),
+                ("address", ctypes.c_ulonglong), ("block", ctypes.c_uint * 3), ("thread", ctypes.c_uint * 3)]
+
+
+class _LaunchParams(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_ulonglong),
+                ("kernel_name", ctypes.c_char_p), ("entry", ctypes.c_void_p), ("args", ctypes.c_void_p),
+                ("debug", ctypes.c_int), ("dynamic_shared", ctypes.c_void_p),
+                ("static_shared_begin", ctypes.c_void_p), ("static_shared_end", ctypes.c_void_p)]
+
+
+_runtime = None
+_runtime_lock = threading.RLock()
+# One launch at a time per process: the runtime's scheduler and __shared__ statics are global.
+_launch_lock = threading.RLock()
+
+
+def _load_runtime():
+    global _runtime
+    with _runtime_lock:
+        if _runtime is not None:
+            return _runtime
+        cxx, version = _compiler()
+        src = _RUNTIME_SRC.read_text()
+        flags = ["-O2"]
+        if os.environ.get("KERNELS_EMU_UCONTEXT", "") not in ("", "0"):
+            flags.append("-DEMU_USE_UCONTEXT")  # the portable fiber switch (tests use it)
+        key = _digest("runtime", src, flags, _header_digest(), version, sys.platform)
+        path = cache_dir() / f"libkernels_emu_runtime_{key}.so"
+        if not path.exists():
+            _build(f'#line 1 "{_RUNTIME_SRC}"\n{src}', flags, path, "emu/runtime.cpp")
+        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        lib.emu_launch.argtypes = [ctypes.POINTER(_LaunchParams)]
+        lib.emu_launch.restype = ctypes.c_int
+        lib.emu_last_error.restype = ctypes.c_char_p
+        lib.emu_last_fault.argtypes = [ctypes.POINTER(_FaultInfo)]
+        lib.emu_map_guarded.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong]
+        lib.emu_map_guarded.restype = ctypes.c_void_p
+        lib.emu_unmap_guarded.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_ulonglong]
+        lib.emu_unmap_guarded.restype = ctypes.c_int
+        lib._path = path
+        _runtime = lib
+        return lib
+
+
+# ---------------------------------------------------------------------------------- options
+def emulated_arch(options):
+    """Compute capability (e.g. 80) named by -arch/--gpu-architecture in options, else 80."""
+    arch = _DEFAULT_ARCH
+    it = iter(options)
+    for opt in it:
+        m = re.match(r"^(?:-arch|--gpu-architecture)(?:=|$)(.*)", opt)
+        if m:
+            value = m.group(1) or next(it, "")
+            d = re.search(r"(\d+)", value)
+            if d:
+                arch = int(d.group(1))
+    return arch
+
+
+def _translate_options(options):
+    """NVRTC options -> C++ compiler flags (defines, include paths, -std); the rest is ignored."""
+    flags = []
+    it = iter(options)
+    for opt in it:
+        if opt in ("-D", "--define-macro", "-I", "--include-path", "-U", "--undefine-macro"):
+            value = next(it, "")
+            opt = {"--define-macro": "-D", "--include-path": "-I", "--undefine-macro": "-U"}.get(opt, opt)
+            flags += [opt, value]
+        elif opt.startswith(("-D", "-I", "-U")):
+            flags.append(opt)
+        elif opt.startswith(("--define-macro=", "--include-path=", "--undefine-macro=")):
+            key, value = opt.split("=", 1)
+            flags.append({"--define-macro": "-D", "--include-path": "-I", "--undefine-macro": "-U"}[key] + value)
+        elif opt.startswith(("-std=", "--std=")):
+            flags.append("-std=" + opt.split("=", 1)[1])
+        elif opt in ("--use_fast_math", "-use_fast_math"):
+            flags.append("-D__USE_FAST_MATH__=1")
+    return flags
+
+
+# ---------------------------------------------------------------------------------- modules
+_EXTERN_SHARED = re.compile(r"\bextern\s+__shared__\b")
+_EXTERN_SHARED_NAME = re.compile(r"\bextern\s+__shared__\b[^;]*?([A-Za-z_]\w*)\s*\[\s*\]\s*;")
+
+
+class EmuModule:
+    """One CUDA C source compiled for the CPU emulator (the emulator's cupy.RawModule)."""
+
+    def __init__(self, code, options=(), filename=None):
+        self.code = code
+        self.options = tuple(options)
+        self.filename = filename or "<kernel source>"
+        self.arch = emulated_arch(self.options)
+        if self.arch not in _MAX_OPTIN_SHARED:
+            self.arch_shared_limit = 48 * 1024
+        else:
+            self.arch_shared_limit = _MAX_OPTIN_SHARED[self.arch]
+        self.signatures = find_kernels(code)
+        self.debug = debug_enabled()
+        self._lib = None
+        self._functions = {}
+
+    # The one textual change: `extern __shared__` cannot be expressed with a macro that also
+    # makes `__shared__` static, so it is rewritten (same line count) before compiling.
+    def _translation_unit(self):
+        names = sorted(set(_EXTERN_SHARED_NAME.findall(self.code)))
+        body = _EXTERN_SHARED.sub("extern __emu_dynamic_shared__", self.code)
+        lines = [f'#line 1 "{self.filename}"', body, "", '#line 1 "<emulator entry points>"',
+                 "#include <emu_entry.h>",
+                 f"EMU_DYNAMIC_SHARED_BUFFER({self.arch_shared_limit})"]
+        for name in self.signatures:
+            lines.append(f"EMU_EXPORT_KERNEL({name})")
+        return "\n".join(lines) + "\n", names
+
+    def _load(self):
+        if self._lib is not None:
+            return self._lib
+        with _runtime_lock:
+            if self._lib is not None:
+                return self._lib
+            runtime = _load_runtime()
+            _, version = _compiler()
+            unit, shared_names = self._translation_unit()
+            flags = ["-O0", "-g"] if self.debug else ["-O2"]
+            flags += [f"-D__CUDA_ARCH__={self.arch * 10}", "-D__CUDACC_RTC__=1", "-D__KERNELS_EMULATOR__=1",
+                      "-include", "cuda_emu.h", *_translate_options(self.options)]
+            for name in shared_names:
+                flags.append(f"-Wl,--defsym={name}=__emu_dynamic_shared")
+            key = _digest("module", unit, flags, _header_digest(), version, runtime._path.name)
+            path = cache_dir() / f"kernel_{key}.so"
+            if not path.exists():
+                _build(unit, flags, path, self.filename, link_with=runtime._path)
+            lib = ctypes.CDLL(str(path))
+            self._lib = lib
+            return lib
+
+    def get_function(self, name):
+        """The kernel `name` (an extern "C" __global__ function of this source)."""
+        if name not in self._functions:
+            if name not in self.signatures:
+                known = ", ".join(sorted(self.signatures)) or "none"
+                raise AttributeError(f"{self.filename}: no extern \"C\" __global__ function named '{name}' "
+                                     f"(found: {known})")
+            self._functions[name] = EmuFunction(self, name)
+        return self._functions[name]
+
+    def compile(self):
+        """Build (or fetch from the cache) now, instead of at the first launch."""
+        self._load()
+        return self
+
+
+def _sig_code_size(code):
+    sizes = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i8": 1, "u8": 1, "i16": 2, "u16": 2, "i32": 4,
+             "u32": 4, "i64": 8, "u64": 8, "bool": 1}
+    if "x" in code:
+        base, n = code.split("x")
+        return sizes.get(base, 0) * int(n) if n.isdigit() else None
+    return sizes.get(code)
+
+
+class EmuFunction:
+    """One kernel of an EmuModule.  Call as k(grid, block, args, shared_mem=0)."""
+
+    def __init__(self, module, name):
+        self.module = module
+        self.name = name
+        self.signature = module.signatures[name]
+        self.max_dynamic_shared_size_bytes = _DEFAULT_DYNAMIC_SHARED
+        self._entry = None
+        self._param_sizes = None
+
+    def _bind(self):
+        if self._entry is not None:
+            return
+        lib = self.module._load()
+        entry = getattr(lib, f"__emu_entry_{self.name}")
+        sig = getattr(lib, f"__emu_sig_{self.name}")
+        sig.restype = ctypes.c_char_p
+        # "P4,S4,..." : pointer (pointee size) or scalar (size), as the C++ compiler sees them
+        compiled = [s for s in sig().decode().split(",") if s]
+        if len(compiled) != len(self.signature.params):
+            raise EmulatorError(f"kernel '{self.name}': parsed {len(self.signature.params)} parameters but the "
+                                f"compiler sees {len(compiled)}; please report this source")
+        sizes = []
+        for p, c in zip(self.signature.params, compiled):
+            kind, size = c[0], int(c[1:])
+            if (kind == "P") != p.is_pointer:
+                raise EmulatorError(f"kernel '{self.name}': parameter `{p.decl}` parsed as "
+                                    f"{'pointer' if p.is_pointer else 'scalar'} but the compiler disagrees")
+            expect = _sig_code_size(p.code) if p.code not in ("?", "void") else None
+            if expect is not None and size != expect and not p.is_pointer:
+                raise EmulatorError(f"kernel '{self.name}': parameter `{p.decl}` is {size} bytes, expected {expect}")
+            sizes.append(size)
+        self._param_sizes = sizes
+        self._entry = ctypes.cast(entry, ctypes.c_void_p).value
+        self._dyn = ctypes.cast(getattr(lib, "__emu_dynamic_shared"), ctypes.c_void_p).value
+        info = getattr(lib, "__emu_static_shared_range")
+        info.restype = None
+        lo, hi = ctypes.c_void_p(), ctypes.c_void_p()
+        info(ctypes.byref(lo), ctypes.byref(hi))
+        self._static_lo, self._static_hi = lo.value, hi.value
+
+    @property
+    def static_shared_bytes(self):
+        """Bytes of __shared__ variables in the whole module (an upper bound for one kernel)."""
+        self._bind()
+        return (self._static_hi or 0) - (self._static_lo or 0)
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        from .signature import check_args
+        grid = _dim3("grid", grid, _MAX_GRID, self.name)
+        block = _dim3("block", block, _MAX_BLOCK, self.name)
+        nthreads = block[0] * block[1] * block[2]
+        if nthreads > _MAX_THREADS_PER_BLOCK:
+            raise LaunchConfigError(f"kernel '{self.name}': block {block} has {nthreads} threads; a GPU allows "
+                                    f"at most {_MAX_THREADS_PER_BLOCK} per block")
+        shared_mem = int(shared_mem)
+        if shared_mem < 0:
+            raise LaunchConfigError(f"kernel '{self.name}': shared_mem must be >= 0, got {shared_mem}")
+        limit = self.max_dynamic_shared_size_bytes
+        if shared_mem > limit:
+            hint = (f"; set kernel.max_dynamic_shared_size_bytes (up to {self.module.arch_shared_limit} on "
+                    f"sm_{self.module.arch}) to opt in" if shared_mem <= self.module.arch_shared_limit else
+                    f"; sm_{self.module.arch} allows at most {self.module.arch_shared_limit} bytes per block")
+            raise LaunchConfigError(f"kernel '{self.name}': {shared_mem} bytes of dynamic shared memory requested, "
+                                    f"more than the {limit}-byte limit{hint}")
+        values = check_args(self.signature, args, "numpy")
+        self._bind()
+        with _launch_lock:
+            if self.module.debug:
+                self._launch_checked(grid, block, values, shared_mem)
+            else:
+                self._launch(grid, block, values, shared_mem, [_ptr(v) for v in values])
+
+    def __setattr__(self, key, value):
+        if key == "max_dynamic_shared_size_bytes":
+            value = int(value)
+            limit = getattr(self.module, "arch_shared_limit", None)
+            if limit is not None and value > limit:
+                raise LaunchConfigError(f"kernel '{self.name}': sm_{self.module.arch} allows at most {limit} bytes "
+                                        f"of dynamic shared memory per block, asked for {value}")
+        object.__setattr__(self, key, value)
+
+    # -- plain launch
+    def _launch(self, grid, block, values, shared_mem, pointers, regions=None):
+        storage = []   # keeps the argument bytes alive during the call
+        argv = (ctypes.c_void_p * max(1, len(values)))()
+        for i, (v, ptr) in enumerate(zip(values, pointers)):
+            if self.signature.params[i].is_pointer:
+                cell = ctypes.c_void_p(ptr)
+            else:
+                raw = np.asarray(v).tobytes()
+                if len(raw) != self._param_sizes[i]:
+                    p = self.signature.params[i]
+                    raise TypeError(f"kernel '{self.name}' argument {i} `{p.decl}` is {self._param_sizes[i]} bytes, "
+                                    f"got a {len(raw)}-byte {type(v).__name__}")
+                cell = ctypes.create_string_buffer(raw, len(raw))
+            storage.append(cell)
+            argv[i] = ctypes.addressof(cell)
+        params = _LaunchParams()
+        params.grid[:] = grid
+        params.block[:] = block
+        params.shared_mem = shared_mem
+        params.kernel_name = self.name.encode()
+        params.entry = self._entry
+        params.args = ctypes.addressof(argv)
+        params.debug = 1 if self.module.debug else 0
+        params.dynamic_shared = self._dyn
+        params.static_shared_begin = self._static_lo
+        params.static_shared_end = self._static_hi
+        sys.stdout.flush()
+        rt = _load_runtime()
+        rc = rt.emu_launch(ctypes.byref(params))
+        if rc != 0:
+            message = rt.emu_last_error().decode(errors="replace")
+            if rc == 4:
+                fault = _FaultInfo()
+                rt.emu_last_fault(ctypes.byref(fault))
+                culprit = _classify_fault(fault, regions) if regions else None
+                if culprit:
+                    raise OutOfBoundsError(f"{culprit} in kernel '{self.name}', block {tuple(fault.block)} "
+                                           f"thread {tuple(fault.thread)}")
+                if not self.module.debug and not fault.in_stack_guard:
+                    message += " (run with KERNELS_EMU_DEBUG=1 to check every access against the array bounds)"
+            raise _ERROR_CLASSES.get(rc, EmulatorError)(message)
+
+    # -- debug launch: every array between guard pages, run twice (start- and end-aligned)
+    def _launch_checked(self, grid, block, values, shared_mem):
+        rt = _load_runtime()
+        arrays = {}
+        for v in values:
+            if isinstance(v, np.ndarray):
+                arrays.setdefault(id(v), v)
+        _check_overlaps(self.name, list(arrays.values()), self.signature, values)
+        for placement in ("start", "end"):
+            regions = {}
+            try:
+                for i, v in enumerate(values):
+                    if isinstance(v, np.ndarray) and id(v) not in regions:
+                        regions[id(v)] = _GuardedCopy(rt, v, placement, i, self.signature.params[i])
+                pointers = [regions[id(v)].data_ptr if isinstance(v, np.ndarray) else _ptr(v) for v in values]
+                by_index = [regions[id(v)] if isinstance(v, np.ndarray) else None for v in values]
+                if placement == "start":
+                    # This run only proves that nothing reads or writes before the start of an
+                    # array; its results are discarded, and so is its printf output.
+                    with _quiet_stdout():
+                        self._launch(grid, block, values, shared_mem, pointers, [r for r in by_index if r])
+                else:
+                    self._launch(grid, block, values, shared_mem, pointers, [r for r in by_index if r])
+                    for r in regions.values():
+                        r.check_canary(self.name)
+                    for i, v in enumerate(values):
+                        r = by_index[i]
+                        if r is not None and not self.signature.params[i].const and not r.copied_back:
+                            r.copy_back()
+            finally:
+                for r in regions.values():
+                    r.free()
+
+
+def _dim3(what, value, limits, name):
+    if isinstance(value, (int, np.integer)):
+        value = (int(value),)
+    try:
+        dims = tuple(int(v) for v in value)
+    except TypeError:
+        raise LaunchConfigError(f"kernel '{name}': {what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+    if not 1 <= len(dims) <= 3:
+        raise LaunchConfigError(f"kernel '{name}': {what} must have 1 to 3 dimensions, got {value!r}")
+    dims = dims + (1,) * (3 - len(dims))
+    for d, lim, axis in zip(dims, limits, "xyz"):
+        if d < 1 or d > lim:
+            raise LaunchConfigError(f"kernel '{name}': {what}.{axis} = {d} is outside [1, {lim}] (as on a GPU)")
+    return dims
+
+
+def _ptr(v):
+    if v is None:
+        return 0
+    if isinstance(v, np.ndarray):
+        return v.__array_interface__["data"][0]
+    return None
+
+
+def _extent(a):
+    """(lowest byte offset, highest byte offset + 1) touched by array a relative to its data pointer."""
+    if a.size == 0:
+        return 0, 0
+    lo = hi = 0
+    for n, s in zip(a.shape, a.strides):
+        if s >= 0:
+            hi += (n - 1) * s
+        else:
+            lo += (n - 1) * s
+    return lo, hi + a.itemsize
+
+
+def _check_overlaps(name, arrays, signature, values):
+    spans = []
+    for a in arrays:
+        lo, hi = _extent(a)
+        base = _ptr(a)
+        spans.append((base + lo, base + hi, a))
+    spans.sort(key=lambda s: s[0])
+    for (a0, a1, x), (b0, b1, y) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise EmulatorError(f"kernel '{name}': KERNELS_EMU_DEBUG cannot check two arguments that are "
+                                f"different views of overlapping memory; pass the same array object or "
+                                f"separate arrays")
+
+
+class _GuardedCopy:
+    """A copy of one argument array with inaccessible pages on both sides."""
+
+    def __init__(self, rt, array, placement, index, param):
+        self.rt = rt
+        self.array = array
+        self.index = index
+        self.name = param.name or param.decl
+        self.copied_back = False
+        lo, hi = _extent(array)
+        self.lo = lo
+        self.nbytes = hi - lo
+        self.pages = max(_PAGE, -(-(self.nbytes + 16) // _PAGE) * _PAGE)
+        base = rt.emu_map_guarded(self.pages, _GUARD_BYTES)
+        if not base:
+            raise EmulatorError("could not map guarded memory for a debug launch")
+        self.base = base
+        if placement == "start":
+            start = base
+        else:
+            # end-aligned, the start kept 16-byte aligned (vector loads): at most 15 bytes of slack
+            start = (base + self.pages - self.nbytes) & ~15
+        self.start = start
+        self.data_ptr = start - lo
+        buf = (ctypes.c_ubyte * self.pages).from_address(base)
+        self.view = np.frombuffer(buf, dtype=np.uint8)
+        self.view[:] = 0xA5
+        self._mirror()[...] = array
+        self.slack = (start + self.nbytes, base + self.pages)
+
+    def _mirror(self):
+        a = self.array
+        buf = (ctypes.c_ubyte * self.pages).from_address(self.base)
+        offset = self.data_ptr - self.base
+        return np.ndarray(a.shape, dtype=a.dtype, buffer=buf, offset=offset, strides=a.strides)
+
+    def describe(self):
+        return f"argument {self.index} '{self.name}' ({self.array.dtype}[{', '.join(map(str, self.array.shape))}])"
+
+    def check_canary(self, kernel):
+        s0, s1 = self.slack
+        tail = self.view[s0 - self.base:s1 - self.base]
+        if tail.size and np.any(tail != 0xA5):
+            first = int(np.argmax(tail != 0xA5))
+            raise OutOfBoundsError(f"kernel '{kernel}' wrote {first + 1}+ byte(s) past the end of {self.describe()}")
+
+    def copy_back(self):
+        self.array[...] = self._mirror()
+        self.copied_back = True
+
+    def free(self):
+        self.view = None
+        self.rt.emu_unmap_guarded(self.base, self.pages, _GUARD_BYTES)
+
+    def classify(self, address):
+        lo_guard = self.base - _GUARD_BYTES
+        hi_end = self.base + self.pages + _GUARD_BYTES
+        if lo_guard <= address < self.base:
+            before = self.start - address
+            return f"access {before} byte(s) before the start of {self.describe()}"
+        if self.base + self.pages <= address < hi_end:
+            past = address - (self.start + self.nbytes)
+            elem = (address - self.data_ptr) // self.array.itemsize
+            return (f"access {past} byte(s) past the end of {self.describe()} "
+                    f"(element {elem} of {self.array.size})")
+        return None
+
+
+def _classify_fault(fault, regions):
+    for r in regions:
+        what = r.classify(fault.address)
+        if what:
+            rw = {1: "write", 0: "read"}.get(fault.is_write)
+            return what.replace("access", rw, 1) if rw else what
+    return None
+
+
+class _quiet_stdout:
+    """Silence file descriptor 1 (kernel printf) for the duration of a block."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self.saved = os.dup(1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 1)
+        os.close(self.saved)
+        return False

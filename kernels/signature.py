@@ -1,0 +1,303 @@
+"""Kernel signatures: which extern "C" __global__ functions a CUDA source defines, and what
+each parameter is, so that a launch can check its arguments before they reach the kernel.
+
+CuPy passes arguments to cuLaunchKernel by their in-memory bytes: a Python int goes in as 64
+bits and a float64 array where the kernel wants `float*` is simply misread.  Both are silent
+garbage on a GPU.  Parsing the parameter list lets `kernels.RawKernel` refuse them with a clear
+message on both backends.  (On the emulator the C++ compiler also reports every parameter's
+size, and the two are cross-checked.)
+
+Type codes: 'f16' 'bf16' 'f32' 'f64' 'i8' 'u8' 'i16' 'u16' 'i32' 'u32' 'i64' 'u64' 'bool',
+vector types like 'f32x4', 'void', and '?' for a type this parser does not know (a typedef or a
+struct): such a parameter is passed unchecked (on the emulator, its size is still checked).
+"""
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Param", "KernelSignature", "find_kernels", "check_args", "dtype_code"]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str          # parameter name ('' when the declaration has none)
+    decl: str          # the declaration as written, whitespace-normalised
+    is_pointer: bool
+    code: str          # type code of the scalar, or of the pointee for pointers
+    const: bool        # pointer to const (the kernel does not write through it)
+
+
+@dataclass(frozen=True)
+class KernelSignature:
+    name: str
+    params: tuple
+    line: int          # 1-based line of the definition in the source
+
+    def describe(self):
+        return f"{self.name}({', '.join(p.decl for p in self.params)})"
+
+
+_SCALAR_CODES = {
+    "float": "f32", "double": "f64", "__half": "f16", "half": "f16",
+    "__nv_bfloat16": "bf16", "nv_bfloat16": "bf16", "bool": "bool",
+    "char": "i8", "signed char": "i8", "unsigned char": "u8", "int8_t": "i8", "uint8_t": "u8",
+    "short": "i16", "short int": "i16", "signed short": "i16", "unsigned short": "u16",
+    "unsigned short int": "u16", "int16_t": "i16", "uint16_t": "u16",
+    "int": "i32", "signed": "i32", "signed int": "i32", "unsigned": "u32", "unsigned int": "u32",
+    "int32_t": "i32", "uint32_t": "u32",
+    "long": "i64", "long int": "i64", "unsigned long": "u64", "unsigned long int": "u64",
+    "long long": "i64", "long long int": "i64", "unsigned long long": "u64",
+    "unsigned long long int": "u64", "int64_t": "i64", "uint64_t": "u64", "size_t": "u64",
+    "ptrdiff_t": "i64", "intptr_t": "i64", "uintptr_t": "u64",
+    "void": "void",
+    "float2": "f32x2", "float3": "f32x3", "float4": "f32x4", "double2": "f64x2",
+    "int2": "i32x2", "int4": "i32x4", "uint2": "u32x2", "uint4": "u32x4",
+    "__half2": "f16x2", "half2": "f16x2", "__nv_bfloat162": "bf16x2",
+    "char4": "i8x4", "uchar4": "u8x4", "short2": "i16x2", "ushort2": "u16x2",
+}
+_CODE_SIZES = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i8": 1, "u8": 1, "i16": 2, "u16": 2,
+               "i32": 4, "u32": 4, "i64": 8, "u64": 8, "bool": 1}
+_QUALIFIERS = {"const", "volatile", "__restrict__", "__restrict", "restrict", "struct",
+               "__grid_constant__"}
+
+_DTYPE_CODES = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32",
+                np.dtype(np.float64): "f64", np.dtype(np.int8): "i8", np.dtype(np.uint8): "u8",
+                np.dtype(np.int16): "i16", np.dtype(np.uint16): "u16", np.dtype(np.int32): "i32",
+                np.dtype(np.uint32): "u32", np.dtype(np.int64): "i64", np.dtype(np.uint64): "u64",
+                np.dtype(np.bool_): "bool"}
+
+
+def dtype_code(dtype):
+    """Type code of a NumPy/CuPy dtype ('bf16' for a dtype named bfloat16), or None."""
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        return "bf16"
+    return _DTYPE_CODES.get(dtype)
+
+
+def _strip_comments(src):
+    """Replace comments and string/char literals' contents by spaces, keeping line numbers."""
+    out = []
+    i, n = 0, len(src)
+    while i < n:
+        c = src[i]
+        if src.startswith("//", i):
+            j = src.find("\n", i)
+            j = n if j < 0 else j
+            out.append(" " * (j - i))
+            i = j
+        elif src.startswith("/*", i):
+            j = src.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append(re.sub(r"[^\n]", " ", src[i:j]))
+            i = j
+        elif c == '"' or c == "'":
+            j = i + 1
+            while j < n and src[j] != c:
+                j += 2 if src[j] == "\\" else 1
+            j = min(j + 1, n)
+            # keep the literal itself: extern "C" must stay visible
+            out.append(src[i:j])
+            i = j
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _match_close(text, i, open_ch, close_ch):
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == open_ch:
+            depth += 1
+        elif text[j] == close_ch:
+            depth -= 1
+            if depth == 0:
+                return j
+    return -1
+
+
+def _extern_c_blocks(text):
+    """(start, end) spans of `extern "C" { ... }` blocks."""
+    spans = []
+    for m in re.finditer(r'extern\s+"C"\s*\{', text):
+        end = _match_close(text, m.end() - 1, "{", "}")
+        spans.append((m.end(), end if end > 0 else len(text)))
+    return spans
+
+
+def _split_params(plist):
+    parts, depth, cur = [], 0, []
+    for ch in plist:
+        if ch in "<([":
+            depth += 1
+        elif ch in ">)]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        parts.append("".join(cur))
+    return [" ".join(p.split()) for p in parts]
+
+
+def _parse_param(decl):
+    d = re.sub(r"__attribute__\s*\(\(.*?\)\)", " ", decl)
+    d = re.sub(r"=.*$", "", d)                         # default arguments
+    d = d.replace("&", " & ")
+    nstars = d.count("*")
+    words = re.findall(r"[A-Za-z_]\w*(?:::\w+)*", d.replace("*", " "))
+    const = False
+    if nstars:
+        # `const float* p` or `float const* p`: const before the first star applies to the pointee
+        const = bool(re.search(r"\bconst\b", d.split("*")[0]))
+    words = [w for w in words if w not in _QUALIFIERS]
+    name = ""
+    if len(words) >= 2:
+        name = words[-1]
+        words = words[:-1]
+    base = " ".join(words)
+    code = _SCALAR_CODES.get(base, "?")
+    if nstars > 1:
+        code = "void"  # pointer to pointer: opaque
+    return Param(name=name, decl=decl, is_pointer=nstars > 0, code=code, const=const)
+
+
+_GLOBAL_RE = re.compile(
+    r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+"
+    r"(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\(")
+
+
+def find_kernels(source):
+    """The extern "C" __global__ functions defined in `source`: {name: KernelSignature}.
+
+    A kernel is exported when its definition starts with `extern "C"` (the CuPy idiom) or lies
+    inside an `extern "C" { ... }` block.  Template kernels are reached through such entry points.
+    """
+    text = _strip_comments(source)
+    blocks = _extern_c_blocks(text)
+    kernels = {}
+    for m in _GLOBAL_RE.finditer(text):
+        start = m.start()
+        before = text[max(0, start - 200):start]
+        exported = bool(re.search(r'extern\s+"C"\s*$', before)) or any(a <= start < b for a, b in blocks)
+        if not exported:
+            continue
+        open_paren = m.end() - 1
+        close = _match_close(text, open_paren, "(", ")")
+        if close < 0:
+            continue
+        # a declaration (ending in ';') is not a definition, but still names the signature
+        params = tuple(_parse_param(p) for p in _split_params(text[open_paren + 1:close])
+                       if p.strip() and p.strip() != "void")
+        line = text.count("\n", 0, start) + 1
+        kernels[m.group(1)] = KernelSignature(name=m.group(1), params=params, line=line)
+    return kernels
+
+
+def _array_module(x):
+    return type(x).__module__.split(".")[0]
+
+
+def check_args(sig, args, array_type):
+    """Validate `args` against `sig`; return a list of normalised arguments.
+
+    array_type is 'numpy' or 'cupy': the kind of array the launch is for.  Pointers take arrays
+    of that kind (or None for a null pointer); scalars take NumPy scalars of the declared type,
+    exactly as CuPy expects.  A Python int or float is accepted only where it cannot be
+    misread: a 64-bit integer parameter (int) or a double (float).
+    Raises TypeError/ValueError naming the kernel, the argument and what to pass instead.
+    """
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"kernel '{sig.name}': args must be a tuple or list, got {type(args).__name__}")
+    if len(args) != len(sig.params):
+        raise TypeError(f"kernel '{sig.name}' takes {len(sig.params)} arguments "
+                        f"({sig.describe()}), got {len(args)}")
+    out = []
+    for i, (p, a) in enumerate(zip(sig.params, args)):
+        label = f"kernel '{sig.name}' argument {i} '{p.name or p.decl}' (declared `{p.decl}`)"
+        if p.is_pointer:
+            if a is None:
+                out.append(None)
+                continue
+            if _array_module(a) not in ("numpy", "cupy") or not hasattr(a, "dtype") or isinstance(a, np.generic):
+                raise TypeError(f"{label}: expected a {array_type} array, got {type(a).__name__}")
+            if _array_module(a) != array_type:
+                raise TypeError(f"{label}: got a {_array_module(a)} array, but this launch is on "
+                                f"{'the GPU' if array_type == 'cupy' else 'the CPU emulator'}; "
+                                f"do not mix NumPy and CuPy arrays in one launch")
+            code = dtype_code(a.dtype)
+            want = p.code
+            if want not in ("void", "?", "i8", "u8") and not _pointee_accepts(want, code):
+                raise TypeError(f"{label}: got a {a.dtype} array; the kernel reads it as "
+                                f"{_pretty(want)} (pass an array of dtype {_dtype_for(want)})")
+            if not p.const and not getattr(a.flags, "writeable", True):
+                raise ValueError(f"{label}: the array is read-only but the kernel may write through it")
+            out.append(a)
+        else:
+            out.append(_check_scalar(label, p, a))
+    return out
+
+
+def _pointee_accepts(want, code):
+    if code is None:
+        return False
+    if want == code:
+        return True
+    base = want.split("x")[0]  # vector types read arrays of their element type
+    if base == code:
+        return True
+    if want == "bf16" and code == "u16":  # NumPy has no bfloat16: its bit patterns travel as uint16
+        return True
+    return False
+
+
+def _pretty(code):
+    return {"f16": "half (float16)", "bf16": "bfloat16", "f32": "float (float32)",
+            "f64": "double (float64)", "i32": "int (int32)", "u32": "unsigned (uint32)",
+            "i64": "64-bit int (int64)", "u64": "64-bit unsigned (uint64)", "bool": "bool",
+            "i8": "char", "u8": "unsigned char", "i16": "short", "u16": "unsigned short"}.get(code, code)
+
+
+def _dtype_for(code):
+    base = code.split("x")[0]
+    return {"f16": "float16", "bf16": "uint16 (bfloat16 bits)", "f32": "float32", "f64": "float64",
+            "i8": "int8", "u8": "uint8", "i16": "int16", "u16": "uint16", "i32": "int32",
+            "u32": "uint32", "i64": "int64", "u64": "uint64", "bool": "bool"}.get(base, base)
+
+
+def _check_scalar(label, p, a):
+    want = p.code
+    if isinstance(a, (bool, np.bool_)) and want == "bool":
+        return np.bool_(a)
+    if isinstance(a, np.generic):
+        code = dtype_code(a.dtype)
+        if want == "?":
+            return a
+        if want == "bf16" and code == "u16":
+            return a
+        if code != want:
+            raise TypeError(f"{label}: got np.{a.dtype.name}; pass np.{_dtype_for(want).split()[0]}(...) "
+                            f"so that the kernel reads {_CODE_SIZES.get(want, '?')} bytes of {_pretty(want)}")
+        return a
+    if isinstance(a, bool):
+        raise TypeError(f"{label}: got a Python bool; pass np.{_dtype_for(want).split()[0]}(...)")
+    if isinstance(a, int):
+        if want == "i64":
+            return np.int64(a)
+        if want == "u64" and a >= 0:
+            return np.uint64(a)
+        raise TypeError(f"{label}: got a Python int; pass np.{_dtype_for(want).split()[0]}({a}) — "
+                        f"CuPy would pass a Python int as 64 bits, which a {_pretty(want)} parameter misreads")
+    if isinstance(a, float):
+        if want == "f64":
+            return np.float64(a)
+        raise TypeError(f"{label}: got a Python float; pass np.{_dtype_for(want).split()[0]}({a!r}) — "
+                        f"CuPy would pass a Python float as a double, which a {_pretty(want)} parameter misreads")
+    if hasattr(a, "dtype") and getattr(a, "ndim", None) == 0:
+        raise TypeError(f"{label}: got a 0-d array; pass a NumPy scalar, e.g. np.{_dtype_for(want).split()[0]}(x)")
+    raise TypeError(f"{label}: got {type(a).__name__}; pass a NumPy scalar of type {_dtype_for(want)}")

@@ -1,0 +1,70 @@
+"""Shared pytest setup: tests marked `@pytest.mark.gpu` run only where CuPy sees a CUDA GPU.
+
+Without one they are skipped with the reason (CuPy missing, no device, driver error), so the
+same command runs everything on a GPU machine and the rest everywhere else. Other test files
+may call `gpu_available()` directly (e.g. to parametrize a backend list).
+"""
+
+import functools
+
+import pytest
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_available():
+    """(True, "<n> CUDA device(s)") if CuPy imports and sees a GPU, else (False, the reason).
+
+    CuPy is imported here, lazily, so test collection never needs it. Any failure (no CuPy, no
+    driver, a driver too old for the CuPy wheel, ...) counts as "no GPU", with its message.
+    """
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return False, f"CuPy is not importable ({type(exc).__name__}: {exc}); install the `gpu` extra"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"CuPy finds no usable CUDA device ({type(exc).__name__}: {exc})"
+    if count <= 0:
+        return False, "CuPy finds no CUDA device"
+    return True, f"{count} CUDA device(s)"
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is not None:
+        ok, reason = gpu_available()
+        if not ok:
+            pytest.skip(f"GPU test skipped: {reason}")
+
+
+class Backend:
+    """Where a kernel test runs: 'emu' (NumPy arrays, the CPU emulator) or 'cuda' (CuPy arrays).
+
+    `to_device(a)` moves a NumPy array there, `to_host(a)` brings a result back as NumPy.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        if name == "cuda":
+            import cupy
+            self.xp = cupy
+        else:
+            import numpy
+            self.xp = numpy
+
+    def to_device(self, a):
+        return self.xp.asarray(a)
+
+    def to_host(self, a):
+        if self.name == "cuda":
+            return self.xp.asnumpy(a)
+        return a
+
+    def __repr__(self):
+        return self.name
+
+
+@pytest.fixture(params=["emu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend(request):
+    """Run the test once on the CPU emulator and, where a GPU is present, once on the GPU."""
+    return Backend(request.param)

@@ -1,0 +1,524 @@
+"""The CPU emulator runs CUDA C as a GPU would: indices, barriers, shared memory, warp intrinsics,
+atomics, half precision; and it turns kernel bugs into Python exceptions, never a hang or a crash.
+
+Every test compares with an independent NumPy computation of what the hardware would produce.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import emulator
+
+rng = np.random.default_rng(1234)
+
+
+def module(src, **kw):
+    return kernels.RawModule(code=textwrap.dedent(src), **kw)
+
+
+# ------------------------------------------------------------------------------ the tutorial kernel
+TUTORIAL = r"""
+// Row sums of a matrix, written the way CUDA tutorials write it:
+// a 2-D grid of 2-D blocks, each block loads a tile into dynamic shared memory, reduces each
+// tile row with a tree (__syncthreads() inside the loop), finishes with a warp shuffle and
+// atomicAdd()s its partial row sums into global memory.
+extern "C" __global__ void row_sums(const float* __restrict__ a, float* __restrict__ out, int rows, int cols) {
+    extern __shared__ float tile[];                    // blockDim.y x blockDim.x floats
+    const int r = blockIdx.y * blockDim.y + threadIdx.y;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    float* row = tile + threadIdx.y * blockDim.x;
+    row[threadIdx.x] = (r < rows && c < cols) ? a[(long long)r * cols + c] : 0.0f;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride >= 32; stride /= 2) {
+        if (threadIdx.x < stride) row[threadIdx.x] += row[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x < 32) {
+        float v = row[threadIdx.x];
+        for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffff, v, offset);
+        if (threadIdx.x == 0 && r < rows) atomicAdd(&out[r], v);
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 300), (33, 1000), (130, 129)])
+def test_tutorial_kernel_matches_numpy(rows, cols):
+    k = module(TUTORIAL).get_function("row_sums")
+    a = rng.standard_normal((rows, cols)).astype(np.float32)
+    out = np.zeros(rows, np.float32)
+    bx, by = 128, 4
+    grid = ((cols + bx - 1) // bx, (rows + by - 1) // by)
+    k(grid, (bx, by), (a, out, np.int32(rows), np.int32(cols)), shared_mem=bx * by * 4)
+    np.testing.assert_allclose(out, a.astype(np.float64).sum(axis=1), rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ indices
+def test_thread_and_block_indices_in_three_dimensions():
+    src = r"""
+    extern "C" __global__ void ids(int* out) {
+        int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        int t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+        int i = b * (blockDim.x * blockDim.y * blockDim.z) + t;
+        out[4 * i + 0] = threadIdx.x + 10 * threadIdx.y + 100 * threadIdx.z;
+        out[4 * i + 1] = blockIdx.x + 10 * blockIdx.y + 100 * blockIdx.z;
+        out[4 * i + 2] = blockDim.x + 10 * blockDim.y + 100 * blockDim.z;
+        out[4 * i + 3] = gridDim.x + 10 * gridDim.y + 100 * gridDim.z;
+    }"""
+    grid, block = (3, 2, 2), (5, 3, 2)
+    out = np.full(3 * 2 * 2 * 5 * 3 * 2 * 4, -1, np.int32)
+    module(src).get_function("ids")(grid, block, (out,))
+    out = out.reshape(2, 2, 3, 2, 3, 5, 4)  # bz by bx tz ty tx field
+    bz, by, bx, tz, ty, tx = np.meshgrid(*[np.arange(n) for n in (2, 2, 3, 2, 3, 5)], indexing="ij")
+    np.testing.assert_array_equal(out[..., 0], tx + 10 * ty + 100 * tz)
+    np.testing.assert_array_equal(out[..., 1], bx + 10 * by + 100 * bz)
+    assert np.all(out[..., 2] == 5 + 30 + 200) and np.all(out[..., 3] == 3 + 20 + 200)
+
+
+def test_grid_stride_loop_and_device_function_and_template():
+    src = r"""
+    template <typename T> __device__ __forceinline__ T cube(T v) { return v * v * v; }
+    template <typename T> __device__ void cube_all(const T* x, T* y, int n) {
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) y[i] = cube(x[i]);
+    }
+    extern "C" {
+    __global__ void cube_f32(const float* x, float* y, int n) { cube_all(x, y, n); }
+    __global__ void cube_f64(const double* x, double* y, int n) { cube_all(x, y, n); }
+    }"""
+    m = module(src)
+    for name, dt in (("cube_f32", np.float32), ("cube_f64", np.float64)):
+        x = rng.standard_normal(1001).astype(dt)
+        y = np.zeros_like(x)
+        m.get_function(name)((3,), (64,), (x, y, np.int32(x.size)))
+        np.testing.assert_allclose(y, x.astype(np.float64) ** 3, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ barriers & shared memory
+def test_syncthreads_orders_shared_memory():
+    # Reversal through shared memory is wrong without a real barrier: thread 0 would read
+    # tile[n-1] before thread n-1 wrote it.
+    src = r"""
+    extern "C" __global__ void reverse(const int* x, int* y) {
+        __shared__ int tile[256];
+        tile[threadIdx.x] = x[blockIdx.x * blockDim.x + threadIdx.x];
+        __syncthreads();
+        y[blockIdx.x * blockDim.x + threadIdx.x] = tile[blockDim.x - 1 - threadIdx.x];
+    }"""
+    x = rng.integers(0, 1000, 512).astype(np.int32)
+    y = np.zeros_like(x)
+    module(src).get_function("reverse")((2,), (256,), (x, y))
+    np.testing.assert_array_equal(y, x.reshape(2, 256)[:, ::-1].ravel())
+
+
+def test_threads_that_returned_do_not_block_a_barrier():
+    src = r"""
+    extern "C" __global__ void partial(int* y, int n) {
+        __shared__ int s[128];
+        if (threadIdx.x >= n) return;           // these threads never reach the barrier
+        s[threadIdx.x] = threadIdx.x;
+        __syncthreads();
+        y[threadIdx.x] = s[n - 1 - threadIdx.x];
+    }"""
+    y = np.zeros(128, np.int32)
+    module(src).get_function("partial")((1,), (128,), (y, np.int32(100)))
+    np.testing.assert_array_equal(y[:100], np.arange(100)[::-1])
+
+
+def test_syncthreads_count_and_or():
+    src = r"""
+    extern "C" __global__ void votes(const int* p, int* out) {
+        int v = p[threadIdx.x];
+        int c = __syncthreads_count(v);
+        int a = __syncthreads_and(v);
+        int o = __syncthreads_or(v);
+        if (threadIdx.x == 0) { out[0] = c; out[1] = a; out[2] = o; }
+    }"""
+    f = module(src).get_function("votes")
+    for p in (rng.integers(0, 2, 96), np.ones(96), np.zeros(96)):
+        p = p.astype(np.int32)
+        out = np.zeros(3, np.int32)
+        f((1,), (96,), (p, out))
+        assert list(out) == [p.sum(), int(p.all()), int(p.any())]
+
+
+# ------------------------------------------------------------------------------ warp intrinsics
+WARP_SRC = r"""
+extern "C" __global__ void warp_ops(const int* v, const int* pred, int* out, int arg, int width) {
+    const int t = threadIdx.x;
+    const int x = v[t];
+    out[8 * t + 0] = __shfl_sync(0xffffffff, x, arg, width);
+    out[8 * t + 1] = __shfl_up_sync(0xffffffff, x, arg, width);
+    out[8 * t + 2] = __shfl_down_sync(0xffffffff, x, arg, width);
+    out[8 * t + 3] = __shfl_xor_sync(0xffffffff, x, arg, width);
+    out[8 * t + 4] = (int)__ballot_sync(0xffffffff, pred[t]);
+    out[8 * t + 5] = __any_sync(0xffffffff, pred[t]);
+    out[8 * t + 6] = __all_sync(0xffffffff, pred[t]);
+    out[8 * t + 7] = __shfl_sync(0xffffffff, __float_as_int(1.5f * x), (t + 1) % 32);
+}
+"""
+
+
+def _warp_model(v, pred, arg, width):
+    """What the hardware returns, lane by lane (CUDA programming guide, warp shuffle functions)."""
+    n = v.size
+    out = np.zeros((n, 8), np.int64)
+    for t in range(n):
+        w, lane = divmod(t, 32)
+        base = w * 32
+        seg = lane & ~(width - 1)
+        src = seg + (arg & (width - 1))
+        out[t, 0] = v[base + src]
+        src = lane - arg
+        out[t, 1] = v[base + src] if src >= seg else v[t]
+        src = lane + arg
+        out[t, 2] = v[base + src] if src < seg + width else v[t]
+        src = lane ^ arg
+        out[t, 3] = v[base + src] if src < seg + width else v[t]
+        lanes = pred[base:base + 32]
+        ballot = sum(1 << i for i in range(32) if lanes[i])
+        out[t, 4] = np.int64(np.uint32(ballot).view(np.int32))
+        out[t, 5] = int(lanes.any())
+        out[t, 6] = int(lanes.all())
+        out[t, 7] = np.float32(1.5 * v[base + (t + 1) % 32]).view(np.int32)
+    return out
+
+
+@pytest.mark.parametrize("arg,width", [(0, 32), (1, 32), (5, 32), (16, 32), (3, 8), (1, 4), (7, 16), (31, 32)])
+def test_warp_shuffles_and_votes_follow_hardware_lane_order(arg, width):
+    v = rng.integers(-1000, 1000, 64).astype(np.int32)
+    pred = rng.integers(0, 2, 64).astype(np.int32)
+    pred[32:] = 1  # second warp: all true
+    out = np.zeros(64 * 8, np.int32)
+    module(WARP_SRC).get_function("warp_ops")((1,), (64,), (v, pred, out, np.int32(arg), np.int32(width)))
+    np.testing.assert_array_equal(out.reshape(64, 8), _warp_model(v, pred, arg, width))
+
+
+def test_warp_reduce_with_partial_last_warp_and_half_mask():
+    src = r"""
+    extern "C" __global__ void warp_sum(const float* x, float* out) {
+        float v = x[threadIdx.x];
+        if (threadIdx.x < 16) {  // only the low half of warp 0 takes part
+            for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0x0000ffff, v, o, 16);
+            if (threadIdx.x == 0) out[0] = v;
+        }
+        __syncwarp();
+        unsigned m = __activemask();
+        if (threadIdx.x == 0) out[1] = (float)__popc(m);
+    }"""
+    x = rng.standard_normal(40).astype(np.float32)  # 40 threads: the second warp has 8 lanes
+    out = np.zeros(2, np.float32)
+    module(src).get_function("warp_sum")((1,), (40,), (x, out))
+    assert out[0] == pytest.approx(x[:16].astype(np.float64).sum(), rel=1e-5)
+    assert out[1] == 32
+
+
+# ------------------------------------------------------------------------------ atomics
+def test_atomics_on_global_and_shared_memory():
+    src = r"""
+    extern "C" __global__ void atomics(const int* keys, int n, int* hist_global, float* fsum, double* dsum,
+                                       unsigned* ucount, int* imax, int* imin, int* cas_winner, int* exch) {
+        __shared__ int hist[16];
+        if (threadIdx.x < 16) hist[threadIdx.x] = 0;
+        __syncthreads();
+        int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i < n) {
+            int k = keys[i];
+            atomicAdd(&hist[k & 15], 1);
+            atomicAdd(fsum, (float)k);
+            atomicAdd(dsum, (double)k * 0.5);
+            atomicAdd(ucount, 1u);
+            atomicMax(imax, k);
+            atomicMin(imin, k);
+            if (atomicCAS(cas_winner, -1, i) == -1) atomicExch(exch, k);
+        }
+        __syncthreads();
+        if (threadIdx.x < 16) atomicAdd(&hist_global[threadIdx.x], hist[threadIdx.x]);
+    }"""
+    n = 1000
+    keys = rng.integers(-500, 500, n).astype(np.int32)
+    hist = np.zeros(16, np.int32)
+    fsum, dsum = np.zeros(1, np.float32), np.zeros(1, np.float64)
+    ucount = np.zeros(1, np.uint32)
+    imax, imin = np.array([-(2**31)], np.int32), np.array([2**31 - 1], np.int32)
+    winner, exch = np.array([-1], np.int32), np.zeros(1, np.int32)
+    module(src).get_function("atomics")((4,), (256,), (keys, np.int32(n), hist, fsum, dsum, ucount, imax, imin,
+                                                      winner, exch))
+    np.testing.assert_array_equal(hist, np.bincount(keys & 15, minlength=16))
+    assert fsum[0] == pytest.approx(keys.sum(), abs=1e-3)
+    assert dsum[0] == pytest.approx(keys.sum() * 0.5)
+    assert ucount[0] == n and imax[0] == keys.max() and imin[0] == keys.min()
+    assert 0 <= winner[0] < n and exch[0] == keys[winner[0]]
+
+
+# ------------------------------------------------------------------------------ half precision & math
+def test_half_and_bfloat16_conversions_are_bit_exact():
+    src = r"""
+    #include <cuda_fp16.h>
+    #include <cuda_bf16.h>
+    extern "C" __global__ void conv(const float* x, __half* h, float* back, unsigned short* b, int n) {
+        int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i < n) {
+            h[i] = __float2half_rn(x[i]);
+            back[i] = __half2float(h[i]);
+            b[i] = __bfloat16_as_ushort(__float2bfloat16(x[i]));
+        }
+    }"""
+    special = np.array([0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, 1e9, -1e9, 6.1e-5, 6.0e-8, 2.98e-8,
+                        2.9802322e-08, 5.96e-8, 1e-10, np.inf, -np.inf, np.nan], np.float32)
+    x = np.concatenate([special, rng.standard_normal(3000).astype(np.float32) * 10.0 ** rng.integers(-9, 6, 3000)])
+    x = x.astype(np.float32)
+    h = np.zeros(x.size, np.float16)
+    back = np.zeros(x.size, np.float32)
+    b = np.zeros(x.size, np.uint16)
+    module(src).get_function("conv")(((x.size + 255) // 256,), (256,), (x, h, back, b, np.int32(x.size)))
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(h.view(np.uint16)[~nan], ref.view(np.uint16)[~nan])
+    assert np.all(np.isnan(h[nan]))
+    np.testing.assert_array_equal(back[~nan], ref[~nan].astype(np.float32))
+    # bfloat16: round to nearest even on the top 16 bits, computed independently in 64-bit ints
+    bits = x.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(b[finite], rounded[finite])
+    assert np.all((b[~finite] & 0x7F80) == 0x7F80) and np.all((b[~finite] & 0x7F) != 0)
+
+
+def test_math_library_and_intrinsics():
+    src = r"""
+    extern "C" __global__ void maths(const float* x, float* y, int n) {
+        int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i >= n) return;
+        float v = x[i];
+        y[6 * i + 0] = expf(v);
+        y[6 * i + 1] = __expf(v);
+        y[6 * i + 2] = rsqrtf(fabsf(v) + 1.0f);
+        y[6 * i + 3] = fmaxf(v, 0.25f);
+        y[6 * i + 4] = __fdividef(v, 3.0f);
+        y[6 * i + 5] = (float)max(__float2int_rn(v * 10.0f), -3) + min(2u, 7u);
+    }"""
+    x = rng.uniform(-5, 5, 500).astype(np.float32)
+    y = np.zeros(6 * x.size, np.float32)
+    module(src).get_function("maths")((2,), (256,), (x, y, np.int32(x.size)))
+    y = y.reshape(-1, 6)
+    xd = x.astype(np.float64)
+    np.testing.assert_allclose(y[:, 0], np.exp(xd), rtol=1e-6)
+    np.testing.assert_allclose(y[:, 1], np.exp(xd), rtol=1e-5)
+    np.testing.assert_allclose(y[:, 2], 1 / np.sqrt(np.abs(xd) + 1), rtol=1e-6)
+    np.testing.assert_array_equal(y[:, 3], np.maximum(x, np.float32(0.25)))
+    np.testing.assert_allclose(y[:, 4], xd / 3, rtol=1e-6)
+    np.testing.assert_array_equal(y[:, 5], np.maximum(np.rint(x * np.float32(10)), -3) + 2)
+
+
+def test_printf_from_a_kernel_reaches_stdout(capfd):
+    src = r"""
+    #include <cstdio>
+    extern "C" __global__ void hello(int v) { if (threadIdx.x == 3) printf("thread %d says %d\n", threadIdx.x, v); }"""
+    module(src).get_function("hello")((1,), (8,), (np.int32(42),))
+    assert "thread 3 says 42" in capfd.readouterr().out
+
+
+# ------------------------------------------------------------------------------ arguments as CuPy expects
+SCALE = r"""
+extern "C" __global__ void scale(const float* x, float* y, float a, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i];
+}
+extern "C" __global__ void scale64(const double* x, double* y, double a, long long n) {
+    long long i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i];
+}
+"""
+
+
+def test_scalar_arguments_must_be_numpy_scalars_of_the_declared_type():
+    m = module(SCALE)
+    k = m.get_function("scale")
+    x = np.arange(10, dtype=np.float32)
+    y = np.zeros_like(x)
+    with pytest.raises(TypeError, match=r"Python float.*np\.float32"):
+        k((1,), (32,), (x, y, 2.0, np.int32(10)))
+    with pytest.raises(TypeError, match=r"Python int.*np\.int32"):
+        k((1,), (32,), (x, y, np.float32(2), 10))
+    with pytest.raises(TypeError, match=r"float64 array.*float32"):
+        k((1,), (32,), (x.astype(np.float64), y, np.float32(2), np.int32(10)))
+    with pytest.raises(TypeError, match=r"np\.float64.*np\.float32"):
+        k((1,), (32,), (x, y, np.float64(2), np.int32(10)))
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        k((1,), (32,), (x, y, np.float32(2)))
+    k((1,), (32,), (x, y, np.float32(2), np.int32(10)))
+    np.testing.assert_array_equal(y, 2 * x)
+    # Python float for a double and Python int for a 64-bit int cannot be misread: accepted
+    x64, y64 = np.arange(5, dtype=np.float64), np.zeros(5)
+    m.get_function("scale64")((1,), (32,), (x64, y64, 3.0, 5))
+    np.testing.assert_array_equal(y64, 3 * x64)
+
+
+def test_launch_limits_are_those_of_a_gpu():
+    k = module(SCALE).get_function("scale")
+    x = np.zeros(4, np.float32)
+    args = (x, x.copy(), np.float32(1), np.int32(4))
+    with pytest.raises(kernels.LaunchConfigError, match="1088 threads"):
+        k((1,), (64, 17), args)
+    with pytest.raises(kernels.LaunchConfigError, match=r"block\.x = 1025"):
+        k((1,), (1025,), args)
+    with pytest.raises(kernels.LaunchConfigError, match=r"block\.z"):
+        k((1,), (1, 1, 65), args)
+    with pytest.raises(kernels.LaunchConfigError, match="dynamic shared memory"):
+        k((1,), (32,), args, shared_mem=48 * 1024 + 1)
+    k.max_dynamic_shared_size_bytes = 64 * 1024  # opt in, as with cudaFuncSetAttribute
+    k((1,), (32,), args, shared_mem=64 * 1024)
+    with pytest.raises(kernels.LaunchConfigError):
+        k((0,), (32,), args)
+
+
+def test_unknown_kernel_name_lists_the_kernels():
+    with pytest.raises(AttributeError, match="found: scale, scale64"):
+        module(SCALE).get_function("nope")
+
+
+# ------------------------------------------------------------------------------ errors
+def test_compile_error_names_file_and_line():
+    src = "extern \"C\" __global__ void broken(float* x) {\n    x[0] = undefined_name;\n}\n"
+    k = kernels.RawKernel(src, "broken", filename="kernels/broken.cu")
+    with pytest.raises(kernels.CompileError) as err:
+        k((1,), (1,), (np.zeros(1, np.float32),))
+    assert err.value.line == 2
+    assert "kernels/broken.cu:2" in str(err.value) and "undefined_name" in str(err.value)
+
+
+def test_divergent_barriers_raise_instead_of_hanging():
+    src = r"""
+    extern "C" __global__ void diverge(float* x) {
+        if (threadIdx.x < 16) {
+            __syncthreads();
+        } else {
+            __syncthreads();
+        }
+        x[threadIdx.x] = 1.0f;
+    }"""
+    with pytest.raises(kernels.BarrierDivergenceError, match=r"<kernel source>:4.*<kernel source>:6|:6.*:4"):
+        module(src).get_function("diverge")((1,), (64,), (np.zeros(64, np.float32),))
+
+
+def test_warp_collective_waiting_for_a_returned_lane_is_reported():
+    src = r"""
+    extern "C" __global__ void early(float* x, int n) {
+        if (threadIdx.x >= n) return;     // a classic bug before a full-mask shuffle
+        float v = __shfl_down_sync(0xffffffff, x[threadIdx.x], 1);
+        x[threadIdx.x] = v;
+    }"""
+    with pytest.raises(kernels.DeadlockError, match="already returned"):
+        module(src).get_function("early")((1,), (32,), (np.zeros(32, np.float32), np.int32(20)))
+
+
+def test_assert_in_kernel_raises_with_block_and_thread():
+    src = r"""
+    #include <cassert>
+    extern "C" __global__ void check(const int* x) { assert(x[threadIdx.x] >= 0); }"""
+    x = np.zeros(64, np.int32)
+    x[37] = -1
+    with pytest.raises(kernels.KernelAssertionError, match=r"x\[threadIdx.x\] >= 0.*thread \(37,0,0\)"):
+        module(src).get_function("check")((1,), (64,), (x,))
+
+
+def test_invalid_pointer_is_an_exception_not_a_crash():
+    src = r"""
+    extern "C" __global__ void deref(float* x, long long offset) { x[offset] = 1.0f; }"""
+    x = np.zeros(4, np.float32)
+    with pytest.raises(kernels.KernelFault, match="block \\(0,0,0\\) thread \\(0,0,0\\)"):
+        module(src).get_function("deref")((1,), (1,), (x, -(x.ctypes.data // 4)))  # writes to address 0
+    # the interpreter is fine and the next launch works
+    module(src).get_function("deref")((1,), (1,), (x, 2))
+    assert x[2] == 1.0
+
+
+OOB = r"""
+extern "C" __global__ void copy_shifted(const float* x, float* y, int n, int shift) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i + shift];
+}
+extern "C" __global__ void write_past(float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) y[i] = 1.0f;         // off by one
+}
+"""
+
+
+@pytest.fixture
+def debug_mode(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERNELS_EMU_DEBUG", "1")
+    yield
+
+
+def test_debug_mode_catches_reads_past_either_end(debug_mode):
+    m = module(OOB)
+    k = m.get_function("copy_shifted")
+    x = rng.standard_normal(100).astype(np.float32)
+    y = np.zeros_like(x)
+    k((1,), (128,), (x, y, np.int32(100), np.int32(0)))     # in bounds: fine, and correct
+    np.testing.assert_array_equal(y, x)
+    with pytest.raises(kernels.OutOfBoundsError, match=r"read .*past the end of argument 0 'x'"):
+        k((1,), (128,), (x, y, np.int32(100), np.int32(1)))
+    with pytest.raises(kernels.OutOfBoundsError, match=r"read .*before the start of argument 0 'x'"):
+        k((1,), (128,), (x, y, np.int32(100), np.int32(-1)))
+
+
+def test_debug_mode_catches_an_off_by_one_write(debug_mode):
+    k = module(OOB).get_function("write_past")
+    for n in (64, 100, 3):  # sizes that do and do not fill whole 16-byte lines
+        y = np.zeros(n, np.float32)
+        with pytest.raises(kernels.OutOfBoundsError, match="past the end of argument 0 'y'"):
+            k((1,), (128,), (y, np.int32(n)))
+
+
+def test_debug_mode_writes_results_back_and_poisons_shared_memory(debug_mode):
+    src = r"""
+    extern "C" __global__ void uninit(float* y) {
+        __shared__ float s[32];
+        if (threadIdx.x == 0) s[0] = 1.0f;
+        __syncthreads();
+        y[threadIdx.x] = s[threadIdx.x];      // reads 31 values nobody wrote
+    }"""
+    y = np.zeros(32, np.float32)
+    module(src).get_function("uninit")((1,), (32,), (y,))
+    assert y[0] == 1.0 and np.all(np.isnan(y[1:]))
+
+
+# ------------------------------------------------------------------------------ cache & fallbacks
+def test_compiled_modules_are_cached(monkeypatch):
+    src = SCALE + "\n// cache test marker\n"
+    module(src).get_function("scale")((1,), (32,), (np.zeros(4, np.float32), np.zeros(4, np.float32),
+                                                   np.float32(1), np.int32(4)))
+    calls = []
+    monkeypatch.setattr(emulator, "_build", lambda *a, **k: calls.append(a))
+    y = np.zeros(4, np.float32)
+    module(src).get_function("scale")((1,), (32,), (np.ones(4, np.float32), y, np.float32(3), np.int32(4)))
+    assert calls == [] and np.all(y == 3)
+
+
+def test_ucontext_fallback_runs_the_same_kernels(tmp_path):
+    # The portable fiber implementation (used where the x86-64 switch is not available) is
+    # exercised in a fresh process, since a process loads one runtime.
+    code = textwrap.dedent("""
+        import numpy as np, kernels
+        from tests.test_emulator import TUTORIAL
+        k = kernels.RawModule(code=TUTORIAL).get_function("row_sums")
+        a = np.random.default_rng(0).standard_normal((9, 200)).astype(np.float32)
+        out = np.zeros(9, np.float32)
+        k((2, 3), (128, 4), (a, out, np.int32(9), np.int32(200)), shared_mem=128 * 4 * 4)
+        assert np.allclose(out, a.sum(axis=1), rtol=1e-5, atol=1e-4), (out, a.sum(axis=1))
+        print("ok")
+    """)
+    env = dict(os.environ, KERNELS_EMU_UCONTEXT="1", KERNELS_EMU_CACHE=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
