@@ -23,20 +23,7 @@
  */
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-
-#define GRID_STRIDE_LOOP(i, n)                                                               \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);            \
-         i += (long long)blockDim.x * gridDim.x)
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) { return (float)v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) { return (T)v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+#include "common.cuh"   // GRID_STRIDE_LOOP, to_float, from_float
 
 template <typename T>
 __device__ void relu_forward(const T* __restrict__ x, T* __restrict__ y, long long n) {

@@ -12,6 +12,7 @@ int passed where the kernel wants a 32-bit `int`, is refused with a message sayi
 """
 
 import os
+import re
 from pathlib import Path
 
 from .emulator import EmuModule
@@ -31,6 +32,47 @@ def _array_kind(args):
     return "numpy"
 
 
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[^\n]*$', re.M)
+
+
+def _include_dirs(options):
+    dirs, it = [], iter(options)
+    for opt in it:
+        if opt in ("-I", "--include-path"):
+            dirs.append(next(it, ""))
+        elif opt.startswith("--include-path="):
+            dirs.append(opt.split("=", 1)[1])
+        elif opt.startswith("-I") and len(opt) > 2:
+            dirs.append(opt[2:])
+    return dirs
+
+
+def expand_local_includes(code, filename, include_dirs, _seen=None):
+    """Inline every `#include "name"` found in include_dirs, with #line directives so that
+    compiler messages still name the right file and line.
+
+    Both backends then compile one self-contained source, so their caches (CuPy's, keyed by
+    the source text, and the emulator's) see a change in a shared header.  Each header is
+    inlined once (headers have include guards anyway); `#include <...>` is left alone.
+    """
+    seen = set() if _seen is None else _seen
+    out, pos = [], 0
+    for m in _LOCAL_INCLUDE.finditer(code):
+        path = next((Path(d) / m.group(1) for d in include_dirs if (Path(d) / m.group(1)).is_file()), None)
+        if path is None:
+            continue
+        line = code.count("\n", 0, m.start()) + 1
+        out.append(code[pos:m.start()])
+        key = str(path.resolve())
+        if key not in seen:
+            seen.add(key)
+            body = expand_local_includes(path.read_text(), m.group(1), include_dirs, seen)
+            out.append(f'#line 1 "{m.group(1)}"\n{body}\n#line {line + 1} "{filename}"')
+        pos = m.end()
+    out.append(code[pos:])
+    return "".join(out)
+
+
 class RawModule:
     """A CUDA C source holding one or more extern "C" __global__ kernels.
 
@@ -47,10 +89,10 @@ class RawModule:
             raise TypeError("RawModule(path=...) loads compiled cubins in CuPy; pass the CUDA C source as code=")
         if not isinstance(code, str):
             raise TypeError(f"RawModule: code must be the CUDA C source as a str, got {type(code).__name__}")
-        self.code = code
         self.options = tuple(options)
         self.filename = filename or "<kernel source>"
-        self.signatures = find_kernels(code)
+        self.code = expand_local_includes(code, self.filename, _include_dirs(self.options))
+        self.signatures = find_kernels(self.code)
         self._emu = None
         self._cupy = None
         self._functions = {}
@@ -162,7 +204,8 @@ _modules = {}
 def load_module(filename, options=()):
     """RawModule for a .cu file in kernels/ (or a path), cached per (file, options).
 
-    Compiler messages name the file as `kernels/<name>.cu`.
+    Compiler messages name the file as `kernels/<name>.cu`; the file's folder is on the include
+    path, so kernels can `#include "common.cuh"`.
     """
     path = Path(filename)
     if not path.is_absolute() and not path.exists():
@@ -178,6 +221,8 @@ def load_module(filename, options=()):
             shown = str(path)
         if shown.startswith(".."):
             shown = str(path)
+        # `#include "common.cuh"` and friends: the file's folder is on the include path
+        options = tuple(options) + ("-I", str(path.resolve().parent))
         mod = RawModule(code=path.read_text(), options=options, filename=shown)
         _modules[key] = mod
     return mod

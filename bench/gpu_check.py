@@ -1,0 +1,314 @@
+"""One command that checks a GPU machine end to end: `python -m bench.gpu_check --out DIR`.
+
+Stages, each a subprocess with its own time limit (a stage that runs out is killed with its
+children, reported as "timeout", and the next stage still runs); all within --budget seconds
+(480 = 8 minutes by default), everything written under DIR:
+
+    env         GPU, driver, CUDA, CuPy / NumPy / PyTorch versions        env.json
+    pytest      the GPU test suite: pytest -m gpu                          pytest.log
+    kernels     per-kernel microbenchmarks: python -m bench.kernels        kernels.json
+    compare     our training step beside PyTorch's (bench.compare_torch)   compare_torch.json
+    converge    200 steps on synthetic textures; the loss must fall        converge.json
+    train       throughput + per-phase breakdown + peak memory (bench.train)   train.json
+    graph       the step captured as a CUDA graph, flat optimizer          train_graph.json
+and prints one summary table last (also in summary.json). Every stage's output is in DIR/<stage>.log.
+
+It installs nothing: it needs CuPy (for your CUDA version: pip install -e ".[gpu]" or
+".[gpu-cuda13]"); PyTorch is optional (the compare stage then says "skipped").
+
+    python -m bench.gpu_check --out gpu_check_out
+    python -m bench.gpu_check --cpu --out /tmp/check       # no GPU: the same stages at tiny sizes
+                                                           # on the emulator and the cpu device
+
+Exit code 0 when every stage that ran passed (skipped stages do not count), 1 otherwise.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _py(*args):
+    return [sys.executable, *args]
+
+
+def _per_test_timeout():
+    """--timeout=120 when pytest-timeout is installed (one stuck GPU test must not eat the stage)."""
+    import importlib.util
+    return ["--timeout=120"] if importlib.util.find_spec("pytest_timeout") else []
+
+
+def stage_plan(cpu, out, pytest_args):
+    """[(name, argv, time limit in seconds, json file or None)] for GPU or CPU mode."""
+    j = lambda name: str(Path(out) / name)
+    if cpu:
+        return [
+            ("env", _py("-m", "bench.gpu_check", "--print-env"), 30, "env.json"),
+            ("pytest", _py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *pytest_args), 60, None),
+            ("kernels", _py("-m", "bench.kernels", "--size", "tiny", "--groups", "elementwise", "reduce",
+                            "--repeat", "1", "--json", j("kernels.json")), 60, "kernels.json"),
+            ("compare", _py("-m", "bench.compare_torch", "--size", "tiny", "--device", "cpu", "--rounds", "2",
+                            "--json", j("compare_torch.json")), 60, "compare_torch.json"),
+            ("converge", _py("-m", "bench.train", "--converge", "30", "--device", "cpu", "--size", "tiny",
+                             "--json", j("converge.json")), 60, "converge.json"),
+            ("train", _py("-m", "bench.train", "--size", "tiny", "--device", "cpu", "emu", "--json",
+                          j("train.json")), 60, "train.json"),
+            ("graph", _py("-m", "bench.train", "--size", "tiny", "--device", "emu", "--configs", "fp32-ours",
+                          "--optimizer", "flat", "--json", j("train_graph.json")), 60, "train_graph.json"),
+        ]
+    return [
+        ("env", _py("-m", "bench.gpu_check", "--print-env"), 30, "env.json"),
+        ("pytest", _py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *_per_test_timeout(),
+                       *pytest_args), 150, None),
+        ("kernels", _py("-m", "bench.kernels", "--repeat", "10", "--json", j("kernels.json")), 80, "kernels.json"),
+        ("compare", _py("-m", "bench.compare_torch", "--rounds", "2", "--steps", "8", "--warmup", "3",
+                        "--json", j("compare_torch.json")), 110, "compare_torch.json"),
+        ("converge", _py("-m", "bench.train", "--converge", "200", "--device", "cuda", "--json", j("converge.json")),
+         60, "converge.json"),
+        ("train", _py("-m", "bench.train", "--device", "cuda", "--steps", "8", "--warmup", "3", "--profile-steps", "3",
+                      "--json", j("train.json")), 90, "train.json"),
+        ("graph", _py("-m", "bench.train", "--device", "cuda", "--configs", "amp-cudnn", "fp32-cudnn", "--cuda-graph",
+                      "--optimizer", "flat", "--steps", "8", "--warmup", "3", "--json", j("train_graph.json")),
+         60, "train_graph.json"),
+    ]
+
+
+def run_stage(name, argv, limit, out, env):
+    """Run one stage with its output in out/<name>.log; kill its whole process group at `limit`.
+    Returns {'stage', 'status' ('ok', 'failed', 'timeout', 'skipped'), 'rc', 'seconds', 'log'}."""
+    log_path = Path(out) / f"{name}.log"
+    t0 = time.monotonic()
+    if limit < 5:
+        return {"stage": name, "status": "skipped", "detail": "no time left in the budget", "seconds": 0.0,
+                "log": str(log_path)}
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(argv) + "\n")
+        log.flush()
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+            status = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rc, status = None, "timeout"
+            log.write(f"\n[gpu_check] stage '{name}' killed after its limit of {limit:.0f} s\n")
+    return {"stage": name, "status": status, "rc": rc, "seconds": time.monotonic() - t0, "limit_s": limit,
+            "log": str(log_path)}
+
+
+def _kill_group(proc):
+    """SIGTERM the stage's process group, then SIGKILL what is left after 5 s."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ---- what each stage's output says --------------------------------------------------------------
+
+
+def _load(out, name):
+    try:
+        with open(Path(out) / name) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def summarize(stage, out):
+    """One line of findings for the summary table (and a pass/fail verdict where one applies)."""
+    name, log = stage["stage"], stage.get("log")
+    if stage["status"] in ("timeout", "skipped"):
+        return stage.get("detail", "")
+    if name == "env":
+        e = _load(out, "env.json") or {}
+        return f"{e.get('gpu', 'no GPU')}; cupy {e.get('cupy')}; torch {e.get('torch')}; python {e.get('python')}"
+    if name == "pytest":
+        tail = _tail(log)
+        m = re.findall(r"(\d+ (?:passed|failed|skipped|deselected|errors?|xfailed|xpassed))", tail)
+        return ", ".join(m) if m else tail[-120:].strip()
+    if name == "kernels":
+        k = _load(out, "kernels.json")
+        if not k:
+            return "no kernels.json"
+        cases = k["cases"]
+        errors = sum(1 for c in cases if "error" in c)
+        mem = [c["pct_copy_bw"] for c in cases if "pct_copy_bw" in c and not c.get("flops")]
+        text = f"{len(cases)} cases, {errors} errors"
+        if mem:
+            text += f"; memory-bound kernels at {min(mem):.0f}-{max(mem):.0f}% of copy bandwidth " \
+                    f"({sum(p >= 70 for p in mem)}/{len(mem)} >= 70%)"
+        return text
+    if name == "compare":
+        c = _load(out, "compare_torch.json")
+        if not c:
+            return "no compare_torch.json"
+        if "skipped" in c:
+            return f"skipped: {c['skipped']}"
+        checks = " ".join(f"loss[{x['engine']}] {'ok' if x['passed'] else 'MISMATCH'}" for x in c["loss_checks"])
+        ratios = " ".join(f"{p['ours']}/{p['torch']} {p['throughput_ratio']:.2f}x" +
+                          (f" mem {p['memory_ratio']:.2f}" if "memory_ratio" in p else "")
+                          if "throughput_ratio" in p else f"{p['ours']} ERROR" for p in c["pairs"])
+        return f"{checks}; {ratios}"
+    if name == "converge":
+        c = _load(out, "converge.json")
+        if not c:
+            return "no converge.json"
+        return (f"{c['device']} {c['size']}: loss {c['first']:.3f} -> {c['last']:.3f} (x{c['ratio']:.2f}) in "
+                f"{c['steps']} steps, {c['seconds']:.0f} s")
+    if name in ("train", "graph"):
+        t = _load(out, "train.json" if name == "train" else "train_graph.json")
+        if not t:
+            return "no JSON"
+        parts = []
+        for r in t["rows"]:
+            label = f"{r['device']} {r['config']}" + ("+graph" if r.get("cuda_graph") else "")
+            if "images_per_s" in r:
+                mem = f" {r['peak_reserved_bytes'] / 1e9:.1f}GB" if r.get("peak_reserved_bytes") else ""
+                parts.append(f"{label} {r['images_per_s']:.0f} img/s{mem}")
+            elif "error" in r:
+                parts.append(f"{label} ERROR")
+        return "; ".join(parts)
+    return ""
+
+
+def _tail(path, n=2000):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def print_env():
+    """Print (and write to the JSON path given in the stage plan's --out) the environment."""
+    import platform
+    import numpy
+    env = {"python": sys.version.split()[0], "numpy": numpy.__version__, "platform": platform.platform()}
+    try:
+        import cupy
+        env["cupy"] = cupy.__version__
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+            props = cupy.cuda.runtime.getDeviceProperties(0) if n else {}
+            name = props.get("name", b"")
+            env.update(gpu=name.decode() if isinstance(name, bytes) else str(name) or None, gpus=n,
+                       cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+                       cuda_driver=cupy.cuda.runtime.driverGetVersion(),
+                       memory_bytes=int(props.get("totalGlobalMem", 0)) or None)
+        except Exception as exc:
+            env["gpu_error"] = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        env["cupy"] = f"not importable ({type(exc).__name__})"
+    try:
+        import torch
+        env["torch"] = torch.__version__
+        env["torch_cuda"] = torch.version.cuda
+    except Exception:
+        env["torch"] = "not installed"
+    try:
+        from kernels import cudnn_engine
+        env["cudnn_engine"] = cudnn_engine.cudnn_available()[1] if not cudnn_engine.cudnn_available()[0] else "available"
+    except Exception as exc:
+        env["cudnn_engine"] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(env, indent=2))
+    target = os.environ.get("GPU_CHECK_ENV_JSON")
+    if target:
+        with open(target, "w") as f:
+            json.dump(env, f, indent=2)
+    return env
+
+
+def _has_gpu():
+    """Asked in a subprocess with a time limit: a broken driver must not hang the check."""
+    code = "import cupy,sys; sys.exit(0 if cupy.cuda.runtime.getDeviceCount() > 0 else 1)"
+    try:
+        return subprocess.run(_py("-c", code), cwd=REPO, timeout=60, capture_output=True).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_check_out", help="folder for logs and JSON (created)")
+    p.add_argument("--cpu", action="store_true", help="tiny sizes on the emulator and the cpu device "
+                                                      "(automatic when no GPU is seen)")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages together (480)")
+    p.add_argument("--stages", nargs="+", help="run only these stages (env pytest kernels compare converge train graph)")
+    p.add_argument("--stage-limit", type=float, help="cap every stage's limit at this many seconds")
+    p.add_argument("--pytest-args", nargs="*", default=["tests"], help="what pytest collects (default: tests)")
+    p.add_argument("--print-env", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.print_env:
+        print_env()
+        return 0
+    if args.budget <= 0:
+        p.error(f"--budget must be positive, got {args.budget}")
+    t_start = time.monotonic()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = args.cpu
+    if not cpu and not _has_gpu():
+        print("gpu_check: CuPy sees no GPU (or is not installed: pip install -e \".[gpu]\" for CUDA 12, "
+              "\".[gpu-cuda13]\" for CUDA 13); running the CPU mode at tiny sizes", flush=True)
+        cpu = True
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["GPU_CHECK_ENV_JSON"] = str(out / "env.json")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    plan = stage_plan(cpu, out, args.pytest_args)
+    known = [name for name, *_ in plan]
+    if args.stages:
+        bad = [s for s in args.stages if s not in known]
+        if bad:
+            p.error(f"unknown stage(s) {bad}; stages are {known}")
+        plan = [s for s in plan if s[0] in args.stages]
+    results = []
+    for name, argv_, limit, _json in plan:
+        if args.stage_limit:
+            limit = min(limit, args.stage_limit)
+        left = args.budget - (time.monotonic() - t_start)
+        print(f"[gpu_check] {name}: up to {min(limit, left):.0f} s ...", flush=True)
+        res = run_stage(name, argv_, min(limit, left), out, env)
+        res["summary"] = summarize(res, out)
+        results.append(res)
+        print(f"[gpu_check] {name}: {res['status']} in {res['seconds']:.1f} s", flush=True)
+    total = time.monotonic() - t_start
+    summary = {"mode": "cpu" if cpu else "gpu", "out": str(out), "seconds": total, "budget_s": args.budget,
+               "stages": results}
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print_summary(summary)
+    return 0 if all(r["status"] in ("ok", "skipped") for r in results) else 1
+
+
+def print_summary(summary):
+    print(f"\ngpu_check ({summary['mode']} mode) in {summary['seconds']:.0f} s of {summary['budget_s']:.0f}; "
+          f"logs and JSON in {summary['out']}")
+    header = f"{'stage':<10}{'status':<10}{'seconds':>8}  findings"
+    print(header)
+    print("-" * 100)
+    for r in summary["stages"]:
+        status = r["status"] if r["status"] != "failed" else f"FAIL rc={r['rc']}"
+        print(f"{r['stage']:<10}{status:<10}{r['seconds']:>8.1f}  {r.get('summary', '')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""Training throughput of ResNet-50 v1.5: `python -m bench.train`.
+
+Synthetic input already on the device (no loader: bench.loader measures that), one model per
+configuration:
+
+    fp32-ours    float32, our convolution kernels
+    fp32-cudnn   float32, convolutions through cuDNN (nn.device.set_conv_engine('cudnn')), TF32 off
+    amp-ours     fp16 activations, fp32 master weights, static loss scale 128 (nn.amp.LossScaler)
+    amp-cudnn    the same with cuDNN convolutions
+
+For each: a warm-up (excluded), a throughput pass of asynchronous steps timed end to end
+(images/s), and a separate profiled pass that synchronises the device at the phase boundaries
+(forward incl. the loss, backward incl. zero_grad, optimizer incl. the loss scaler) to give the
+per-phase breakdown, plus peak device memory: the high-water mark of CuPy's memory pool (bytes
+reserved from the device, the analogue of PyTorch's max_memory_reserved; the pool is emptied
+before each configuration) and the largest bytes in use seen at the phase boundaries.
+
+    python -m bench.train                                  # GPU: batch 256, 224 px, all four
+    python -m bench.train --size tiny --device cpu emu     # CPU: width 1/16, 32 px, batch 4
+    python -m bench.train --configs amp-cudnn --cuda-graph --json out.json
+    python -m bench.train --optimizer flat                 # one flat buffer, one update launch
+
+--cuda-graph captures the whole step as a CUDA graph (bench/cuda_graph.py) and times replays.
+The captured step differs from train.py's in two ways that are needed for capture today: the
+loss gradient is seeded directly (cross_entropy's backward reads the seed with float(), a host
+sync) and the loss scaler's inf/nan check is skipped (a host decision); bench/NOTES.md says which
+nn/ changes remove both. --optimizer flat keeps every parameter as a view into one float32
+buffer and updates all 161 tensors with one kernel launch (kernels.optimizer.sgd_momentum_update_flat).
+
+A configuration that fails (e.g. fp16 activations where a kernel is float32-only) is reported in
+the table with its error; the others still run. The exit code is 0 unless every run failed.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+__all__ = ["SIZES", "CONFIGS", "run", "measure", "build_setup", "FlatSGD", "converge", "gpu_available",
+           "print_table"]
+
+# size name -> model width, image side, batch, classes, warm-up steps, timed steps, profiled steps
+SIZES = {
+    "resnet50": dict(width=1.0, image=224, batch=256, classes=1000, warmup=5, steps=20, profile_steps=5),
+    "tiny": dict(width=1 / 16, image=32, batch=4, classes=10, warmup=1, steps=3, profile_steps=2),
+}
+
+# name -> (precision, conv engine)
+CONFIGS = {
+    "fp32-ours": ("fp32", "ours"),
+    "fp32-cudnn": ("fp32", "cudnn"),
+    "amp-ours": ("amp", "ours"),
+    "amp-cudnn": ("amp", "cudnn"),
+}
+
+LOSS_SCALE = 128.0     # the MLPerf reference's static scale
+
+
+def gpu_available():
+    """True when CuPy imports and sees a CUDA device."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _sync(device):
+    if device == "cuda":
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+
+
+# ---- one flat buffer for all parameters ---------------------------------------------------------
+
+
+class FlatSGD:
+    """SGD with momentum over ONE flat float32 buffer holding every parameter (the multi-tensor
+    optimizer; a prototype of the nn.optim change described in bench/NOTES.md).
+
+    Every Parameter's `.data` becomes a view into `self.params_flat`; momenta live in
+    `self.momentum_flat`. A step gathers the gradients into `self.grads_flat` (one copy per tensor:
+    nn's backward allocates each .grad; with the in-place accumulation hook in NOTES.md the
+    gradients would land there directly) and updates everything with one launch of
+    kernels.optimizer.sgd_momentum_update_flat (emu and cuda devices) — the same arithmetic as
+    nn.optim.SGD: g = grad + wd*w; v = m*v + g; w -= lr*v, with no weight decay on parameters of
+    at most one dimension (BN and biases). On the cpu device the update runs per segment with the
+    NumPy reference (same buffers and arithmetic).
+
+    named_params: model.named_parameters(); lr, momentum, weight_decay: as nn.optim.SGD.
+    """
+
+    def __init__(self, named_params, lr, momentum=0.9, weight_decay=0.0):
+        from kernels.optimizer import ParamSegments
+        named = list(named_params)
+        if not named:
+            raise ValueError("FlatSGD: empty parameter list")
+        self.params = [p for _, p in named]
+        self.device = self.params[0].device
+        xp = self.device.xp
+        self.lr, self.momentum = float(lr), float(momentum)
+        sizes = [int(p.data.size) for p in self.params]
+        decay = [0.0 if p.data.ndim <= 1 else float(weight_decay) for p in self.params]
+        self.segments = ParamSegments(sizes, decay, xp=np if xp is np else xp)
+        self.params_flat = xp.empty(self.segments.total, dtype=np.float32)
+        for p, view in zip(self.params, self.segments.split(self.params_flat, [p.data.shape for p in self.params])):
+            if p.data.dtype != np.float32:
+                raise TypeError("FlatSGD: parameters must be float32 (fp32 master weights)")
+            view[...] = p.data
+            p.data = view                      # the Parameter now lives in the flat buffer
+        self.grads_flat = xp.zeros_like(self.params_flat)
+        self.momentum_flat = xp.zeros_like(self.params_flat)
+        self._grad_views = self.segments.split(self.grads_flat, [p.data.shape for p in self.params])
+        self._mom_views = self.segments.split(self.momentum_flat, [p.data.shape for p in self.params])
+        self.step_count = 0
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        """Gather the gradients into the flat buffer and update every parameter."""
+        for p, g in zip(self.params, self._grad_views):
+            if p.grad is None:
+                g[...] = 0
+            else:
+                g[...] = p.grad
+        if self.device.name == "cpu":
+            from kernels import reference
+            pv = self.segments.split(self.params_flat)
+            gv = self.segments.split(self.grads_flat)
+            mv = self.segments.split(self.momentum_flat)
+            for s in range(self.segments.num_segments):
+                reference.sgd_momentum_update(pv[s], gv[s], mv[s], self.lr, self.momentum,
+                                              float(self.segments.weight_decay[s]))
+        else:
+            from kernels.optimizer import sgd_momentum_update_flat
+            sgd_momentum_update_flat(self.params_flat, self.grads_flat, self.momentum_flat, self.lr,
+                                     self.momentum, self.segments)
+        self.step_count += 1
+
+
+# ---- one configuration --------------------------------------------------------------------------
+
+
+class Setup:
+    """Everything one configuration trains with: model, optimizer, scaler, static input buffers."""
+
+    def __init__(self, model, opt, scaler, x, y, device, precision):
+        self.model, self.opt, self.scaler = model, opt, scaler
+        self.x, self.y = x, y
+        self.device, self.precision = device, precision
+
+
+def build_setup(precision, device, size, seed=0, optimizer="sgd"):
+    """Model, optimizer and one synthetic batch on `device`.
+
+    precision: 'fp32' or 'amp'; size: a SIZES entry (dict); optimizer: 'sgd' (nn.optim.SGD, per
+    tensor) or 'flat' (FlatSGD). x: float [B, S, S, 3] NHWC (fp16 for amp), y: int32 [B].
+    """
+    import nn
+    amp = precision == "amp"
+    model = nn.resnet50(num_classes=size["classes"], width=size["width"], seed=seed,
+                        activation_dtype=np.float16 if amp else None).to(device)
+    lr = 0.01   # small: a benchmark must not diverge on a fixed batch
+    if optimizer == "flat":
+        opt = FlatSGD(model.named_parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+    elif optimizer == "sgd":
+        opt = nn.optim.SGD(model.named_parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'flat', got {optimizer!r}")
+    scaler = nn.amp.LossScaler(LOSS_SCALE) if amp else None
+    rng = np.random.default_rng(seed)
+    B, S = size["batch"], size["image"]
+    x_host = rng.standard_normal((B, S, S, 3), dtype=np.float32)
+    y_host = rng.integers(0, size["classes"], B).astype(np.int32)
+    dev = nn.device.get_device(device)
+    # made once and kept: the input is "already on the device", as after a prefetcher
+    x = dev.asarray(x_host.astype(np.float16) if amp else x_host)
+    y = dev.asarray(y_host)
+    return Setup(model, opt, scaler, x, y, device, precision)
+
+
+def _forward(s):
+    from nn import functional as F
+    logits = s.model(s.x, layout="NHWC")
+    return F.cross_entropy(logits, s.y)
+
+
+def _backward(s, loss):
+    s.opt.zero_grad()
+    if s.scaler is not None:
+        s.scaler.backward(loss)
+    else:
+        loss.backward()
+
+
+def _optimize(s):
+    if s.scaler is not None:
+        s.scaler.step(s.opt)          # unscale, inf/nan check (a host sync), step
+    else:
+        s.opt.step()
+
+
+def eager_step(s):
+    """One training step as train.py does it. Returns the loss (a device array, not read)."""
+    loss = _forward(s)
+    _backward(s, loss)
+    _optimize(s)
+    return loss.data
+
+
+def capturable_step(s):
+    """One training step with no host synchronisation, for CUDA-graph capture: the loss gradient
+    is seeded directly (scale/N per row through the fused softmax backward kernel), the gradients
+    are unscaled in place, and the inf/nan skip of the loss scaler is left out (static scale)."""
+    ops = s.model.device.ops
+    logits = s.model(s.x, layout="NHWC")
+    loss, probs = ops.softmax_cross_entropy_forward(logits.data, s.y, 0.0)
+    scale = s.scaler.scale if s.scaler is not None else 1.0
+    dlogits = ops.softmax_cross_entropy_backward(probs, s.y, 0.0, grad_scale=scale)
+    s.opt.zero_grad()
+    logits.backward(dlogits.astype(logits.dtype, copy=False))
+    if s.scaler is not None:
+        inv = np.float32(1.0 / scale)
+        for p in s.opt.params:
+            if p.grad is not None:
+                p.grad *= inv
+    s.opt.step()
+    return loss
+
+
+class _Memory:
+    """Peak device memory of CuPy's default pool (and of extra pools, e.g. a graph's)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.extra_pools = []
+        self.peak_used = 0
+        self.peak_reserved = 0
+        if device == "cuda":
+            import cupy
+            self.pool = cupy.get_default_memory_pool()
+            self.pool.free_all_blocks()
+            self.sample()
+
+    def sample(self):
+        if self.device != "cuda":
+            return
+        used = self.pool.used_bytes() + sum(p.used_bytes() for p in self.extra_pools)
+        reserved = self.pool.total_bytes() + sum(p.total_bytes() for p in self.extra_pools)
+        self.peak_used = max(self.peak_used, int(used))
+        self.peak_reserved = max(self.peak_reserved, int(reserved))
+
+    def result(self):
+        if self.device != "cuda":
+            return {"peak_reserved_bytes": None, "peak_used_bytes_sampled": None, "device_used_bytes": None}
+        import cupy
+        free, total = cupy.cuda.runtime.memGetInfo()
+        return {"peak_reserved_bytes": self.peak_reserved, "peak_used_bytes_sampled": self.peak_used,
+                "device_used_bytes": int(total - free)}
+
+
+def measure(name, device, size_name="tiny", cuda_graph=False, optimizer="sgd", seed=0, steps=None,
+            warmup=None, profile_steps=None):
+    """Benchmark one configuration. Returns a dict (one table row); never raises for a failing
+    configuration: the row then has 'error' (or 'skipped' when it cannot run on this device)."""
+    precision, engine = CONFIGS[name]
+    size = dict(SIZES[size_name])
+    for key, value in (("steps", steps), ("warmup", warmup), ("profile_steps", profile_steps)):
+        if value is not None:
+            size[key] = value
+    row = {"config": name, "device": device, "precision": precision, "engine": engine, "size": size_name,
+           "batch": size["batch"], "image": size["image"], "width": size["width"], "cuda_graph": bool(cuda_graph),
+           "optimizer": optimizer}
+    if device != "cuda" and engine == "cudnn":
+        row["skipped"] = "the cuDNN engine needs the cuda device"
+        return row
+    if device != "cuda" and cuda_graph:
+        row["skipped"] = "CUDA graphs need the cuda device"
+        return row
+    import nn
+    memory = _Memory(device)
+    try:
+        nn.device.set_conv_engine(engine if device == "cuda" else "ours")
+        s = build_setup(precision, device, size, seed, optimizer)
+        memory.sample()
+        if cuda_graph:
+            from bench.cuda_graph import capture_train_step
+            step = capture_train_step(lambda: capturable_step(s), warmup_steps=max(1, size["warmup"]),
+                                      keep_alive=(s.x, s.y))
+            memory.extra_pools.append(step.pool)
+            run_step = step
+        else:
+            for _ in range(size["warmup"]):
+                eager_step(s)
+            run_step = lambda: eager_step(s)
+        _sync(device)
+        memory.sample()
+        # throughput: asynchronous steps, one sync at the end
+        t0 = time.perf_counter()
+        for _ in range(size["steps"]):
+            loss = run_step()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        memory.sample()
+        row["step_ms"] = 1e3 * elapsed / size["steps"]
+        row["images_per_s"] = size["batch"] * size["steps"] / elapsed
+        row["loss"] = float(np.asarray(nn.device.to_numpy(loss)))      # eager and graph steps return arrays
+        if s.scaler is not None:
+            row["loss_scale"] = s.scaler.scale
+            row["skipped_steps"] = s.scaler.skipped_steps
+        row.update(_profile(s, size["profile_steps"], device, memory) if not cuda_graph else
+                   {"phases_ms": None, "phases_note": "one graph launch: no phase boundaries inside"})
+        row.update(memory.result())
+    except Exception as exc:    # reported in the table, the other configurations still run
+        row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        row["traceback"] = traceback.format_exc(limit=6)
+        row.update(memory.result() if device == "cuda" else {})
+    finally:
+        try:
+            nn.device.set_conv_engine("ours")
+        except Exception:
+            pass
+    return row
+
+
+def _profile(s, steps, device, memory):
+    """Median milliseconds of each phase, with a device sync at every boundary."""
+    phases = {"forward": [], "backward": [], "optimizer": []}
+    for _ in range(max(1, steps)):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = _forward(s)
+        _sync(device)
+        t1 = time.perf_counter()
+        memory.sample()
+        _backward(s, loss)
+        _sync(device)
+        t2 = time.perf_counter()
+        memory.sample()
+        _optimize(s)
+        _sync(device)
+        t3 = time.perf_counter()
+        memory.sample()
+        phases["forward"].append(t1 - t0)
+        phases["backward"].append(t2 - t1)
+        phases["optimizer"].append(t3 - t2)
+    return {"phases_ms": {k: 1e3 * statistics.median(v) for k, v in phases.items()}}
+
+
+# ---- the whole benchmark --------------------------------------------------------------------------
+
+
+def environment():
+    """Versions and the device, for the JSON record."""
+    env = {"python": sys.version.split()[0], "numpy": np.__version__, "machine": platform.machine(),
+           "processor": platform.processor()}
+    try:
+        import cupy
+        env["cupy"] = cupy.__version__
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            props = cupy.cuda.runtime.getDeviceProperties(0)
+            name = props["name"]
+            env["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
+            env["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+            env["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
+    except Exception as exc:
+        env["cupy"] = f"unavailable ({type(exc).__name__})"
+    return env
+
+
+def run(devices=None, configs=None, size=None, cuda_graph=False, optimizer="sgd", out=None, steps=None,
+        warmup=None, profile_steps=None, quiet=False):
+    """Run every (device, configuration); print the table; write JSON to `out` if given.
+    Returns the result dict {'environment', 'rows'}."""
+    gpu = gpu_available()
+    devices = devices or (["cuda"] if gpu else ["cpu", "emu"])
+    if "cuda" in devices and not gpu:
+        raise SystemExit("bench.train: --device cuda asked for, but CuPy sees no GPU")
+    size = size or ("resnet50" if devices == ["cuda"] else "tiny")
+    configs = configs or list(CONFIGS)
+    rows = []
+    for device in devices:
+        for name in configs:
+            rows.append(measure(name, device, size, cuda_graph, optimizer, steps=steps, warmup=warmup,
+                                profile_steps=profile_steps))
+            if not quiet:
+                print(_format_row(rows[-1]), flush=True)
+    result = {"benchmark": "bench.train", "environment": environment(), "size": size,
+              "sizes": {size: SIZES[size]}, "rows": rows}
+    print_table(result)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+        print(f"wrote {out}")
+    return result
+
+
+def _gb(b):
+    return "" if b is None else f"{b / 1e9:.2f}"
+
+
+def _format_row(r):
+    head = f"{r['device']:<5} {r['config']:<11}{'+graph' if r['cuda_graph'] else '':<7}{r['optimizer']:<5}"
+    if "skipped" in r:
+        return f"{head} skipped: {r['skipped']}"
+    if "error" in r:
+        return f"{head} ERROR {r['error']}"
+    ph = r.get("phases_ms") or {}
+    phases = "".join(f"{ph[k]:>9.2f}" if k in ph else f"{'-':>9}" for k in ("forward", "backward", "optimizer"))
+    return (f"{head}{r['images_per_s']:>10.1f}{r['step_ms']:>10.2f}{phases}"
+            f"{_gb(r.get('peak_reserved_bytes')):>9}{_gb(r.get('peak_used_bytes_sampled')):>9}{r['loss']:>9.4f}")
+
+
+def print_table(result):
+    env = result["environment"]
+    where = env.get("gpu") or f"CPU ({env.get('processor') or env.get('machine')}), no GPU"
+    s = result["sizes"][result["size"]]
+    print(f"\nbench.train on {where}; size={result['size']} (width {s['width']:g}, {s['image']} px, batch "
+          f"{s['batch']}); warm-up {s['warmup']}, timed {s['steps']}, profiled {s['profile_steps']} steps")
+    header = (f"{'dev':<5} {'config':<11}{'':<7}{'opt':<5}{'img/s':>10}{'step ms':>10}{'fwd ms':>9}{'bwd ms':>9}"
+              f"{'opt ms':>9}{'peak GB':>9}{'used GB':>9}{'loss':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in result["rows"]:
+        print(_format_row(r))
+    print("(img/s, step ms: asynchronous steps; fwd/bwd/opt: a separate pass with a device sync at each "
+          "boundary; peak GB: memory-pool high-water, used GB: largest in-use bytes seen at phase boundaries)")
+
+
+# ---- convergence smoke test ---------------------------------------------------------------------
+
+
+def converge(device, steps=200, size="tiny", seed=0, lr=None, progress=False, overrides=None, zero_init=True):
+    """Train on a fixed set of synthetic texture images (data.synthetic, rendered in memory) and
+    return the per-step losses. Batches go through data.device_prefetch.DevicePrefetcher (pinned
+    buffers and a copy stream on cuda) and the input kernel (uint8 NHWC -> normalised float).
+
+    size 'tiny': width 1/16, 32 px, one batch of 32 images, lr 0.05; 'small' (for a GPU): width
+    1/4, 64 px, batch 128 from 512 images, lr 0.1. SGD momentum 0.9, zero_init_residual (each
+    block starts as the identity: stable from the first step). `overrides` replaces entries of
+    that table (width, image, batch, images, lr); `lr` overrides the learning rate.
+    Returns {'losses': [...], 'first', 'last', 'ratio' (last/first), 'seconds', ...} where first
+    and last are the mean losses of the first and last 10% of the steps.
+    """
+    import nn
+    from nn import functional as F
+    from data import synthetic
+    from data.device_prefetch import DevicePrefetcher
+    cfg = {"tiny": dict(width=1 / 16, image=32, batch=32, images=32, lr=0.05),
+           "small": dict(width=0.25, image=64, batch=128, images=512, lr=0.1)}[size]
+    cfg.update(overrides or {})
+    classes = 10
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(cfg["images"]) % classes).astype(np.int32)
+    images = np.stack([synthetic.render_image(rng, int(c), cfg["image"], cfg["image"], classes, period=(3.0, 6.0),
+                                              object_frac=(0.6, 0.9), distractor=0.0) for c in labels])
+    model = nn.resnet50(num_classes=classes, width=cfg["width"], seed=seed, zero_init_residual=zero_init).to(device)
+    opt = nn.optim.SGD(model.named_parameters(), lr=lr if lr is not None else cfg["lr"], momentum=0.9,
+                       weight_decay=5e-5)
+    per_epoch = cfg["images"] // cfg["batch"]
+
+    def batches():
+        for step in range(steps):
+            if step % per_epoch == 0:
+                order = np.random.default_rng([seed, step // per_epoch]).permutation(cfg["images"])
+            idx = order[(step % per_epoch) * cfg["batch"]:(step % per_epoch + 1) * cfg["batch"]]
+            yield images[idx], labels[idx]
+
+    losses = []
+    t0 = time.perf_counter()
+    for step, (xb, yb) in enumerate(DevicePrefetcher(batches(), device)):
+        x = F.normalize_images(xb, device=device, std=(58.4, 57.1, 57.4))
+        loss = F.cross_entropy(model(x, layout="NHWC"), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.data))     # a sync per step: fine for a smoke test
+        if progress and step % 20 == 0:
+            print(f"step {step:4d} loss {losses[-1]:.4f}", flush=True)
+    k = max(1, len(losses) // 10)
+    first, last = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+    return {"device": device, "size": size, "steps": steps, "losses": losses, "first": first, "last": last,
+            "ratio": last / first, "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", nargs="+", choices=["cpu", "emu", "cuda"],
+                   help="default: cuda if CuPy sees a GPU, else cpu and emu")
+    p.add_argument("--size", choices=sorted(SIZES), help="default: resnet50 on cuda, tiny otherwise")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="default: all four")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph and time replays")
+    p.add_argument("--optimizer", choices=["sgd", "flat"], default="sgd",
+                   help="sgd: nn.optim.SGD (one launch per tensor); flat: one buffer, one launch")
+    p.add_argument("--steps", type=int, help="timed steps (default from --size)")
+    p.add_argument("--warmup", type=int, help="warm-up steps (default from --size)")
+    p.add_argument("--profile-steps", type=int, help="profiled steps (default from --size)")
+    p.add_argument("--json", dest="out", help="write the results here")
+    p.add_argument("--converge", type=int, metavar="STEPS",
+                   help="instead: a convergence smoke test of STEPS steps on synthetic textures; exit 1 "
+                        "unless the loss falls below 0.75x its start")
+    args = p.parse_args(argv)
+    for name in ("steps", "warmup", "profile_steps", "converge"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {v}")
+    if args.converge:
+        device = (args.device or ["cuda" if gpu_available() else "cpu"])[0]
+        size = "small" if device == "cuda" and args.size != "tiny" else "tiny"
+        res = converge(device, args.converge, size, progress=True)
+        ok = res["ratio"] < 0.75 and np.isfinite(res["last"])
+        print(f"convergence on {device} ({size}): loss {res['first']:.4f} -> {res['last']:.4f} "
+              f"(x{res['ratio']:.2f}) in {res['steps']} steps, {res['seconds']:.1f} s: {'PASS' if ok else 'FAIL'}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(res, passed=bool(ok)), f, indent=2)
+        return 0 if ok else 1
+    result = run(args.device, args.configs, args.size, args.cuda_graph, args.optimizer, args.out,
+                 args.steps, args.warmup, args.profile_steps)
+    ok = any("images_per_s" in r for r in result["rows"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""Stage 1: pack ImageNet (folder layout or the official tars) into one LMDB per split.
+
+    python -m data.pack --src /data/imagenet --dst /data/lmdb [--workers 16]
+    python -m data.pack --src /data/imagenet --dst /data/lmdb --verify
+
+``--src`` holds either the folder layout ``train/<wnid>/*.JPEG`` and
+``val/<wnid>/*.JPEG`` (a flat ``val/`` needs ``--val-labels``), or the official
+``ILSVRC2012_img_train.tar`` (one ``<wnid>.tar`` per class inside) and
+``ILSVRC2012_img_val.tar`` (flat, needs ``--val-labels``). Output:
+``<dst>/train.lmdb`` and ``<dst>/val.lmdb``; the record layout is in data/records.py.
+
+``--val-labels FILE``: one line per validation image, either ``<file name> <wnid>``
+or just ``<wnid>`` (then line i labels ``ILSVRC2012_val_%08d.JPEG % i``, i from 1).
+The devkit's ``ILSVRC2012_validation_ground_truth.txt`` holds devkit class ids,
+not wnids; map them through the devkit's meta.mat first.
+``--boxes DIR``: optional bounding-box XML files (``DIR/<wnid>/<stem>.xml`` or
+``DIR/<stem>.xml``, PASCAL VOC layout as in ILSVRC2012_bbox_train_v2.tar).
+
+What is stored: every JPEG byte for byte (grayscale ones too), except that a file
+whose *content* is not a JPEG (e.g. the PNG among ImageNet's training files) or is a
+CMYK/YCCK JPEG (22 of them) is re-encoded as an RGB JPEG, quality 100, 4:4:4.
+A file that neither decodes as JPEG nor opens in Pillow is skipped and listed in the
+metadata (``--strict`` makes it fail the pack instead).
+
+Safety: the database is built in ``<name>.partial`` and renamed when finished; each
+transaction commits a run of records together with a progress record, so a killed
+pack resumes where it stopped when run again with the same arguments. The LMDB map
+grows (doubles) whenever it is full.
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+
+import numpy as np
+
+from .records import (FLAG_REENCODED, close_database, FORMAT_NAME, FORMAT_VERSION, META_KEY, PROGRESS_KEY, DatabaseError,
+                      decode_record, encode_record, open_database, record_key)
+
+log = logging.getLogger("data.pack")
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+
+
+class PackError(RuntimeError):
+    """A source that cannot be packed (bad layout, unreadable file under --strict, ...)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Content inspection and re-encoding (runs in the worker processes)
+# ---------------------------------------------------------------------------------------
+
+def prepare_image(data):
+    """Decide how one source file is stored.
+
+    data: the file's bytes. Returns (jpeg_bytes, reencoded: bool).
+    Raises ValueError if the content is neither a decodable JPEG nor an image Pillow reads.
+    Detection is by content (magic bytes and JPEG colour space), never by file name.
+    """
+    from .decode import decode_jpeg, jpeg_header
+
+    if data[:3] == b"\xff\xd8\xff":
+        try:
+            _, _, colorspace = jpeg_header(data)
+            if colorspace not in ("CMYK", "YCCK"):
+                decode_jpeg(data)  # proves it decodes; the bytes are kept as they are
+                return data, False
+        except ValueError as e:
+            raise ValueError(f"undecodable JPEG: {e}") from None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+    except Exception as e:  # Pillow raises many types for bad input
+        # (no str(e): Pillow's messages hold object addresses, and the metadata must be reproducible)
+        raise ValueError(f"neither a JPEG nor an image Pillow can read ({type(e).__name__})") from None
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=100, subsampling=0)
+    return out.getvalue(), True
+
+
+def parse_box_xml(path):
+    """Bounding boxes of a PASCAL-VOC XML file -> float32 [n, 4] (ymin, xmin, ymax, xmax)
+    as fractions of the image size, clipped to [0, 1]."""
+    root = ET.parse(path).getroot()
+    width = float(root.findtext("size/width"))
+    height = float(root.findtext("size/height"))
+    boxes = []
+    for box in root.iter("bndbox"):
+        xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        boxes.append((ymin / height, xmin / width, ymax / height, xmax / width))
+    return np.clip(np.array(boxes, np.float32).reshape(-1, 4), 0.0, 1.0)
+
+
+def _prepare_item(item):
+    # item = (name, label, path or None, bytes or None, box xml path or None)
+    name, label, path, data, box_path = item
+    try:
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        jpeg, reencoded = prepare_image(data)
+        boxes = parse_box_xml(box_path) if box_path else None
+        value = encode_record(jpeg, label, boxes, FLAG_REENCODED if reencoded else 0)
+        return name, value, reencoded, None
+    except (OSError, ValueError, ET.ParseError) as e:
+        return name, None, False, str(e)
+
+
+# ---------------------------------------------------------------------------------------
+# Sources: a deterministic, ordered list of (name, label, path, bytes, box path)
+# ---------------------------------------------------------------------------------------
+
+def _is_image_name(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_val_labels(path):
+    """Parse a validation label file -> {file name: wnid} (format in the module docstring)."""
+    labels = {}
+    with open(path) as f:
+        lines = [ln.split() for ln in f if ln.strip()]
+    for i, parts in enumerate(lines, start=1):
+        if len(parts) >= 2:
+            labels[os.path.basename(parts[0])] = parts[1]
+        else:
+            labels["ILSVRC2012_val_%08d.JPEG" % i] = parts[0]
+    return labels
+
+
+def _box_path(boxes_dir, wnid, file_name):
+    if not boxes_dir:
+        return None
+    stem = os.path.splitext(file_name)[0]
+    for p in (os.path.join(boxes_dir, wnid, stem + ".xml"), os.path.join(boxes_dir, stem + ".xml")):
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+class FolderSource:
+    """Images of one split in a folder: ``<dir>/<wnid>/<file>`` or flat with a label file."""
+
+    def __init__(self, split_dir, classes=None, val_labels=None, boxes_dir=None):
+        if not os.path.isdir(split_dir):
+            raise PackError(f"source folder {split_dir!r} does not exist")
+        subdirs = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+        entries = []  # (relative name, wnid)
+        if subdirs:
+            for wnid in subdirs:
+                for f in sorted(os.listdir(os.path.join(split_dir, wnid))):
+                    if _is_image_name(f):
+                        entries.append((f"{wnid}/{f}", wnid))
+        else:
+            if val_labels is None:
+                raise PackError(f"{split_dir!r} has no class subfolders; pass --val-labels for a flat folder")
+            labels = read_val_labels(val_labels)
+            for f in sorted(os.listdir(split_dir)):
+                if _is_image_name(f):
+                    if f not in labels:
+                        raise PackError(f"{f!r} has no entry in the label file {val_labels!r}")
+                    entries.append((f, labels[f]))
+        if not entries:
+            raise PackError(f"no image files (*.JPEG, *.jpg, *.png) found under {split_dir!r}")
+        self.classes = list(classes) if classes is not None else sorted({w for _, w in entries})
+        index = {w: i for i, w in enumerate(self.classes)}
+        missing = sorted({w for _, w in entries} - set(index))
+        if missing:
+            raise PackError(f"classes {missing[:5]} of {split_dir!r} are not in the class list")
+        self.split_dir = split_dir
+        self.items = [(name, index[w], os.path.join(split_dir, name), None,
+                       _box_path(boxes_dir, w, os.path.basename(name))) for name, w in entries]
+        self.plan = hashlib.sha256(json.dumps([self.classes, entries]).encode()).hexdigest()
+
+    def __len__(self):
+        return len(self.items)
+
+    def iterate(self, start=0):
+        """Items from position ``start`` on (name, label, path, None, box path)."""
+        return iter(self.items[start:])
+
+    def read_bytes(self, name):
+        with open(os.path.join(self.split_dir, name), "rb") as f:
+            return f.read()
+
+
+class TarSource:
+    """The official ImageNet tars: train = a tar of per-class tars, val = a flat tar + labels."""
+
+    def __init__(self, tar_path, classes=None, val_labels=None, boxes_dir=None):
+        if not os.path.isfile(tar_path):
+            raise PackError(f"source tar {tar_path!r} does not exist")
+        self.tar_path, self.boxes_dir = tar_path, boxes_dir
+        with tarfile.open(tar_path) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+        self.nested = bool(members) and all(m.name.endswith(".tar") for m in members)
+        if self.nested:
+            found = sorted(os.path.basename(m.name)[:-4] for m in members)
+            self.labels_by_file = None
+        else:
+            if val_labels is None:
+                raise PackError(f"{tar_path!r} is a flat tar; pass --val-labels to label its images")
+            self.labels_by_file = read_val_labels(val_labels)
+            found = sorted(set(self.labels_by_file.values()))
+        self.classes = list(classes) if classes is not None else found
+        self._index = {w: i for i, w in enumerate(self.classes)}
+        stat = os.stat(tar_path)
+        label_digest = hashlib.sha256(json.dumps(self.labels_by_file, sort_keys=True).encode()).hexdigest()
+        self.plan = hashlib.sha256(json.dumps([os.path.abspath(tar_path), stat.st_size, self.classes,
+                                               label_digest]).encode()).hexdigest()
+        self._len = None
+
+    def __len__(self):
+        if self._len is None:
+            self._len = sum(1 for _ in self._walk(read=False))
+        return self._len
+
+    def _walk(self, read=True):
+        # Yields (name, wnid, bytes or None) in the tars' stored order.
+        with tarfile.open(self.tar_path) as outer:
+            for member in outer:
+                if not member.isfile():
+                    continue
+                if self.nested:
+                    wnid = os.path.basename(member.name)[:-4]
+                    with tarfile.open(fileobj=outer.extractfile(member)) as inner:
+                        for m in inner:
+                            if m.isfile() and _is_image_name(m.name):
+                                yield (f"{wnid}/{os.path.basename(m.name)}", wnid,
+                                       inner.extractfile(m).read() if read else None)
+                elif _is_image_name(member.name):
+                    base = os.path.basename(member.name)
+                    if base not in self.labels_by_file:
+                        raise PackError(f"{base!r} has no entry in the validation label file")
+                    yield base, self.labels_by_file[base], outer.extractfile(member).read() if read else None
+
+    def iterate(self, start=0):
+        for k, (name, wnid, data) in enumerate(self._walk(read=True)):
+            if k < start:
+                continue
+            if wnid not in self._index:
+                raise PackError(f"class {wnid!r} of {name!r} is not in the class list")
+            yield (name, self._index[wnid], None, data, _box_path(self.boxes_dir, wnid, os.path.basename(name)))
+
+    def read_bytes(self, name):
+        for n, _, data in self._walk(read=True):
+            if n == name:
+                return data
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------
+# The writer
+# ---------------------------------------------------------------------------------------
+
+def _commit(env, records, progress):
+    """Write records + progress in one transaction, doubling the map while it is full."""
+    import lmdb
+
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in records:
+                    txn.put(key, value)
+                for key, value in progress.items():
+                    if value is None:
+                        txn.delete(key)
+                    else:
+                        txn.put(key, value)
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def _bounded_map(pool, workers, items, block):
+    # Ordered parallel map that keeps at most two blocks of items in flight (Pool.imap
+    # would read the whole source, e.g. a 140 GB tar, into its task queue).
+    from collections import deque
+    from itertools import islice
+
+    in_flight = deque()
+    while True:
+        chunk = list(islice(items, block))
+        if chunk:
+            in_flight.append(pool.map_async(_prepare_item, chunk,
+                                             chunksize=max(1, len(chunk) // (4 * workers))))
+        if in_flight and (len(in_flight) >= 2 or not chunk):
+            yield from in_flight.popleft().get()
+        if not chunk and not in_flight:
+            return
+
+
+def pack(source, dst, split="train", workers=None, strict=False, commit_every=256, map_size=1 << 30,
+         overwrite=False, progress=True, _crash_after_commits=None):
+    """Pack one split from ``source`` (a FolderSource or TarSource) into the LMDB ``dst``.
+
+    dst: the database directory to create (e.g. ``out/train.lmdb``); built as
+        ``dst + ".partial"`` and renamed at the end; an existing ``.partial`` of the same
+        plan is resumed. workers: processes (None = all cores; <= 1 packs in-process).
+    strict: fail on an unreadable file instead of skipping it. commit_every: records
+    per transaction. map_size: initial LMDB map size in bytes (grows as needed).
+    Returns the metadata dict written (see data/records.py).
+    """
+    import lmdb
+    from tqdm import tqdm
+
+    dst = os.fspath(dst).rstrip("/")
+    partial = dst + ".partial"
+    if os.path.exists(dst):
+        if not overwrite:
+            try:
+                env, meta = open_database(dst)
+                close_database(env)
+            except DatabaseError as e:
+                raise PackError(f"{dst!r} exists but is not a finished database ({e}); "
+                                f"remove it or pass overwrite=True / --overwrite") from None
+            if meta.get("plan") != source.plan:
+                raise PackError(f"{dst!r} was packed from a different source; pass overwrite=True / --overwrite")
+            log.info("%s is already packed (%d records)", dst, meta["count"])
+            return meta
+        shutil.rmtree(dst)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    env = lmdb.open(partial, map_size=int(map_size), subdir=True, readahead=False, meminit=False)
+    with env.begin() as txn:
+        raw = txn.get(PROGRESS_KEY)
+    state = json.loads(bytes(raw)) if raw else None
+    if state is not None and (state.get("plan") != source.plan or overwrite):
+        if not overwrite:
+            env.close()
+            raise PackError(f"{partial!r} is an unfinished pack of a different source; remove it or "
+                            f"pass overwrite=True / --overwrite")
+        env.close()
+        shutil.rmtree(partial)
+        env = lmdb.open(partial, map_size=int(map_size), subdir=True, readahead=False, meminit=False)
+        state = None
+    if state is None:
+        state = {"plan": source.plan, "source_done": 0, "count": 0, "skipped": [], "reencoded": []}
+    elif progress:
+        log.info("resuming %s at source item %d (%d records)", partial, state["source_done"], state["count"])
+    total = len(source)
+    items = source.iterate(start=state["source_done"])
+    workers = os.cpu_count() if workers is None else int(workers)
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers)
+        results = _bounded_map(pool, workers, items, block=max(commit_every, 8 * workers))
+    else:
+        results = map(_prepare_item, items)
+    bar = tqdm(total=total, initial=state["source_done"], desc=f"pack {split}", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    pending, commits = [], 0
+    try:
+        for name, value, reencoded, error in results:
+            state["source_done"] += 1
+            if value is None:
+                if strict:
+                    raise PackError(f"cannot read {name!r}: {error}")
+                log.warning("skipping unreadable %s: %s", name, error)
+                state["skipped"].append([name, error])
+            else:
+                pending.append((record_key(state["count"]), value))
+                if reencoded:
+                    state["reencoded"].append([state["count"], name])
+                state["count"] += 1
+            bar.update(1)
+            if len(pending) >= commit_every:
+                _commit(env, pending, {PROGRESS_KEY: json.dumps(state).encode()})
+                pending, commits = [], commits + 1
+                if _crash_after_commits is not None and commits >= _crash_after_commits:
+                    os._exit(3)  # test hook: die like a killed process, no cleanup at all
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "split": split, "count": state["count"],
+                "classes": list(source.classes), "plan": source.plan, "reencoded": state["reencoded"],
+                "skipped": state["skipped"]}
+        if state["count"] == 0:
+            raise PackError(f"no readable images in the {split} source")
+        _commit(env, pending, {PROGRESS_KEY: None, META_KEY: json.dumps(meta).encode()})
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        env.sync()
+        env.close()
+    os.replace(partial, dst)
+    if progress:
+        log.info("packed %s: %d images, %d re-encoded, %d skipped", dst, meta["count"],
+                 len(meta["reencoded"]), len(meta["skipped"]))
+    return meta
+
+
+def make_source(src, split, classes=None, val_labels=None, boxes_dir=None):
+    """The source of one split under ``src``: ``src/<split>/`` or ``src/ILSVRC2012_img_<split>.tar``."""
+    folder = os.path.join(src, split)
+    tar = os.path.join(src, TRAIN_TAR if split == "train" else VAL_TAR)
+    if os.path.isdir(folder):
+        return FolderSource(folder, classes, val_labels, boxes_dir)
+    if os.path.isfile(tar):
+        return TarSource(tar, classes, val_labels, boxes_dir)
+    raise PackError(f"no {split} data in {src!r}: expected a folder {folder!r} or a tar {tar!r}")
+
+
+def pack_folder(src, dst, splits=("train", "val"), workers=None, val_labels=None, boxes_dir=None,
+                strict=False, overwrite=False, progress=True, **kwargs):
+    """Pack every split of an ImageNet-style ``src`` into ``<dst>/<split>.lmdb``.
+
+    src: folder with ``train/<wnid>/*`` and ``val/<wnid>/*`` (or the official tars).
+    The class list is the sorted wnids of the train split (the first split packed)
+    and is shared by all splits. Returns {split: database path}.
+    Extra keyword arguments go to ``pack``.
+    """
+    paths, classes = {}, None
+    for split in splits:
+        source = make_source(src, split, classes, val_labels, boxes_dir)
+        classes = source.classes
+        path = os.path.join(dst, f"{split}.lmdb")
+        pack(source, path, split=split, workers=workers, strict=strict, overwrite=overwrite,
+             progress=progress, **kwargs)
+        paths[split] = path
+    return paths
+
+
+def verify(db_path, source, progress=True):
+    """Check a database against its source -> list of problems (empty when it matches).
+
+    Every stored record must equal its source file byte for byte (re-encoded ones must
+    decode to the source image's size), with the same label, in source order.
+    """
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .decode import decode_jpeg
+
+    env, meta = open_database(db_path)
+    problems = []
+    skipped = {name for name, _ in meta["skipped"]}
+    reencoded = {index for index, _ in meta["reencoded"]}
+    if meta.get("plan") != source.plan:
+        problems.append("the database was packed from a different source list")
+    if meta["classes"] != list(source.classes):
+        problems.append("class lists differ")
+    index = 0
+    with env.begin() as txn:
+        for name, label, path, data, _ in tqdm(source.iterate(), total=len(source), desc="verify",
+                                               unit="img", disable=not progress):
+            if name in skipped:
+                continue
+            raw = txn.get(record_key(index))
+            if raw is None:
+                problems.append(f"record {index} ({name}) is missing")
+                break
+            jpeg, stored_label, _, flags = decode_record(raw)
+            if data is None:
+                with open(path, "rb") as f:
+                    data = f.read()
+            if stored_label != label:
+                problems.append(f"record {index} ({name}): label {stored_label} != {label}")
+            if index in reencoded or flags & FLAG_REENCODED:
+                with Image.open(io.BytesIO(data)) as img:
+                    size = img.size
+                h, w = decode_jpeg(jpeg).shape[:2]
+                if (w, h) != size:
+                    problems.append(f"record {index} ({name}): re-encoded size {(w, h)} != {size}")
+            elif bytes(jpeg) != data:
+                problems.append(f"record {index} ({name}): bytes differ from the source file")
+            index += 1
+    if index != meta["count"]:
+        problems.append(f"database has {meta['count']} records, source gives {index}")
+    close_database(env)
+    return problems
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m data.pack", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="ImageNet folder (train/, val/) or folder with the official tars")
+    p.add_argument("--dst", required=True, help="output folder; gets <split>.lmdb per split")
+    p.add_argument("--splits", nargs="+", default=["train", "val"])
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--val-labels", default=None, help="label file for a flat val folder/tar")
+    p.add_argument("--boxes", default=None, help="folder of bounding-box XML files (optional)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
+    p.add_argument("--overwrite", action="store_true", help="rebuild existing databases")
+    p.add_argument("--verify", action="store_true", help="check existing databases against the source")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        if args.verify:
+            bad, classes = False, None
+            for split in args.splits:
+                source = make_source(args.src, split, classes, args.val_labels, args.boxes)
+                classes = source.classes
+                problems = verify(os.path.join(args.dst, f"{split}.lmdb"), source)
+                for line in problems[:20]:
+                    print(f"{split}: {line}")
+                print(f"{split}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+                bad = bad or bool(problems)
+            return 1 if bad else 0
+        pack_folder(args.src, args.dst, args.splits, args.workers, args.val_labels, args.boxes,
+                    args.strict, args.overwrite)
+    except (PackError, DatabaseError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+/*
+ * batchnorm.cu: batch normalisation over an NHWC activation, viewed as a matrix x[M, C]
+ * (M = N*H*W rows, C channels; channel c of row m is x[m*C + c]).  Statistics are per channel.
+ *
+ * Training forward (statistics of this batch):
+ *     mean_c   = (1/M) sum_m x[m, c]
+ *     var_c    = (1/M) sum_m (x[m, c] - mean_c)^2          (biased: what y uses)
+ *     invstd_c = 1 / sqrt(var_c + eps)
+ *     y[m, c]  = (x[m, c] - mean_c) * invstd_c * gamma_c + beta_c
+ *     running_mean = (1 - momentum) * running_mean + momentum * mean_c
+ *     running_var  = (1 - momentum) * running_var  + momentum * var_c * M / (M - 1)   (unbiased)
+ *   fused variants:  y = relu(bn(x))   and   y = relu(bn(x) + residual)   (end of a bottleneck)
+ * Inference forward: the same y with running_mean / running_var in place of the batch statistics.
+ * Backward (xhat = (x - mean) * invstd, dz = dy, or dy * (y > 0) behind a ReLU):
+ *     dbeta_c  = sum_m dz[m, c]          dgamma_c = sum_m dz[m, c] * xhat[m, c]
+ *     dx[m, c] = gamma_c * invstd_c * (dz - dbeta_c / M - xhat * dgamma_c / M)
+ *     dresidual = dz                     (BN + add + ReLU only)
+ *
+ * Numerics: why not sum(x) and sum(x^2)?  var = E[x^2] - E[x]^2 subtracts two nearly equal
+ * numbers when |mean| >> std.  With mean 1000 and std 0.1, E[x^2] = 1e6 has a float32 ulp of
+ * 0.06 while the variance is 0.01: the answer is noise (the naive kernel below shows it).  We use
+ *   1. a shift: every thread works on x - x[0, c] (one sample of the channel), so the numbers it
+ *      adds are about as large as the spread of the channel, not its mean; and
+ *   2. Welford's update per thread (running count n, mean and M2 = sum of squared deviations;
+ *      each new value v: d = v - mean; mean += d / n; M2 += d * (v - mean)), which never
+ *      forms E[x^2], and Chan's formula to merge two (n, mean, M2) summaries:
+ *          n = na + nb;  d = mean_b - mean_a;  mean = mean_a + d * nb / n;
+ *          M2 = M2a + M2b + d^2 * na * nb / n
+ *      first across the threads of a block (a tree in shared memory), then across blocks.
+ *
+ * Memory-access plan.  Every kernel uses the same 2-D thread layout over the [M, C] matrix:
+ * a block is 32 x 8 threads; threadIdx.x picks one of 32 consecutive channels (one warp reads
+ * 32 consecutive floats of a row: coalesced), threadIdx.y one of 8 rows; blockIdx.x picks the
+ * 32-channel tile and blockIdx.y a slice of rows, walked with a grid-stride loop.  So a thread
+ * keeps ONE channel for its whole life: its per-channel constants sit in registers.
+ *   statistics:  partial kernel (one pass over x) -> per-(row slice, channel) summaries
+ *                [G, C] -> finalize kernel (one thread per channel merges the G summaries in a
+ *                fixed order: deterministic, no atomics) -> mean, invstd, running stats.
+ *   forward:     one pass: read x (and residual), write y.
+ *   backward:    partial kernel (read dy, x, [y]) -> [G, C] sums -> finalize -> dgamma, dbeta;
+ *                then a second elementwise pass (read dy, x, [y]; write dx, [dresidual]).
+ * Total traffic of a training step of BN: forward 3 passes over M*C (x twice, y once), backward
+ * 5 (dy, x twice each, dx once), plus one more read of y in each pass behind a ReLU.
+ *
+ * float (f32) and __half (f16) activations; statistics, gamma, beta and running statistics are
+ * always float.  The launchers are kernels/batchnorm.py; blockDim must be (32, 8).
+ */
+#include <cuda_fp16.h>
+#include "common.cuh"   // GRID_STRIDE_LOOP, to_float, from_float
+
+#define BN_TILE_C 32  // channels per block = blockDim.x
+#define BN_ROWS 8     // rows per block step = blockDim.y
+
+/* Rows of this thread: threadIdx.y + 8 * blockIdx.y, then steps of 8 * gridDim.y. */
+#define FOR_MY_ROWS(r, M)                                                                     \
+    for (long long r = (long long)blockIdx.y * BN_ROWS + threadIdx.y; r < (M);                \
+         r += (long long)BN_ROWS * gridDim.y)
+
+/* ============================================================== naive statistics (a lesson) */
+/* One thread per channel, sum and sum of squares in float, var = E[x^2] - E[x]^2.
+ * Slow (C threads in all) and, for |mean| >> std, wrong: kept to be compared, never used. */
+extern "C" __global__ void batchnorm_stats_naive_f32(const float* __restrict__ x, float* __restrict__ mean,
+                                                     float* __restrict__ var, long long M, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s = 0.0f, s2 = 0.0f;
+    for (long long m = 0; m < M; ++m) {
+        float v = x[m * C + c];
+        s += v;
+        s2 += v * v;
+    }
+    float mu = s / (float)M;
+    mean[c] = mu;
+    var[c] = s2 / (float)M - mu * mu;
+}
+
+/* ============================================================== statistics: Welford + Chan */
+/* Merge summary b into summary a (Chan et al.).  Empty summaries (n == 0) are allowed. */
+__device__ __forceinline__ void welford_merge(float& n, float& mean, float& m2, float nb, float mean_b, float m2b) {
+    if (nb == 0.0f) return;
+    float n_total = n + nb;
+    float delta = mean_b - mean;
+    float frac_b = nb / n_total;
+    mean += delta * frac_b;
+    m2 += m2b + delta * delta * n * frac_b;
+    n = n_total;
+}
+
+/* Pass 1: summary (count, mean, M2) of (x - x[0, c]) over this block's rows, per channel.
+ * Writes part_*[blockIdx.y * C + c].  grid = (ceil(C / 32), G), block = (32, 8). */
+template <typename T>
+__device__ void stats_partial(const T* __restrict__ x, float* __restrict__ part_n, float* __restrict__ part_mean,
+                              float* __restrict__ part_m2, long long M, int C) {
+    __shared__ float sh_n[BN_ROWS][BN_TILE_C], sh_mean[BN_ROWS][BN_TILE_C], sh_m2[BN_ROWS][BN_TILE_C];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int c = blockIdx.x * BN_TILE_C + tx;
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    if (c < C) {  // no early return: every thread must reach the barriers below
+        const float shift = to_float(x[c]);
+        FOR_MY_ROWS(r, M) {
+            float v = to_float(x[r * C + c]) - shift;
+            n += 1.0f;
+            float d = v - mean;
+            mean += d / n;
+            m2 += d * (v - mean);
+        }
+    }
+    sh_n[ty][tx] = n;
+    sh_mean[ty][tx] = mean;
+    sh_m2[ty][tx] = m2;
+    __syncthreads();
+    // tree over the 8 rows of threads: 8 -> 4 -> 2 -> 1 summaries per channel
+    for (int half = BN_ROWS / 2; half > 0; half /= 2) {
+        if (ty < half) {
+            welford_merge(n, mean, m2, sh_n[ty + half][tx], sh_mean[ty + half][tx], sh_m2[ty + half][tx]);
+            sh_n[ty][tx] = n;
+            sh_mean[ty][tx] = mean;
+            sh_m2[ty][tx] = m2;
+        }
+        __syncthreads();
+    }
+    if (ty == 0 && c < C) {
+        part_n[(long long)blockIdx.y * C + c] = n;
+        part_mean[(long long)blockIdx.y * C + c] = mean;
+        part_m2[(long long)blockIdx.y * C + c] = m2;
+    }
+}
+
+extern "C" __global__ void batchnorm_stats_partial_f32(const float* __restrict__ x, float* part_n, float* part_mean,
+                                                       float* part_m2, long long M, int C) {
+    stats_partial(x, part_n, part_mean, part_m2, M, C);
+}
+extern "C" __global__ void batchnorm_stats_partial_f16(const __half* __restrict__ x, float* part_n,
+                                                       float* part_mean, float* part_m2, long long M, int C) {
+    stats_partial(x, part_n, part_mean, part_m2, M, C);
+}
+
+/* Pass 2: one thread per channel merges the G summaries in order of blockIdx.y and writes
+ * saved_mean, saved_invstd, the optional biased batch_var (may be null), and updates the running
+ * statistics in place (skipped when running_mean is null: used by the statistics-only launch). */
+template <typename T>
+__device__ void stats_finalize(const T* __restrict__ x, const float* __restrict__ part_n,
+                               const float* __restrict__ part_mean, const float* __restrict__ part_m2, int G,
+                               long long M, int C, float eps, float momentum, float* __restrict__ saved_mean,
+                               float* __restrict__ saved_invstd, float* __restrict__ batch_var,
+                               float* __restrict__ running_mean, float* __restrict__ running_var) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int g = 0; g < G; ++g) {
+        long long i = (long long)g * C + c;
+        welford_merge(n, mean, m2, part_n[i], part_mean[i], part_m2[i]);
+    }
+    float mu = to_float(x[c]) + mean;  // undo the shift
+    float var = m2 / (float)M;
+    saved_mean[c] = mu;
+    saved_invstd[c] = 1.0f / sqrtf(var + eps);
+    if (batch_var) batch_var[c] = var;
+    if (running_mean) {
+        float unbiased = m2 / (float)(M - 1);
+        running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mu;
+        running_var[c] = (1.0f - momentum) * running_var[c] + momentum * unbiased;
+    }
+}
+
+#define BN_FINALIZE_ARGS \
+    part_n, part_mean, part_m2, G, M, C, eps, momentum, saved_mean, saved_invstd, batch_var, running_mean, running_var
+
+extern "C" __global__ void batchnorm_stats_finalize_f32(
+    const float* x, const float* part_n, const float* part_mean, const float* part_m2, int G,
+                                             long long M, int C, float eps, float momentum, float* saved_mean,
+                                             float* saved_invstd, float* batch_var, float* running_mean,
+                                             float* running_var) {
+    stats_finalize(x, BN_FINALIZE_ARGS);
+}
+extern "C" __global__ void batchnorm_stats_finalize_f16(
+    const __half* x, const float* part_n, const float* part_mean, const float* part_m2, int G,
+                                             long long M, int C, float eps, float momentum, float* saved_mean,
+                                             float* saved_invstd, float* batch_var, float* running_mean,
+                                             float* running_var) {
+    stats_finalize(x, BN_FINALIZE_ARGS);
+}
+
+/* ============================================================== forward: normalise (+ add, ReLU) */
+/* y = (x - mean) * scale + beta [+ residual] [then ReLU], with scale = gamma * invstd.
+ * (x - mean) first: x * scale + (beta - mean * scale) would cancel catastrophically when
+ * |mean| >> std, exactly as the naive variance does.  grid = (ceil(C / 32), G'), block (32, 8). */
+template <typename T, bool RELU, bool ADD>
+__device__ void normalize_rows(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
+                               long long M, int C, float mean, float scale, float shift) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    FOR_MY_ROWS(r, M) {
+        long long i = r * C + c;
+        float v = (to_float(x[i]) - mean) * scale + shift;
+        if (ADD) v += to_float(residual[i]);
+        if (RELU) v = v > 0.0f ? v : 0.0f;
+        y[i] = from_float<T>(v);
+    }
+}
+
+template <typename T, bool RELU, bool ADD>
+__device__ void forward_train_apply(const T* x, const T* residual, T* y, const float* __restrict__ gamma,
+                                    const float* __restrict__ beta, const float* __restrict__ saved_mean,
+                                    const float* __restrict__ saved_invstd, long long M, int C) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    if (c >= C) return;  // no barriers in this kernel
+    normalize_rows<T, RELU, ADD>(x, residual, y, M, C, saved_mean[c], gamma[c] * saved_invstd[c], beta[c]);
+}
+
+extern "C" __global__ void batchnorm_apply_f32(const float* x, float* y, const float* gamma, const float* beta,
+    const float* saved_mean, const float* saved_invstd, long long M, int C) {
+    forward_train_apply<float, false, false>(x, nullptr, y, gamma, beta, saved_mean, saved_invstd, M, C);
+}
+extern "C" __global__ void batchnorm_apply_f16(const __half* x, __half* y, const float* gamma, const float* beta,
+    const float* saved_mean, const float* saved_invstd, long long M, int C) {
+    forward_train_apply<__half, false, false>(x, nullptr, y, gamma, beta, saved_mean, saved_invstd, M, C);
+}
+extern "C" __global__ void batchnorm_relu_apply_f32(const float* x, float* y, const float* gamma, const float* beta,
+    const float* saved_mean, const float* saved_invstd, long long M, int C) {
+    forward_train_apply<float, true, false>(x, nullptr, y, gamma, beta, saved_mean, saved_invstd, M, C);
+}
+extern "C" __global__ void batchnorm_relu_apply_f16(const __half* x, __half* y, const float* gamma, const float* beta,
+    const float* saved_mean, const float* saved_invstd, long long M, int C) {
+    forward_train_apply<__half, true, false>(x, nullptr, y, gamma, beta, saved_mean, saved_invstd, M, C);
+}
+extern "C" __global__ void batchnorm_add_relu_apply_f32(const float* x, const float* residual, float* y,
+                                                        const float* gamma, const float* beta,
+                                                        const float* saved_mean, const float* saved_invstd,
+                                                        long long M, int C) {
+    forward_train_apply<float, true, true>(x, residual, y, gamma, beta, saved_mean, saved_invstd, M, C);
+}
+extern "C" __global__ void batchnorm_add_relu_apply_f16(const __half* x, const __half* residual, __half* y,
+                                                        const float* gamma, const float* beta,
+                                                        const float* saved_mean, const float* saved_invstd,
+                                                        long long M, int C) {
+    forward_train_apply<__half, true, true>(x, residual, y, gamma, beta, saved_mean, saved_invstd, M, C);
+}
+
+/* Inference: the per-channel constants come from the running statistics (one pass, no reduction). */
+template <typename T>
+__device__ void forward_inference(const T* x, T* y, const float* __restrict__ gamma, const float* __restrict__ beta,
+                                  const float* __restrict__ running_mean, const float* __restrict__ running_var,
+                                  float eps, long long M, int C) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    if (c >= C) return;
+    float scale = gamma[c] / sqrtf(running_var[c] + eps);
+    normalize_rows<T, false, false>(x, nullptr, y, M, C, running_mean[c], scale, beta[c]);
+}
+
+extern "C" __global__ void batchnorm_inference_f32(const float* x, float* y, const float* gamma, const float* beta,
+                                                   const float* running_mean, const float* running_var, float eps,
+                                                   long long M, int C) {
+    forward_inference(x, y, gamma, beta, running_mean, running_var, eps, M, C);
+}
+extern "C" __global__ void batchnorm_inference_f16(const __half* x, __half* y, const float* gamma,
+                                                   const float* beta, const float* running_mean,
+                                                   const float* running_var, float eps, long long M, int C) {
+    forward_inference(x, y, gamma, beta, running_mean, running_var, eps, M, C);
+}
+
+/* ============================================================== backward */
+/* dz: the gradient reaching the BN output; behind a ReLU it is dy where y > 0. */
+template <typename T, bool RELU>
+__device__ __forceinline__ float grad_in(const T* __restrict__ dy, const T* __restrict__ y, long long i) {
+    float g = to_float(dy[i]);
+    if (RELU) g = to_float(y[i]) > 0.0f ? g : 0.0f;
+    return g;
+}
+
+/* Pass 1: per (row slice, channel) sums of dz and dz * (x - mean); block tree as in the forward.
+ * (invstd multiplies the second sum once, in the finalize, instead of once per element.) */
+template <typename T, bool RELU>
+__device__ void backward_partial(const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
+                                 const float* __restrict__ saved_mean, float* __restrict__ part_dbeta,
+                                 float* __restrict__ part_dxc, long long M, int C) {
+    __shared__ float sh_a[BN_ROWS][BN_TILE_C], sh_b[BN_ROWS][BN_TILE_C];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int c = blockIdx.x * BN_TILE_C + tx;
+    float sum_dz = 0.0f, sum_dz_xc = 0.0f;
+    if (c < C) {
+        const float mean = saved_mean[c];
+        FOR_MY_ROWS(r, M) {
+            long long i = r * C + c;
+            float g = grad_in<T, RELU>(dy, y, i);
+            sum_dz += g;
+            sum_dz_xc += g * (to_float(x[i]) - mean);
+        }
+    }
+    sh_a[ty][tx] = sum_dz;
+    sh_b[ty][tx] = sum_dz_xc;
+    __syncthreads();
+    for (int half = BN_ROWS / 2; half > 0; half /= 2) {
+        if (ty < half) {
+            sh_a[ty][tx] += sh_a[ty + half][tx];
+            sh_b[ty][tx] += sh_b[ty + half][tx];
+        }
+        __syncthreads();
+    }
+    if (ty == 0 && c < C) {
+        part_dbeta[(long long)blockIdx.y * C + c] = sh_a[0][tx];
+        part_dxc[(long long)blockIdx.y * C + c] = sh_b[0][tx];
+    }
+}
+
+extern "C" __global__ void batchnorm_backward_partial_f32(const float* dy, const float* y, const float* x,
+    const float* saved_mean, float* part_dbeta, float* part_dxc, long long M, int C) {
+    backward_partial<float, false>(dy, y, x, saved_mean, part_dbeta, part_dxc, M, C);
+}
+extern "C" __global__ void batchnorm_backward_partial_f16(const __half* dy, const __half* y, const __half* x,
+    const float* saved_mean, float* part_dbeta, float* part_dxc, long long M, int C) {
+    backward_partial<__half, false>(dy, y, x, saved_mean, part_dbeta, part_dxc, M, C);
+}
+extern "C" __global__ void batchnorm_relu_backward_partial_f32(const float* dy, const float* y, const float* x,
+    const float* saved_mean, float* part_dbeta, float* part_dxc, long long M, int C) {
+    backward_partial<float, true>(dy, y, x, saved_mean, part_dbeta, part_dxc, M, C);
+}
+extern "C" __global__ void batchnorm_relu_backward_partial_f16(const __half* dy, const __half* y, const __half* x,
+    const float* saved_mean, float* part_dbeta, float* part_dxc, long long M, int C) {
+    backward_partial<__half, true>(dy, y, x, saved_mean, part_dbeta, part_dxc, M, C);
+}
+
+/* Pass 2: one thread per channel adds the G partial sums in order: dbeta, dgamma. */
+extern "C" __global__ void batchnorm_backward_finalize(const float* __restrict__ part_dbeta,
+                                                       const float* __restrict__ part_dxc, int G, int C,
+                                                       const float* __restrict__ saved_invstd,
+                                                       float* __restrict__ dgamma, float* __restrict__ dbeta) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float a = 0.0f, b = 0.0f;
+    for (int g = 0; g < G; ++g) {
+        a += part_dbeta[(long long)g * C + c];
+        b += part_dxc[(long long)g * C + c];
+    }
+    dbeta[c] = a;
+    dgamma[c] = b * saved_invstd[c];
+}
+
+/* Pass 3: dx = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M)  [and dresidual = dz]. */
+template <typename T, bool RELU, bool ADD>
+__device__ void backward_dx(const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
+                            const float* __restrict__ gamma, const float* __restrict__ saved_mean,
+                            const float* __restrict__ saved_invstd, const float* __restrict__ dgamma,
+                            const float* __restrict__ dbeta, T* __restrict__ dx, T* __restrict__ dresidual,
+                            long long M, int C) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    if (c >= C) return;
+    const float mean = saved_mean[c], invstd = saved_invstd[c];
+    const float k = gamma[c] * invstd;
+    const float dbeta_mean = dbeta[c] / (float)M;
+    const float dgamma_mean_invstd = dgamma[c] / (float)M * invstd;  // multiplies (x - mean)
+    FOR_MY_ROWS(r, M) {
+        long long i = r * C + c;
+        float g = grad_in<T, RELU>(dy, y, i);
+        if (ADD) dresidual[i] = from_float<T>(g);
+        dx[i] = from_float<T>(k * (g - dbeta_mean - (to_float(x[i]) - mean) * dgamma_mean_invstd));
+    }
+}
+
+#define BN_BWD_DX_ARGS dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, dresidual, M, C
+extern "C" __global__ void batchnorm_backward_dx_f32(const float* dy, const float* y, const float* x, const float* gamma,
+    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, float* dx,
+    float* dresidual, long long M, int C) {
+    backward_dx<float, false, false>(BN_BWD_DX_ARGS);
+}
+extern "C" __global__ void batchnorm_backward_dx_f16(const __half* dy, const __half* y, const __half* x, const float* gamma,
+    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, __half* dx,
+    __half* dresidual, long long M, int C) {
+    backward_dx<__half, false, false>(BN_BWD_DX_ARGS);
+}
+extern "C" __global__ void batchnorm_relu_backward_dx_f32(const float* dy, const float* y, const float* x, const float* gamma,
+    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, float* dx,
+    float* dresidual, long long M, int C) {
+    backward_dx<float, true, false>(BN_BWD_DX_ARGS);
+}
+extern "C" __global__ void batchnorm_relu_backward_dx_f16(const __half* dy, const __half* y, const __half* x, const float* gamma,
+    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, __half* dx,
+    __half* dresidual, long long M, int C) {
+    backward_dx<__half, true, false>(BN_BWD_DX_ARGS);
+}
+extern "C" __global__ void batchnorm_add_relu_backward_dx_f32(const float* dy, const float* y, const float* x, const float* gamma,
+    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, float* dx,
+    float* dresidual, long long M, int C) {
+    backward_dx<float, true, true>(BN_BWD_DX_ARGS);
+}
+extern "C" __global__ void batchnorm_add_relu_backward_dx_f16(const __half* dy, const __half* y, const __half* x, const float* gamma,
+    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, __half* dx,
+    __half* dresidual, long long M, int C) {
+    backward_dx<__half, true, true>(BN_BWD_DX_ARGS);
+}

@@ -1,0 +1,248 @@
+"""Launchers of kernels/batchnorm.cu: batch normalisation over NHWC activations, plain and fused.
+
+x is [N, H, W, C] or [M, C] (channels last), float32 or float16, C-contiguous; the statistics
+are per channel over the other axes.  gamma, beta, running_mean, running_var, saved_mean and
+saved_invstd are float32 [C].  Every launcher returns new arrays on the device of x (NumPy ->
+CPU emulator, CuPy -> GPU), except the running statistics, which the training forward updates
+IN PLACE, as the op contract (kernels/reference.py) says.
+
+    y, mean, invstd = batchnorm_forward_train(x, gamma, beta, running_mean, running_var)
+    dx, dgamma, dbeta = batchnorm_backward(dy, x, gamma, mean, invstd)
+
+How the work is split (see the header of batchnorm.cu): blocks of 32 x 8 threads, blockIdx.x a
+tile of 32 channels, blockIdx.y a slice of rows.  The reductions run in two launches (per-slice
+summaries [G, C], then one thread per channel merges them in order), so results are
+deterministic on the GPU too.
+"""
+
+import numpy as np
+
+from ._launch import FLOAT_DTYPES, array_module, check_array, module
+
+__all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
+           "batchnorm_relu_forward_train", "batchnorm_relu_backward",
+           "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward", "batchnorm_batch_stats"]
+
+_TILE_C, _ROWS = 32, 8          # blockDim = (32, 8): must match BN_TILE_C, BN_ROWS in the .cu
+_BLOCK = (_TILE_C, _ROWS, 1)
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
+
+
+def _kernel(name):
+    return module("batchnorm.cu").get_function(name)
+
+
+def _grid(M, C, xp, reduction):
+    """(tiles of 32 channels, row slices).  On the GPU: enough blocks to fill it (about 1024 for
+    a reduction, whose partial results grow with the slices; up to 65535 slices for the
+    elementwise passes); on the emulator, which runs blocks one after another, at most 4."""
+    tiles = -(-C // _TILE_C)
+    if xp is np:
+        slices = min(4, -(-M // 32))
+    elif reduction:
+        slices = min(max(1, 1024 // tiles), -(-M // (_ROWS * 16)), 65535)
+    else:
+        slices = min(-(-M // (_ROWS * 4)), 65535)
+    return tiles, max(1, slices)
+
+
+def _check_x(op, name, x):
+    check_array(op, name, x, dtype=FLOAT_DTYPES, ndim=(2, 4))
+    return x.shape[-1]
+
+
+def _check_like(op, name, a, x):
+    check_array(op, name, a, dtype=x.dtype, shape=x.shape)
+
+
+def _check_channel_vectors(op, C, writable=(), **vectors):
+    for name, v in vectors.items():
+        check_array(op, name, v, dtype=np.float32, shape=(C,))
+        if name in writable and not getattr(v.flags, "writeable", True):
+            raise ValueError(f"{op}: {name} is updated in place but the array is read-only")
+
+
+def _check_scalars(op, eps, momentum=None):
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+
+
+def _batch_stats(op, x, eps, momentum, running_mean, running_var, want_var=False):
+    """Launch the two statistics passes.  Returns (saved_mean, saved_invstd, batch_var or None)."""
+    xp = array_module(x)
+    C = x.shape[-1]
+    M = x.size // C if C else 0
+    if M < 2:
+        raise ValueError(f"{op}: needs more than one value per channel (M = N*H*W >= 2), got x shape {tuple(x.shape)}")
+    sfx = _SUFFIX[x.dtype]
+    tiles, G = _grid(M, C, xp, reduction=True)
+    part = xp.empty((3, G, C), dtype=np.float32)    # count, mean, M2 per (row slice, channel)
+    _kernel(f"batchnorm_stats_partial_{sfx}")((tiles, G), _BLOCK, (x, part[0], part[1], part[2], np.int64(M),
+                                                                  np.int32(C)))
+    mean = xp.empty(C, dtype=np.float32)
+    invstd = xp.empty(C, dtype=np.float32)
+    var = xp.empty(C, dtype=np.float32) if want_var else None
+    _kernel(f"batchnorm_stats_finalize_{sfx}")(
+        (-(-C // 128),), (128,),
+        (x, part[0], part[1], part[2], np.int32(G), np.int64(M), np.int32(C), np.float32(eps),
+         np.float32(momentum), mean, invstd, var, running_mean, running_var))
+    return mean, invstd, var
+
+
+def _forward_train(op, mode, x, residual, gamma, beta, running_mean, running_var, eps, momentum):
+    C = _check_x(op, "x", x)
+    if residual is not None:
+        _check_like(op, "residual", residual, x)
+    _check_channel_vectors(op, C, ("running_mean", "running_var"), gamma=gamma, beta=beta,
+                           running_mean=running_mean, running_var=running_var)
+    _check_scalars(op, eps, momentum)
+    array_module(x, residual, gamma, beta, running_mean, running_var)   # refuses mixed devices
+    xp = array_module(x)
+    mean, invstd, _ = _batch_stats(op, x, eps, momentum, running_mean, running_var)
+    M = x.size // C
+    y = xp.empty_like(x)
+    grid = _grid(M, C, xp, reduction=False)
+    sfx = _SUFFIX[x.dtype]
+    tail = (gamma, beta, mean, invstd, np.int64(M), np.int32(C))
+    if mode == "add_relu":
+        _kernel(f"batchnorm_add_relu_apply_{sfx}")(grid, _BLOCK, (x, residual, y) + tail)
+    else:
+        name = "batchnorm_relu_apply" if mode == "relu" else "batchnorm_apply"
+        _kernel(f"{name}_{sfx}")(grid, _BLOCK, (x, y) + tail)
+    return y, mean, invstd
+
+
+def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1):
+    """Batch norm with the statistics of this batch (training mode).
+
+    x: float32/float16 [N, H, W, C] or [M, C]; gamma, beta, running_mean, running_var: float32 [C].
+    Returns (y like x, saved_mean float32 [C], saved_invstd float32 [C]) with
+    saved_invstd = 1/sqrt(var + eps), var the biased batch variance.  running_mean/running_var
+    are updated IN PLACE: running = (1 - momentum) * running + momentum * batch statistic, with
+    the unbiased variance var * M / (M - 1) for running_var.
+    """
+    return _forward_train("batchnorm_forward_train", "plain", x, None, gamma, beta, running_mean, running_var,
+                          eps, momentum)
+
+
+def batchnorm_relu_forward_train(x, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1):
+    """y = relu(batchnorm_train(x)) in one pass over x; arguments, returns and in-place running
+    statistics as batchnorm_forward_train."""
+    return _forward_train("batchnorm_relu_forward_train", "relu", x, None, gamma, beta, running_mean,
+                          running_var, eps, momentum)
+
+
+def batchnorm_add_relu_forward_train(x, residual, gamma, beta, running_mean, running_var, eps=1e-5,
+                                     momentum=0.1):
+    """y = relu(batchnorm_train(x) + residual) (the end of a bottleneck block) in one pass.
+
+    residual: same shape and dtype as x.  Returns (y, saved_mean, saved_invstd); running
+    statistics IN PLACE, as batchnorm_forward_train.
+    """
+    return _forward_train("batchnorm_add_relu_forward_train", "add_relu", x, residual, gamma, beta,
+                          running_mean, running_var, eps, momentum)
+
+
+def batchnorm_forward_inference(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    """y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta (evaluation mode).
+
+    x: float32/float16 [N, H, W, C] or [M, C]; the rest float32 [C].  -> y like x.
+    """
+    op = "batchnorm_forward_inference"
+    C = _check_x(op, "x", x)
+    _check_channel_vectors(op, C, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    _check_scalars(op, eps)
+    array_module(x, gamma, beta, running_mean, running_var)
+    xp = array_module(x)
+    y = xp.empty_like(x)
+    M = x.size // C if C else 0
+    if M:
+        _kernel(f"batchnorm_inference_{_SUFFIX[x.dtype]}")(
+            _grid(M, C, xp, reduction=False), _BLOCK,
+            (x, y, gamma, beta, running_mean, running_var, np.float32(eps), np.int64(M), np.int32(C)))
+    return y
+
+
+def _backward(op, mode, dy, y, x, gamma, saved_mean, saved_invstd):
+    C = _check_x(op, "x", x)
+    _check_like(op, "dy", dy, x)
+    if y is not None:
+        _check_like(op, "y", y, x)
+    _check_channel_vectors(op, C, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd)
+    array_module(dy, y, x, gamma, saved_mean, saved_invstd)
+    xp = array_module(x)
+    M = x.size // C if C else 0
+    if M < 1:
+        raise ValueError(f"{op}: x has no rows (shape {tuple(x.shape)})")
+    sfx = _SUFFIX[x.dtype]
+    tiles, G = _grid(M, C, xp, reduction=True)
+    part = xp.empty((2, G, C), dtype=np.float32)   # sum dz, sum dz * (x - mean) per (row slice, channel)
+    partial = f"batchnorm_{'relu_' if mode != 'plain' else ''}backward_partial_{sfx}"
+    _kernel(partial)((tiles, G), _BLOCK, (dy, y, x, saved_mean, part[0], part[1], np.int64(M), np.int32(C)))
+    dgamma = xp.empty(C, dtype=np.float32)
+    dbeta = xp.empty(C, dtype=np.float32)
+    _kernel("batchnorm_backward_finalize")((-(-C // 128),), (128,),
+                                           (part[0], part[1], np.int32(G), np.int32(C), saved_invstd, dgamma, dbeta))
+    dx = xp.empty_like(x)
+    dresidual = xp.empty_like(x) if mode == "add_relu" else None
+    name = {"plain": "batchnorm_backward_dx", "relu": "batchnorm_relu_backward_dx",
+            "add_relu": "batchnorm_add_relu_backward_dx"}[mode]
+    _kernel(f"{name}_{sfx}")(_grid(M, C, xp, reduction=False), _BLOCK,
+                             (dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, dresidual,
+                              np.int64(M), np.int32(C)))
+    return dx, dresidual, dgamma, dbeta
+
+
+def batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd):
+    """Gradients of batchnorm_forward_train.
+
+    dy, x: float32/float16 [N, H, W, C] or [M, C] (same shape and dtype); gamma, saved_mean,
+    saved_invstd: float32 [C] (the last two from the forward).
+    -> (dx like x, dgamma float32 [C], dbeta float32 [C]).
+    """
+    dx, _, dgamma, dbeta = _backward("batchnorm_backward", "plain", dy, None, x, gamma, saved_mean, saved_invstd)
+    return dx, dgamma, dbeta
+
+
+def batchnorm_relu_backward(dy, y, x, gamma, saved_mean, saved_invstd):
+    """Gradients of batchnorm_relu_forward_train; y is its output (the ReLU mask is y > 0).
+
+    -> (dx like x, dgamma float32 [C], dbeta float32 [C]).
+    """
+    dx, _, dgamma, dbeta = _backward("batchnorm_relu_backward", "relu", dy, y, x, gamma, saved_mean, saved_invstd)
+    return dx, dgamma, dbeta
+
+
+def batchnorm_add_relu_backward(dy, y, x, gamma, saved_mean, saved_invstd):
+    """Gradients of batchnorm_add_relu_forward_train; y is its output (the ReLU mask is y > 0).
+
+    -> (dx like x, dresidual like x (= dy where y > 0), dgamma float32 [C], dbeta float32 [C]).
+    """
+    return _backward("batchnorm_add_relu_backward", "add_relu", dy, y, x, gamma, saved_mean, saved_invstd)
+
+
+def batchnorm_batch_stats(x, method="welford"):
+    """Per-channel mean and biased variance of x [N, H, W, C] or [M, C] -> (mean, var), float32 [C].
+
+    method "welford": the kernels the training forward uses (shifted Welford + Chan merges);
+    method "naive":   one thread per channel, var = E[x^2] - E[x]^2 in float32 -- the textbook
+                      formula, kept to show how it fails when |mean| >> std (float32 x only).
+    """
+    op = "batchnorm_batch_stats"
+    C = _check_x(op, "x", x)
+    xp = array_module(x)
+    if method == "welford":
+        mean, _, var = _batch_stats(op, x, 0.0, 0.0, None, None, want_var=True)
+        return mean, var
+    if method != "naive":
+        raise ValueError(f"{op}: method must be 'welford' or 'naive', got {method!r}")
+    check_array(op, "x", x, dtype=np.float32)
+    M = x.size // C if C else 0
+    if M < 1:
+        raise ValueError(f"{op}: x has no rows (shape {tuple(x.shape)})")
+    mean = xp.empty(C, dtype=np.float32)
+    var = xp.empty(C, dtype=np.float32)
+    _kernel("batchnorm_stats_naive_f32")((-(-C // 128),), (128,), (x, mean, var, np.int64(M), np.int32(C)))
+    return mean, var

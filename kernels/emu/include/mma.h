@@ -1,0 +1,151 @@
+/*
+ * The emulator's <mma.h>: nvcuda::wmma, the warp-level matrix multiply-accumulate API of the
+ * tensor cores (sm_70+), emulated on the CPU.
+ *
+ * What is emulated (the subset a WMMA GEMM needs):
+ *   fragment<matrix_a,    M, N, K, T, row_major | col_major>   an M x K tile of A
+ *   fragment<matrix_b,    M, N, K, T, row_major | col_major>   a  K x N tile of B
+ *   fragment<accumulator, M, N, K, float | __half>             an M x N tile of C
+ *     with (M, N, K) = (16, 16, 16), (32, 8, 16) or (8, 32, 16); T = __half (or any type that
+ *     converts to float, e.g. __nv_bfloat16, signed char).
+ *   fill_fragment(f, v), load_matrix_sync(f, p, ldm[, layout]), store_matrix_sync(p, f, ldm,
+ *   mem_row_major | mem_col_major), mma_sync(d, a, b, c): d = a @ b + c.
+ *
+ * How: every lane of the warp holds the WHOLE tile in its fragment (num_elements = M*K, K*N or
+ * M*N per lane, element (i, j) at x[i * cols + j]) and does the whole load / store / product
+ * itself.  All 32 lanes compute the same result, redundantly: slow, but exactly what the GPU
+ * computes (products of halves are exact in float; the hardware's order of the float additions
+ * is unspecified, so last-bit differences are possible).
+ *
+ * On a GPU a fragment is spread over the 32 lanes (e.g. 8 floats per lane for a 16x16 float
+ * accumulator) and WHICH lane holds WHICH element is deliberately unspecified.  Code that touches
+ * frag.x[i] one element at a time may only do things that are the same for every element
+ * (scale all, ReLU all, convert all); it must never assume that x[i] is element (i / 16, i % 16).
+ * In this emulation that assumption would happen to work, and it would be wrong on a GPU: store the
+ * fragment to memory with store_matrix_sync to see elements at known places.
+ *
+ * Like the hardware, the emulation insists that: all lanes of the warp take part (each call is
+ * a __syncwarp(), so a divergent call is reported), pointers are 32-byte aligned, ldm is a
+ * multiple of 8 for 16-bit elements and of 4 for 32-bit ones.  Violations stop the kernel with a
+ * message instead of silently "working" here and failing on the GPU.
+ */
+#ifndef KERNELS_EMU_MMA_H
+#define KERNELS_EMU_MMA_H
+
+#include "cuda_emu.h"
+#include "cuda_fp16.h"
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+namespace detail {
+template <class Use, int M, int N, int K> struct tile_shape;
+template <int M, int N, int K> struct tile_shape<matrix_a, M, N, K> { static constexpr int rows = M, cols = K; };
+template <int M, int N, int K> struct tile_shape<matrix_b, M, N, K> { static constexpr int rows = K, cols = N; };
+template <int M, int N, int K> struct tile_shape<accumulator, M, N, K> { static constexpr int rows = M, cols = N; };
+
+template <int M, int N, int K>
+struct supported_shape {
+    static constexpr bool value = (M == 16 && N == 16 && K == 16) || (M == 32 && N == 8 && K == 16) ||
+                                  (M == 8 && N == 32 && K == 16);
+};
+
+template <class T> static inline float to_float(const T& v) { return (float)v; }
+template <class T> static inline T from_float(float v) { return (T)v; }
+
+static inline void check_pointer(const void* p, unsigned ldm, size_t elem_bytes, const char* what) {
+    if (((uintptr_t)p) % 32 != 0)
+        __emu_kernel_fail("wmma: the matrix pointer must be 32-byte (256-bit) aligned", "<mma.h>", 0, what);
+    if ((ldm * elem_bytes) % 16 != 0)
+        __emu_kernel_fail("wmma: ldm must be a multiple of 16 bytes (8 halves / 4 floats)", "<mma.h>", 0, what);
+}
+}  // namespace detail
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+class fragment {
+    static_assert(detail::supported_shape<M, N, K>::value, "wmma: supported shapes are 16x16x16, 32x8x16, 8x32x16");
+    static_assert(std::is_same<Use, accumulator>::value || std::is_same<Layout, row_major>::value ||
+                      std::is_same<Layout, col_major>::value,
+                  "wmma: matrix_a / matrix_b fragments need a row_major or col_major layout");
+    static_assert(!std::is_same<Use, accumulator>::value || std::is_same<Layout, void>::value,
+                  "wmma: accumulator fragments take no layout (it is given to load/store instead)");
+
+public:
+    typedef T element_type;
+    static constexpr int rows = detail::tile_shape<Use, M, N, K>::rows;
+    static constexpr int cols = detail::tile_shape<Use, M, N, K>::cols;
+    static constexpr int num_elements = rows * cols;   // per lane HERE; a GPU lane holds fewer
+    T x[num_elements];
+};
+
+template <class Use, int M, int N, int K, class T, class L, class V>
+static inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
+    __syncwarp();
+    const T value = (T)v;
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = value;
+}
+
+// matrix_a / matrix_b: the layout is part of the fragment's type
+template <class Use, int M, int N, int K, class T, class L>
+static inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
+    static_assert(!std::is_same<Use, accumulator>::value,
+                  "wmma: load an accumulator with load_matrix_sync(f, p, ldm, mem_row_major | mem_col_major)");
+    __syncwarp();
+    detail::check_pointer(p, ldm, sizeof(T), "load_matrix_sync");
+    const bool row = std::is_same<L, row_major>::value;
+    for (int i = 0; i < f.rows; ++i)
+        for (int j = 0; j < f.cols; ++j)
+            f.x[i * f.cols + j] = row ? p[(size_t)i * ldm + j] : p[(size_t)j * ldm + i];
+}
+
+// accumulator: the memory layout is an argument
+template <int M, int N, int K, class T>
+static inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, const T* p, unsigned ldm,
+                                    layout_t layout) {
+    __syncwarp();
+    detail::check_pointer(p, ldm, sizeof(T), "load_matrix_sync");
+    for (int i = 0; i < f.rows; ++i)
+        for (int j = 0; j < f.cols; ++j)
+            f.x[i * f.cols + j] = layout == mem_row_major ? p[(size_t)i * ldm + j] : p[(size_t)j * ldm + i];
+}
+
+template <int M, int N, int K, class T>
+static inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ldm,
+                                     layout_t layout) {
+    __syncwarp();
+    detail::check_pointer(p, ldm, sizeof(T), "store_matrix_sync");
+    for (int i = 0; i < f.rows; ++i)
+        for (int j = 0; j < f.cols; ++j) {
+            T* dst = layout == mem_row_major ? p + (size_t)i * ldm + j : p + (size_t)j * ldm + i;
+            *dst = f.x[i * f.cols + j];
+        }
+}
+
+// d = a @ b + c, products and sums in float, rounded once to d's type (d may be c)
+template <int M, int N, int K, class TA, class LA, class TB, class LB, class TC, class TD>
+static inline void mma_sync(fragment<accumulator, M, N, K, TD, void>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                            const fragment<matrix_b, M, N, K, TB, LB>& b,
+                            const fragment<accumulator, M, N, K, TC, void>& c, bool satf = false) {
+    __syncwarp();
+    float out[M * N];
+    for (int i = 0; i < M; ++i)
+        for (int j = 0; j < N; ++j) {
+            float s = detail::to_float(c.x[i * N + j]);
+            for (int k = 0; k < K; ++k) s += detail::to_float(a.x[i * K + k]) * detail::to_float(b.x[k * N + j]);
+            if (satf) s = s != s ? 0.0f : (s > FLT_MAX ? FLT_MAX : (s < -FLT_MAX ? -FLT_MAX : s));
+            out[i * N + j] = s;
+        }
+    for (int i = 0; i < M * N; ++i) d.x[i] = detail::from_float<TD>(out[i]);
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
+
+#endif /* KERNELS_EMU_MMA_H */

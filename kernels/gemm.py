@@ -1,0 +1,168 @@
+"""Launchers of kernels/gemm.cu: matrix multiply and the fully connected layer.
+
+    c = gemm(a, b)                                   # a @ b, float32, register-blocked kernel
+    c = gemm(a, b, trans_b=True, version="tiled")    # a @ b.T with the shared-memory kernel
+    gemm(a, b, alpha=2.0, beta=1.0, c=c)             # c = 2 a @ b + c, in place
+    c = gemm_f16(a16, b16)                           # float16 inputs, float32 result, tensor cores
+    y = linear_forward(x, w, b)                      # x @ w.T + b
+    dx, dw, db = linear_backward(dy, x, w)
+
+NumPy arrays run on the CPU emulator, CuPy arrays on the GPU.  Matrices are row-major and
+C-contiguous; transposes are flags, never copies.
+"""
+
+import numpy as np
+
+from ._launch import array_module, check_array, module
+
+__all__ = ["gemm", "gemm_f16", "linear_forward", "linear_backward", "column_sum", "VERSIONS", "F16_VERSIONS"]
+
+VERSIONS = ("naive", "tiled", "fast")
+F16_VERSIONS = ("wmma", "naive")
+
+_F32 = np.dtype(np.float32)
+_F16 = np.dtype(np.float16)
+
+
+def _data_ptr(a):
+    if type(a).__module__.split(".")[0] == "cupy":
+        return int(a.data.ptr)
+    return int(a.__array_interface__["data"][0])
+
+
+def _vec_ok(a):
+    """float4 loads are legal: 16-byte aligned base and rows a multiple of 4 floats."""
+    return int(_data_ptr(a) % 16 == 0 and a.shape[1] % 4 == 0)
+
+
+def _check_gemm_args(op, a, b, trans_a, trans_b, c, beta, dtype):
+    check_array(op, "a", a, dtype=dtype, ndim=2)
+    check_array(op, "b", b, dtype=dtype, ndim=2)
+    M, K = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    Kb, N = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if K != Kb:
+        raise ValueError(f"{op}: inner dimensions differ: op(a) is {M}x{K} (a {tuple(a.shape)}, trans_a={trans_a}) "
+                         f"but op(b) is {Kb}x{N} (b {tuple(b.shape)}, trans_b={trans_b})")
+    if c is not None:
+        check_array(op, "c", c, dtype=np.float32, shape=(M, N))
+    elif beta != 0:
+        raise ValueError(f"{op}: beta={beta} needs c (the matrix to accumulate into)")
+    for name, v in (("M", M), ("N", N), ("K", K)):
+        if v >= 2**31:
+            raise ValueError(f"{op}: {name}={v} does not fit the kernels' 32-bit sizes")
+    return M, N, K
+
+
+def _prepare(op, versions, version, a, b, trans_a, trans_b, alpha, beta, c, dtype):
+    """Validate, allocate C if needed -> (xp, c, kernel args) or (xp, c, None) when C is empty."""
+    if version not in versions:
+        raise ValueError(f"{op}: version must be one of {versions}, got {version!r}")
+    M, N, K = _check_gemm_args(op, a, b, trans_a, trans_b, c, beta, dtype)
+    xp = array_module(a, b, c)
+    if c is None:
+        c = xp.empty((M, N), dtype=np.float32)
+    if M == 0 or N == 0:
+        return xp, c, None
+    args = (a, b, c, np.int32(M), np.int32(N), np.int32(K), np.int32(a.shape[1]), np.int32(b.shape[1]),
+            np.int32(N), np.int32(bool(trans_a)), np.int32(bool(trans_b)), np.float32(alpha), np.float32(beta))
+    return xp, c, args
+
+
+def gemm(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, version="fast"):
+    """C = alpha * op(a) @ op(b) + beta * C in float32.
+
+    a: float32 [M, K] (or [K, M] with trans_a), b: float32 [K, N] (or [N, K] with trans_b),
+    both C-contiguous.  c: float32 [M, N] or None.  With c given it is updated IN PLACE and
+    returned; without, a new [M, N] array is returned (beta must then be 0).
+    version: 'naive' (one thread per output), 'tiled' (16x16 shared-memory tiles) or 'fast'
+    (128x128 tiles, 8x8 outputs per thread, float4 loads).
+    """
+    xp, c, args = _prepare("gemm", VERSIONS, version, a, b, trans_a, trans_b, alpha, beta, c, np.float32)
+    if args is None:
+        return c
+    M, N = c.shape
+    mod = module("gemm.cu")
+    if version == "naive":
+        blocks = min(-(-M * N // 256), 65535 if xp is not np else 64)
+        mod.get_function("gemm_naive_f32")((blocks,), (256,), args)
+    elif version == "tiled":
+        mod.get_function("gemm_tiled_f32")((-(-M // 16), -(-N // 16)), (16, 16), args)
+    else:
+        grid = (-(-M // 128), -(-N // 128))
+        mod.get_function("gemm_regblock_f32")(grid, (256,), args + (np.int32(_vec_ok(a)), np.int32(_vec_ok(b))))
+    return c
+
+
+def gemm_f16(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, version="wmma"):
+    """C = alpha * op(a) @ op(b) + beta * C with float16 a, b and float32 accumulation and C.
+
+    Same arguments as `gemm`, but a and b are float16.  version 'wmma' uses the tensor cores
+    (sm_70+; on an older GPU the same kernel falls back to scalar FMAs), 'naive' is one thread
+    per output.  Products of halves are exact in float32, so the only rounding beyond float32
+    accumulation is the rounding of the inputs to float16.
+    """
+    xp, c, args = _prepare("gemm_f16", F16_VERSIONS, version, a, b, trans_a, trans_b, alpha, beta, c, np.float16)
+    if args is None:
+        return c
+    M, N = c.shape
+    mod = module("gemm.cu")
+    if version == "naive":
+        blocks = min(-(-M * N // 256), 65535 if xp is not np else 64)
+        mod.get_function("gemm_naive_f16")((blocks,), (256,), args)
+    else:
+        mod.get_function("gemm_wmma_f16")((-(-M // 64), -(-N // 64)), (128,), args)
+    return c
+
+
+def column_sum(x):
+    """out[n] = sum_m x[m, n] for x float32 [M, N] (C-contiguous) -> float32 [N]."""
+    check_array("column_sum", "x", x, dtype=np.float32, ndim=2)
+    xp = array_module(x)
+    M, N = x.shape
+    out = xp.zeros((N,), dtype=np.float32)
+    if M and N:
+        module("gemm.cu").get_function("column_sum_f32")((-(-N // 32),), (32, 8), (x, out, np.int32(M), np.int32(N)))
+    return out
+
+
+def linear_forward(x, w, b=None, version="fast"):
+    """Fully connected layer: y = x @ w.T + b.
+
+    x: float32 [N, Cin], w: float32 [Cout, Cin] (PyTorch layout), b: float32 [Cout] or None
+    ->  y: float32 [N, Cout].  One GEMM (w read transposed in place) plus a bias pass.
+    """
+    check_array("linear_forward", "x", x, dtype=np.float32, ndim=2)
+    check_array("linear_forward", "w", w, dtype=np.float32, ndim=2)
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear_forward: x has {x.shape[1]} features but w expects {w.shape[1]} "
+                         f"(w is [Cout, Cin] = {tuple(w.shape)})")
+    if b is not None:
+        check_array("linear_forward", "b", b, dtype=np.float32, shape=(w.shape[0],))
+    array_module(x, w, b)
+    y = gemm(x, w, trans_b=True, version=version)
+    if b is not None and y.size:
+        M, N = y.shape
+        xp = array_module(y)
+        blocks = min(-(-y.size // 256), 65535 if xp is not np else 64)
+        module("gemm.cu").get_function("bias_add_rows_f32")((blocks,), (256,), (y, b, np.int32(M), np.int32(N)))
+    return y
+
+
+def linear_backward(dy, x, w, need_bias_grad=True, version="fast"):
+    """Gradients of linear_forward: dx = dy @ w, dw = dy.T @ x, db = column sums of dy.
+
+    dy: float32 [N, Cout], x: float32 [N, Cin], w: float32 [Cout, Cin]
+    ->  (dx [N, Cin], dw [Cout, Cin], db [Cout] or None), float32.
+    """
+    check_array("linear_backward", "dy", dy, dtype=np.float32, ndim=2)
+    check_array("linear_backward", "x", x, dtype=np.float32, ndim=2)
+    check_array("linear_backward", "w", w, dtype=np.float32, ndim=2)
+    n, cout = dy.shape
+    if x.shape[0] != n or w.shape != (cout, x.shape[1]):
+        raise ValueError(f"linear_backward: dy {tuple(dy.shape)}, x {tuple(x.shape)} and w {tuple(w.shape)} do not "
+                         f"fit together (expected x [{n}, Cin] and w [{cout}, Cin])")
+    array_module(dy, x, w)
+    dx = gemm(dy, w, version=version)
+    dw = gemm(dy, x, trans_a=True, version=version)
+    db = column_sum(dy) if need_bias_grad else None
+    return dx, dw, db

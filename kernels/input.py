@@ -1,0 +1,72 @@
+"""Launcher of kernels/input.cu: a uint8 NHWC batch from the loader -> the model's float NHWC
+input, mean subtracted (and optionally divided by std), in one pass on the device.
+
+    x = input_normalize(images)                                  # float32, MLPerf: mean only
+    x = input_normalize(images, std=(58.4, 57.1, 57.4), dtype=np.float16)
+"""
+
+import numpy as np
+
+from ._launch import array_module, blocks_for, check_array, module
+
+__all__ = ["input_normalize", "METHODS"]
+
+METHODS = ("vec4", "scalar")
+_BLOCK = 256
+
+
+def _three(op, name, value):
+    try:
+        v = [float(t) for t in value]
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a sequence of 3 numbers (R, G, B), got {value!r}")
+    if len(v) != 3 or not all(np.isfinite(v)):
+        raise ValueError(f"{op}: {name} must be 3 finite numbers (R, G, B), got {value!r}")
+    return v
+
+
+def _data_ptr(a):
+    if hasattr(a, "data") and hasattr(a.data, "ptr"):
+        return a.data.ptr
+    return a.__array_interface__["data"][0]
+
+
+def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype=np.float32, method="vec4"):
+    """x = (images - mean) / std per RGB channel (std None: no division, as the MLPerf reference).
+
+    images_uint8: uint8 [N, H, W, 3] (NHWC, RGB), C-contiguous, NumPy (emulator) or CuPy (GPU).
+    dtype: float32 or float16.  method: "vec4" (4 pixels per thread, wide loads and stores;
+    float32 with aligned buffers, else it falls back) or "scalar" (one value per thread).
+    -> x: dtype [N, H, W, 3] on the device of the images.
+    """
+    op = "input_normalize"
+    check_array(op, "images_uint8", images_uint8, dtype=np.uint8, ndim=4)
+    if images_uint8.shape[-1] != 3:
+        raise ValueError(f"{op}: images_uint8 must have 3 channels last (NHWC RGB), got shape "
+                         f"{tuple(images_uint8.shape)}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+        raise TypeError(f"{op}: dtype must be float32 or float16, got {dtype}")
+    if method not in METHODS:
+        raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
+    m = _three(op, "mean", mean)
+    s = [1.0, 1.0, 1.0] if std is None else _three(op, "std", std)
+    if any(v == 0.0 for v in s):
+        raise ValueError(f"{op}: std must not contain 0, got {std!r}")
+    xp = array_module(images_uint8)
+    x = xp.empty(images_uint8.shape, dtype=dtype)
+    n = images_uint8.size
+    if n == 0:
+        return x
+    consts = tuple(np.float32(v) for v in m + s)
+    aligned = _data_ptr(images_uint8) % 4 == 0 and _data_ptr(x) % 16 == 0
+    if method == "vec4" and dtype == np.float32 and aligned:
+        pixels = n // 3
+        blocks = blocks_for(max(1, pixels // 4), _BLOCK, xp)
+        module("input.cu").get_function("input_normalize_vec4_f32")(
+            (blocks,), (_BLOCK,), (images_uint8, x, np.int64(pixels)) + consts)
+    else:
+        name = "input_normalize_f32" if dtype == np.float32 else "input_normalize_f16"
+        module("input.cu").get_function(name)((blocks_for(n, _BLOCK, xp),), (_BLOCK,),
+                                              (images_uint8, x, np.int64(n)) + consts)
+    return x

@@ -1,0 +1,159 @@
+"""Launchers of kernels/pool.cu: max pooling (any square kernel, stride, padding) and global
+average pooling, forward and backward, on NHWC activations (float32 or float16, C-contiguous).
+
+    y, argmax = maxpool2d_forward(x, kernel_size=3, stride=2, padding=1)
+    dx = maxpool2d_backward(dy, argmax, x.shape)
+    y = global_avgpool_forward(x);  dx = global_avgpool_backward(dy, x.shape)
+"""
+
+import numpy as np
+
+from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, is_cupy, module
+
+__all__ = ["maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward",
+           "MAXPOOL_BACKWARD_METHODS"]
+
+MAXPOOL_BACKWARD_METHODS = ("gather", "scatter")
+_BLOCK = 256
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
+
+
+def _kernel(name):
+    return module("pool.cu").get_function(name)
+
+
+def _launch(name, n, args, xp):
+    _kernel(name)((blocks_for(n, _BLOCK, xp),), (_BLOCK,), args)
+
+
+def _positive_int(op, name, v, minimum):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _pool_geometry(op, x_shape, kernel_size, stride, padding):
+    k = _positive_int(op, "kernel_size", kernel_size, 1)
+    s = _positive_int(op, "stride", stride, 1)
+    pad = _positive_int(op, "padding", padding, 0)
+    if pad >= k:
+        raise ValueError(f"{op}: padding {pad} must be smaller than kernel_size {k} (else a window could "
+                         f"hold only padding)")
+    N, H, W, C = x_shape
+    if H + 2 * pad < k or W + 2 * pad < k:
+        raise ValueError(f"{op}: a {k}x{k} window does not fit the padded {H}x{W} input (padding {pad})")
+    return k, s, pad, (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
+
+
+def _check_x_shape(op, x_shape):
+    try:
+        shape = tuple(int(d) for d in x_shape)
+    except TypeError:
+        raise TypeError(f"{op}: x_shape must be a tuple (N, H, W, C), got {x_shape!r}")
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"{op}: x_shape must be (N, H, W, C) with positive sizes, got {x_shape!r}")
+    return shape
+
+
+def maxpool2d_forward(x, kernel_size=3, stride=2, padding=1):
+    """Max pooling over kernel_size x kernel_size windows; padding never wins.
+
+    x: float32/float16 [N, H, W, C]  ->  (y [N, P, Q, C] like x, argmax int32 [N, P, Q, C]) with
+    P = (H + 2*padding - kernel_size) // stride + 1 (Q alike) and argmax = h*W + w of the winning
+    pixel within its (n, c) plane (ties: first pixel in row-major window order).
+    """
+    op = "maxpool2d_forward"
+    check_array(op, "x", x, dtype=FLOAT_DTYPES, ndim=4)
+    N, H, W, C = x.shape
+    k, s, pad, P, Q = _pool_geometry(op, x.shape, kernel_size, stride, padding)
+    xp = array_module(x)
+    y = xp.empty((N, P, Q, C), dtype=x.dtype)
+    argmax = xp.empty((N, P, Q, C), dtype=np.int32)
+    if y.size:
+        _launch(f"maxpool2d_forward_{_SUFFIX[x.dtype]}", y.size,
+                (x, y, argmax) + tuple(np.int32(v) for v in (N, H, W, C, P, Q, k, s, pad)), xp)
+    return y, argmax
+
+
+def maxpool2d_backward(dy, argmax, x_shape, kernel_size=None, stride=None, padding=None, method=None):
+    """Gradient of maxpool2d_forward: each dy goes to its window's winning pixel (summed where
+    windows overlap).
+
+    dy: float32/float16 [N, P, Q, C]; argmax: int32 [N, P, Q, C] from the forward; x_shape:
+    (N, H, W, C).  kernel_size/stride/padding: those of the forward, needed by the gather kernel
+    to find the windows covering a pixel; left out (the op contract's form), they are taken as
+    3/2/1 when dy's shape is consistent with that, else the scatter kernel (which needs only
+    argmax) is used.
+    method: "gather" (one thread per input pixel, deterministic; the default) or "scatter" (one
+    thread per output with atomicAdd; float32 only).  ->  dx [N, H, W, C] like dy.
+    """
+    op = "maxpool2d_backward"
+    check_array(op, "dy", dy, dtype=FLOAT_DTYPES, ndim=4)
+    check_array(op, "argmax", argmax, dtype=np.int32, shape=dy.shape)
+    array_module(dy, argmax)
+    N, H, W, C = _check_x_shape(op, x_shape)
+    if method is not None and method not in MAXPOOL_BACKWARD_METHODS:
+        raise ValueError(f"{op}: method must be one of {MAXPOOL_BACKWARD_METHODS}, got {method!r}")
+    geometry_given = not (kernel_size is None and stride is None and padding is None)
+    if not geometry_given:
+        kernel_size, stride, padding = 3, 2, 1
+        if dy.shape != (N, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C):
+            if method == "gather":
+                raise ValueError(f"{op}: method='gather' needs kernel_size, stride and padding for dy shape "
+                                 f"{tuple(dy.shape)} and x_shape {(N, H, W, C)}")
+            method = "scatter"
+    if method == "scatter":
+        if dy.shape[0] != N or dy.shape[3] != C:
+            raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)}")
+        P, Q = dy.shape[1], dy.shape[2]
+        if not is_cupy(argmax) and argmax.size and (int(argmax.min()) < 0 or int(argmax.max()) >= H * W):
+            raise ValueError(f"{op}: argmax holds indices outside [0, {H * W}) for x_shape {(N, H, W, C)}")
+    else:
+        method = "gather"
+        k, s, pad, P, Q = _pool_geometry(op, (N, H, W, C), kernel_size if kernel_size is not None else 3,
+                                         stride if stride is not None else 2, padding if padding is not None else 1)
+        if dy.shape != (N, P, Q, C):
+            raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)} pooled "
+                             f"with kernel_size={k}, stride={s}, padding={pad} (expected {(N, P, Q, C)})")
+    xp = array_module(dy)
+    if method == "scatter":
+        if dy.dtype != np.float32:
+            raise TypeError(f"{op}: method='scatter' supports float32 dy only, got {dy.dtype}")
+        dx = xp.zeros((N, H, W, C), dtype=np.float32)
+        _launch("maxpool2d_backward_scatter_f32", dy.size,
+                (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q)), xp)
+        return dx
+    dx = xp.empty((N, H, W, C), dtype=dy.dtype)
+    _launch(f"maxpool2d_backward_gather_{_SUFFIX[dy.dtype]}", dx.size,
+            (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q, k, s, pad)), xp)
+    return dx
+
+
+def global_avgpool_forward(x):
+    """y[n, c] = mean over (h, w) of x[n, h, w, c].  x: float32/float16 [N, H, W, C] -> y [N, C]."""
+    op = "global_avgpool_forward"
+    check_array(op, "x", x, dtype=FLOAT_DTYPES, ndim=4)
+    N, H, W, C = x.shape
+    if H * W == 0:
+        raise ValueError(f"{op}: x has no pixels (shape {tuple(x.shape)})")
+    xp = array_module(x)
+    y = xp.empty((N, C), dtype=x.dtype)
+    if y.size:
+        _launch(f"global_avgpool_forward_{_SUFFIX[x.dtype]}", y.size,
+                (x, y, np.int32(N), np.int32(H * W), np.int32(C)), xp)
+    return y
+
+
+def global_avgpool_backward(dy, x_shape):
+    """dx[n, h, w, c] = dy[n, c] / (H*W).  dy: float32/float16 [N, C]; x_shape (N, H, W, C) -> dx."""
+    op = "global_avgpool_backward"
+    check_array(op, "dy", dy, dtype=FLOAT_DTYPES, ndim=2)
+    N, H, W, C = _check_x_shape(op, x_shape)
+    if dy.shape != (N, C):
+        raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)} "
+                         f"(expected {(N, C)})")
+    xp = array_module(dy)
+    dx = xp.empty((N, H, W, C), dtype=dy.dtype)
+    _launch(f"global_avgpool_backward_{_SUFFIX[dy.dtype]}", dx.size,
+            (dy, dx, np.int32(N), np.int32(H * W), np.int32(C)), xp)
+    return dx

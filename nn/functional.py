@@ -1,0 +1,320 @@
+"""Differentiable ops on Tensors: each op's forward and backward side by side.
+
+Every function here follows one pattern:
+
+    def op(x, w, ...):
+        ops = _ops(x, w)                      # the device's op module (kernels.reference or kernels.ops)
+        y = ops.op_forward(x.data, w.data)    # raw arrays in, raw arrays out
+        def backward(dy):                     # closes over what the backward pass needs
+            return ops.op_backward_x(...), ops.op_backward_w(...)
+        return Tensor._from_op(y, (x, w), backward)
+
+The arithmetic lives in kernels/ (see the op contract); this file only wires forward to backward.
+Activations are NHWC [N, H, W, C]; conv weights OIHW. Nothing here branches on the device.
+"""
+
+import numpy as np
+
+from nn.tensor import Tensor
+
+__all__ = ["conv2d", "linear", "batch_norm", "relu", "add", "add_relu", "max_pool2d", "transpose",
+           "normalize_images",
+           "global_avg_pool", "cross_entropy", "cast"]
+
+
+def _ops(*tensors):
+    """The op module of the tensors' common device; a clear error when they disagree."""
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t is not None and t.device != device:
+            raise ValueError(f"tensors on different devices: {device.name} and {t.device.name}; "
+                             f"move them with .to(device) first")
+    return device.ops
+
+
+def _as_tensor(x, name):
+    if isinstance(x, Tensor):
+        return x
+    raise TypeError(f"{name} must be an nn.Tensor, got {type(x).__name__}")
+
+
+# ---- convolution --------------------------------------------------------------------------------
+
+
+def conv2d(x, weight, stride=1, padding=0):
+    """y = conv(x, weight): x [N, H, W, C] (NHWC), weight [K, C, R, S] (OIHW) -> y [N, P, Q, K]."""
+    ops = _ops(x, weight)
+    y = ops.conv2d_forward(x.data, weight.data, stride, padding)
+    x_data, w_data = x.data, weight.data
+
+    def backward(dy):
+        dx = ops.conv2d_backward_data(dy, w_data, x_data.shape, stride, padding) if x.requires_grad else None
+        dw = ops.conv2d_backward_weight(x_data, dy, w_data.shape, stride, padding) if weight.requires_grad else None
+        return dx, dw
+
+    return Tensor._from_op(y, (x, weight), backward)
+
+
+# ---- fully connected ----------------------------------------------------------------------------
+
+
+def linear(x, weight, bias=None):
+    """y = x @ weight^T + bias: x [N, Cin], weight [Cout, Cin], bias [Cout] or None -> y [N, Cout]."""
+    ops = _ops(x, weight, bias)
+    y = ops.linear_forward(x.data, weight.data, None if bias is None else bias.data)
+    x_data, w_data = x.data, weight.data
+
+    def backward(dy):
+        dx, dw, db = ops.linear_backward(dy, x_data, w_data, need_bias_grad=bias is not None)
+        return (dx, dw) if bias is None else (dx, dw, db)
+
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    return Tensor._from_op(y, parents, backward)
+
+
+# ---- batch norm (optionally fused with the ReLU, or with residual add + ReLU) -------------------
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, momentum=0.1,
+               relu=False, residual=None, sync=None):
+    """Batch normalisation over (N, H, W) per channel, optionally fused with what follows it:
+
+        relu=False, residual=None:  y = bn(x)
+        relu=True,  residual=None:  y = relu(bn(x))
+        relu=True,  residual=r:     y = relu(bn(x) + r)        (the end of a residual block)
+
+    x: Tensor [N, H, W, C] or [M, C]; weight (gamma), bias (beta): Parameters [C];
+    running_mean, running_var: arrays [C], updated IN PLACE when training.
+    training=True uses batch statistics; False uses the running statistics.
+    sync: None (statistics of this process's batch), or a communicator (nn.distributed) whose
+    ranks each hold part of one batch: training then uses the statistics of the whole batch
+    (synchronised BN, see _batch_norm_synchronised).
+    """
+    if residual is not None and not relu:
+        raise ValueError("batch_norm: residual is only supported together with relu=True")
+    ops = _ops(x, weight, bias, residual)
+    x_data, gamma = x.data, weight.data
+    parents = (x, weight, bias) if residual is None else (x, weight, bias, residual)
+
+    if not training:
+        return _batch_norm_inference(ops, x, weight, bias, running_mean, running_var, eps, relu, residual)
+    if sync is not None:
+        return _batch_norm_synchronised(ops, x, weight, bias, running_mean, running_var, eps, momentum,
+                                        relu, residual, sync)
+
+    if residual is not None:
+        y, mean, invstd = ops.batchnorm_add_relu_forward_train(
+            x_data, residual.data, gamma, bias.data, running_mean, running_var, eps, momentum)
+
+        def backward(dy):
+            dx, dres, dgamma, dbeta = ops.batchnorm_add_relu_backward(dy, y, x_data, gamma, mean, invstd)
+            return dx, dgamma, dbeta, dres
+    elif relu:
+        y, mean, invstd = ops.batchnorm_relu_forward_train(
+            x_data, gamma, bias.data, running_mean, running_var, eps, momentum)
+
+        def backward(dy):
+            return ops.batchnorm_relu_backward(dy, y, x_data, gamma, mean, invstd)
+    else:
+        y, mean, invstd = ops.batchnorm_forward_train(
+            x_data, gamma, bias.data, running_mean, running_var, eps, momentum)
+
+        def backward(dy):
+            return ops.batchnorm_backward(dy, x_data, gamma, mean, invstd)
+
+    return Tensor._from_op(y, parents, _cast_param_grads(backward, parents))
+
+
+def _batch_norm_inference(ops, x, weight, bias, running_mean, running_var, eps, relu, residual):
+    """Evaluation-mode BN: a fixed per-channel affine map y = x*scale + shift (then add/ReLU).
+    Its backward is simple array arithmetic (no kernel needed): dx = dz*scale,
+    dgamma = sum dz*xhat, dbeta = sum dz, with xhat = (x - running_mean)/sqrt(running_var + eps)."""
+    y = ops.batchnorm_forward_inference(x.data, weight.data, bias.data, running_mean, running_var, eps)
+    if residual is not None:
+        y = ops.add_relu_forward(y, residual.data)
+    elif relu:
+        y = ops.relu_forward(y)
+    x_data, gamma = x.data, weight.data
+    parents = (x, weight, bias) if residual is None else (x, weight, bias, residual)
+
+    def backward(dy):
+        dz = ops.relu_backward(dy, y) if relu else dy
+        invstd = 1.0 / (running_var + eps) ** 0.5
+        C = x_data.shape[-1]
+        dz_rows = dz.reshape(-1, C)
+        xhat = (x_data.reshape(-1, C) - running_mean) * invstd
+        dx = (dz * (gamma * invstd)).astype(dz.dtype, copy=False)
+        grads = (dx, (dz_rows * xhat).sum(axis=0), dz_rows.sum(axis=0))
+        return grads + ((dz,) if residual is not None else ())
+
+    return Tensor._from_op(y, parents, _cast_param_grads(backward, parents))
+
+
+_SYNC_BN_OPS = ("batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt")
+
+
+def _batch_norm_synchronised(ops, x, weight, bias, running_mean, running_var, eps, momentum, relu,
+                             residual, sync):
+    """Training-mode BN whose statistics span every rank of `sync` (one all-reduce each way).
+
+    forward:  stats = [count, sum(x - shift), sum((x - shift)^2)] per channel on this rank,
+              all-reduced -> global mean and (biased) variance; y = bn(x) with them (the inference
+              op does exactly that arithmetic), then the fused ReLU / residual add.
+    backward: [sum dy, sum dy*xhat] per channel, all-reduced -> dx of the GLOBAL batch norm.
+              dgamma, dbeta stay this rank's own sums: the data-parallel gradient all-reduce adds
+              them up like every other parameter gradient.
+    The shift is the running mean (identical on every rank), so the one-pass variance does not
+    cancel. The running statistics are updated as the local op does, with the global count.
+    """
+    missing = [name for name in _SYNC_BN_OPS if not hasattr(ops, name)]
+    if missing:
+        raise NotImplementedError(f"synchronised batch norm needs the ops {', '.join(missing)}, which "
+                                  f"{ops.__name__} does not provide yet; use sync_bn=False (statistics per rank) "
+                                  f"or the cpu device")
+    x_data, gamma = x.data, weight.data
+    parents = (x, weight, bias) if residual is None else (x, weight, bias, residual)
+    stats = ops.batchnorm_partial_stats(x_data, running_mean)
+    sync.allreduce_(stats)
+    count = float(stats[0, 0])
+    if count < 2:
+        raise ValueError(f"batch_norm: synchronised statistics need more than one value per channel, got {count:g}")
+    shifted_mean = stats[1] / count
+    mean = running_mean.astype(stats.dtype) + shifted_mean
+    var = stats[2] / count - shifted_mean * shifted_mean
+    var = var * (var > 0)                        # rounding can leave -1e-17 for a constant channel
+    invstd = 1.0 / (var + eps) ** 0.5
+    y = ops.batchnorm_forward_inference(x_data, gamma, bias.data, mean, var, eps)
+    if residual is not None:
+        y = ops.add_relu_forward(y, residual.data)
+    elif relu:
+        y = ops.relu_forward(y)
+    running_mean *= 1.0 - momentum
+    running_mean += (momentum * mean).astype(running_mean.dtype)
+    running_var *= 1.0 - momentum
+    running_var += (momentum * var * (count / (count - 1))).astype(running_var.dtype)
+
+    def backward(dy):
+        dz = ops.relu_backward(dy, y) if relu or residual is not None else dy
+        sums = ops.batchnorm_backward_reduce(dz, x_data, mean, invstd)
+        dgamma, dbeta = sums[1].copy(), sums[0].copy()     # this rank's share, before the all-reduce
+        sync.allreduce_(sums)
+        dx = ops.batchnorm_backward_elemt(dz, x_data, gamma, mean, invstd, sums, count)
+        return (dx, dgamma, dbeta) + ((dz,) if residual is not None else ())
+
+    return Tensor._from_op(y, parents, _cast_param_grads(backward, parents))
+
+
+def _cast_param_grads(backward, parents):
+    """Wrap `backward` so each gradient has its parent's dtype (BN statistics are accumulated in
+    float32 even for float16 activations; gamma/beta gradients must match the fp32 master)."""
+    def cast_backward(dy):
+        return tuple(g if g is None or g.dtype == p.data.dtype else g.astype(p.data.dtype)
+                     for g, p in zip(backward(dy), parents))
+    return cast_backward
+
+
+# ---- elementwise --------------------------------------------------------------------------------
+
+
+def relu(x):
+    """y = max(x, 0); backward passes dy where y > 0."""
+    ops = _ops(x)
+    y = ops.relu_forward(x.data)
+    return Tensor._from_op(y, (x,), lambda dy: (ops.relu_backward(dy, y),))
+
+
+def add(a, b):
+    """y = a + b (same shapes); backward hands dy to both."""
+    ops = _ops(a, b)
+    return Tensor._from_op(ops.add(a.data, b.data), (a, b), lambda dy: (dy, dy))
+
+
+def add_relu(a, b):
+    """y = relu(a + b) (same shapes); backward hands dy*(y > 0) to both."""
+    ops = _ops(a, b)
+    y = ops.add_relu_forward(a.data, b.data)
+
+    def backward(dy):
+        dz = ops.relu_backward(dy, y)
+        return dz, dz
+
+    return Tensor._from_op(y, (a, b), backward)
+
+
+# ---- pooling ------------------------------------------------------------------------------------
+
+
+def max_pool2d(x, kernel_size=3, stride=2, padding=1):
+    """Max pooling: x [N, H, W, C] -> y [N, P, Q, C]; backward routes dy to each window's winner."""
+    ops = _ops(x)
+    y, argmax = ops.maxpool2d_forward(x.data, kernel_size, stride, padding)
+    x_shape = x.shape
+    return Tensor._from_op(y, (x,), lambda dy: (ops.maxpool2d_backward(dy, argmax, x_shape),))
+
+
+def global_avg_pool(x):
+    """Mean over (H, W): x [N, H, W, C] -> y [N, C]; backward spreads dy/(H*W) evenly."""
+    ops = _ops(x)
+    x_shape = x.shape
+    return Tensor._from_op(ops.global_avgpool_forward(x.data), (x,),
+                           lambda dy: (ops.global_avgpool_backward(dy, x_shape),))
+
+
+# ---- loss ---------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+    """Mean softmax cross-entropy: logits Tensor [N, K] float, labels int [N] (array or Tensor)
+    -> scalar Tensor (shape ()). With label_smoothing eps the target is (1-eps)*onehot + eps/K.
+
+    Backward: dlogits = g * (softmax - target) / N, where g is the gradient arriving at the loss
+    (1 normally; the loss scale under mixed precision)."""
+    logits = _as_tensor(logits, "logits")
+    ops = _ops(logits)
+    labels = labels.data if isinstance(labels, Tensor) else labels
+    labels = logits.device.asarray(labels)
+    loss, probs = ops.softmax_cross_entropy_forward(logits.data, labels, label_smoothing)
+    logits_dtype = logits.dtype
+
+    def backward(g):
+        dlogits = ops.softmax_cross_entropy_backward(probs, labels, label_smoothing, grad_scale=float(g))
+        return (dlogits.astype(logits_dtype, copy=False),)
+
+    return Tensor._from_op(loss, (logits,), backward)
+
+
+# ---- casts (mixed precision) --------------------------------------------------------------------
+
+
+def cast(x, dtype):
+    """x as another float dtype (e.g. fp32 master weights -> fp16 for compute); the gradient is
+    cast back to x's dtype."""
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    ops = _ops(x)
+    src_dtype = x.dtype
+    return Tensor._from_op(ops.cast(x.data, dtype), (x,), lambda dy: (ops.cast(dy, src_dtype),))
+
+
+# ---- layout and input ---------------------------------------------------------------------------
+
+
+def transpose(x, axes):
+    """A contiguous copy of x with its axes permuted (e.g. NCHW -> NHWC with axes (0, 2, 3, 1));
+    backward applies the inverse permutation."""
+    xp = x.device.xp
+    axes = tuple(axes)
+    inverse = tuple(int(i) for i in np.argsort(axes))
+    y = xp.ascontiguousarray(x.data.transpose(axes))
+    return Tensor._from_op(y, (x,), lambda dy: (xp.ascontiguousarray(dy.transpose(inverse)),))
+
+
+def normalize_images(images_uint8, device="cpu", mean=(123.68, 116.78, 103.94), std=None, dtype=np.float32):
+    """uint8 images [N, H, W, 3] (NHWC, RGB; NumPy or CuPy) -> float Tensor [N, H, W, 3] on `device`,
+    (images - mean) / std (std None: mean subtraction only, as the MLPerf reference). Feed the
+    result to the model with model(x, layout="NHWC")."""
+    from nn.device import get_device
+    device = get_device(device)
+    images = device.asarray(images_uint8)
+    return Tensor(device.ops.input_normalize(images, mean, std, dtype), device=device)

@@ -1,0 +1,27 @@
+"""Accuracy metrics: top-1 / top-5 (ties broken towards the lower class index, as the kernel)."""
+
+from nn.device import default_device_for
+from nn.tensor import Tensor
+
+__all__ = ["topk_correct", "accuracy"]
+
+
+def topk_correct(logits, labels, ks=(1, 5)):
+    """Number of rows whose label is among the k largest logits, for each k: a list of ints.
+
+    logits: Tensor or array [N, K]; labels: int array or Tensor [N] on the same device."""
+    if isinstance(logits, Tensor):
+        device, logits = logits.device, logits.data
+    else:
+        device = default_device_for(logits)
+    labels = labels.data if isinstance(labels, Tensor) else labels
+    counts = device.ops.topk_correct(logits, device.asarray(labels), ks)
+    return [int(c) for c in counts.tolist()]
+
+
+def accuracy(logits, labels, ks=(1, 5)):
+    """Fraction of rows correct in the top-k, for each k: a list of floats in [0, 1]."""
+    n = logits.shape[0]
+    if n == 0:
+        raise ValueError("accuracy: empty batch")
+    return [c / n for c in topk_correct(logits, labels, ks)]

@@ -1,0 +1,372 @@
+"""The benchmarks and the GPU check run end to end at tiny sizes (emulator and cpu device).
+
+Speed is never asserted here (bench/ measures it); these tests check that every benchmark runs,
+writes the JSON it promises, reports failures per configuration instead of crashing, and that
+the pieces with arithmetic in them (the flat optimizer, the prefetcher, the PyTorch model used
+for the comparison) compute the right thing against an independent reference.
+"""
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- bench.kernels --------------------------------------------------------------------------------
+
+
+def test_kernels_bench_tiny_on_emulator(tmp_path, capsys):
+    from bench import kernels as bk
+    out = tmp_path / "k.json"
+    res = bk.run(groups=["elementwise", "reduce"], size="tiny", repeat=1, out=str(out))
+    data = json.loads(out.read_text())
+    assert data["size"] == "tiny" and len(data["cases"]) == len(res["cases"]) >= 5
+    assert {c["group"] for c in data["cases"]} == {"elementwise", "reduce"}
+    assert all("error" not in c for c in data["cases"]), [c for c in data["cases"] if "error" in c]
+    assert all(c["seconds"] > 0 and c["bytes_per_s"] > 0 for c in data["cases"])
+    assert "relu_forward f32" in capsys.readouterr().out
+
+
+# ---- bench.train ----------------------------------------------------------------------------------
+
+
+def test_train_bench_tiny_cpu_and_emu(tmp_path, capsys):
+    from bench import train as bt
+    out = tmp_path / "t.json"
+    res = bt.run(["cpu", "emu"], None, "tiny", out=str(out), steps=2, warmup=1, profile_steps=1, quiet=True)
+    rows = {(r["device"], r["config"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8 == len(res["rows"])
+    for device in ("cpu", "emu"):
+        r = rows[(device, "fp32-ours")]
+        assert "error" not in r, r.get("traceback")
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and np.isfinite(r["loss"])
+        assert r["images_per_s"] == pytest.approx(1e3 * r["batch"] / r["step_ms"])
+        assert set(r["phases_ms"]) == {"forward", "backward", "optimizer"}
+        assert all(v > 0 for v in r["phases_ms"].values())
+        for cfg in ("fp32-cudnn", "amp-cudnn"):      # cuDNN needs the GPU: skipped, with the reason
+            assert "cuda" in rows[(device, cfg)]["skipped"]
+        amp = rows[(device, "amp-ours")]              # runs, or fails with its error in the table
+        assert ("images_per_s" in amp) != ("error" in amp)
+    table = capsys.readouterr().out
+    assert "fp32-ours" in table and "skipped" in table
+
+
+def test_train_bench_reports_a_failing_config_and_goes_on(monkeypatch):
+    from bench import train as bt
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(bt, "build_setup", broken)
+    row = bt.measure("fp32-ours", "cpu", "tiny", steps=1, warmup=0, profile_steps=1)
+    assert row["error"] == "RuntimeError: simulated kernel failure"
+    assert "images_per_s" not in row
+
+
+def test_train_bench_tiny_same_loss_on_cpu_and_emu():
+    """The cpu device (NumPy reference) and emu (our CUDA kernels, emulated) compute the same
+    first loss from the same weights and batch. (Only the first: the tiny model is chaotic, a
+    1e-7 relative change of the input moves some float64 gradients by 13%, so losses after a few
+    steps legitimately differ.)"""
+    from bench import train as bt
+    a = bt.measure("fp32-ours", "cpu", "tiny", steps=1, warmup=0, profile_steps=1)
+    b = bt.measure("fp32-ours", "emu", "tiny", steps=1, warmup=0, profile_steps=1)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert a["loss"] == pytest.approx(np.log(10), rel=0.3)     # 10 classes, fresh weights: near ln 10
+
+
+def test_flat_sgd_matches_per_tensor_sgd_on_emulator():
+    """FlatSGD (one buffer, one launch) against nn.optim.SGD on the same gradients."""
+    import nn
+    from bench.train import FlatSGD
+    rng = np.random.default_rng(3)
+    ref = nn.resnet18(num_classes=5, width=1 / 16, seed=1).to("emu")
+    flat = nn.resnet18(num_classes=5, width=1 / 16, seed=1).to("emu")
+    opt_ref = nn.optim.SGD(ref.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt_flat = FlatSGD(flat.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for p in flat.parameters():            # every parameter now lives in the flat buffer
+        assert np.shares_memory(p.data, opt_flat.params_flat)
+    for _ in range(3):
+        for (_, p), (_, q) in zip(ref.named_parameters(), flat.named_parameters()):
+            g = rng.standard_normal(p.data.shape).astype(np.float32)
+            p.grad, q.grad = g, g.copy()
+        flat.layer1[0].bn1.weight.grad = None      # a parameter without gradient: not decayed away...
+        ref.layer1[0].bn1.weight.grad = np.zeros_like(ref.layer1[0].bn1.weight.data)   # ...same as a zero grad
+        opt_ref.step()
+        opt_flat.step()
+    for (name, p), (_, q) in zip(ref.named_parameters(), flat.named_parameters()):
+        np.testing.assert_allclose(q.data, p.data, rtol=1e-6, atol=1e-7, err_msg=name)
+    # and the numbers really moved (a no-op optimiser would pass the comparison above only if both were no-ops)
+    fresh = nn.resnet18(num_classes=5, width=1 / 16, seed=1)
+    assert not np.allclose(fresh.conv1.weight.data, flat.conv1.weight.data)
+
+
+@pytest.mark.slow
+def test_converge_tiny_loss_falls():
+    from bench import train as bt
+    res = bt.converge("cpu", steps=20, size="tiny")
+    assert len(res["losses"]) == 20 and all(np.isfinite(res["losses"]))
+    assert res["ratio"] < 0.75, res["losses"]
+
+
+# ---- data.device_prefetch -------------------------------------------------------------------------
+
+
+def _batches(n, batch=3, last=None):
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        b = last if (last and i == n - 1) else batch
+        out.append((rng.integers(0, 256, (b, 4, 5, 3), dtype=np.uint8), np.full(b, i, np.int32)))
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_prefetcher_passes_host_batches_through_in_order(device):
+    from data.device_prefetch import DevicePrefetcher
+    batches = _batches(5, last=2)
+    got = list(DevicePrefetcher(iter(batches), device))
+    assert len(got) == 5
+    for (xi, yi), (xo, yo) in zip(batches, got):
+        assert xo is xi and yo is yi                  # the same objects: nothing copied
+    assert [int(y[0]) for _, y in got] == [0, 1, 2, 3, 4]
+
+
+def test_prefetcher_rejects_bad_arguments():
+    from data.device_prefetch import DevicePrefetcher
+    with pytest.raises(ValueError, match="device"):
+        DevicePrefetcher([], "gpu")
+    with pytest.raises(ValueError, match="slots"):
+        DevicePrefetcher([], "cpu", slots=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [2, 3])
+def test_prefetcher_copies_every_batch_exactly_on_gpu(slots):
+    import cupy
+    from data.device_prefetch import DevicePrefetcher
+    batches = _batches(7, batch=8, last=5)
+    sums = []
+    for images, labels in DevicePrefetcher(iter(batches), "cuda", slots=slots):
+        assert isinstance(images, cupy.ndarray) and images.dtype == np.uint8
+        # keep the GPU busy so that the next copy really overlaps a running "step"
+        _ = cupy.matmul(cupy.ones((2048, 2048), np.float32), cupy.ones((2048, 2048), np.float32))
+        sums.append((int(images.astype(np.int64).sum()), labels.get().tolist(), images.shape))
+    expect = [(int(x.astype(np.int64).sum()), y.tolist(), x.shape) for x, y in batches]
+    assert sums == expect
+
+
+# ---- bench.cuda_graph (control flow, with a stand-in for CuPy's stream API) ------------------------
+
+
+class _FakeCupy:
+    """Records the calls capture_train_step makes; 'launching' the graph replays the step."""
+
+    def __init__(self, sync_inside=False):
+        self.log = []
+        fake = self
+
+        class Event:
+            def synchronize(self):
+                fake.log.append("event.synchronize")
+
+        class Stream:
+            def __init__(self, non_blocking=False, name="side"):
+                self.name, self.capturing = name, False
+
+            def record(self):
+                fake.log.append(f"{self.name}.record")
+                return Event()
+
+            def wait_event(self, e):
+                fake.log.append(f"{self.name}.wait_event")
+
+            def synchronize(self):
+                if self.capturing:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+                fake.log.append(f"{self.name}.synchronize")
+
+            def begin_capture(self):
+                self.capturing = True
+                fake.log.append("begin_capture")
+
+            def end_capture(self):
+                self.capturing = False
+                fake.log.append("end_capture")
+                return Graph()
+
+            def is_capturing(self):
+                return self.capturing
+
+            def __enter__(self):
+                fake.log.append(f"enter {self.name}")
+                fake.current = self
+                return self
+
+            def __exit__(self, *exc):
+                fake.log.append(f"exit {self.name}")
+                fake.current = fake.caller
+
+        class Graph:
+            def launch(self, stream=None):
+                fake.log.append(f"launch on {stream.name}")
+
+        class Pool:
+            def malloc(self, n):
+                return n
+
+            def total_bytes(self):
+                return 123
+
+        class Allocator:
+            def __init__(self, malloc):
+                pass
+
+            def __enter__(self):
+                fake.log.append("private pool on")
+
+            def __exit__(self, *exc):
+                fake.log.append("private pool off")
+
+        self.caller = Stream(name="caller")
+        self.current = self.caller
+        self.cuda = types.SimpleNamespace(Stream=Stream, MemoryPool=Pool, using_allocator=Allocator,
+                                          get_current_stream=lambda: fake.current)
+
+
+def test_capture_warms_up_then_captures_once_and_replays():
+    from bench.cuda_graph import capture_train_step
+    cp = _FakeCupy()
+    calls = []
+
+    def step():
+        calls.append(cp.current.capturing)
+        return "loss"
+
+    captured = capture_train_step(step, warmup_steps=2, keep_alive=("x",), cupy=cp)
+    assert calls == [False, False, True]          # two eager warm-ups, then one captured run
+    log = cp.log
+    assert log.index("private pool on") < log.index("begin_capture") < log.index("end_capture") < log.index("private pool off")
+    assert log.index("side.synchronize") < log.index("begin_capture")     # warm-up finished first
+    assert captured() == "loss" and captured() == "loss"
+    assert calls == [False, False, True]          # replays do not run Python
+    assert cp.log.count("launch on side") == 2 and captured.replays == 2
+    assert captured.keep_alive == ("x",) and captured.pool_bytes() == 123
+
+
+def test_capture_reports_a_host_sync_inside_the_step():
+    from bench.cuda_graph import CaptureError, capture_train_step
+    cp = _FakeCupy()
+    with pytest.raises(CaptureError, match="host synchronisation"):
+        capture_train_step(lambda: cp.current.synchronize(), warmup_steps=1, cupy=cp)
+    assert "end_capture" in cp.log                # the capture was closed: the stream stays usable
+    with pytest.raises(ValueError, match="warmup_steps"):
+        capture_train_step(lambda: None, warmup_steps=0, cupy=cp)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_trains_like_eager_steps():
+    """On a GPU: replays of the captured step change the parameters exactly as eager runs of the
+    same (capturable) step do."""
+    import nn
+    from bench import train as bt
+    from bench.cuda_graph import capture_train_step
+    size = dict(bt.SIZES["tiny"])
+    a = bt.build_setup("fp32", "cuda", size, seed=0)
+    b = bt.build_setup("fp32", "cuda", size, seed=0)
+    for _ in range(5):
+        bt.capturable_step(a)
+    step = capture_train_step(lambda: bt.capturable_step(b), warmup_steps=2, keep_alive=(b.x, b.y))
+    for _ in range(2):
+        step()                                    # 2 warm-up + 1 captured + 2 replays = 5 steps
+    import cupy
+    cupy.cuda.get_current_stream().synchronize()
+    for (name, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        np.testing.assert_allclose(nn.device.to_numpy(q.data), nn.device.to_numpy(p.data), rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+
+
+# ---- bench.compare_torch --------------------------------------------------------------------------
+
+
+def test_compare_torch_skips_cleanly_without_torch(tmp_path):
+    code = ("import sys; sys.modules['torch'] = None\n"        # makes `import torch` raise ImportError
+            "from bench import compare_torch\n"
+            f"sys.exit(compare_torch.main(['--json', {str(tmp_path / 'c.json')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped" in proc.stdout and "PyTorch is not importable" in proc.stdout
+    assert "skipped" in json.loads((tmp_path / "c.json").read_text())
+
+
+def test_compare_torch_tiny_on_cpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    from bench import compare_torch as ct
+    res = ct.run("cpu", "tiny", rounds=2, steps=1, warmup=1, out=str(tmp_path / "c.json"))
+    check = res["loss_checks"][0]
+    assert check["passed"], check
+    assert check["loss_rel_diff"] < 1e-4
+    (pair,) = res["pairs"]
+    assert pair["ours"] == "fp32-ours" and pair["throughput_ratio"] > 0
+    assert len(pair["ours_rates"]) == len(pair["torch_rates"]) == 2
+
+
+def test_torch_model_has_torchvision_names_and_matches_in_float64():
+    """The comparison's PyTorch ResNet-50 takes our state_dict strictly and computes our loss and
+    gradients (float64: any difference is a real one, not rounding)."""
+    torch = pytest.importorskip("torch")
+    import nn
+    from nn import functional as F
+    from bench.compare_torch import _load_ours_into, torch_resnet50
+    ours = nn.resnet50(num_classes=7, width=1 / 16, seed=2).to("cpu", dtype=np.float64)
+    tm = _load_ours_into(torch, torch_resnet50(torch, 7, 1 / 16), ours, "cpu").double().train()
+    assert list(tm.state_dict()) == list(ours.state_dict())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 24, 24, 3))
+    y = rng.integers(0, 7, 3).astype(np.int32)
+    loss = F.cross_entropy(ours(x, layout="NHWC"), y)
+    loss.backward()
+    tloss = torch.nn.functional.cross_entropy(tm(torch.from_numpy(x).permute(0, 3, 1, 2)), torch.from_numpy(y).long())
+    tloss.backward()
+    assert float(loss.data) == pytest.approx(tloss.item(), rel=1e-10)
+    grads = dict(tm.named_parameters())
+    for name, p in ours.named_parameters():
+        np.testing.assert_allclose(p.grad, grads[name].grad.numpy(), rtol=1e-7, atol=1e-10, err_msg=name)
+
+
+# ---- bench.gpu_check ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_end_to_end(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu", "--out", str(out), "--budget", "170",
+                           "--pytest-args", "tests/test_bench.py"],
+                          cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages) == ["env", "pytest", "kernels", "compare", "converge", "train", "graph"]
+    assert all(s["status"] == "ok" for s in stages.values()), stages
+    for name in ("env.json", "kernels.json", "compare_torch.json", "converge.json", "train.json", "pytest.log"):
+        assert (out / name).exists(), name
+    assert json.loads((out / "converge.json").read_text())["passed"]
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("graph")    # the summary table comes last
+
+
+@pytest.mark.slow
+def test_gpu_check_kills_a_stage_at_its_limit(tmp_path):
+    from bench import gpu_check
+    res = gpu_check.run_stage("sleepy", [sys.executable, "-c", "import time; print('hi', flush=True); time.sleep(60)"],
+                              5, tmp_path, None)
+    assert res["status"] == "timeout" and res["rc"] is None
+    assert 4.5 < res["seconds"] < 20
+    assert "killed after its limit" in (tmp_path / "sleepy.log").read_text()
+    ok = gpu_check.run_stage("quick", [sys.executable, "-c", "raise SystemExit(3)"], 30, tmp_path, None)
+    assert ok["status"] == "failed" and ok["rc"] == 3

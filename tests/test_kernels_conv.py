@@ -1,0 +1,179 @@
+"""kernels/conv.cu through kernels/conv.py: forward, backward-data and backward-weight, every
+version, against kernels.reference in float64 at awkward shapes (batch 1, odd channel counts,
+1x1 and 7x7 images, stride 2 on odd sizes, padding wider than the kernel's half-width, 1x1 /
+3x3 / 7x7 filters), the backward passes also against central finite differences, and the checks
+on bad input.
+
+Each test runs on the CPU emulator and, where a GPU is present, on the GPU (`backend` fixture).
+"""
+
+import numpy as np
+import pytest
+
+from kernels import conv as CV
+from kernels import reference as ref
+
+# (x shape NHWC, w shape OIHW, stride, padding)
+CASES = [
+    ((1, 7, 7, 3), (5, 3, 3, 3), 1, 1),      # batch 1, 3 channels, 7x7 image, 3x3 "same"
+    ((2, 9, 9, 5), (7, 5, 3, 3), 2, 2),      # stride 2 on an odd size, padding > half-width
+    ((1, 7, 7, 7), (4, 7, 7, 7), 2, 3),      # 7x7 filter on a 7x7 image
+    ((2, 5, 6, 4), (3, 4, 1, 1), 2, 0),      # 1x1 stride 2 (the downsample), non-square image
+    ((1, 1, 1, 3), (2, 3, 1, 1), 1, 0),      # 1x1 image, 1x1 filter
+    ((1, 1, 1, 5), (3, 5, 3, 3), 1, 1),      # 1x1 image, 3x3 filter: only the centre tap lands
+    ((2, 11, 11, 3), (70, 3, 7, 7), 2, 3),   # the stem's 7x7/2, more than one 64-wide tile of K
+    ((1, 8, 8, 67), (9, 67, 3, 3), 1, 2),    # more than one tile of C (backward data's N)
+    ((1, 3, 4, 2), (2, 2, 3, 3), 3, 4),      # padding wider than the kernel, stride 3
+]
+IDS = [f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{s}-p{p}" for x, w, s, p in CASES]
+
+
+def _rel_err(got, want):
+    scale = max(np.abs(want).max(), 1e-30)
+    return float(np.abs(np.asarray(got, dtype=np.float64) - want).max() / scale)
+
+
+def _problem(case, seed):
+    xs, ws, stride, pad = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    y_shape = ref.conv2d_forward(np.zeros(xs), np.zeros(ws), stride, pad).shape
+    dy = rng.standard_normal(y_shape).astype(np.float32)
+    return x, w, dy, stride, pad
+
+
+@pytest.mark.parametrize("version", CV.VERSIONS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_conv2d_matches_reference(backend, version, case):
+    x, w, dy, stride, pad = _problem(case, seed=CASES.index(case))
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    d = backend.to_device
+
+    y = backend.to_host(CV.conv2d_forward(d(x), d(w), stride, pad, version=version))
+    want = ref.conv2d_forward(x64, w64, stride, pad)
+    assert y.shape == want.shape and y.dtype == np.float32
+    assert _rel_err(y, want) < 1e-5, f"forward {version}: {_rel_err(y, want):.2e}"
+
+    dx = backend.to_host(CV.conv2d_backward_data(d(dy), d(w), x.shape, stride, pad, version=version))
+    want = ref.conv2d_backward_data(dy64, w64, x.shape, stride, pad)
+    assert dx.shape == x.shape
+    assert _rel_err(dx, want) < 1e-5, f"backward data {version}: {_rel_err(dx, want):.2e}"
+
+    dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(dy), w.shape, stride, pad, version=version))
+    want = ref.conv2d_backward_weight(x64, dy64, w.shape, stride, pad)
+    assert dw.shape == w.shape
+    assert _rel_err(dw, want) < 1e-5, f"backward weight {version}: {_rel_err(dw, want):.2e}"
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 7, 1000])
+def test_backward_weight_split_k(backend, split_k):
+    # N*P*Q = 2*9*9 = 162 reduction indices: 11 steps of 16, so 3 and 7 splits leave ragged ends
+    x, w, dy, stride, pad = _problem(((2, 9, 9, 5), (7, 5, 3, 3), 1, 1), seed=3)
+    dw = CV.conv2d_backward_weight(backend.to_device(x), backend.to_device(dy), w.shape, stride, pad,
+                                   split_k=split_k)
+    want = ref.conv2d_backward_weight(x.astype(np.float64), dy.astype(np.float64), w.shape, stride, pad)
+    assert _rel_err(backend.to_host(dw), want) < 1e-5
+
+
+@pytest.mark.parametrize("case", [((1, 5, 5, 3), (2, 3, 3, 3), 1, 1), ((2, 5, 4, 2), (3, 2, 3, 3), 2, 2),
+                                  ((1, 4, 4, 3), (2, 3, 1, 1), 2, 0)])
+def test_backward_matches_finite_differences(backend, case):
+    """Gradients of L = sum(conv2d_forward(x, w) * g): central differences of the float64
+    reference forward, against every version of the kernels' backward passes."""
+    x, w, g, stride, pad = _problem(case, seed=7)
+    x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
+
+    def numeric(arr, eps=1e-6):
+        grad = np.zeros_like(arr)
+        for i in np.ndindex(arr.shape):
+            old = arr[i]
+            arr[i] = old + eps
+            up = np.sum(ref.conv2d_forward(x64, w64, stride, pad) * g64)
+            arr[i] = old - eps
+            down = np.sum(ref.conv2d_forward(x64, w64, stride, pad) * g64)
+            arr[i] = old
+            grad[i] = (up - down) / (2 * eps)
+        return grad
+
+    num_dx, num_dw = numeric(x64), numeric(w64)
+    d = backend.to_device
+    for version in CV.VERSIONS:
+        dx = backend.to_host(CV.conv2d_backward_data(d(g), d(w), x.shape, stride, pad, version=version))
+        dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(g), w.shape, stride, pad, version=version))
+        assert _rel_err(dx, num_dx) < 1e-5, f"{version} dx vs finite differences: {_rel_err(dx, num_dx):.2e}"
+        assert _rel_err(dw, num_dw) < 1e-5, f"{version} dw vs finite differences: {_rel_err(dw, num_dw):.2e}"
+
+
+def test_permute_weight(backend):
+    w = np.random.default_rng(8).standard_normal((5, 3, 7, 2)).astype(np.float32)
+    for perm in [(0, 2, 3, 1), (2, 3, 0, 1), (0, 3, 1, 2), (3, 2, 1, 0)]:
+        got = backend.to_host(CV.permute_weight(backend.to_device(w), perm))
+        np.testing.assert_array_equal(got, w.transpose(perm))
+
+
+@pytest.mark.gpu
+def test_resnet_like_layers_on_gpu(backend):
+    if backend.name != "cuda":
+        pytest.skip("larger shapes only on the GPU")
+    for case in [((8, 28, 28, 64), (128, 64, 3, 3), 2, 1), ((4, 56, 56, 64), (256, 64, 1, 1), 1, 0),
+                 ((2, 64, 64, 3), (64, 3, 7, 7), 2, 3)]:
+        x, w, dy, stride, pad = _problem(case, seed=9)
+        x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+        d = backend.to_device
+        for version in ("implicit_gemm", "im2col"):
+            y = backend.to_host(CV.conv2d_forward(d(x), d(w), stride, pad, version=version))
+            assert _rel_err(y, ref.conv2d_forward(x64, w64, stride, pad)) < 1e-5
+            dx = backend.to_host(CV.conv2d_backward_data(d(dy), d(w), x.shape, stride, pad, version=version))
+            assert _rel_err(dx, ref.conv2d_backward_data(dy64, w64, x.shape, stride, pad)) < 1e-5
+            dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(dy), w.shape, stride, pad, version=version))
+            assert _rel_err(dw, ref.conv2d_backward_weight(x64, dy64, w.shape, stride, pad)) < 1e-5
+
+
+# ------------------------------------------------------------------ bad input
+def test_conv_rejects_bad_arguments():
+    x = np.zeros((1, 5, 5, 3), np.float32)
+    w = np.zeros((4, 3, 3, 3), np.float32)
+    dy = np.zeros((1, 5, 5, 4), np.float32)
+    with pytest.raises(TypeError, match="x must be float32"):
+        CV.conv2d_forward(x.astype(np.float64), w, 1, 1)
+    with pytest.raises(ValueError, match="channels"):
+        CV.conv2d_forward(np.zeros((1, 3, 5, 5), np.float32), w, 1, 1)   # NCHW by mistake
+    with pytest.raises(ValueError, match="C-contiguous"):
+        CV.conv2d_forward(np.zeros((1, 5, 5, 6), np.float32)[..., ::2], w, 1, 1)
+    with pytest.raises(ValueError, match="4 dimensions"):
+        CV.conv2d_forward(x[0], w, 1, 1)
+    with pytest.raises(ValueError, match="stride"):
+        CV.conv2d_forward(x, w, 0, 1)
+    with pytest.raises(TypeError, match="stride"):
+        CV.conv2d_forward(x, w, 1.0, 1)
+    with pytest.raises(ValueError, match="padding"):
+        CV.conv2d_forward(x, w, 1, -1)
+    with pytest.raises(ValueError, match="empty output"):
+        CV.conv2d_forward(x, np.zeros((4, 3, 7, 7), np.float32), 1, 0)
+    with pytest.raises(ValueError, match="version"):
+        CV.conv2d_forward(x, w, 1, 1, version="winograd")
+    with pytest.raises(ValueError, match="dy must have shape"):
+        CV.conv2d_backward_data(dy[:, :4], w, x.shape, 1, 1)
+    with pytest.raises(ValueError, match="x_shape"):
+        CV.conv2d_backward_data(dy, w, (1, 5, 5), 1, 1)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        CV.conv2d_backward_weight(x, dy, (4, 3, 3, 3), 2, 1)
+    with pytest.raises(ValueError, match="channels"):
+        CV.conv2d_backward_weight(x, dy, (4, 2, 3, 3), 1, 1)
+    with pytest.raises(ValueError, match="split_k"):
+        CV.conv2d_backward_weight(x, dy, w.shape, 1, 1, split_k=0)
+
+
+def test_bench_cases_cover_resnet50_and_run_tiny():
+    from bench.kernel_cases import gemm_conv
+    shapes = gemm_conv.resnet50_conv_shapes()
+    assert shapes[0] == (224, 224, 3, 64, 7, 2, 3)                 # the stem
+    assert (56, 56, 256, 512, 1, 2, 0) in shapes                    # stage 2 projection shortcut
+    assert (14, 14, 512, 512, 3, 2, 1) in shapes                    # stage 4 strided 3x3 (v1.5)
+    assert len(shapes) == len(set(shapes)) == 23
+    cases = gemm_conv.cases(np, "tiny")
+    assert cases and all(c.flops > 0 and c.bytes > 0 for c in cases)
+    for c in cases:
+        out = c.run()
+        assert out is not None and np.all(np.isfinite(out))

@@ -1,0 +1,124 @@
+"""Softmax cross-entropy and top-k kernels (kernels/cross_entropy.cu) against the NumPy reference
+in float64 and central finite differences.  Emulator always, GPU when present."""
+
+import numpy as np
+import pytest
+
+from kernels import cross_entropy as ce
+from kernels import reference as ref
+
+SHAPES = [(1, 1), (1, 1000), (7, 37), (19, 1000), (4, 33)]
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def make(N, K, rng, scale=3.0):
+    logits = (rng.standard_normal((N, K)) * scale).astype(np.float32)
+    labels = rng.integers(0, K, N).astype(np.int32)
+    return logits, labels
+
+
+@pytest.mark.parametrize("method", ce.METHODS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_forward_and_backward_match_reference(backend, N, K, smoothing, method):
+    rng = np.random.default_rng(N * 1000 + K)
+    logits, labels = make(N, K, rng)
+    loss, probs = ce.softmax_cross_entropy_forward(backend.to_device(logits), backend.to_device(labels),
+                                                   smoothing, method=method)
+    loss_ref, probs_ref = ref.softmax_cross_entropy_forward(logits.astype(np.float64), labels, smoothing)
+    h = backend.to_host
+    assert loss.shape == () and loss.dtype == np.float32
+    assert probs.shape == (N, K) and probs.dtype == np.float32
+    # a loss of exactly 0 (K = 1, no smoothing) is compared absolutely
+    assert abs(float(h(loss)) - float(loss_ref)) <= 1e-5 * max(abs(float(loss_ref)), 1e-2)
+    assert rel_err(h(probs), probs_ref) < 1e-5
+    dlogits = ce.softmax_cross_entropy_backward(probs, backend.to_device(labels), smoothing, grad_scale=3.0)
+    want = ref.softmax_cross_entropy_backward(probs_ref, labels, smoothing, grad_scale=3.0)
+    if np.max(np.abs(want)) == 0:   # K = 1 without smoothing: the gradient is exactly 0
+        assert np.max(np.abs(h(dlogits))) < 1e-6
+    else:
+        assert rel_err(h(dlogits), want) < 1e-5
+
+
+def test_large_logits_do_not_overflow(backend):
+    """max-subtraction: logits around 1e4 (exp would overflow float32) give the same loss."""
+    rng = np.random.default_rng(1)
+    logits, labels = make(5, 100, rng)
+    shifted = logits + np.float32(1e4)
+    loss, probs = ce.softmax_cross_entropy_forward(backend.to_device(shifted), backend.to_device(labels))
+    loss_ref, probs_ref = ref.softmax_cross_entropy_forward(shifted.astype(np.float64), labels)
+    assert np.isfinite(float(backend.to_host(loss)))
+    assert abs(float(backend.to_host(loss)) - float(loss_ref)) < 1e-5 * abs(float(loss_ref))
+    assert rel_err(backend.to_host(probs), probs_ref) < 1e-5
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_backward_matches_finite_differences(smoothing):
+    """Our backward (float32) against central differences of the float64 reference loss."""
+    rng = np.random.default_rng(2)
+    logits, labels = make(3, 7, rng)
+    z = logits.astype(np.float64)
+    numeric = np.zeros_like(z)
+    h = 1e-6
+    for i in np.ndindex(z.shape):
+        old = z[i]
+        z[i] = old + h
+        up = float(ref.softmax_cross_entropy_forward(z, labels, smoothing)[0])
+        z[i] = old - h
+        down = float(ref.softmax_cross_entropy_forward(z, labels, smoothing)[0])
+        z[i] = old
+        numeric[i] = (up - down) / (2 * h)
+    _, probs = ce.softmax_cross_entropy_forward(logits, labels, smoothing)
+    assert rel_err(ce.softmax_cross_entropy_backward(probs, labels, smoothing), numeric) < 1e-5
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (9, 10), (40, 1000), (13, 33)])
+def test_topk_correct_matches_reference_with_ties(backend, N, K):
+    rng = np.random.default_rng(K)
+    # small integers: many ties, which must go to the lower class index
+    logits = rng.integers(0, 4, (N, K)).astype(np.float32)
+    labels = rng.integers(0, K, N).astype(np.int32)
+    ks = (1, 5, K, K + 3)
+    got = ce.topk_correct(backend.to_device(logits), backend.to_device(labels), ks)
+    assert got.dtype == np.int64 and got.shape == (4,)
+    np.testing.assert_array_equal(backend.to_host(got), ref.topk_correct(logits, labels, ks))
+    # distinct values: no ties
+    logits = rng.standard_normal((N, K)).astype(np.float32)
+    got = ce.topk_correct(backend.to_device(logits), backend.to_device(labels), (1, 5))
+    np.testing.assert_array_equal(backend.to_host(got), ref.topk_correct(logits, labels, (1, 5)))
+
+
+def test_topk_counts_a_known_case(backend):
+    logits = np.array([[0.1, 0.9, 0.0, 0.5, 0.2, 0.3, 0.4],     # label 1: rank 0
+                       [0.1, 0.9, 0.0, 0.5, 0.2, 0.3, 0.4],     # label 4: rank 4 (0.9 .5 .4 .3 above)
+                       [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]],    # label 6: ties, rank 6
+                      dtype=np.float32)
+    labels = np.array([1, 4, 6], dtype=np.int32)
+    got = ce.topk_correct(backend.to_device(logits), backend.to_device(labels), (1, 5, 6, 7))
+    np.testing.assert_array_equal(backend.to_host(got), [1, 2, 2, 3])
+
+
+def test_bad_inputs_raise_clear_errors():
+    logits, labels = make(4, 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        ce.softmax_cross_entropy_forward(logits, np.array([0, 1, 10, 2], np.int32))
+    with pytest.raises(ValueError, match=r"labels must lie"):
+        ce.topk_correct(logits, np.array([0, -1, 1, 2], np.int32))
+    with pytest.raises(TypeError, match="labels must be int32"):
+        ce.softmax_cross_entropy_forward(logits, labels.astype(np.int64))
+    with pytest.raises(TypeError, match="logits must be float32"):
+        ce.softmax_cross_entropy_forward(logits.astype(np.float64), labels)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        ce.softmax_cross_entropy_forward(logits, labels[:3])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ce.softmax_cross_entropy_forward(logits, labels, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ce.softmax_cross_entropy_forward(np.asfortranarray(logits), labels)
+    with pytest.raises(ValueError, match="ks must be"):
+        ce.topk_correct(logits, labels, ks=(0,))
+    with pytest.raises(ValueError, match="grad_scale"):
+        ce.softmax_cross_entropy_backward(logits, labels, grad_scale=float("inf"))

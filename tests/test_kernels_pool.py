@@ -1,0 +1,159 @@
+"""Pooling kernels (kernels/pool.cu) against the NumPy reference (float64) and central finite
+differences.  Emulator always, GPU when present."""
+
+import numpy as np
+import pytest
+
+from kernels import pool
+from kernels import reference as ref
+
+# (x shape, kernel_size, stride, padding): the stem's 3/2/1 on odd and tiny sizes, padding
+# as large as allowed, stride 2 on odd sizes, stride = kernel, a 1x1 kernel
+MAXPOOL_CASES = [((2, 7, 9, 3), 3, 2, 1), ((1, 1, 1, 5), 3, 2, 1), ((1, 112 // 8, 112 // 8, 64), 3, 2, 1),
+                 ((2, 6, 5, 4), 3, 2, 2), ((1, 5, 5, 2), 2, 1, 0), ((2, 13, 11, 3), 3, 3, 0),
+                 ((1, 4, 4, 7), 1, 1, 0)]
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def case_id(case):
+    shape, k, s, p = case
+    return f"{'x'.join(map(str, shape))}-k{k}s{s}p{p}"
+
+
+@pytest.mark.parametrize("case", MAXPOOL_CASES, ids=case_id)
+def test_maxpool_matches_reference(backend, case):
+    shape, k, s, p = case
+    rng = np.random.default_rng(shape[1] * 100 + k)
+    x = rng.standard_normal(shape).astype(np.float32)
+    y, argmax = pool.maxpool2d_forward(backend.to_device(x), k, s, p)
+    y_ref, argmax_ref = ref.maxpool2d_forward(x, k, s, p)
+    np.testing.assert_array_equal(backend.to_host(y), y_ref)          # a max is exact
+    np.testing.assert_array_equal(backend.to_host(argmax), argmax_ref)
+    assert argmax.dtype == np.int32
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref = ref.maxpool2d_backward(dy.astype(np.float64), argmax_ref, shape)
+    for method in pool.MAXPOOL_BACKWARD_METHODS:
+        dx = pool.maxpool2d_backward(backend.to_device(dy), argmax, shape, k, s, p, method=method)
+        assert dx.shape == shape
+        assert rel_err(backend.to_host(dx), dx_ref) < 1e-6, method
+
+
+def test_maxpool_ties_go_to_the_first_pixel(backend):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3, (2, 9, 7, 5)).astype(np.float32)    # many equal values
+    x[0, :3, :3, 0] = -np.inf                                   # a window of -inf pixels and padding
+    y, argmax = pool.maxpool2d_forward(backend.to_device(x))
+    y_ref, argmax_ref = ref.maxpool2d_forward(x)
+    np.testing.assert_array_equal(backend.to_host(y), y_ref)
+    np.testing.assert_array_equal(backend.to_host(argmax)[1:], argmax_ref[1:])
+    # the all -inf window at the corner: a real pixel wins, never the padding
+    assert backend.to_host(argmax)[0, 0, 0, 0] == 0
+
+
+def test_maxpool_backward_contract_form_infers_geometry(backend):
+    """maxpool2d_backward(dy, argmax, x_shape) as in the op contract: 3/2/1 when the shapes say
+    so, else the scatter kernel, which needs only argmax."""
+    rng = np.random.default_rng(2)
+    for shape, k, s, p in [((2, 7, 9, 3), 3, 2, 1), ((1, 5, 5, 2), 2, 1, 0)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        y, argmax = ref.maxpool2d_forward(x, k, s, p)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx = pool.maxpool2d_backward(backend.to_device(dy), backend.to_device(argmax), shape)
+        assert rel_err(backend.to_host(dx), ref.maxpool2d_backward(dy.astype(np.float64), argmax, shape)) < 1e-6
+
+
+def test_maxpool_backward_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    shape = (1, 5, 4, 2)
+    x = rng.permutation(np.arange(np.prod(shape))).reshape(shape).astype(np.float64) * 0.1   # distinct: no ties
+    w = rng.standard_normal(ref.maxpool2d_forward(x)[0].shape)
+    numeric = np.zeros_like(x)
+    h = 1e-4
+    for i in np.ndindex(shape):
+        old = x[i]
+        x[i] = old + h
+        up = np.sum(w * ref.maxpool2d_forward(x)[0])
+        x[i] = old - h
+        down = np.sum(w * ref.maxpool2d_forward(x)[0])
+        x[i] = old
+        numeric[i] = (up - down) / (2 * h)
+    _, argmax = pool.maxpool2d_forward(x.astype(np.float32))
+    dx = pool.maxpool2d_backward(w.astype(np.float32), argmax, shape)
+    assert rel_err(dx, numeric) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 7, 33), (1, 1, 1, 5), (2, 2, 3, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_global_avgpool_matches_reference(backend, shape):
+    rng = np.random.default_rng(shape[-1])
+    x = rng.standard_normal(shape).astype(np.float32)
+    y = pool.global_avgpool_forward(backend.to_device(x))
+    assert y.shape == (shape[0], shape[-1])
+    assert rel_err(backend.to_host(y), ref.global_avgpool_forward(x.astype(np.float64))) < 1e-5
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = pool.global_avgpool_backward(backend.to_device(dy), shape)
+    assert rel_err(backend.to_host(dx), ref.global_avgpool_backward(dy.astype(np.float64), shape)) < 1e-6
+
+
+def test_global_avgpool_backward_matches_finite_differences():
+    rng = np.random.default_rng(4)
+    shape = (2, 3, 2, 3)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((2, 3))
+    numeric = np.zeros_like(x)
+    h = 1e-6
+    for i in np.ndindex(shape):
+        old = x[i]
+        x[i] = old + h
+        up = np.sum(w * ref.global_avgpool_forward(x))
+        x[i] = old - h
+        down = np.sum(w * ref.global_avgpool_forward(x))
+        x[i] = old
+        numeric[i] = (up - down) / (2 * h)
+    assert rel_err(pool.global_avgpool_backward(w.astype(np.float32), shape), numeric) < 1e-5
+
+
+def test_float16(backend):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 7, 7, 9)).astype(np.float16)
+    y, argmax = pool.maxpool2d_forward(backend.to_device(x))
+    y_ref, argmax_ref = ref.maxpool2d_forward(x)
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(backend.to_host(y), y_ref)
+    np.testing.assert_array_equal(backend.to_host(argmax), argmax_ref)
+    dy = rng.standard_normal(y_ref.shape).astype(np.float16)
+    dx = pool.maxpool2d_backward(backend.to_device(dy), argmax, x.shape)
+    assert rel_err(backend.to_host(dx), ref.maxpool2d_backward(dy.astype(np.float64), argmax_ref, x.shape)) < 1e-2
+    avg = pool.global_avgpool_forward(backend.to_device(x))
+    assert avg.dtype == np.float16
+    assert rel_err(backend.to_host(avg), ref.global_avgpool_forward(x.astype(np.float64))) < 1e-2
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = np.zeros((1, 5, 5, 2), np.float32)
+    with pytest.raises(TypeError, match="x must be float32 or float16"):
+        pool.maxpool2d_forward(x.astype(np.float64))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        pool.maxpool2d_forward(x[0])
+    with pytest.raises(ValueError, match="padding 3 must be smaller than kernel_size 3"):
+        pool.maxpool2d_forward(x, 3, 2, 3)
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        pool.maxpool2d_forward(x, 3, 0, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        pool.maxpool2d_forward(x, 9, 1, 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        pool.maxpool2d_forward(np.swapaxes(x, 1, 2))
+    y, argmax = pool.maxpool2d_forward(x)
+    with pytest.raises(ValueError, match="argmax must have shape"):
+        pool.maxpool2d_backward(y, argmax[:, :1], x.shape)
+    with pytest.raises(ValueError, match="does not match x_shape"):
+        pool.maxpool2d_backward(y, argmax, (1, 9, 9, 2), 3, 2, 1)
+    with pytest.raises(ValueError, match="argmax holds indices outside"):
+        pool.maxpool2d_backward(y, argmax + 100, x.shape, method="scatter")
+    with pytest.raises(ValueError, match="dy shape"):
+        pool.global_avgpool_backward(np.zeros((1, 3), np.float32), x.shape)
+    with pytest.raises(ValueError, match="x_shape must be"):
+        pool.global_avgpool_backward(np.zeros((1, 2), np.float32), (1, 2))

@@ -1,0 +1,204 @@
+"""train.py end to end on the CPU, on the tiny synthetic dataset: outputs, exact resume after an
+interruption or a crash, the MLPerf log against mlperf-logging's checker, and the guardrails
+(corrupt image, diverging learning rate, missing dataset, bad flags)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+TINY = ["--device", "cpu", "--workers", "0", "--no-progress", "--batch-size", "8", "--width", "0.0625",
+        "--image-size", "32", "--warmup-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """train.py's tiny synthetic dataset, packed (train.lmdb, val.lmdb), in a private cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("MLPERF_RESNET_CACHE")
+    os.environ["MLPERF_RESNET_CACHE"] = str(cache)
+    try:
+        return train.prepare_synthetic("tiny", progress=False)
+    finally:
+        if old is None:
+            del os.environ["MLPERF_RESNET_CACHE"]
+        else:
+            os.environ["MLPERF_RESNET_CACHE"] = old
+
+
+def run_main(args):
+    return train.main([str(a) for a in args])
+
+
+def run_proc(args, env=None, timeout=180):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=e, timeout=timeout)
+
+
+def weights(run_dir, name="checkpoint_last.npz"):
+    with np.load(Path(run_dir) / name) as f:
+        return {k: f[k] for k in f.files if k.startswith(("model/", "optim/"))}
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_data, tmp_path_factory):
+    """Three epochs without interruption: what every resumed run must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    code = run_main(["--data", tiny_data, *TINY, "--epochs", 3, "--target-accuracy", 1.0, "--out", out])
+    assert code == train.EXIT_NOT_REACHED
+    return out
+
+
+def test_outputs_of_a_run(reference_run):
+    lines = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    assert all(0 <= r["top1"] <= 1 and r["top5"] >= r["top1"] and np.isfinite(r["train_loss"]) for r in lines)
+    assert (reference_run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (reference_run / "checkpoint_best.npz").exists()
+    cfg = json.loads((reference_run / "config.json").read_text())
+    assert cfg["epochs"] == 3 and cfg["batch_size"] == 8 and cfg["device"] == "cpu"
+    log = (reference_run / "mlperf.log").read_text().splitlines()
+    events = [json.loads(x.split(":::MLLOG ", 1)[1]) for x in log if ":::MLLOG" in x]
+    keys = [e["key"] for e in events]
+    for key in ("init_start", "init_stop", "run_start", "run_stop", "seed", "global_batch_size", "train_samples",
+                "eval_samples", "opt_base_learning_rate", "opt_learning_rate_warmup_epochs", "opt_weight_decay"):
+        assert key in keys, key
+    acc = [e for e in events if e["key"] == "eval_accuracy"]
+    assert [e["metadata"]["epoch_num"] for e in acc] == [1, 2, 3]
+    assert [e["value"] for e in acc] == pytest.approx([r["top1"] for r in lines])
+    assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "aborted"
+
+
+def test_mlperf_log_passes_the_compliance_checker(reference_run, tmp_path):
+    # The structural rules of mlperf-logging's checker (training ruleset 1.0.0, open division):
+    # keys present exactly once or at least once, intervals in order, metadata present.
+    proc = subprocess.run([sys.executable, "-m", "mlperf_logging.compliance_checker", "--usage", "training",
+                           "--ruleset", "1.0.0", "--log_output", str(tmp_path / "checker.log"),
+                           str(reference_run / "mlperf.log")], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "SUCCESS" in out, out
+    assert "WARNING" not in out and "Required" not in out, out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_step_limit_then_resume_gives_identical_weights(tiny_data, reference_run, tmp_path, seed):
+    # stop at a random step (mid-epoch or on an epoch boundary), resume: same weights bit for bit
+    steps_per_epoch = 96 // 8
+    stop_at = int(np.random.default_rng(seed).integers(1, 3 * steps_per_epoch))
+    out = tmp_path / "run"
+    code = run_main(["--data", tiny_data, *TINY, "--epochs", 3, "--target-accuracy", 1.0, "--out", out,
+                     "--max-steps", stop_at])
+    assert code == train.EXIT_OK
+    with np.load(out / "checkpoint_last.npz") as f:
+        assert int(f["extra/step"]) == stop_at
+    assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
+    assert_identical(weights(out), weights(reference_run))
+    # the resumed run's metrics continue the same history
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_killed_run_resumes_to_identical_weights(tiny_data, reference_run, tmp_path):
+    # killed like `kill -9` in the middle of epoch 2: the checkpoint of epoch 1 is intact and
+    # the resumed run replays epoch 2 from its start
+    out = tmp_path / "run"
+    proc = run_proc(["--data", tiny_data, *TINY, "--epochs", 3, "--target-accuracy", 1.0, "--out", out],
+                    env={"MLPERF_RESNET_CRASH_AT_STEP": "17"})
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    with np.load(out / "checkpoint_last.npz") as f:
+        assert int(f["extra/epoch"]) == 1 and int(f["extra/batch"]) == 0
+    assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
+    assert_identical(weights(out), weights(reference_run))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tiny_data, reference_run, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", tiny_data, *TINY, "--epochs", 3, "--target-accuracy", 1.0, "--out", out]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # during epoch 2 (or later): wherever it lands
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode == train.EXIT_NOT_REACHED:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
+    assert "checkpoint saved" in stdout + stderr and "--resume" in stdout + stderr
+    assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
+    assert_identical(weights(out), weights(reference_run))
+
+
+def test_corrupt_record_is_logged_replaced_and_the_run_goes_on(tiny_data, tmp_path):
+    import lmdb
+    import shutil
+
+    from data.records import decode_record, encode_record, record_key
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    env = lmdb.open(str(data / "train.lmdb"), subdir=True, lock=True)
+    with env.begin(write=True) as txn:
+        jpeg, label, boxes, flags = decode_record(txn.get(record_key(5)))
+        broken = bytes(jpeg[:200]) + b"\x00" * 64  # a truncated, garbled JPEG
+        txn.put(record_key(5), encode_record(broken, label, boxes, flags))
+    env.close()
+    proc = run_proc(["--data", data, *TINY, "--epochs", 1, "--target-accuracy", 0.01, "--out", tmp_path / "run"])
+    assert proc.returncode == train.EXIT_OK, proc.stderr[-2000:]
+    assert "record 5 is corrupt" in proc.stderr
+
+
+def test_diverging_learning_rate_stops_with_a_clear_message(tiny_data, tmp_path):
+    proc = run_proc(["--data", tiny_data, *TINY, "--epochs", 2, "--lr", 1e8, "--warmup-epochs", 0,
+                     "--out", tmp_path / "run"])
+    assert proc.returncode == train.EXIT_DIVERGED, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the loss is nan" in proc.stdout.lower() + proc.stderr.lower() or "the loss is inf" in (
+        proc.stdout.lower() + proc.stderr.lower())
+
+
+def test_missing_dataset_says_how_to_build_one(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_proc(["--data", empty, "--device", "cpu", "--out", tmp_path / "run"])
+    assert proc.returncode == train.EXIT_USAGE
+    assert "python -m data.pack" in proc.stderr and str(empty) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--precision", "fp16", "--device", "cpu"], "needs --device cuda"),
+    (["--conv-engine", "cudnn", "--device", "cpu"], "needs --device cuda"),
+    (["--data", "x", "--synthetic"], "exclusive"),
+    (["--batch-size", "0", "--device", "cpu"], "--batch-size must be >= 1"),
+    (["--target-accuracy", "1.5", "--device", "cpu"], "--target-accuracy"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_flag_combinations_are_refused_up_front(flags, message, capsys):
+    assert run_main(flags) == train.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_a_finished_run_directory_is_not_overwritten(reference_run, tiny_data, capsys):
+    assert run_main(["--data", tiny_data, *TINY, "--epochs", 1, "--out", reference_run]) == train.EXIT_USAGE
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_dry_run_builds_everything_and_trains_nothing(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    assert run_main(["--data", tiny_data, *TINY, "--dry-run", "--out", out]) == train.EXIT_OK
+    assert not (out / "checkpoint_last.npz").exists() and (out / "config.json").exists()
