@@ -100,7 +100,7 @@ def build_parser():
                    help="start each block's last BN gamma at 0")
     m.add_argument("--sync-bn", action="store_true", default=None,
                    help="with several ranks: batch-norm statistics over all ranks (default: per rank, as the "
-                        "reference; cpu device only for now)")
+                        "reference)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, help="images per step (256 for the recipe)")
     o.add_argument("--lr", type=float, dest="base_lr", help="peak learning rate per --lr-per images (0.128)")
@@ -717,6 +717,8 @@ def _train(cfg, run_dir, mlog, resume, t_init):
 
 def _bar(**kw):
     from tqdm import tqdm
+    # bars only on a terminal (a log file would fill with redraws) and only on rank 0
+    kw["disable"] = kw.get("disable") or not sys.stderr.isatty() or not distributed.is_main()
     return tqdm(unit="step", dynamic_ncols=True, leave=False, **kw)
 
 

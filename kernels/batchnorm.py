@@ -21,7 +21,8 @@ from ._launch import FLOAT_DTYPES, array_module, check_array, module
 
 __all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward",
-           "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward", "batchnorm_batch_stats"]
+           "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward", "batchnorm_batch_stats",
+           "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt"]
 
 _TILE_C, _ROWS = 32, 8          # blockDim = (32, 8): must match BN_TILE_C, BN_ROWS in the .cu
 _BLOCK = (_TILE_C, _ROWS, 1)
@@ -246,3 +247,72 @@ def batchnorm_batch_stats(x, method="welford"):
     var = xp.empty(C, dtype=np.float32)
     _kernel("batchnorm_stats_naive_f32")((-(-C // 128),), (128,), (x, mean, var, np.int64(M), np.int32(C)))
     return mean, var
+
+
+# ------------------------------------------------------------------ synchronised batch norm
+# Launchers of kernels/batchnorm_sync.cu: the per-process reductions and the elementwise pass
+# that nn/distributed.py's synchronised batch norm puts around its all-reduces.
+
+def _sync_kernel(name):
+    return module("batchnorm_sync.cu").get_function(name)
+
+
+def _sync_reduce(kernel, args, M, C, xp):
+    """Two launches: partial sums per row chunk [G, 2, C], then their ordered sum [2, C]."""
+    tiles, chunks = _grid(M, C, xp, reduction=True)
+    partial = xp.empty((chunks, 2, C), dtype=np.float32)
+    _sync_kernel(kernel)((tiles, chunks), _BLOCK, args + (partial, np.int64(M), np.int32(C)))
+    out = xp.empty((2, C), dtype=np.float32)
+    blocks = min(-(-2 * C // 256), 65535 if xp is not np else 8)
+    _sync_kernel("bn_sync_sum_partials")((blocks,), (256,), (partial, out, np.int32(chunks), np.int32(C)))
+    return out
+
+
+def batchnorm_partial_stats(x, shift):
+    """This process's share of the batch statistics: float32 [3, C] rows (count, s1, s2) with
+    s1 = sum (x - shift), s2 = sum (x - shift)^2 per channel.  x: [N, H, W, C] or [M, C]
+    float32/float16; shift: float32 [C] (shared by every process, e.g. the running mean)."""
+    op = "batchnorm_partial_stats"
+    C = _check_x(op, "x", x)
+    _check_channel_vectors(op, C, shift=shift)
+    xp = array_module(x, shift)
+    M = x.size // C if C else 0
+    stats = xp.zeros((3, C), dtype=np.float32)
+    stats[0] = M
+    if M and C:
+        stats[1:] = _sync_reduce(f"bn_sync_partial_stats_{_SUFFIX[x.dtype]}", (x, shift), M, C, xp)
+    return stats
+
+
+def batchnorm_backward_reduce(dy, x, saved_mean, saved_invstd):
+    """This process's (sum dy, sum dy * xhat) per channel: float32 [2, C]."""
+    op = "batchnorm_backward_reduce"
+    C = _check_x(op, "x", x)
+    _check_like(op, "dy", dy, x)
+    _check_channel_vectors(op, C, saved_mean=saved_mean, saved_invstd=saved_invstd)
+    xp = array_module(dy, x, saved_mean, saved_invstd)
+    M = x.size // C if C else 0
+    if not (M and C):
+        return xp.zeros((2, C), dtype=np.float32)
+    return _sync_reduce(f"bn_sync_backward_reduce_{_SUFFIX[x.dtype]}", (dy, x, saved_mean, saved_invstd), M, C, xp)
+
+
+def batchnorm_backward_elemt(dy, x, gamma, saved_mean, saved_invstd, sums, count):
+    """dx = gamma * invstd * (dy - sums[0]/count - xhat * sums[1]/count), from the reductions
+    summed over every process (sums float32 [2, C]) and the global number of rows `count`."""
+    op = "batchnorm_backward_elemt"
+    C = _check_x(op, "x", x)
+    _check_like(op, "dy", dy, x)
+    _check_channel_vectors(op, C, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd)
+    check_array(op, "sums", sums, dtype=np.float32, shape=(2, C))
+    if not count > 0:
+        raise ValueError(f"{op}: count must be > 0, got {count}")
+    xp = array_module(dy, x, gamma, sums)
+    dx = xp.empty_like(dy)
+    M = x.size // C if C else 0
+    if M and C:
+        blocks = min(-(-M * C // 256), 65535 if xp is not np else 64)
+        _sync_kernel(f"bn_sync_backward_elemt_{_SUFFIX[x.dtype]}")(
+            (blocks,), (256,), (dy, x, gamma, saved_mean, saved_invstd, sums, np.float32(1.0 / count), dx,
+                                np.int64(M), np.int32(C)))
+    return dx

@@ -14,12 +14,13 @@ import numpy as np
 
 from . import conv as _conv
 from .batchnorm import (batchnorm_add_relu_backward, batchnorm_add_relu_forward_train, batchnorm_backward,
-                        batchnorm_forward_inference, batchnorm_forward_train, batchnorm_relu_backward,
+                        batchnorm_backward_elemt, batchnorm_backward_reduce, batchnorm_forward_inference,
+                        batchnorm_forward_train, batchnorm_partial_stats, batchnorm_relu_backward,
                         batchnorm_relu_forward_train)
 from .cross_entropy import softmax_cross_entropy_backward, softmax_cross_entropy_forward, topk_correct
 from .elementwise import add, add_relu_forward, relu_backward, relu_forward
 from .elementwise import cast as _cast
-from .gemm import linear_backward, linear_forward
+from . import gemm as _gemm
 from .input import input_normalize
 from .optimizer import global_grad_norm, lars_trust_ratio, sgd_momentum_update
 from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_backward, maxpool2d_forward
@@ -27,7 +28,8 @@ from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_bac
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "linear_forward", "linear_backward",
            "batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward", "batchnorm_add_relu_forward_train",
-           "batchnorm_add_relu_backward", "relu_forward", "relu_backward", "add", "add_relu_forward",
+           "batchnorm_add_relu_backward", "batchnorm_partial_stats", "batchnorm_backward_reduce",
+           "batchnorm_backward_elemt", "relu_forward", "relu_backward", "add", "add_relu_forward",
            "maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward",
            "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct",
            "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm", "input_normalize", "cast",
@@ -63,19 +65,56 @@ def _impl(x):
     return _conv
 
 
+# Mixed precision on our kernels: the convolution and GEMM kernels take float32 (the float16
+# tensor-core GEMM exists, gemm.gemm_f16, but the convolutions do not use it yet). With float16
+# activations they run on widened copies and the result is rounded back to float16 once: the
+# numerics of fp16 storage with fp32 accumulation, without the tensor-core speed (bench/NOTES.md).
+_F16 = np.dtype(np.float16)
+
+
+def _widened(fn, *arrays):
+    """fn(*arrays) with float16 arrays widened to float32; the result rounded back to float16."""
+    if not any(getattr(a, "dtype", None) == _F16 for a in arrays):
+        return fn(*arrays)
+    wide = [_cast(a, np.float32) if getattr(a, "dtype", None) == _F16 else a for a in arrays]
+    out = fn(*wide)
+    if isinstance(out, tuple):
+        return tuple(None if o is None else _cast(o, np.float16) for o in out)
+    return _cast(out, np.float16)
+
+
 def conv2d_forward(x, w, stride, padding):
     """y[N, P, Q, K] = conv(x[N, H, W, C], w[K, C, R, S]) (NHWC activations, OIHW weights)."""
-    return _impl(x).conv2d_forward(x, w, stride, padding)
+    impl = _impl(x)
+    if impl is not _conv:
+        return impl.conv2d_forward(x, w, stride, padding)  # cuDNN: fp16 on tensor cores
+    return _widened(lambda x_, w_: _conv.conv2d_forward(x_, w_, stride, padding), x, w)
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx (shape x_shape) of conv2d_forward, from dy[N, P, Q, K]."""
-    return _impl(dy).conv2d_backward_data(dy, w, x_shape, stride, padding)
+    impl = _impl(dy)
+    if impl is not _conv:
+        return impl.conv2d_backward_data(dy, w, x_shape, stride, padding)
+    return _widened(lambda dy_, w_: _conv.conv2d_backward_data(dy_, w_, x_shape, stride, padding), dy, w)
 
 
 def conv2d_backward_weight(x, dy, w_shape, stride, padding):
     """dw (shape w_shape, OIHW) of conv2d_forward, from x and dy."""
-    return _impl(x).conv2d_backward_weight(x, dy, w_shape, stride, padding)
+    impl = _impl(x)
+    if impl is not _conv:
+        return impl.conv2d_backward_weight(x, dy, w_shape, stride, padding)
+    return _widened(lambda x_, dy_: _conv.conv2d_backward_weight(x_, dy_, w_shape, stride, padding), x, dy)
+
+
+def linear_forward(x, w, b=None):
+    """y[N, Cout] = x[N, Cin] @ w[Cout, Cin]^T + b."""
+    return _widened(lambda x_, w_, b_: _gemm.linear_forward(x_, w_, b_), x, w, b)
+
+
+def linear_backward(dy, x, w, need_bias_grad=True):
+    """(dx, dw, db or None) of linear_forward."""
+    return _widened(lambda dy_, x_, w_: _gemm.linear_backward(dy_, x_, w_, need_bias_grad), dy, x, w)
 
 
 def cast(x, dtype):

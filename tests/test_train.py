@@ -202,3 +202,25 @@ def test_dry_run_builds_everything_and_trains_nothing(tiny_data, tmp_path):
     out = tmp_path / "run"
     assert run_main(["--data", tiny_data, *TINY, "--dry-run", "--out", out]) == train.EXIT_OK
     assert not (out / "checkpoint_last.npz").exists() and (out / "config.json").exists()
+
+
+def test_two_mpi_ranks_run_train_py_as_one_job(tiny_data, tmp_path):
+    import shutil
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install -e '.[test]' brings the mpich wheel)")
+    pytest.importorskip("mpi4py")
+    out = tmp_path / "run"
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(ROOT / "train.py"), "--data", str(tiny_data),
+                           *map(str, TINY), "--batch-size", "16", "--epochs", "2", "--target-accuracy", "1.0",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    assert proc.returncode == train.EXIT_NOT_REACHED, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # one run directory, written by rank 0 only: one line per epoch, one summary line per epoch
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert proc.stdout.count("epoch   1:") == 1 and (out / "checkpoint_last.npz").exists()
+    log = (out / "mlperf.log").read_text()
+    assert '"key": "submission_platform", "value": "2x' in log
+    # every rank loaded 8 of the 16 images of a step: the whole epoch was seen once
+    with np.load(out / "checkpoint_last.npz") as f:
+        assert int(f["extra/step"]) == 2 * (96 // 16)
