@@ -95,6 +95,8 @@ def build_parser():
                         "CPU emulator (slow: for checking, not training)")
     m.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="activations (fp16/bf16 need cuda)")
     m.add_argument("--conv-engine", choices=["ours", "cudnn"], help="convolutions: our kernels or cuDNN (cuda)")
+    m.add_argument("--loss-scale", help="with --precision fp16: 'dynamic' (default) or a fixed scale, e.g. 128 "
+                                        "as the reference")
     m.add_argument("--width", type=float, help="channel multiplier of every stage (1.0 = ResNet-50)")
     m.add_argument("--zero-init-residual", action="store_true", default=None,
                    help="start each block's last BN gamma at 0")
@@ -149,7 +151,7 @@ def resolve_config(args):
     else:
         cfg["synthetic"] = None
     cfg.setdefault("zero_init_residual", False)
-    cfg.update(device=device, precision="fp32", conv_engine="ours", seed=0, workers=None,
+    cfg.update(device=device, precision="fp32", conv_engine="ours", loss_scale="dynamic", seed=0, workers=None,
                data=args.data, max_steps=None, profile=False, no_progress=False, dry_run=False, out=None,
                sync_bn=False)
     for k, v in given.items():
@@ -186,6 +188,12 @@ def _validate(cfg):
         need(cfg["device"] == "cuda", f"--precision {cfg['precision']} needs --device cuda (cpu and emu train in fp32)")
     if cfg["conv_engine"] == "cudnn":
         need(cfg["device"] == "cuda", "--conv-engine cudnn needs --device cuda")
+    if cfg["loss_scale"] != "dynamic":
+        try:
+            ok = float(cfg["loss_scale"]) > 0
+        except ValueError:
+            ok = False
+        need(ok, f"--loss-scale must be 'dynamic' or a positive number, got {cfg['loss_scale']!r}")
 
 
 def _gpu_available():
@@ -504,7 +512,10 @@ def _train(cfg, run_dir, mlog, resume, t_init):
     Opt = nn.optim.SGD if cfg["optimizer"] == "sgd" else nn.optim.LARS
     opt = Opt(model.named_parameters(), lr=0.0, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     schedule = make_schedule(cfg, steps_per_epoch, peak_lr)
-    scaler = nn.amp.LossScaler(init_scale=2.0 ** 15, dynamic=True) if cfg["precision"] == "fp16" else None
+    scaler = None
+    if cfg["precision"] == "fp16":  # fp32 master weights; the loss scaled so fp16 gradients do not underflow
+        dynamic = cfg["loss_scale"] == "dynamic"
+        scaler = nn.amp.LossScaler(init_scale=2.0 ** 15 if dynamic else float(cfg["loss_scale"]), dynamic=dynamic)
 
     epoch, batch, step, best, history = 0, 0, 0, 0.0, []
     if resume is not None:

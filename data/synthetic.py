@@ -162,15 +162,7 @@ def render_image(rng, label, height, width, num_classes=10, period=(4.0, 9.0), o
         raise ValueError(f"label {label} out of range for {num_classes} classes")
     texture = label % NUM_TEXTURES if textures is None else int(textures[label % len(textures)])
     shape_in_class = num_classes > NUM_TEXTURES
-    # Background: gradient between two colours + blobs + noise, all class-independent.
-    c0, c1 = rng.integers(0, 256, size=(2, 3)).astype(np.float64)
-    t = np.linspace(0, 1, width)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, height)[:, None, None]
-    img = np.broadcast_to(c0 + (c1 - c0) * t, (height, width, 3)).copy()
-    yy, xx = np.mgrid[0:height, 0:width]
-    for _ in range(rng.integers(2, 5)):
-        by, bx, br = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(0.1, 0.3) * min(height, width)
-        blob = ((yy - by) ** 2 + (xx - bx) ** 2) < br * br
-        img[blob] = 0.7 * img[blob] + 0.3 * rng.integers(0, 256, size=3)
+    img = _background(rng, height, width)
     if rng.random() < distractor:  # distractor: a small object with another texture
         other = (texture + rng.integers(1, NUM_TEXTURES)) % NUM_TEXTURES
         _draw_object(img, rng, other, SHAPES[rng.integers(len(SHAPES))], rng.uniform(0.15, 0.22), period)
@@ -182,6 +174,7 @@ def render_image(rng, label, height, width, num_classes=10, period=(4.0, 9.0), o
 
 
 def _background(rng, height, width):
+    # Gradient between two colours + low-contrast blobs, all class-independent.
     c0, c1 = rng.integers(0, 256, size=(2, 3)).astype(np.float64)
     t = np.linspace(0, 1, width)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, height)[:, None, None]
     img = np.broadcast_to(c0 + (c1 - c0) * t, (height, width, 3)).copy()
