@@ -131,7 +131,7 @@ def build_parser():
 
 # Flags a resumed run may change; everything else comes from the checkpoint's configuration.
 RESUMABLE_OVERRIDES = {"epochs", "target_accuracy", "max_steps", "workers", "profile", "no_progress", "eval_every",
-                       "out", "dry_run"}
+                       "out", "dry_run", "device"}
 
 
 def resolve_config(args):
@@ -412,13 +412,12 @@ def find_checkpoint(path):
 
 def run(cfg, resume=None):
     """Train as configured; returns the exit code."""
-    t_init = time.time()
     given = cfg.pop("_explicit", {})
     if resume is not None:
         ckpt = find_checkpoint(resume)
         with np.load(ckpt, allow_pickle=False) as f:
             saved = json.loads(str(f["extra/config"]))
-        refused = sorted(k for k in given if k not in RESUMABLE_OVERRIDES | {"resume", "device"})
+        refused = sorted(k for k in given if k not in RESUMABLE_OVERRIDES | {"resume"})
         if refused:
             raise UsageError(f"--resume continues the saved configuration; these flags cannot change: "
                              f"{', '.join('--' + k.replace('_', '-') for k in refused)}")
@@ -452,7 +451,7 @@ def run(cfg, resume=None):
         mlog.event(c.SUBMISSION_DIVISION, c.OPEN)
         mlog.event(c.SUBMISSION_STATUS, c.RESEARCH)
         mlog.event(c.SUBMISSION_PLATFORM, _platform(cfg))
-        return _train(cfg, run_dir, mlog, resume, t_init)
+        return _train(cfg, run_dir, mlog, resume)
     finally:
         mlog.close()
 
@@ -468,7 +467,7 @@ def _platform(cfg):
     return f"{world}x{cfg['device']}: {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-def _train(cfg, run_dir, mlog, resume, t_init):
+def _train(cfg, run_dir, mlog, resume):
     c = mlog.c
     comm = _comm()
     world, rank = comm.world_size, comm.rank

@@ -74,7 +74,6 @@ def measure_ceilings(xp, repeat):
     tm = _time(lambda: m @ m, xp, max(3, repeat // 3))
     h = m.astype(xp.float16)
     th = _time(lambda: h @ h, xp, max(3, repeat // 3))
-    del a, b, m, h
     return {"copy_bytes_per_s": 2 * (1 << 30) / t, "matmul_flops_per_s": 2 * n ** 3 / tm,
             "matmul_fp16_flops_per_s": 2 * n ** 3 / th}
 
