@@ -22,6 +22,7 @@ Exit codes: 0 target reached (or the run finished as asked: --max-steps, --dry-r
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
@@ -258,8 +259,6 @@ class MLPerfLog:
     """The :::MLLOG lines through mlperf-logging's mllog, to RUN_DIR/mlperf.log and stdout."""
 
     def __init__(self, path, echo=True):
-        import logging
-
         from mlperf_logging import mllog
 
         self.mllog = mllog
@@ -305,17 +304,11 @@ class _NoLog:
         pass
 
 
-class _TqdmHandler:
+class _TqdmHandler(logging.Handler):
     """A logging handler writing through tqdm, so that progress bars stay intact."""
 
-    def __new__(cls):
-        import logging
-
-        class Handler(logging.Handler):
-            def emit(self, record):
-                _say(self.format(record))
-
-        return Handler()
+    def emit(self, record):
+        _say(self.format(record))
 
 
 def write_plot(path, history):

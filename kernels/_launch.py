@@ -9,8 +9,8 @@ import numpy as np
 
 from .runtime import load_module
 
-__all__ = ["array_module", "is_cupy", "check_array", "blocks_for", "module", "empty_like", "empty",
-           "FLOAT_DTYPES"]
+__all__ = ["array_module", "is_cupy", "check_array", "check_shape_tuple", "blocks_for", "module", "empty_like",
+           "empty", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -59,6 +59,18 @@ def check_array(op, name, a, dtype=None, ndim=None, shape=None, contiguous=True)
         raise ValueError(f"{op}: {name} must be C-contiguous (got strides {a.strides}); "
                          f"pass xp.ascontiguousarray({name})")
     return a
+
+
+def check_shape_tuple(op, name, shape, layout):
+    """`shape` as a tuple of 4 positive ints (e.g. an x_shape argument), or a clear error.
+    layout names the axes in the message, e.g. "(N, H, W, C)"."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a tuple of 4 ints {layout}, got {shape!r}") from None
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"{op}: {name} must be 4 positive ints {layout}, got {shape}")
+    return shape
 
 
 def blocks_for(n, block, xp, per_thread=1):

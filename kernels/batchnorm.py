@@ -17,7 +17,7 @@ deterministic on the GPU too.
 
 import numpy as np
 
-from ._launch import FLOAT_DTYPES, array_module, check_array, module
+from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, module
 
 __all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward",
@@ -263,7 +263,7 @@ def _sync_reduce(kernel, args, M, C, xp):
     partial = xp.empty((chunks, 2, C), dtype=np.float32)
     _sync_kernel(kernel)((tiles, chunks), _BLOCK, args + (partial, np.int64(M), np.int32(C)))
     out = xp.empty((2, C), dtype=np.float32)
-    blocks = min(-(-2 * C // 256), 65535 if xp is not np else 8)
+    blocks = blocks_for(2 * C, 256, xp)
     _sync_kernel("bn_sync_sum_partials")((blocks,), (256,), (partial, out, np.int32(chunks), np.int32(C)))
     return out
 
@@ -311,7 +311,7 @@ def batchnorm_backward_elemt(dy, x, gamma, saved_mean, saved_invstd, sums, count
     dx = xp.empty_like(dy)
     M = x.size // C if C else 0
     if M and C:
-        blocks = min(-(-M * C // 256), 65535 if xp is not np else 64)
+        blocks = blocks_for(M * C, 256, xp)
         _sync_kernel(f"bn_sync_backward_elemt_{_SUFFIX[x.dtype]}")(
             (blocks,), (256,), (dy, x, gamma, saved_mean, saved_invstd, sums, np.float32(1.0 / count), dx,
                                 np.int64(M), np.int32(C)))

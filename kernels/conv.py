@@ -16,7 +16,7 @@ versions:  'naive'          one thread per output element
 import numpy as np
 
 from . import gemm as _gemm
-from ._launch import array_module, check_array, module
+from ._launch import array_module, blocks_for, check_array, check_shape_tuple, module
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_output_size",
            "permute_weight", "VERSIONS"]
@@ -39,16 +39,6 @@ def _check_int(op, name, v, minimum):
     if v < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {v}")
     return int(v)
-
-
-def _check_shape_tuple(op, name, shape, layout):
-    try:
-        shape = tuple(int(s) for s in shape)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be a tuple of 4 ints {layout}, got {shape!r}")
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"{op}: {name} must be 4 positive ints {layout}, got {shape}")
-    return shape
 
 
 def _geometry(op, x_shape, w_shape, stride, padding):
@@ -76,7 +66,7 @@ def _shape_args(g):
 
 
 def _blocks(n, xp):
-    return max(1, min(-(-int(n) // _BLOCK), 65535 if xp is not np else 64))
+    return blocks_for(n, _BLOCK, xp)
 
 
 def _check_version(op, version):
@@ -146,7 +136,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version="implicit_gemm
     _check_version(op, version)
     check_array(op, "dy", dy, dtype=np.float32, ndim=4)
     check_array(op, "w", w, dtype=np.float32, ndim=4)
-    x_shape = _check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
+    x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
     xp = array_module(dy, w)
     g = _geometry(op, x_shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
@@ -192,7 +182,7 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version="implicit_ge
     _check_version(op, version)
     check_array(op, "x", x, dtype=np.float32, ndim=4)
     check_array(op, "dy", dy, dtype=np.float32, ndim=4)
-    w_shape = _check_shape_tuple(op, "w_shape", w_shape, "(K, C, R, S)")
+    w_shape = check_shape_tuple(op, "w_shape", w_shape, "(K, C, R, S)")
     if split_k is not None:
         _check_int(op, "split_k", split_k, 1)
     xp = array_module(x, dy)

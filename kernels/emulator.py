@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CompileError
-from .signature import find_kernels
+from .signature import code_size, find_kernels
 
 __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
            "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
@@ -323,15 +323,6 @@ class EmuModule:
         return self
 
 
-def _sig_code_size(code):
-    sizes = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i8": 1, "u8": 1, "i16": 2, "u16": 2, "i32": 4,
-             "u32": 4, "i64": 8, "u64": 8, "bool": 1}
-    if "x" in code:
-        base, n = code.split("x")
-        return sizes.get(base, 0) * int(n) if n.isdigit() else None
-    return sizes.get(code)
-
-
 class EmuFunction:
     """One kernel of an EmuModule.  Call as k(grid, block, args, shared_mem=0)."""
 
@@ -361,7 +352,7 @@ class EmuFunction:
             if (kind == "P") != p.is_pointer:
                 raise EmulatorError(f"kernel '{self.name}': parameter `{p.decl}` parsed as "
                                     f"{'pointer' if p.is_pointer else 'scalar'} but the compiler disagrees")
-            expect = _sig_code_size(p.code) if p.code not in ("?", "void") else None
+            expect = code_size(p.code)
             if expect is not None and size != expect and not p.is_pointer:
                 raise EmulatorError(f"kernel '{self.name}': parameter `{p.decl}` is {size} bytes, expected {expect}")
             sizes.append(size)

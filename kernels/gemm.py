@@ -13,7 +13,7 @@ C-contiguous; transposes are flags, never copies.
 
 import numpy as np
 
-from ._launch import array_module, check_array, module
+from ._launch import array_module, blocks_for, check_array, module
 
 __all__ = ["gemm", "gemm_f16", "linear_forward", "linear_backward", "column_sum", "VERSIONS", "F16_VERSIONS"]
 
@@ -83,7 +83,7 @@ def gemm(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, versio
     M, N = c.shape
     mod = module("gemm.cu")
     if version == "naive":
-        blocks = min(-(-M * N // 256), 65535 if xp is not np else 64)
+        blocks = blocks_for(M * N, 256, xp)
         mod.get_function("gemm_naive_f32")((blocks,), (256,), args)
     elif version == "tiled":
         mod.get_function("gemm_tiled_f32")((-(-M // 16), -(-N // 16)), (16, 16), args)
@@ -107,7 +107,7 @@ def gemm_f16(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, ve
     M, N = c.shape
     mod = module("gemm.cu")
     if version == "naive":
-        blocks = min(-(-M * N // 256), 65535 if xp is not np else 64)
+        blocks = blocks_for(M * N, 256, xp)
         mod.get_function("gemm_naive_f16")((blocks,), (256,), args)
     else:
         mod.get_function("gemm_wmma_f16")((-(-M // 64), -(-N // 64)), (128,), args)
@@ -143,7 +143,7 @@ def linear_forward(x, w, b=None, version="fast"):
     if b is not None and y.size:
         M, N = y.shape
         xp = array_module(y)
-        blocks = min(-(-y.size // 256), 65535 if xp is not np else 64)
+        blocks = blocks_for(y.size, 256, xp)
         module("gemm.cu").get_function("bias_add_rows_f32")((blocks,), (256,), (y, b, np.int32(M), np.int32(N)))
     return y
 

@@ -8,7 +8,7 @@ average pooling, forward and backward, on NHWC activations (float32 or float16, 
 
 import numpy as np
 
-from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, is_cupy, module
+from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, is_cupy, module
 
 __all__ = ["maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward",
            "MAXPOOL_BACKWARD_METHODS"]
@@ -43,16 +43,6 @@ def _pool_geometry(op, x_shape, kernel_size, stride, padding):
     if H + 2 * pad < k or W + 2 * pad < k:
         raise ValueError(f"{op}: a {k}x{k} window does not fit the padded {H}x{W} input (padding {pad})")
     return k, s, pad, (H + 2 * pad - k) // s + 1, (W + 2 * pad - k) // s + 1
-
-
-def _check_x_shape(op, x_shape):
-    try:
-        shape = tuple(int(d) for d in x_shape)
-    except TypeError:
-        raise TypeError(f"{op}: x_shape must be a tuple (N, H, W, C), got {x_shape!r}")
-    if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"{op}: x_shape must be (N, H, W, C) with positive sizes, got {x_shape!r}")
-    return shape
 
 
 def maxpool2d_forward(x, kernel_size=3, stride=2, padding=1):
@@ -91,7 +81,7 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size=None, stride=None, paddi
     check_array(op, "dy", dy, dtype=FLOAT_DTYPES, ndim=4)
     check_array(op, "argmax", argmax, dtype=np.int32, shape=dy.shape)
     array_module(dy, argmax)
-    N, H, W, C = _check_x_shape(op, x_shape)
+    N, H, W, C = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
     if method is not None and method not in MAXPOOL_BACKWARD_METHODS:
         raise ValueError(f"{op}: method must be one of {MAXPOOL_BACKWARD_METHODS}, got {method!r}")
     geometry_given = not (kernel_size is None and stride is None and padding is None)
@@ -148,7 +138,7 @@ def global_avgpool_backward(dy, x_shape):
     """dx[n, h, w, c] = dy[n, c] / (H*W).  dy: float32/float16 [N, C]; x_shape (N, H, W, C) -> dx."""
     op = "global_avgpool_backward"
     check_array(op, "dy", dy, dtype=FLOAT_DTYPES, ndim=2)
-    N, H, W, C = _check_x_shape(op, x_shape)
+    N, H, W, C = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
     if dy.shape != (N, C):
         raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)} "
                          f"(expected {(N, C)})")

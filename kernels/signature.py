@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Param", "KernelSignature", "find_kernels", "check_args", "dtype_code"]
+__all__ = ["Param", "KernelSignature", "find_kernels", "check_args", "dtype_code", "code_size"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,14 @@ _DTYPE_CODES = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32",
                 np.dtype(np.int16): "i16", np.dtype(np.uint16): "u16", np.dtype(np.int32): "i32",
                 np.dtype(np.uint32): "u32", np.dtype(np.int64): "i64", np.dtype(np.uint64): "u64",
                 np.dtype(np.bool_): "bool"}
+
+
+def code_size(code):
+    """Bytes of one value of type code `code` ('f32' -> 4, 'f32x4' -> 16), or None if unknown."""
+    if "x" in code:
+        base, n = code.split("x", 1)
+        return _CODE_SIZES[base] * int(n) if base in _CODE_SIZES and n.isdigit() else None
+    return _CODE_SIZES.get(code)
 
 
 def dtype_code(dtype):
