@@ -14,20 +14,29 @@ Every run writes into its run directory (--out, default runs/<date-time>):
     plot.png          loss, accuracy and learning rate, redrawn after every epoch
     checkpoint_last.npz, checkpoint_best.npz    written atomically; --resume reads them
     config.json       the resolved configuration
+A run folder belongs to one run: a second train.py on it is refused while the first runs, and a
+new run refuses a folder holding another run's files unless given --overwrite.
 
 Exit codes: 0 target reached (or the run finished as asked: --max-steps, --dry-run);
-1 all epochs done without reaching the target; 2 bad usage or missing dataset;
-3 the loss diverged (NaN/inf); 4 out of device memory; 130 interrupted (checkpoint saved).
+1 all epochs done without reaching the target; 2 bad usage, a missing or damaged dataset or
+checkpoint, or an output that cannot be written (read-only, full disk); 3 diverged (NaN/inf in
+the loss, the logits or the weights: no checkpoint is ever overwritten with them); 4 out of device
+memory; 130 interrupted by Ctrl-C, 143 stopped by SIGTERM (both: step finished, checkpoint saved).
 """
 
 import argparse
+import errno
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import signal
+import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +76,7 @@ DEFAULT_GPU = dict(width=1.0, image_size=128, batch_size=128, epochs=30, warmup_
 # Test hook: end the process abruptly after this training step (tests/test_train.py).
 _CRASH_AT_STEP = int(os.environ.get("MLPERF_RESNET_CRASH_AT_STEP", "0") or 0)
 
-EXIT_OK, EXIT_NOT_REACHED, EXIT_USAGE, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_NOT_REACHED, EXIT_USAGE, EXIT_DIVERGED, EXIT_OOM, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 4, 130, 143
 
 
 def _comm():
@@ -122,7 +131,11 @@ def build_parser():
     r.add_argument("--target-accuracy", type=float, help="stop as soon as top-1 reaches this (0.749)")
     r.add_argument("--seed", type=int, help="seed of the initialisation and the data order (0)")
     r.add_argument("--out", help="run directory (default runs/<date-time>)")
-    r.add_argument("--resume", help="a run directory or checkpoint .npz to continue exactly")
+    r.add_argument("--overwrite", action="store_true",
+                   help="let a new run replace the files of an earlier run in --out (refused without it)")
+    r.add_argument("--resume", help="a run directory (or checkpoint .npz) to continue exactly, wherever it was "
+                                    "moved; --lr, --data (the same dataset at a new place) and the run flags may "
+                                    "be given, other flags must match the saved run")
     r.add_argument("--max-steps", type=int, help="stop after this many training steps (checkpoint kept)")
     r.add_argument("--dry-run", action="store_true", help="check the configuration, build everything, do not train")
     r.add_argument("--profile", action="store_true", help="print a per-phase time breakdown every epoch")
@@ -130,9 +143,11 @@ def build_parser():
     return p
 
 
-# Flags a resumed run may change; everything else comes from the checkpoint's configuration.
+# Flags a resumed run may change; everything else comes from the checkpoint's configuration
+# (and may be repeated with its saved value). --lr is here so that a diverged run can continue
+# from its last finite checkpoint with a lower learning rate, as exit 3 advises.
 RESUMABLE_OVERRIDES = {"epochs", "target_accuracy", "max_steps", "workers", "profile", "no_progress", "eval_every",
-                       "out", "dry_run", "device"}
+                       "out", "dry_run", "device", "base_lr", "overwrite"}
 
 
 def resolve_config(args):
@@ -154,7 +169,7 @@ def resolve_config(args):
     cfg.setdefault("zero_init_residual", False)
     cfg.update(device=device, precision="fp32", conv_engine="ours", loss_scale="dynamic", seed=0, workers=None,
                data=args.data, max_steps=None, profile=False, no_progress=False, dry_run=False, out=None,
-               sync_bn=False)
+               sync_bn=False, overwrite=False)
     for k, v in given.items():
         if k in ("resume",):
             continue
@@ -218,8 +233,6 @@ def prepare_synthetic(name, progress=True):
     """Generate (once) and pack (once) a synthetic dataset; return the folder with the LMDBs."""
     from data import pack, synthetic
 
-    import hashlib
-
     spec = SYNTHETIC[name]
     key = hashlib.sha256(json.dumps([synthetic.VERSION, spec], sort_keys=True).encode()).hexdigest()[:10]
     root = cache_root() / "synthetic" / f"{name}-{key}"
@@ -227,8 +240,15 @@ def prepare_synthetic(name, progress=True):
     if (lmdb_dir / "train.lmdb").is_dir() and (lmdb_dir / "val.lmdb").is_dir():
         return lmdb_dir
     _say(f"preparing the synthetic dataset '{name}' under {root} (once; cached)")
-    synthetic.make_dataset(str(root / "images"), seed=0, progress=progress, **spec)
-    pack.pack_folder(str(root / "images"), str(lmdb_dir), workers=min(4, os.cpu_count() or 1), progress=progress)
+    try:
+        synthetic.make_dataset(str(root / "images"), seed=0, progress=progress, **spec)
+        pack.pack_folder(str(root / "images"), str(lmdb_dir), workers=min(4, os.cpu_count() or 1),
+                         progress=progress)
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        raise output_error(e.filename or root, e, "write the dataset cache",
+                           "set MLPERF_RESNET_CACHE to a writable folder with ~100 MB free") from None
     return lmdb_dir
 
 
@@ -243,7 +263,138 @@ def dataset_dir(cfg):
     return d
 
 
-# ----------------------------------------------------------------------------- logging & outputs
+def dataset_identity(data_dir):
+    """What makes a packed dataset itself, wherever it lies: per split the record count and the
+    packer's plan (a hash of the source file list), and a hash of the class list. A resumed run
+    accepts its dataset at a new path when this matches."""
+    ident = {}
+    for split in ("train", "val"):
+        meta = data.records.read_meta(str(Path(data_dir) / f"{split}.lmdb"))
+        ident[split] = {"count": meta["count"], "plan": meta.get("plan")}
+        ident["classes"] = hashlib.sha256(json.dumps(meta["classes"]).encode()).hexdigest()[:16]
+    return ident
+
+
+# ----------------------------------------------------------------------------- outputs
+# Errors of a destination that cannot take our files: exit 2 with one line, never a traceback.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                 errno.EEXIST, errno.EISDIR, errno.EIO}
+
+
+class OutputError(UsageError):
+    """A destination that cannot be written (read-only, not a folder, full): exit 2."""
+
+
+def _free_space(path):
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "unknown"
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if free < 1024 or unit == "TB":
+            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+        free /= 1024
+
+
+def output_error(path, e, what="write", advice=""):
+    """OutputError(one line) for an OSError `e` met while writing `path`."""
+    reason = e.strerror or str(e)
+    if e.errno == errno.EEXIST or (e.errno == errno.ENOTDIR):
+        reason += " (a file is in the way of a folder)"
+    msg = f"cannot {what} {path}: {reason}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        msg += f" ({_free_space(path)} free there)"
+    return OutputError(f"{msg}; {advice}" if advice else msg)
+
+
+class RunFolder:
+    """The run directory, owned by one run at a time.
+
+    claim() creates it and takes an exclusive lock on RUN_DIR/.lock (fcntl.flock: the kernel
+    releases it when the process ends, however it ends, so a lock is never stale). A second
+    train.py on the same folder is refused. A new run refuses a folder that holds files a run
+    writes (another run's, or anything it would overwrite) unless `overwrite` is given.
+    Files are written atomically (temporary name, fsync, rename) or appended by line."""
+
+    RUN_FILES = ("config.json", "mlperf.log", "metrics.jsonl", "plot.png", "checkpoint_last.npz",
+                 "checkpoint_best.npz")
+    LOCK = ".lock"
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock_fd = None
+
+    def claim(self, new_run, overwrite=False):
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise output_error(self.path, e, "create the run folder", "choose another --out") from None
+        self._lock()
+        if new_run:
+            found = self.run_files()
+            if found and not overwrite:
+                self.release()
+                if "checkpoint_last.npz" in found:
+                    raise UsageError(f"{self.path} already holds a run; continue it with --resume {self.path}, "
+                                     f"choose another --out, or pass --overwrite to replace it")
+                raise UsageError(f"{self.path} holds files a run would overwrite ({', '.join(found)}); choose "
+                                 f"another --out or pass --overwrite")
+            for name in found:
+                try:
+                    (self.path / name).unlink()
+                except OSError as e:
+                    raise output_error(self.path / name, e, "remove") from None
+
+    def _lock(self):
+        import fcntl
+
+        lock = self.path / self.LOCK
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise output_error(lock, e, "create the lock file", "choose another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(f"{self.path} is in use by another train.py ({holder}); wait for it to end or "
+                             f"choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        self._lock_fd = fd
+
+    def release(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def run_files(self):
+        """The files of a run present in the folder."""
+        found = [n for n in self.RUN_FILES if (self.path / n).exists()]
+        return found + sorted(p.name for p in self.path.glob("mlperf-resumed-*.log"))
+
+    def write_text(self, name, text):
+        path = self.path / name
+        try:
+            atomic_write_text(path, text)
+        except OSError as e:
+            raise output_error(path, e) from None
+
+    def append_line(self, name, line):
+        path = self.path / name
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+        except OSError as e:
+            raise output_error(path, e) from None
+
+
 def _say(msg):
     if not distributed.is_main():
         return
@@ -255,20 +406,34 @@ def _say(msg):
     sys.stdout.flush()
 
 
+class _StrictFileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk) reach the run instead of being printed and
+    lost, as logging's default handler does."""
+
+    def handleError(self, record):
+        raise
+
+
 class MLPerfLog:
     """The :::MLLOG lines through mlperf-logging's mllog, to RUN_DIR/mlperf.log and stdout."""
+
+    _instances = 0
 
     def __init__(self, path, echo=True):
         from mlperf_logging import mllog
 
         self.mllog = mllog
         self.c = mllog.constants
-        logger = logging.getLogger(f"mlperf_resnet_cupy.mllog.{path}")
+        MLPerfLog._instances += 1  # a logger of its own per log (mllog refuses to be configured twice with one)
+        logger = logging.getLogger(f"mlperf_resnet_cupy.mllog.{MLPerfLog._instances}.{path}")
         logger.setLevel(logging.INFO)
         logger.propagate = False
         for h in list(logger.handlers):
             logger.removeHandler(h)
-        self.file_handler = logging.FileHandler(path, mode="w")
+        try:
+            self.file_handler = _StrictFileHandler(path, mode="w")
+        except OSError as e:
+            raise output_error(path, e) from None
         logger.addHandler(self.file_handler)
         if echo:
             logger.addHandler(_TqdmHandler())
@@ -285,7 +450,10 @@ class MLPerfLog:
         self.log.end(key=key, value=value, metadata=metadata or None, stack_offset=2)
 
     def close(self):
-        self.file_handler.close()
+        try:
+            self.file_handler.close()
+        except OSError:
+            pass
 
 
 class _NoLog:
@@ -336,18 +504,27 @@ def write_plot(path, history):
         a.grid(alpha=0.3)
     fig.tight_layout()
     tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise output_error(path, e) from None
+    finally:
+        plt.close(fig)
 
 
 def atomic_write_text(path, text):
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class Phases:
@@ -377,9 +554,429 @@ class Phases:
         return parts
 
 
+# ----------------------------------------------------------------------------- checkpoints
+def open_resume_checkpoint(resume):
+    """The checkpoint a --resume continues from: (run folder, path, arrays).
+
+    RESUME is a run folder (its checkpoint_last.npz, or checkpoint_best.npz when the last one is
+    damaged or holds NaN/inf, saying so) or a checkpoint file. Raises UsageError with what to do
+    when no intact checkpoint is there."""
+    p = Path(resume)
+    if p.is_dir():
+        folder, candidates = p, [p / "checkpoint_last.npz", p / "checkpoint_best.npz"]
+    elif p.is_file():
+        folder, candidates = p.parent, [p]
+    else:
+        raise UsageError(f"--resume: no checkpoint at {p}")
+    problems = []
+    for path in candidates:
+        if not path.exists():
+            problems.append(f"{path.name} is missing")
+            continue
+        try:
+            arrays = nn.checkpoint.read(str(path))
+            if "extra/config" not in arrays:
+                raise nn.checkpoint.CheckpointError(f"{path} was not written by train.py (no run configuration)")
+        except nn.checkpoint.CheckpointError as e:
+            problems.append(str(e))
+            continue
+        bad = nn.checkpoint.nonfinite_keys(arrays)
+        if bad:
+            problems.append(f"{path.name} holds NaN/inf ({bad[0]}{' and more' if len(bad) > 1 else ''})")
+            continue
+        if problems:
+            _say(f"warning: {'; '.join(problems)}: resuming from {path.name} instead (epoch "
+                 f"{int(arrays['extra/epoch']) + (int(arrays['extra/batch']) > 0)}, step {int(arrays['extra/step'])})")
+        return folder, path, arrays
+    if len(problems) == 1 and problems[0].endswith("is missing"):
+        raise UsageError(f"--resume: no checkpoint at {candidates[0]}")
+    raise UsageError(f"--resume: no intact checkpoint in {folder}: {'; '.join(problems)}; start a new run "
+                     f"(python train.py with another --out)")
+
+
+def _same_value(a, b):
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def resume_config(cfg, given, saved):
+    """The configuration of a resumed run: the saved one, with the flags a resume may change.
+    Flags repeated with their saved value are accepted; others that differ are refused. --data may
+    name the run's dataset at a new place (checked by dataset_identity, not by path)."""
+    changed = sorted(k for k in given
+                     if k not in RESUMABLE_OVERRIDES | {"resume", "data", "synthetic"}
+                     and not _same_value(cfg[k], saved.get(k)))
+    if "synthetic" in given and cfg["synthetic"] != saved.get("synthetic"):
+        changed.append("synthetic")
+    if changed:
+        raise UsageError(f"--resume continues the saved configuration; these flags differ from it and cannot "
+                         f"change: {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    new = dict(saved, **{k: cfg[k] for k in given if k in RESUMABLE_OVERRIDES})
+    if "max_steps" not in given:
+        new["max_steps"] = None  # a step limit applies to the run that was given it
+    if "data" in given:
+        new_id = dataset_identity(dataset_dir(dict(cfg, synthetic=None)))
+        old_id = saved.get("dataset_identity")
+        if old_id is not None and not _same_value(new_id, old_id):
+            raise UsageError(f"--data {cfg['data']} is not the dataset this run trained on (different records or "
+                             f"classes); resume with the run's own dataset")
+        new.update(data=cfg["data"], synthetic=None)
+    elif saved.get("data") and not saved.get("synthetic"):
+        if not all((Path(saved["data"]) / s).exists() for s in ("train.lmdb", "val.lmdb")):
+            raise UsageError(f"the dataset of this run is no longer at {saved['data']}; if it moved, give its new "
+                             f"place with --data")
+    return new
+
+
 # ----------------------------------------------------------------------------- the run
 class Diverged(Exception):
-    pass
+    """NaN/inf in the loss, the logits or the weights: exit 3; no checkpoint is written with them."""
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (what schedulers and `docker stop` send) while training: the
+    first one lets the step finish, a checkpoint is written and the run exits 130 / 143; a second
+    one aborts at once (the last checkpoint stays intact)."""
+
+    CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in self.CODES}
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        _say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+             f"(send it again to abort at once)")
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def request(self, signum=signal.SIGINT):  # another rank was interrupted
+        self.signum = self.signum or signum
+
+    @property
+    def code(self):
+        return self.CODES.get(self.signum, EXIT_INTERRUPTED)
+
+
+@dataclass
+class Position:
+    """Where a run is: what a checkpoint keeps besides the weights."""
+    epoch: int = 0          # epochs completed
+    batch: int = 0          # batches done in the current epoch
+    step: int = 0           # optimizer steps in all
+    best: float = 0.0       # best top-1 so far
+    history: list = field(default_factory=list)   # one record per completed epoch (metrics.jsonl)
+
+
+class Trainer:
+    """One training run: what it builds (device, loaders, model, optimizer, schedule, loss
+    scaler), one training step, the epoch loop and the end-of-epoch work."""
+
+    def __init__(self, cfg, folder, mlog, resume_arrays=None):
+        self.train_loader = self.val_loader = None
+        try:
+            self._build(cfg, folder, mlog, resume_arrays)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg, folder, mlog, resume_arrays):
+        self.cfg, self.folder, self.mlog, self.c = cfg, folder, mlog, mlog.c
+        self.comm = comm = _comm()
+        self.world, self.rank = comm.world_size, comm.rank
+        data_dir = dataset_dir(cfg)
+        self.device = nn.get_device(cfg["device"])
+        if cfg["conv_engine"] == "cudnn":
+            nn.device.set_conv_engine("cudnn")
+        act_dtype = {"fp32": None, "fp16": np.float16, "bf16": "bfloat16"}[cfg["precision"]]
+        self.in_dtype = np.float32 if act_dtype is None else act_dtype
+
+        local_batch = cfg["batch_size"] // self.world
+        workers = cfg["workers"]
+        if workers is None and self.world > 1:  # share the node's cores between its ranks' loaders
+            workers = max(1, ((os.cpu_count() or 2) - 1) // comm.local_size)
+        try:
+            self.train_loader = data.loader.Loader(data_dir / "train.lmdb", local_batch, train=True,
+                                                   image_size=cfg["image_size"], seed=cfg["seed"], workers=workers,
+                                                   rank=self.rank, world_size=self.world,
+                                                   crop={"area_range": (cfg["min_crop_area"], 1.0)})
+        except ValueError as e:
+            raise UsageError(f"{data_dir / 'train.lmdb'}: {e}") from None
+        self.val_loader = data.loader.Loader(data_dir / "val.lmdb", max(local_batch, 64), train=False,
+                                             image_size=cfg["image_size"], seed=cfg["seed"], workers=workers,
+                                             rank=self.rank, world_size=self.world)
+        self.num_classes = len(self.train_loader.classes)
+        if list(self.val_loader.classes) != list(self.train_loader.classes):
+            raise UsageError(f"{data_dir}: train.lmdb and val.lmdb have different class lists; pack them together")
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise UsageError(f"batch size {cfg['batch_size']} exceeds the {self.train_loader.num_samples} "
+                             f"training images")
+
+        self.model = nn.resnet50(num_classes=self.num_classes, width=cfg["width"],
+                                 zero_init_residual=cfg["zero_init_residual"], seed=cfg["seed"],
+                                 activation_dtype=act_dtype).to(self.device)
+        if cfg["sync_bn"] and self.world > 1:
+            distributed.convert_sync_batchnorm(self.model, comm)
+        self.peak_lr = cfg["base_lr"] * cfg["batch_size"] / cfg["lr_per"]
+        Opt = nn.optim.SGD if cfg["optimizer"] == "sgd" else nn.optim.LARS
+        self.opt = Opt(self.model.named_parameters(), lr=0.0, momentum=cfg["momentum"],
+                       weight_decay=cfg["weight_decay"])
+        self.schedule = make_schedule(cfg, self.steps_per_epoch, self.peak_lr)
+        self.scaler = None
+        if cfg["precision"] == "fp16":  # fp32 master weights; the loss scaled so fp16 gradients do not underflow
+            dynamic = cfg["loss_scale"] == "dynamic"
+            self.scaler = nn.amp.LossScaler(init_scale=2.0 ** 15 if dynamic else float(cfg["loss_scale"]),
+                                            dynamic=dynamic)
+        self.pos = Position()
+        self.last_checkpoint = None   # (epoch, batch, step) of the finite checkpoint_last in the folder
+        if resume_arrays is not None:
+            extras = nn.checkpoint.restore(resume_arrays, self.model, self.opt)
+            self.pos = Position(int(extras["epoch"]), int(extras["batch"]), int(extras["step"]),
+                                float(extras["best_top1"]), json.loads(extras["history"]))
+            if self.scaler is not None and extras.get("scaler"):
+                self.scaler.load_state_dict(json.loads(extras["scaler"]))
+        distributed.broadcast_parameters(self.model, comm)  # every rank starts from the same weights
+        self.ddp = distributed.DataParallel(self.model, comm) if self.world > 1 else None
+        self.stop = StopSignals()
+        self.phases = Phases(cfg["profile"], self.device.xp)
+        # on cuda the next batch goes to the GPU on a second stream while this step runs
+        self.prefetcher = DevicePrefetcher(self.train_loader, self.device.name)
+        self.after_step = None        # a test hook: called with the step number after each step
+        self.nonfinite_steps = 0      # fp16: consecutive steps skipped for a NaN/inf loss
+
+    def close(self):
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, images, labels, lr):
+        """Forward, loss, backward, (all-reduce,) optimizer step on one batch. Returns the loss
+        (mean over all ranks) as a float; NaN/inf raises Diverged (fp16: the step is skipped)."""
+        cfg, opt, scaler = self.cfg, self.opt, self.scaler
+        opt.lr = lr
+        x = nn.functional.normalize_images(images, device=self.device, dtype=self.in_dtype)
+        y = self.device.asarray(labels)
+        self.phases.mark("input")
+        logits = self.model(x, layout="NHWC")
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
+        value = float(loss.data)
+        if self.world > 1:  # one decision for all ranks: the mean loss, and whether anyone stops
+            flags = np.array([value, float(self.stop.requested)])
+            self.comm.allreduce_(flags)
+            value = float(flags[0]) / self.world
+            if flags[1] > 0:
+                self.stop.request()
+        self.phases.mark("forward")
+        opt.zero_grad()
+        if not math.isfinite(value):
+            self.nonfinite_steps += 1
+            if scaler is None or self.nonfinite_steps > MAX_NONFINITE_FP16_STEPS:
+                raise Diverged(f"the loss is {value} at epoch {self.pos.epoch + 1}, step {self.pos.step} "
+                               f"(learning rate {lr:.4g})")
+            scaler.update(False)  # fp16 overflow: skip this step with a smaller loss scale
+        else:
+            self.nonfinite_steps = 0
+            if scaler is not None:
+                scaler.backward(loss)
+            else:
+                loss.backward()
+            if self.ddp is not None:
+                self.ddp.finish()  # gradients averaged over all ranks
+            self.phases.mark("backward")
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        self.phases.mark("optimizer")
+        return value
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self):
+        """Train from the current position to the end of the epoch (or a stop). Returns
+        (mean loss, images seen, seconds, finished)."""
+        cfg, pos = self.cfg, self.pos
+        self.train_loader.set_epoch(pos.epoch, pos.batch)
+        t0 = time.time()
+        loss_sum, loss_n, seen = 0.0, 0, 0
+        bar = _bar(total=self.steps_per_epoch, initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{cfg['epochs']}",
+                   disable=cfg["no_progress"])
+        self.phases.reset_clock()
+        for images, labels in self.prefetcher:
+            self.phases.mark("data")
+            lr = self.schedule(pos.step)
+            value = self.train_step(images, labels, lr)
+            pos.step += 1
+            pos.batch += 1
+            if self.after_step is not None:
+                self.after_step(pos.step)
+            if math.isfinite(value):
+                loss_sum, loss_n = loss_sum + value, loss_n + 1
+            seen += len(labels) * self.world
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}", img_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
+            bar.update(1)
+            if self.stop.requested or self._step_limit_reached():
+                break
+        bar.close()
+        return loss_sum / max(loss_n, 1), seen, time.time() - t0, pos.batch >= self.steps_per_epoch
+
+    def _step_limit_reached(self):
+        return bool(self.cfg["max_steps"]) and self.pos.step >= self.cfg["max_steps"]
+
+    # ------------------------------------------------------------------ the end of an epoch
+    def evaluate(self):
+        """Top-1 and top-5 over the whole validation set (every image exactly once over all ranks).
+        NaN/inf logits raise Diverged: a broken model must not report an accuracy."""
+        correct1, correct5, nonfinite, total = evaluate(self.model, self.val_loader, self.device, self.in_dtype,
+                                                        self.cfg["no_progress"], with_nonfinite=True)
+        if nonfinite:
+            raise Diverged(f"evaluation after epoch {self.pos.epoch + 1}: the model gives NaN/inf logits for "
+                           f"{nonfinite} of {total} validation images")
+        return correct1 / total, correct5 / total
+
+    def end_of_epoch(self, train_loss, seen, train_time):
+        """Evaluate (when due), log, checkpoint, plot. Returns True when the target is reached."""
+        cfg, c, pos, mlog = self.cfg, self.c, self.pos, self.mlog
+        mlog.end(c.EPOCH_STOP, epoch_num=pos.epoch + 1)
+        record = {"epoch": pos.epoch, "step": pos.step, "train_loss": train_loss, "lr_end": self.opt.lr,
+                  "train_seconds": train_time, "images_per_s": seen / max(train_time, 1e-9),
+                  "top1": None, "top5": None, "target": cfg["target_accuracy"]}
+        if self.scaler is not None:
+            record["loss_scale"] = self.scaler.scale
+        reached = False
+        if (pos.epoch + 1) % cfg["eval_every"] == 0 or pos.epoch + 1 == cfg["epochs"]:
+            mlog.start(c.EVAL_START, epoch_num=pos.epoch + 1)
+            t_eval = time.time()
+            top1, top5 = self.evaluate()
+            self.phases.mark("evaluation")
+            record.update(top1=top1, top5=top5, eval_seconds=time.time() - t_eval)
+            mlog.end(c.EVAL_STOP, epoch_num=pos.epoch + 1)
+            mlog.event(c.EVAL_ACCURACY, top1, epoch_num=pos.epoch + 1)
+            reached = top1 >= cfg["target_accuracy"]
+        mlog.end(c.BLOCK_STOP, first_epoch_num=pos.epoch + 1)
+        acc = (f"top-1 {record['top1']:.4f} top-5 {record['top5']:.4f}" if record["top1"] is not None
+               else "no evaluation")
+        _say(f"epoch {pos.epoch + 1:3d}: loss {record['train_loss']:.4f}  {acc}  lr {self.opt.lr:.4g}  "
+             f"{record['images_per_s']:.0f} img/s  ({train_time:.1f}s)")
+        if cfg["profile"]:
+            _say(f"  time per phase: {self.phases.report()}")
+        pos.history.append(record)
+        pos.epoch, pos.batch = pos.epoch + 1, 0
+        improved = record["top1"] is not None and record["top1"] > pos.best
+        if improved:
+            pos.best = record["top1"]
+        # checkpoint_last first: it refuses NaN/inf weights, before anything else is written
+        self.save("checkpoint_last.npz")
+        if improved:
+            self.save("checkpoint_best.npz")
+        if distributed.is_main():
+            self.folder.append_line("metrics.jsonl", json.dumps(record))
+            write_plot(self.folder.path / "plot.png", pos.history)
+        self.comm.barrier()  # no rank goes on (or exits) before the checkpoint is in place
+        return reached
+
+    def save(self, name):
+        """Write a checkpoint of the current position, refusing NaN/inf (Diverged, nothing written).
+        Rank 0 writes; every rank learns the outcome."""
+        pos, problem = self.pos, None
+        if distributed.is_main():
+            path = self.folder.path / name
+            try:
+                nn.checkpoint.save(str(path), self.model, self.opt, require_finite=True, epoch=pos.epoch,
+                                   batch=pos.batch, step=pos.step, best_top1=pos.best,
+                                   history=json.dumps(pos.history), config=json.dumps(self.cfg, default=str),
+                                   scaler=json.dumps(self.scaler.state_dict()) if self.scaler else "")
+            except nn.checkpoint.NonFiniteError as e:
+                problem = ("diverged", f"the weights hold NaN/inf at epoch {pos.epoch + (pos.batch > 0)}, step "
+                                       f"{pos.step} ({e}); {name} was not written")
+            except OSError as e:
+                problem = ("output", str(output_error(path, e, advice=(
+                    "the previous checkpoint is intact; free some space, then continue with --resume "
+                    f"{self.folder.path}"))))
+        if self.world > 1:
+            problem = self.comm.allgather_object(problem)[0]
+        if problem is not None:
+            raise (Diverged if problem[0] == "diverged" else OutputError)(problem[1])
+        if name == "checkpoint_last.npz":
+            self.last_checkpoint = (pos.epoch, pos.batch, pos.step)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self):
+        """The epoch loop. Returns (exit code, MLPerf status)."""
+        cfg, c, pos, mlog = self.cfg, self.c, self.pos, self.mlog
+        while pos.epoch < cfg["epochs"]:
+            mlog.start(c.EPOCH_START, epoch_num=pos.epoch + 1)
+            if pos.batch == 0:
+                mlog.start(c.BLOCK_START, first_epoch_num=pos.epoch + 1, epoch_count=1)
+            train_loss, seen, train_time, finished = self.train_epoch()
+            if not finished:  # interrupted or --max-steps mid-epoch: save the position and stop
+                self.save("checkpoint_last.npz")
+                self.comm.barrier()
+                return self._stopped(), c.ABORTED
+            if self.end_of_epoch(train_loss, seen, train_time):
+                _say(f"target top-1 {cfg['target_accuracy']} reached after {pos.epoch} epochs, "
+                     f"{time.time() - self.t_run:.1f}s of training")
+                return EXIT_OK, c.SUCCESS
+            if self.stop.requested or self._step_limit_reached():
+                return self._stopped(), c.ABORTED
+        _say(f"target top-1 {cfg['target_accuracy']} not reached in {cfg['epochs']} epochs (best {pos.best:.4f})")
+        return EXIT_NOT_REACHED, c.ABORTED
+
+    def _stopped(self):
+        ckpt = self.folder.path / "checkpoint_last.npz"
+        if self.stop.requested:
+            _say(f"{signal.Signals(self.stop.signum).name.lower()}: checkpoint saved to {ckpt}; continue with: "
+                 f"python train.py --resume {self.folder.path}")
+            return self.stop.code
+        _say(f"stopped after --max-steps {self.cfg['max_steps']}; checkpoint saved to {ckpt}; continue with: "
+             f"python train.py --resume {self.folder.path}")
+        return EXIT_OK
+
+    def divergence_advice(self):
+        """Where the last finite weights are, and the command that continues from them."""
+        lower = self.cfg["base_lr"] / 10
+        if self.last_checkpoint is None:
+            return (f"no checkpoint was written; start again with a lower --lr (now {self.cfg['base_lr']:g}; try "
+                    f"{lower:g}) or more --warmup-epochs")
+        epoch, batch, step = self.last_checkpoint
+        where = f"epoch {epoch} done" if batch == 0 else f"epoch {epoch + 1}, batch {batch}"
+        return (f"{self.folder.path / 'checkpoint_last.npz'} holds the last finite weights ({where}, step {step}); "
+                f"continue from it with a lower learning rate: python train.py --resume {self.folder.path} "
+                f"--lr {lower:g}")
+
+    def log_run_parameters(self):
+        cfg, c, mlog = self.cfg, self.c, self.mlog
+        mlog.event(c.SEED, cfg["seed"])
+        mlog.event(c.GLOBAL_BATCH_SIZE, cfg["batch_size"])
+        mlog.event(c.TRAIN_SAMPLES, self.train_loader.num_samples)
+        mlog.event(c.EVAL_SAMPLES, self.val_loader.num_samples)
+        mlog.event(c.OPT_NAME, c.SGD if cfg["optimizer"] == "sgd" else c.LARS)
+        mlog.event(c.OPT_BASE_LR, self.peak_lr)
+        mlog.event(c.OPT_LR_WARMUP_EPOCHS, cfg["warmup_epochs"])
+        mlog.event(c.OPT_WEIGHT_DECAY, cfg["weight_decay"])
+        mlog.event("opt_momentum", cfg["momentum"])
+        mlog.event("opt_learning_rate_decay_boundary_epochs", list(cfg["decay_epochs"]))
+        mlog.event("model_bn_span", cfg["batch_size"] if cfg["sync_bn"] else cfg["batch_size"] // self.world)
+        _say(f"ResNet-50 v1.5 width {cfg['width']:g}: {self.model.num_parameters():,} parameters, "
+             f"{self.num_classes} classes, {cfg['image_size']}px, device {self.device.name}, {cfg['precision']}; "
+             f"{self.train_loader.num_samples} training images ({self.steps_per_epoch} steps of {cfg['batch_size']}), "
+             f"{self.val_loader.num_samples} validation images; peak lr {self.peak_lr:g} ({cfg['schedule']})")
+
+
+# fp16 with dynamic loss scaling skips a step whose loss is NaN/inf; this many in a row is divergence.
+MAX_NONFINITE_FP16_STEPS = 50
 
 
 def make_schedule(cfg, steps_per_epoch, peak_lr):
@@ -394,48 +991,56 @@ def make_schedule(cfg, steps_per_epoch, peak_lr):
     return nn.schedules.Cosine(peak_lr, total, warm)
 
 
-def find_checkpoint(path):
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint_last.npz"
-    if not p.is_file():
-        raise UsageError(f"--resume: no checkpoint at {p}")
-    return p
-
-
 def run(cfg, resume=None):
     """Train as configured; returns the exit code."""
     given = cfg.pop("_explicit", {})
-    if resume is not None:
-        ckpt = find_checkpoint(resume)
-        with np.load(ckpt, allow_pickle=False) as f:
-            saved = json.loads(str(f["extra/config"]))
-        refused = sorted(k for k in given if k not in RESUMABLE_OVERRIDES | {"resume"})
-        if refused:
-            raise UsageError(f"--resume continues the saved configuration; these flags cannot change: "
-                             f"{', '.join('--' + k.replace('_', '-') for k in refused)}")
-        cfg = dict(saved, **{k: cfg[k] for k in given if k in RESUMABLE_OVERRIDES})
-        if "max_steps" not in given:
-            cfg["max_steps"] = None  # a step limit applies to the run that was given it
-        cfg["out"] = cfg.get("out") or str(ckpt.parent)
     comm = _comm()
+    resume_arrays = ckpt = None
+    if resume is not None:
+        ckpt_folder, ckpt, resume_arrays = open_resume_checkpoint(resume)
+        cfg = resume_config(cfg, given, json.loads(str(resume_arrays["extra/config"])))
+        # --resume DIR continues in DIR, wherever it was copied or moved; --out forks the run elsewhere
+        cfg["out"] = cfg["out"] if "out" in given else str(ckpt_folder)
     run_dir = Path(cfg["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(comm.allgather_object(str(run_dir))[0])  # rank 0's name on every rank
-    if resume is None and (run_dir / "checkpoint_last.npz").exists():
-        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    folder = RunFolder(run_dir)
+    continuing = resume is not None and run_dir.resolve() == ckpt_folder.resolve()
+    error = None
     if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            for stale in ("metrics.jsonl", "plot.png"):
-                (run_dir / stale).unlink(missing_ok=True)
-    comm.barrier()
+        try:
+            folder.claim(new_run=not continuing, overwrite=cfg.get("overwrite", False))
+        except UsageError as e:
+            error = e
+    errors = comm.allgather_object(None if error is None else (type(error).__name__, str(error)))
+    if errors[0] is not None:
+        raise error if error is not None else UsageError(errors[0][1])
+    try:
+        return _run_in(folder, cfg, resume_arrays, continuing and ckpt.name == "checkpoint_last.npz")
+    finally:
+        folder.release()
+
+
+def _run_in(folder, cfg, resume_arrays, continues_last):
+    comm = _comm()
+    run_dir = folder.path
     cfg["out"] = str(run_dir)
+    if cfg["synthetic"] and comm.local_rank == 0:  # one preparer per node (the cache is node-local)
+        dataset_dir(cfg)
+    comm.barrier()
+    cfg["dataset_identity"] = dataset_identity(dataset_dir(cfg))
     comm.assert_same(json.dumps(cfg, sort_keys=True, default=str), "the configuration")
-    log_name = "mlperf.log" if resume is None else f"mlperf-resumed-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_name = "mlperf.log"
+    if resume_arrays is not None:  # each resumed part of a run has a log of its own
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        log_name = f"mlperf-resumed-{stamp}.log"
+        while (run_dir / log_name).exists():
+            n += 1
+            log_name = f"mlperf-resumed-{stamp}-{n}.log"
     # The MLPerf lines go to stdout too (as the reference prints them) for dataset runs; the
     # built-in synthetic run keeps its console to progress bars and one line per epoch.
     mlog = MLPerfLog(str(run_dir / log_name), echo=not cfg["synthetic"]) if distributed.is_main() else _NoLog()
     c = mlog.c
+    status, code, trainer = c.ABORTED, EXIT_NOT_REACHED, None
     try:
         mlog.event(c.CACHE_CLEAR, True)
         mlog.start(c.INIT_START)
@@ -444,9 +1049,66 @@ def run(cfg, resume=None):
         mlog.event(c.SUBMISSION_DIVISION, c.OPEN)
         mlog.event(c.SUBMISSION_STATUS, c.RESEARCH)
         mlog.event(c.SUBMISSION_PLATFORM, _platform(cfg))
-        return _train(cfg, run_dir, mlog, resume)
+        trainer = Trainer(cfg, folder, mlog, resume_arrays)
+        if continues_last:  # the folder's checkpoint_last.npz is the one resumed from: finite
+            trainer.last_checkpoint = (trainer.pos.epoch, trainer.pos.batch, trainer.pos.step)
+        if _CRASH_AT_STEP:
+            trainer.after_step = _crash_at(_CRASH_AT_STEP)
+        if distributed.is_main():
+            folder.write_text("config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str))
+            if resume_arrays is not None:  # metrics.jsonl = the history of the checkpoint resumed from
+                folder.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.pos.history))
+        trainer.log_run_parameters()
+        if resume_arrays is not None:
+            _say(f"resuming {run_dir} at epoch {trainer.pos.epoch + 1}, batch {trainer.pos.batch} "
+                 f"(step {trainer.pos.step})")
+        if cfg["dry_run"]:
+            lrs = [trainer.schedule(s) for s in (0, trainer.steps_per_epoch,
+                                                 trainer.steps_per_epoch * cfg["epochs"] - 1)]
+            _say(f"dry run: learning rate {lrs[0]:.4g} at step 0, {lrs[1]:.4g} after epoch 1, {lrs[2]:.4g} at "
+                 f"the last step; data in {dataset_dir(cfg)}; outputs would go to {run_dir}")
+            mlog.end(c.INIT_STOP)
+            return EXIT_OK
+        mlog.end(c.INIT_STOP)
+        mlog.start(c.RUN_START)
+        trainer.t_run = time.time()
+        try:
+            with trainer.stop:
+                code, status = trainer.train()
+        except Diverged as e:
+            _say(f"error: diverged: {e}; {trainer.divergence_advice()}")
+            code = EXIT_DIVERGED
+        except KeyboardInterrupt:
+            _say("aborted at once (second signal); the last checkpoint is intact")
+            code = trainer.stop.code
+        except OutputError as e:
+            _say(f"error: {e}")
+            code = EXIT_USAGE
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            _say(f"error: out of GPU memory at batch size {cfg['batch_size']}: try --batch-size "
+                 f"{max(1, cfg['batch_size'] // 2)} (or --precision fp16)")
+            code = EXIT_OOM
+        try:
+            mlog.end(c.RUN_STOP, status=status)
+        except OSError as e:
+            _say(f"error: {output_error(run_dir / log_name, e)}")
+            code = code if code != EXIT_OK else EXIT_USAGE
+        written = [n for n in RunFolder.RUN_FILES if (run_dir / n).exists()]
+        _say(f"outputs in {run_dir}: {', '.join(written)} (best top-1 {trainer.pos.best:.4f})")
+        return code
     finally:
+        if trainer is not None:
+            trainer.close()
         mlog.close()
+
+
+def _crash_at(step_to_die):
+    def after_step(step):
+        if step == step_to_die:
+            os._exit(137)  # die like `kill -9`: no cleanup, no checkpoint
+    return after_step
 
 
 def _platform(cfg):
@@ -460,264 +1122,6 @@ def _platform(cfg):
     return f"{world}x{cfg['device']}: {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-def _train(cfg, run_dir, mlog, resume):
-    c = mlog.c
-    comm = _comm()
-    world, rank = comm.world_size, comm.rank
-    if cfg["synthetic"] and comm.local_rank == 0:  # one preparer per node (the cache is node-local)
-        dataset_dir(cfg)
-    comm.barrier()
-    data_dir = dataset_dir(cfg)
-    device = nn.get_device(cfg["device"])
-    xp = device.xp
-    if cfg["conv_engine"] == "cudnn":
-        nn.device.set_conv_engine("cudnn")
-    act_dtype = {"fp32": None, "fp16": np.float16, "bf16": "bfloat16"}[cfg["precision"]]
-    in_dtype = np.float32 if act_dtype is None else act_dtype
-
-    local_batch = cfg["batch_size"] // world
-    workers = cfg["workers"]
-    if workers is None and world > 1:  # share the node's cores between its ranks' loaders
-        workers = max(1, ((os.cpu_count() or 2) - 1) // comm.local_size)
-    try:
-        train_loader = data.loader.Loader(data_dir / "train.lmdb", local_batch, train=True,
-                                          image_size=cfg["image_size"], seed=cfg["seed"], workers=workers,
-                                          rank=rank, world_size=world,
-                                          crop={"area_range": (cfg["min_crop_area"], 1.0)})
-    except ValueError as e:
-        raise UsageError(f"{data_dir / 'train.lmdb'}: {e}") from None
-    eval_batch = max(local_batch, 64)
-    val_loader = data.loader.Loader(data_dir / "val.lmdb", eval_batch, train=False, image_size=cfg["image_size"],
-                                    seed=cfg["seed"], workers=workers, rank=rank, world_size=world)
-    num_classes = len(train_loader.classes)
-    if list(val_loader.classes) != list(train_loader.classes):
-        raise UsageError(f"{data_dir}: train.lmdb and val.lmdb have different class lists; pack them together")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise UsageError(f"batch size {cfg['batch_size']} exceeds the {train_loader.num_samples} training images")
-
-    model = nn.resnet50(num_classes=num_classes, width=cfg["width"], zero_init_residual=cfg["zero_init_residual"],
-                        seed=cfg["seed"], activation_dtype=act_dtype).to(device)
-    if cfg["sync_bn"] and world > 1:
-        distributed.convert_sync_batchnorm(model, comm)
-    peak_lr = cfg["base_lr"] * cfg["batch_size"] / cfg["lr_per"]
-    Opt = nn.optim.SGD if cfg["optimizer"] == "sgd" else nn.optim.LARS
-    opt = Opt(model.named_parameters(), lr=0.0, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    schedule = make_schedule(cfg, steps_per_epoch, peak_lr)
-    scaler = None
-    if cfg["precision"] == "fp16":  # fp32 master weights; the loss scaled so fp16 gradients do not underflow
-        dynamic = cfg["loss_scale"] == "dynamic"
-        scaler = nn.amp.LossScaler(init_scale=2.0 ** 15 if dynamic else float(cfg["loss_scale"]), dynamic=dynamic)
-
-    epoch, batch, step, best, history = 0, 0, 0, 0.0, []
-    if resume is not None:
-        extras = nn.checkpoint.load(str(find_checkpoint(resume)), model, opt)
-        epoch, batch, step = int(extras["epoch"]), int(extras["batch"]), int(extras["step"])
-        best = float(extras["best_top1"])
-        history = json.loads(extras["history"])
-        if scaler is not None and extras.get("scaler"):
-            scaler.load_state_dict(json.loads(extras["scaler"]))
-        _say(f"resuming {run_dir} at epoch {epoch + 1}, batch {batch} (step {step})")
-    distributed.broadcast_parameters(model, comm)  # every rank starts from the same weights
-    ddp = distributed.DataParallel(model, comm) if world > 1 else None
-
-    if distributed.is_main():
-        atomic_write_text(run_dir / "config.json", json.dumps(cfg, indent=2, sort_keys=True, default=str))
-    mlog.event(c.SEED, cfg["seed"])
-    mlog.event(c.GLOBAL_BATCH_SIZE, cfg["batch_size"])
-    mlog.event(c.TRAIN_SAMPLES, train_loader.num_samples)
-    mlog.event(c.EVAL_SAMPLES, val_loader.num_samples)
-    mlog.event(c.OPT_NAME, c.SGD if cfg["optimizer"] == "sgd" else c.LARS)
-    mlog.event(c.OPT_BASE_LR, peak_lr)
-    mlog.event(c.OPT_LR_WARMUP_EPOCHS, cfg["warmup_epochs"])
-    mlog.event(c.OPT_WEIGHT_DECAY, cfg["weight_decay"])
-    mlog.event("opt_momentum", cfg["momentum"])
-    mlog.event("opt_learning_rate_decay_boundary_epochs", list(cfg["decay_epochs"]))
-    mlog.event("model_bn_span", cfg["batch_size"] if cfg["sync_bn"] else local_batch)
-
-    params = model.num_parameters()
-    _say(f"ResNet-50 v1.5 width {cfg['width']:g}: {params:,} parameters, {num_classes} classes, "
-         f"{cfg['image_size']}px, device {device.name}, {cfg['precision']}; "
-         f"{train_loader.num_samples} training images ({steps_per_epoch} steps of {cfg['batch_size']}), "
-         f"{val_loader.num_samples} validation images; peak lr {peak_lr:g} ({cfg['schedule']})")
-    if cfg["dry_run"]:
-        lrs = [schedule(s) for s in (0, steps_per_epoch, steps_per_epoch * cfg["epochs"] - 1)]
-        _say(f"dry run: learning rate {lrs[0]:.4g} at step 0, {lrs[1]:.4g} after epoch 1, {lrs[2]:.4g} at the "
-             f"last step; data in {data_dir}; outputs would go to {run_dir}")
-        train_loader.close()
-        val_loader.close()
-        mlog.end(c.INIT_STOP)
-        return EXIT_OK
-
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        _say("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort at once)")
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    mlog.end(c.INIT_STOP)
-    mlog.start(c.RUN_START)
-    t_run = time.time()
-    phases = Phases(cfg["profile"], xp)
-    status, code = c.ABORTED, EXIT_NOT_REACHED
-
-    def save(name, epoch_, batch_):
-        if not distributed.is_main():
-            return
-        nn.checkpoint.save(str(run_dir / name), model, opt, epoch=epoch_, batch=batch_, step=step, best_top1=best,
-                           history=json.dumps(history), config=json.dumps(cfg, default=str),
-                           scaler=json.dumps(scaler.state_dict()) if scaler else "")
-
-    # on cuda: the next batch goes to the GPU on a second stream while this step runs
-    prefetcher = DevicePrefetcher(train_loader, device.name)
-    try:
-        with train_loader, val_loader:
-            while epoch < cfg["epochs"]:
-                mlog.start(c.EPOCH_START, epoch_num=epoch + 1)
-                if batch == 0:
-                    mlog.start(c.BLOCK_START, first_epoch_num=epoch + 1, epoch_count=1)
-                train_loader.set_epoch(epoch, batch)
-                t_epoch = time.time()
-                loss_sum, loss_n, seen = 0.0, 0, 0
-                bar = _bar(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                           disable=cfg["no_progress"])
-                phases.reset_clock()
-                for images, labels in prefetcher:
-                    phases.mark("data")
-                    lr = schedule(step)
-                    opt.lr = lr
-                    x = nn.functional.normalize_images(images, device=device, dtype=in_dtype)
-                    y = device.asarray(labels)
-                    phases.mark("input")
-                    logits = model(x, layout="NHWC")
-                    loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-                    value = float(loss.data)
-                    if world > 1:  # one decision for all ranks: the mean loss, and whether anyone stops
-                        flags = np.array([value, float(stop["requested"])])
-                        comm.allreduce_(flags)
-                        value = float(flags[0]) / world
-                        stop["requested"] = stop["requested"] or flags[1] > 0
-                    phases.mark("forward")
-                    opt.zero_grad()
-                    if not math.isfinite(value):
-                        if scaler is None:
-                            raise Diverged(f"the loss is {value} at epoch {epoch + 1}, step {step} (learning rate "
-                                           f"{lr:.4g}); lower --lr or raise --warmup-epochs")
-                        scaler.update(False)  # fp16 overflow: skip this step with a smaller loss scale
-                    else:
-                        if scaler is not None:
-                            scaler.backward(loss)
-                        else:
-                            loss.backward()
-                        if ddp is not None:
-                            ddp.finish()  # gradients averaged over all ranks
-                        phases.mark("backward")
-                        if scaler is not None:
-                            scaler.step(opt)
-                        else:
-                            opt.step()
-                    phases.mark("optimizer")
-                    step += 1
-                    batch += 1
-                    if _CRASH_AT_STEP and step == _CRASH_AT_STEP:
-                        os._exit(137)  # test hook: die like `kill -9`, no cleanup
-                    if math.isfinite(value):
-                        loss_sum += value
-                        loss_n += 1
-                    seen += len(labels) * world
-                    elapsed = max(time.time() - t_epoch, 1e-9)
-                    bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}", img_s=f"{seen / elapsed:.0f}")
-                    bar.update(1)
-                    if stop["requested"] or (cfg["max_steps"] and step >= cfg["max_steps"]):
-                        break
-                bar.close()
-                mid_epoch = batch < steps_per_epoch
-                if mid_epoch:
-                    save("checkpoint_last.npz", epoch, batch)
-                    comm.barrier()
-                    if stop["requested"]:
-                        _say(f"interrupted: checkpoint saved to {run_dir / 'checkpoint_last.npz'}; "
-                             f"continue with: python train.py --resume {run_dir}")
-                        code = EXIT_INTERRUPTED
-                    else:
-                        _say(f"stopped after --max-steps {cfg['max_steps']}; checkpoint saved "
-                             f"({run_dir / 'checkpoint_last.npz'})")
-                        code = EXIT_OK
-                    break
-                mlog.end(c.EPOCH_STOP, epoch_num=epoch + 1)
-                train_time = time.time() - t_epoch
-                record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(loss_n, 1), "lr_end": opt.lr,
-                          "train_seconds": train_time, "images_per_s": seen / max(train_time, 1e-9),
-                          "top1": None, "top5": None, "target": cfg["target_accuracy"]}
-                if scaler is not None:
-                    record["loss_scale"] = scaler.scale
-                reached = False
-                if (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]:
-                    mlog.start(c.EVAL_START, epoch_num=epoch + 1)
-                    t_eval = time.time()
-                    top1, top5 = evaluate(model, val_loader, device, in_dtype, cfg["no_progress"])
-                    phases.mark("evaluation")
-                    record.update(top1=top1, top5=top5, eval_seconds=time.time() - t_eval)
-                    mlog.end(c.EVAL_STOP, epoch_num=epoch + 1)
-                    mlog.event(c.EVAL_ACCURACY, top1, epoch_num=epoch + 1)
-                    reached = top1 >= cfg["target_accuracy"]
-                mlog.end(c.BLOCK_STOP, first_epoch_num=epoch + 1)
-                history.append(record)
-                if distributed.is_main():
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                acc = (f"top-1 {record['top1']:.4f} top-5 {record['top5']:.4f}" if record["top1"] is not None
-                       else "no evaluation")
-                _say(f"epoch {epoch + 1:3d}: loss {record['train_loss']:.4f}  {acc}  lr {opt.lr:.4g}  "
-                     f"{record['images_per_s']:.0f} img/s  ({train_time:.1f}s)")
-                if cfg["profile"]:
-                    _say(f"  time per phase: {phases.report()}")
-                epoch, batch = epoch + 1, 0
-                if record["top1"] is not None and record["top1"] > best:
-                    best = record["top1"]
-                    save("checkpoint_best.npz", epoch, 0)
-                save("checkpoint_last.npz", epoch, 0)
-                if distributed.is_main():
-                    write_plot(run_dir / "plot.png", history)
-                comm.barrier()  # no rank goes on (or exits) before the checkpoint is in place
-                if reached:
-                    status, code = c.SUCCESS, EXIT_OK
-                    _say(f"target top-1 {cfg['target_accuracy']} reached after {epoch} epochs, "
-                         f"{time.time() - t_run:.1f}s of training")
-                    break
-                if stop["requested"] or (cfg["max_steps"] and step >= cfg["max_steps"]):
-                    code = EXIT_INTERRUPTED if stop["requested"] else EXIT_OK
-                    why = "interrupted" if stop["requested"] else f"stopped after --max-steps {cfg['max_steps']}"
-                    _say(f"{why}: checkpoint saved to {run_dir / 'checkpoint_last.npz'}; "
-                         f"continue with: python train.py --resume {run_dir}")
-                    break
-            else:
-                _say(f"target top-1 {cfg['target_accuracy']} not reached in {cfg['epochs']} epochs "
-                     f"(best {best:.4f})")
-    except Diverged as e:
-        _say(f"error: {e}")
-        code = EXIT_DIVERGED
-    except KeyboardInterrupt:
-        _say("aborted at once (second Ctrl-C); the last epoch's checkpoint is intact")
-        code = EXIT_INTERRUPTED
-    except Exception as e:
-        if _is_oom(e):
-            _say(f"error: out of GPU memory at batch size {cfg['batch_size']}: try --batch-size "
-                 f"{max(1, cfg['batch_size'] // 2)} (or --precision fp16)")
-            code = EXIT_OOM
-        else:
-            raise
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
-        mlog.end(c.RUN_STOP, status=status)
-    _say(f"outputs in {run_dir}: mlperf.log, metrics.jsonl, plot.png, checkpoint_last.npz, checkpoint_best.npz "
-         f"(best top-1 {best:.4f})")
-    return code
-
-
 def _bar(**kw):
     from tqdm import tqdm
     # bars only on a terminal (a log file would fill with redraws) and only on rank 0
@@ -729,47 +1133,70 @@ def _is_oom(e):
     return type(e).__name__ in ("OutOfMemoryError", "CUDARuntimeError") and "memory" in str(e).lower()
 
 
-def evaluate(model, loader, device, in_dtype, no_progress=False):
-    """Top-1 and top-5 accuracy over the whole split (every image exactly once)."""
+def evaluate(model, loader, device, in_dtype, no_progress=False, with_nonfinite=False):
+    """Top-1 and top-5 accuracy over the whole split (every image exactly once over all ranks).
+    with_nonfinite: return the counts (top-1 correct, top-5 correct, rows with NaN/inf logits,
+    images) instead; NaN/inf rows are never counted correct."""
     model.eval()
-    correct1 = correct5 = total = 0
+    correct1 = correct5 = nonfinite = total = 0
     try:
         with nn.no_grad():
             for images, labels in _bar(total=len(loader), desc="eval", disable=no_progress, iterable=loader):
                 x = nn.functional.normalize_images(images, device=device, dtype=in_dtype)
                 logits = model(x, layout="NHWC")
                 k5 = min(5, logits.shape[1])
-                c1, c5 = nn.metrics.topk_correct(logits, device.asarray(labels), ks=(1, k5))
-                correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(labels)
+                (c1, c5), bad = nn.metrics.topk_counts(logits, device.asarray(labels), ks=(1, k5))
+                correct1, correct5, nonfinite, total = correct1 + c1, correct5 + c5, nonfinite + bad, total + len(labels)
     finally:
         model.train()
     # each rank evaluated its own shard: add the counts up exactly
-    correct1, correct5, total = distributed.allreduce_counts([correct1, correct5, total], _comm())
+    correct1, correct5, nonfinite, total = distributed.allreduce_counts([correct1, correct5, nonfinite, total],
+                                                                        _comm())
+    if with_nonfinite:
+        return correct1, correct5, nonfinite, total
     return correct1 / total, correct5 / total
+
+
+def _terminated_early(signum, frame):
+    """SIGTERM before training started: nothing to save, one line, exit 143."""
+    raise SystemExit(EXIT_TERMINATED)
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    old_term = signal.signal(signal.SIGTERM, _terminated_early) if _in_main_thread() else None
     # Several ranks (mpirun -np N python train.py ...): the communicator first, before anything
     # touches the GPU, since each rank picks its GPU from its rank on the node.
     comm = distributed.init(device=args.device if args.device not in (None, "auto")
                             else ("cuda" if _gpu_available() else "cpu"))
+    code = EXIT_USAGE
     try:
         cfg = resolve_config(args)
         cfg["_explicit"] = {k: True for k, v in vars(args).items() if v is not None and v is not False}
         code = run(cfg, resume=args.resume)
-    except UsageError as e:
+    except (UsageError, data.records.DatabaseError) as e:
         if distributed.is_main():
             print(f"train.py: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
-    except data.records.DatabaseError as e:
-        if distributed.is_main():
-            print(f"train.py: error: {e}", file=sys.stderr)
-        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        _say("interrupted before training started: nothing to save")
+        code = EXIT_INTERRUPTED
+    except SystemExit as e:
+        if e.code != EXIT_TERMINATED:
+            raise
+        _say("terminated (SIGTERM) before training started: nothing to save")
+        code = EXIT_TERMINATED
     finally:
         comm.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return code
+
+
+def _in_main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

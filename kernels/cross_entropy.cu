@@ -13,7 +13,10 @@
  *     loss   = (1/N) sum_n loss_n                   (reduced on the device: no host round trip)
  * Backward:  dz[n, k] = grad_scale * (p[k] - target[k]) / N
  * Top-k:     rank_n = #{k : z[k] > z[label]} + #{k < label : z[k] == z[label]}  (ties go to the
- *            lower class index); the row counts as correct for k when rank_n < k.
+ *            lower class index); the row counts as correct for k when rank_n < k.  A row with a
+ *            NaN or inf logit is never correct (rank INT_MAX): NaN compares false with
+ *            everything, so without this rule a diverged model, all of whose logits are NaN,
+ *            would rank every label first and score 100 %.
  *
  * Versions of the forward:
  *   version 1  softmax_cross_entropy_forward_naive: one thread per row, three passes over the row
@@ -195,7 +198,11 @@ extern "C" __global__ void softmax_cross_entropy_backward(const float* __restric
 }
 
 /* ------------------------------------------------------------ top-k accuracy */
-/* rank[n] as defined above, one block per row.  A bad label gives rank K (never correct). */
+#define RANK_NONFINITE 0x7fffffff  /* INT_MAX: the rank of a row with a NaN/inf logit */
+
+/* rank[n] as defined above, one block per row.  A bad label gives rank K (never correct), a row
+ * with a non-finite logit rank RANK_NONFINITE (never correct, and counted apart by topk_count).
+ * The "any logit of the row non-finite" flag is one __syncthreads_or over the block. */
 extern "C" __global__ void topk_rank(const float* __restrict__ logits, const int* __restrict__ labels,
                                      int* __restrict__ rank, int N, int K) {
     __shared__ int warp_counts[32];
@@ -204,31 +211,39 @@ extern "C" __global__ void topk_rank(const float* __restrict__ logits, const int
         const bool valid = label >= 0 && label < K;
         const float* z = logits + (long long)n * K;
         const float zl = valid ? z[label] : 0.0f;
-        int count = 0;
-        if (valid)
-            for (int k = threadIdx.x; k < K; k += blockDim.x) count += (z[k] > zl) || (z[k] == zl && k < label);
+        int count = 0, nonfinite = 0;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            const float v = z[k];
+            nonfinite |= !isfinite(v);
+            if (valid) count += (v > zl) || (v == zl && k < label);
+        }
         for (int offset = 16; offset > 0; offset /= 2) count += __shfl_down_sync(FULL_MASK, count, offset);
         const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
         if (lane == 0) warp_counts[warp] = count;
-        __syncthreads();
+        nonfinite = __syncthreads_or(nonfinite);  /* also the barrier before warp_counts is read */
         if (threadIdx.x == 0) {
             int total = 0;
             for (int w = 0; w < (int)(blockDim.x / 32); ++w) total += warp_counts[w];
-            rank[n] = valid ? total : K;
+            rank[n] = nonfinite ? RANK_NONFINITE : (valid ? total : K);
         }
         __syncthreads();
     }
 }
 
-/* counts[j] = #{n : rank[n] < ks[j]} for j < nk, by one block of blockDim.x (multiple of 32). */
+/* counts[j] = #{n : rank[n] < ks[j]} for j < nk, and counts[nk] = #{n : rank[n] == RANK_NONFINITE}
+ * (the rows with a NaN/inf logit), by one block of blockDim.x (multiple of 32). */
 extern "C" __global__ void topk_count(const int* __restrict__ rank, int N, const int* __restrict__ ks, int nk,
                                       long long* __restrict__ counts) {
     __shared__ int warp_counts[32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    for (int j = 0; j < nk; ++j) {
-        const int k = ks[j];
+    for (int j = 0; j <= nk; ++j) {
         int count = 0;
-        for (int n = threadIdx.x; n < N; n += blockDim.x) count += rank[n] < k;
+        if (j < nk) {
+            const int k = ks[j];
+            for (int n = threadIdx.x; n < N; n += blockDim.x) count += rank[n] < k;
+        } else {
+            for (int n = threadIdx.x; n < N; n += blockDim.x) count += rank[n] == RANK_NONFINITE;
+        }
         for (int offset = 16; offset > 0; offset /= 2) count += __shfl_down_sync(FULL_MASK, count, offset);
         if (lane == 0) warp_counts[warp] = count;
         __syncthreads();

@@ -3,7 +3,7 @@ top-k accuracy counts, all computed on the device of the logits.
 
     loss, probs = softmax_cross_entropy_forward(logits, labels, label_smoothing=0.1)
     dlogits = softmax_cross_entropy_backward(probs, labels, label_smoothing=0.1)
-    top1, top5 = topk_correct(logits, labels, ks=(1, 5))
+    top1, top5, nonfinite = topk_correct(logits, labels, ks=(1, 5))
 
 logits: float32 [N, K] (C-contiguous); labels: int32 [N] with values in [0, K).  Labels of
 another integer dtype are refused (convert once in the loader, not every step).
@@ -100,10 +100,11 @@ def softmax_cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_scal
 
 def topk_correct(logits, labels, ks=(1, 5)):
     """For each k in ks, how many rows have their label among the k largest logits (ties broken
-    towards the lower class index).
+    towards the lower class index); then how many rows hold a NaN or inf logit (those rows are
+    never counted correct: a diverged model must not score).
 
     logits: float32 [N, K]; labels: int32 [N]; ks: positive ints.
-    -> int64 array [len(ks)] on the device of logits.
+    -> int64 array [len(ks) + 1] on the device of logits: the counts for ks, then the non-finite rows.
     """
     op = "topk_correct"
     N, K = _check(op, logits, labels)
@@ -111,7 +112,7 @@ def topk_correct(logits, labels, ks=(1, 5)):
     if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
         raise ValueError(f"{op}: ks must be a non-empty sequence of positive ints, got {ks}")
     xp = array_module(logits)
-    counts = xp.zeros(len(ks), dtype=np.int64)
+    counts = xp.zeros(len(ks) + 1, dtype=np.int64)
     if N == 0:
         return counts
     rank = xp.empty(N, dtype=np.int32)

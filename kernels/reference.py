@@ -545,11 +545,15 @@ def softmax_cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_scal
 
 
 def topk_correct(logits, labels, ks=(1, 5)):
-    """How many rows have their label among the k largest logits, for each k in ks.
+    """How many rows have their label among the k largest logits, for each k in ks; then how many
+    rows hold a NaN or inf logit.
 
     The label's rank = #classes with a larger logit + #classes with an equal logit and a lower
-    index (ties broken towards the lower class index); a row counts for k when rank < k.
-    logits: [N, K], labels: int [N]  ->  int64 array [len(ks)].
+    index (ties broken towards the lower class index); a row counts for k when rank < k. A row
+    with any non-finite logit counts for no k (NaN compares false with everything: without this
+    rule an all-NaN row would rank its label first).
+    logits: [N, K], labels: int [N]  ->  int64 array [len(ks) + 1]: the counts, then the
+    non-finite rows.
     """
     _check_ndim("logits", logits, 2, "[N, K]")
     N, K = logits.shape
@@ -557,7 +561,8 @@ def topk_correct(logits, labels, ks=(1, 5)):
     label_logit = logits[np.arange(N), labels][:, None]
     lower_index = np.arange(K)[None, :] < labels[:, None]
     rank = (logits > label_logit).sum(axis=1) + ((logits == label_logit) & lower_index).sum(axis=1)
-    return np.array([(rank < k).sum() for k in ks], dtype=np.int64)
+    finite = np.isfinite(logits).all(axis=1)
+    return np.array([(finite & (rank < k)).sum() for k in ks] + [(~finite).sum()], dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------

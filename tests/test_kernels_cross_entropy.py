@@ -84,7 +84,7 @@ def test_topk_correct_matches_reference_with_ties(backend, N, K):
     labels = rng.integers(0, K, N).astype(np.int32)
     ks = (1, 5, K, K + 3)
     got = ce.topk_correct(backend.to_device(logits), backend.to_device(labels), ks)
-    assert got.dtype == np.int64 and got.shape == (4,)
+    assert got.dtype == np.int64 and got.shape == (5,)
     np.testing.assert_array_equal(backend.to_host(got), ref.topk_correct(logits, labels, ks))
     # distinct values: no ties
     logits = rng.standard_normal((N, K)).astype(np.float32)
@@ -99,7 +99,29 @@ def test_topk_counts_a_known_case(backend):
                       dtype=np.float32)
     labels = np.array([1, 4, 6], dtype=np.int32)
     got = ce.topk_correct(backend.to_device(logits), backend.to_device(labels), (1, 5, 6, 7))
-    np.testing.assert_array_equal(backend.to_host(got), [1, 2, 2, 3])
+    np.testing.assert_array_equal(backend.to_host(got), [1, 2, 2, 3, 0])
+
+
+@pytest.mark.parametrize("N,K", [(8, 10), (37, 1000)])
+def test_rows_with_nan_or_inf_logits_are_never_correct(backend, N, K):
+    # A diverged model: all-NaN rows, rows with one NaN or one inf (even at the label, where inf
+    # would otherwise rank first), next to healthy rows. Only the healthy rows may count, and the
+    # last count says how many rows were not finite.
+    rng = np.random.default_rng(N)
+    logits = rng.standard_normal((N, K)).astype(np.float32)
+    labels = rng.integers(0, K, N).astype(np.int32)
+    logits[0] = np.nan
+    logits[1, (labels[1] + 1) % K] = np.nan
+    logits[2, labels[2]] = np.inf
+    logits[3, labels[3]] = -np.inf
+    logits[4, :] = np.inf
+    ks = (1, 5, K)
+    want = ref.topk_correct(logits, labels, ks)
+    healthy = np.arange(5, N)
+    np.testing.assert_array_equal(want[:-1], ref.topk_correct(logits[healthy], labels[healthy], ks)[:-1])
+    assert want[-1] == 5 and want[2] == N - 5    # k = K counts every healthy row, no broken one
+    got = ce.topk_correct(backend.to_device(logits), backend.to_device(labels), ks)
+    np.testing.assert_array_equal(backend.to_host(got), want)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -328,13 +328,16 @@ def test_topk_correct_with_ties():
                        [0.0, 0.0, 3.0, 0.0]])
     labels = np.array([2, 2, 0])
     # row 0: rank 1; row 1: rank 2; row 2: label 0 ties with 1 and 3 but is the lowest index: rank 1
-    assert np.array_equal(ref.topk_correct(logits, labels, ks=(1, 2, 3)), [0, 2, 3])
+    assert np.array_equal(ref.topk_correct(logits, labels, ks=(1, 2, 3)), [0, 2, 3, 0])
     r = rng(15)
     big = r.standard_normal((50, 10))
     lab = r.integers(0, 10, 50)
     order = np.argsort(-big, axis=1, kind="stable")
     expect = [sum(lab[n] in order[n, :k] for n in range(50)) for k in (1, 5)]
-    assert np.array_equal(ref.topk_correct(big, lab), expect)
+    assert np.array_equal(ref.topk_correct(big, lab), expect + [0])
+    big[7, lab[7]] = np.nan     # a NaN row is never correct, and counted apart
+    assert np.array_equal(ref.topk_correct(big, lab), [e - (lab[7] in order[7, :k]) for e, k in zip(expect, (1, 5))]
+                          + [1])
 
 
 # ---------------------------------------------------------------------------------------------
