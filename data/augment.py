@@ -271,8 +271,10 @@ def train_transform_into(jpeg, out, rng, boxes=None, color_jitter=0.0, dct_scali
     boxes: None or float [n, 4] relative object boxes for the crop sampler.
     color_jitter: strength x; factors ~ Uniform[1-x, 1+x] each (0 = off).
     dct_scaling: decode at 1/2, 1/4 or 1/8 scale when the crop stays >= S pixels.
+    Returns None, or libjpeg-turbo's warning for a damaged file it could still decode
+    (see data.decode.decode_jpeg_checked). Raises ValueError for a file that does not decode.
     """
-    from .decode import decode_jpeg, jpeg_header
+    from .decode import decode_jpeg_checked, jpeg_header
 
     if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8:
         raise ValueError(f"out must be uint8 [S, S, 3], got {out.dtype} {out.shape}")
@@ -281,9 +283,10 @@ def train_transform_into(jpeg, out, rng, boxes=None, color_jitter=0.0, dct_scali
     y0, x0, h, w = sample_distorted_crop(rng, height, width, bbox=boxes, **(crop_kwargs or {}))
     flip = bool(rng.random() < 0.5)
     if dct_scaling and h >= 2 * out_h and w >= 2 * out_w:  # only then can libjpeg shrink by >= 2
-        img = decode_jpeg(jpeg, min_height=-(-out_h * height // h), min_width=-(-out_w * width // w))
+        img, warning = decode_jpeg_checked(jpeg, min_height=-(-out_h * height // h),
+                                           min_width=-(-out_w * width // w))
     else:
-        img = decode_jpeg(jpeg)
+        img, warning = decode_jpeg_checked(jpeg)
     fy, fx = img.shape[0] / height, img.shape[1] / width
     ylo, xlo = int(y0 * fy), int(x0 * fx)
     yhi = min(img.shape[0], int(math.ceil((y0 + h) * fy))) - 1
@@ -293,13 +296,14 @@ def train_transform_into(jpeg, out, rng, boxes=None, color_jitter=0.0, dct_scali
     if color_jitter > 0:
         b, c, s = rng.uniform(1.0 - color_jitter, 1.0 + color_jitter, size=3)
         color_jitter_inplace(out, b, c, s)
-    return y0, x0, h, w, flip
+    return warning
 
 
 def eval_transform_into(jpeg, out, eval_resize, dct_scaling=True):
     """Decode one JPEG, resize its shorter side to ``eval_resize`` (bilinear) and write the
-    central crop into ``out`` (uint8 [S, S, 3])."""
-    from .decode import decode_jpeg, jpeg_header
+    central crop into ``out`` (uint8 [S, S, 3]). Returns None or libjpeg-turbo's warning,
+    as ``train_transform_into`` does."""
+    from .decode import decode_jpeg_checked, jpeg_header
 
     size = out.shape[0]
     if out.ndim != 3 or out.shape[1] != size or out.shape[2] != 3 or out.dtype != np.uint8:
@@ -307,9 +311,10 @@ def eval_transform_into(jpeg, out, eval_resize, dct_scaling=True):
     height, width, _ = jpeg_header(jpeg)
     scale = eval_resize / min(height, width)
     if dct_scaling and scale <= 0.5:
-        img = decode_jpeg(jpeg, min_height=int(math.ceil(height * scale)),
-                          min_width=int(math.ceil(width * scale)))
+        img, warning = decode_jpeg_checked(jpeg, min_height=int(math.ceil(height * scale)),
+                                           min_width=int(math.ceil(width * scale)))
     else:
-        img = decode_jpeg(jpeg)
+        img, warning = decode_jpeg_checked(jpeg)
     y0, x0, sy, sx = central_crop_geometry(img.shape[0], img.shape[1], size, eval_resize)
     resize_bilinear_into(img, out, y0, x0, sy, sx, 0, img.shape[0] - 1, 0, img.shape[1] - 1, False)
+    return warning

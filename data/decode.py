@@ -14,6 +14,15 @@ Colour handling (all outputs are RGB):
   Photoshop, libjpeg and Pillow write. That is Pillow's formula, so the result
   equals Pillow's ``.convert("RGB")``; TurboJPEG's own CMYK->RGB path differs by
   up to 2 levels, which is why we do not use it.
+
+Damaged files: libjpeg-turbo recovers from some damage with only a warning (a truncated
+file is filled with grey; corrupt entropy-coded data leaves "extraneous bytes before
+marker"). ``decode_jpeg`` decodes such files, as Pillow mostly does; ``decode_jpeg_checked``
+also says whether libjpeg-turbo warned. It decodes with TurboJPEG's stop-on-warning flag
+(simplejpeg's ``strict=True``) and decodes again leniently only when that fails, so a
+clean file costs one decode, exactly as before. JPEG has no checksum: damage that keeps the
+entropy-coded data consistent (a flipped bit that still reads as valid Huffman codes) decodes
+to a garbled image with no warning, and no decoder can tell.
 """
 
 import numpy as np
@@ -37,24 +46,42 @@ def _cmyk_to_rgb(cmyk):
     return ((c[..., :3] * c[..., 3:4] + 127) // 255).astype(np.uint8)
 
 
-def decode_jpeg(buf, min_height=0, min_width=0):
+def decode_jpeg(buf, min_height=0, min_width=0, strict=False):
     """Decode a JPEG to RGB.
 
     buf: bytes-like holding a whole JPEG file (YCbCr, grayscale, CMYK or YCCK).
     min_height, min_width: if > 0, let libjpeg-turbo downscale by 1/2, 1/4 or 1/8
         in the DCT domain to the smallest size that is still at least this large
         (the result may be up to 8x smaller than the file's own size).
+    strict: also raise ValueError (libjpeg-turbo's message) for damage libjpeg-turbo can
+        recover from, i.e. for any warning it gives.
     Returns a C-contiguous uint8 array [H, W, 3], RGB.
-    Raises ValueError for data that is not a decodable JPEG. Recoverable damage
-    (e.g. a truncated scan, which libjpeg fills with grey) is decoded, as Pillow does.
+    Raises ValueError for data that is not a decodable JPEG. Without ``strict``, recoverable
+    damage (e.g. a truncated scan, which libjpeg fills with grey) is decoded, as Pillow does.
     """
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise TypeError(f"buf must be bytes-like, got {type(buf).__name__}")
     _, _, colorspace = jpeg_header(buf)
-    kwargs = dict(min_height=int(min_height), min_width=int(min_width), strict=False)
+    kwargs = dict(min_height=int(min_height), min_width=int(min_width), strict=bool(strict))
     try:
         if colorspace in ("CMYK", "YCCK"):
             return _cmyk_to_rgb(simplejpeg.decode_jpeg(buf, colorspace="CMYK", **kwargs))
         return simplejpeg.decode_jpeg(buf, colorspace="RGB", **kwargs)
     except (KeyError, IndexError) as e:
         raise ValueError(f"undecodable JPEG: {e!r}") from None
+
+
+def decode_jpeg_checked(buf, min_height=0, min_width=0):
+    """Decode a JPEG like ``decode_jpeg`` and report recoverable damage.
+
+    Returns (rgb uint8 [H, W, 3], warning): warning is None for a clean file, else
+    libjpeg-turbo's message (e.g. "Premature end of JPEG file" for a truncated file,
+    "Corrupt JPEG data: 27 extraneous bytes before marker 0xd9" for damaged entropy-coded
+    data); the image is then libjpeg-turbo's best effort, as ``decode_jpeg`` returns it.
+    Raises ValueError for data that does not decode at all.
+    """
+    try:
+        return decode_jpeg(buf, min_height, min_width, strict=True), None
+    except ValueError as e:
+        warning = str(e)
+    return decode_jpeg(buf, min_height, min_width, strict=False), warning  # raises if it cannot decode

@@ -24,8 +24,16 @@ How it works
   are written by the workers straight into shared-memory slots (a file in /dev/shm,
   unlinked as soon as every worker has mapped it, so nothing leaks if we crash);
   at most ``prefetch`` batches are in flight, and they come out in order.
-- A record that fails to decode is logged (``loader.corrupt_records``) and replaced by
-  record ``default_rng([seed, epoch, 2, index, attempt]).integers(N)``; the epoch goes on.
+- A record that fails to decode, or whose label is not a class of the database
+  (outside [0, len(classes))), is logged once and replaced, every time it comes up, by
+  record ``default_rng([seed, epoch, 2, index, attempt]).integers(N)``
+  (``loader.corrupt_records``); the epoch goes on. A record that decodes with a
+  libjpeg-turbo warning (truncated, damaged entropy-coded data) is used as decoded and
+  logged once (``loader.damaged_records``).
+- Workers end with the process that started them, however it ends (kill -9 included):
+  each watches it through a pidfd (Linux >= 5.3; elsewhere it polls) and exits when it
+  is gone. The forkserver and multiprocessing's resource tracker exit by themselves once
+  no process holds their pipes, i.e. once the workers are gone.
 
 The arrays yielded are views into the shared slots and stay valid until the next
 batch is requested; pass ``copy=True`` to get private copies.
@@ -36,7 +44,10 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import select
 import tempfile
+import threading
+import time
 import traceback
 from collections import deque
 
@@ -75,10 +86,11 @@ class _BatchMaker:
 
     def __init__(self, lmdb_path, images, labels, cfg):
         self.env, self.meta = open_database(lmdb_path)
-        self.num_samples = self.meta["count"]
+        self.num_samples, self.num_classes = self.meta["count"], len(self.meta["classes"])
         self.images, self.labels, self.cfg = images, labels, cfg
 
     def _sample_into(self, index, out, epoch):
+        # -> (label, libjpeg-turbo warning or None); ValueError for a record we cannot use.
         from .augment import eval_transform_into, train_transform_into
 
         with self.env.begin(buffers=True) as txn:
@@ -86,23 +98,30 @@ class _BatchMaker:
             if raw is None:
                 raise ValueError(f"record {index} is missing")
             jpeg, label, boxes, _ = decode_record(raw)
+            if not 0 <= label < self.num_classes:  # an int32 on disk: a negative label fits too
+                raise ValueError(f"label {label} is outside [0, {self.num_classes}), "
+                                 f"the database's {self.num_classes} classes")
             cfg = self.cfg
             if cfg["train"]:
                 rng = np.random.default_rng([cfg["seed"], epoch, 1, int(index)])
-                train_transform_into(jpeg, out, rng, boxes if cfg["use_boxes"] else None,
-                                     cfg["color_jitter"], cfg["dct_scaling"], cfg["crop"])
+                warning = train_transform_into(jpeg, out, rng, boxes if cfg["use_boxes"] else None,
+                                               cfg["color_jitter"], cfg["dct_scaling"], cfg["crop"])
             else:
-                eval_transform_into(jpeg, out, cfg["eval_resize"], cfg["dct_scaling"])
-        return label
+                warning = eval_transform_into(jpeg, out, cfg["eval_resize"], cfg["dct_scaling"])
+        return label, warning
 
     def make(self, slot, indices, epoch):
-        """Fill slot ``slot`` -> list of (index, replacement, reason) for corrupt records."""
-        corrupt = []
+        """Fill slot ``slot`` -> (corrupt, damaged): lists of (index, replacement, reason) for
+        records replaced, and of (index, warning) for records used despite a decoder warning."""
+        corrupt, damaged = [], []
         for j, index in enumerate(indices):
             index, tried = int(index), 0
             while True:
                 try:
-                    self.labels[slot, j] = self._sample_into(index, self.images[slot, j], epoch)
+                    label, warning = self._sample_into(index, self.images[slot, j], epoch)
+                    self.labels[slot, j] = label
+                    if warning is not None:
+                        damaged.append((index, warning))
                     break
                 except (ValueError, OSError) as e:  # decode errors are ValueError
                     tried += 1
@@ -113,14 +132,65 @@ class _BatchMaker:
                                       .integers(self.num_samples))
                     corrupt.append((index, replacement, str(e)))
                     index = replacement
-        return corrupt
+        return corrupt, damaged
 
     def close(self):
         close_database(self.env)
 
 
-def _worker_main(worker_id, lmdb_path, buffer_path, batch_size, image_size, num_slots, cfg, tasks, results):
+def _process_start_time(pid):
+    """Start time of process ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22), or
+    None if there is no such process or no /proc. With the pid it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # fields after "(comm)" start at 3
+
+
+def _owner_alive(pid, start_time):
+    if start_time is not None:
+        return _process_start_time(pid) == start_time  # a zombie still has its /proc entry: fine
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _exit_with_owner(pid, start_time):
+    """End this process as soon as process ``pid`` (started at ``start_time``) ends.
+
+    Why: a worker blocks on its task queue, whose pipe it holds both ends of, so it never sees
+    EOF when the loader's process dies; it would live on (and keep the forkserver, the resource
+    tracker and the shared slots alive with it). A daemon thread waits on a pidfd of the owner
+    (Linux >= 5.3: readable the moment the owner exits, however it exits) or else polls it
+    twice a second, then calls os._exit: nothing to flush, the database is open read-only.
+    """
+    def watch():
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd here, or the owner is already gone
+            fd = None
+        if fd is not None and _owner_alive(pid, start_time):  # the pid was not reused before we opened it
+            select.select([fd], [], [])
+        else:
+            while _owner_alive(pid, start_time):
+                time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
+
+
+def _worker_main(worker_id, lmdb_path, buffer_path, batch_size, image_size, num_slots, cfg, tasks, results,
+                 owner=None):
     # Runs in a worker process: map the slots, open the database, serve tasks until None.
+    # owner: (pid, start time) of the process that started the loader; we exit when it does.
+    if owner is not None:
+        _exit_with_owner(*owner)
     try:
         images, labels = _map_slots(buffer_path, num_slots, batch_size, image_size)
         maker = _BatchMaker(lmdb_path, images, labels, cfg)
@@ -134,7 +204,7 @@ def _worker_main(worker_id, lmdb_path, buffer_path, batch_size, image_size, num_
             break
         batch_id, slot, indices, epoch = task
         try:
-            results.put(("done", batch_id, (slot, len(indices), maker.make(slot, indices, epoch))))
+            results.put(("done", batch_id, (slot, len(indices), *maker.make(slot, indices, epoch))))
         except BaseException:
             results.put(("error", batch_id, traceback.format_exc()))
     maker.close()
@@ -172,7 +242,10 @@ class Loader:
 
     Yields (images uint8 [b, S, S, 3] NHWC RGB, labels int32 [b]); b = batch_size except
     for the last evaluation batch. Attributes: num_samples (whole split), classes
-    (wnids in label order), position ((epoch, batch) of the next batch), corrupt_records.
+    (wnids in label order), position ((epoch, batch) of the next batch), corrupt_records
+    (list of (epoch, index, replacement, reason), one entry per replacement made: records
+    that do not decode or whose label is out of range), damaged_records ({index: libjpeg-turbo
+    warning} of records used although they decoded with a warning).
     """
 
     def __init__(self, lmdb_path, batch_size, train, image_size=224, eval_resize=None, seed=0, epoch=0,
@@ -206,6 +279,8 @@ class Loader:
                      "color_jitter": float(color_jitter), "dct_scaling": bool(dct_scaling),
                      "crop": dict(crop or {}), "eval_resize": self.eval_resize}
         self.corrupt_records = []  # (epoch, index, replacement, reason)
+        self.damaged_records = {}  # index -> warning
+        self._logged_corrupt = set()
         self._procs, self._maker, self._tasks, self._results = [], None, None, None
         self._batch_counter = 0
         self.set_epoch(epoch, start_batch)
@@ -265,10 +340,11 @@ class Loader:
             if self.start_method == "forkserver":
                 ctx.set_forkserver_preload(["data.loader", "data.augment", "data.decode"])
             self._tasks, self._results = ctx.Queue(), ctx.Queue()
+            owner = (os.getpid(), _process_start_time(os.getpid()))
             for w in range(self.workers):
                 p = ctx.Process(target=_worker_main, daemon=True,
                                 args=(w, self.lmdb_path, path, self.batch_size, self.image_size,
-                                      self.num_slots, self._cfg, self._tasks, self._results))
+                                      self.num_slots, self._cfg, self._tasks, self._results, owner))
                 p.start()
                 self._procs.append(p)
             for _ in range(self.workers):
@@ -324,11 +400,21 @@ class Loader:
 
     # -- iteration ----------------------------------------------------------------------
 
-    def _record_corrupt(self, epoch, corrupt):
+    def _record_problems(self, epoch, corrupt, damaged):
+        # Logged once per record (a bad record comes up every epoch); counted every time.
         for index, replacement, reason in corrupt:
-            log.warning("epoch %d: record %d is corrupt (%s); using record %d instead",
-                        epoch, index, reason, replacement)
+            if index not in self._logged_corrupt:
+                self._logged_corrupt.add(index)
+                log.warning("epoch %d: record %d is corrupt (%s); using record %d instead (it is replaced "
+                            "by another record every time it comes up; logged once)",
+                            epoch, index, reason, replacement)
             self.corrupt_records.append((epoch, index, replacement, reason))
+        for index, warning in damaged:
+            if index not in self.damaged_records:
+                self.damaged_records[index] = warning
+                log.warning("epoch %d: record %d is a damaged JPEG (libjpeg-turbo: %s); used as decoded "
+                            "(logged once; `python -m data.pack --verify` lists such records, a new pack "
+                            "re-encodes them)", epoch, index, warning)
 
     def _output(self, slot, count):
         images, labels = self._images[slot, :count], self._labels[slot, :count]
@@ -344,7 +430,7 @@ class Loader:
                                 self.rank, self.world_size)
         if self.workers == 0:
             for k in range(self.start_batch, len(batches)):
-                self._record_corrupt(epoch, self._maker.make(0, batches[k], epoch))
+                self._record_problems(epoch, *self._maker.make(0, batches[k], epoch))
                 self.start_batch = k + 1
                 yield self._output(0, len(batches[k]))
             self.set_epoch(epoch + 1)
@@ -368,8 +454,8 @@ class Loader:
                         raise RuntimeError(f"loader worker failed on a batch:\n{payload}")
                     done[batch_id] = payload
                     outstanding -= 1
-                slot, count, corrupt = done.pop(base + next_yield)
-                self._record_corrupt(epoch, corrupt)
+                slot, count, corrupt, damaged = done.pop(base + next_yield)
+                self._record_problems(epoch, corrupt, damaged)
                 next_yield += 1
                 self.start_batch = next_yield
                 yield self._output(slot, count)

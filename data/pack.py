@@ -19,16 +19,22 @@ not wnids; map them through the devkit's meta.mat first.
 What is stored: every JPEG byte for byte (grayscale ones too), except that a file
 whose *content* is not a JPEG (e.g. the PNG among ImageNet's training files) or is a
 CMYK/YCCK JPEG (22 of them) is re-encoded as an RGB JPEG, quality 100, 4:4:4.
-A file that neither decodes as JPEG nor opens in Pillow is skipped and listed in the
-metadata (``--strict`` makes it fail the pack instead).
+A damaged JPEG that libjpeg-turbo decodes only with a warning (a truncated file,
+corrupt entropy-coded data) is re-encoded the same way from its best-effort decode
+and listed in the metadata as ``damaged``. A file that neither decodes as JPEG nor
+opens in Pillow is skipped and listed in the metadata (``--strict`` makes it fail the
+pack instead). ``--verify`` also reports stored JPEGs that decode with a warning.
 
 Safety: the database is built in ``<name>.partial`` and renamed when finished; each
 transaction commits a run of records together with a progress record, so a killed
 pack resumes where it stopped when run again with the same arguments. The LMDB map
-grows (doubles) whenever it is full.
+grows (doubles) whenever it is full. A destination that cannot be written (a file in
+the way, no permission, a full disk) ends the pack with a one-line error and exit
+code 2; after a full disk, the same command resumes from the last commit.
 """
 
 import argparse
+import errno
 import hashlib
 import io
 import json
@@ -51,30 +57,46 @@ TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 
 
 class PackError(RuntimeError):
-    """A source that cannot be packed (bad layout, unreadable file under --strict, ...)."""
+    """A source that cannot be packed (bad layout, unreadable file under --strict, ...)
+    or a destination that cannot be written."""
 
 
 # ---------------------------------------------------------------------------------------
 # Content inspection and re-encoding (runs in the worker processes)
 # ---------------------------------------------------------------------------------------
 
+def _encode_rgb(rgb):
+    # The one re-encoding the packer does: RGB JPEG, quality 100, 4:4:4 chroma.
+    from PIL import Image
+
+    out = io.BytesIO()
+    (rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)).save(out, "JPEG", quality=100, subsampling=0)
+    return out.getvalue()
+
+
 def prepare_image(data):
     """Decide how one source file is stored.
 
-    data: the file's bytes. Returns (jpeg_bytes, reencoded: bool).
+    data: the file's bytes. Returns (jpeg_bytes, reencoded: bool, warning: str or None).
+    warning is libjpeg-turbo's message for a damaged JPEG that decodes only with a warning
+    (truncated, corrupt entropy-coded data): such a file is re-encoded from that decode,
+    so that the stored record decodes cleanly.
     Raises ValueError if the content is neither a decodable JPEG nor an image Pillow reads.
-    Detection is by content (magic bytes and JPEG colour space), never by file name.
+    Detection is by content (magic bytes, JPEG colour space, decoder warnings), never by
+    file name. Cost: one decode per clean JPEG, as a plain check would take.
     """
-    from .decode import decode_jpeg, jpeg_header
+    from .decode import decode_jpeg_checked, jpeg_header
 
     if data[:3] == b"\xff\xd8\xff":
         try:
             _, _, colorspace = jpeg_header(data)
-            if colorspace not in ("CMYK", "YCCK"):
-                decode_jpeg(data)  # proves it decodes; the bytes are kept as they are
-                return data, False
+            rgb, warning = decode_jpeg_checked(data)  # proves it decodes; a clean file is kept as it is
         except ValueError as e:
             raise ValueError(f"undecodable JPEG: {e}") from None
+        if warning is not None:
+            return _encode_rgb(rgb), True, warning
+        if colorspace not in ("CMYK", "YCCK"):
+            return data, False, None
     from PIL import Image
 
     try:
@@ -83,9 +105,7 @@ def prepare_image(data):
     except Exception as e:  # Pillow raises many types for bad input
         # (no str(e): Pillow's messages hold object addresses, and the metadata must be reproducible)
         raise ValueError(f"neither a JPEG nor an image Pillow can read ({type(e).__name__})") from None
-    out = io.BytesIO()
-    rgb.save(out, "JPEG", quality=100, subsampling=0)
-    return out.getvalue(), True
+    return _encode_rgb(rgb), True, None
 
 
 def parse_box_xml(path):
@@ -108,12 +128,12 @@ def _prepare_item(item):
         if data is None:
             with open(path, "rb") as f:
                 data = f.read()
-        jpeg, reencoded = prepare_image(data)
+        jpeg, reencoded, warning = prepare_image(data)
         boxes = parse_box_xml(box_path) if box_path else None
         value = encode_record(jpeg, label, boxes, FLAG_REENCODED if reencoded else 0)
-        return name, value, reencoded, None
+        return name, value, reencoded, None, warning
     except (OSError, ValueError, ET.ParseError) as e:
-        return name, None, False, str(e)
+        return name, None, False, str(e), None
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,8 +282,61 @@ class TarSource:
 # The writer
 # ---------------------------------------------------------------------------------------
 
+def _free_space(path):
+    # "12.3 GiB free" on the filesystem holding path (or its nearest existing ancestor).
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "free space unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
+        free /= 1024
+
+
+def _write_failed(partial, error, done, total):
+    """The PackError for a write into the database that failed (full disk, I/O error)."""
+    return PackError(f"writing {partial!r} failed ({error}) with {_free_space(partial)} there: is the disk "
+                     f"full? Nothing committed is lost ({done} of {total} source files): free some space and "
+                     f"rerun the same command to resume the pack")
+
+
+def _check_destination(folder):
+    """Create ``folder`` (and its parents) or raise PackError saying why it cannot be."""
+    existing = os.path.abspath(folder)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        if existing == os.path.abspath(folder):
+            raise PackError(f"the destination {folder!r} is a file, not a folder")
+        raise PackError(f"cannot create the folder {folder!r}: {existing!r} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise PackError(f"cannot create the folder {folder!r}: {e.strerror or e}") from None
+
+
+def _open_writable(partial, map_size):
+    import lmdb
+
+    try:
+        return lmdb.open(partial, map_size=int(map_size), subdir=True, readahead=False, meminit=False)
+    except (OSError, lmdb.Error) as e:
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise PackError(f"cannot write the database {partial!r}: {e.strerror}") from None
+        raise PackError(f"cannot write the database {partial!r}: {getattr(e, 'strerror', None) or e} "
+                        f"({_free_space(partial)} there)") from None
+
+
 def _commit(env, records, progress):
-    """Write records + progress in one transaction, doubling the map while it is full."""
+    """Write records + progress in one transaction, doubling the map while it is full.
+
+    Raises lmdb.Error (other than MapFullError) when the disk refuses the write; the
+    transaction is then aborted and the database holds the previous commit.
+    """
     import lmdb
 
     while True:
@@ -315,6 +388,7 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
 
     dst = os.fspath(dst).rstrip("/")
     partial = dst + ".partial"
+    _check_destination(os.path.dirname(os.path.abspath(dst)))
     if os.path.exists(dst):
         if not overwrite:
             try:
@@ -327,9 +401,8 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
                 raise PackError(f"{dst!r} was packed from a different source; pass overwrite=True / --overwrite")
             log.info("%s is already packed (%d records)", dst, meta["count"])
             return meta
-        shutil.rmtree(dst)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    env = lmdb.open(partial, map_size=int(map_size), subdir=True, readahead=False, meminit=False)
+        _remove(dst)
+    env = _open_writable(partial, map_size)
     with env.begin() as txn:
         raw = txn.get(PROGRESS_KEY)
     state = json.loads(bytes(raw)) if raw else None
@@ -339,13 +412,15 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
             raise PackError(f"{partial!r} is an unfinished pack of a different source; remove it or "
                             f"pass overwrite=True / --overwrite")
         env.close()
-        shutil.rmtree(partial)
-        env = lmdb.open(partial, map_size=int(map_size), subdir=True, readahead=False, meminit=False)
+        _remove(partial)
+        env = _open_writable(partial, map_size)
         state = None
     if state is None:
-        state = {"plan": source.plan, "source_done": 0, "count": 0, "skipped": [], "reencoded": []}
+        state = {"plan": source.plan, "source_done": 0, "count": 0, "skipped": [], "reencoded": [], "damaged": []}
     elif progress:
         log.info("resuming %s at source item %d (%d records)", partial, state["source_done"], state["count"])
+    state.setdefault("damaged", [])  # a pack begun before damaged files were told apart
+    committed = state["source_done"]
     total = len(source)
     items = source.iterate(start=state["source_done"])
     workers = os.cpu_count() if workers is None else int(workers)
@@ -361,7 +436,7 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
                disable=not progress, dynamic_ncols=True)
     pending, commits = [], 0
     try:
-        for name, value, reencoded, error in results:
+        for name, value, reencoded, error, warning in results:
             state["source_done"] += 1
             if value is None:
                 if strict:
@@ -372,31 +447,52 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
                 pending.append((record_key(state["count"]), value))
                 if reencoded:
                     state["reencoded"].append([state["count"], name])
+                if warning is not None:
+                    log.warning("re-encoding damaged JPEG %s (libjpeg-turbo: %s)", name, warning)
+                    state["damaged"].append([state["count"], name, warning])
                 state["count"] += 1
             bar.update(1)
             if len(pending) >= commit_every:
-                _commit(env, pending, {PROGRESS_KEY: json.dumps(state).encode()})
-                pending, commits = [], commits + 1
+                try:
+                    _commit(env, pending, {PROGRESS_KEY: json.dumps(state).encode()})
+                except lmdb.Error as e:
+                    raise _write_failed(partial, e, committed, total) from None
+                pending, commits, committed = [], commits + 1, state["source_done"]
                 if _crash_after_commits is not None and commits >= _crash_after_commits:
                     os._exit(3)  # test hook: die like a killed process, no cleanup at all
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "split": split, "count": state["count"],
                 "classes": list(source.classes), "plan": source.plan, "reencoded": state["reencoded"],
-                "skipped": state["skipped"]}
+                "damaged": state["damaged"], "skipped": state["skipped"]}
         if state["count"] == 0:
             raise PackError(f"no readable images in the {split} source")
-        _commit(env, pending, {PROGRESS_KEY: None, META_KEY: json.dumps(meta).encode()})
+        try:
+            _commit(env, pending, {PROGRESS_KEY: None, META_KEY: json.dumps(meta).encode()})
+            env.sync()
+        except lmdb.Error as e:
+            raise _write_failed(partial, e, committed, total) from None
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
-        env.sync()
         env.close()
-    os.replace(partial, dst)
+    try:
+        os.replace(partial, dst)
+    except OSError as e:
+        raise PackError(f"the pack is complete in {partial!r} but renaming it to {dst!r} failed "
+                        f"({e.strerror or e}); rename it by hand") from None
     if progress:
-        log.info("packed %s: %d images, %d re-encoded, %d skipped", dst, meta["count"],
-                 len(meta["reencoded"]), len(meta["skipped"]))
+        log.info("packed %s: %d images, %d re-encoded (%d of them damaged JPEGs), %d skipped", dst, meta["count"],
+                 len(meta["reencoded"]), len(meta["damaged"]), len(meta["skipped"]))
     return meta
+
+
+def _remove(path):
+    # --overwrite: remove an old database (or unfinished pack) before building a new one.
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        raise PackError(f"cannot remove {path!r} to rebuild it: {e.strerror or e}") from None
 
 
 def make_source(src, split, classes=None, val_labels=None, boxes_dir=None):
@@ -434,12 +530,14 @@ def verify(db_path, source, progress=True):
     """Check a database against its source -> list of problems (empty when it matches).
 
     Every stored record must equal its source file byte for byte (re-encoded ones must
-    decode to the source image's size), with the same label, in source order.
+    decode to the source image's size), with the same label, in source order, and must
+    decode without a libjpeg-turbo warning (a damaged JPEG stored by an older pack, or
+    damaged in the database since).
     """
     from PIL import Image
     from tqdm import tqdm
 
-    from .decode import decode_jpeg
+    from .decode import decode_jpeg_checked
 
     env, meta = open_database(db_path)
     problems = []
@@ -465,12 +563,20 @@ def verify(db_path, source, progress=True):
                     data = f.read()
             if stored_label != label:
                 problems.append(f"record {index} ({name}): label {stored_label} != {label}")
+            try:
+                image, warning = decode_jpeg_checked(jpeg)
+            except ValueError as e:
+                image, warning = None, None
+                problems.append(f"record {index} ({name}): the stored JPEG does not decode ({e})")
+            if warning is not None:
+                problems.append(f"record {index} ({name}): the stored JPEG decodes with a warning "
+                                f"(libjpeg-turbo: {warning}); pack again with --overwrite to re-encode it")
             if index in reencoded or flags & FLAG_REENCODED:
                 with Image.open(io.BytesIO(data)) as img:
                     size = img.size
-                h, w = decode_jpeg(jpeg).shape[:2]
-                if (w, h) != size:
-                    problems.append(f"record {index} ({name}): re-encoded size {(w, h)} != {size}")
+                if image is not None and (image.shape[1], image.shape[0]) != size:
+                    problems.append(f"record {index} ({name}): re-encoded size "
+                                    f"{(image.shape[1], image.shape[0])} != {size}")
             elif bytes(jpeg) != data:
                 problems.append(f"record {index} ({name}): bytes differ from the source file")
             index += 1
@@ -509,6 +615,9 @@ def main(argv=None):
         pack_folder(args.src, args.dst, args.splits, args.workers, args.val_labels, args.boxes,
                     args.strict, args.overwrite)
     except (PackError, DatabaseError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a source folder we may not read: the system's one-line reason
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,13 +19,18 @@ Keys and values
 ``b"__meta__"``
     JSON, written in the same transaction as the last record, so a database
     that has it is complete: ``{"format": "rn50-lmdb", "version": 1,
-    "count": N, "classes": [wnid, ...], "split": "train", "reencoded": [...],
-    "skipped": [...], "plan": sha256-of-the-source-list}``.
+    "count": N, "classes": [wnid, ...], "split": "train", "reencoded": [[index, name], ...],
+    "damaged": [[index, name, libjpeg-turbo warning], ...], "skipped": [[name, reason], ...],
+    "plan": sha256-of-the-source-list}``. ``damaged`` lists the re-encoded records whose
+    source JPEG decoded only with a warning; databases packed before it existed lack it.
+    A record's label is an index into ``classes``; the loader replaces a record whose
+    label is not.
 
 ``b"__progress__"`` (only while packing)
-    JSON ``{"done": k, "plan": ...}``: records 0..k-1 are committed. A killed
-    pack resumes from k; the directory keeps the suffix ``.partial`` until the
-    pack finishes, so a half-written database is never mistaken for a complete one.
+    JSON ``{"plan": ..., "source_done": k, "count": n, "reencoded": [...], "damaged": [...],
+    "skipped": [...]}``: the first k source files are dealt with and records 0..n-1 are
+    committed. A killed pack resumes from there; the directory keeps the suffix ``.partial``
+    until the pack finishes, so a half-written database is never mistaken for a complete one.
 """
 
 import json

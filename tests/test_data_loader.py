@@ -218,3 +218,159 @@ def test_a_dead_worker_is_reported(colour_db):
         with pytest.raises(RuntimeError, match="died"):
             for _ in it:
                 pass
+
+
+def _put_records(src, dst, changes):
+    """Copy the database at ``src`` to ``dst`` with records replaced: {index: (jpeg or None, label)}."""
+    shutil.copytree(src, dst)
+    env = lmdb.open(dst)
+    with env.begin(write=True) as txn:
+        for index, (jpeg, label) in changes.items():
+            old_jpeg, _, _, _ = decode_record(txn.get(record_key(index)))
+            txn.put(record_key(index), encode_record(bytes(old_jpeg) if jpeg is None else jpeg, label))
+    env.close()
+    return dst
+
+
+def test_out_of_range_labels_are_replaced_like_corrupt_records(colour_db, tmp_path, caplog):
+    path, table, labels = colour_db
+    perm0 = np.random.default_rng([0, 0, 0, 0]).permutation(N)
+    too_big, negative = int(perm0[0]), int(perm0[9])  # first samples of batches 0 and 1 of epoch 0
+    bad_path = _put_records(path, str(tmp_path / "bad.lmdb"), {too_big: (None, 3), negative: (None, -1)})
+    outputs = []
+    for workers in (0, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="data.loader"):
+            with Loader(bad_path, B, train=True, image_size=S, workers=workers) as loader:
+                epochs = run_epochs(loader, 2)
+                corrupt = list(loader.corrupt_records)
+        # the documented rule, computed here: every time a bad record comes up in epoch e, it is
+        # replaced by default_rng([seed, e, 2, index, attempt]).integers(N), attempt = 1, 2, ...
+        # while the replacement is bad too (record 50 draws itself once in epoch 0)
+        reasons = {too_big: "label 3 is outside [0, 3), the database's 3 classes",
+                   negative: "label -1 is outside [0, 3), the database's 3 classes"}
+        expected = []
+        for e in range(2):
+            order = np.random.default_rng([0, e, 0, 0]).permutation(N)[:N // B * B]
+            for position, index in enumerate(order):
+                index, attempt = int(index), 0
+                while index in reasons:
+                    attempt += 1
+                    replacement = int(np.random.default_rng([0, e, 2, index, attempt]).integers(N))
+                    expected.append((e, index, replacement, reasons[index]))
+                    index = replacement
+                images, y = epochs[e][position // B]
+                assert identify(images[position % B:position % B + 1], table)[0] == index
+                assert y[position % B] == labels[index]
+        assert corrupt == expected and len(expected) >= 3
+        for victim in (too_big, negative):  # logged once each, however often it came up
+            assert caplog.text.count(f"record {victim} is corrupt") == 1
+        outputs.append(epochs)
+    for a, b in zip(sum(outputs[0], []), sum(outputs[1], [])):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_damaged_jpeg_record_is_used_and_logged_once(texture_db, tmp_path, caplog):
+    from tests.test_data_decode import damaged_jpegs
+
+    truncated = damaged_jpegs()["truncated"]
+    bad_path = _put_records(texture_db["val"], str(tmp_path / "bad.lmdb"), {4: (truncated, 1)})
+    for workers in (0, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="data.loader"):
+            with Loader(bad_path, 4, train=False, image_size=24, workers=workers, dct_scaling=False) as loader:
+                epochs = run_epochs(loader, 2)
+                assert loader.damaged_records == {4: "Premature end of JPEG file"}
+                assert loader.corrupt_records == []
+        assert caplog.text.count("record 4 is a damaged JPEG (libjpeg-turbo: Premature end of JPEG file)") == 1
+        expected = np.zeros((24, 24, 3), np.uint8)  # record 4 = batch 1, row 0, used as decoded
+        eval_transform_into(truncated, expected, 27, dct_scaling=False)
+        for images, y in (epochs[0][1], epochs[1][1]):
+            np.testing.assert_array_equal(images[0], expected)
+            assert y[0] == 1
+
+
+CHILD = r"""
+import os, sys, time
+from data.loader import Loader
+
+def descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+if __name__ == "__main__":
+    loader = Loader(sys.argv[1], 4, train=True, image_size=16, workers=2)
+    batches = iter(loader)
+    next(batches)
+    print(" ".join(map(str, descendants(os.getpid()))), flush=True)
+    while True:
+        for _ in loader:
+            time.sleep(0.01)
+"""
+
+
+def _alive(pid):
+    # a zombie has exited; it only waits for its (new) parent to reap it
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to find the child processes")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_forkserver_and_tracker_die_with_their_parent(texture_db, tmp_path, sig):
+    import subprocess
+    import sys
+    import time
+
+    import data
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))
+    proc = subprocess.Popen([sys.executable, str(script), texture_db["train"]], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=repo))
+    pids = []
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        pids = [int(p) for p in line.split()]
+        commands = []
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                commands.append(f.read().replace(b"\0", b" ").decode())
+        # the 2 workers (forked by the forkserver), the forkserver, the resource tracker
+        assert len(pids) == 4, commands
+        assert sum("forkserver" in c for c in commands) == 3 and sum("resource_tracker" in c for c in commands) == 1
+        proc.send_signal(sig)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(map(_alive, pids)):
+            time.sleep(0.1)
+        survivors = [c for p, c in zip(pids, commands) if _alive(p)]
+        assert not survivors, f"still alive 10 s after the parent died: {survivors}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:  # a failed test leaves nothing behind either
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -1,21 +1,32 @@
-"""Stage 1: data.pack on a small folder with ImageNet's quirks, tars, interruption, verify."""
+"""Stage 1: data.pack on a small folder with ImageNet's quirks, tars, interruption, verify,
+damaged JPEGs, and destinations that cannot be written."""
 
+import ctypes
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
+import re
+import resource
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import lmdb
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
+import data
 from data.decode import decode_jpeg
 from data.loader import Loader
 from data.pack import FolderSource, PackError, main, pack, pack_folder, parse_box_xml, verify
-from data.records import META_KEY, DatabaseError, close_database, decode_record, open_database, record_key
+from data.records import (META_KEY, DatabaseError, close_database, decode_record, encode_record, open_database,
+                          record_key)
+from tests.test_data_decode import damaged_jpegs
 
 CLASSES = ["n01000001", "n01000002", "n01000003"]
 
@@ -248,3 +259,171 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["--src", str(tmp_path), "--dst", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no train data") and err.count("\n") == 1
+
+
+def test_damaged_jpegs_are_reencoded_listed_and_verified(tmp_path, caplog):
+    # A half-truncated JPEG and one with damaged entropy-coded data decode only with a
+    # libjpeg-turbo warning: packed re-encoded from that decode, listed; --verify reports
+    # such a record when a database holds it as it was (an older pack, or damage since).
+    jpegs = damaged_jpegs()
+    src = tmp_path / "src" / "train" / "n1"
+    src.mkdir(parents=True)
+    names = {"clean": "n1/a.JPEG", "truncated": "n1/b.JPEG", "entropy": "n1/c.JPEG"}
+    for kind, name in names.items():
+        (tmp_path / "src" / "train" / name).write_bytes(jpegs[kind])
+    expected = {}
+    for kind in ("truncated", "entropy"):  # the library's own verdict, asked directly
+        with pytest.raises(ValueError) as e:
+            simplejpeg.decode_jpeg(jpegs[kind], strict=True)
+        expected[kind] = str(e.value)
+    assert expected["truncated"] == "Premature end of JPEG file"
+    assert expected["entropy"].startswith("Corrupt JPEG data: ")
+    with caplog.at_level(logging.WARNING, logger="data.pack"):
+        path = pack_folder(str(tmp_path / "src"), str(tmp_path / "db"), splits=("train",), workers=1,
+                           progress=False)["train"]
+    recs, meta = _records(path)
+    assert meta["damaged"] == [[1, names["truncated"], expected["truncated"]],
+                               [2, names["entropy"], expected["entropy"]]]
+    assert meta["reencoded"] == [[1, names["truncated"]], [2, names["entropy"]]] and meta["skipped"] == []
+    for kind in ("truncated", "entropy"):
+        assert f"re-encoding damaged JPEG {names[kind]} (libjpeg-turbo: {expected[kind]})" in caplog.text
+    assert recs[0][0] == jpegs["clean"] and recs[0][3] == 0
+    for index, kind in ((1, "truncated"), (2, "entropy")):
+        jpeg, _, _, flags = recs[index]
+        assert flags == 1
+        stored = simplejpeg.decode_jpeg(jpeg, strict=True).astype(int)  # decodes cleanly now
+        best_effort = simplejpeg.decode_jpeg(jpegs[kind], strict=False).astype(int)
+        diff = np.abs(stored - best_effort)
+        assert diff.max() <= 4 and diff.mean() < 0.6  # quality 100, 4:4:4: colour round trip only
+    assert verify(path, FolderSource(str(tmp_path / "src" / "train")), progress=False) == []
+    # --strict fails only on files that do not decode at all
+    strict = pack_folder(str(tmp_path / "src"), str(tmp_path / "strict"), splits=("train",), workers=1,
+                         strict=True, progress=False)["train"]
+    assert _records(strict)[1]["damaged"] == meta["damaged"]
+    # A database that holds the truncated file byte for byte, as packs before this check did
+    old = tmp_path / "old" / "train.lmdb"
+    shutil.copytree(path, old)
+    env = lmdb.open(str(old))
+    with env.begin(write=True) as txn:
+        txn.put(record_key(1), encode_record(jpegs["truncated"], 0))
+    env.close()
+    problems = verify(str(old), FolderSource(str(tmp_path / "src" / "train")), progress=False)
+    assert problems == [f"record 1 ({names['truncated']}): the stored JPEG decodes with a warning "
+                        f"(libjpeg-turbo: Premature end of JPEG file); pack again with --overwrite to re-encode it"]
+    assert main(["--src", str(tmp_path / "src"), "--dst", str(old.parent), "--splits", "train", "--verify"]) == 1
+
+
+def _one_line_error(err):
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), err
+    return lines[-1]
+
+
+def test_destination_in_a_file_is_a_one_line_error(packed, tmp_path, capsys):
+    root = packed[0]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["--src", root, "--dst", str(blocker / "out"), "--splits", "val"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line == f"error: cannot create the folder '{blocker / 'out'}': '{blocker}' is a file, not a folder"
+    assert main(["--src", root, "--dst", str(blocker), "--splits", "val"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line == f"error: the destination '{blocker}' is a file, not a folder"
+    assert blocker.read_text() == "not a folder"
+
+
+def _without_dac_override():
+    # preexec_fn: drop CAP_DAC_OVERRIDE (and CAP_DAC_READ_SEARCH) from the bounding set, so that
+    # root, too, is refused writes into a read-only folder after the exec.
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):
+            libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+def _run_pack_cli(args, preexec_fn=None):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    return subprocess.run([sys.executable, "-m", "data.pack", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=preexec_fn)
+
+
+def test_read_only_destination_is_a_one_line_error(packed, tmp_path):
+    root = packed[0]
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    probe = subprocess.run([sys.executable, "-c", f"open({str(read_only / 'probe')!r}, 'w')"],
+                           preexec_fn=_without_dac_override, capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("cannot make a read-only folder here: this user may write anywhere (root with "
+                    "CAP_DAC_OVERRIDE that could not be dropped)")
+    try:
+        proc = _run_pack_cli(["--src", root, "--dst", str(read_only), "--splits", "val", "--workers", "1"],
+                             _without_dac_override)
+        assert proc.returncode == 2
+        assert _one_line_error(proc.stderr) == (f"error: cannot write the database '{read_only / 'val.lmdb.partial'}': "
+                                                f"Permission denied")
+        proc = _run_pack_cli(["--src", root, "--dst", str(read_only / "out"), "--splits", "val", "--workers", "1"],
+                             _without_dac_override)
+        assert proc.returncode == 2
+        assert _one_line_error(proc.stderr) == (f"error: cannot create the folder '{read_only / 'out'}': "
+                                                f"Permission denied")
+    finally:
+        read_only.chmod(0o755)
+
+
+FREE_SPACE = r"\d+(\.\d)? (bytes|KiB|MiB|GiB|TiB) free"
+
+
+def test_full_disk_is_a_one_line_error_and_the_pack_resumes(tmp_path):
+    # A real write failure: RLIMIT_FSIZE makes the kernel refuse writes past 96 KiB with EFBIG
+    # (Python ignores SIGXFSZ), which LMDB reports as on a full disk.
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "src" / "train" / "n1")
+    for k in range(12):  # ~18 KB each
+        _save(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), tmp_path / "src" / "train" / "n1" / f"{k}.JPEG",
+              quality=90)
+    args = ["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "db"), "--splits", "train", "--workers", "1"]
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (96 << 10, 96 << 10))
+
+    proc = _run_pack_cli(args, small_disk)
+    assert proc.returncode == 2, proc.stderr
+    partial = tmp_path / "db" / "train.lmdb.partial"
+    assert re.fullmatch(rf"error: writing '{re.escape(str(partial))}' failed \(mdb_txn_commit: .+\) with "
+                        rf"{FREE_SPACE} there: is the disk full\? Nothing committed is lost \(0 of 12 source "
+                        rf"files\): free some space and rerun the same command to resume the pack",
+                        _one_line_error(proc.stderr)), proc.stderr
+    proc = _run_pack_cli(args)
+    assert proc.returncode == 0, proc.stderr
+    assert verify(str(tmp_path / "db" / "train.lmdb"), FolderSource(str(tmp_path / "src" / "train")),
+                  progress=False) == []
+
+
+def test_write_failure_mid_pack_keeps_what_was_committed(packed, tmp_path, monkeypatch):
+    root, paths, _ = packed
+    import data.pack as pack_module
+
+    real_commit, calls = pack_module._commit, []
+
+    def failing_commit(env, records, progress):
+        calls.append(len(records))
+        if len(calls) == 3:
+            raise lmdb.Error("mdb_txn_commit: Input/output error")
+        real_commit(env, records, progress)
+
+    monkeypatch.setattr(pack_module, "_commit", failing_commit)
+    dst = str(tmp_path / "train.lmdb")
+    with pytest.raises(PackError) as e:
+        pack(FolderSource(os.path.join(root, "train")), dst, workers=1, commit_every=3, progress=False)
+    assert re.fullmatch(rf"writing '{re.escape(dst)}.partial' failed \(mdb_txn_commit: Input/output error\) with "
+                        rf"{FREE_SPACE} there: is the disk full\? Nothing committed is lost \(6 of 14 source "
+                        rf"files\): free some space and rerun the same command to resume the pack", str(e.value))
+    monkeypatch.setattr(pack_module, "_commit", real_commit)
+    meta = pack(FolderSource(os.path.join(root, "train")), dst, workers=1, commit_every=3, progress=False)
+    resumed, rmeta = _records(dst)
+    clean, cmeta = _records(paths["train"])
+    assert rmeta == cmeta == meta and resumed == clean
