@@ -138,7 +138,13 @@ def build_parser():
                                     "be given, other flags must match the saved run")
     r.add_argument("--max-steps", type=int, help="stop after this many training steps (checkpoint kept)")
     r.add_argument("--dry-run", action="store_true", help="check the configuration, build everything, do not train")
-    r.add_argument("--profile", action="store_true", help="print a per-phase time breakdown every epoch")
+    r.add_argument("--profile", action="store_true", help="print a per-phase time breakdown every epoch "
+                                                          "(synchronises the device between phases)")
+    r.add_argument("--log-every", type=int, help="read the training loss back from the device every N steps "
+                                                 "(20): the steps between never wait for the host")
+    m.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="capture the training step as a CUDA graph after 3 eager steps and replay it (cuda, "
+                        "one rank)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars (summary lines only)")
     return p
 
@@ -147,7 +153,7 @@ def build_parser():
 # (and may be repeated with its saved value). --lr is here so that a diverged run can continue
 # from its last finite checkpoint with a lower learning rate, as exit 3 advises.
 RESUMABLE_OVERRIDES = {"epochs", "target_accuracy", "max_steps", "workers", "profile", "no_progress", "eval_every",
-                       "out", "dry_run", "device", "base_lr", "overwrite"}
+                       "out", "dry_run", "device", "base_lr", "overwrite", "log_every", "cuda_graph"}
 
 
 def resolve_config(args):
@@ -169,7 +175,7 @@ def resolve_config(args):
     cfg.setdefault("zero_init_residual", False)
     cfg.update(device=device, precision="fp32", conv_engine="ours", loss_scale="dynamic", seed=0, workers=None,
                data=args.data, max_steps=None, profile=False, no_progress=False, dry_run=False, out=None,
-               sync_bn=False, overwrite=False)
+               sync_bn=False, overwrite=False, log_every=20, cuda_graph=False)
     for k, v in given.items():
         if k in ("resume",):
             continue
@@ -197,6 +203,7 @@ def _validate(cfg):
     need(cfg["weight_decay"] >= 0 and 0 <= cfg["momentum"] < 1, "--weight-decay >= 0 and 0 <= --momentum < 1")
     need(cfg["workers"] is None or cfg["workers"] >= 0, "--workers must be >= 0")
     need(cfg["max_steps"] is None or cfg["max_steps"] >= 1, "--max-steps must be >= 1")
+    need(cfg["log_every"] >= 1, "--log-every must be >= 1")
     world = _comm().world_size
     need(cfg["batch_size"] % world == 0,
          f"--batch-size {cfg['batch_size']} (the global batch) must be a multiple of the {world} ranks")
@@ -204,6 +211,10 @@ def _validate(cfg):
         need(cfg["device"] == "cuda", f"--precision {cfg['precision']} needs --device cuda (cpu and emu train in fp32)")
     if cfg["conv_engine"] == "cudnn":
         need(cfg["device"] == "cuda", "--conv-engine cudnn needs --device cuda")
+    if cfg["cuda_graph"]:
+        need(cfg["device"] == "cuda", "--cuda-graph needs --device cuda")
+        need(world == 1, "--cuda-graph runs one rank (the data-parallel all-reduce is not captured)")
+        need(not cfg["profile"], "--cuda-graph and --profile are exclusive (profiling synchronises inside the step)")
     if cfg["loss_scale"] != "dynamic":
         try:
             ok = float(cfg["loss_scale"]) > 0
@@ -249,6 +260,9 @@ def prepare_synthetic(name, progress=True):
             raise
         raise output_error(e.filename or root, e, "write the dataset cache",
                            "set MLPERF_RESNET_CACHE to a writable folder with ~100 MB free") from None
+    except pack.PackError as e:   # the packer's own one-line message (a full or read-only destination)
+        raise OutputError(f"{e}; the dataset cache is {cache_root()} (set MLPERF_RESNET_CACHE to another "
+                          f"folder)") from None
     return lmdb_dir
 
 
@@ -755,6 +769,16 @@ class Trainer:
         self.prefetcher = DevicePrefetcher(self.train_loader, self.device.name)
         self.after_step = None        # a test hook: called with the step number after each step
         self.nonfinite_steps = 0      # fp16: consecutive steps skipped for a NaN/inf loss
+        # the running loss of the steps since the last read: [sum, finite steps, NaN/inf steps]
+        self.loss_window = self.device.xp.zeros(3, dtype=np.float64)
+        self.graphed = None
+        if cfg["cuda_graph"]:   # static input buffers; the step is captured after 3 eager ones
+            from nn.cuda_graph import GraphedStep
+            xp, S = self.device.xp, cfg["image_size"]
+            self.static_images = xp.zeros((local_batch, S, S, 3), dtype=np.uint8)
+            self.static_labels = xp.zeros(local_batch, dtype=np.int32)
+            self.graphed = GraphedStep(lambda: self.step(self.static_images, self.static_labels), warmup=3,
+                                       keep_alive=(self.static_images, self.static_labels))
 
     def close(self):
         for loader in (self.train_loader, self.val_loader):
@@ -763,45 +787,62 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, images, labels, lr):
-        """Forward, loss, backward, (all-reduce,) optimizer step on one batch. Returns the loss
-        (mean over all ranks) as a float; NaN/inf raises Diverged (fp16: the step is skipped)."""
-        cfg, opt, scaler = self.cfg, self.opt, self.scaler
-        opt.lr = lr
+        """One training step on one batch, queued on the device: nothing here waits for the GPU
+        (the loss is added to a device-side running total, read every --log-every steps)."""
+        self.opt.lr = lr                      # written into the optimizer's device buffer
+        if self.graphed is None:
+            self.step(images, labels)
+        else:                                 # the step is a CUDA graph reading static buffers
+            self.static_images[...] = images
+            self.static_labels[...] = labels
+            self.graphed()
+
+    def step(self, images, labels):
+        """Forward, loss, backward, (all-reduce,) optimizer: the part a CUDA graph captures. No
+        value goes back to the host (nn.device.to_numpy is the only door, and nothing here calls it)."""
         x = nn.functional.normalize_images(images, device=self.device, dtype=self.in_dtype)
         y = self.device.asarray(labels)
         self.phases.mark("input")
         logits = self.model(x, layout="NHWC")
-        loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-        value = float(loss.data)
-        if self.world > 1:  # one decision for all ranks: the mean loss, and whether anyone stops
-            flags = np.array([value, float(self.stop.requested)])
-            self.comm.allreduce_(flags)
-            value = float(flags[0]) / self.world
-            if flags[1] > 0:
-                self.stop.request()
+        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"])
+        self.device.ops.accumulate_loss(loss.data, self.loss_window)
         self.phases.mark("forward")
-        opt.zero_grad()
-        if not math.isfinite(value):
-            self.nonfinite_steps += 1
-            if scaler is None or self.nonfinite_steps > MAX_NONFINITE_FP16_STEPS:
-                raise Diverged(f"the loss is {value} at epoch {self.pos.epoch + 1}, step {self.pos.step} "
-                               f"(learning rate {lr:.4g})")
-            scaler.update(False)  # fp16 overflow: skip this step with a smaller loss scale
+        self.opt.zero_grad()
+        if self.scaler is not None:
+            self.scaler.backward(loss)        # seeded with the loss scale, a device array
+        else:
+            loss.backward()
+        if self.ddp is not None:
+            self.ddp.finish()                 # gradients averaged over all ranks
+        self.phases.mark("backward")
+        if self.scaler is not None:
+            self.scaler.step(self.opt)        # skipped on the device if a gradient overflowed
+        else:
+            self.opt.step()
+        self.phases.mark("optimizer")
+
+    def read_losses(self):
+        """Read the device-side loss totals of the steps since the last read (the one host read
+        of the training loop), sum them over the ranks with the stop requests, reset them.
+        Returns (sum of finite losses, finite steps, NaN/inf steps) over all ranks; raises
+        Diverged on a NaN/inf loss (fp16: after MAX_NONFINITE_FP16_STEPS skipped steps in a row)."""
+        totals = nn.device.to_numpy(self.loss_window).astype(np.float64)
+        self.loss_window.fill(0)
+        if self.world > 1:   # one decision for all ranks: the losses, and whether anyone stops
+            flags = np.append(totals, float(self.stop.requested))
+            self.comm.allreduce_(flags)
+            totals = flags[:3]
+            if flags[3] > 0:
+                self.stop.request()
+        total, finite, bad = float(totals[0]), int(totals[1]), int(totals[2])
+        if bad:
+            if self.scaler is None or (finite == 0 and self.nonfinite_steps + bad > MAX_NONFINITE_FP16_STEPS):
+                raise Diverged(f"the loss is NaN/inf in {bad} of the {finite + bad} step(s) up to step "
+                               f"{self.pos.step} (epoch {self.pos.epoch + 1}, learning rate {self.opt.lr:.4g})")
+            self.nonfinite_steps = self.nonfinite_steps + bad if finite == 0 else bad
         else:
             self.nonfinite_steps = 0
-            if scaler is not None:
-                scaler.backward(loss)
-            else:
-                loss.backward()
-            if self.ddp is not None:
-                self.ddp.finish()  # gradients averaged over all ranks
-            self.phases.mark("backward")
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
-        self.phases.mark("optimizer")
-        return value
+        return total, finite, bad
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self):
@@ -810,24 +851,31 @@ class Trainer:
         cfg, pos = self.cfg, self.pos
         self.train_loader.set_epoch(pos.epoch, pos.batch)
         t0 = time.time()
-        loss_sum, loss_n, seen = 0.0, 0, 0
+        loss_sum, loss_n, seen, shown = 0.0, 0, 0, float("nan")
         bar = _bar(total=self.steps_per_epoch, initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{cfg['epochs']}",
                    disable=cfg["no_progress"])
         self.phases.reset_clock()
         for images, labels in self.prefetcher:
             self.phases.mark("data")
             lr = self.schedule(pos.step)
-            value = self.train_step(images, labels, lr)
+            self.train_step(images, labels, lr)
             pos.step += 1
             pos.batch += 1
             if self.after_step is not None:
                 self.after_step(pos.step)
-            if math.isfinite(value):
-                loss_sum, loss_n = loss_sum + value, loss_n + 1
             seen += len(labels) * self.world
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.3g}", img_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
+            # the losses are read every --log-every steps, at the end of the epoch and at a stop
+            # (one rank alone stops at once; several ranks agree at the next read)
+            read = (pos.step % cfg["log_every"] == 0 or pos.batch >= self.steps_per_epoch
+                    or self._step_limit_reached() or (self.world == 1 and self.stop.requested))
+            if read:
+                total, finite, _ = self.read_losses()
+                loss_sum, loss_n = loss_sum + total, loss_n + finite
+                shown = total / finite if finite else shown
+                bar.set_postfix(loss=f"{shown:.3f}", lr=f"{lr:.3g}",
+                                img_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
             bar.update(1)
-            if self.stop.requested or self._step_limit_reached():
+            if read and (self.stop.requested or self._step_limit_reached()):
                 break
         bar.close()
         return loss_sum / max(loss_n, 1), seen, time.time() - t0, pos.batch >= self.steps_per_epoch
@@ -1073,7 +1121,9 @@ def _run_in(folder, cfg, resume_arrays, continues_last):
         mlog.start(c.RUN_START)
         trainer.t_run = time.time()
         try:
-            with trainer.stop:
+            # NaN/inf are detected where they matter (the loss read, the evaluation, the checkpoint):
+            # NumPy's floating-point warnings on the cpu device would only repeat it, less clearly
+            with trainer.stop, np.errstate(all="ignore"):
                 code, status = trainer.train()
         except Diverged as e:
             _say(f"error: diverged: {e}; {trainer.divergence_advice()}")

@@ -10,7 +10,7 @@ children, reported as "timeout", and the next stage still runs); all within --bu
     compare     our training step beside PyTorch's (bench.compare_torch)   compare_torch.json
     converge    200 steps on synthetic textures; the loss must fall        converge.json
     train       throughput + per-phase breakdown + peak memory (bench.train)   train.json
-    graph       the step captured as a CUDA graph, flat optimizer          train_graph.json
+    graph       the step captured as a CUDA graph                          train_graph.json
 and prints one summary table last (also in summary.json). Every stage's output is in DIR/<stage>.log.
 
 It installs nothing: it needs CuPy (for your CUDA version: pip install -e ".[gpu]" or
@@ -62,7 +62,7 @@ def stage_plan(cpu, out, pytest_args):
             ("train", _py("-m", "bench.train", "--size", "tiny", "--device", "cpu", "emu", "--json",
                           j("train.json")), 60, "train.json"),
             ("graph", _py("-m", "bench.train", "--size", "tiny", "--device", "emu", "--configs", "fp32-ours",
-                          "--optimizer", "flat", "--json", j("train_graph.json")), 60, "train_graph.json"),
+                          "--json", j("train_graph.json")), 60, "train_graph.json"),
         ]
     return [
         ("env", _py("-m", "bench.gpu_check", "--print-env"), 30, "env.json"),
@@ -76,7 +76,7 @@ def stage_plan(cpu, out, pytest_args):
         ("train", _py("-m", "bench.train", "--device", "cuda", "--steps", "8", "--warmup", "3", "--profile-steps", "3",
                       "--json", j("train.json")), 90, "train.json"),
         ("graph", _py("-m", "bench.train", "--device", "cuda", "--configs", "amp-cudnn", "fp32-cudnn", "--cuda-graph",
-                      "--optimizer", "flat", "--steps", "8", "--warmup", "3", "--json", j("train_graph.json")),
+                      "--steps", "8", "--warmup", "3", "--json", j("train_graph.json")),
          60, "train_graph.json"),
     ]
 

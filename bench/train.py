@@ -18,14 +18,17 @@ before each configuration) and the largest bytes in use seen at the phase bounda
     python -m bench.train                                  # GPU: batch 256, 224 px, all four
     python -m bench.train --size tiny --device cpu emu     # CPU: width 1/16, 32 px, batch 4
     python -m bench.train --configs amp-cudnn --cuda-graph --json out.json
-    python -m bench.train --optimizer flat                 # one flat buffer, one update launch
+    python -m bench.train --optimizer lars                 # LARS instead of SGD
+    python -m bench.train --size tiny --device emu --sync-check     # host reads and launches per step
 
---cuda-graph captures the whole step as a CUDA graph (bench/cuda_graph.py) and times replays.
-The captured step differs from train.py's in two ways that are needed for capture today: the
-loss gradient is seeded directly (cross_entropy's backward reads the seed with float(), a host
-sync) and the loss scaler's inf/nan check is skipped (a host decision); bench/NOTES.md says which
-nn/ changes remove both. --optimizer flat keeps every parameter as a view into one float32
-buffer and updates all 161 tensors with one kernel launch (kernels.optimizer.sgd_momentum_update_flat).
+The step timed is train.py's own (nn.optim over flat buffers: one update launch; the loss added
+to a device-side total, never read inside the step; the loss scaler on the device), so
+--cuda-graph captures exactly that step (nn/cuda_graph.py) and times replays.
+
+--sync-check runs steady-state steps and counts what each one does: host syncs per step (reads
+through nn.device.to_numpy, the only door from device to host; 0 is the goal) and kernel launches
+per step, for SGD fp32, SGD fp16 with dynamic loss scaling, LARS, and (under `mpiexec -n 2`, CPU
+MPI) synchronised BN over 2 ranks. Exit 1 if any configuration makes a host read.
 
 A configuration that fails (e.g. fp16 activations where a kernel is float32-only) is reported in
 the table with its error; the others still run. The exit code is 0 unless every run failed.
@@ -41,8 +44,8 @@ import traceback
 
 import numpy as np
 
-__all__ = ["SIZES", "CONFIGS", "run", "measure", "build_setup", "FlatSGD", "converge", "gpu_available",
-           "print_table"]
+__all__ = ["SIZES", "CONFIGS", "run", "measure", "build_setup", "converge", "gpu_available", "print_table",
+           "sync_check"]
 
 # size name -> model width, image side, batch, classes, warm-up steps, timed steps, profiled steps
 SIZES = {
@@ -76,105 +79,44 @@ def _sync(device):
         cupy.cuda.get_current_stream().synchronize()
 
 
-# ---- one flat buffer for all parameters ---------------------------------------------------------
-
-
-class FlatSGD:
-    """SGD with momentum over ONE flat float32 buffer holding every parameter (the multi-tensor
-    optimizer; a prototype of the nn.optim change described in bench/NOTES.md).
-
-    Every Parameter's `.data` becomes a view into `self.params_flat`; momenta live in
-    `self.momentum_flat`. A step gathers the gradients into `self.grads_flat` (one copy per tensor:
-    nn's backward allocates each .grad; with the in-place accumulation hook in NOTES.md the
-    gradients would land there directly) and updates everything with one launch of
-    kernels.optimizer.sgd_momentum_update_flat (emu and cuda devices) — the same arithmetic as
-    nn.optim.SGD: g = grad + wd*w; v = m*v + g; w -= lr*v, with no weight decay on parameters of
-    at most one dimension (BN and biases). On the cpu device the update runs per segment with the
-    NumPy reference (same buffers and arithmetic).
-
-    named_params: model.named_parameters(); lr, momentum, weight_decay: as nn.optim.SGD.
-    """
-
-    def __init__(self, named_params, lr, momentum=0.9, weight_decay=0.0):
-        from kernels.optimizer import ParamSegments
-        named = list(named_params)
-        if not named:
-            raise ValueError("FlatSGD: empty parameter list")
-        self.params = [p for _, p in named]
-        self.device = self.params[0].device
-        xp = self.device.xp
-        self.lr, self.momentum = float(lr), float(momentum)
-        sizes = [int(p.data.size) for p in self.params]
-        decay = [0.0 if p.data.ndim <= 1 else float(weight_decay) for p in self.params]
-        self.segments = ParamSegments(sizes, decay, xp=np if xp is np else xp)
-        self.params_flat = xp.empty(self.segments.total, dtype=np.float32)
-        for p, view in zip(self.params, self.segments.split(self.params_flat, [p.data.shape for p in self.params])):
-            if p.data.dtype != np.float32:
-                raise TypeError("FlatSGD: parameters must be float32 (fp32 master weights)")
-            view[...] = p.data
-            p.data = view                      # the Parameter now lives in the flat buffer
-        self.grads_flat = xp.zeros_like(self.params_flat)
-        self.momentum_flat = xp.zeros_like(self.params_flat)
-        self._grad_views = self.segments.split(self.grads_flat, [p.data.shape for p in self.params])
-        self._mom_views = self.segments.split(self.momentum_flat, [p.data.shape for p in self.params])
-        self.step_count = 0
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
-
-    def step(self):
-        """Gather the gradients into the flat buffer and update every parameter."""
-        for p, g in zip(self.params, self._grad_views):
-            if p.grad is None:
-                g[...] = 0
-            else:
-                g[...] = p.grad
-        if self.device.name == "cpu":
-            from kernels import reference
-            pv = self.segments.split(self.params_flat)
-            gv = self.segments.split(self.grads_flat)
-            mv = self.segments.split(self.momentum_flat)
-            for s in range(self.segments.num_segments):
-                reference.sgd_momentum_update(pv[s], gv[s], mv[s], self.lr, self.momentum,
-                                              float(self.segments.weight_decay[s]))
-        else:
-            from kernels.optimizer import sgd_momentum_update_flat
-            sgd_momentum_update_flat(self.params_flat, self.grads_flat, self.momentum_flat, self.lr,
-                                     self.momentum, self.segments)
-        self.step_count += 1
-
-
 # ---- one configuration --------------------------------------------------------------------------
 
 
 class Setup:
-    """Everything one configuration trains with: model, optimizer, scaler, static input buffers."""
+    """Everything one configuration trains with: model, optimizer, scaler, static input buffers,
+    and the device-side running loss [sum, finite steps, NaN/inf steps]."""
 
-    def __init__(self, model, opt, scaler, x, y, device, precision):
-        self.model, self.opt, self.scaler = model, opt, scaler
+    def __init__(self, model, opt, scaler, x, y, device, precision, ddp=None):
+        self.model, self.opt, self.scaler, self.ddp = model, opt, scaler, ddp
         self.x, self.y = x, y
         self.device, self.precision = device, precision
+        self.loss_totals = model.device.xp.zeros(3, dtype=np.float64)
 
 
-def build_setup(precision, device, size, seed=0, optimizer="sgd"):
+def build_setup(precision, device, size, seed=0, optimizer="sgd", dynamic_scale=False, comm=None, sync_bn=False):
     """Model, optimizer and one synthetic batch on `device`.
 
-    precision: 'fp32' or 'amp'; size: a SIZES entry (dict); optimizer: 'sgd' (nn.optim.SGD, per
-    tensor) or 'flat' (FlatSGD). x: float [B, S, S, 3] NHWC (fp16 for amp), y: int32 [B].
+    precision: 'fp32' or 'amp'; size: a SIZES entry (dict); optimizer: 'sgd' or 'lars' (nn.optim);
+    dynamic_scale: dynamic loss scaling for amp (default: the reference's static 128); comm: a
+    communicator of several ranks (data parallel, optionally synchronised BN).
+    x: float [B, S, S, 3] NHWC (fp16 for amp), y: int32 [B].
     """
     import nn
+    from nn import distributed
     amp = precision == "amp"
     model = nn.resnet50(num_classes=size["classes"], width=size["width"], seed=seed,
                         activation_dtype=np.float16 if amp else None).to(device)
+    if comm is not None and sync_bn:
+        distributed.convert_sync_batchnorm(model, comm)
     lr = 0.01   # small: a benchmark must not diverge on a fixed batch
-    if optimizer == "flat":
-        opt = FlatSGD(model.named_parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
-    elif optimizer == "sgd":
-        opt = nn.optim.SGD(model.named_parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'flat', got {optimizer!r}")
-    scaler = nn.amp.LossScaler(LOSS_SCALE) if amp else None
+    if optimizer not in ("sgd", "lars"):
+        raise ValueError(f"optimizer must be 'sgd' or 'lars', got {optimizer!r}")
+    Opt = nn.optim.SGD if optimizer == "sgd" else nn.optim.LARS
+    opt = Opt(model.named_parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+    ddp = distributed.DataParallel(model, comm) if comm is not None and comm.world_size > 1 else None
+    scaler = None
+    if amp:
+        scaler = nn.amp.LossScaler(2.0 ** 15, dynamic=True) if dynamic_scale else nn.amp.LossScaler(LOSS_SCALE)
     rng = np.random.default_rng(seed)
     B, S = size["batch"], size["image"]
     x_host = rng.standard_normal((B, S, S, 3), dtype=np.float32)
@@ -183,13 +125,15 @@ def build_setup(precision, device, size, seed=0, optimizer="sgd"):
     # made once and kept: the input is "already on the device", as after a prefetcher
     x = dev.asarray(x_host.astype(np.float16) if amp else x_host)
     y = dev.asarray(y_host)
-    return Setup(model, opt, scaler, x, y, device, precision)
+    return Setup(model, opt, scaler, x, y, device, precision, ddp)
 
 
 def _forward(s):
     from nn import functional as F
     logits = s.model(s.x, layout="NHWC")
-    return F.cross_entropy(logits, s.y)
+    loss = F.cross_entropy(logits, s.y)
+    s.model.device.ops.accumulate_loss(loss.data, s.loss_totals)     # on the device, not read
+    return loss
 
 
 def _backward(s, loss):
@@ -198,41 +142,24 @@ def _backward(s, loss):
         s.scaler.backward(loss)
     else:
         loss.backward()
+    if s.ddp is not None:
+        s.ddp.finish()
 
 
 def _optimize(s):
     if s.scaler is not None:
-        s.scaler.step(s.opt)          # unscale, inf/nan check (a host sync), step
+        s.scaler.step(s.opt)          # overflow check, unscale, step (or skip): all on the device
     else:
         s.opt.step()
 
 
 def eager_step(s):
-    """One training step as train.py does it. Returns the loss (a device array, not read)."""
+    """One training step as train.py does it, with no host read: what --cuda-graph captures.
+    Returns the loss (a device array, not read)."""
     loss = _forward(s)
     _backward(s, loss)
     _optimize(s)
     return loss.data
-
-
-def capturable_step(s):
-    """One training step with no host synchronisation, for CUDA-graph capture: the loss gradient
-    is seeded directly (scale/N per row through the fused softmax backward kernel), the gradients
-    are unscaled in place, and the inf/nan skip of the loss scaler is left out (static scale)."""
-    ops = s.model.device.ops
-    logits = s.model(s.x, layout="NHWC")
-    loss, probs = ops.softmax_cross_entropy_forward(logits.data, s.y, 0.0)
-    scale = s.scaler.scale if s.scaler is not None else 1.0
-    dlogits = ops.softmax_cross_entropy_backward(probs, s.y, 0.0, grad_scale=scale)
-    s.opt.zero_grad()
-    logits.backward(dlogits.astype(logits.dtype, copy=False))
-    if s.scaler is not None:
-        inv = np.float32(1.0 / scale)
-        for p in s.opt.params:
-            if p.grad is not None:
-                p.grad *= inv
-    s.opt.step()
-    return loss
 
 
 class _Memory:
@@ -291,9 +218,10 @@ def measure(name, device, size_name="tiny", cuda_graph=False, optimizer="sgd", s
         s = build_setup(precision, device, size, seed, optimizer)
         memory.sample()
         if cuda_graph:
-            from bench.cuda_graph import capture_train_step
-            step = capture_train_step(lambda: capturable_step(s), warmup_steps=max(1, size["warmup"]),
-                                      keep_alive=(s.x, s.y))
+            from nn.cuda_graph import GraphedStep
+            step = GraphedStep(lambda: eager_step(s), warmup=max(1, size["warmup"]), keep_alive=(s.x, s.y))
+            for _ in range(size["warmup"] + 1):      # the eager warm-up, then the capture (and one replay)
+                step()
             memory.extra_pools.append(step.pool)
             run_step = step
         else:
@@ -490,6 +418,56 @@ def converge(device, steps=200, size="tiny", seed=0, lr=None, progress=False, ov
             "ratio": last / first, "seconds": time.perf_counter() - t0}
 
 
+# ---- host syncs and launches per step ------------------------------------------------------------
+
+
+SYNC_CHECK_CONFIGS = [  # (label, precision, optimizer, dynamic loss scaling)
+    ("SGD fp32", "fp32", "sgd", False),
+    ("SGD fp16, dynamic loss scale", "amp", "sgd", True),
+    ("LARS fp32", "fp32", "lars", False),
+]
+
+
+def sync_check(device="emu", size_name="tiny", steps=3, warmup=2, quiet=False):
+    """Count host reads (nn.device.host_reads) and kernel launches (kernels.launch_count) over
+    `steps` steady-state steps of each configuration, after `warmup` steps. Run under an MPI
+    launcher with 2+ ranks, the configuration is data-parallel SGD fp32 with synchronised BN.
+    Returns one dict per configuration: label, host_syncs_per_step, launches_per_step."""
+    import kernels
+    import nn
+    from nn import distributed
+    size = dict(SIZES[size_name])
+    comm = None
+    configs = SYNC_CHECK_CONFIGS
+    if distributed.launched_world_size() > 1:
+        comm = distributed.current() or distributed.init(device="cuda" if device == "cuda" else "cpu")
+        configs = [(f"SGD fp32, sync BN over {comm.world_size} ranks", "fp32", "sgd", False)]
+    rows = []
+    for label, precision, optimizer, dynamic in configs:
+        if precision == "amp" and device == "cpu":
+            rows.append({"label": label, "skipped": "fp16 activations run on emu and cuda"})
+            continue
+        s = build_setup(precision, device, size, optimizer=optimizer, dynamic_scale=dynamic, comm=comm,
+                        sync_bn=comm is not None)
+        for _ in range(warmup):
+            eager_step(s)
+        _sync(device)
+        reads, launches = nn.device.host_reads(), kernels.launch_count()
+        for _ in range(steps):
+            eager_step(s)
+        row = {"label": label, "device": device, "size": size_name,
+               "host_syncs_per_step": (nn.device.host_reads() - reads) / steps,
+               "launches_per_step": (kernels.launch_count() - launches) / steps}
+        _sync(device)
+        totals = nn.device.to_numpy(s.loss_totals)     # read once, outside the counted steps
+        row["mean_loss"] = float(totals[0] / max(totals[1], 1))
+        rows.append(row)
+        if not quiet and distributed.is_main(comm):
+            print(f"{label:<42} host syncs per step: {row['host_syncs_per_step']:g}   "
+                  f"launches per step: {row['launches_per_step']:g}", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", nargs="+", choices=["cpu", "emu", "cuda"],
@@ -497,8 +475,11 @@ def main(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), help="default: resnet50 on cuda, tiny otherwise")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="default: all four")
     p.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph and time replays")
-    p.add_argument("--optimizer", choices=["sgd", "flat"], default="sgd",
-                   help="sgd: nn.optim.SGD (one launch per tensor); flat: one buffer, one launch")
+    p.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="nn.optim.SGD or nn.optim.LARS")
+    p.add_argument("--sync-check", action="store_true",
+                   help="instead: count host syncs and kernel launches per steady-state step (SGD fp32, SGD fp16 "
+                        "dynamic scaling, LARS; sync BN when run under mpiexec -n 2); exit 1 on any host read")
+    p.add_argument("--check-steps", type=int, default=3, help="steady-state steps counted by --sync-check (3)")
     p.add_argument("--steps", type=int, help="timed steps (default from --size)")
     p.add_argument("--warmup", type=int, help="warm-up steps (default from --size)")
     p.add_argument("--profile-steps", type=int, help="profiled steps (default from --size)")
@@ -511,6 +492,15 @@ def main(argv=None):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {v}")
+    if args.sync_check:
+        device = (args.device or ["cuda" if gpu_available() else "emu"])[0]
+        size = args.size or ("resnet50" if device == "cuda" else "tiny")
+        rows = sync_check(device, size, steps=args.check_steps)
+        from nn import distributed
+        if args.out and distributed.is_main():
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
+        return 0 if rows and all(r["host_syncs_per_step"] == 0 for r in rows) else 1
     if args.converge:
         device = (args.device or ["cuda" if gpu_available() else "cpu"])[0]
         size = "small" if device == "cuda" and args.size != "tiny" else "tiny"

@@ -13,8 +13,8 @@ Nothing here imports nn/ or data/.
 from .errors import CompileError
 from .emulator import (BarrierDivergenceError, DeadlockError, EmulatorError, KernelAssertionError, KernelFault,
                        LaunchConfigError, OutOfBoundsError, WarpCollectiveError)
-from .runtime import KERNEL_DIR, RawKernel, RawModule, load_module
+from .runtime import KERNEL_DIR, RawKernel, RawModule, launch_count, load_module
 
-__all__ = ["RawKernel", "RawModule", "load_module", "KERNEL_DIR", "CompileError", "EmulatorError",
+__all__ = ["RawKernel", "RawModule", "load_module", "launch_count", "KERNEL_DIR", "CompileError", "EmulatorError",
            "LaunchConfigError", "BarrierDivergenceError", "DeadlockError", "WarpCollectiveError",
            "KernelAssertionError", "KernelFault", "OutOfBoundsError"]

@@ -181,12 +181,17 @@ extern "C" __global__ void mean_of_vector(const float* __restrict__ x, int n, fl
 
 /* ------------------------------------------------------------ backward */
 /* dz = scale * (p - eps/K - (1 - eps) * [k == label]), scale = grad_scale / N.  One block per row
- * (grid-stride over rows), threads along the row: no division to find (row, column). */
+ * (grid-stride over rows), threads along the row: no division to find (row, column).
+ * grad_scale (the gradient arriving at the loss: 1, or the loss scale of mixed precision) is
+ * read from device memory when grad_scale_ptr is not null (the loss scaler keeps it there, so the
+ * step needs no trip to the host), else taken from the argument. */
 extern "C" __global__ void softmax_cross_entropy_backward(const float* __restrict__ probs,
                                                           const int* __restrict__ labels,
                                                           float* __restrict__ dlogits, int N, int K,
-                                                          float smoothing, float scale) {
+                                                          float smoothing, float grad_scale,
+                                                          const float* __restrict__ grad_scale_ptr) {
     const float off = smoothing / (float)K, on = 1.0f - smoothing;
+    const float scale = (grad_scale_ptr ? grad_scale_ptr[0] : grad_scale) / (float)N;
     for (int n = blockIdx.x; n < N; n += gridDim.x) {
         const int label = labels[n];
         const long long row = (long long)n * K;
@@ -194,6 +199,21 @@ extern "C" __global__ void softmax_cross_entropy_backward(const float* __restric
             float target = off + (k == label ? on : 0.0f);
             dlogits[row + k] = scale * (probs[row + k] - target);
         }
+    }
+}
+
+/* ------------------------------------------------------------ the running loss of an epoch */
+/* totals[0] += loss and totals[1] += 1 when loss is finite, else totals[2] += 1 (one thread).
+ * The training loop adds every step's loss here, on the device, and reads the totals back only
+ * every few steps: no step waits for the host to see its loss. */
+extern "C" __global__ void accumulate_loss(const float* __restrict__ loss, double* __restrict__ totals) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const float v = loss[0];
+    if (isfinite(v)) {
+        totals[0] += (double)v;
+        totals[1] += 1.0;
+    } else {
+        totals[2] += 1.0;
     }
 }
 

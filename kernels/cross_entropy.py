@@ -13,7 +13,8 @@ import numpy as np
 
 from ._launch import array_module, check_array, is_cupy, module
 
-__all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "METHODS"]
+__all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
+           "METHODS"]
 
 METHODS = ("block", "naive")
 _BLOCK = 256
@@ -81,21 +82,44 @@ def softmax_cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_scal
     """dlogits = grad_scale * (probs - target) / N, target as in the forward.
 
     probs: float32 [N, K] (from the forward); labels: int32 [N]; grad_scale: the upstream
-    gradient of the mean loss (e.g. the loss scale of mixed precision).  -> float32 [N, K].
+    gradient of the mean loss (e.g. the loss scale of mixed precision), a number or a
+    one-element float32 device array (read by the kernel: no host round trip).  -> float32 [N, K].
     """
     op = "softmax_cross_entropy_backward"
     N, K = _check(op, probs, labels, "probs")
     _check_smoothing(op, label_smoothing)
-    if not np.isfinite(grad_scale):
-        raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale}")
+    scale_ptr, scale = None, 1.0
+    if hasattr(grad_scale, "shape"):
+        if grad_scale.size != 1 or grad_scale.dtype != np.float32:
+            raise TypeError(f"{op}: grad_scale must be a number or a one-element float32 array, got "
+                            f"{grad_scale.dtype} of shape {tuple(grad_scale.shape)}")
+        array_module(probs, grad_scale)
+        scale_ptr = grad_scale.reshape(1)
+    else:
+        scale = float(grad_scale)
+        if not np.isfinite(scale):
+            raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale}")
     xp = array_module(probs)
     dlogits = xp.empty_like(probs)
     if N:
         _kernel("softmax_cross_entropy_backward")(
             (_row_blocks(N, xp),), (_BLOCK,),
-            (probs, labels, dlogits, np.int32(N), np.int32(K), np.float32(label_smoothing),
-             np.float32(float(grad_scale) / N)))
+            (probs, labels, dlogits, np.int32(N), np.int32(K), np.float32(label_smoothing), np.float32(scale),
+             scale_ptr))
     return dlogits
+
+
+def accumulate_loss(loss, totals):
+    """Add a step's loss to running totals on the device, IN PLACE (one thread, no host read):
+    totals[0] += loss, totals[1] += 1 when the loss is finite; totals[2] += 1 when it is NaN/inf.
+
+    loss: float32 with one element (the mean loss of a step); totals: float64 [3].  Returns None."""
+    op = "accumulate_loss"
+    if not hasattr(loss, "shape") or loss.size != 1 or loss.dtype != np.float32:
+        raise TypeError(f"{op}: loss must be a one-element float32 array, got {type(loss).__name__}")
+    check_array(op, "totals", totals, dtype=np.float64, shape=(3,))
+    array_module(loss, totals)
+    _kernel("accumulate_loss")((1,), (32,), (loss.reshape(1), totals))
 
 
 def topk_correct(logits, labels, ks=(1, 5)):

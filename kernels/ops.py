@@ -17,12 +17,13 @@ from .batchnorm import (batchnorm_add_relu_backward, batchnorm_add_relu_forward_
                         batchnorm_backward_elemt, batchnorm_backward_reduce, batchnorm_forward_inference,
                         batchnorm_forward_train, batchnorm_partial_stats, batchnorm_relu_backward,
                         batchnorm_relu_forward_train)
-from .cross_entropy import softmax_cross_entropy_backward, softmax_cross_entropy_forward, topk_correct
+from .cross_entropy import accumulate_loss, softmax_cross_entropy_backward, softmax_cross_entropy_forward, topk_correct
 from .elementwise import add, add_relu_forward, relu_backward, relu_forward
 from .elementwise import cast as _cast
 from . import gemm as _gemm
 from .input import input_normalize
-from .optimizer import global_grad_norm, lars_trust_ratio, sgd_momentum_update
+from .optimizer import (ParamSegments, global_grad_norm, lars_trust_ratio, lars_trust_ratio_flat, loss_scale_update,
+                        momentum_update_flat, nonfinite_flag, sgd_momentum_update)
 from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_backward, maxpool2d_forward
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "linear_forward", "linear_backward",
@@ -31,8 +32,9 @@ __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "
            "batchnorm_add_relu_backward", "batchnorm_partial_stats", "batchnorm_backward_reduce",
            "batchnorm_backward_elemt", "relu_forward", "relu_backward", "add", "add_relu_forward",
            "maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward",
-           "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct",
-           "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm", "input_normalize", "cast",
+           "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
+           "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm", "ParamSegments", "momentum_update_flat",
+           "lars_trust_ratio_flat", "nonfinite_flag", "loss_scale_update", "input_normalize", "cast",
            "set_conv_engine", "conv_engine"]
 
 _ENGINES = ("ours", "cudnn")

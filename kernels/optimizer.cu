@@ -10,7 +10,7 @@
  * several times; fused, each element is read once (w, grad, v) and written once (w, v):
  * 20 bytes per parameter, about 0.5 GB per step for ResNet-50's 25.6 M parameters.
  *
- * Multi-tensor ("flat") version.  ResNet-50 has 161 parameter tensors, many tiny (BN's gamma and
+ * Multi-tensor ("flat") version, the one nn.optim uses.  ResNet-50 has 161 parameter tensors, many tiny (BN's gamma and
  * beta of 64 values).  One launch per tensor costs ~161 launches of a few microseconds each,
  * longer than the work.  So all parameters live in ONE flat buffer (and grads and momenta in
  * two more, laid out alike), tensor s occupying [offset_s, offset_{s+1}).  A segment table,
@@ -20,15 +20,24 @@
  *     chunk_segment[j]                       the tensor chunk j belongs to
  * Block b handles chunks b, b + gridDim.x, ...: it reads its tensor's weight decay (0 for BN
  * parameters and biases, as MLPerf requires) and optional learning-rate scale (the LARS trust
- * ratio) once, then streams the chunk.  One launch updates every parameter.
+ * ratio) once, then streams the chunk.  One launch updates every parameter.  The learning rate,
+ * the 1/loss-scale of mixed precision and the "skip this step" flag are read from device memory,
+ * so that a step never waits for the host and can be captured as a CUDA graph.
+ *
+ * LARS (the MLPerf reference): the learning rate goes inside the momentum,
+ *     v = momentum * v + lr * trust_s * (g + wd * w);   w = w - v
+ * (lr_in_momentum = 1 in momentum_update_flat_f32).
  *
  * LARS trust ratio per tensor s:  eta * ||w_s|| / (||g_s|| + wd_s * ||w_s|| + eps), 1 where
  * either norm is 0.  The norms come from a two-stage reduction: stage 1 gives one partial sum of
  * squares per chunk (a block reduction: warp shuffles, then shared memory), stage 2 gives one
  * thread per tensor that adds its chunks' partials in double, in order (deterministic).
  * Global gradient norm: sqrt of the sum of squares over every gradient; partials per block of
- * each gradient array, then one block adds all partials in double.  An inf or NaN anywhere makes
- * the norm inf or NaN, which is what a mixed-precision overflow check looks for.
+ * each gradient array, then one block adds all partials in double.
+ *
+ * Mixed precision on the device: nonfinite_flag_f32 sets a flag when a gradient holds NaN/inf
+ * (exact, unlike testing the norm, which a large finite gradient can overflow); the update reads
+ * the flag and skips the step; loss_scale_update adapts the scale and clears the flag.
  */
 
 #define FULL_MASK 0xffffffffu
@@ -57,26 +66,81 @@ extern "C" __global__ void sgd_momentum_update_f32(float* __restrict__ param, co
 }
 
 /* ------------------------------------------------------------ all tensors, one flat buffer */
-/* segment_lr_scale may be null (scale 1). */
-extern "C" __global__ void sgd_momentum_update_flat_f32(float* __restrict__ param, const float* __restrict__ grad,
-                                                        float* __restrict__ momentum_buf,
-                                                        const long long* __restrict__ chunk_start,
-                                                        const int* __restrict__ chunk_segment, int num_chunks,
-                                                        const float* __restrict__ segment_weight_decay,
-                                                        const float* __restrict__ segment_lr_scale, float lr,
-                                                        float momentum, int nesterov) {
+/* Every value that changes from step to step is read from DEVICE memory, not passed as a kernel
+ * argument: a CUDA graph bakes arguments in at capture, so a captured step replays with the
+ * current learning rate, loss scale and overflow flag only if they live in buffers.
+ *   lr[0]            the learning rate (the schedule writes it before each step)
+ *   grad_scale       null, or [1]: every gradient is multiplied by it first (1 / loss scale)
+ *   skip             null, or [1]: when nonzero nothing changes (an fp16 step that overflowed)
+ *   segment_lr_scale null, or [S]: a per-tensor multiplier of lr (the LARS trust ratios)
+ *   lr_in_momentum   0: v = m*v + g;       w -= lr_s * (nesterov ? g + m*v : v)   (SGD, PyTorch)
+ *                    1: v = m*v + lr_s*g;  w -= v                               (LARS, MLPerf)
+ * with g = grad * grad_scale + wd_s * w and lr_s = lr * lr_scale_s. */
+extern "C" __global__ void momentum_update_flat_f32(float* __restrict__ param, const float* __restrict__ grad,
+                                                    float* __restrict__ momentum_buf,
+                                                    const long long* __restrict__ chunk_start,
+                                                    const int* __restrict__ chunk_segment, int num_chunks,
+                                                    const float* __restrict__ segment_weight_decay,
+                                                    const float* __restrict__ segment_lr_scale,
+                                                    const float* __restrict__ lr, const float* __restrict__ grad_scale,
+                                                    const int* __restrict__ skip, float momentum, int nesterov,
+                                                    int lr_in_momentum) {
+    if (skip && skip[0]) return;  /* the same for every thread: no divergence */
+    const float base_lr = lr[0];
     for (int chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
         const int seg = chunk_segment[chunk];
         const float wd = segment_weight_decay[seg];
-        const float seg_lr = segment_lr_scale ? lr * segment_lr_scale[seg] : lr;
+        const float seg_lr = segment_lr_scale ? base_lr * segment_lr_scale[seg] : base_lr;
         const long long end = chunk_start[chunk + 1];
         for (long long i = chunk_start[chunk] + threadIdx.x; i < end; i += blockDim.x) {
             float w = param[i], v = momentum_buf[i];
-            sgd_step(w, grad[i], v, seg_lr, momentum, wd, nesterov != 0);
+            const float gi = grad_scale ? grad[i] * grad_scale[0] : grad[i];
+            if (lr_in_momentum) {
+                v = momentum * v + seg_lr * (gi + wd * w);
+                w -= v;
+            } else {
+                sgd_step(w, gi, v, seg_lr, momentum, wd, nesterov != 0);
+            }
             param[i] = w;
             momentum_buf[i] = v;
         }
     }
+}
+
+/* ------------------------------------------------------------ mixed precision on the device */
+/* flag[0] = 1 if any x[i] is NaN or inf (left as it is otherwise): the overflow check of dynamic
+ * loss scaling, without a trip to the host.  atomicOr: many blocks may find one. */
+extern "C" __global__ void nonfinite_flag_f32(const float* __restrict__ x, long long n, int* __restrict__ flag) {
+    int found = 0;
+    GRID_STRIDE_LOOP(i, n) found |= !isfinite(x[i]);
+    if (__any_sync(FULL_MASK, found) && threadIdx.x % 32 == 0) atomicOr(flag, 1);
+}
+
+/* The loss scaler's step, by one thread.  scale_state = [S, 1/S]; counts = [found_inf, good_steps,
+ * skipped_steps].  An overflow (found_inf) counts a skipped step and, when dynamic, halves S
+ * (backoff) down to min_scale; growth_interval clean steps in a row multiply S by growth.
+ * found_inf is consumed: reset to 0 for the next step. */
+extern "C" __global__ void loss_scale_update(float* __restrict__ scale_state, int* __restrict__ counts, int dynamic,
+                                             float growth_factor, float backoff_factor, int growth_interval,
+                                             float min_scale) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    float scale = scale_state[0];
+    if (counts[0]) {
+        counts[2] += 1;
+        if (dynamic) {
+            scale = fmaxf(scale * backoff_factor, min_scale);
+            counts[1] = 0;
+        }
+    } else if (dynamic) {
+        counts[1] += 1;
+        if (counts[1] >= growth_interval) {
+            scale *= growth_factor;
+            counts[1] = 0;
+        }
+    }
+    scale_state[0] = scale;
+    scale_state[1] = 1.0f / scale;
+    counts[0] = 0;
 }
 
 /* ------------------------------------------------------------ block reduction */
@@ -115,10 +179,14 @@ extern "C" __global__ void chunk_sum_squares_f32(const float* __restrict__ a, co
     }
 }
 
-/* Stage 2: one thread per tensor: its norms from its chunks' partials, and its trust ratio. */
+/* Stage 2: one thread per tensor: its norms from its chunks' partials, and its trust ratio.
+ * segment_use_trust: null (every tensor) or [S]: 0 gives ratio 1 (BN parameters and biases skip
+ * LARS).  grad_scale: null or [1], the factor of the gradients (1 / loss scale): ||g|| is scaled. */
 extern "C" __global__ void lars_segment_ratios(const float* __restrict__ partial_w, const float* __restrict__ partial_g,
                                                const int* __restrict__ segment_first_chunk, int num_segments,
-                                               const float* __restrict__ segment_weight_decay, float eta, float eps,
+                                               const float* __restrict__ segment_weight_decay,
+                                               const int* __restrict__ segment_use_trust,
+                                               const float* __restrict__ grad_scale, float eta, float eps,
                                                float* __restrict__ ratios, float* __restrict__ w_norms,
                                                float* __restrict__ g_norms) {
     int s = blockIdx.x * blockDim.x + threadIdx.x;
@@ -128,7 +196,13 @@ extern "C" __global__ void lars_segment_ratios(const float* __restrict__ partial
         sw += partial_w[j];
         sg += partial_g[j];
     }
-    const double w_norm = sqrt(sw), g_norm = sqrt(sg);
+    const double w_norm = sqrt(sw), g_norm = sqrt(sg) * (grad_scale ? (double)grad_scale[0] : 1.0);
+    if (segment_use_trust && !segment_use_trust[s]) {
+        ratios[s] = 1.0f;
+        if (w_norms) w_norms[s] = (float)w_norm;
+        if (g_norms) g_norms[s] = (float)g_norm;
+        return;
+    }
     const double wd = segment_weight_decay[s];
     ratios[s] = (w_norm == 0.0 || g_norm == 0.0) ? 1.0f : (float)(eta * w_norm / (g_norm + wd * w_norm + eps));
     if (w_norms) w_norms[s] = (float)w_norm;

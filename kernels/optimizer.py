@@ -6,21 +6,30 @@ Per tensor (the op contract):
     ratio = lars_trust_ratio(param, grad, weight_decay)           # Python float
     norm = global_grad_norm([g1, g2, ...])                         # Python float
 
-All parameters at once: keep params, grads and momenta in three flat float32 buffers laid out
-alike, describe the layout once with a `ParamSegments` table, and update everything in one launch:
+All parameters at once (what nn.optim does): keep params, grads and momenta in three flat float32
+buffers laid out alike, describe the layout once with a `ParamSegments` table, and update
+everything in one launch:
     segments = ParamSegments([p.size for p in params], weight_decay=[5e-5 if p.ndim > 1 else 0.0 ...])
-    sgd_momentum_update_flat(params_flat, grads_flat, momentum_flat, lr, 0.9, segments)
+    momentum_update_flat(params_flat, grads_flat, momentum_flat, segments, lr, 0.9)      # SGD
     ratios = lars_trust_ratio_flat(params_flat, grads_flat, segments)   # float32 [S] on the device
-    sgd_momentum_update_flat(..., segments, lr_scale=ratios)            # LARS-scaled step
-Per-segment weight decay is how BN parameters and biases are excluded from decay (wd 0).
+    momentum_update_flat(..., segments, lr, 0.9, lr_in_momentum=True, lr_scale=ratios)   # LARS
+Per-segment weight decay is how BN parameters and biases are excluded from decay (wd 0), and the
+per-segment `use_trust` mask how they skip LARS. `lr`, `grad_scale` (1 / loss scale) and `skip`
+(the overflow flag) may be one-element device arrays, read by the kernel: nothing waits for the
+host, and a CUDA graph replays the step with their current values.
+
+Mixed precision on the device:
+    nonfinite_flag(grads_flat, counts[0:1])     # counts[0] = 1 if a gradient is NaN/inf
+    momentum_update_flat(..., grad_scale=scale_state[1:2], skip=counts[0:1])
+    loss_scale_update(scale_state, counts, dynamic=True)    # adapt the scale, clear the flag
 """
 
 import numpy as np
 
 from ._launch import array_module, blocks_for, check_array, is_cupy, module
 
-__all__ = ["sgd_momentum_update", "sgd_momentum_update_flat", "ParamSegments", "lars_trust_ratio",
-           "lars_trust_ratio_flat", "global_grad_norm"]
+__all__ = ["sgd_momentum_update", "momentum_update_flat", "ParamSegments", "lars_trust_ratio",
+           "lars_trust_ratio_flat", "global_grad_norm", "nonfinite_flag", "loss_scale_update"]
 
 _BLOCK = 256
 
@@ -76,17 +85,18 @@ class ParamSegments:
     """The layout of a flat parameter buffer: tensor s occupies [offsets[s], offsets[s + 1]).
 
     sizes: element count of each tensor, in buffer order.  weight_decay: one float for all, or
-    one per tensor (0 for BN parameters and biases).  xp: numpy (emulator) or cupy (GPU) -- where
-    the tables live.  chunk_size: most elements one block handles in one go (default 65536 on the
-    GPU, 4096 on the emulator).
+    one per tensor (0 for BN parameters and biases).  use_trust: None (every tensor) or one bool
+    per tensor: whether LARS scales its step by a trust ratio (False for BN parameters and
+    biases).  xp: numpy (emulator) or cupy (GPU) -- where the tables live.  chunk_size: most
+    elements one block handles in one go (default 65536 on the GPU, 4096 on the emulator).
 
     Attributes: sizes, offsets (host int64 [S + 1]), total, num_segments, weight_decay (host
-    float32 [S]), num_chunks, and the device tables chunk_start (int64 [num_chunks + 1]),
-    chunk_segment (int32 [num_chunks]), segment_first_chunk (int32 [S + 1]),
-    segment_weight_decay (float32 [S]).
+    float32 [S]), use_trust (host bool [S]), num_chunks, and the device tables chunk_start (int64
+    [num_chunks + 1]), chunk_segment (int32 [num_chunks]), segment_first_chunk (int32 [S + 1]),
+    segment_weight_decay (float32 [S]), segment_use_trust (int32 [S]).
     """
 
-    def __init__(self, sizes, weight_decay=0.0, xp=np, chunk_size=None):
+    def __init__(self, sizes, weight_decay=0.0, xp=np, chunk_size=None, use_trust=None):
         sizes = [int(s) for s in sizes]
         if not sizes or min(sizes) < 0:
             raise ValueError(f"ParamSegments: sizes must be a non-empty list of counts >= 0, got {sizes[:8]}")
@@ -99,6 +109,10 @@ class ParamSegments:
                                  f"({len(sizes)}), got shape {wd.shape}")
         if not np.all(np.isfinite(wd)):
             raise ValueError("ParamSegments: weight_decay must be finite")
+        trust = np.ones(len(sizes), dtype=bool) if use_trust is None else np.asarray(use_trust, dtype=bool)
+        if trust.shape != (len(sizes),):
+            raise ValueError(f"ParamSegments: use_trust must be one bool per tensor ({len(sizes)}), got shape "
+                             f"{trust.shape}")
         if chunk_size is None:
             chunk_size = 4096 if xp is np else 65536
         if int(chunk_size) < 1:
@@ -110,6 +124,7 @@ class ParamSegments:
         self.total = int(self.offsets[-1])
         self.num_segments = len(sizes)
         self.weight_decay = wd
+        self.use_trust = trust
         starts, owners, first = [], [], [0]
         for s, (offset, size) in enumerate(zip(self.offsets[:-1], sizes)):
             for begin in range(0, size, chunk_size):
@@ -122,6 +137,7 @@ class ParamSegments:
         self.chunk_segment = xp.asarray(np.array(owners if owners else [0], dtype=np.int32))
         self.segment_first_chunk = xp.asarray(np.array(first, dtype=np.int32))
         self.segment_weight_decay = xp.asarray(wd)
+        self.segment_use_trust = xp.asarray(trust.astype(np.int32))
 
     def split(self, flat, shapes=None):
         """Views of `flat` (a 1-D buffer of `total` elements), one per tensor, reshaped to
@@ -144,17 +160,33 @@ class ParamSegments:
         return (max(1, min(self.num_chunks, cap)),)
 
 
-def sgd_momentum_update_flat(params_flat, grads_flat, momentum_flat, lr, momentum, segments, nesterov=False,
-                             lr_scale=None):
-    """sgd_momentum_update over every tensor of a flat buffer in ONE launch, IN PLACE.
+def _scalar_on_device(op, name, value, xp, dtype=np.float32):
+    """A one-element device array: `value` itself when it is one (checked), else a new array
+    holding the number (an upload: fine for a single call; nn.optim keeps its buffers)."""
+    if hasattr(value, "shape"):
+        check_array(op, name, value, dtype=dtype, shape=(1,))
+        if is_cupy(value) != (xp is not np):
+            raise TypeError(f"{op}: {name} must live on the same device as the flat buffers")
+        return value
+    v = _finite(op, name, value)
+    return xp.asarray(np.array([v], dtype=dtype))
+
+
+def momentum_update_flat(params_flat, grads_flat, momentum_flat, segments, lr, momentum=0.9, nesterov=False,
+                         lr_in_momentum=False, lr_scale=None, grad_scale=None, skip=None):
+    """Momentum SGD (or LARS) over every tensor of a flat buffer in ONE launch, IN PLACE.
 
     params_flat, grads_flat, momentum_flat: float32 [segments.total]; segments: ParamSegments
-    (per-tensor weight decay); lr_scale: None or float32 [S] on the device, multiplying the step of
-    each tensor (LARS trust ratios from lars_trust_ratio_flat).  For tensor s:
-        g = grad + wd_s * w;  v = momentum * v + g;  w -= lr * lr_scale_s * (g + momentum * v if nesterov else v)
+    (per-tensor weight decay wd_s).  lr, grad_scale: a number or a float32 [1] device array (read
+    by the kernel: keep them in device buffers to avoid host round trips); grad_scale None = 1.
+    lr_scale: None or float32 [S] (LARS trust ratios).  skip: None or int32 [1]: when nonzero the
+    launch changes nothing (an fp16 step whose gradients overflowed).  For tensor s, with
+    g = grad * grad_scale + wd_s * w and lr_s = lr * lr_scale_s:
+        lr_in_momentum False (SGD):  v = momentum * v + g;  w -= lr_s * (g + momentum * v if nesterov else v)
+        lr_in_momentum True (LARS):  v = momentum * v + lr_s * g;  w -= v
     Returns None.
     """
-    op = "sgd_momentum_update_flat"
+    op = "momentum_update_flat"
     if not isinstance(segments, ParamSegments):
         raise TypeError(f"{op}: segments must be a ParamSegments, got {type(segments).__name__}")
     _check_update_arrays(op, params_flat, grads_flat, momentum_flat)
@@ -163,22 +195,64 @@ def sgd_momentum_update_flat(params_flat, grads_flat, momentum_flat, lr, momentu
     if lr_scale is not None:
         check_array(op, "lr_scale", lr_scale, dtype=np.float32, shape=(segments.num_segments,))
         array_module(params_flat, lr_scale)
-    lr, momentum = _finite(op, "lr", lr), _finite(op, "momentum", momentum)
+    if nesterov and lr_in_momentum:
+        raise ValueError(f"{op}: nesterov is defined for lr outside the momentum (SGD) only")
+    xp = segments.xp
+    lr = _scalar_on_device(op, "lr", lr, xp)
+    if grad_scale is not None:
+        grad_scale = _scalar_on_device(op, "grad_scale", grad_scale, xp)
+    if skip is not None:
+        check_array(op, "skip", skip, dtype=np.int32, shape=(1,))
+        array_module(params_flat, skip)
+    momentum = _finite(op, "momentum", momentum)
     if segments.num_chunks == 0:
         return
-    _kernel("sgd_momentum_update_flat_f32")(
+    _kernel("momentum_update_flat_f32")(
         segments._grid(), (_BLOCK,),
         (params_flat, grads_flat, momentum_flat, segments.chunk_start, segments.chunk_segment,
-         np.int32(segments.num_chunks), segments.segment_weight_decay, lr_scale, np.float32(lr),
-         np.float32(momentum), np.int32(1 if nesterov else 0)))
+         np.int32(segments.num_chunks), segments.segment_weight_decay, lr_scale, lr, grad_scale, skip,
+         np.float32(momentum), np.int32(1 if nesterov else 0), np.int32(1 if lr_in_momentum else 0)))
 
 
-def lars_trust_ratio_flat(params_flat, grads_flat, segments, eta=0.001, eps=1e-9, return_norms=False):
+def nonfinite_flag(x, flag):
+    """flag[0] = 1 when any element of x is NaN or inf (otherwise flag is left as it is), IN PLACE
+    on the device: the overflow check of dynamic loss scaling without a host round trip.
+    x: float32, C-contiguous, any shape; flag: int32 [1] on the same device.  Returns None."""
+    op = "nonfinite_flag"
+    check_array(op, "x", x, dtype=np.float32)
+    check_array(op, "flag", flag, dtype=np.int32, shape=(1,))
+    xp = array_module(x, flag)
+    if x.size:
+        _kernel("nonfinite_flag_f32")((blocks_for(x.size, _BLOCK, xp, per_thread=4),), (_BLOCK,),
+                                      (x.reshape(-1), np.int64(x.size), flag))
+
+
+def loss_scale_update(scale_state, counts, dynamic, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                      min_scale=1.0):
+    """The loss scaler's bookkeeping after a step, on the device, IN PLACE.
+
+    scale_state: float32 [2] = [S, 1/S]; counts: int32 [3] = [found_inf, good_steps, skipped_steps].
+    found_inf set: skipped_steps += 1 and, if dynamic, S = max(S * backoff_factor, min_scale),
+    good_steps = 0.  Otherwise, if dynamic, good_steps += 1 and after growth_interval of them
+    S *= growth_factor, good_steps = 0.  Then 1/S is refreshed and found_inf cleared.  Returns None."""
+    op = "loss_scale_update"
+    check_array(op, "scale_state", scale_state, dtype=np.float32, shape=(2,))
+    check_array(op, "counts", counts, dtype=np.int32, shape=(3,))
+    array_module(scale_state, counts)
+    _kernel("loss_scale_update")((1,), (32,),
+                                 (scale_state, counts, np.int32(1 if dynamic else 0), np.float32(growth_factor),
+                                  np.float32(backoff_factor), np.int32(growth_interval), np.float32(min_scale)))
+
+
+def lars_trust_ratio_flat(params_flat, grads_flat, segments, eta=0.001, eps=1e-9, return_norms=False,
+                          grad_scale=None):
     """LARS trust ratio of every tensor of a flat buffer, computed on the device:
 
         ratio_s = eta * ||w_s|| / (||g_s|| + wd_s * ||w_s|| + eps), or 1 where either norm is 0
+        or segments.use_trust[s] is False
 
-    params_flat, grads_flat: float32 [segments.total]; wd_s from segments.
+    params_flat, grads_flat: float32 [segments.total]; wd_s from segments; grad_scale: None, a
+    number or a float32 [1] device array multiplying the gradients (1 / loss scale).
     -> ratios float32 [S] on the device (and (w_norms, g_norms) float32 [S] with return_norms).
     The norms come from a two-stage reduction: per-chunk sums of squares, then per tensor.
     """
@@ -189,6 +263,8 @@ def lars_trust_ratio_flat(params_flat, grads_flat, segments, eta=0.001, eps=1e-9
     segments._check(op, "grads_flat", grads_flat)
     eta, eps = _finite(op, "eta", eta), _finite(op, "eps", eps)
     xp = segments.xp
+    if grad_scale is not None:
+        grad_scale = _scalar_on_device(op, "grad_scale", grad_scale, xp)
     S = segments.num_segments
     partial = xp.zeros((2, max(segments.num_chunks, 1)), dtype=np.float32)
     if segments.num_chunks:
@@ -199,7 +275,8 @@ def lars_trust_ratio_flat(params_flat, grads_flat, segments, eta=0.001, eps=1e-9
     norms = xp.empty((2, S), dtype=np.float32) if return_norms else None
     _kernel("lars_segment_ratios")((-(-S // 128),), (128,),
                                    (partial[0], partial[1], segments.segment_first_chunk, np.int32(S),
-                                    segments.segment_weight_decay, np.float32(eta), np.float32(eps), ratios,
+                                    segments.segment_weight_decay, segments.segment_use_trust, grad_scale,
+                                    np.float32(eta), np.float32(eps), ratios,
                                     None if norms is None else norms[0], None if norms is None else norms[1]))
     if return_norms:
         return ratios, norms[0], norms[1]

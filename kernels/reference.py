@@ -23,6 +23,10 @@ Conventions (the same for kernels/ops.py):
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+# The layout table of flat parameter buffers is plain host data (offsets, per-tensor weight decay
+# and LARS mask) plus device copies for the kernels; one class serves both implementations.
+from .optimizer import ParamSegments
+
 __all__ = [
     "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight",
     "linear_forward", "linear_backward",
@@ -33,8 +37,9 @@ __all__ = [
     "relu_forward", "relu_backward", "add", "add_relu_forward",
     "maxpool2d_forward", "maxpool2d_backward",
     "global_avgpool_forward", "global_avgpool_backward",
-    "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct",
+    "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
     "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm",
+    "ParamSegments", "momentum_update_flat", "lars_trust_ratio_flat", "nonfinite_flag", "loss_scale_update",
     "input_normalize", "cast",
 ]
 
@@ -443,19 +448,23 @@ def maxpool2d_forward(x, kernel_size=3, stride=2, padding=1):
     k = kernel_size
     P = _out_size(H, k, stride, padding, "maxpool2d")
     Q = _out_size(W, k, stride, padding, "maxpool2d")
-    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-np.inf)
-    # Loop over the k*k taps (not pixels): keep the best value and which tap gave it.
-    best = None
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    real = np.pad(np.ones((H, W), dtype=bool), padding, constant_values=False)   # not padding
+    # Loop over the k*k taps (not pixels): keep the best value and which tap gave it. The first
+    # real pixel of a window is taken, then only strictly larger ones (an earlier tap wins ties;
+    # NaN compares false, so a NaN stays where it is first taken and never displaces a number:
+    # exactly what the kernel does, and a diverged model's NaNs cannot pick a padding pixel).
+    best = np.zeros((N, P, Q, C), dtype=x.dtype)
     best_tap = np.zeros((N, P, Q, C), dtype=np.int32)
+    have = np.zeros((1, P, Q, 1), dtype=bool)
     for i in range(k):
         for j in range(k):
             v = xp[:, i:i + stride * P:stride, j:j + stride * Q:stride]
-            if best is None:
-                best = v.copy()
-                continue
-            better = v > best                     # strict: an earlier tap wins ties
+            is_real = real[i:i + stride * P:stride, j:j + stride * Q:stride][None, :, :, None]
+            better = is_real & (~have | (v > best))
             np.copyto(best, v, where=better)
             best_tap[better] = i * k + j
+            have = have | is_real
     # tap (i, j) of output (p, q) is input pixel (p*stride + i - padding, q*stride + j - padding)
     h = np.arange(P, dtype=np.int32)[:, None, None] * stride - padding + best_tap // k
     w = np.arange(Q, dtype=np.int32)[None, :, None] * stride - padding + best_tap % k
@@ -541,7 +550,20 @@ def softmax_cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_scal
     _check_labels(labels, N, K)
     d = probs - label_smoothing / K
     d[np.arange(N), labels] -= 1.0 - label_smoothing
+    if hasattr(grad_scale, "shape"):      # a one-element array (the loss scaler's, on the device)
+        return d * (grad_scale.reshape(()).astype(d.dtype) / d.dtype.type(N))
     return d * (grad_scale / N)
+
+
+def accumulate_loss(loss, totals):
+    """totals[0] += loss, totals[1] += 1 if loss is finite, else totals[2] += 1; IN PLACE.
+    loss: one-element float array; totals: float64 [3]. Returns None."""
+    v = float(np.asarray(loss).reshape(()))
+    if np.isfinite(v):
+        totals[0] += v
+        totals[1] += 1.0
+    else:
+        totals[2] += 1.0
 
 
 def topk_correct(logits, labels, ks=(1, 5)):
@@ -599,8 +621,92 @@ def lars_trust_ratio(param, grad, weight_decay, eta=0.001, eps=1e-9):
 
 def global_grad_norm(list_of_grads):
     """sqrt(sum over all arrays and elements of g^2), accumulated in float64. -> Python float
-    (inf or nan if any gradient holds one: the AMP overflow check relies on this)."""
+    (inf or nan if any gradient holds one)."""
     return float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in list_of_grads)))
+
+
+def _one(value):
+    """A number or a one-element array as a NumPy scalar of its own dtype (float for numbers)."""
+    return np.asarray(value).reshape(())[()] if hasattr(value, "shape") else value
+
+
+def momentum_update_flat(params_flat, grads_flat, momentum_flat, segments, lr, momentum=0.9, nesterov=False,
+                         lr_in_momentum=False, lr_scale=None, grad_scale=None, skip=None):
+    """Momentum SGD (or LARS) over every tensor s of flat buffers laid out by `segments`
+    (ParamSegments: offsets, weight_decay wd_s), IN PLACE; nothing happens when skip[0] != 0.
+
+    g = grad * grad_scale + wd_s * w;  lr_s = lr * lr_scale[s]
+    SGD  (lr_in_momentum False): v = momentum * v + g;  w -= lr_s * (g + momentum * v if nesterov else v)
+    LARS (lr_in_momentum True):  v = momentum * v + lr_s * g;  w -= v
+    lr, grad_scale: numbers or one-element arrays; lr_scale: None or [S]; skip: None or int [1].
+    Tensor by tensor with sgd_momentum_update's arithmetic: SGD here equals the per-tensor op bit
+    for bit. Returns None.
+    """
+    if skip is not None and int(np.asarray(skip).reshape(-1)[0]):
+        return
+    lr, scale = _one(lr), None if grad_scale is None else _one(grad_scale)
+    for s, (a, b) in enumerate(zip(segments.offsets[:-1], segments.offsets[1:])):
+        w, v, g = params_flat[a:b], momentum_flat[a:b], grads_flat[a:b]
+        if scale is not None:
+            g = g * scale
+        lr_s = lr if lr_scale is None else lr * lr_scale[s]
+        wd = float(segments.weight_decay[s])
+        if lr_in_momentum:
+            g = g + wd * w if wd else g
+            v *= momentum
+            v += lr_s * g
+            w -= v
+        else:
+            sgd_momentum_update(w, g, v, lr_s, momentum, wd, nesterov)
+
+
+def lars_trust_ratio_flat(params_flat, grads_flat, segments, eta=0.001, eps=1e-9, return_norms=False,
+                          grad_scale=None):
+    """lars_trust_ratio of every tensor of flat buffers laid out by `segments` (ratio 1 where
+    segments.use_trust is False), gradients multiplied by grad_scale first. -> float32 [S]
+    (and the weight and gradient norms, float32 [S] each, with return_norms)."""
+    scale = 1.0 if grad_scale is None else float(_one(grad_scale))
+    ratios, w_norms, g_norms = [], [], []
+    for s, (a, b) in enumerate(zip(segments.offsets[:-1], segments.offsets[1:])):
+        w = params_flat[a:b].astype(np.float64)
+        g = grads_flat[a:b].astype(np.float64) * scale
+        w_norms.append(np.sqrt(np.sum(w * w)))
+        g_norms.append(np.sqrt(np.sum(g * g)))
+        trust = lars_trust_ratio(w, g, float(segments.weight_decay[s]), eta, eps) if segments.use_trust[s] else 1.0
+        ratios.append(trust)
+    ratios = np.array(ratios, dtype=np.float32)
+    if return_norms:
+        return ratios, np.array(w_norms, dtype=np.float32), np.array(g_norms, dtype=np.float32)
+    return ratios
+
+
+def nonfinite_flag(x, flag):
+    """flag[0] = 1 if any element of x is NaN or inf (else unchanged), IN PLACE. Returns None."""
+    if not np.isfinite(x).all():
+        flag[0] = 1
+
+
+def loss_scale_update(scale_state, counts, dynamic, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                      min_scale=1.0):
+    """The loss scaler's bookkeeping after a step, IN PLACE. scale_state float32 [2] = [S, 1/S];
+    counts int32 [3] = [found_inf, good_steps, skipped_steps]. Overflow: skipped += 1 and (dynamic)
+    S = max(S * backoff, min_scale), good = 0; else (dynamic) good += 1 and S *= growth after
+    growth_interval good steps (good = 0). Then 1/S is refreshed and found_inf cleared."""
+    f32 = np.float32
+    scale = scale_state[0]
+    if counts[0]:
+        counts[2] += 1
+        if dynamic:
+            scale = max(f32(scale * f32(backoff_factor)), f32(min_scale))
+            counts[1] = 0
+    elif dynamic:
+        counts[1] += 1
+        if counts[1] >= growth_interval:
+            scale = f32(scale * f32(growth_factor))
+            counts[1] = 0
+    scale_state[0] = scale
+    scale_state[1] = f32(1.0) / f32(scale)
+    counts[0] = 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,14 @@ from pathlib import Path
 from .emulator import EmuModule
 from .signature import check_args, find_kernels
 
-__all__ = ["RawKernel", "RawModule", "load_module", "KERNEL_DIR"]
+__all__ = ["RawKernel", "RawModule", "load_module", "KERNEL_DIR", "launch_count"]
+
+_launches = 0
+
+
+def launch_count():
+    """How many kernels this process has launched through RawKernel (both backends) so far."""
+    return _launches
 
 KERNEL_DIR = Path(__file__).resolve().parent
 
@@ -177,6 +184,8 @@ class RawKernel:
         self._max_dynamic_shared = int(value)
 
     def __call__(self, grid, block, args, shared_mem=0, **kwargs):
+        global _launches
+        _launches += 1
         if _array_kind(args) == "cupy":
             return self._launch_cuda(grid, block, args, shared_mem, **kwargs)
         if kwargs:

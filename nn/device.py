@@ -9,13 +9,22 @@
 cpu and emu both hold NumPy arrays, so the device is a property of the Tensor, not of its array.
 This file is the only place in nn/ that knows the difference between devices: everything else
 asks `device.ops` for the op and `device.xp` for the array module.
+
+It is also the one door from the device to the host: every read of a device value in nn/ and
+train.py goes through `to_numpy`, which counts (`host_reads()`). On cuda each such read makes the
+host wait for the GPU; a training step that reads nothing can be queued far ahead and captured as
+a CUDA graph. On cpu and emu the same places are counted, so `python -m bench.train --sync-check`
+proves a step sync-free without a GPU.
 """
 
 import importlib
 
 import numpy as np
 
-__all__ = ["Device", "get_device", "cpu", "emu", "cuda", "default_device_for", "is_array", "to_numpy", "set_conv_engine"]
+__all__ = ["Device", "get_device", "cpu", "emu", "cuda", "default_device_for", "is_array", "to_numpy", "host_reads",
+           "set_conv_engine"]
+
+_host_reads = 0
 
 
 class Device:
@@ -51,7 +60,7 @@ class Device:
         """`a` (NumPy or CuPy array, or anything array-like) as an array of this device."""
         if self._array_module_name == "numpy":
             if type(a).__module__.startswith("cupy"):
-                a = a.get()
+                a = to_numpy(a)
             return np.asarray(a, dtype=dtype)
         return self.xp.asarray(a, dtype=dtype)
 
@@ -91,10 +100,18 @@ def is_array(obj):
 
 
 def to_numpy(array):
-    """A NumPy copy/view of a NumPy or CuPy array (for saving, printing, comparing)."""
+    """A NumPy copy/view of a NumPy or CuPy array (for saving, printing, comparing): the one door
+    from the device to the host, counted by host_reads(). On cuda it waits for the GPU."""
+    global _host_reads
+    _host_reads += 1
     if type(array).__module__.startswith("cupy"):
         return array.get()
     return np.asarray(array)
+
+
+def host_reads():
+    """How many device-to-host reads (to_numpy calls) this process has made so far."""
+    return _host_reads
 
 
 def set_conv_engine(name):

@@ -371,9 +371,10 @@ class _NcclRequest:
         self.comm, self.event = comm, event
 
     def wait(self):
+        # The GPU waits, not the host: later work on the current stream is ordered after the
+        # all-reduce, and the host goes on queueing (a hung peer is the watchdog's business).
         import cupy
-        cupy.cuda.get_current_stream().wait_event(self.event)   # later work on this stream sees the result
-        self.comm._wait(lambda: self.event.done, "allreduce (nccl)")
+        cupy.cuda.get_current_stream().wait_event(self.event)
 
 
 class NcclCommunicator(MpiCommunicator):
@@ -638,9 +639,28 @@ class _Bucket:
         for _, p in params:
             self.offsets.append(total)
             total += int(p.data.size)
-        self.flat = xp.zeros(total, dtype=dtype)              # the gradients travel in here
+        # Gradients that already live side by side in an optimizer's flat buffer (nn/flat.py)
+        # travel from there: the bucket is a slice of it, nothing is copied. Otherwise they are
+        # copied into a buffer of the bucket's own.
+        self.flat = _flat_slice(params)
+        self.zero_copy = self.flat is not None
+        if self.flat is None:
+            self.flat = xp.zeros(total, dtype=dtype)
         self.waiting = len(params)
         self.request = None
+
+
+def _flat_slice(params):
+    """The slice of a flat gradient buffer holding exactly these parameters' gradients, when they
+    are consecutive views of one (in either order), else None."""
+    slots = [getattr(p, "_flat_slot", None) for _, p in params]
+    if any(s is None for s in slots) or len({id(g) for g, _ in slots}) != 1:
+        return None
+    group = slots[0][0]
+    indices = sorted(i for _, i in slots)
+    if indices != list(range(indices[0], indices[-1] + 1)):
+        return None
+    return group.grad[int(group.offsets[indices[0]]):int(group.offsets[indices[-1] + 1])]
 
 
 class DataParallel:
@@ -654,7 +674,9 @@ class DataParallel:
             flat buffers of at most this size (a parameter larger than that gets its own).
 
     How a step goes: each parameter's gradient hook (Parameter.register_grad_hook) copies its
-    gradient into its bucket's flat buffer and makes `.grad` a view of it; when a bucket has all its
+    gradient into its bucket's flat buffer and makes `.grad` a view of it (no copy when the
+    optimizer already keeps the gradients in one flat buffer, nn/flat.py: create it before
+    DataParallel and each bucket is a slice of that buffer); when a bucket has all its
     gradients, its all-reduce starts (non-blocking: MPI Iallreduce, or NCCL on a side stream) while
     backward goes on. Buckets start in index order on every rank (collectives must be issued in the
     same order everywhere). finish() starts what has not started, waits for everything and divides
@@ -697,11 +719,12 @@ class DataParallel:
     def _on_grad(self, p):
         b, j = self._where[id(p)]
         bucket = self.buckets[b]
-        offset, n = bucket.offsets[j], int(p.data.size)
-        view = bucket.flat[offset:offset + n]
-        if p.grad.base is not bucket.flat:      # not already our view (a second backward pass)
-            view[...] = p.grad.reshape(-1)
-            p.grad = view.reshape(p.data.shape)
+        if not bucket.zero_copy:
+            offset, n = bucket.offsets[j], int(p.data.size)
+            view = bucket.flat[offset:offset + n]
+            if p.grad.base is not bucket.flat:      # not already our view (a second backward pass)
+                view[...] = p.grad.reshape(-1)
+                p.grad = view.reshape(p.data.shape)
         bucket.waiting -= 1
         while self._next < len(self.buckets) and self.buckets[self._next].waiting == 0:
             self._start(self._next)
@@ -715,7 +738,12 @@ class DataParallel:
             if p.grad is None:
                 raise RuntimeError(f"DataParallel: parameter '{name}' got no gradient in this backward pass; "
                                    f"every parameter must take part in the loss on every rank")
-            if p.grad.base is not bucket.flat:    # delivered without our hook (e.g. set by hand)
+            if bucket.zero_copy:
+                group, i = p._flat_slot
+                if p.grad is not group.grad_views[i]:     # set by hand: back into the flat buffer
+                    group.grad_views[i][...] = p.grad
+                    p.grad = group.grad_views[i]
+            elif p.grad.base is not bucket.flat:    # delivered without our hook (e.g. set by hand)
                 n = int(p.data.size)
                 bucket.flat[offset:offset + n] = p.grad.reshape(-1)
                 p.grad = bucket.flat[offset:offset + n].reshape(p.data.shape)

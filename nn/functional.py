@@ -175,7 +175,7 @@ def _batch_norm_synchronised(ops, x, weight, bias, running_mean, running_var, ep
     parents = (x, weight, bias) if residual is None else (x, weight, bias, residual)
     stats = ops.batchnorm_partial_stats(x_data, running_mean)
     sync.allreduce_(stats)
-    count = float(stats[0, 0])
+    count = float(_global_rows(x_data, sync))   # known on the host: no read of stats[0]
     if count < 2:
         raise ValueError(f"batch_norm: synchronised statistics need more than one value per channel, got {count:g}")
     shifted_mean = stats[1] / count
@@ -202,6 +202,26 @@ def _batch_norm_synchronised(ops, x, weight, bias, running_mean, running_var, ep
         return (dx, dgamma, dbeta) + ((dz,) if residual is not None else ())
 
     return Tensor._from_op(y, parents, _cast_param_grads(backward, parents))
+
+
+_checked_rows = set()
+
+
+def _global_rows(x, sync):
+    """The number of values per channel over all ranks: this rank's rows times the world size,
+    checked once per (communicator, row count) that every rank has the same (a host all-reduce,
+    no device read)."""
+    rows = x.size // x.shape[-1]
+    key = (id(sync), rows)
+    if key not in _checked_rows:
+        lo, hi = np.array([rows], np.int64), np.array([rows], np.int64)
+        sync.allreduce_(lo, "min")
+        sync.allreduce_(hi, "max")
+        if lo[0] != hi[0]:
+            raise ValueError(f"synchronised batch norm needs the same batch on every rank, got {lo[0]} to {hi[0]} "
+                             f"values per channel")
+        _checked_rows.add(key)
+    return rows * sync.world_size
 
 
 def _cast_param_grads(backward, parents):
@@ -277,9 +297,12 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     logits_dtype = logits.dtype
 
     def backward(g):
-        dlogits = ops.softmax_cross_entropy_backward(probs, labels, label_smoothing, grad_scale=float(g))
+        # g: a Python number or a one-element device array (the loss scale): the kernel reads it,
+        # so the step needs no round trip to the host
+        dlogits = ops.softmax_cross_entropy_backward(probs, labels, label_smoothing, grad_scale=g)
         return (dlogits.astype(logits_dtype, copy=False),)
 
+    backward.takes_scalar_seed = True       # Tensor.backward hands it the seed as it is
     return Tensor._from_op(loss, (logits,), backward)
 
 

@@ -4,7 +4,7 @@ A row with a NaN or inf logit is never correct: a diverged model scores 0, not 1
 `topk_counts` also says how many such rows there were, so that an evaluation can stop a
 diverged run instead of reporting an accuracy."""
 
-from nn.device import default_device_for
+from nn.device import default_device_for, to_numpy
 from nn.tensor import Tensor
 
 __all__ = ["topk_counts", "topk_correct", "accuracy"]
@@ -21,7 +21,7 @@ def topk_counts(logits, labels, ks=(1, 5)):
     else:
         device = default_device_for(logits)
     labels = labels.data if isinstance(labels, Tensor) else labels
-    counts = [int(c) for c in device.ops.topk_correct(logits, device.asarray(labels), ks).tolist()]
+    counts = [int(c) for c in to_numpy(device.ops.topk_correct(logits, device.asarray(labels), ks)).tolist()]
     return counts[:-1], counts[-1]
 
 

@@ -9,8 +9,9 @@ That pair is one node of the graph. `loss.backward()` then
   1. orders the graph topologically (every node after all nodes that used its output),
   2. walks it in reverse, calling each node's `_backward` with the gradient of its output,
   3. adds up gradients where branches meet (a residual block's input feeds two paths),
-  4. stores the result in `.grad` of leaf tensors that require gradients (the parameters),
-     and calls their gradient hooks, if any (data parallelism starts all-reduces there),
+  4. stores the result in `.grad` of leaf tensors that require gradients (the parameters;
+     added in place when `.grad` is a view of an optimizer's flat buffer, nn/flat.py), and calls
+     their gradient hooks, if any (data parallelism starts all-reduces there),
   5. drops every node's `_backward` and `_parents` as soon as it has run, so the saved
      activations are freed during the backward pass, not after it.
 Inside `with no_grad():` ops record nothing (evaluation: no graph, no saved arrays).
@@ -66,6 +67,7 @@ class Tensor:
         self._parents = ()
         self._backward = None
         self._grad_hooks = ()     # leaves only: see Parameter.register_grad_hook
+        self._grad_in_place = False   # .grad is a view of a flat buffer: accumulate into it (nn/flat.py)
 
     # ---- graph recording (called by nn/functional.py) ---------------------------------------
 
@@ -93,20 +95,29 @@ class Tensor:
 
         grad: the gradient of the final objective with respect to this tensor (array like
         `data`); may be omitted for a scalar (size 1) tensor, meaning 1. Pass e.g. the loss scale
-        for mixed precision. Fills `.grad` of the leaf tensors with requires_grad.
+        for mixed precision: a number, or a one-element device array (nn.amp keeps its scale on
+        the device). Fills `.grad` of the leaf tensors with requires_grad.
+
+        An op whose backward takes the seed as it is (a Python number or a one-element device
+        array, e.g. cross_entropy's, which hands it to the kernel) gets it unchanged: no upload
+        and no read back to the host per step. Other ops get an array like `data`.
         """
         if not self.requires_grad:
             raise RuntimeError("backward(): this tensor does not require grad (no recorded graph; "
                                "was it computed under no_grad(), or from inputs without requires_grad?)")
         xp = self.device.xp
-        if grad is None:
-            if self.data.size != 1:
-                raise RuntimeError(f"backward(): grad must be given for a non-scalar tensor of shape {self.shape}")
-            grad = xp.ones_like(self.data)
+        if grad is None and self.data.size != 1:
+            raise RuntimeError(f"backward(): grad must be given for a non-scalar tensor of shape {self.shape}")
+        seed = 1.0 if grad is None else grad
+        if getattr(self._backward, "takes_scalar_seed", False) and (
+                isinstance(seed, (int, float)) or getattr(seed, "size", 0) == 1):
+            grad = seed
+        elif isinstance(seed, (int, float)):
+            grad = xp.full(self.data.shape, seed, dtype=self.data.dtype)
         else:
-            grad = xp.asarray(grad, dtype=self.data.dtype)
+            grad = xp.asarray(seed, dtype=self.data.dtype)
             if grad.shape != self.data.shape:
-                grad = xp.broadcast_to(grad, self.data.shape)
+                grad = xp.broadcast_to(grad.reshape(()) if grad.size == 1 else grad, self.data.shape)
 
         grads = {id(self): grad}          # gradient waiting at each node, keyed by id
         for node in reversed(self._topological_order()):
@@ -115,7 +126,12 @@ class Tensor:
                 continue
             if node._backward is None:    # a leaf: deliver
                 if node.requires_grad:
-                    node.grad = g.copy() if node.grad is None else node.grad + g
+                    if node.grad is None:
+                        node.grad = g.copy()
+                    elif node._grad_in_place:
+                        node.grad += g        # the view of a flat buffer: accumulate where it lives
+                    else:
+                        node.grad = node.grad + g
                     for hook in node._grad_hooks:   # e.g. start this gradient's all-reduce now
                         hook(node)
                 continue

@@ -44,8 +44,12 @@ def cmd_train(args):
         for p in model.parameters():
             p.data += 0.5
     distributed.broadcast_parameters(model, comm)
-    ddp = distributed.DataParallel(model, comm, bucket_mb=args.bucket_mb)
-    opt = nn.optim.SGD(model.named_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    if args.optimizer_first:   # gradients in the optimizer's flat buffer: the buckets slice it, no copies
+        opt = nn.optim.SGD(model.named_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        ddp = distributed.DataParallel(model, comm, bucket_mb=args.bucket_mb)
+    else:
+        ddp = distributed.DataParallel(model, comm, bucket_mb=args.bucket_mb)
+        opt = nn.optim.SGD(model.named_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     data = np.random.default_rng(1234)
     for _ in range(args.steps):
         x = data.standard_normal((args.global_batch, 3, args.size, args.size))
@@ -58,7 +62,8 @@ def cmd_train(args):
         opt.step()
     if distributed.is_main(comm):
         state = {k: np.asarray(v) for k, v in model.state_dict().items()}
-        np.savez(args.out, num_buckets=ddp.num_buckets, world=world, **state)
+        np.savez(args.out, num_buckets=ddp.num_buckets, world=world,
+                 zero_copy=sum(b.zero_copy for b in ddp.buckets), **state)
     comm.close()
 
 
@@ -143,6 +148,7 @@ def main():
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--sync-bn", action="store_true")
+    p.add_argument("--optimizer-first", action="store_true")
     p.add_argument("--bucket-mb", type=float, default=0.02)
     p.add_argument("--samples", type=int, default=101)
     p.add_argument("--classes", type=int, default=12)

@@ -9,7 +9,6 @@ for the comparison) compute the right thing against an independent reference.
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -81,32 +80,6 @@ def test_train_bench_tiny_same_loss_on_cpu_and_emu():
     assert a["loss"] == pytest.approx(np.log(10), rel=0.3)     # 10 classes, fresh weights: near ln 10
 
 
-def test_flat_sgd_matches_per_tensor_sgd_on_emulator():
-    """FlatSGD (one buffer, one launch) against nn.optim.SGD on the same gradients."""
-    import nn
-    from bench.train import FlatSGD
-    rng = np.random.default_rng(3)
-    ref = nn.resnet18(num_classes=5, width=1 / 16, seed=1).to("emu")
-    flat = nn.resnet18(num_classes=5, width=1 / 16, seed=1).to("emu")
-    opt_ref = nn.optim.SGD(ref.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
-    opt_flat = FlatSGD(flat.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
-    for p in flat.parameters():            # every parameter now lives in the flat buffer
-        assert np.shares_memory(p.data, opt_flat.params_flat)
-    for _ in range(3):
-        for (_, p), (_, q) in zip(ref.named_parameters(), flat.named_parameters()):
-            g = rng.standard_normal(p.data.shape).astype(np.float32)
-            p.grad, q.grad = g, g.copy()
-        flat.layer1[0].bn1.weight.grad = None      # a parameter without gradient: not decayed away...
-        ref.layer1[0].bn1.weight.grad = np.zeros_like(ref.layer1[0].bn1.weight.data)   # ...same as a zero grad
-        opt_ref.step()
-        opt_flat.step()
-    for (name, p), (_, q) in zip(ref.named_parameters(), flat.named_parameters()):
-        np.testing.assert_allclose(q.data, p.data, rtol=1e-6, atol=1e-7, err_msg=name)
-    # and the numbers really moved (a no-op optimiser would pass the comparison above only if both were no-ops)
-    fresh = nn.resnet18(num_classes=5, width=1 / 16, seed=1)
-    assert not np.allclose(fresh.conv1.weight.data, flat.conv1.weight.data)
-
-
 @pytest.mark.slow
 def test_converge_tiny_loss_falls():
     from bench import train as bt
@@ -160,136 +133,6 @@ def test_prefetcher_copies_every_batch_exactly_on_gpu(slots):
         sums.append((int(images.astype(np.int64).sum()), labels.get().tolist(), images.shape))
     expect = [(int(x.astype(np.int64).sum()), y.tolist(), x.shape) for x, y in batches]
     assert sums == expect
-
-
-# ---- bench.cuda_graph (control flow, with a stand-in for CuPy's stream API) ------------------------
-
-
-class _FakeCupy:
-    """Records the calls capture_train_step makes; 'launching' the graph replays the step."""
-
-    def __init__(self, sync_inside=False):
-        self.log = []
-        fake = self
-
-        class Event:
-            def synchronize(self):
-                fake.log.append("event.synchronize")
-
-        class Stream:
-            def __init__(self, non_blocking=False, name="side"):
-                self.name, self.capturing = name, False
-
-            def record(self):
-                fake.log.append(f"{self.name}.record")
-                return Event()
-
-            def wait_event(self, e):
-                fake.log.append(f"{self.name}.wait_event")
-
-            def synchronize(self):
-                if self.capturing:
-                    raise RuntimeError("operation not permitted when stream is capturing")
-                fake.log.append(f"{self.name}.synchronize")
-
-            def begin_capture(self):
-                self.capturing = True
-                fake.log.append("begin_capture")
-
-            def end_capture(self):
-                self.capturing = False
-                fake.log.append("end_capture")
-                return Graph()
-
-            def is_capturing(self):
-                return self.capturing
-
-            def __enter__(self):
-                fake.log.append(f"enter {self.name}")
-                fake.current = self
-                return self
-
-            def __exit__(self, *exc):
-                fake.log.append(f"exit {self.name}")
-                fake.current = fake.caller
-
-        class Graph:
-            def launch(self, stream=None):
-                fake.log.append(f"launch on {stream.name}")
-
-        class Pool:
-            def malloc(self, n):
-                return n
-
-            def total_bytes(self):
-                return 123
-
-        class Allocator:
-            def __init__(self, malloc):
-                pass
-
-            def __enter__(self):
-                fake.log.append("private pool on")
-
-            def __exit__(self, *exc):
-                fake.log.append("private pool off")
-
-        self.caller = Stream(name="caller")
-        self.current = self.caller
-        self.cuda = types.SimpleNamespace(Stream=Stream, MemoryPool=Pool, using_allocator=Allocator,
-                                          get_current_stream=lambda: fake.current)
-
-
-def test_capture_warms_up_then_captures_once_and_replays():
-    from bench.cuda_graph import capture_train_step
-    cp = _FakeCupy()
-    calls = []
-
-    def step():
-        calls.append(cp.current.capturing)
-        return "loss"
-
-    captured = capture_train_step(step, warmup_steps=2, keep_alive=("x",), cupy=cp)
-    assert calls == [False, False, True]          # two eager warm-ups, then one captured run
-    log = cp.log
-    assert log.index("private pool on") < log.index("begin_capture") < log.index("end_capture") < log.index("private pool off")
-    assert log.index("side.synchronize") < log.index("begin_capture")     # warm-up finished first
-    assert captured() == "loss" and captured() == "loss"
-    assert calls == [False, False, True]          # replays do not run Python
-    assert cp.log.count("launch on side") == 2 and captured.replays == 2
-    assert captured.keep_alive == ("x",) and captured.pool_bytes() == 123
-
-
-def test_capture_reports_a_host_sync_inside_the_step():
-    from bench.cuda_graph import CaptureError, capture_train_step
-    cp = _FakeCupy()
-    with pytest.raises(CaptureError, match="host synchronisation"):
-        capture_train_step(lambda: cp.current.synchronize(), warmup_steps=1, cupy=cp)
-    assert "end_capture" in cp.log                # the capture was closed: the stream stays usable
-    with pytest.raises(ValueError, match="warmup_steps"):
-        capture_train_step(lambda: None, warmup_steps=0, cupy=cp)
-
-
-@pytest.mark.gpu
-def test_cuda_graph_replay_trains_like_eager_steps():
-    """On a GPU: replays of the captured step change the parameters exactly as eager runs of the
-    same (capturable) step do."""
-    import nn
-    from bench import train as bt
-    from bench.cuda_graph import capture_train_step
-    size = dict(bt.SIZES["tiny"])
-    a = bt.build_setup("fp32", "cuda", size, seed=0)
-    b = bt.build_setup("fp32", "cuda", size, seed=0)
-    for _ in range(5):
-        bt.capturable_step(a)
-    step = capture_train_step(lambda: bt.capturable_step(b), warmup_steps=2, keep_alive=(b.x, b.y))
-    for _ in range(2):
-        step()                                    # 2 warm-up + 1 captured + 2 replays = 5 steps
-    import cupy
-    cupy.cuda.get_current_stream().synchronize()
-    for (name, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
-        np.testing.assert_allclose(nn.device.to_numpy(q.data), nn.device.to_numpy(p.data), rtol=1e-4, atol=1e-6,
-                                   err_msg=name)
 
 
 # ---- bench.compare_torch --------------------------------------------------------------------------

@@ -181,8 +181,8 @@ def _run(args, ranks=2, timeout=90, launcher_flags=()):
 
 
 def _relative_differences(a, b):
-    keys = [k for k in a.files if k not in ("num_buckets", "world")]
-    assert keys and set(keys) == {k for k in b.files if k not in ("num_buckets", "world")}
+    keys = [k for k in a.files if k not in ("num_buckets", "world", "zero_copy")]
+    assert keys and set(keys) == {k for k in b.files if k not in ("num_buckets", "world", "zero_copy")}
     return {k: float(np.linalg.norm(a[k].astype(np.float64) - b[k]) / (np.linalg.norm(a[k].astype(np.float64)) + 1e-300))
             for k in keys}
 
@@ -194,14 +194,18 @@ def test_two_ranks_with_sync_bn_train_like_one_rank_with_the_whole_batch(tmp_pat
     near-zero BN biases amplify rounding about 100x per step on this random-label problem.)"""
     common = ["train", "--steps", "3", "--global-batch", "8", "--size", "32"]
     one, two_sync, two_local = tmp_path / "one.npz", tmp_path / "sync.npz", tmp_path / "local.npz"
-    for ranks, out, extra in ((0, one, ["--sync-bn"]), (2, two_sync, ["--sync-bn"]), (2, two_local, [])):
+    two_flat = tmp_path / "flat.npz"      # the optimizer first: buckets are slices of its gradient buffer
+    for ranks, out, extra in ((0, one, ["--sync-bn"]), (2, two_sync, ["--sync-bn"]), (2, two_local, []),
+                              (2, two_flat, ["--sync-bn", "--optimizer-first"])):
         rc, output, _ = _run(common + ["--out", str(out)] + extra, ranks=ranks)
         assert rc == 0, output
-    with np.load(one) as a, np.load(two_sync) as b, np.load(two_local) as c:
+    with np.load(one) as a, np.load(two_sync) as b, np.load(two_local) as c, np.load(two_flat) as d:
         assert int(b["world"]) == 2 and int(b["num_buckets"]) > 5      # many buckets were exercised
-        synced = _relative_differences(a, b)
-        worst = max(synced, key=synced.get)
-        assert synced[worst] < 1e-5, f"{worst}: relative difference {synced[worst]:.3g}"
+        assert int(b["zero_copy"]) == 0 and int(d["zero_copy"]) == int(d["num_buckets"])
+        for run in (b, d):
+            synced = _relative_differences(a, run)
+            worst = max(synced, key=synced.get)
+            assert synced[worst] < 1e-5, f"{worst}: relative difference {synced[worst]:.3g}"
         local = _relative_differences(a, c)
         assert max(local.values()) > 1e-3, "per-rank BN statistics should change the result"
 

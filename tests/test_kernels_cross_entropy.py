@@ -76,6 +76,36 @@ def test_backward_matches_finite_differences(smoothing):
     assert rel_err(ce.softmax_cross_entropy_backward(probs, labels, smoothing), numeric) < 1e-5
 
 
+def test_backward_takes_the_gradient_scale_from_a_device_array(backend):
+    # the loss scaler keeps its scale on the device: the same gradient as the scale as a number
+    rng = np.random.default_rng(6)
+    logits, labels = make(9, 37, rng)
+    _, probs = ce.softmax_cross_entropy_forward(backend.to_device(logits), backend.to_device(labels), 0.1)
+    scale = 2.0 ** 13
+    as_number = ce.softmax_cross_entropy_backward(probs, backend.to_device(labels), 0.1, grad_scale=scale)
+    for shape in ((1,), ()):
+        dev = backend.to_device(np.full(shape, scale, np.float32))
+        as_array = ce.softmax_cross_entropy_backward(probs, backend.to_device(labels), 0.1, grad_scale=dev)
+        np.testing.assert_array_equal(backend.to_host(as_array), backend.to_host(as_number))
+    _, probs_ref = ref.softmax_cross_entropy_forward(logits.astype(np.float64), labels, 0.1)
+    want = ref.softmax_cross_entropy_backward(probs_ref, labels, 0.1, grad_scale=scale)
+    assert rel_err(backend.to_host(as_number), want) < 1e-5
+    np.testing.assert_allclose(ref.softmax_cross_entropy_backward(probs_ref, labels, 0.1,
+                                                                  grad_scale=np.array([scale])), want, rtol=1e-12)
+
+
+def test_accumulate_loss_counts_finite_and_nonfinite_steps(backend):
+    values = [2.5, np.nan, 1.25, np.inf, 0.5, -np.inf, 3.0]
+    totals = backend.to_device(np.zeros(3, np.float64))
+    want = np.zeros(3)
+    for v in values:
+        loss = np.array(v, np.float32)
+        ce.accumulate_loss(backend.to_device(loss), totals)
+        ref.accumulate_loss(loss, want)
+    np.testing.assert_array_equal(backend.to_host(totals), want)
+    np.testing.assert_array_equal(want, [7.25, 4, 3])
+
+
 @pytest.mark.parametrize("N,K", [(1, 1), (9, 10), (40, 1000), (13, 33)])
 def test_topk_correct_matches_reference_with_ties(backend, N, K):
     rng = np.random.default_rng(K)

@@ -57,12 +57,70 @@ def test_flat_update_and_lars_match_per_tensor_reference(backend, nesterov, use_
         assert rel_err(backend.to_host(ratios), want_ratios) < 1e-5
         assert rel_err(backend.to_host(w_norms), [np.linalg.norm(w.astype(np.float64)) for w in seg.split(p)]) < 1e-5
         assert rel_err(backend.to_host(g_norms), [np.linalg.norm(w.astype(np.float64)) for w in seg.split(g)]) < 1e-5
-    opt.sgd_momentum_update_flat(pd, gd, vd, 0.1, 0.9, seg, nesterov=nesterov, lr_scale=ratios)
+    lr = backend.to_device(np.array([0.1], np.float32))        # a device buffer, as nn.optim keeps it
+    opt.momentum_update_flat(pd, gd, vd, seg, lr, 0.9, nesterov=nesterov, lr_scale=ratios)
     for i, (pw, gw, vw) in enumerate(zip(seg.split(p64), seg.split(g64), seg.split(v64))):
-        lr = 0.1 * (want_ratios[i] if use_lars else 1.0)
-        ref.sgd_momentum_update(pw, gw, vw, lr, 0.9, wd[i], nesterov)
+        step_lr = 0.1 * (want_ratios[i] if use_lars else 1.0)
+        ref.sgd_momentum_update(pw, gw, vw, step_lr, 0.9, wd[i], nesterov)
     assert rel_err(backend.to_host(pd), p64) < 1e-5
     assert rel_err(backend.to_host(vd), v64) < 1e-5
+
+
+def test_flat_lars_puts_the_learning_rate_inside_the_momentum(backend):
+    # LARS as the MLPerf reference: v = m*v + lr*trust*(g + wd*w); w -= v, written out in float64
+    # over three steps with a changing learning rate (where lr inside or outside v differ).
+    rng = np.random.default_rng(8)
+    sizes = [300, 7, 1200]
+    wd = [1e-3, 0.0, 5e-4]
+    trust = [True, False, True]          # the middle tensor plays a BN parameter: no trust ratio
+    seg = opt.ParamSegments(sizes, wd, xp=backend.xp, chunk_size=256, use_trust=trust)
+    p, g, v = randn(rng, seg.total), randn(rng, seg.total) * 0.1, np.zeros(seg.total, np.float32)
+    p64, v64 = p.astype(np.float64), v.astype(np.float64)
+    pd, gd, vd = map(backend.to_device, (p, g, v))
+    for lr in (0.5, 0.25, 2.0):
+        ratios = opt.lars_trust_ratio_flat(pd, gd, seg)
+        opt.momentum_update_flat(pd, gd, vd, seg, lr, 0.9, lr_in_momentum=True, lr_scale=ratios)
+        for s, (a, b) in enumerate(zip(seg.offsets[:-1], seg.offsets[1:])):
+            w, gs = p64[a:b], g[a:b].astype(np.float64)
+            r = ref.lars_trust_ratio(w, gs, wd[s]) if trust[s] else 1.0
+            v64[a:b] = 0.9 * v64[a:b] + lr * r * (gs + wd[s] * w)
+            p64[a:b] -= v64[a:b]
+    assert rel_err(backend.to_host(pd), p64) < 1e-5 and rel_err(backend.to_host(vd), v64) < 1e-5
+
+
+def test_flat_update_unscales_gradients_and_skips_on_overflow(backend):
+    rng = np.random.default_rng(9)
+    seg = opt.ParamSegments([50, 70], [1e-4, 0.0], xp=backend.xp, chunk_size=32)
+    p, g, v = randn(rng, 120), randn(rng, 120), randn(rng, 120)
+    scale = 1024.0
+    p64, v64 = p.astype(np.float64), v.astype(np.float64)
+    pd, vd = backend.to_device(p.copy()), backend.to_device(v.copy())
+    gd = backend.to_device((g * scale).astype(np.float32))
+    inv = backend.to_device(np.array([1 / scale], np.float32))
+    skip = backend.to_device(np.array([1], np.int32))
+    opt.momentum_update_flat(pd, gd, vd, seg, 0.1, 0.9, grad_scale=inv, skip=skip)     # skipped: nothing moves
+    np.testing.assert_array_equal(backend.to_host(pd), p)
+    np.testing.assert_array_equal(backend.to_host(vd), v)
+    skip = backend.to_device(np.array([0], np.int32))
+    opt.momentum_update_flat(pd, gd, vd, seg, 0.1, 0.9, grad_scale=inv, skip=skip)
+    for s, (a, b) in enumerate(zip(seg.offsets[:-1], seg.offsets[1:])):
+        ref.sgd_momentum_update(p64[a:b], g[a:b].astype(np.float64), v64[a:b], 0.1, 0.9, [1e-4, 0.0][s])
+    assert rel_err(backend.to_host(pd), p64) < 1e-5 and rel_err(backend.to_host(vd), v64) < 1e-5
+
+
+def test_reference_flat_sgd_is_bit_identical_to_the_per_tensor_op():
+    # the cpu device's optimizer uses the flat op: its results must not change by a bit
+    rng = np.random.default_rng(10)
+    sizes = [30, 1, 64, 500]
+    wd = [1e-4, 0.0, 0.0, 1e-4]
+    seg = opt.ParamSegments(sizes, wd)
+    p, g, v = randn(rng, seg.total), randn(rng, seg.total), randn(rng, seg.total)
+    pf, vf = p.copy(), v.copy()
+    ref.momentum_update_flat(pf, g, vf, seg, np.array([0.05], np.float32), 0.9, nesterov=True)
+    for s, (a, b) in enumerate(zip(seg.offsets[:-1], seg.offsets[1:])):
+        ref.sgd_momentum_update(p[a:b], g[a:b], v[a:b], 0.05, 0.9, wd[s], True)
+    np.testing.assert_array_equal(pf, p)
+    np.testing.assert_array_equal(vf, v)
 
 
 def test_flat_weight_decay_is_per_segment(backend):
@@ -71,11 +129,53 @@ def test_flat_weight_decay_is_per_segment(backend):
     p = np.ones(60, np.float32)
     pd = backend.to_device(p)
     zeros = backend.to_device(np.zeros(60, np.float32))
-    opt.sgd_momentum_update_flat(pd, zeros, zeros.copy(), 0.1, 0.0, seg)
+    opt.momentum_update_flat(pd, zeros, zeros.copy(), seg, 0.1, 0.0)
     got = backend.to_host(pd)
     np.testing.assert_allclose(got[:10], 1.0)
     np.testing.assert_allclose(got[10:30], 1.0 - 0.1 * 0.5, rtol=1e-6)
     np.testing.assert_allclose(got[30:], 1.0)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 70001])
+def test_nonfinite_flag(backend, n):
+    rng = np.random.default_rng(n)
+    x = randn(rng, n)
+    flag = backend.to_device(np.zeros(1, np.int32))
+    opt.nonfinite_flag(backend.to_device(x), flag)
+    assert backend.to_host(flag)[0] == 0
+    for bad in (np.inf, -np.inf, np.nan):
+        y = x.copy()
+        y[int(rng.integers(n))] = bad
+        flag = backend.to_device(np.zeros(1, np.int32))
+        opt.nonfinite_flag(backend.to_device(y), flag)
+        assert backend.to_host(flag)[0] == 1, bad
+    big = np.full(n, 3e38, np.float32)            # finite: a sum of squares would overflow, the flag must not
+    flag = backend.to_device(np.zeros(1, np.int32))
+    opt.nonfinite_flag(backend.to_device(big), flag)
+    assert backend.to_host(flag)[0] == 0
+
+
+def test_loss_scale_update_follows_the_reference(backend):
+    # a random sequence of clean and overflowing steps, dynamic and static, against the reference
+    rng = np.random.default_rng(11)
+    for dynamic in (True, False):
+        state = np.array([2.0 ** 15, 2.0 ** -15], np.float32)
+        counts = np.zeros(3, np.int32)
+        sd, cd = backend.to_device(state), backend.to_device(counts)
+        for step in range(40):
+            overflow = rng.random() < 0.3
+            counts[0] = int(overflow)
+            if overflow:
+                flag = backend.to_host(cd)
+                flag[0] = 1
+                cd = backend.to_device(flag)
+            ref.loss_scale_update(state, counts, dynamic, 2.0, 0.5, 3, 1.0)
+            opt.loss_scale_update(sd, cd, dynamic, 2.0, 0.5, 3, 1.0)
+            np.testing.assert_array_equal(backend.to_host(sd), state)
+            np.testing.assert_array_equal(backend.to_host(cd), counts)
+        assert counts[0] == 0 and counts[2] > 5
+        if not dynamic:
+            assert state[0] == 2.0 ** 15
 
 
 def test_lars_trust_ratio_single_tensor(backend):
@@ -124,10 +224,14 @@ def test_bad_inputs_raise_clear_errors():
         opt.sgd_momentum_update(p, p.copy(), p.copy(), float("nan"))
     seg = opt.ParamSegments([3, 5], [0.0, 1e-4])
     with pytest.raises(ValueError, match=r"params_flat must have shape \(8\)"):
-        opt.sgd_momentum_update_flat(np.zeros(9, np.float32), np.zeros(9, np.float32), np.zeros(9, np.float32),
-                                     0.1, 0.9, seg)
+        opt.momentum_update_flat(np.zeros(9, np.float32), np.zeros(9, np.float32), np.zeros(9, np.float32),
+                                 seg, 0.1, 0.9)
     with pytest.raises(ValueError, match="lr_scale must have shape"):
-        opt.sgd_momentum_update_flat(p, p.copy(), p.copy(), 0.1, 0.9, seg, lr_scale=np.ones(3, np.float32))
+        opt.momentum_update_flat(p, p.copy(), p.copy(), seg, 0.1, 0.9, lr_scale=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="lr must have shape"):
+        opt.momentum_update_flat(p, p.copy(), p.copy(), seg, np.ones(2, np.float32), 0.9)
+    with pytest.raises(ValueError, match="nesterov"):
+        opt.momentum_update_flat(p, p.copy(), p.copy(), seg, 0.1, 0.9, nesterov=True, lr_in_momentum=True)
     with pytest.raises(TypeError, match="segments must be a ParamSegments"):
         opt.lars_trust_ratio_flat(p, p.copy(), [3, 5])
     with pytest.raises(ValueError, match="one number or one per tensor"):

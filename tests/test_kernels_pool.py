@@ -49,9 +49,27 @@ def test_maxpool_ties_go_to_the_first_pixel(backend):
     y, argmax = pool.maxpool2d_forward(backend.to_device(x))
     y_ref, argmax_ref = ref.maxpool2d_forward(x)
     np.testing.assert_array_equal(backend.to_host(y), y_ref)
-    np.testing.assert_array_equal(backend.to_host(argmax)[1:], argmax_ref[1:])
+    np.testing.assert_array_equal(backend.to_host(argmax), argmax_ref)
     # the all -inf window at the corner: a real pixel wins, never the padding
-    assert backend.to_host(argmax)[0, 0, 0, 0] == 0
+    assert argmax_ref[0, 0, 0, 0] == 0
+
+
+def test_maxpool_with_nan_inputs_picks_real_pixels_like_the_kernel(backend):
+    # A diverged model feeds NaN through a few steps before the loss is read: pooling must not
+    # crash nor route gradients to padding. The first real pixel is taken, then only larger ones
+    # (NaN compares false), in the reference as in the kernel.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 7, 6, 4)).astype(np.float32)
+    x[0] = np.nan                                   # a whole image of NaN
+    x[1, 2:5, 1:4, 1] = np.nan                      # NaN patches next to numbers
+    x[1, 0, 0, 2] = np.nan
+    y, argmax = pool.maxpool2d_forward(backend.to_device(x))
+    y_ref, argmax_ref = ref.maxpool2d_forward(x)
+    np.testing.assert_array_equal(backend.to_host(argmax), argmax_ref)
+    np.testing.assert_array_equal(backend.to_host(y), y_ref)           # NaN == NaN for assert_array_equal
+    assert argmax_ref.min() >= 0 and np.isnan(y_ref[0]).all() and np.isfinite(y_ref[1, :, :, 0]).all()
+    dx = ref.maxpool2d_backward(np.ones_like(y_ref), argmax_ref, x.shape)
+    assert dx.shape == x.shape and dx.sum() == y_ref.size
 
 
 def test_maxpool_backward_contract_form_infers_geometry(backend):

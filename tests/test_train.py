@@ -224,3 +224,17 @@ def test_two_mpi_ranks_run_train_py_as_one_job(tiny_data, tmp_path):
     # every rank loaded 8 of the 16 images of a step: the whole epoch was seen once
     with np.load(out / "checkpoint_last.npz") as f:
         assert int(f["extra/step"]) == 2 * (96 // 16)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_run_trains_like_the_eager_run(tiny_data, tmp_path):
+    """train.py --cuda-graph: 3 eager steps, the capture, replays; after 10 steps the weights are
+    those of the eager run (same kernels, same order: equal up to the nondeterminism of atomics)."""
+    args = ["--data", tiny_data, "--device", "cuda", "--workers", "0", "--no-progress", "--batch-size", "8",
+            "--width", "0.0625", "--image-size", "32", "--epochs", "2", "--max-steps", "10"]
+    assert run_main([*args, "--out", tmp_path / "eager"]) == train.EXIT_OK
+    assert run_main([*args, "--out", tmp_path / "graph", "--cuda-graph"]) == train.EXIT_OK
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "graph")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)

@@ -179,6 +179,7 @@ def _optimizer_cases(xp, size):
     n = segments.total
     p, g, v = _randn(xp, n, 10), _randn(xp, n, 11) * 0.01, xp.zeros(n, np.float32)
     ratios = opt.lars_trust_ratio_flat(p, g, segments)
+    lr = xp.asarray(np.array([0.1], np.float32))     # in a device buffer, as nn.optim keeps it
     views_p, views_g = segments.split(p), segments.split(g)
 
     def xp_sgd():   # the unfused update on the flat buffer, one weight decay for all
@@ -192,11 +193,12 @@ def _optimizer_cases(xp, size):
     label = f"{n / 1e6:.1f}M params" if n >= 10**6 else f"{n} params"
     label += f", {len(sizes)} tensors"
     return [
-        Case(f"sgd_momentum_update_flat [{label}]",
-             lambda: opt.sgd_momentum_update_flat(p, g, v, 0.1, 0.9, segments), bytes=20 * n,
+        Case(f"momentum_update_flat [{label}]",
+             lambda: opt.momentum_update_flat(p, g, v, segments, lr, 0.9), bytes=20 * n,
              baseline=xp_sgd, baseline_name=f"{xp.__name__} elementwise (unfused)"),
-        Case(f"sgd_momentum_update_flat + LARS scale [{label}]",
-             lambda: opt.sgd_momentum_update_flat(p, g, v, 0.1, 0.9, segments, lr_scale=ratios), bytes=20 * n),
+        Case(f"momentum_update_flat, LARS [{label}]",
+             lambda: opt.momentum_update_flat(p, g, v, segments, lr, 0.9, lr_in_momentum=True, lr_scale=ratios),
+             bytes=20 * n),
         Case(f"lars_trust_ratio_flat [{label}]", lambda: opt.lars_trust_ratio_flat(p, g, segments), bytes=8 * n,
              baseline=xp_lars, baseline_name=f"{xp.__name__}.linalg.norm per tensor"),
         Case(f"global_grad_norm [{label}]", lambda: opt.global_grad_norm([g]), bytes=4 * n,

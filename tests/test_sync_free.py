@@ -1,0 +1,76 @@
+"""The training step never waits for the host: counted on the emulator.
+
+Every device-to-host read in nn/ and train.py goes through nn.device.to_numpy (the one door,
+counted by nn.device.host_reads); kernel launches are counted by kernels.launch_count. On the emu
+device the step runs the same code as on cuda, so a count of 0 reads here means 0 syncs there
+(a CUDA-graph capture on a GPU would fail on any read that slipped past the door)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kernels
+import nn
+from bench import train as bt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_configuration_steps_without_a_host_read():
+    rows = bt.sync_check("emu", "tiny", steps=2, warmup=1, quiet=True)
+    by_label = {r["label"]: r for r in rows}
+    assert set(by_label) == {"SGD fp32", "SGD fp16, dynamic loss scale", "LARS fp32"}
+    for r in rows:
+        assert r["host_syncs_per_step"] == 0, r
+        assert np.isfinite(r["mean_loss"]), r
+    sgd, lars = by_label["SGD fp32"], by_label["LARS fp32"]
+    # one optimizer launch for all parameters (808 with one per tensor before); LARS adds its two
+    # norm kernels; the per-step count is exact, the same every step
+    assert sgd["launches_per_step"] == int(sgd["launches_per_step"]) < 700
+    assert lars["launches_per_step"] == sgd["launches_per_step"] + 2
+
+
+def test_the_door_counts_reads_and_the_counter_counts_launches():
+    x = np.arange(5, dtype=np.float32)
+    before = nn.device.host_reads()
+    nn.device.to_numpy(x)
+    assert nn.device.host_reads() == before + 1
+    launches = kernels.launch_count()
+    kernels.ops.relu_forward(x)
+    assert kernels.launch_count() == launches + 1
+
+
+def test_a_read_inside_the_step_is_counted(monkeypatch):
+    # the check is not blind: put a host read back into the step (what train.py used to do with
+    # float(loss.data) every step) and it is seen
+    real = bt._forward
+
+    def reading_forward(s):
+        loss = real(s)
+        float(nn.device.to_numpy(loss.data))
+        return loss
+
+    monkeypatch.setattr(bt, "_forward", reading_forward)
+    rows = bt.sync_check("emu", "tiny", steps=2, warmup=1, quiet=True)
+    assert all(r["host_syncs_per_step"] == 1 for r in rows), rows
+
+
+@pytest.mark.slow
+def test_sync_bn_over_two_mpi_ranks_steps_without_a_host_read(tmp_path):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install -e '.[test]' brings the mpich wheel)")
+    pytest.importorskip("mpi4py")
+    out = tmp_path / "sync.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "bench.train", "--size", "tiny", "--device", "emu",
+                           "--sync-check", "--check-steps", "2", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "sync BN over 2 ranks" in proc.stdout and "host syncs per step: 0" in proc.stdout
