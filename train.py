@@ -101,8 +101,9 @@ def build_parser():
                    help="smallest random crop, as a fraction of the image (0.05 for the recipe)")
     m = p.add_argument_group("model and device")
     m.add_argument("--device", choices=["auto", "cpu", "emu", "cuda"], default=None,
-                   help="auto (default): cuda if CuPy sees a GPU, else cpu. emu runs our CUDA kernels on the "
-                        "CPU emulator (slow: for checking, not training)")
+                   help="auto (default): cuda if CuPy sees a GPU, else cpu (NumPy). emu: the same training "
+                        "through our CUDA C kernels, run by the CPU emulator (about 650 kernel launches a step, "
+                        "~5 s a step of the default CPU model: to see and check the GPU code train)")
     m.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="activations (fp16/bf16 need cuda)")
     m.add_argument("--conv-engine", choices=["ours", "cudnn"], help="convolutions: our kernels or cuDNN (cuda)")
     m.add_argument("--loss-scale", help="with --precision fp16: 'dynamic' (default) or a fixed scale, e.g. 128 "

@@ -291,8 +291,7 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
     (1 normally; the loss scale under mixed precision)."""
     logits = _as_tensor(logits, "logits")
     ops = _ops(logits)
-    labels = labels.data if isinstance(labels, Tensor) else labels
-    labels = logits.device.asarray(labels)
+    labels = as_labels(labels, logits.device)
     loss, probs = ops.softmax_cross_entropy_forward(logits.data, labels, label_smoothing)
     logits_dtype = logits.dtype
 
@@ -304,6 +303,19 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
 
     backward.takes_scalar_seed = True       # Tensor.backward hands it the seed as it is
     return Tensor._from_op(loss, (logits,), backward)
+
+
+def as_labels(labels, device):
+    """Class labels of any integer dtype (array, list or Tensor) as int32 on `device`: the one
+    rule of every device (the kernels read int32; a loader should produce int32 so that this is
+    free). Anything but integers is refused with the same TypeError everywhere."""
+    labels = labels.data if isinstance(labels, Tensor) else labels
+    labels = device.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.dtype != np.int32:
+        labels = labels.astype(np.int32)   # values outside [0, K) stay outside: the ops refuse them
+    return labels
 
 
 # ---- casts (mixed precision) --------------------------------------------------------------------

@@ -5,6 +5,7 @@ A row with a NaN or inf logit is never correct: a diverged model scores 0, not 1
 diverged run instead of reporting an accuracy."""
 
 from nn.device import default_device_for, to_numpy
+from nn.functional import as_labels
 from nn.tensor import Tensor
 
 __all__ = ["topk_counts", "topk_correct", "accuracy"]
@@ -20,8 +21,7 @@ def topk_counts(logits, labels, ks=(1, 5)):
         device, logits = logits.device, logits.data
     else:
         device = default_device_for(logits)
-    labels = labels.data if isinstance(labels, Tensor) else labels
-    counts = [int(c) for c in to_numpy(device.ops.topk_correct(logits, device.asarray(labels), ks)).tolist()]
+    counts = [int(c) for c in to_numpy(device.ops.topk_correct(logits, as_labels(labels, device), ks)).tolist()]
     return counts[:-1], counts[-1]
 
 

@@ -82,3 +82,23 @@ def test_cpu_and_emu_agree_on_a_train_mode_step_as_well_as_float32_allows():
         if (e := rel_err(emu[k], truth[k])) > allowed:
             bad[k] = (e, allowed)
     assert not bad, f"emu further from the float64 result than float32 allows (error, allowed): {bad}"
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int16, np.uint8, np.int32])
+def test_labels_of_any_integer_dtype_give_the_same_loss_on_every_device(dtype):
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((6, 9)).astype(np.float32)
+    labels = rng.integers(0, 9, 6)
+    want = F.cross_entropy(nn.Tensor(logits), labels.astype(np.int32)).data
+    for device in ("cpu", "emu"):
+        got = F.cross_entropy(nn.Tensor(logits, device=device), labels.astype(dtype)).data
+        assert float(got) == pytest.approx(float(want), rel=1e-6), device
+        assert nn.metrics.topk_correct(nn.Tensor(logits, device=device), list(labels), ks=(1, 3)) == \
+            nn.metrics.topk_correct(nn.Tensor(logits), labels.astype(np.int32), ks=(1, 3))
+
+
+def test_non_integer_labels_are_refused_alike_on_every_device():
+    logits = np.zeros((2, 3), np.float32)
+    for device in ("cpu", "emu"):
+        with pytest.raises(TypeError, match="labels must be integer class indices, got dtype float64"):
+            F.cross_entropy(nn.Tensor(logits, device=device), np.array([0.0, 1.0]))
