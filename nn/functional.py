@@ -249,6 +249,11 @@ def add(a, b):
     return Tensor._from_op(ops.add(a.data, b.data), (a, b), lambda dy: (dy, dy))
 
 
+# `a + b` on Tensors is this op. Attached here, where the ops live, so that tensor.py (the
+# autograd core) needs nothing from this module: imports point one way.
+Tensor.__add__ = lambda a, b: add(a, b)
+
+
 def add_relu(a, b):
     """y = relu(a + b) (same shapes); backward hands dy*(y > 0) to both."""
     ops = _ops(a, b)

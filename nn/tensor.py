@@ -190,10 +190,6 @@ class Tensor:
         """A new leaf tensor sharing the data, outside the graph."""
         return Tensor(self.data, device=self.device)
 
-    def __add__(self, other):
-        from nn import functional as F
-        return F.add(self, other)
-
     def __repr__(self):
         grad = ", requires_grad=True" if self.requires_grad else ""
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, "
