@@ -98,13 +98,15 @@ class StandInRawModule:
 
 
 def standin_cupy_module():
-    """A module object to put in sys.modules['cupy']: ndarray, RawModule, asarray, empty."""
+    """A module object to put in sys.modules['cupy']: ndarray, RawModule, asarray, empty and
+    cuda.runtime.getDevice (always device 0)."""
     mod = types.ModuleType("cupy")
     mod.__version__ = "stand-in"
     mod.ndarray = StandInArray
     mod.RawModule = StandInRawModule
     mod.asarray = lambda a, dtype=None: a if isinstance(a, StandInArray) else StandInArray(np.asarray(a, dtype))
     mod.empty = lambda shape, dtype=np.float32: StandInArray(np.empty(shape, dtype))
+    mod.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDevice=lambda: 0))
     mod.is_standin = True
     return mod
 

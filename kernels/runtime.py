@@ -18,6 +18,7 @@ function handle is looked up once per kernel and kept.
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from . import cuda_env
@@ -36,6 +37,24 @@ def _array_kind(args):
         if mod == "cupy" and hasattr(a, "dtype"):
             return "cupy"
     return "numpy"
+
+
+_device_query = (None, None)   # (the cupy module, its function telling the current device)
+
+
+def _cupy_device(_loaded=sys.modules):
+    """The current CUDA device's id: CuPy loads a module, and so a kernel handle, per device."""
+    module, query = _device_query
+    if module is None or module is not _loaded.get("cupy"):
+        return _new_device_query()
+    return query()
+
+
+def _new_device_query():
+    global _device_query
+    import cupy
+    _device_query = (cupy, cupy.cuda.runtime.getDevice)
+    return _device_query[1]()
 
 
 def _array_class(args, kind):
@@ -183,7 +202,7 @@ class RawKernel:
         self.name = name
         self.signature = module.signatures[name]
         self._max_dynamic_shared = None
-        self._cupy_function = None     # CuPy's handle of this kernel, looked up at the first GPU launch
+        self._cupy_functions = {}      # device id -> CuPy's handle of this kernel, from the first launch there
         self._checks = {}              # array class -> (kind, compiled argument check)
         # the first pointer parameter's argument tells NumPy from CuPy at a glance
         self._probe = next((i for i, p in enumerate(self.signature.params) if p.is_pointer), None)
@@ -202,8 +221,8 @@ class RawKernel:
     @max_dynamic_shared_size_bytes.setter
     def max_dynamic_shared_size_bytes(self, value):
         self._max_dynamic_shared = int(value)
-        if self._cupy_function is not None:
-            self._cupy_function.max_dynamic_shared_size_bytes = self._max_dynamic_shared
+        for fn in self._cupy_functions.values():
+            fn.max_dynamic_shared_size_bytes = self._max_dynamic_shared
 
     def __call__(self, grid, block, args, shared_mem=0, **kwargs):
         try:
@@ -215,7 +234,8 @@ class RawKernel:
             if values is None:   # the reference check: the clear error, or Python numbers converted
                 import numpy as np
                 values = tuple(np.uint64(0) if v is None else v for v in check_args(self.signature, args, "cupy"))
-            fn = self._cupy_function or self._bind_cupy()
+            device = _cupy_device()
+            fn = self._cupy_functions.get(device) or self._bind_cupy(device)
             if type(grid) is not tuple:
                 grid = (grid,) if isinstance(grid, int) else tuple(grid)
             if type(block) is not tuple:
@@ -239,8 +259,9 @@ class RawKernel:
         self._checks[cls] = entry
         return entry
 
-    def _bind_cupy(self):
-        """CuPy's function handle of this kernel (compiles the module with NVRTC the first time)."""
+    def _bind_cupy(self, device):
+        """CuPy's function handle of this kernel on `device` (compiles the module with NVRTC the
+        first time; CuPy caches the binary)."""
         try:
             fn = self.module._cupy_module().get_function(self.name)
         except Exception as exc:
@@ -248,7 +269,7 @@ class RawKernel:
             raise
         if self._max_dynamic_shared is not None:
             fn.max_dynamic_shared_size_bytes = self._max_dynamic_shared
-        self._cupy_function = fn
+        self._cupy_functions[device] = fn
         return fn
 
 
