@@ -135,10 +135,12 @@ def _case_args(kernel, make):
         x, y = make((4096,), np.float32), make((4096,), np.float32)
         return (16,), (256,), (x, y, np.int64(4096))
     if kernel == "conv2d_fwd_igemm_f32":       # N=2, 8x8x16 -> 16 channels, 3x3, stride 1, pad 1
+        from kernels.conv import _IG_TILE   # the launcher's tile: the grid kernels.conv would use
         N, H, W, C, K, R, S, P, Q = 2, 8, 8, 16, 16, 3, 3, 8, 8
-        x, wt, y = make((N, H, W, C), np.float32), make((R * S * C, K), np.float32), make((N, P, Q, K), np.float32)
-        return (2, 1), (256,), (x, wt, y, i32(N), i32(H), i32(W), i32(C), i32(K), i32(R), i32(S), i32(P), i32(Q),
-                                i32(1), i32(1))
+        x, wt, y = make((N, H, W, C), np.float32), make((K, R, S, C), np.float32), make((N, P, Q, K), np.float32)
+        grid = (-(-(N * P * Q) // _IG_TILE), -(-K // _IG_TILE))
+        return grid, (256,), (x, wt, y, i32(N), i32(H), i32(W), i32(C), i32(K), i32(R), i32(S), i32(P), i32(Q),
+                              i32(1), i32(1))
     raise ValueError(kernel)
 
 

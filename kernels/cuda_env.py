@@ -34,7 +34,8 @@ from pathlib import Path
 
 __all__ = ["KERNEL_DIR", "kernel_headers", "needed_headers", "cupy_include_dirs", "nvrtc_major",
            "wheel_include_dirs", "extra_include_dirs", "extra_include_options", "find_header",
-           "install_hint", "raise_with_install_hint", "CudaSetupError", "gpu_extra_for", "report"]
+           "install_hint", "raise_with_install_hint", "CudaSetupError", "gpu_extra_for", "cupy_wheel_cuda_major",
+           "report"]
 
 KERNEL_DIR = Path(__file__).resolve().parent
 
@@ -172,11 +173,11 @@ def extra_include_options():
 def gpu_extra_for(cuda_major=None):
     """The pip extra for CUDA `cuda_major` (default: that of the installed CuPy wheel)."""
     if cuda_major is None:
-        cuda_major = _cupy_wheel_cuda_major()
+        cuda_major = cupy_wheel_cuda_major()
     return _EXTRAS.get(cuda_major, "gpu")
 
 
-def _cupy_wheel_cuda_major():
+def cupy_wheel_cuda_major():
     """CUDA major version the installed CuPy wheel was built for (cupy-cuda12x -> 12), or None."""
     from importlib import metadata
     for major in (13, 12, 11):

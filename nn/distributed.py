@@ -413,15 +413,14 @@ def nccl_module():
 
 
 def _nccl_install_hint():
-    from importlib import metadata
-    for major, extra in ((13, "gpu-cuda13"), (12, "gpu"), (11, "gpu-cuda11")):
-        try:
-            metadata.distribution(f"cupy-cuda{major}x")
-        except metadata.PackageNotFoundError:
-            continue
-        return f'pip install nvidia-nccl-cu{major} (the {extra} extra brings it: pip install -e ".[{extra}]")'
-    return ('pip install nvidia-nccl-cu12 (or -cu13, -cu11: the CUDA of your CuPy wheel; '
-            'the gpu extras bring it: README.md, "On a GPU")')
+    from kernels.cuda_env import cupy_wheel_cuda_major, gpu_extra_for
+    major = cupy_wheel_cuda_major()
+    if major is None:
+        return ('pip install nvidia-nccl-cu12 (or -cu13, -cu11: the CUDA of your CuPy wheel; '
+                'the gpu extras bring it: README.md, "On a GPU")')
+    extra = gpu_extra_for(major)
+    return f'pip install nvidia-nccl-cu{major} (the {extra} extra brings it: pip install -e ".[{extra}]")'
+
 
 
 class NcclCommunicator(MpiCommunicator):

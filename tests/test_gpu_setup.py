@@ -111,7 +111,7 @@ def test_wheel_include_dirs_take_only_the_same_cuda_major():
 
 
 def test_install_hints_name_the_extra(monkeypatch):
-    monkeypatch.setattr(cuda_env, "_cupy_wheel_cuda_major", lambda: 13)
+    monkeypatch.setattr(cuda_env, "cupy_wheel_cuda_major", lambda: 13)
     hint = cuda_env.install_hint(RuntimeError('Failure finding "libnvrtc.so": libnvrtc.so: cannot open shared '
                                               'object file: No such file or directory'))
     assert "NVRTC" in hint and 'pip install -e ".[gpu-cuda13]"' in hint

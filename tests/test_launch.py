@@ -189,3 +189,18 @@ def test_bench_launch_runs_and_prints_the_figure(capsys):
     assert all(r["us_per_launch"] > 0 and r["ours_us"] >= 0 for r in rows)
     out = capsys.readouterr().out
     assert "us/launch" in out and "conv2d_fwd_igemm_f32" in out
+
+
+def test_bench_launch_cases_are_real_launches():
+    """What bench.launch times on a GPU computes the right thing (checked here on the emulator), so
+    the GPU figure is of a correct launch, not of a kernel reading past its arrays."""
+    from kernels import reference
+    rng = np.random.default_rng(3)
+    make = lambda shape, dtype: rng.standard_normal(shape).astype(dtype)
+    grid, block, (x, wt, y, *rest) = bench_launch._case_args("conv2d_fwd_igemm_f32", make)
+    _launch.module("conv.cu").get_function("conv2d_fwd_igemm_f32")(grid, block, (x, wt, y, *rest))
+    want = reference.conv2d_forward(x.astype(np.float64), wt.transpose(0, 3, 1, 2).astype(np.float64), 1, 1)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    grid, block, (x, y, n) = bench_launch._case_args("relu_forward_f32", make)
+    _launch.module("elementwise.cu").get_function("relu_forward_f32")(grid, block, (x, y, n))
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
