@@ -30,8 +30,8 @@ import types
 
 import numpy as np
 
-# (file, kernel, dtype of the arrays): a 3-argument elementwise kernel and the 14-argument
-# convolution the step launches most.
+# (file, kernel): a 3-argument elementwise kernel and the 14-argument
+# convolution (the forward implicit GEMM), the two ends of what a training step launches.
 CASES = (("elementwise.cu", "relu_forward_f32"), ("conv.cu", "conv2d_fwd_igemm_f32"))
 
 
