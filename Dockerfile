@@ -13,7 +13,9 @@
 # The host driver must support the image's CUDA version (nvidia-smi shows it).
 #
 # Why -devel and not -runtime: CuPy compiles our kernels at run time with NVRTC, and they include
-# <cuda_fp16.h>, <cuda_bf16.h> and <mma.h>: headers that only the toolkit in -devel ships.
+# <cuda_fp16.h>, <cuda_bf16.h> and <mma.h>. For CUDA 12 and 13 the extras bring NVRTC and those
+# headers as wheels (which CuPy prefers; `python -m bench.check_extras` checks them), but CUDA 11's
+# CuPy 13 reads them from a toolkit only; -devel also gives nvcc and cuobjdump for debugging.
 # Why no -cudnn tag: cuDNN comes from the pip extra (nvidia-cudnn-cu12 / -cu13), exactly as in the
 # plain install, so there is one cuDNN and setup.cfg sets its version.
 # Ubuntu 22.04's python3 is 3.10, which the project needs at least.

@@ -104,7 +104,8 @@ def build_parser():
                    help="auto (default): cuda if CuPy sees a GPU, else cpu (NumPy). emu: the same training "
                         "through our CUDA C kernels, run by the CPU emulator (about 650 kernel launches a step, "
                         "~5 s a step of the default CPU model: to see and check the GPU code train)")
-    m.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="activations (fp16/bf16 need cuda)")
+    m.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="activations: fp32, or fp16 on cuda (bf16 is refused: several ops have no bf16 kernels)")
     m.add_argument("--conv-engine", choices=["ours", "cudnn"], help="convolutions: our kernels or cuDNN (cuda)")
     m.add_argument("--loss-scale", help="with --precision fp16: 'dynamic' (default) or a fixed scale, e.g. 128 "
                                         "as the reference")
@@ -164,9 +165,10 @@ def resolve_config(args):
         raise UsageError("--data and --synthetic are exclusive: train on one dataset")
     device = args.device or "auto"
     if device == "auto":
-        device = "cuda" if _gpu_available() else "cpu"
+        device = nn.device.auto_device(say=_say)   # says why not the GPU when CuPy is there but unusable
     elif device == "cuda" and not _gpu_available():
-        raise UsageError("--device cuda: CuPy sees no GPU (install the gpu extra that matches your CUDA: README.md)")
+        raise UsageError(f"--device cuda: {nn.device.cuda_unavailable_reason() or 'CuPy is not installed'} "
+                         f"(install the gpu extra that matches your CUDA: README.md)")
     cfg = dict(RECIPE)
     if not args.data:
         cfg.update(DEFAULT_GPU if device == "cuda" else DEFAULT_CPU)
@@ -208,6 +210,9 @@ def _validate(cfg):
     world = _comm().world_size
     need(cfg["batch_size"] % world == 0,
          f"--batch-size {cfg['batch_size']} (the global batch) must be a multiple of the {world} ranks")
+    need(cfg["precision"] != "bf16", "--precision bf16 is not supported yet: batch norm, pooling, the elementwise ops "
+         "and the input kernel have no bfloat16 versions (and bf16 needs an A100 or newer); use --precision fp16 "
+         "(the same tensor-core speed, with dynamic loss scaling) or fp32")
     if cfg["precision"] != "fp32":
         need(cfg["device"] == "cuda", f"--precision {cfg['precision']} needs --device cuda (cpu and emu train in fp32)")
     if cfg["conv_engine"] == "cudnn":
@@ -225,11 +230,7 @@ def _validate(cfg):
 
 
 def _gpu_available():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+    return nn.device.cuda_unavailable_reason() is None
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -1138,8 +1139,8 @@ def _run_in(folder, cfg, resume_arrays, continues_last):
         except Exception as e:
             if not _is_oom(e):
                 raise
-            _say(f"error: out of GPU memory at batch size {cfg['batch_size']}: try --batch-size "
-                 f"{max(1, cfg['batch_size'] // 2)} (or --precision fp16)")
+            _say("error: " + nn.memory.oom_message(e, cfg["batch_size"], trainer.world, cfg["image_size"], cfg["width"],
+                                                  trainer.num_classes, cfg["precision"]))
             code = EXIT_OOM
         try:
             mlog.end(c.RUN_STOP, status=status)
@@ -1219,8 +1220,14 @@ def main(argv=None):
     old_term = signal.signal(signal.SIGTERM, _terminated_early) if _in_main_thread() else None
     # Several ranks (mpirun -np N python train.py ...): the communicator first, before anything
     # touches the GPU, since each rank picks its GPU from its rank on the node.
-    comm = distributed.init(device=args.device if args.device not in (None, "auto")
-                            else ("cuda" if _gpu_available() else "cpu"))
+    try:
+        comm = distributed.init(device=args.device if args.device not in (None, "auto")
+                                else ("cuda" if _gpu_available() else "cpu"))
+    except RuntimeError as e:   # e.g. several ranks on GPUs without NCCL: the message says what to install
+        print(f"train.py: error: {e}", file=sys.stderr)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        return EXIT_USAGE
     code = EXIT_USAGE
     try:
         cfg = resolve_config(args)

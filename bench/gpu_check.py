@@ -11,6 +11,7 @@ children, reported as "timeout", and the next stage still runs); all within --bu
     converge    200 steps on synthetic textures; the loss must fall        converge.json
     train       throughput + per-phase breakdown + peak memory (bench.train)   train.json
     graph       the step captured as a CUDA graph                          train_graph.json
+    launch      host time per kernel launch, ours beside CuPy's (bench.launch)   launch.json
 and prints one summary table last (also in summary.json). Every stage's output is in DIR/<stage>.log.
 
 It installs nothing: it needs CuPy (for your CUDA version: pip install -e ".[gpu]" or
@@ -63,6 +64,8 @@ def stage_plan(cpu, out, pytest_args):
                           j("train.json")), 60, "train.json"),
             ("graph", _py("-m", "bench.train", "--size", "tiny", "--device", "emu", "--configs", "fp32-ours",
                           "--json", j("train_graph.json")), 60, "train_graph.json"),
+            ("launch", _py("-m", "bench.launch", "--no-gpu", "--count", "1000", "--repeat", "2", "--json",
+                           j("launch.json")), 30, "launch.json"),
         ]
     return [
         ("env", _py("-m", "bench.gpu_check", "--print-env"), 30, "env.json"),
@@ -78,6 +81,8 @@ def stage_plan(cpu, out, pytest_args):
         ("graph", _py("-m", "bench.train", "--device", "cuda", "--configs", "amp-cudnn", "fp32-cudnn", "--cuda-graph",
                       "--steps", "8", "--warmup", "3", "--json", j("train_graph.json")),
          60, "train_graph.json"),
+        ("launch", _py("-m", "bench.launch", "--count", "5000", "--repeat", "3", "--json", j("launch.json")), 40,
+         "launch.json"),
     ]
 
 
@@ -184,6 +189,16 @@ def summarize(stage, out):
             elif "error" in r:
                 parts.append(f"{label} ERROR")
         return "; ".join(parts)
+    if name == "launch":
+        t = _load(out, "launch.json")
+        if not t:
+            return "no launch.json"
+        text = "our Python per launch (stand-in driver): " + ", ".join(
+            f"{r['args']} args {r['ours_us']:.1f} us" for r in t["standin"])
+        if t.get("gpu"):
+            text += "; on the GPU ours/CuPy's: " + ", ".join(
+                f"{r['args']} args {r['ours_us']:.1f}/{r['cupy_us']:.1f} us ({r['ratio']:.2f}x)" for r in t["gpu"])
+        return text
     return ""
 
 

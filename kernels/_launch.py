@@ -79,9 +79,24 @@ def blocks_for(n, block, xp, per_thread=1):
     return min(need, _MAX_BLOCKS["cupy" if xp is not np else "numpy"])
 
 
+_modules = {}   # (filename, options) -> RawModule: a launch looks its module up without touching the disk
+
+
 def module(filename, options=()):
-    """The RawModule of kernels/<filename> (compiled once per process and backend)."""
-    return load_module(filename, options)
+    """The RawModule of kernels/<filename> (compiled once per process and backend).
+
+    Unlike `load_module`, which checks the file's modification time at every call, this is one
+    dictionary look-up: launchers call it at every launch, and kernel sources do not change under
+    a running training.
+    """
+    try:
+        return _modules[filename, options]
+    except (KeyError, TypeError):   # not loaded yet, or options given as a list
+        options = tuple(options)
+        mod = _modules.get((filename, options))
+        if mod is None:
+            mod = _modules[filename, options] = load_module(filename, options)
+        return mod
 
 
 def empty(xp, shape, dtype):

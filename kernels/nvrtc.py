@@ -19,7 +19,8 @@ Where the library comes from, first match wins:
   3. a CUDA toolkit: $CUDA_PATH, $CUDA_HOME, /usr/local/cuda (lib64/, lib/, bin/);
   4. the system loader (ldconfig, LD_LIBRARY_PATH).
 CUDA headers such as <cuda_fp16.h> and <cuda_bf16.h> are NOT built into NVRTC 12.x; they are
-found in the `nvidia-cuda-runtime-cu12` wheel (site-packages/nvidia/cuda_runtime/include) or a
+found in the `nvidia-cuda-runtime-cu12` wheel (site-packages/nvidia/cuda_runtime/include), the
+`nvidia-cuda-nvcc-cu12` wheel (crt/mma.h, which <mma.h> includes: nvidia/cuda_nvcc/include) or a
 toolkit's include/ directory and passed with -I automatically.
 
 Example:
@@ -184,16 +185,18 @@ def cuda_include_dirs():
     """Directories holding the CUDA headers (<cuda_fp16.h>, <cuda_bf16.h>, ...), best first.
 
     The nvidia-cuda-runtime wheel's include/ comes first (it is installed with the same CUDA
-    major version as the NVRTC wheel), then $CUDA_PATH/include, $CUDA_HOME/include and
-    /usr/local/cuda/include. Returns [] when none is found. The CuPy runtime can pass these with
+    major version as the NVRTC wheel), then the nvidia-cuda-nvcc wheel's (crt/mma.h for <mma.h>),
+    then $CUDA_PATH/include, $CUDA_HOME/include and /usr/local/cuda/include. Returns [] when none
+    is found. The CuPy runtime can pass these with
     -I too, for kernels that include the half-precision headers.
     """
-    dirs = list(_wheel_dirs("cuda_runtime", "include"))
+    dirs = list(_wheel_dirs("cuda_runtime", "include")) + list(_wheel_dirs("cuda_nvcc", "include"))
     for root in _toolkit_roots():
         dirs.append(os.path.join(root, "include"))
     result = []
     for d in dirs:
-        if os.path.isfile(os.path.join(d, "cuda_fp16.h")) and d not in result:
+        has = os.path.isfile(os.path.join(d, "cuda_fp16.h")) or os.path.isfile(os.path.join(d, "crt", "mma.h"))
+        if has and d not in result:
             result.append(d)
     return result
 

@@ -7,16 +7,23 @@
 The constructor and the call have the same shape as `cupy.RawKernel`.  The backend is chosen by
 the arrays: CuPy arrays launch on the GPU (CuPy compiles with NVRTC), NumPy arrays run on the
 CPU emulator (kernels/emulator.py).  On both, the arguments are first checked against the
-kernel's parameter list (kernels/signature.py): a float64 array passed as `float*`, or a Python
-int passed where the kernel wants a 32-bit `int`, is refused with a message saying what to pass.
+kernel's parameter list (kernels/signature.py): a float64 array passed as `float*`, a strided
+view, or a Python int passed where the kernel wants a 32-bit `int`, is refused with a message
+saying what to pass.
+
+A launch on the GPU costs a few microseconds of our Python (`python -m bench.launch`): the
+argument check is compiled once per kernel signature (signature.compiled_check), and the CuPy
+function handle is looked up once per kernel and kept.
 """
 
 import os
 import re
+import sys
 from pathlib import Path
 
+from . import cuda_env
 from .emulator import EmuModule
-from .signature import check_args, find_kernels
+from .signature import check_args, compiled_check, find_kernels
 
 __all__ = ["RawKernel", "RawModule", "load_module", "KERNEL_DIR", "launch_count"]
 
@@ -37,6 +44,32 @@ def _array_kind(args):
         if mod == "cupy" and hasattr(a, "dtype"):
             return "cupy"
     return "numpy"
+
+
+_device_query = (None, None)   # (the cupy module, its function telling the current device)
+
+
+def _cupy_device(_loaded=sys.modules):
+    """The current CUDA device's id: CuPy loads a module, and so a kernel handle, per device."""
+    module, query = _device_query
+    if module is None or module is not _loaded.get("cupy"):
+        return _new_device_query()
+    return query()
+
+
+def _new_device_query():
+    global _device_query
+    import cupy
+    _device_query = (cupy, cupy.cuda.runtime.getDevice)
+    return _device_query[1]()
+
+
+def _array_class(args, kind):
+    """The array class of a launch: numpy.ndarray, or the CuPy array class of its arguments."""
+    if kind == "cupy":
+        return next(type(a) for a in args if type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "dtype"))
+    import numpy as np
+    return np.ndarray
 
 
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[^\n]*$', re.M)
@@ -106,12 +139,15 @@ class RawModule:
 
     def get_function(self, name):
         """The kernel called `name`, launchable on both backends."""
-        if name not in self._functions:
-            if name not in self.signatures:
-                known = ", ".join(sorted(self.signatures)) or "none"
-                raise AttributeError(f"{self.filename}: no extern \"C\" __global__ function named '{name}' "
-                                     f"(found: {known})")
-            self._functions[name] = RawKernel._from_module(self, name)
+        try:
+            return self._functions[name]
+        except KeyError:
+            pass
+        if name not in self.signatures:
+            known = ", ".join(sorted(self.signatures)) or "none"
+            raise AttributeError(f"{self.filename}: no extern \"C\" __global__ function named '{name}' "
+                                 f"(found: {known})")
+        self._functions[name] = RawKernel._from_module(self, name)
         return self._functions[name]
 
     # -- backends, built lazily
@@ -126,7 +162,9 @@ class RawModule:
             source = self.code
             if self.filename and not self.filename.startswith("<"):
                 source = f'#line 1 "{self.filename}"\n{self.code}'
-            self._cupy = cupy.RawModule(code=source, options=self.options, backend="nvrtc")
+            # CUDA headers that CuPy's include path misses (crt/mma.h from CUDA 12 wheels): cuda_env.py
+            options = self.options + cuda_env.extra_include_options()
+            self._cupy = cupy.RawModule(code=source, options=options, backend="nvrtc")
         return self._cupy
 
     def compile(self, backend="emu"):
@@ -134,7 +172,11 @@ class RawModule:
         if backend == "emu":
             self._emu_module().compile()
         elif backend == "cuda":
-            self._cupy_module().compile()
+            try:
+                self._cupy_module().compile()
+            except Exception as exc:
+                cuda_env.raise_with_install_hint(exc, self.filename)
+                raise
         else:
             raise ValueError(f"backend must be 'emu' or 'cuda', got {backend!r}")
         return self
@@ -167,6 +209,10 @@ class RawKernel:
         self.name = name
         self.signature = module.signatures[name]
         self._max_dynamic_shared = None
+        self._cupy_functions = {}      # device id -> CuPy's handle of this kernel, from the first launch there
+        self._checks = {}              # array class -> (kind, compiled argument check)
+        # the first pointer parameter's argument tells NumPy from CuPy at a glance
+        self._probe = next((i for i, p in enumerate(self.signature.params) if p.is_pointer), None)
 
     @property
     def code(self):
@@ -182,29 +228,58 @@ class RawKernel:
     @max_dynamic_shared_size_bytes.setter
     def max_dynamic_shared_size_bytes(self, value):
         self._max_dynamic_shared = int(value)
+        for fn in self._cupy_functions.values():
+            fn.max_dynamic_shared_size_bytes = self._max_dynamic_shared
 
     def __call__(self, grid, block, args, shared_mem=0, **kwargs):
         global _launches
         _launches += 1
-        if _array_kind(args) == "cupy":
-            return self._launch_cuda(grid, block, args, shared_mem, **kwargs)
+        try:
+            kind, check = self._checks[type(args[self._probe])]
+        except (KeyError, IndexError, TypeError):
+            kind, check = self._check_for(args)
+        if kind == "cupy":
+            values = check(args)
+            if values is None:   # the reference check: the clear error, or Python numbers converted
+                import numpy as np
+                values = tuple(np.uint64(0) if v is None else v for v in check_args(self.signature, args, "cupy"))
+            device = _cupy_device()
+            fn = self._cupy_functions.get(device) or self._bind_cupy(device)
+            if type(grid) is not tuple:
+                grid = (grid,) if isinstance(grid, int) else tuple(grid)
+            if type(block) is not tuple:
+                block = (block,) if isinstance(block, int) else tuple(block)
+            fn(grid, block, values, shared_mem=shared_mem, **kwargs)
+            return
         if kwargs:
             raise TypeError(f"kernel '{self.name}': unexpected arguments {sorted(kwargs)} on the CPU emulator")
         fn = self.module._emu_module().get_function(self.name)
         if self._max_dynamic_shared is not None:
             fn.max_dynamic_shared_size_bytes = self._max_dynamic_shared
-        fn(grid, block, args, shared_mem=shared_mem)
+        fn(grid, block, args, shared_mem=shared_mem)   # the emulator checks the arguments itself
 
-    def _launch_cuda(self, grid, block, args, shared_mem, **kwargs):
-        import numpy as np
-        values = check_args(self.signature, args, "cupy")
-        values = [np.uint64(0) if v is None else v for v in values]
-        fn = self.module._cupy_module().get_function(self.name)
+    def _check_for(self, args):
+        """(kind, compiled check) for the arrays of this launch, remembered per array class."""
+        if not isinstance(args, (tuple, list)):
+            check_args(self.signature, args, "numpy")     # raises the clear TypeError
+        kind = _array_kind(args)
+        cls = _array_class(args, kind)
+        entry = (kind, compiled_check(self.signature, cls))
+        self._checks[cls] = entry
+        return entry
+
+    def _bind_cupy(self, device):
+        """CuPy's function handle of this kernel on `device` (compiles the module with NVRTC the
+        first time; CuPy caches the binary)."""
+        try:
+            fn = self.module._cupy_module().get_function(self.name)
+        except Exception as exc:
+            cuda_env.raise_with_install_hint(exc, self.module.filename)
+            raise
         if self._max_dynamic_shared is not None:
             fn.max_dynamic_shared_size_bytes = self._max_dynamic_shared
-        grid = (grid,) if isinstance(grid, int) else tuple(grid)
-        block = (block,) if isinstance(block, int) else tuple(block)
-        fn(grid, block, tuple(values), shared_mem=shared_mem, **kwargs)
+        self._cupy_functions[device] = fn
+        return fn
 
 
 _modules = {}

@@ -10,6 +10,13 @@ size, and the two are cross-checked.)
 Type codes: 'f16' 'bf16' 'f32' 'f64' 'i8' 'u8' 'i16' 'u16' 'i32' 'u32' 'i64' 'u64' 'bool',
 vector types like 'f32x4', 'void', and '?' for a type this parser does not know (a typedef or a
 struct): such a parameter is passed unchecked (on the emulator, its size is still checked).
+
+Two checks, one verdict.  `check_args` is the reference: it walks the parameters and, on a
+mismatch, says what to pass.  A launch is on the hot path (a training step is ~800 of them), so
+`compiled_check(sig, array_class)` turns a signature into a small Python function, once per
+kernel signature and array class, that tests the same conditions with `type(a) is ...` and set
+look-ups and no messages.  When it says "no", `check_args` runs and raises the clear error (or
+normalises a Python int into the scalar type the kernel takes), so both give the same verdict.
 """
 
 import re
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Param", "KernelSignature", "find_kernels", "check_args", "dtype_code", "code_size"]
+__all__ = ["Param", "KernelSignature", "find_kernels", "check_args", "compiled_check", "dtype_code", "code_size"]
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,17 @@ def check_args(sig, args, array_type):
     exactly as CuPy expects.  A Python int or float is accepted only where it cannot be
     misread: a 64-bit integer parameter (int) or a double (float).
     Raises TypeError/ValueError naming the kernel, the argument and what to pass instead.
+    Arrays must be C-contiguous (a kernel reads raw memory); a strided view is a TypeError.
     """
+    if array_type == "numpy":
+        values = compiled_check(sig, np.ndarray)(args)
+        if values is not None:
+            return list(values)
+    return _check_args_slowly(sig, args, array_type)
+
+
+def _check_args_slowly(sig, args, array_type):
+    """check_args, parameter by parameter, with the messages."""
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"kernel '{sig.name}': args must be a tuple or list, got {type(args).__name__}")
     if len(args) != len(sig.params):
@@ -243,6 +260,10 @@ def check_args(sig, args, array_type):
             if want not in ("void", "?", "i8", "u8") and not _pointee_accepts(want, code):
                 raise TypeError(f"{label}: got a {a.dtype} array; the kernel reads it as "
                                 f"{_pretty(want)} (pass an array of dtype {_dtype_for(want)})")
+            if not a.flags.c_contiguous:
+                raise TypeError(f"{label}: the array is not C-contiguous (shape {tuple(a.shape)}, strides "
+                                f"{tuple(a.strides)}); a kernel reads the raw memory as one dense block, so a "
+                                f"strided view would be misread. Pass xp.ascontiguousarray(...) of it")
             if not p.const and not getattr(a.flags, "writeable", True):
                 raise ValueError(f"{label}: the array is read-only but the kernel may write through it")
             out.append(a)
@@ -269,6 +290,11 @@ def _pretty(code):
             "f64": "double (float64)", "i32": "int (int32)", "u32": "unsigned (uint32)",
             "i64": "64-bit int (int64)", "u64": "64-bit unsigned (uint64)", "bool": "bool",
             "i8": "char", "u8": "unsigned char", "i16": "short", "u16": "unsigned short"}.get(code, code)
+
+
+def _a(noun):
+    """'a float', 'an int': the article for a type name in a message."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def _dtype_for(code):
@@ -300,12 +326,90 @@ def _check_scalar(label, p, a):
         if want == "u64" and a >= 0:
             return np.uint64(a)
         raise TypeError(f"{label}: got a Python int; pass np.{_dtype_for(want).split()[0]}({a}) — "
-                        f"CuPy would pass a Python int as 64 bits, which a {_pretty(want)} parameter misreads")
+                        f"CuPy would pass a Python int as 64 bits, which {_a(_pretty(want))} parameter misreads")
     if isinstance(a, float):
         if want == "f64":
             return np.float64(a)
         raise TypeError(f"{label}: got a Python float; pass np.{_dtype_for(want).split()[0]}({a!r}) — "
-                        f"CuPy would pass a Python float as a double, which a {_pretty(want)} parameter misreads")
+                        f"CuPy would pass a Python float as a double, which {_a(_pretty(want))} parameter misreads")
     if hasattr(a, "dtype") and getattr(a, "ndim", None) == 0:
         raise TypeError(f"{label}: got a 0-d array; pass a NumPy scalar, e.g. np.{_dtype_for(want).split()[0]}(x)")
     raise TypeError(f"{label}: got {type(a).__name__}; pass a NumPy scalar of type {_dtype_for(want)}")
+
+
+# ---- the compiled check: the same conditions, without the messages ----------------------------
+
+_SCALAR_TYPES = {"f16": np.float16, "f32": np.float32, "f64": np.float64, "i8": np.int8, "u8": np.uint8,
+                 "i16": np.int16, "u16": np.uint16, "i32": np.int32, "u32": np.uint32, "i64": np.int64,
+                 "u64": np.uint64, "bf16": np.uint16}
+# Python numbers that check_args accepts for a parameter (it cannot misread them there)
+_PYTHON_NUMBERS = {"i64": ("int", ""), "u64": ("int", " and {a} >= 0"), "f64": ("float", "")}
+
+_compiled = {}   # (id(signature), array class) -> (signature, check); the signature is kept alive
+
+
+def compiled_check(sig, array_class):
+    """The argument check of kernel signature `sig` for arrays of `array_class` (numpy.ndarray or
+    cupy.ndarray), built once: `check(args)` returns the tuple of values to launch with, or None
+    when `check_args` must look (a mismatch, which it reports, or a Python number to convert).
+
+    On the CuPy path a null pointer (None) becomes np.uint64(0), as CuPy wants; on the emulator it
+    stays None.  The generated source is kept as `check.source`, for the curious.
+    """
+    key = (id(sig), array_class)
+    entry = _compiled.get(key)
+    if entry is None or entry[0] is not sig:
+        entry = (sig, _build_check(sig, array_class))
+        _compiled[key] = entry
+    return entry[1]
+
+
+def _build_check(sig, array_class):
+    on_gpu = array_class.__module__.split(".")[0] == "cupy"
+    env = {"ARRAY": array_class, "np": np, "NULL": np.uint64(0), "getattr": getattr, "isinstance": isinstance,
+           "type": type, "len": len, "tuple": tuple, "list": list, "int": int, "float": float, "bool": bool}
+    n = len(sig.params)
+    names = [f"a{i}" for i in range(n)]
+    body = [f"if type(args) is not tuple and type(args) is not list or len(args) != {n}: return None"]
+    if n:
+        body.append(f"{', '.join(names)}, = args")
+    for i, (p, a) in enumerate(zip(sig.params, names)):
+        if p.is_pointer:
+            body.append(f"if {a} is None: {a} = NULL" if on_gpu else f"if {a} is None: pass")
+            body.append("else:")
+            body.append(f"    if type({a}) is not ARRAY: return None")
+            if p.code not in ("void", "?", "i8", "u8"):
+                env[f"D{i}"] = frozenset(d for d, c in _DTYPE_CODES.items() if _pointee_accepts(p.code, c))
+                body.append(f"    if {a}.dtype not in D{i}: return None")
+            flags = f"{a}.flags"
+            if p.const:
+                body.append(f"    if not {flags}.c_contiguous: return None")
+            else:
+                writeable = "f.writeable" if not on_gpu else 'getattr(f, "writeable", True)'
+                body.append(f"    f = {flags}")
+                body.append(f"    if not (f.c_contiguous and {writeable}): return None")
+        elif p.code == "?":
+            body.append(f"if not isinstance({a}, np.generic): return None")
+        elif p.code == "bool":
+            body.append(f"if type({a}) is bool or type({a}) is np.bool_: {a} = np.bool_({a})")
+            body.append("else: return None")
+        elif p.code in _SCALAR_TYPES:
+            env[f"T{i}"] = _SCALAR_TYPES[p.code]
+            body.append(f"if type({a}) is not T{i}:")
+            if p.code in _PYTHON_NUMBERS:
+                py, extra = _PYTHON_NUMBERS[p.code]
+                body.append(f"    if type({a}) is {py}{extra.format(a=a)}: {a} = T{i}({a})")
+                body.append("    else: return None")
+            else:
+                body.append("    return None")
+        else:   # a vector type passed by value, say: check_args decides
+            body.append("return None")
+            break
+    else:
+        body.append(f"return ({', '.join(names)}{',' if n == 1 else ''})")
+    source = "def check(args):\n" + "".join(f"    {line}\n" for line in body)
+    namespace = dict(env)
+    exec(compile(source, f"<argument check of {sig.name}>", "exec"), namespace)
+    check = namespace["check"]
+    check.source = source
+    return check

@@ -10,7 +10,7 @@
 See nn/README.md for how it works.
 """
 
-from nn import amp, checkpoint, functional, metrics, optim, schedules
+from nn import amp, checkpoint, functional, memory, metrics, optim, schedules
 from nn.device import Device, cpu, cuda, emu, get_device
 from nn.layers import (BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Module, ReLU, Sequential,
                        manual_seed)
@@ -20,4 +20,4 @@ from nn.tensor import Parameter, Tensor, is_grad_enabled, no_grad
 __all__ = ["Tensor", "Parameter", "no_grad", "is_grad_enabled", "Device", "get_device", "cpu", "emu", "cuda",
            "Module", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "GlobalAvgPool", "Linear", "Sequential",
            "manual_seed", "Bottleneck", "BasicBlock", "ResNet", "resnet50", "resnet34", "resnet18",
-           "functional", "optim", "schedules", "metrics", "amp", "checkpoint"]
+           "functional", "optim", "schedules", "metrics", "amp", "checkpoint", "memory"]

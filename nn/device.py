@@ -22,7 +22,7 @@ import importlib
 import numpy as np
 
 __all__ = ["Device", "get_device", "cpu", "emu", "cuda", "default_device_for", "is_array", "to_numpy", "host_reads",
-           "set_conv_engine"]
+           "set_conv_engine", "cuda_unavailable_reason", "auto_device", "free_device_memory"]
 
 _host_reads = 0
 
@@ -118,3 +118,68 @@ def set_conv_engine(name):
     """Which engine runs convolutions on the cuda device: 'ours' (our kernels, the default) or
     'cudnn' (NVIDIA cuDNN through its frontend). cpu and emu are unaffected."""
     importlib.import_module("kernels.ops").set_conv_engine(name)
+
+
+_cuda_probe = {}   # id(the cupy module probed) -> (that module, its reason): probed once per process
+_reasons_said = set()
+
+
+def cuda_unavailable_reason():
+    """None when CuPy imports and sees a GPU. Otherwise why the cuda device cannot be used, in one
+    line; "" when CuPy is simply not installed (a CPU machine: nothing to explain).
+
+    Any failure counts: a CuPy wheel for another CUDA than the driver's, no driver, a broken
+    install, no visible device (CUDA_VISIBLE_DEVICES="")."""
+    import sys
+    before = sys.modules.get("cupy")
+    known = _cuda_probe.get(id(before))
+    if known is not None and known[0] is before:
+        return known[1]
+    try:
+        import cupy
+    except ImportError as e:
+        reason = "" if e.name == "cupy" else f"CuPy is installed but does not import ({type(e).__name__}: {e})"
+    except Exception as e:
+        reason = f"CuPy is installed but does not import ({type(e).__name__}: {_first_line(e)})"
+    else:
+        version = getattr(cupy, "__version__", "?")
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:
+            reason = (f"CuPy {version} is installed but cannot use the GPU ({type(e).__name__}: {_first_line(e)}); "
+                      f"`nvidia-smi` shows the driver's CUDA version, which must match the CuPy wheel's "
+                      f"(README.md, 'On a GPU')")
+        else:
+            reason = None if count > 0 else f"CuPy {version} is installed but sees no GPU"
+    after = sys.modules.get("cupy")
+    _cuda_probe[id(after)] = (after, reason)
+    return reason
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def auto_device(say=print):
+    """'cuda' if CuPy sees a GPU, else 'cpu'. When CuPy is installed but unusable, say(...) gets one
+    line with the reason (said once per process), so a GPU user learns why the CPU was chosen."""
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        return "cuda"
+    if reason and reason not in _reasons_said:
+        _reasons_said.add(reason)
+        say(f"--device auto: training on the CPU, not the GPU: {reason}")
+    return "cpu"
+
+
+def free_device_memory():
+    """(free, total) bytes of the current GPU, after handing CuPy's cached blocks back to the
+    driver; (None, None) without CuPy or a GPU."""
+    try:
+        import cupy
+        cupy.get_default_memory_pool().free_all_blocks()
+        free, total = cupy.cuda.runtime.memGetInfo()
+        return int(free), int(total)
+    except Exception:
+        return None, None

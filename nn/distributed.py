@@ -18,7 +18,8 @@ Backends (all share the `Communicator` interface; mpi4py and CuPy are imported o
     mpi     mpi4py on NumPy arrays (CuPy arrays are staged through the host): the CPU path, and
             the one the tests run with 2 ranks.
     nccl    cupy.cuda.nccl for CuPy arrays (rank 0 makes the unique id, MPI broadcasts it; each
-            rank takes GPU local_rank); NumPy arrays (counts, ids) still go through MPI.
+            rank takes GPU local_rank % visible GPUs, see choose_gpu); NumPy arrays (counts, ids)
+            still go through MPI. NCCL itself is a wheel (nvidia-nccl-cu12/-cu13), in the gpu extras.
 
 Failure handling (a job must stop, not hang):
     - an unhandled exception on any rank prints its traceback and aborts every rank;
@@ -45,7 +46,7 @@ import numpy as np
 
 __all__ = ["init", "current", "is_main", "Communicator", "MpiCommunicator", "NcclCommunicator",
            "DataParallel", "broadcast_parameters", "convert_sync_batchnorm", "allreduce_counts",
-           "launched_world_size"]
+           "launched_world_size", "choose_gpu", "shared_gpus", "nccl_module"]
 
 _OPS = ("sum", "max", "min", "prod")
 _current = None
@@ -377,26 +378,78 @@ class _NcclRequest:
         cupy.cuda.get_current_stream().wait_event(self.event)
 
 
+def choose_gpu(local_rank, device_count):
+    """The index (among the GPUs this process sees) of the GPU for the rank `local_rank` of its node:
+    local_rank % device_count. Works with both kinds of launchers: those that show every rank all
+    of the node's GPUs (mpirun: rank i takes GPU i) and those that show each rank only its own
+    (Slurm, most schedulers, CUDA_VISIBLE_DEVICES per rank: every rank takes its GPU 0)."""
+    if device_count < 1:
+        raise RuntimeError(f"rank {local_rank} of this node sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
+    return int(local_rank) % int(device_count)
+
+
+def shared_gpus(placements):
+    """placements: one (host, GPU identity such as its PCI bus id) per rank, indexed by rank ->
+    [(host, gpu, [ranks])] for every GPU that more than one rank would use (NCCL refuses that)."""
+    users = {}
+    for rank, (host, gpu) in enumerate(placements):
+        if gpu is not None:
+            users.setdefault((host, gpu), []).append(rank)
+    return [(host, gpu, ranks) for (host, gpu), ranks in users.items() if len(ranks) > 1]
+
+
+def nccl_module():
+    """CuPy's NCCL binding (cupy.cuda.nccl), or a RuntimeError naming the package that provides the
+    library. CuPy's wheels do not ship NCCL: `from cupy.cuda import nccl` imports anyway, with
+    `nccl.available == False` and none of its functions."""
+    try:
+        from cupy.cuda import nccl
+    except ImportError as e:
+        raise RuntimeError(f"the nccl backend (several GPUs) needs CuPy: {_nccl_install_hint()} ({e})") from e
+    if not getattr(nccl, "available", True) or not hasattr(nccl, "NcclCommunicator"):
+        raise RuntimeError(f"the nccl backend (several GPUs) needs the NCCL library, which CuPy could not "
+                           f"load: {_nccl_install_hint()}")
+    return nccl
+
+
+def _nccl_install_hint():
+    from kernels.cuda_env import cupy_wheel_cuda_major, gpu_extra_for
+    major = cupy_wheel_cuda_major()
+    if major is None:
+        return ('pip install nvidia-nccl-cu12 (or -cu13, -cu11: the CUDA of your CuPy wheel; '
+                'the gpu extras bring it: README.md, "On a GPU")')
+    extra = gpu_extra_for(major)
+    return f'pip install nvidia-nccl-cu{major} (the {extra} extra brings it: pip install -e ".[{extra}]")'
+
+
+
 class NcclCommunicator(MpiCommunicator):
-    """CuPy arrays through NCCL, everything else through MPI. Each rank uses GPU local_rank; the
-    NCCL unique id is made on rank 0 and broadcast over MPI. allreduce_/bcast_ run on the current
-    stream; iallreduce_ on a side stream (`comm_stream`) after the work queued so far on the
-    current stream, so backward goes on while the gradients travel."""
+    """CuPy arrays through NCCL, everything else through MPI. Each rank uses GPU
+    choose_gpu(local_rank, visible GPUs); the NCCL unique id is made on rank 0 and broadcast over
+    MPI. allreduce_/bcast_ run on the current stream; iallreduce_ on a side stream (`comm_stream`)
+    after the work queued so far on the current stream, so backward goes on while the gradients
+    travel."""
 
     backend = "nccl"
 
     def __init__(self, heartbeat=1.0, heartbeat_timeout=30.0, collective_timeout=600.0, watchdog=True):
+        nccl = nccl_module()      # before MPI starts: a missing library is one clear error on every rank
         super().__init__(heartbeat, heartbeat_timeout, collective_timeout, watchdog)
+        import cupy
+        gpu = choose_gpu(self.local_rank, cupy.cuda.runtime.getDeviceCount())
+        cupy.cuda.Device(gpu).use()
         try:
-            import cupy
-            from cupy.cuda import nccl
-        except ImportError as e:
-            raise RuntimeError(f"the nccl backend needs CuPy with NCCL (pip install -e '.[gpu]'): {e}") from e
-        gpus = cupy.cuda.runtime.getDeviceCount()
-        if self.local_size > gpus:
-            raise RuntimeError(f"{self.local_size} ranks on host {self.host} but only {gpus} GPU(s) visible: "
-                               f"start at most one rank per GPU")
-        cupy.cuda.Device(self.local_rank).use()
+            identity = cupy.cuda.Device(gpu).pci_bus_id
+        except Exception:     # a driver that does not say: NCCL's own check remains
+            identity = None
+        clashes = shared_gpus(self.allgather_object((self.host, identity)))
+        if clashes:
+            host, bus, ranks = clashes[0]
+            raise RuntimeError(f"ranks {ranks} on host {host} would share the GPU at {bus}: start at most one "
+                               f"rank per GPU (this node has {self.local_size} ranks; each sees "
+                               f"{cupy.cuda.runtime.getDeviceCount()} GPU(s))")
+        self.gpu = gpu
         self.nccl = nccl
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = self.comm.bcast(uid, root=0)

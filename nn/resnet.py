@@ -85,9 +85,9 @@ class ResNet(Module):
         num_classes: outputs of fc.        width: channel multiplier (1.0 = the published model).
         zero_init_residual: start each block's last BN gamma at 0 (each block starts as identity).
         seed: initialisation seed (same seed -> same weights).
-        activation_dtype: None (= the parameters' dtype, fp32) or np.float16 / 'bfloat16' for
-            mixed precision on cuda: inputs and activations in that dtype, fp32 master weights cast
-            per use, logits returned in fp32.
+        activation_dtype: None (= the parameters' dtype, fp32) or np.float16 for mixed precision
+            on cuda: inputs and activations in that dtype, fp32 master weights cast per use, logits
+            returned in fp32. (bfloat16 is refused: several ops have no bfloat16 kernels.)
     """
 
     def __init__(self, block, layers, num_classes=1000, width=1.0, zero_init_residual=False, seed=0,
@@ -95,6 +95,7 @@ class ResNet(Module):
         super().__init__()
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
+        _check_activation_dtype(activation_dtype)
         rng = np.random.default_rng(seed)
         scaled = lambda c: max(1, int(round(c * width)))
         self.width, self.activation_dtype = width, activation_dtype
@@ -161,6 +162,19 @@ class ResNet(Module):
         if layout == "NCHW":
             x = F.transpose(x, (0, 2, 3, 1))
         return F.cast(x, want)
+
+
+def _check_activation_dtype(value):
+    if value is None:
+        return
+    try:
+        dtype = np.dtype(value)
+    except TypeError:       # 'bfloat16' without ml_dtypes: NumPy has no such dtype
+        dtype = None
+    if dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise ValueError(f"activation_dtype must be None, np.float16 or np.float32, got {value!r}: batch norm, "
+                         f"pooling, the elementwise ops and the input kernel have no bfloat16 versions; "
+                         f"use np.float16 (with nn.amp.LossScaler)")
 
 
 def resnet50(num_classes=1000, width=1.0, zero_init_residual=False, seed=0, activation_dtype=None):

@@ -195,12 +195,13 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["env", "pytest", "kernels", "compare", "converge", "train", "graph"]
+    assert list(stages) == ["env", "pytest", "kernels", "compare", "converge", "train", "graph", "launch"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
-    for name in ("env.json", "kernels.json", "compare_torch.json", "converge.json", "train.json", "pytest.log"):
+    for name in ("env.json", "kernels.json", "compare_torch.json", "converge.json", "train.json", "pytest.log",
+                 "launch.json"):
         assert (out / name).exists(), name
     assert json.loads((out / "converge.json").read_text())["passed"]
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("graph")    # the summary table comes last
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("launch")    # the summary table comes last
 
 
 @pytest.mark.slow
