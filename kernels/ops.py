@@ -1,7 +1,7 @@
 """The op contract, launched as our CUDA kernels: the `emu` and `cuda` devices of nn/.
 
-Every function here has the name, signature and semantics of its NumPy twin in
-kernels/reference.py (the `cpu` device and the reference the kernels are tested against).
+Every function here has the name, signature and semantics of kernels/contract.py, as its NumPy
+twin in kernels/reference.py (the `cpu` device and the reference the kernels are tested against).
 Called with NumPy arrays the kernels run on the CPU emulator; with CuPy arrays, on the GPU.
 Each launcher lives beside its kernel source (kernels/<op>.py next to kernels/<op>.cu); this
 module gathers them and adds one switch: which engine runs the convolutions.
@@ -17,14 +17,16 @@ from .batchnorm import (batchnorm_add_relu_backward, batchnorm_add_relu_forward_
                         batchnorm_backward_elemt, batchnorm_backward_reduce, batchnorm_forward_inference,
                         batchnorm_forward_train, batchnorm_partial_stats, batchnorm_relu_backward,
                         batchnorm_relu_forward_train)
-from .cross_entropy import accumulate_loss, softmax_cross_entropy_backward, softmax_cross_entropy_forward, topk_correct
+from . import cross_entropy as _ce
+from .cross_entropy import accumulate_loss, softmax_cross_entropy_backward, topk_correct
 from .elementwise import add, add_relu_forward, relu_backward, relu_forward
 from .elementwise import cast as _cast
 from . import gemm as _gemm
-from .input import input_normalize
+from . import input as _input
 from .optimizer import (ParamSegments, global_grad_norm, lars_trust_ratio, lars_trust_ratio_flat, loss_scale_update,
                         momentum_update_flat, nonfinite_flag, sgd_momentum_update)
-from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_backward, maxpool2d_forward
+from . import pool as _pool
+from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_forward
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "linear_forward", "linear_backward",
            "batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
@@ -117,6 +119,21 @@ def linear_forward(x, w, b=None):
 def linear_backward(dy, x, w, need_bias_grad=True):
     """(dx, dw, db or None) of linear_forward."""
     return _widened(lambda dy_, x_, w_: _gemm.linear_backward(dy_, x_, w_, need_bias_grad), dy, x, w)
+
+
+def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding):
+    """dx of maxpool2d_forward (the gather kernel: one thread per input pixel, deterministic)."""
+    return _pool.maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding)
+
+
+def softmax_cross_entropy_forward(logits, labels, label_smoothing=0.0):
+    """(mean loss, probs) of the fused softmax cross-entropy (one block per row)."""
+    return _ce.softmax_cross_entropy_forward(logits, labels, label_smoothing)
+
+
+def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype=np.float32):
+    """uint8 NHWC images -> normalised float (float4 loads, 4 pixels a thread)."""
+    return _input.input_normalize(images_uint8, mean, std, dtype)
 
 
 def cast(x, dtype):

@@ -65,15 +65,14 @@ def maxpool2d_forward(x, kernel_size=3, stride=2, padding=1):
     return y, argmax
 
 
-def maxpool2d_backward(dy, argmax, x_shape, kernel_size=None, stride=None, padding=None, method=None):
+def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, method="gather"):
     """Gradient of maxpool2d_forward: each dy goes to its window's winning pixel (summed where
     windows overlap).
 
     dy: float32/float16 [N, P, Q, C]; argmax: int32 [N, P, Q, C] from the forward; x_shape:
-    (N, H, W, C).  kernel_size/stride/padding: those of the forward, needed by the gather kernel
-    to find the windows covering a pixel; left out (the op contract's form), they are taken as
-    3/2/1 when dy's shape is consistent with that, else the scatter kernel (which needs only
-    argmax) is used.
+    (N, H, W, C); kernel_size, stride, padding: those of the forward (the gather kernel finds the
+    windows covering a pixel from them; always passed, never guessed from the shapes: a 4/2/1
+    pooling of an 8x8 input has the shapes of a 3/2/1 one).
     method: "gather" (one thread per input pixel, deterministic; the default) or "scatter" (one
     thread per output with atomicAdd; float32 only).  ->  dx [N, H, W, C] like dy.
     """
@@ -82,33 +81,18 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size=None, stride=None, paddi
     check_array(op, "argmax", argmax, dtype=np.int32, shape=dy.shape)
     array_module(dy, argmax)
     N, H, W, C = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
-    if method is not None and method not in MAXPOOL_BACKWARD_METHODS:
+    if method not in MAXPOOL_BACKWARD_METHODS:
         raise ValueError(f"{op}: method must be one of {MAXPOOL_BACKWARD_METHODS}, got {method!r}")
-    geometry_given = not (kernel_size is None and stride is None and padding is None)
-    if not geometry_given:
-        kernel_size, stride, padding = 3, 2, 1
-        if dy.shape != (N, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C):
-            if method == "gather":
-                raise ValueError(f"{op}: method='gather' needs kernel_size, stride and padding for dy shape "
-                                 f"{tuple(dy.shape)} and x_shape {(N, H, W, C)}")
-            method = "scatter"
-    if method == "scatter":
-        if dy.shape[0] != N or dy.shape[3] != C:
-            raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)}")
-        P, Q = dy.shape[1], dy.shape[2]
-        if not is_cupy(argmax) and argmax.size and (int(argmax.min()) < 0 or int(argmax.max()) >= H * W):
-            raise ValueError(f"{op}: argmax holds indices outside [0, {H * W}) for x_shape {(N, H, W, C)}")
-    else:
-        method = "gather"
-        k, s, pad, P, Q = _pool_geometry(op, (N, H, W, C), kernel_size if kernel_size is not None else 3,
-                                         stride if stride is not None else 2, padding if padding is not None else 1)
-        if dy.shape != (N, P, Q, C):
-            raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)} pooled "
-                             f"with kernel_size={k}, stride={s}, padding={pad} (expected {(N, P, Q, C)})")
+    k, s, pad, P, Q = _pool_geometry(op, (N, H, W, C), kernel_size, stride, padding)
+    if dy.shape != (N, P, Q, C):
+        raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)} pooled "
+                         f"with kernel_size={k}, stride={s}, padding={pad} (expected {(N, P, Q, C)})")
     xp = array_module(dy)
     if method == "scatter":
         if dy.dtype != np.float32:
             raise TypeError(f"{op}: method='scatter' supports float32 dy only, got {dy.dtype}")
+        if not is_cupy(argmax) and argmax.size and (int(argmax.min()) < 0 or int(argmax.max()) >= H * W):
+            raise ValueError(f"{op}: argmax holds indices outside [0, {H * W}) for x_shape {(N, H, W, C)}")
         dx = xp.zeros((N, H, W, C), dtype=np.float32)
         _launch("maxpool2d_backward_scatter_f32", dy.size,
                 (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q)), xp)

@@ -1,4 +1,4 @@
-"""NumPy reference implementations of every op in the op contract (see ARCHITECTURE.md).
+"""NumPy reference implementations of every op in the op contract (kernels/contract.py).
 
 This one file plays two parts:
 
@@ -471,16 +471,22 @@ def maxpool2d_forward(x, kernel_size=3, stride=2, padding=1):
     return best, (h * W + w).astype(np.int32)
 
 
-def maxpool2d_backward(dy, argmax, x_shape):
+def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding):
     """Gradient of maxpool2d_forward: each dy goes to its window's winning input pixel
     (accumulated where windows overlap).
 
-    dy: [N, P, Q, C], argmax: int [N, P, Q, C] (from the forward), x_shape: (N, H, W, C)
-    ->  dx: x_shape, dtype of dy.
+    dy: [N, P, Q, C], argmax: int [N, P, Q, C] (from the forward), x_shape: (N, H, W, C),
+    kernel_size, stride, padding: those of the forward (checked against the shapes; argmax alone
+    says where each gradient goes)  ->  dx: x_shape, dtype of dy.
     """
     if dy.shape != argmax.shape:
         raise ValueError(f"maxpool2d_backward: dy shape {dy.shape} differs from argmax shape {argmax.shape}")
     N, H, W, C = x_shape
+    P = _out_size(H, kernel_size, stride, padding, "maxpool2d_backward")
+    Q = _out_size(W, kernel_size, stride, padding, "maxpool2d_backward")
+    if dy.shape != (N, P, Q, C):
+        raise ValueError(f"maxpool2d_backward: dy shape {dy.shape} does not match x_shape {tuple(x_shape)} pooled "
+                         f"with kernel_size={kernel_size}, stride={stride}, padding={padding}")
     n = np.arange(N, dtype=np.int64)[:, None, None, None]
     c = np.arange(C, dtype=np.int64)[None, None, None, :]
     flat = (n * (H * W) + argmax.astype(np.int64)) * C + c    # index into dx.ravel()

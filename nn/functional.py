@@ -274,7 +274,8 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     ops = _ops(x)
     y, argmax = ops.maxpool2d_forward(x.data, kernel_size, stride, padding)
     x_shape = x.shape
-    return Tensor._from_op(y, (x,), lambda dy: (ops.maxpool2d_backward(dy, argmax, x_shape),))
+    return Tensor._from_op(y, (x,), lambda dy: (ops.maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride,
+                                                                        padding),))
 
 
 def global_avg_pool(x):

@@ -37,6 +37,10 @@ def test_extra_makes_a_bare_driver_machine_work(extra, tmp_path):
                     "(set MLPERF_CHECK_EXTRAS=light to run it)")
     if not check_extras.pypi_reachable():
         pytest.skip("PyPI cannot be reached from this machine")
+    import shutil
+    free = shutil.disk_usage(tmp_path).free
+    if free < 4 * 2 ** 30:
+        pytest.skip(f"only {free / 2 ** 30:.1f} GiB free under {tmp_path}: the check installs ~1.2 GiB per extra")
     res = check_extras.check_extra(extra, full=MODE == "full", workdir=str(tmp_path))
     lines = []
     check_extras.print_result(res, say=lines.append)

@@ -35,7 +35,7 @@ def test_maxpool_matches_reference(backend, case):
     np.testing.assert_array_equal(backend.to_host(argmax), argmax_ref)
     assert argmax.dtype == np.int32
     dy = rng.standard_normal(y_ref.shape).astype(np.float32)
-    dx_ref = ref.maxpool2d_backward(dy.astype(np.float64), argmax_ref, shape)
+    dx_ref = ref.maxpool2d_backward(dy.astype(np.float64), argmax_ref, shape, k, s, p)
     for method in pool.MAXPOOL_BACKWARD_METHODS:
         dx = pool.maxpool2d_backward(backend.to_device(dy), argmax, shape, k, s, p, method=method)
         assert dx.shape == shape
@@ -68,20 +68,23 @@ def test_maxpool_with_nan_inputs_picks_real_pixels_like_the_kernel(backend):
     np.testing.assert_array_equal(backend.to_host(argmax), argmax_ref)
     np.testing.assert_array_equal(backend.to_host(y), y_ref)           # NaN == NaN for assert_array_equal
     assert argmax_ref.min() >= 0 and np.isnan(y_ref[0]).all() and np.isfinite(y_ref[1, :, :, 0]).all()
-    dx = ref.maxpool2d_backward(np.ones_like(y_ref), argmax_ref, x.shape)
+    dx = ref.maxpool2d_backward(np.ones_like(y_ref), argmax_ref, x.shape, 3, 2, 1)
     assert dx.shape == x.shape and dx.sum() == y_ref.size
 
 
-def test_maxpool_backward_contract_form_infers_geometry(backend):
-    """maxpool2d_backward(dy, argmax, x_shape) as in the op contract: 3/2/1 when the shapes say
-    so, else the scatter kernel, which needs only argmax."""
+@pytest.mark.parametrize("method", ["gather", "scatter"])
+def test_maxpool_backward_of_a_geometry_with_the_shapes_of_another(backend, method):
+    """4/2/1 on 8x8 gives the 4x4 output of 3/2/1: the geometry travels with the call, nothing is
+    guessed from the shapes (the gradient used to be routed as for 3/2/1 on emu/cuda)."""
     rng = np.random.default_rng(2)
-    for shape, k, s, p in [((2, 7, 9, 3), 3, 2, 1), ((1, 5, 5, 2), 2, 1, 0)]:
-        x = rng.standard_normal(shape).astype(np.float32)
-        y, argmax = ref.maxpool2d_forward(x, k, s, p)
-        dy = rng.standard_normal(y.shape).astype(np.float32)
-        dx = pool.maxpool2d_backward(backend.to_device(dy), backend.to_device(argmax), shape)
-        assert rel_err(backend.to_host(dx), ref.maxpool2d_backward(dy.astype(np.float64), argmax, shape)) < 1e-6
+    shape, k, s, p = (2, 8, 8, 3), 4, 2, 1
+    x = rng.standard_normal(shape).astype(np.float32)
+    y, argmax = ref.maxpool2d_forward(x, k, s, p)
+    assert y.shape == ref.maxpool2d_forward(x, 3, 2, 1)[0].shape
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = pool.maxpool2d_backward(backend.to_device(dy), backend.to_device(argmax), shape, k, s, p, method=method)
+    want = ref.maxpool2d_backward(dy.astype(np.float64), argmax, shape, k, s, p)
+    assert rel_err(backend.to_host(dx), want) < 1e-6
 
 
 def test_maxpool_backward_matches_finite_differences():
@@ -100,7 +103,7 @@ def test_maxpool_backward_matches_finite_differences():
         x[i] = old
         numeric[i] = (up - down) / (2 * h)
     _, argmax = pool.maxpool2d_forward(x.astype(np.float32))
-    dx = pool.maxpool2d_backward(w.astype(np.float32), argmax, shape)
+    dx = pool.maxpool2d_backward(w.astype(np.float32), argmax, shape, 3, 2, 1)
     assert rel_err(dx, numeric) < 1e-5
 
 
@@ -143,8 +146,9 @@ def test_float16(backend):
     np.testing.assert_array_equal(backend.to_host(y), y_ref)
     np.testing.assert_array_equal(backend.to_host(argmax), argmax_ref)
     dy = rng.standard_normal(y_ref.shape).astype(np.float16)
-    dx = pool.maxpool2d_backward(backend.to_device(dy), argmax, x.shape)
-    assert rel_err(backend.to_host(dx), ref.maxpool2d_backward(dy.astype(np.float64), argmax_ref, x.shape)) < 1e-2
+    dx = pool.maxpool2d_backward(backend.to_device(dy), argmax, x.shape, 3, 2, 1)
+    assert rel_err(backend.to_host(dx), ref.maxpool2d_backward(dy.astype(np.float64), argmax_ref, x.shape,
+                                                               3, 2, 1)) < 1e-2
     avg = pool.global_avgpool_forward(backend.to_device(x))
     assert avg.dtype == np.float16
     assert rel_err(backend.to_host(avg), ref.global_avgpool_forward(x.astype(np.float64))) < 1e-2
@@ -166,11 +170,11 @@ def test_bad_inputs_raise_clear_errors():
         pool.maxpool2d_forward(np.swapaxes(x, 1, 2))
     y, argmax = pool.maxpool2d_forward(x)
     with pytest.raises(ValueError, match="argmax must have shape"):
-        pool.maxpool2d_backward(y, argmax[:, :1], x.shape)
+        pool.maxpool2d_backward(y, argmax[:, :1], x.shape, 3, 2, 1)
     with pytest.raises(ValueError, match="does not match x_shape"):
         pool.maxpool2d_backward(y, argmax, (1, 9, 9, 2), 3, 2, 1)
     with pytest.raises(ValueError, match="argmax holds indices outside"):
-        pool.maxpool2d_backward(y, argmax + 100, x.shape, method="scatter")
+        pool.maxpool2d_backward(y, argmax + 100, x.shape, 3, 2, 1, method="scatter")
     with pytest.raises(ValueError, match="dy shape"):
         pool.global_avgpool_backward(np.zeros((1, 3), np.float32), x.shape)
     with pytest.raises(ValueError, match="x_shape must be"):

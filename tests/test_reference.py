@@ -269,7 +269,7 @@ def test_maxpool_matches_loops_and_finite_differences(shape, k, stride, padding)
     assert arg.dtype == np.int32 and np.array_equal(arg, arg_exp)
     dy = r.standard_normal(y.shape)
     loss = lambda: float(np.sum(ref.maxpool2d_forward(x, k, stride, padding)[0] * dy))
-    dx = ref.maxpool2d_backward(dy, arg, x.shape)
+    dx = ref.maxpool2d_backward(dy, arg, x.shape, k, stride, padding)
     assert rel_err(dx, numerical_grad(loss, x)) < 1e-8
 
 

@@ -1,0 +1,207 @@
+"""The op contract between nn/ and kernels/: every op the autograd calls, in one place.
+
+nn/ never calls a kernel directly. Each op of nn/functional.py, nn/optim.py and nn/amp.py asks
+its tensor's device for `device.ops.<name>(...)`, and two modules implement every name below
+with exactly the signature below (tests/test_op_contract.py holds them to it):
+
+    kernels/reference.py   NumPy: the `cpu` device, and the reference every kernel is tested against
+    kernels/ops.py         our CUDA kernels: the `emu` (CPU emulator) and `cuda` (GPU) devices
+
+Conventions: activations NHWC `x[N, H, W, C]`, convolution weights OIHW `w[K, C, R, S]`
+(torchvision's), linear weights `[out, in]`, labels int32 `[N]`. Functions return new arrays,
+except where IN PLACE is stated. Statistics of float16 inputs are accumulated in float32.
+Everything an op needs is an argument (a pooling's geometry too): nothing is inferred from
+shapes, which can be ambiguous. Which kernel version runs is not part of the contract: that is
+chosen per op family (kernels/ops.py), the results are the same within rounding.
+
+The bodies below are the semantics, written out; they are not called.
+"""
+
+import numpy as np
+
+# ---- convolution and the classifier ---------------------------------------------------------------
+
+
+def conv2d_forward(x, w, stride, padding):
+    """y[n, p, q, k] = sum_{c, r, s} x[n, p*stride + r - padding, q*stride + s - padding, c] * w[k, c, r, s]
+    (zero padding; no bias, dilation 1, groups 1).  x [N, H, W, C], w [K, C, R, S] -> y [N, P, Q, K]."""
+
+
+def conv2d_backward_data(dy, w, x_shape, stride, padding):
+    """dx of conv2d_forward: dy [N, P, Q, K], w [K, C, R, S] -> dx of shape x_shape (N, H, W, C)."""
+
+
+def conv2d_backward_weight(x, dy, w_shape, stride, padding):
+    """dw of conv2d_forward: x [N, H, W, C], dy [N, P, Q, K] -> dw of shape w_shape (K, C, R, S)."""
+
+
+def linear_forward(x, w, b=None):
+    """y = x @ w^T + b.  x [N, Cin], w [Cout, Cin], b [Cout] or None -> y [N, Cout]."""
+
+
+def linear_backward(dy, x, w, need_bias_grad=True):
+    """(dx = dy @ w, dw = dy^T @ x, db = sum_n dy or None)."""
+
+
+# ---- batch normalisation --------------------------------------------------------------------------
+
+
+def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's per-channel mean and biased
+    variance; running_mean/var updated IN PLACE with momentum (unbiased variance).
+    -> (y, saved_mean, saved_invstd)."""
+
+
+def batchnorm_forward_inference(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    """y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta."""
+
+
+def batchnorm_backward(dy, x, gamma, saved_mean, saved_invstd):
+    """(dx, dgamma, dbeta) of batchnorm_forward_train."""
+
+
+def batchnorm_relu_forward_train(x, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1):
+    """relu(batchnorm_forward_train(...)): one pass. -> (y, saved_mean, saved_invstd)."""
+
+
+def batchnorm_relu_backward(dy, y, x, gamma, saved_mean, saved_invstd):
+    """(dx, dgamma, dbeta) of batchnorm_relu_forward_train (y: its output, for the ReLU mask)."""
+
+
+def batchnorm_add_relu_forward_train(x, residual, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1):
+    """relu(batchnorm_forward_train(x) + residual): the end of a residual block, one pass.
+    -> (y, saved_mean, saved_invstd)."""
+
+
+def batchnorm_add_relu_backward(dy, y, x, gamma, saved_mean, saved_invstd):
+    """(dx, dgamma, dbeta, dresidual) of batchnorm_add_relu_forward_train."""
+
+
+def batchnorm_partial_stats(x, shift):
+    """This process's share of synchronised BN's statistics: [count, sum(x - shift), sum((x - shift)^2)]
+    per channel -> stats [3, C] (float32 or wider)."""
+
+
+def batchnorm_backward_reduce(dy, x, saved_mean, saved_invstd):
+    """This process's [sum dy, sum dy * xhat] per channel -> sums [2, C]."""
+
+
+def batchnorm_backward_elemt(dy, x, gamma, saved_mean, saved_invstd, sums, count):
+    """dx of batch norm from the global sums (all-reduced) and the global count of rows."""
+
+
+# ---- elementwise ----------------------------------------------------------------------------------
+
+
+def relu_forward(x):
+    """y = max(x, 0)."""
+
+
+def relu_backward(dy, y):
+    """dx = dy where y > 0, else 0."""
+
+
+def add(a, b):
+    """a + b (same shapes)."""
+
+
+def add_relu_forward(a, b):
+    """relu(a + b) (same shapes)."""
+
+
+def cast(x, dtype):
+    """x as another dtype (a new array; float32 <-> float16 round to nearest even)."""
+
+
+# ---- pooling --------------------------------------------------------------------------------------
+
+
+def maxpool2d_forward(x, kernel_size=3, stride=2, padding=1):
+    """Max over kernel_size x kernel_size windows (padding never wins; ties and NaN: the first real
+    pixel, then strictly larger ones). x [N, H, W, C] -> (y [N, P, Q, C], argmax int32 [N, P, Q, C]),
+    argmax = h * W + w of the winner within its (n, c) plane."""
+
+
+def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding):
+    """dx of maxpool2d_forward: each dy[n, p, q, c] added to the pixel argmax names. The geometry is
+    that of the forward."""
+
+
+def global_avgpool_forward(x):
+    """y[n, c] = mean over (h, w) of x[n, h, w, c]."""
+
+
+def global_avgpool_backward(dy, x_shape):
+    """dx[n, h, w, c] = dy[n, c] / (H * W)."""
+
+
+# ---- the loss and the metrics ---------------------------------------------------------------------
+
+
+def softmax_cross_entropy_forward(logits, labels, label_smoothing=0.0):
+    """Mean over rows of -sum_k target[k] log softmax(logits)[k], target = (1 - eps) onehot + eps / K.
+    -> (loss (0-d, float32 or wider), probs [N, K])."""
+
+
+def softmax_cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_scale=1.0):
+    """dlogits = grad_scale * (probs - target) / N; grad_scale a number or a one-element device array."""
+
+
+def topk_correct(logits, labels, ks=(1, 5)):
+    """For each k, the rows whose label is among the k largest logits (ties to the lower index), then
+    the rows holding a NaN/inf logit (never correct). -> int64 [len(ks) + 1]."""
+
+
+def accumulate_loss(loss, totals):
+    """IN PLACE: totals[0] += loss, totals[1] += 1 if loss is finite, else totals[2] += 1."""
+
+
+# ---- the optimizer and mixed precision ------------------------------------------------------------
+
+
+def sgd_momentum_update(param, grad, momentum_buf, lr, momentum=0.9, weight_decay=0.0, nesterov=False):
+    """One tensor, IN PLACE: g = grad + wd * w; v = m * v + g; w -= lr * (g + m * v if nesterov else v)."""
+
+
+def lars_trust_ratio(param, grad, weight_decay, eta=0.001, eps=1e-9):
+    """eta * ||w|| / (||g|| + wd * ||w|| + eps), 1 where a norm is 0 -> Python float."""
+
+
+def global_grad_norm(list_of_grads):
+    """sqrt(sum of g^2 over every array) -> Python float."""
+
+
+def momentum_update_flat(params_flat, grads_flat, momentum_flat, segments, lr, momentum=0.9, nesterov=False,
+                         lr_in_momentum=False, lr_scale=None, grad_scale=None, skip=None):
+    """Every tensor of flat buffers laid out by `segments` (ParamSegments) in one go, IN PLACE, nothing
+    when skip[0] != 0: g = grad * grad_scale + wd_s * w, lr_s = lr * lr_scale[s];
+    SGD: v = m * v + g; w -= lr_s * v (Nesterov as above); LARS (lr_in_momentum): v = m * v + lr_s * g; w -= v.
+    lr and grad_scale: numbers or one-element device arrays."""
+
+
+def lars_trust_ratio_flat(params_flat, grads_flat, segments, eta=0.001, eps=1e-9, return_norms=False,
+                          grad_scale=None):
+    """lars_trust_ratio of every tensor of flat buffers (1 where segments.use_trust is False) -> float32 [S]."""
+
+
+def nonfinite_flag(x, flag):
+    """IN PLACE: flag[0] = 1 when any element of x is NaN or inf."""
+
+
+def loss_scale_update(scale_state, counts, dynamic, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000,
+                      min_scale=1.0):
+    """IN PLACE, the loss scaler after a step: scale_state = [S, 1/S], counts = [found_inf, good_steps,
+    skipped_steps]; overflow: skipped += 1 (dynamic: S = max(S * backoff, min_scale)); else (dynamic)
+    S *= growth after growth_interval good steps; found_inf cleared."""
+
+
+# ---- input ----------------------------------------------------------------------------------------
+
+
+def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype=np.float32):
+    """x = (images - mean) / std per RGB channel (std None: no division, as the MLPerf reference).
+    uint8 [N, H, W, 3] -> dtype [N, H, W, 3]."""
+
+
+OPS = [name for name, value in dict(globals()).items()
+       if callable(value) and getattr(value, "__module__", None) == __name__ and not name.startswith("_")]
