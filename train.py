@@ -45,7 +45,7 @@ import data.loader
 import data.records
 from data.device_prefetch import DevicePrefetcher
 import nn
-from nn import distributed
+from nn import data_parallel, distributed
 
 # ----------------------------------------------------------------------------- defaults
 # The MLPerf v0.5 reference recipe (../shared/REFERENCE.md), used with --data.
@@ -744,7 +744,7 @@ class Trainer:
                                  zero_init_residual=cfg["zero_init_residual"], seed=cfg["seed"],
                                  activation_dtype=act_dtype).to(self.device)
         if cfg["sync_bn"] and self.world > 1:
-            distributed.convert_sync_batchnorm(self.model, comm)
+            data_parallel.convert_sync_batchnorm(self.model, comm)
         self.peak_lr = cfg["base_lr"] * cfg["batch_size"] / cfg["lr_per"]
         Opt = nn.optim.SGD if cfg["optimizer"] == "sgd" else nn.optim.LARS
         self.opt = Opt(self.model.named_parameters(), lr=0.0, momentum=cfg["momentum"],
@@ -763,8 +763,8 @@ class Trainer:
                                 float(extras["best_top1"]), json.loads(extras["history"]))
             if self.scaler is not None and extras.get("scaler"):
                 self.scaler.load_state_dict(json.loads(extras["scaler"]))
-        distributed.broadcast_parameters(self.model, comm)  # every rank starts from the same weights
-        self.ddp = distributed.DataParallel(self.model, comm) if self.world > 1 else None
+        data_parallel.broadcast_parameters(self.model, comm)  # every rank starts from the same weights
+        self.ddp = data_parallel.DataParallel(self.model, comm) if self.world > 1 else None
         self.stop = StopSignals()
         self.phases = Phases(cfg["profile"], self.device.xp)
         # on cuda the next batch goes to the GPU on a second stream while this step runs
@@ -1202,7 +1202,7 @@ def evaluate(model, loader, device, in_dtype, no_progress=False, with_nonfinite=
     finally:
         model.train()
     # each rank evaluated its own shard: add the counts up exactly
-    correct1, correct5, nonfinite, total = distributed.allreduce_counts([correct1, correct5, nonfinite, total],
+    correct1, correct5, nonfinite, total = data_parallel.allreduce_counts([correct1, correct5, nonfinite, total],
                                                                         _comm())
     if with_nonfinite:
         return correct1, correct5, nonfinite, total

@@ -102,18 +102,18 @@ def build_setup(precision, device, size, seed=0, optimizer="sgd", dynamic_scale=
     x: float [B, S, S, 3] NHWC (fp16 for amp), y: int32 [B].
     """
     import nn
-    from nn import distributed
+    from nn import data_parallel
     amp = precision == "amp"
     model = nn.resnet50(num_classes=size["classes"], width=size["width"], seed=seed,
                         activation_dtype=np.float16 if amp else None).to(device)
     if comm is not None and sync_bn:
-        distributed.convert_sync_batchnorm(model, comm)
+        data_parallel.convert_sync_batchnorm(model, comm)
     lr = 0.01   # small: a benchmark must not diverge on a fixed batch
     if optimizer not in ("sgd", "lars"):
         raise ValueError(f"optimizer must be 'sgd' or 'lars', got {optimizer!r}")
     Opt = nn.optim.SGD if optimizer == "sgd" else nn.optim.LARS
     opt = Opt(model.named_parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
-    ddp = distributed.DataParallel(model, comm) if comm is not None and comm.world_size > 1 else None
+    ddp = data_parallel.DataParallel(model, comm) if comm is not None and comm.world_size > 1 else None
     scaler = None
     if amp:
         scaler = nn.amp.LossScaler(2.0 ** 15, dynamic=True) if dynamic_scale else nn.amp.LossScaler(LOSS_SCALE)

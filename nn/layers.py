@@ -287,7 +287,7 @@ class BatchNorm2d(Module):
     residual=r (with relu=True) gives relu(bn(x) + r).
 
     sync: None (batch statistics of this process), or a communicator (nn.distributed) for
-    synchronised BN over all its ranks; nn.distributed.convert_sync_batchnorm sets it."""
+    synchronised BN over all its ranks; nn.data_parallel.convert_sync_batchnorm sets it."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()

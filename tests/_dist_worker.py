@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import nn  # noqa: E402
-from nn import distributed  # noqa: E402
+from nn import data_parallel, distributed  # noqa: E402
 from nn import functional as F  # noqa: E402
 
 
@@ -39,16 +39,16 @@ def cmd_train(args):
     local = args.global_batch // world
     model = small_model()
     if args.sync_bn:
-        distributed.convert_sync_batchnorm(model, comm)
+        data_parallel.convert_sync_batchnorm(model, comm)
     if rank != 0:   # a different start everywhere but rank 0: broadcast_parameters must fix it
         for p in model.parameters():
             p.data += 0.5
-    distributed.broadcast_parameters(model, comm)
+    data_parallel.broadcast_parameters(model, comm)
     if args.optimizer_first:   # gradients in the optimizer's flat buffer: the buckets slice it, no copies
         opt = nn.optim.SGD(model.named_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        ddp = distributed.DataParallel(model, comm, bucket_mb=args.bucket_mb)
+        ddp = data_parallel.DataParallel(model, comm, bucket_mb=args.bucket_mb)
     else:
-        ddp = distributed.DataParallel(model, comm, bucket_mb=args.bucket_mb)
+        ddp = data_parallel.DataParallel(model, comm, bucket_mb=args.bucket_mb)
         opt = nn.optim.SGD(model.named_parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     data = np.random.default_rng(1234)
     for _ in range(args.steps):
@@ -73,7 +73,7 @@ def cmd_buckets(args):
     model = small_model()
     x = np.random.default_rng([7, rank]).standard_normal((4, 3, 32, 32))
     y = np.random.default_rng([8, rank]).integers(0, 10, 4)
-    ddp = distributed.DataParallel(model, comm, bucket_mb=args.bucket_mb)
+    ddp = data_parallel.DataParallel(model, comm, bucket_mb=args.bucket_mb)
     F.cross_entropy(model(x), y).backward()
     ddp.finish()
     bucketed = {n: p.grad.copy() for n, p in model.named_parameters()}
@@ -109,7 +109,7 @@ def cmd_eval(args):
         top1, top5 = nn.metrics.topk_correct(logits[idx], labels[idx], ks=(1, 5))
         c1, c5, seen = c1 + top1, c5 + top5, seen + len(idx)
     local = [c1, c5, seen]
-    total = distributed.allreduce_counts(local, comm)
+    total = data_parallel.allreduce_counts(local, comm)
     per_rank = comm.allgather_object(local)
     if distributed.is_main(comm):
         with open(args.out, "w") as f:

@@ -21,7 +21,7 @@ import pytest
 
 import nn
 from kernels import reference as ref
-from nn import distributed
+from nn import data_parallel, distributed
 from nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ def test_single_communicator_and_helpers():
     a = np.arange(5.0)
     assert comm.allreduce_(a) is a and comm.bcast_(a) is a
     assert comm.allgather(a).shape == (1, 5)
-    assert distributed.allreduce_counts([3, 4], comm) == [3, 4]
-    assert distributed.allreduce_counts(np.array([2 ** 40]), None) == [2 ** 40]
+    assert data_parallel.allreduce_counts([3, 4], comm) == [3, 4]
+    assert data_parallel.allreduce_counts(np.array([2 ** 40]), None) == [2 ** 40]
     with pytest.raises(ValueError, match="op"):
         comm.allreduce_(a, op="mean")
     with pytest.raises(ValueError, match="root"):
@@ -130,12 +130,12 @@ def test_single_communicator_and_helpers():
     with pytest.raises(ValueError, match="backend"):
         distributed.init(backend="gloo")
     model = nn.resnet18(num_classes=3, width=1 / 16)
-    ddp = distributed.DataParallel(model, comm)
+    ddp = data_parallel.DataParallel(model, comm)
     assert ddp.num_buckets == 0
     ddp.finish()                                       # world size 1: nothing to do
     with pytest.raises(ValueError, match="bucket_mb"):
-        distributed.DataParallel(model, comm, bucket_mb=0)
-    distributed.convert_sync_batchnorm(model, comm)    # world size 1: stays local
+        data_parallel.DataParallel(model, comm, bucket_mb=0)
+    data_parallel.convert_sync_batchnorm(model, comm)    # world size 1: stays local
     assert all(m.sync is None for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 

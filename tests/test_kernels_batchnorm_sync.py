@@ -70,7 +70,7 @@ def test_synchronised_bn_through_our_kernels_equals_plain_bn_for_one_process():
     # nn's synchronised batch norm on the emu device (these kernels + a one-process all-reduce)
     # against ordinary batch norm on the cpu device (the NumPy reference)
     import nn
-    from nn import distributed
+    from nn import data_parallel, distributed
 
     comm = distributed.init(backend="single")
     # a shallow, well-conditioned net: deep ResNets at tiny batch sizes amplify rounding (see test_nn_emu)
@@ -80,7 +80,7 @@ def test_synchronised_bn_through_our_kernels_equals_plain_bn_for_one_process():
     for device, sync in (("cpu", False), ("emu", True)):
         model = nn.resnet18(num_classes=4, width=1 / 8, seed=1).to(device)
         if sync:
-            distributed.convert_sync_batchnorm(model, comm)
+            data_parallel.convert_sync_batchnorm(model, comm)
         loss = nn.functional.cross_entropy(model(x, layout="NHWC"), y)
         loss.backward()
         out[device] = (float(loss.data), {k: np.asarray(p.grad, np.float64) for k, p in model.named_parameters()})
