@@ -48,7 +48,7 @@ import nn
 from nn import data_parallel, distributed
 
 # ----------------------------------------------------------------------------- defaults
-# The MLPerf v0.5 reference recipe (../shared/REFERENCE.md), used with --data.
+# The MLPerf v0.5 reference recipe (README.md, "Training on ImageNet"), used with --data.
 RECIPE = dict(batch_size=256, base_lr=0.128, lr_per=256, warmup_epochs=5, decay_epochs=(30, 60, 80, 90),
               decay=0.1, momentum=0.9, weight_decay=1e-4, epochs=90, eval_every=1, target_accuracy=0.749,
               image_size=224, width=1.0, label_smoothing=0.0, optimizer="sgd", schedule="step", min_crop_area=0.05)

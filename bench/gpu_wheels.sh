@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Prepare a GPU session on a machine without network access (the lent H200 of this workplace:
-# Python 3.12, CuPy, PyTorch, Numba, NumPy and cuDNN are there; these are not).
+# Prepare a GPU session on an offline GPU machine that has Python 3.12, CuPy, PyTorch, Numba,
+# NumPy and cuDNN but not the wheels below.
 # Run HERE, in the repository root, on a machine that reaches PyPI:
 #     bash bench/gpu_wheels.sh            # -> .whl/ (git-ignored), about 7 MB
 # then carry .whl to the GPU machine and run bench/gpu_session.sh there.
