@@ -822,6 +822,7 @@ class Trainer:
         else:
             self.opt.step()
         self.phases.mark("optimizer")
+        self.device.mark_step()               # KERNELS_TRACE: one summary line per step
 
     def read_losses(self):
         """Read the device-side loss totals of the steps since the last read (the one host read

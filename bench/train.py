@@ -453,18 +453,22 @@ def sync_check(device="emu", size_name="tiny", steps=3, warmup=2, quiet=False):
             eager_step(s)
         _sync(device)
         reads, launches = nn.device.host_reads(), kernels.launch_count()
-        for _ in range(steps):
-            eager_step(s)
+        with kernels.trace.collect() as trace:        # which kernels: the launch trace
+            for _ in range(steps):
+                eager_step(s)
         row = {"label": label, "device": device, "size": size_name,
                "host_syncs_per_step": (nn.device.host_reads() - reads) / steps,
-               "launches_per_step": (kernels.launch_count() - launches) / steps}
+               "launches_per_step": (kernels.launch_count() - launches) / steps,
+               "kernels_per_step": {k: n / steps for k, n in trace.by_kernel().most_common()}}
         _sync(device)
         totals = nn.device.to_numpy(s.loss_totals)     # read once, outside the counted steps
         row["mean_loss"] = float(totals[0] / max(totals[1], 1))
         rows.append(row)
         if not quiet and distributed.is_main(comm):
+            top = ", ".join(f"{k} {n:g}" for k, n in list(row["kernels_per_step"].items())[:4])
             print(f"{label:<42} host syncs per step: {row['host_syncs_per_step']:g}   "
-                  f"launches per step: {row['launches_per_step']:g}", flush=True)
+                  f"launches per step: {row['launches_per_step']:g} ({len(row['kernels_per_step'])} kernels; "
+                  f"most: {top})", flush=True)
     return rows
 
 

@@ -14,7 +14,8 @@ from .errors import CompileError
 from .emulator import (BarrierDivergenceError, DeadlockError, EmulatorError, KernelAssertionError, KernelFault,
                        LaunchConfigError, OutOfBoundsError, WarpCollectiveError)
 from .runtime import KERNEL_DIR, RawKernel, RawModule, launch_count, load_module
+from . import trace
 
-__all__ = ["RawKernel", "RawModule", "load_module", "launch_count", "KERNEL_DIR", "CompileError", "EmulatorError",
+__all__ = ["RawKernel", "RawModule", "load_module", "launch_count", "trace", "KERNEL_DIR", "CompileError", "EmulatorError",
            "LaunchConfigError", "BarrierDivergenceError", "DeadlockError", "WarpCollectiveError",
            "KernelAssertionError", "KernelFault", "OutOfBoundsError"]

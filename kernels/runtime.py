@@ -28,6 +28,7 @@ from .signature import check_args, compiled_check, find_kernels
 __all__ = ["RawKernel", "RawModule", "load_module", "KERNEL_DIR", "launch_count"]
 
 _launches = 0
+_tracer = None        # kernels/trace.py installs one while a launch trace is on
 
 
 def launch_count():
@@ -234,6 +235,11 @@ class RawKernel:
     def __call__(self, grid, block, args, shared_mem=0, **kwargs):
         global _launches
         _launches += 1
+        if _tracer is not None:        # KERNELS_TRACE or kernels.trace.collect(): record and time it
+            return _tracer.launch(self, grid, block, args, shared_mem, kwargs)
+        self._launch(grid, block, args, shared_mem, **kwargs)
+
+    def _launch(self, grid, block, args, shared_mem=0, **kwargs):
         try:
             kind, check = self._checks[type(args[self._probe])]
         except (KeyError, IndexError, TypeError):

@@ -64,6 +64,14 @@ class Device:
             return np.asarray(a, dtype=dtype)
         return self.xp.asarray(a, dtype=dtype)
 
+    def mark_step(self):
+        """End a training step for the kernels' launch trace (KERNELS_TRACE prints a summary of the
+        step's launches); nothing on cpu, or when no trace is on."""
+        if self._ops_module_name == "kernels.ops":
+            from kernels import trace
+            if trace.enabled():
+                trace.mark_step()
+
     def __repr__(self):
         return f"device('{self.name}')"
 
