@@ -20,6 +20,16 @@ Environment variables:
   KERNELS_EMU_CACHE=DIR  where compiled kernels are kept (default ~/.cache/mlperf-resnet-cupy/emu).
   CXX=...                the C++ compiler (default: c++, then g++, then clang++).
   KERNELS_EMU_UCONTEXT=1 use the portable ucontext fiber switch instead of the x86-64 one.
+
+Always on, at no measurable cost:
+  - Ctrl-C stops a running kernel (a runaway loop included) with KeyboardInterrupt; with a
+    SIGINT handler of the program's own (train.py's "finish the step"), the handler runs after
+    the launch and a second Ctrl-C stops the kernel.
+  - the guard bytes: a write into the 8 bytes just before or just after an array argument is
+    reported after the launch as OutOfBoundsError naming the argument (KERNELS_EMU_DEBUG=1 then
+    finds the thread).
+  - float32 denormals are flushed to zero (FTZ/DAZ) as CuPy's -ftz=true compiles them, unless the
+    module's options say -ftz=false.
 """
 
 import ctypes
@@ -27,6 +37,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,7 +98,8 @@ class KernelFault(EmulatorError):
 
 
 class OutOfBoundsError(KernelFault, IndexError):
-    """Debug mode: the kernel accessed memory past either end of an argument array."""
+    """The kernel accessed memory outside an argument array: found by the guard bytes (a write
+    just past either end, after the launch) or, in debug mode, at the access itself."""
 
 
 _ERROR_CLASSES = {1: LaunchConfigError, 2: BarrierDivergenceError, 3: DeadlockError, 4: KernelFault,
@@ -135,7 +147,7 @@ def _compiler():
     return _compiler_info
 
 
-def _build(sources_text, extra_flags, out_path, display_name, link_with=None):
+def _build(sources_text, extra_flags, out_path, display_name, link_with=None, libs=()):
     """Compile one translation unit into a shared library at out_path (atomically)."""
     cxx, _ = _compiler()
     out_path = Path(out_path)
@@ -147,7 +159,7 @@ def _build(sources_text, extra_flags, out_path, display_name, link_with=None):
                "-I", str(_INCLUDE), *extra_flags, str(src), "-o", str(tmp_out)]
         if link_with is not None:
             cmd += [str(link_with), f"-Wl,-rpath,{Path(link_with).parent}", "-Wl,-z,defs"]
-        cmd += ["-lm"]
+        cmd += ["-lm", *libs]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             log = proc.stderr.replace(str(src), "<emulator unit>")
@@ -171,14 +183,38 @@ def _header_digest():
 # ---------------------------------------------------------------------------------- runtime library
 class _FaultInfo(ctypes.Structure):
     _fields_ = [("signal", ctypes.c_int), ("is_write", ctypes.c_int), ("in_stack_guard", ctypes.c_int),
-                ("address", ctypes.c_ulonglong), ("block", ctypes.c_uint * 3), ("thread", ctypes.c_uint * 3)]
+                ("address", ctypes.c_ulonglong), ("block", ctypes.c_uint * 3), ("thread", ctypes.c_uint * 3),
+                ("guard_array", ctypes.c_int), ("guard_offset", ctypes.c_longlong)]
 
 
 class _LaunchParams(ctypes.Structure):
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_ulonglong),
                 ("kernel_name", ctypes.c_char_p), ("entry", ctypes.c_void_p), ("args", ctypes.c_void_p),
                 ("debug", ctypes.c_int), ("dynamic_shared", ctypes.c_void_p),
-                ("static_shared_begin", ctypes.c_void_p), ("static_shared_end", ctypes.c_void_p)]
+                ("static_shared_begin", ctypes.c_void_p), ("static_shared_end", ctypes.c_void_p),
+                ("ftz", ctypes.c_int), ("sigint", ctypes.c_int), ("code_begin", ctypes.c_void_p),
+                ("code_end", ctypes.c_void_p), ("arrays", ctypes.c_void_p), ("narrays", ctypes.c_int)]
+
+
+# emu_abi.h: error codes of emu_launch, and what Ctrl-C does during a launch
+_ERR_SIGNAL, _ERR_INTERRUPTED, _ERR_GUARD = 4, 7, 8
+_SIGINT_LEAVE, _SIGINT_STOP, _SIGINT_FORWARD = 0, 1, 2
+_MAIN_THREAD = threading.main_thread().ident
+_LITTLE_ENDIAN = sys.byteorder == "little"
+# signal.getsignal wraps the C function in an enum conversion that costs microseconds per launch
+_getsignal = getattr(signal, "_signal", signal).getsignal
+_SIGINT = int(signal.SIGINT)
+
+
+def _sigint_mode():
+    """What Ctrl-C does during a launch, following Python's SIGINT handler (signals reach
+    Python's handlers in the main thread only; elsewhere the runtime leaves SIGINT alone)."""
+    if threading.get_ident() != _MAIN_THREAD:
+        return _SIGINT_LEAVE
+    handler = _getsignal(_SIGINT)
+    if handler is signal.default_int_handler:
+        return _SIGINT_STOP
+    return _SIGINT_FORWARD if callable(handler) else _SIGINT_LEAVE
 
 
 _runtime = None
@@ -197,10 +233,12 @@ def _load_runtime():
         flags = ["-O2"]
         if os.environ.get("KERNELS_EMU_UCONTEXT", "") not in ("", "0"):
             flags.append("-DEMU_USE_UCONTEXT")  # the portable fiber switch (tests use it)
-        key = _digest("runtime", src, flags, _header_digest(), version, sys.platform)
+        # timer_create, dl_iterate_phdr and pthreads live in libc itself since glibc 2.34
+        libs = ["-lrt", "-ldl", "-lpthread"] if sys.platform.startswith("linux") else []
+        key = _digest("runtime", src, flags, libs, _header_digest(), version, sys.platform)
         path = cache_dir() / f"libkernels_emu_runtime_{key}.so"
         if not path.exists():
-            _build(f'#line 1 "{_RUNTIME_SRC}"\n{src}', flags, path, "emu/runtime.cpp")
+            _build(f'#line 1 "{_RUNTIME_SRC}"\n{src}', flags, path, "emu/runtime.cpp", libs=libs)
         lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         lib.emu_launch.argtypes = [ctypes.POINTER(_LaunchParams)]
         lib.emu_launch.restype = ctypes.c_int
@@ -210,6 +248,9 @@ def _load_runtime():
         lib.emu_map_guarded.restype = ctypes.c_void_p
         lib.emu_unmap_guarded.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_ulonglong]
         lib.emu_unmap_guarded.restype = ctypes.c_int
+        lib.emu_code_range.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                       ctypes.POINTER(ctypes.c_void_p)]
+        lib.emu_code_range.restype = ctypes.c_int
         lib._path = path
         _runtime = lib
         return lib
@@ -228,6 +269,22 @@ def emulated_arch(options):
             if d:
                 arch = int(d.group(1))
     return arch
+
+
+def flush_denormals(options):
+    """False when the NVRTC options switch -ftz off (the last -ftz/--ftz option wins, as NVRTC
+    reads them), else True: CuPy compiles every kernel with -ftz=true.
+
+    Note that CuPy appends its -ftz=true AFTER the caller's options, so on the GPU through CuPy
+    a kernel's own -ftz=false is overridden; the emulator honours it for kernels meant for a
+    compiler that passes it on (NVRTC used directly, nvcc).
+    """
+    ftz = True
+    for opt in options:
+        m = re.match(r"^--?ftz(?:=(\w+))?$", opt)
+        if m:
+            ftz = (m.group(1) or "true").lower() in ("true", "1")
+    return ftz
 
 
 def _translate_options(options):
@@ -270,6 +327,7 @@ class EmuModule:
             self.arch_shared_limit = _MAX_OPTIN_SHARED[self.arch]
         self.signatures = find_kernels(code)
         self.debug = debug_enabled()
+        self.ftz = flush_denormals(self.options)
         self._lib = None
         self._functions = {}
 
@@ -364,6 +422,34 @@ class EmuFunction:
         lo, hi = ctypes.c_void_p(), ctypes.c_void_p()
         info(ctypes.byref(lo), ctypes.byref(hi))
         self._static_lo, self._static_hi = lo.value, hi.value
+        code_lo, code_hi = ctypes.c_void_p(), ctypes.c_void_p()
+        if not _load_runtime().emu_code_range(self._entry, ctypes.byref(code_lo), ctypes.byref(code_hi)):
+            code_lo.value = code_hi.value = None   # Ctrl-C then stops the kernel at its next barrier
+        # One parameter block per kernel, its constant fields set once (launches hold _launch_lock)
+        params = _LaunchParams()
+        params.kernel_name = self.name.encode()
+        params.entry = self._entry
+        params.dynamic_shared = self._dyn
+        params.static_shared_begin = self._static_lo
+        params.static_shared_end = self._static_hi
+        params.ftz = 1 if self.module.ftz else 0
+        params.code_begin, params.code_end = code_lo.value, code_hi.value
+        self._params = params
+        self._pointer_params = tuple(p.is_pointer for p in self.signature.params)
+        # ... and one argument block: a 16-byte aligned slot per parameter, argv pointing at them
+        offsets, total = [], 0
+        for size in sizes:
+            offsets.append(total)
+            total += -(-max(size, 8) // 16) * 16
+        self._cells = (ctypes.c_uint64 * (total // 8 + 2))()
+        base = -(-ctypes.addressof(self._cells) // 16) * 16
+        skip = (base - ctypes.addressof(self._cells)) // 8
+        self._slots = tuple(skip + off // 8 for off in offsets)
+        self._slot_addresses = tuple(base + off for off in offsets)
+        self._argv = (ctypes.c_void_p * max(1, len(sizes)))(*self._slot_addresses)
+        params.args = ctypes.addressof(self._argv)
+        self._spans = (ctypes.c_ulonglong * (2 * max(1, sum(self._pointer_params))))()
+        params.arrays = ctypes.addressof(self._spans)
 
     @property
     def static_shared_bytes(self):
@@ -408,46 +494,75 @@ class EmuFunction:
 
     # -- plain launch
     def _launch(self, grid, block, values, shared_mem, pointers, regions=None):
-        storage = []   # keeps the argument bytes alive during the call
-        argv = (ctypes.c_void_p * max(1, len(values)))()
+        """Run the kernel once on `pointers` (the arrays' data or, in debug mode, their guarded
+        copies; `regions` are then those copies, and the guard bytes are left to them)."""
+        cells, slots, sizes, spans = self._cells, self._slots, self._param_sizes, self._spans
+        owners = []    # the argument index of each array in spans (begin, end), for the guard bytes
         for i, (v, ptr) in enumerate(zip(values, pointers)):
-            if self.signature.params[i].is_pointer:
-                cell = ctypes.c_void_p(ptr)
+            if self._pointer_params[i]:
+                cells[slots[i]] = ptr or 0
+                if regions is None and ptr and v.size:
+                    lo, hi = (0, v.nbytes) if v.flags.c_contiguous else _extent(v)
+                    k = 2 * len(owners)
+                    spans[k] = ptr + lo
+                    spans[k + 1] = ptr + hi
+                    owners.append(i)
             else:
-                raw = np.asarray(v).tobytes()
-                if len(raw) != self._param_sizes[i]:
+                raw = v.tobytes() if isinstance(v, np.generic) else np.asarray(v).tobytes()
+                if len(raw) != sizes[i]:
                     p = self.signature.params[i]
-                    raise TypeError(f"kernel '{self.name}' argument {i} `{p.decl}` is {self._param_sizes[i]} bytes, "
+                    raise TypeError(f"kernel '{self.name}' argument {i} `{p.decl}` is {sizes[i]} bytes, "
                                     f"got a {len(raw)}-byte {type(v).__name__}")
-                cell = ctypes.create_string_buffer(raw, len(raw))
-            storage.append(cell)
-            argv[i] = ctypes.addressof(cell)
-        params = _LaunchParams()
+                if len(raw) <= 8 and _LITTLE_ENDIAN:
+                    cells[slots[i]] = int.from_bytes(raw, "little")
+                else:
+                    ctypes.memmove(self._slot_addresses[i], raw, len(raw))
+        params = self._params
         params.grid[:] = grid
         params.block[:] = block
         params.shared_mem = shared_mem
-        params.kernel_name = self.name.encode()
-        params.entry = self._entry
-        params.args = ctypes.addressof(argv)
         params.debug = 1 if self.module.debug else 0
-        params.dynamic_shared = self._dyn
-        params.static_shared_begin = self._static_lo
-        params.static_shared_end = self._static_hi
+        params.sigint = _sigint_mode()
+        params.narrays = len(owners)
         sys.stdout.flush()
-        rt = _load_runtime()
+        rt = _runtime
         rc = rt.emu_launch(ctypes.byref(params))
         if rc != 0:
-            message = rt.emu_last_error().decode(errors="replace")
-            if rc == 4:
-                fault = _FaultInfo()
-                rt.emu_last_fault(ctypes.byref(fault))
-                culprit = _classify_fault(fault, regions) if regions else None
-                if culprit:
-                    raise OutOfBoundsError(f"{culprit} in kernel '{self.name}', block {tuple(fault.block)} "
-                                           f"thread {tuple(fault.thread)}")
-                if not self.module.debug and not fault.in_stack_guard:
-                    message += " (run with KERNELS_EMU_DEBUG=1 to check every access against the array bounds)"
-            raise _ERROR_CLASSES.get(rc, EmulatorError)(message)
+            self._raise(rt, rc, values, regions, owners)
+
+    def _raise(self, rt, rc, values, regions, owners):
+        message = rt.emu_last_error().decode(errors="replace")
+        if rc == _ERR_INTERRUPTED:
+            raise KeyboardInterrupt(message)
+        fault = _FaultInfo()
+        rt.emu_last_fault(ctypes.byref(fault))
+        if rc == _ERR_GUARD:
+            index = owners[fault.guard_array]
+            raise OutOfBoundsError(self._describe_guard(index, values[index], fault.guard_offset))
+        if rc == _ERR_SIGNAL:
+            culprit = _classify_fault(fault, regions) if regions else None
+            if culprit:
+                raise OutOfBoundsError(f"{culprit} in kernel '{self.name}', block {tuple(fault.block)} "
+                                       f"thread {tuple(fault.thread)}")
+            if not self.module.debug and not fault.in_stack_guard:
+                message += " (run with KERNELS_EMU_DEBUG=1 to check every access against the array bounds)"
+        raise _ERROR_CLASSES.get(rc, EmulatorError)(message)
+
+    def _describe_guard(self, index, a, offset):
+        """The message for guard bytes found changed around array `a` (argument `index`):
+        offset >= 0 counts from the array's end, offset < 0 from its begin."""
+        p = self.signature.params[index]
+        what = f"argument {index} '{p.name or p.decl}'"
+        if isinstance(a, np.ndarray):
+            what += f" ({a.dtype}[{', '.join(map(str, a.shape))}])"
+        if offset >= 0:
+            where = f"byte {offset} past the end"
+            if isinstance(a, np.ndarray):
+                where += f" (inside element {a.size + offset // a.itemsize} of {a.size})"
+        else:
+            where = f"byte {-offset} before the start"
+        return (f"kernel '{self.name}' wrote outside {what}: {where} changed during the launch; "
+                f"run with KERNELS_EMU_DEBUG=1 to find the thread and the access")
 
     # -- debug launch: every array between guard pages, run twice (start- and end-aligned)
     def _launch_checked(self, grid, block, values, shared_mem):
@@ -500,11 +615,18 @@ def _dim3(what, value, limits, name):
 
 
 def _ptr(v):
+    """The data pointer of array v (0 for None, None for a scalar)."""
     if v is None:
         return 0
     if isinstance(v, np.ndarray):
-        return v.__array_interface__["data"][0]
+        try:   # five times faster than __array_interface__, for writable C-contiguous arrays
+            return _addressof(_c_char.from_buffer(v))
+        except (TypeError, ValueError, BufferError):
+            return v.__array_interface__["data"][0]
     return None
+
+
+_addressof, _c_char = ctypes.addressof, ctypes.c_char
 
 
 def _extent(a):

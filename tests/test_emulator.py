@@ -4,6 +4,7 @@ atomics, half precision; and it turns kernel bugs into Python exceptions, never 
 Every test compares with an independent NumPy computation of what the hardware would produce.
 """
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -522,3 +523,220 @@ def test_ucontext_fallback_runs_the_same_kernels(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+# ------------------------------------------------------------------------------ guard bytes (always on)
+GUARDED = r"""
+extern "C" __global__ void write_at(float* y, long long index, float value) {
+    if (threadIdx.x == 0) y[index] = value;
+}
+extern "C" __global__ void write_two(float* a, float* b, int n) {
+    int i = threadIdx.x;
+    if (i < n) { a[i] = 1.0f + i; b[i] = -1.0f - i; }
+}
+extern "C" __global__ void write_vec(float4* y, int n4) {
+    if (threadIdx.x == 0) y[n4] = make_float4(1.2345678f, 2.2345678f, 3.2345678f, 4.2345678f);   // one float4 too far
+}
+"""
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 100, 1003])
+def test_write_just_past_the_end_is_reported_naming_the_argument(n):
+    k = module(GUARDED).get_function("write_at")
+    buf = np.zeros(n + 4, np.float32)          # own the bytes around y, so the test corrupts nothing
+    y = buf[2:2 + n]
+    y[:] = rng.standard_normal(n)
+    with pytest.raises(kernels.OutOfBoundsError,
+                       match=rf"wrote outside argument 0 'y' \(float32\[{n}\]\): byte 0 past the end "
+                             rf"\(inside element {n} of {n}\).*KERNELS_EMU_DEBUG=1"):
+        k((1,), (32,), (y, n, np.float32(1.2345678)))
+    with pytest.raises(kernels.OutOfBoundsError, match=r"byte 4 before the start.*KERNELS_EMU_DEBUG=1"):
+        k((1,), (32,), (y, -1, np.float32(1.2345678)))
+    # in bounds: no report, and the value is there
+    k((1,), (32,), (y, n - 1, np.float32(3.25)))
+    assert y[n - 1] == 3.25
+
+
+def test_guard_bytes_catch_a_vector_store_past_the_end():
+    buf = np.zeros(4 * 5 + 8, np.float32)
+    y = buf[4:4 + 4 * 4]                         # four float4, 16-byte aligned
+    with pytest.raises(kernels.OutOfBoundsError, match=r"argument 0 'y' \(float32\[16\]\): byte 0 past the end"):
+        module(GUARDED).get_function("write_vec")((1,), (32,), (y, np.int32(4)))
+
+
+def test_adjacent_arguments_sharing_one_buffer_are_no_false_alarm():
+    # Views that touch: the bytes past the end of `a` are `b`'s, which the kernel may write.
+    buf = np.zeros(200, np.float32)
+    a, b = buf[:100], buf[100:]
+    module(GUARDED).get_function("write_two")((1,), (128,), (a, b, np.int32(100)))
+    np.testing.assert_array_equal(a, 1.0 + np.arange(100))
+    np.testing.assert_array_equal(b, -1.0 - np.arange(100))
+
+
+def test_guard_bytes_never_read_across_a_page():
+    # An array that fills a page exactly, with no-access pages on both sides: the guard check
+    # must not touch the neighbouring pages (it would crash the interpreter).
+    rt = emulator._load_runtime()
+    base = rt.emu_map_guarded(4096, 4096)
+    try:
+        page = np.frombuffer((ctypes.c_char * 4096).from_address(base), dtype=np.float32)
+        module(GUARDED).get_function("write_at")((1,), (32,), (page, 1023, np.float32(2.0)))
+        assert page[1023] == 2.0
+    finally:
+        rt.emu_unmap_guarded(base, 4096, 4096)
+
+
+# ------------------------------------------------------------------------------ denormals as CuPy compiles
+DENORMALS = r"""
+extern "C" __global__ void denormals(const float* x, const float* s, float* y, int* lt, const double* dx,
+                                     double* dy, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    y[3 * i + 0] = x[i] + x[i];          // a denormal input is read as zero
+    y[3 * i + 1] = x[i] * s[i];          // a product that falls below FLT_MIN is written as zero
+    y[3 * i + 2] = x[i] + s[i];
+    lt[i] = x[i] < 0.0f;                 // comparisons read denormals as zero too
+    dy[i] = dx[i] * 0.5;
+}
+"""
+
+
+def _flush(a):
+    a = np.asarray(a, np.float32)
+    return np.where(np.abs(a) < np.finfo(np.float32).tiny, np.copysign(np.float32(0), a), a).astype(np.float32)
+
+
+def _denormal_inputs(n=512):
+    tiny = np.finfo(np.float32).tiny
+    x = (rng.uniform(-2, 2, n) * tiny).astype(np.float32)          # half of them denormal
+    x[:4] = [tiny, -tiny, 1.0, -3.0]
+    s = rng.choice(np.array([1e-3, 0.5, 2.0, 1e30, -0.25], np.float32), n).astype(np.float32)
+    return x, s
+
+
+def _run_denormals(options=()):
+    x, s = _denormal_inputs()
+    n = x.size
+    y = np.zeros(3 * n, np.float32)
+    lt = np.zeros(n, np.int32)
+    dx = np.full(n, 1e-310)
+    dy = np.zeros(n)
+    module(DENORMALS, options=options).get_function("denormals")((2,), (256,), (x, s, y, lt, dx, dy, np.int32(n)))
+    return x, s, y.reshape(n, 3), lt, dy
+
+
+def test_float_denormals_are_flushed_as_cupy_compiles_with_ftz():
+    x, s, y, lt, dy = _run_denormals()
+    assert np.count_nonzero(np.abs(x) < np.finfo(np.float32).tiny) > 200
+    xf = _flush(x)                       # flush inputs, compute in float32, flush the result
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(y[:, 0], _flush(xf + xf))
+        np.testing.assert_array_equal(y[:, 1], _flush(xf * s))
+        np.testing.assert_array_equal(y[:, 2], _flush(xf + s))
+    np.testing.assert_array_equal(lt, (xf < 0).astype(np.int32))
+    # x86 flushes double denormals too (a GPU does not): the documented difference
+    assert np.all(dy == 0)
+    # NumPy's own arithmetic is left as it was
+    assert np.float32(1e-40) * np.float32(1) != 0
+
+
+def test_ftz_false_keeps_denormals():
+    x, s, y, lt, dy = _run_denormals(options=("-ftz=false",))
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(y[:, 0], x + x)
+        np.testing.assert_array_equal(y[:, 1], x * s)
+        np.testing.assert_array_equal(y[:, 2], x + s)
+    np.testing.assert_array_equal(lt, (x < 0).astype(np.int32))
+    np.testing.assert_array_equal(dy, np.full(x.size, 1e-310) * 0.5)
+
+
+def test_ftz_option_parsing():
+    assert emulator.flush_denormals(()) is True
+    assert emulator.flush_denormals(("-ftz=false",)) is False
+    assert emulator.flush_denormals(("--ftz=false", "-ftz=true")) is True   # the last one wins, as in NVRTC
+    assert emulator.flush_denormals(("-DX=1", "--ftz=False")) is False
+
+
+# ------------------------------------------------------------------------------ Ctrl-C
+SIGINT_CHILD = r'''
+import signal, sys, time
+import numpy as np, kernels
+src = r"""
+extern "C" __global__ void spin(const volatile int* flag) { while (flag[0] == 0) {} }
+extern "C" __global__ void stride0(float* y, int n) {       // a grid-stride loop with stride 0
+    for (int i = threadIdx.x; i < n; i += blockDim.x * (gridDim.x - 1)) y[i] += 1.0f;
+}
+extern "C" __global__ void spin_in_libm(const volatile int* flag, float* out) {
+    float v = 0.5f;
+    while (flag[0] == 0) v = expf(v) * 0.25f;              // most of the time inside expf
+    out[0] = v;
+}
+extern "C" __global__ void spin_at_barrier(const volatile int* flag) { while (flag[0] == 0) __syncthreads(); }
+extern "C" __global__ void busy_ms(int ms) {
+    long long t0 = clock64();                               // nanoseconds on the emulator
+    while (clock64() - t0 < (long long)ms * 1000000) {}
+}
+extern "C" __global__ void fill(float* y, int n) { if (threadIdx.x < n) y[threadIdx.x] = 7.0f; }
+"""
+m = kernels.RawModule(code=src).compile()
+flag = np.zeros(1, np.int32)
+calls = []
+launches = [("spin", (2,), (64,), (flag,)),
+            ("stride0", (1,), (32,), (np.zeros(100, np.float32), np.int32(100))),
+            ("spin_in_libm", (1,), (1,), (flag, np.zeros(1, np.float32))),
+            ("spin_at_barrier", (1,), (64,), (flag,)),
+            ("busy_ms", (1,), (1,), (np.int32(1500),)),     # with a handler of our own
+            ("spin", (1,), (1,), (flag,))]                   # with a handler of our own: 2 Ctrl-C
+for name, grid, block, args in launches:
+    if name == "busy_ms":
+        signal.signal(signal.SIGINT, lambda s, f: calls.append(time.time()))
+    print("ready", flush=True)
+    t0 = time.time()
+    try:
+        m.get_function(name)(grid, block, args)
+        print("returned", name, time.time() - t0, len(calls), flush=True)
+    except KeyboardInterrupt as e:
+        print("interrupted", name, time.time(), len(calls), e, flush=True)
+    y = np.zeros(5, np.float32)
+    m.get_function("fill")((1,), (32,), (y, np.int32(5)))   # the interpreter and the emulator still work
+    assert np.all(y == 7)
+print("done", flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_running_kernel_and_the_interpreter_goes_on(tmp_path):
+    import signal
+    import time
+    script = tmp_path / "child.py"
+    script.write_text(SIGINT_CHILD)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for presses in (1, 1, 1, 1, 1, 2):
+            line = proc.stdout.readline()
+            assert line.strip() == "ready", (line, proc.stderr.read() if not line else "")
+            time.sleep(0.3)                           # well inside the kernel by now
+            sent = time.time()
+            for _ in range(presses):
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.2)
+            line = proc.stdout.readline().split(" ", 4)
+            lines.append(line)
+            if line[0] == "interrupted":
+                assert float(line[2]) - sent < 1.0 + 0.2 * (presses - 1), line   # within about a second
+        assert proc.stdout.readline().strip() == "done"
+    finally:
+        proc.kill()
+        proc.wait()
+    kinds = [(l[0], l[1]) for l in lines]
+    assert kinds == [("interrupted", "spin"), ("interrupted", "stride0"), ("interrupted", "spin_in_libm"),
+                     ("interrupted", "spin_at_barrier"), ("returned", "busy_ms"), ("interrupted", "spin")], lines
+    assert "Ctrl-C" in lines[0][4] and "block (0,0,0)" in lines[0][4] or "block (1,0,0)" in lines[0][4]
+    # a program's own SIGINT handler runs once the kernel has finished (train.py finishes its
+    # step this way); a second Ctrl-C during the same launch stops the kernel
+    assert float(lines[4][2]) > 1.4 and lines[4][3].strip() == "1"
+    assert lines[5][3] == "2"

@@ -20,7 +20,24 @@
  *   - SIGSEGV / SIGBUS / SIGFPE inside a kernel: caught (siglongjmp back to the launch), reported
  *     with the faulting address, block and thread; Python then names the argument array that was
  *     overrun when the debug mode put guard pages around every array;
- *   - assert() and __trap() in kernel code.
+ *   - assert() and __trap() in kernel code;
+ *   - the guard bytes: the 8 bytes just before and just after every array argument are copied
+ *     before the launch and compared after it, so a write just past either end (the classic
+ *     off-by-one) is reported, naming the argument, instead of corrupting the heap silently.
+ *
+ * Ctrl-C
+ *   The kernel runs inside Python's ctypes call, where Python's own SIGINT handler cannot act,
+ *   so during a launch the runtime handles SIGINT itself.  The handler looks at where the
+ *   signal interrupted the thread: inside the kernel module's own machine code (a spinning
+ *   `while (1);` included) it jumps straight back to the launch (siglongjmp, as for a fault:
+ *   kernel code holds no locks).  Anywhere else (inside printf, expf, the runtime) it only sets
+ *   a flag, which the scheduler checks at every switch, and re-arms a 20 ms timer that repeats
+ *   the check, until the thread is caught in kernel code or at a switch.
+ *
+ * Floating point as CuPy compiles it
+ *   CuPy always compiles with -ftz=true: float32 operations flush denormal inputs and results
+ *   to zero.  The launch sets the CPU's FTZ and DAZ modes (MXCSR on x86-64) for the kernel and
+ *   restores them after.  They apply to double arithmetic too, which a GPU never flushes.
  *
  * Fibers: a few lines of x86-64 assembly switch stacks (the callee-saved registers of the SysV
  * ABI; kernels never change the floating-point control registers, so those are not switched).
@@ -30,6 +47,7 @@
  */
 #include "emu_abi.h"
 
+#include <cerrno>
 #include <csetjmp>
 #include <csignal>
 #include <cstdarg>
@@ -40,8 +58,16 @@
 #include <string>
 #include <vector>
 
+#include <dlfcn.h>
+#include <link.h>
+#include <pthread.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #if !defined(__x86_64__) || defined(EMU_USE_UCONTEXT)
 #define EMU_UCONTEXT 1
@@ -163,7 +189,12 @@ char g_error[4096];
 emu_fault_info g_fault;
 sigjmp_buf g_jmp;
 volatile sig_atomic_t g_in_launch = 0;
-struct sigaction g_old_segv, g_old_bus, g_old_fpe, g_old_ill;
+struct sigaction g_old_segv, g_old_bus, g_old_fpe, g_old_ill, g_old_int;
+// Ctrl-C during a launch (see "Ctrl-C" above)
+volatile sig_atomic_t g_stop_requested = 0;   // the kernel must stop at the next chance
+volatile sig_atomic_t g_sigint_count = 0;     // SIGINTs from the user during this launch
+int g_sigint_mode = EMU_SIGINT_LEAVE;
+pthread_t g_launch_thread;
 
 void set_error(int code, const char* fmt, ...) {
     va_list ap;
@@ -196,7 +227,10 @@ int pop_ready() {
 }
 
 /* The running fiber blocks: hand over to the next ready thread, or to the scheduler if none. */
+void poll_interrupt();
+
 inline void yield_to_scheduler() {
+    if (g_stop_requested) poll_interrupt();
     Thread& t = S.threads[S.current];
     if (S.ready_count > 0 && !S.aborted) {
         int next = pop_ready();
@@ -342,6 +376,10 @@ void run_block() {
     }
 
     while (S.live > 0) {
+        if (g_stop_requested) {
+            poll_interrupt();
+            return;
+        }
         if (S.ready_count > 0) {
             int t = pop_ready();
             S.current = t;
@@ -425,6 +463,224 @@ void restore_handlers() {
     sigaction(SIGBUS, &g_old_bus, nullptr);
     sigaction(SIGFPE, &g_old_fpe, nullptr);
     sigaction(SIGILL, &g_old_ill, nullptr);
+}
+
+/* ---- Ctrl-C */
+void poll_interrupt() {
+    if (S.aborted) return;
+    if (S.current >= 0)
+        set_error(EMU_ERR_INTERRUPTED, "kernel '%s' interrupted (Ctrl-C) in %s", S.p->kernel_name,
+                  where(S.current).c_str());
+    else
+        set_error(EMU_ERR_INTERRUPTED, "kernel '%s' interrupted (Ctrl-C) before block (%u,%u,%u)",
+                  S.p->kernel_name, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+/* The code range of the loaded object (kernel module) that holds `address`. */
+struct CodeRangeQuery { uintptr_t address, begin, end; };
+
+int find_code_range(struct dl_phdr_info* info, size_t, void* data) {
+    auto* q = static_cast<CodeRangeQuery*>(data);
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_X)) continue;
+        uintptr_t lo = info->dlpi_addr + ph.p_vaddr, hi = lo + ph.p_memsz;
+        if (q->address >= lo && q->address < hi) {
+            q->begin = lo;
+            q->end = hi;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+bool interrupted_in_kernel_code(void* uctx) {
+    uintptr_t pc = 0;
+#if defined(__x86_64__) && defined(REG_RIP)
+    pc = static_cast<uintptr_t>(static_cast<ucontext_t*>(uctx)->uc_mcontext.gregs[REG_RIP]);
+#elif defined(__aarch64__)
+    pc = static_cast<uintptr_t>(static_cast<ucontext_t*>(uctx)->uc_mcontext.pc);
+#else
+    (void)uctx;
+#endif
+    return pc && S.p && pc >= (uintptr_t)S.p->code_begin && pc < (uintptr_t)S.p->code_end;
+}
+
+/* One POSIX timer per process, aimed at the launching (main) thread, that re-sends SIGINT
+ * every 20 ms while a stop is pending and the thread was found outside kernel code. */
+#ifdef SIGEV_THREAD_ID
+timer_t g_retry_timer;
+bool g_retry_timer_created = false;   // timers do not survive fork(): reset in the child
+bool g_retry_timer_ok = false;
+volatile sig_atomic_t g_retry_armed = 0;
+
+void forget_retry_timer() { g_retry_timer_created = g_retry_timer_ok = false; }
+
+void ensure_retry_timer() {
+    if (g_retry_timer_created) return;
+    static bool atfork = pthread_atfork(nullptr, nullptr, forget_retry_timer) == 0;
+    (void)atfork;
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = SIGINT;
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+    g_retry_timer_ok = timer_create(CLOCK_MONOTONIC, &sev, &g_retry_timer) == 0;
+    g_retry_timer_created = true;
+}
+
+void arm_retry_timer(bool on) {
+    if (!g_retry_timer_ok) return;
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    if (on) its.it_value.tv_nsec = 20 * 1000 * 1000;
+    timer_settime(g_retry_timer, 0, &its, nullptr);   // async-signal-safe
+    g_retry_armed = on;
+}
+#else
+void ensure_retry_timer() {}
+void arm_retry_timer(bool) {}
+volatile sig_atomic_t g_retry_armed = 0;
+#endif
+
+void forward_sigint(int sig, siginfo_t* info, void* uctx) {
+    if (g_old_int.sa_flags & SA_SIGINFO) {
+        if (g_old_int.sa_sigaction) g_old_int.sa_sigaction(sig, info, uctx);
+    } else if (g_old_int.sa_handler == SIG_DFL) {
+        sigaction(SIGINT, &g_old_int, nullptr);   // the default action: the process ends
+        raise(SIGINT);
+    } else if (g_old_int.sa_handler != SIG_IGN) {
+        g_old_int.sa_handler(sig);
+    }
+}
+
+void on_sigint(int sig, siginfo_t* info, void* uctx) {
+    const int saved_errno = errno;
+    const bool retry = info && info->si_code == SI_TIMER;
+    if (!g_in_launch) {
+        if (!retry) forward_sigint(sig, info, uctx);   // between launches: Python's business
+    } else if (!pthread_equal(pthread_self(), g_launch_thread)) {
+        if (!retry) pthread_kill(g_launch_thread, SIGINT);   // the launching thread must act
+    } else {
+        bool stop = true;
+        if (!retry) {
+            ++g_sigint_count;
+            if (g_sigint_mode == EMU_SIGINT_FORWARD) {
+                forward_sigint(sig, info, uctx);   // the program's handler runs after the launch
+                stop = g_sigint_count >= 2;        // ... unless the user insists
+            }
+        }
+        if (stop) {
+            g_stop_requested = 1;
+            if (interrupted_in_kernel_code(uctx)) siglongjmp(g_jmp, 2);
+            arm_retry_timer(true);
+        }
+    }
+    errno = saved_errno;
+}
+
+/* After the launch: no retry timer left running, no retry signal left pending.  A user's
+ * SIGINT found pending is handed on (to the program's handler) when asked to. */
+void settle_sigint(bool hand_on) {
+    if (g_retry_armed) arm_retry_timer(false);
+    sigset_t pending;
+    sigemptyset(&pending);
+    if (sigpending(&pending) != 0 || !sigismember(&pending, SIGINT)) return;
+    sigset_t only, old;
+    sigemptyset(&only);
+    sigaddset(&only, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &only, &old);
+    siginfo_t si;
+    struct timespec zero = {0, 0};
+    bool user = false;
+    while (sigtimedwait(&only, &si, &zero) == SIGINT)
+        if (si.si_code != SI_TIMER) user = true;
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    if (user && hand_on) forward_sigint(SIGINT, &si, nullptr);
+}
+
+/* ---- float32 denormals: FTZ (results) and DAZ (inputs) */
+struct FloatMode {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned saved = 0;
+    void enter(bool ftz) {
+        saved = _mm_getcsr();
+        _mm_setcsr(ftz ? (saved | 0x8040u) : (saved & ~0x8040u));   // bit 15 FTZ, bit 6 DAZ
+    }
+    void leave() { _mm_setcsr(saved); }
+#elif defined(__aarch64__)
+    unsigned long saved = 0;
+    void enter(bool ftz) {
+        __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved));
+        unsigned long v = ftz ? (saved | (1ul << 24)) : (saved & ~(1ul << 24));   // FZ
+        __asm__ __volatile__("msr fpcr, %0" : : "r"(v));
+    }
+    void leave() { __asm__ __volatile__("msr fpcr, %0" : : "r"(saved)); }
+#else
+    void enter(bool) {}
+    void leave() {}
+#endif
+};
+
+/* ---- guard bytes around the array arguments */
+constexpr unsigned kGuardBytes = 8;   // catches any write that starts within 8 bytes of an end
+constexpr uintptr_t kPage = 4096;     // never read across a 4 KiB boundary: it may be unmapped
+
+struct GuardBytes {
+    uintptr_t at[2];                  // before the begin, after the end
+    unsigned len[2];
+    unsigned char saved[2][kGuardBytes];
+};
+std::vector<GuardBytes> g_guards;
+
+/* [lo, hi) minus every other argument's bytes: keep the part next to the array (`from_low`:
+ * the guard starts at lo and grows up; otherwise it ends at hi and grows down). */
+unsigned clip_guard(const emu_launch_params* p, int self, uintptr_t lo, uintptr_t hi, bool from_low) {
+    for (int j = 0; j < p->narrays && lo < hi; ++j) {
+        if (j == self) continue;
+        uintptr_t b = p->arrays[j].begin, e = p->arrays[j].end;
+        if (e <= b || e <= lo || b >= hi) continue;
+        if (from_low) hi = b > lo ? b : lo;
+        else lo = e < hi ? e : hi;
+    }
+    return (unsigned)(hi - lo);
+}
+
+void snapshot_guards(const emu_launch_params* p) {
+    g_guards.resize(p->narrays);
+    for (int i = 0; i < p->narrays; ++i) {
+        GuardBytes& g = g_guards[i];
+        const uintptr_t b = p->arrays[i].begin, e = p->arrays[i].end;
+        g.len[0] = g.len[1] = 0;
+        if (e <= b) continue;
+        uintptr_t room = b % kPage;   // bytes before b on its page
+        uintptr_t n = room < kGuardBytes ? room : kGuardBytes;
+        g.len[0] = clip_guard(p, i, b - n, b, false);
+        g.at[0] = b - g.len[0];
+        room = kPage - e % kPage;     // bytes after e on the page of e (e itself may start one)
+        if (e % kPage == 0) room = 0;
+        n = room < kGuardBytes ? room : kGuardBytes;
+        g.len[1] = clip_guard(p, i, e, e + n, true);
+        g.at[1] = e;
+        for (int side = 0; side < 2; ++side)
+            if (g.len[side]) memcpy(g.saved[side], reinterpret_cast<const void*>(g.at[side]), g.len[side]);
+    }
+}
+
+bool check_guards(const emu_launch_params* p) {
+    for (int i = 0; i < p->narrays; ++i) {
+        const GuardBytes& g = g_guards[i];
+        for (int side = 1; side >= 0; --side) {
+            const unsigned char* now = reinterpret_cast<const unsigned char*>(g.at[side]);
+            for (unsigned k = 0; k < g.len[side]; ++k) {
+                if (now[k] == g.saved[side][k]) continue;
+                g_fault.guard_array = i;
+                g_fault.guard_offset = side ? (long long)k : -(long long)(g.len[side] - k);
+                return false;
+            }
+        }
+    }
+    return true;
 }
 
 const char* signal_name(int sig) {
@@ -626,36 +882,80 @@ __attribute__((visibility("default"))) int emu_launch(const emu_launch_params* p
     S.ready.resize(n);
     blockDim = dim3(p->block[0], p->block[1], p->block[2]);
     gridDim = dim3(p->grid[0], p->grid[1], p->grid[2]);
+    snapshot_guards(p);
 
+    g_stop_requested = 0;
+    g_sigint_count = 0;
+    g_sigint_mode = p->sigint;
+    g_launch_thread = pthread_self();
     install_handlers();
-    if (sigsetjmp(g_jmp, 1) != 0) {
-        g_in_launch = 0;
-        restore_handlers();
+    if (g_sigint_mode != EMU_SIGINT_LEAVE) {
+        ensure_retry_timer();
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_sigint;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, &g_old_int);
+    }
+    static FloatMode float_mode;   // static: still valid after a siglongjmp
+    float_mode.enter(p->ftz != 0);
+    const int jumped = sigsetjmp(g_jmp, 1);
+    int rc = EMU_OK;
+    if (jumped == 0) {
+        g_in_launch = 1;
+        for (unsigned z = 0; z < p->grid[2] && rc == EMU_OK; ++z)
+            for (unsigned y = 0; y < p->grid[1] && rc == EMU_OK; ++y)
+                for (unsigned x = 0; x < p->grid[0]; ++x) {
+                    blockIdx = uint3{x, y, z};
+                    run_block();
+                    if (S.aborted) {
+                        rc = S.error_code;
+                        break;
+                    }
+                }
+        if (rc == EMU_OK && g_stop_requested) {   // finished before it could be stopped
+            rc = EMU_ERR_INTERRUPTED;
+            snprintf(g_error, sizeof g_error, "kernel '%s' interrupted (Ctrl-C) as it finished", p->kernel_name);
+        }
+    }
+    g_in_launch = 0;
+    float_mode.leave();
+    if (g_sigint_mode != EMU_SIGINT_LEAVE) {
+        settle_sigint(g_sigint_mode == EMU_SIGINT_FORWARD && jumped == 0 && rc != EMU_ERR_INTERRUPTED);
+        sigaction(SIGINT, &g_old_int, nullptr);
+    }
+    restore_handlers();
+    if (jumped == 1) {
         const char* what = signal_name(g_fault.signal);
         if (g_fault.in_stack_guard)
             what = "stack overflow (each emulated thread has a 256 KiB stack: large local arrays?)";
         snprintf(g_error, sizeof g_error, "%s in kernel '%s' at address 0x%llx, block (%u,%u,%u) thread (%u,%u,%u)",
                  what, p->kernel_name, g_fault.address, g_fault.block[0], g_fault.block[1], g_fault.block[2],
                  g_fault.thread[0], g_fault.thread[1], g_fault.thread[2]);
-        fflush(stdout);
-        return EMU_ERR_SIGNAL;
+        rc = EMU_ERR_SIGNAL;
+    } else if (jumped == 2) {
+        snprintf(g_error, sizeof g_error, "kernel '%s' interrupted (Ctrl-C) in %s", p->kernel_name,
+                 S.current >= 0 ? where(S.current).c_str() : "its first block");
+        rc = EMU_ERR_INTERRUPTED;
+    } else if (rc == EMU_OK && !check_guards(p)) {
+        snprintf(g_error, sizeof g_error, "kernel '%s' changed the bytes just %s array argument %d",
+                 p->kernel_name, g_fault.guard_offset >= 0 ? "after" : "before", g_fault.guard_array);
+        rc = EMU_ERR_GUARD;
     }
-    g_in_launch = 1;
-    int rc = EMU_OK;
-    for (unsigned z = 0; z < p->grid[2] && rc == EMU_OK; ++z)
-        for (unsigned y = 0; y < p->grid[1] && rc == EMU_OK; ++y)
-            for (unsigned x = 0; x < p->grid[0]; ++x) {
-                blockIdx = uint3{x, y, z};
-                run_block();
-                if (S.aborted) {
-                    rc = S.error_code;
-                    break;
-                }
-            }
-    g_in_launch = 0;
-    restore_handlers();
     fflush(stdout);  // kernel printf() output appears right after the launch
     return rc;
+}
+
+/* The machine code of the loaded object holding `address` (a kernel entry point): where a
+ * Ctrl-C may stop a kernel at once.  Returns 0 when not found. */
+__attribute__((visibility("default"))) int emu_code_range(const void* address, const void** begin,
+                                                         const void** end) {
+    CodeRangeQuery q{(uintptr_t)address, 0, 0};
+    if (!dl_iterate_phdr(find_code_range, &q)) return 0;
+    *begin = reinterpret_cast<const void*>(q.begin);
+    *end = reinterpret_cast<const void*>(q.end);
+    return 1;
 }
 
 /* Debug mode: a copy of an argument array lives in `data_bytes` of read-write pages with

@@ -32,6 +32,13 @@ typedef struct uint3 dim3;
 
 typedef void (*emu_entry_fn)(void** args);
 
+/* The bytes [begin, end) of one array argument.  The runtime keeps a copy of the few bytes just
+ * before and just after it (the guard bytes) and compares them after the launch. */
+struct emu_array_span {
+    unsigned long long begin;
+    unsigned long long end;
+};
+
 /* What Python passes to emu_launch().  Keep in sync with _LaunchParams in kernels/emulator.py. */
 struct emu_launch_params {
     unsigned int grid[3];
@@ -44,6 +51,20 @@ struct emu_launch_params {
     unsigned char* dynamic_shared;        /* the module's dynamic shared buffer           */
     unsigned char* static_shared_begin;   /* the module's __shared__ variables (section)  */
     unsigned char* static_shared_end;
+    int ftz;                              /* flush float denormals (FTZ/DAZ) as -ftz=true  */
+    int sigint;                           /* EMU_SIGINT_*: what Ctrl-C does meanwhile      */
+    const void* code_begin;               /* the kernel module's machine code: a Ctrl-C    */
+    const void* code_end;                 /* landing there stops the kernel at once        */
+    const struct emu_array_span* arrays;  /* array arguments, for the guard-byte check     */
+    int narrays;
+};
+
+/* SIGINT (Ctrl-C) during a launch, as Python's handler for it would have it: */
+enum {
+    EMU_SIGINT_LEAVE = 0,     /* not the main thread, or SIG_DFL/SIG_IGN: leave SIGINT alone   */
+    EMU_SIGINT_STOP = 1,      /* Python's default handler: stop the kernel, KeyboardInterrupt  */
+    EMU_SIGINT_FORWARD = 2    /* a handler of the program's own: it runs after the launch; a
+                                 second Ctrl-C during the same launch stops the kernel too     */
 };
 
 /* Error codes returned by emu_launch(); the message is in emu_last_error(). */
@@ -54,10 +75,12 @@ enum {
     EMU_ERR_DEADLOCK = 3,     /* no thread can make progress (warp collective misuse ...) */
     EMU_ERR_SIGNAL = 4,       /* SIGSEGV / SIGBUS / SIGFPE inside the kernel              */
     EMU_ERR_ASSERT = 5,       /* assert() or __trap() in the kernel                       */
-    EMU_ERR_WARP = 6          /* inconsistent warp collective                             */
+    EMU_ERR_WARP = 6,         /* inconsistent warp collective                             */
+    EMU_ERR_INTERRUPTED = 7,  /* Ctrl-C stopped the kernel                                */
+    EMU_ERR_GUARD = 8         /* bytes just outside an array argument changed             */
 };
 
-/* Details of the last EMU_ERR_SIGNAL, for Python to name the array that was overrun. */
+/* Details of the last EMU_ERR_SIGNAL (or EMU_ERR_GUARD), for Python to name the array. */
 struct emu_fault_info {
     int signal;
     int is_write;             /* 1 write, 0 read, -1 unknown                              */
@@ -65,6 +88,9 @@ struct emu_fault_info {
     unsigned long long address;
     unsigned int block[3];
     unsigned int thread[3];
+    int guard_array;          /* EMU_ERR_GUARD: index into params->arrays                 */
+    long long guard_offset;   /* first changed byte, from the array's end (>= 0) or its
+                                 begin (< 0)                                              */
 };
 
 int emu_launch(const struct emu_launch_params* params);
@@ -73,6 +99,7 @@ void emu_last_fault(struct emu_fault_info* out);
 void* emu_map_guarded(unsigned long long data_bytes, unsigned long long guard_bytes);
 int emu_unmap_guarded(void* data, unsigned long long data_bytes, unsigned long long guard_bytes);
 int emu_runtime_version(void);
+int emu_code_range(const void* address, const void** begin, const void** end);
 
 /* Called by kernel code (through the macros of cuda_emu.h). */
 void __emu_syncthreads(const char* file, int line);
@@ -96,7 +123,7 @@ enum {
     EMU_WARP_REDUCE_AND = 13, EMU_WARP_REDUCE_OR = 14, EMU_WARP_REDUCE_XOR = 15
 };
 
-#define EMU_RUNTIME_VERSION 1
+#define EMU_RUNTIME_VERSION 2
 
 #ifdef __cplusplus
 }
