@@ -54,7 +54,7 @@ import numpy as np
 
 from . import sanitizer as _san
 from .errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorError, KernelAssertionError,
-                     KernelFault, LaunchConfigError, OutOfBoundsError, WarpCollectiveError)
+                     KernelFault, LaunchConfigError, OutOfBoundsError, SynccheckError, WarpCollectiveError)
 from .signature import code_size, find_kernels
 
 __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
@@ -81,6 +81,7 @@ _PAGE = 4096
 # The exception classes live in kernels/errors.py; emu_launch's error codes map onto them.
 _ERROR_CLASSES = {1: LaunchConfigError, 2: BarrierDivergenceError, 3: DeadlockError, 4: KernelFault,
                   5: KernelAssertionError, 6: WarpCollectiveError}
+_SYNC_ERRORS = {2: "divergent barriers", 3: "deadlock", 6: "warp collective mismatch"}
 
 
 def debug_enabled():
@@ -661,6 +662,9 @@ class EmuFunction:
                             "KERNELS_EMU_DEBUG=1 to check every access against the array bounds)")
         if schedule_text:
             message += f" [KERNELS_EMU_SCHEDULE={schedule_text}]"
+        if rc in _SYNC_ERRORS and binding.params.sanitize & _san.CHECKS["synccheck"]:
+            # with synccheck on, every synchronisation finding is a SynccheckError
+            raise SynccheckError(f"synccheck: {message}", kernel=self.name, kind=_SYNC_ERRORS[rc])
         raise _ERROR_CLASSES.get(rc, EmulatorError)(message)
 
     def _describe_guard(self, index, a, offset):

@@ -226,6 +226,87 @@ def test_corrected_twin_runs_clean_and_right(case, schedule):
         np.testing.assert_allclose(args[index], want, rtol=1e-5, atol=1e-5)
 
 
+ORDERING = r"""
+// global memory, two warps of one block: ordered by the barrier only
+extern "C" __global__ void global_no_barrier(float* y) { y[threadIdx.x] = 1.0f; y[64 + threadIdx.x] = y[(threadIdx.x + 32) % 64]; }
+extern "C" __global__ void global_barrier(float* y) {
+    y[threadIdx.x] = 1.0f;
+    __syncthreads();
+    y[64 + threadIdx.x] = y[(threadIdx.x + 32) % 64];
+}
+// a counter updated atomically by every thread: read it after a barrier, not before
+extern "C" __global__ void count_no_barrier(int* out) {
+    __shared__ int c;
+    if (threadIdx.x == 0) c = 0;
+    __syncthreads();
+    atomicAdd(&c, 1);
+    if (threadIdx.x == 0) out[0] = c;
+}
+extern "C" __global__ void count_barrier(int* out) {
+    __shared__ int c;
+    if (threadIdx.x == 0) c = 0;
+    __syncthreads();
+    atomicAdd(&c, 1);
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = c;
+}
+// __syncwarp(mask) orders the lanes of its mask, not the others
+extern "C" __global__ void halves_own(float* y) {
+    __shared__ float s[32];
+    s[threadIdx.x] = threadIdx.x;
+    if (threadIdx.x < 16) { __syncwarp(0x0000ffffu); y[threadIdx.x] = s[15 - threadIdx.x]; }
+    else { __syncwarp(0xffff0000u); y[threadIdx.x] = s[47 - threadIdx.x]; }
+}
+extern "C" __global__ void halves_other(float* y) {
+    __shared__ float s[32];
+    s[threadIdx.x] = threadIdx.x;
+    if (threadIdx.x < 16) { __syncwarp(0x0000ffffu); y[threadIdx.x] = s[31 - threadIdx.x]; }
+    else { __syncwarp(0xffff0000u); y[threadIdx.x] = s[31 - threadIdx.x]; }
+}
+// neighbouring bytes and halves written by different threads are different memory
+extern "C" __global__ void bytes(unsigned char* b) { b[threadIdx.x] = (unsigned char)threadIdx.x; }
+extern "C" __global__ void halves(short* b) { b[threadIdx.x] = (short)threadIdx.x; }
+// blocks writing the same element
+extern "C" __global__ void same_element(const float* x, float* y) { y[threadIdx.x] = x[0] + x[1]; }
+"""
+
+
+@pytest.mark.parametrize("kernel,grid,block,make,race", [
+    ("global_no_barrier", 1, 64, lambda: (np.zeros(128, np.float32),), True),
+    ("global_barrier", 1, 64, lambda: (np.zeros(128, np.float32),), False),
+    ("count_no_barrier", 1, 64, lambda: (np.zeros(1, np.int32),), True),
+    ("count_barrier", 1, 64, lambda: (np.zeros(1, np.int32),), False),
+    ("halves_own", 1, 32, lambda: (np.zeros(32, np.float32),), False),
+    ("halves_other", 1, 32, lambda: (np.zeros(32, np.float32),), True),
+    ("bytes", 1, 64, lambda: (np.zeros(64, np.uint8),), False),
+    ("halves", 1, 64, lambda: (np.zeros(64, np.int16),), False),
+    ("same_element", 2, 32, lambda: (np.ones(2, np.float32), np.zeros(32, np.float32)), True),
+])
+def test_racecheck_ordering_rules(kernel, grid, block, make, race, schedule):
+    k = kernels.RawModule(code=ORDERING, filename="ordering.cu").get_function(kernel)
+    with kernels.sanitize("racecheck"):
+        if race:
+            with pytest.raises(kernels.RacecheckError):
+                k((grid,), (block,), make())
+        else:
+            k((grid,), (block,), make())
+
+
+def test_with_synccheck_every_synchronisation_error_is_a_synccheck_error():
+    src = textwrap.dedent(r"""
+    extern "C" __global__ void diverge(float* x) {
+        if (threadIdx.x < 16) __syncthreads();
+        else __syncthreads();
+        x[threadIdx.x] = 1.0f;
+    }""")
+    k = kernels.RawKernel(src, "diverge", filename="diverge.cu")
+    with pytest.raises(kernels.BarrierDivergenceError):
+        k((1,), (64,), (np.zeros(64, np.float32),))
+    with kernels.sanitize("synccheck"), pytest.raises(kernels.SynccheckError,
+                                                      match=r"synccheck: divergent __syncthreads\(\).*diverge.cu:[34]"):
+        k((1,), (64,), (np.zeros(64, np.float32),))
+
+
 def test_the_interpreter_survives_a_finding():
     case = CASES[0]
     args, expect = case.make()

@@ -15,10 +15,11 @@
  *
  * Shadow memory
  *   Every byte of an argument array, of the static __shared__ section and of the dynamic shared
- *   buffer has a shadow Cell (48 bytes, mapped per launch and touched only where used) holding
- *   the last write and the last two reads by different threads: who (block and thread), when
- *   (the sanitizer's clock, which ticks at every barrier, warp collective, atomic and fence)
- *   and where (the pc).  A record from another block in shared memory belongs to that block's
+ *   buffer has a shadow Cell (64 bytes, mapped per launch and touched only where used) holding
+ *   the last write (and, when atomics of several threads pile up unordered, the one before),
+ *   and the last two reads by different threads: who (block and thread), when (the
+ *   sanitizer's clock, which ticks at every barrier, warp collective, atomic and fence) and
+ *   where (the pc).  A record from another block in shared memory belongs to that block's
  *   copy of it and counts as absent.
  *
  * When two accesses by different threads are ordered (racecheck)
@@ -41,7 +42,11 @@ struct Record {        // one access to one byte
     uint32_t kind;     // EMU_ACCESS_*; kPending: an async copy not yet waited for
 };
 constexpr uint32_t kPending = 16;
-struct Cell { Record w, r1, r2; };
+struct Cell {
+    Record w;          // the last write
+    Record w2;         // an earlier atomic write of another thread that w's atomic did not order
+    Record r1, r2;     // the last two reads by different threads since w
+};
 
 struct Span {          // memory with shadow cells
     uintptr_t lo, hi;
@@ -230,6 +235,9 @@ void track(Span& sp, uintptr_t a, unsigned size, int kind, uintptr_t pc) {
                     report(EMU_CHECK_RACECHECK, EMU_SAN_ASYNC_PENDING, byte, at(byte), size, kind, pc, &w);
                 if (!both_atomic(w, kind) && !ordered(w, self))
                     report(EMU_CHECK_RACECHECK, EMU_SAN_RAW, byte, at(byte), size, kind, pc, &w);
+                // a plain read of a counter others still update atomically (mine came last)
+                if (current(c->w2) && kind != EMU_ACCESS_ATOMIC && !ordered(c->w2, self))
+                    report(EMU_CHECK_RACECHECK, EMU_SAN_RAW, byte, at(byte), size, kind, pc, &c->w2);
             }
         }
         if (kind == EMU_ACCESS_READ) {
@@ -244,9 +252,19 @@ void track(Span& sp, uintptr_t a, unsigned size, int kind, uintptr_t pc) {
                 report(EMU_CHECK_RACECHECK, EMU_SAN_ASYNC_PENDING, byte, at(byte), size, kind, pc, &w);
             if (written && !both_atomic(w, kind) && !ordered(w, self))
                 report(EMU_CHECK_RACECHECK, EMU_SAN_WAW, byte, at(byte), size, kind, pc, &w);
+            if (current(c->w2) && kind != EMU_ACCESS_ATOMIC && !ordered(c->w2, self))
+                report(EMU_CHECK_RACECHECK, EMU_SAN_WAW, byte, at(byte), size, kind, pc, &c->w2);
             for (const Record* r : {&c->r1, &c->r2})
                 if (current(*r) && r->who != self && !both_atomic(*r, kind) && !ordered(*r, self))
                     report(EMU_CHECK_RACECHECK, EMU_SAN_WAR, byte, at(byte), size, kind, pc, r);
+            // Atomics of several threads do not order each other: keep one that this atomic
+            // write does not order, so that a later plain access can still be checked against it.
+            if (kind == EMU_ACCESS_ATOMIC) {
+                if (written && w.who != self && w.kind == EMU_ACCESS_ATOMIC && !ordered(w, self)) c->w2 = w;
+                else if (!(current(c->w2) && c->w2.who != self && !ordered(c->w2, self))) c->w2 = Record{0, 0, 0, 0};
+            } else {
+                c->w2 = Record{0, 0, 0, 0};
+            }
         }
         c->w = rec;
         c->r1 = c->r2 = Record{0, 0, 0, 0};
