@@ -516,3 +516,14 @@ def test_kernel_suite_passes_under_all_four_checks():
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert re.search(r"\d+ passed", proc.stdout)
+
+
+def test_bench_emulator_runs_and_reports_every_mode(tmp_path, capsys):
+    import json
+    from bench import emulator as bench_emulator
+    out = tmp_path / "emu.json"
+    assert bench_emulator.main(["--groups", "reduce", "--repeat", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["cases"] and all(set(c["seconds"]) == {m for m, _ in bench_emulator.MODES} for c in data["cases"])
+    assert all(t > 0 for c in data["cases"] for t in c["seconds"].values())
+    assert "median ratio over the cases" in capsys.readouterr().out

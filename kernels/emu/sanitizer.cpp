@@ -325,14 +325,14 @@ void on_access(uintptr_t a, unsigned size, int kind, uintptr_t pc, bool aligned)
                nullptr);
     }
     if (memcheck) {
-        int blame = region_at(a);
         if (aligned && size > 1 && (a & (size - 1)))
-            report(EMU_CHECK_MEMCHECK, EMU_SAN_MISALIGNED, a, blame, size, kind, pc, nullptr);
+            report(EMU_CHECK_MEMCHECK, EMU_SAN_MISALIGNED, a, region_at(a), size, kind, pc, nullptr);
         if (sp->kind == EMU_REGION_SHARED) {
             int near = -1;
             if (shared_variable(a, size, &near) < 0)
                 report(EMU_CHECK_MEMCHECK, EMU_SAN_OUT_OF_BOUNDS, a, near, size, kind, pc, nullptr);
         } else if (a + size > (sp->kind == EMU_REGION_DYNAMIC_SHARED ? Z.dyn_used : sp->hi)) {
+            const int blame = region_at(a);
             report(EMU_CHECK_MEMCHECK, EMU_SAN_OUT_OF_BOUNDS, a,
                    blame >= 0 ? blame : nearest_region(a, sp->kind), size, kind, pc, nullptr);
         }
