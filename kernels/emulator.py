@@ -27,7 +27,7 @@ Environment variables:
   CXX=...                the C++ compiler (default: c++, then g++, then clang++).
   KERNELS_EMU_UCONTEXT=1 use the portable ucontext fiber switch instead of the x86-64 one.
 
-Always on, at no measurable cost:
+Always on:
   - Ctrl-C stops a running kernel (a runaway loop included) with KeyboardInterrupt; with a
     SIGINT handler of the program's own (train.py's "finish the step"), the handler runs after
     the launch and a second Ctrl-C stops the kernel.
