@@ -23,6 +23,14 @@ def module(src, **kw):
     return kernels.RawModule(code=textwrap.dedent(src), **kw)
 
 
+@pytest.fixture(autouse=True)
+def plain_emulator(monkeypatch):
+    """These tests are about the plain emulator: no checks or schedule from the environment
+    (tests/test_emulator_sanitizer.py covers those)."""
+    monkeypatch.delenv("KERNELS_EMU_SANITIZE", raising=False)
+    monkeypatch.delenv("KERNELS_EMU_SCHEDULE", raising=False)
+
+
 # ------------------------------------------------------------------------------ the tutorial kernel
 TUTORIAL = r"""
 // Row sums of a matrix, written the way CUDA tutorials write it:

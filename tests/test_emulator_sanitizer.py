@@ -46,6 +46,13 @@ def bug_lines(case):
     return lines
 
 
+@pytest.fixture(autouse=True)
+def no_outside_settings(monkeypatch):
+    """Each test sets the checks and the schedule it wants: none from the caller's environment."""
+    monkeypatch.delenv("KERNELS_EMU_SANITIZE", raising=False)
+    monkeypatch.delenv("KERNELS_EMU_SCHEDULE", raising=False)
+
+
 @pytest.fixture(params=SCHEDULES)
 def schedule(request, monkeypatch):
     monkeypatch.setenv("KERNELS_EMU_SCHEDULE", request.param)
@@ -333,23 +340,18 @@ def test_a_race_in_a_real_kernel_is_found():
     assert "the 512 bytes of dynamic shared memory" in str(info.value)
 
 
-def test_kernels_reduce_runs_clean_under_every_check():
-    # the untouched kernel, all four checks, several schedules: no false alarm, the right sum
+def test_kernels_reduce_runs_clean_under_every_check(schedule):
+    # the untouched kernel, all four checks: no false alarm, the right sum
     m = kernels.load_module("reduce.cu")
     x = rng.standard_normal(3001).astype(np.float32)
-    for sched in SCHEDULES:
-        os.environ["KERNELS_EMU_SCHEDULE"] = sched
-        try:
-            with kernels.sanitize("all"):
-                for name, shared in (("sum_block_shared", 128 * 4), ("sum_block_warp", 4 * 4)):
-                    partial = np.zeros(3, np.float32)
-                    m.get_function(name)((3,), (128,), (x, partial, np.int64(x.size)), shared_mem=shared)
-                    assert partial.sum() == pytest.approx(x.astype(np.float64).sum(), abs=1e-3)
-                out = np.zeros(1, np.float32)
-                m.get_function("sum_grid_atomic")((3,), (128,), (x, out, np.int64(x.size)), shared_mem=16)
-                assert out[0] == pytest.approx(x.astype(np.float64).sum(), abs=1e-3)
-        finally:
-            del os.environ["KERNELS_EMU_SCHEDULE"]
+    with kernels.sanitize("all"):
+        for name, shared in (("sum_block_shared", 128 * 4), ("sum_block_warp", 4 * 4)):
+            partial = np.zeros(3, np.float32)
+            m.get_function(name)((3,), (128,), (x, partial, np.int64(x.size)), shared_mem=shared)
+            assert partial.sum() == pytest.approx(x.astype(np.float64).sum(), abs=1e-3)
+        out = np.zeros(1, np.float32)
+        m.get_function("sum_grid_atomic")((3,), (128,), (x, out, np.int64(x.size)), shared_mem=16)
+        assert out[0] == pytest.approx(x.astype(np.float64).sum(), abs=1e-3)
 
 
 def test_uninitialized_bytes_become_initialized_when_written():
