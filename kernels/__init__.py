@@ -3,6 +3,8 @@
 - `RawKernel` / `RawModule` (kernels/runtime.py): the cupy.RawKernel interface; CuPy arrays
   launch on the GPU, NumPy arrays run on the CPU emulator (kernels/emulator.py).
 - `load_module("relu.cu")`: a .cu file of this folder as a RawModule.
+- `sanitize("all")`: memcheck, racecheck, initcheck and synccheck for the emulator launches in a
+  `with` block (or KERNELS_EMU_SANITIZE=all for all of them); findings are `SanitizerError`s.
 - `reference` (kernels/reference.py): NumPy implementations of every op, the `cpu` device.
 - `ops` (kernels/ops.py): one launcher per op, shapes and dtypes checked, same signatures.
 See kernels/README.md for how a kernel goes from source to a launch.
@@ -10,12 +12,14 @@ See kernels/README.md for how a kernel goes from source to a launch.
 Nothing here imports nn/ or data/.
 """
 
-from .errors import CompileError
-from .emulator import (BarrierDivergenceError, DeadlockError, EmulatorError, KernelAssertionError, KernelFault,
-                       LaunchConfigError, OutOfBoundsError, WarpCollectiveError)
+from .errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorError, InitcheckError,
+                     KernelAssertionError, KernelFault, LaunchConfigError, MemcheckError, OutOfBoundsError,
+                     RacecheckError, SanitizerError, SynccheckError, WarpCollectiveError)
 from .runtime import KERNEL_DIR, RawKernel, RawModule, launch_count, load_module
+from .sanitizer import mark_uninitialized, sanitize
 from . import trace
 
 __all__ = ["RawKernel", "RawModule", "load_module", "launch_count", "trace", "KERNEL_DIR", "CompileError", "EmulatorError",
            "LaunchConfigError", "BarrierDivergenceError", "DeadlockError", "WarpCollectiveError",
-           "KernelAssertionError", "KernelFault", "OutOfBoundsError"]
+           "KernelAssertionError", "KernelFault", "OutOfBoundsError", "SanitizerError", "MemcheckError",
+           "RacecheckError", "InitcheckError", "SynccheckError", "sanitize", "mark_uninitialized"]

@@ -17,11 +17,17 @@ Environment variables:
                          kernel and the argument; shared memory is poisoned (0xff) per block;
                          shuffles from lanes outside the mask are errors; compiled with -O0 -g
                          so that gdb can step through the kernel.
+  KERNELS_EMU_SANITIZE=all (or a comma list of memcheck, racecheck, initcheck, synccheck)
+                         the four checks of NVIDIA's compute-sanitizer on every launch, with a
+                         SanitizerError naming the line(s), thread(s) and memory of a finding
+                         (kernels/sanitizer.py, emu/sanitizer.cpp; `kernels.sanitize()` for a block).
+  KERNELS_EMU_SCHEDULE=forward|reverse|random[:seed]
+                         the order of a block's threads between barriers, and of the blocks.
   KERNELS_EMU_CACHE=DIR  where compiled kernels are kept (default ~/.cache/mlperf-resnet-cupy/emu).
   CXX=...                the C++ compiler (default: c++, then g++, then clang++).
   KERNELS_EMU_UCONTEXT=1 use the portable ucontext fiber switch instead of the x86-64 one.
 
-Always on, at no measurable cost:
+Always on:
   - Ctrl-C stops a running kernel (a runaway loop included) with KeyboardInterrupt; with a
     SIGINT handler of the program's own (train.py's "finish the step"), the handler runs after
     the launch and a second Ctrl-C stops the kernel.
@@ -46,7 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CompileError
+from . import sanitizer as _san
+from .errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorError, KernelAssertionError,
+                     KernelFault, LaunchConfigError, OutOfBoundsError, SynccheckError, WarpCollectiveError)
 from .signature import code_size, find_kernels
 
 __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
@@ -55,7 +63,8 @@ __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "Ba
 
 _HERE = Path(__file__).resolve().parent
 _INCLUDE = _HERE / "emu" / "include"
-_RUNTIME_SRC = _HERE / "emu" / "runtime.cpp"
+# one translation unit: the scheduler, then the sanitizer (which uses its state)
+_RUNTIME_SOURCES = (_HERE / "emu" / "runtime.cpp", _HERE / "emu" / "sanitizer.cpp")
 _MAX_THREADS_PER_BLOCK = 1024
 _MAX_BLOCK = (1024, 1024, 64)
 _MAX_GRID = (2**31 - 1, 65535, 65535)
@@ -69,41 +78,10 @@ _PAGE = 4096
 
 
 # ---------------------------------------------------------------------------------- errors
-class EmulatorError(RuntimeError):
-    """A kernel launch on the CPU emulator failed; the message names the kernel."""
-
-
-class LaunchConfigError(EmulatorError, ValueError):
-    """Grid, block or shared-memory size that a GPU would refuse."""
-
-
-class BarrierDivergenceError(EmulatorError):
-    """Threads of one block wait at different __syncthreads() calls."""
-
-
-class DeadlockError(EmulatorError):
-    """No thread can make progress (a warp collective waits for a lane that returned, ...)."""
-
-
-class WarpCollectiveError(EmulatorError):
-    """Lanes of a warp disagree on a shuffle/vote, or a shuffle reads outside its mask."""
-
-
-class KernelAssertionError(EmulatorError, AssertionError):
-    """assert() failed or __trap() was called in kernel code."""
-
-
-class KernelFault(EmulatorError):
-    """The kernel crashed (invalid memory access, integer division by zero, stack overflow)."""
-
-
-class OutOfBoundsError(KernelFault, IndexError):
-    """The kernel accessed memory outside an argument array: found by the guard bytes (a write
-    just past either end, after the launch) or, in debug mode, at the access itself."""
-
-
+# The exception classes live in kernels/errors.py; emu_launch's error codes map onto them.
 _ERROR_CLASSES = {1: LaunchConfigError, 2: BarrierDivergenceError, 3: DeadlockError, 4: KernelFault,
                   5: KernelAssertionError, 6: WarpCollectiveError}
+_SYNC_ERRORS = {2: "divergent barriers", 3: "deadlock", 6: "warp collective mismatch"}
 
 
 def debug_enabled():
@@ -147,24 +125,39 @@ def _compiler():
     return _compiler_info
 
 
-def _build(sources_text, extra_flags, out_path, display_name, link_with=None, libs=()):
-    """Compile one translation unit into a shared library at out_path (atomically)."""
+def _build(sources_text, extra_flags, out_path, display_name, link_with=None, libs=(), link_flags=(),
+           compile_only=()):
+    """Compile one translation unit into a shared library at out_path (atomically).
+
+    compile_only: flags for the compile step alone, which then runs apart from the link
+    (-fsanitize=thread instruments the code, but must not link libtsan: the runtime answers).
+    """
     cxx, _ = _compiler()
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="emu-build-", dir=out_path.parent) as tmp:
         src = Path(tmp) / "unit.cpp"
         src.write_text(sources_text)
         tmp_out = Path(tmp) / out_path.name
-        cmd = [cxx, "-std=c++17", "-fPIC", "-shared", "-fno-strict-aliasing", "-fvisibility=hidden",
-               "-I", str(_INCLUDE), *extra_flags, str(src), "-o", str(tmp_out)]
+        common = [cxx, "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fvisibility=hidden", "-I", str(_INCLUDE),
+                  *extra_flags]
+        if "-g" in extra_flags:   # file names in the line table as the #line directives give them
+            common.append(f"-fdebug-prefix-map={os.getcwd()}=.")
+        link = []
         if link_with is not None:
-            cmd += [str(link_with), f"-Wl,-rpath,{Path(link_with).parent}", "-Wl,-z,defs"]
-        cmd += ["-lm", *libs]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            log = proc.stderr.replace(str(src), "<emulator unit>")
-            raise CompileError(f"{display_name}: the CPU emulator's C++ compiler failed", log=log,
-                               filename=display_name)
+            link += [str(link_with), f"-Wl,-rpath,{Path(link_with).parent}", "-Wl,-z,defs"]
+        link += [*link_flags, "-lm", *libs]
+        if compile_only:
+            obj = Path(tmp) / "unit.o"
+            steps = [common + list(compile_only) + ["-c", str(src), "-o", str(obj)],
+                     [cxx, "-shared", str(obj), "-o", str(tmp_out)] + link]
+        else:
+            steps = [common + ["-shared", str(src), "-o", str(tmp_out)] + link]
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                log = proc.stderr.replace(str(src), "<emulator unit>")
+                raise CompileError(f"{display_name}: the CPU emulator's C++ compiler failed", log=log,
+                                   filename=display_name)
         os.replace(tmp_out, out_path)
 
 
@@ -177,10 +170,28 @@ def _digest(*parts):
 
 
 def _header_digest():
-    return _digest(*[(f.name, f.read_bytes()) for f in sorted(_INCLUDE.iterdir()) if f.is_file()])
+    return _digest(*[(str(f.relative_to(_INCLUDE)), f.read_bytes()) for f in sorted(_INCLUDE.rglob("*"))
+                     if f.is_file()])
 
 
 # ---------------------------------------------------------------------------------- runtime library
+class _Region(ctypes.Structure):
+    _fields_ = [("begin", ctypes.c_ulonglong), ("end", ctypes.c_ulonglong), ("kind", ctypes.c_int),
+                ("index", ctypes.c_int), ("init", ctypes.c_void_p)]
+
+
+class _Access(ctypes.Structure):
+    _fields_ = [("pc", ctypes.c_ulonglong), ("block", ctypes.c_uint * 3), ("thread", ctypes.c_uint * 3),
+                ("size", ctypes.c_int), ("kind", ctypes.c_int)]
+
+
+class _Finding(ctypes.Structure):
+    _fields_ = [("check", ctypes.c_int), ("what", ctypes.c_int), ("address", ctypes.c_ulonglong),
+                ("region", ctypes.c_int), ("offset", ctypes.c_longlong), ("access", _Access), ("other", _Access),
+                ("has_other", ctypes.c_int), ("mask", ctypes.c_uint), ("file", ctypes.c_char_p),
+                ("line", ctypes.c_int)]
+
+
 class _FaultInfo(ctypes.Structure):
     _fields_ = [("signal", ctypes.c_int), ("is_write", ctypes.c_int), ("in_stack_guard", ctypes.c_int),
                 ("address", ctypes.c_ulonglong), ("block", ctypes.c_uint * 3), ("thread", ctypes.c_uint * 3),
@@ -193,11 +204,14 @@ class _LaunchParams(ctypes.Structure):
                 ("debug", ctypes.c_int), ("dynamic_shared", ctypes.c_void_p),
                 ("static_shared_begin", ctypes.c_void_p), ("static_shared_end", ctypes.c_void_p),
                 ("ftz", ctypes.c_int), ("sigint", ctypes.c_int), ("code_begin", ctypes.c_void_p),
-                ("code_end", ctypes.c_void_p), ("arrays", ctypes.c_void_p), ("narrays", ctypes.c_int)]
+                ("code_end", ctypes.c_void_p), ("arrays", ctypes.c_void_p), ("narrays", ctypes.c_int),
+                ("schedule", ctypes.c_int), ("seed", ctypes.c_ulonglong), ("sanitize", ctypes.c_int),
+                ("regions", ctypes.c_void_p), ("nregions", ctypes.c_int),
+                ("dynamic_shared_capacity", ctypes.c_ulonglong)]
 
 
 # emu_abi.h: error codes of emu_launch, and what Ctrl-C does during a launch
-_ERR_SIGNAL, _ERR_INTERRUPTED, _ERR_GUARD = 4, 7, 8
+_ERR_SIGNAL, _ERR_INTERRUPTED, _ERR_GUARD, _ERR_SANITIZER = 4, 7, 8, 9
 _SIGINT_LEAVE, _SIGINT_STOP, _SIGINT_FORWARD = 0, 1, 2
 _MAIN_THREAD = threading.main_thread().ident
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -229,7 +243,7 @@ def _load_runtime():
         if _runtime is not None:
             return _runtime
         cxx, version = _compiler()
-        src = _RUNTIME_SRC.read_text()
+        src = "".join(f'#line 1 "{path}"\n{path.read_text()}\n' for path in _RUNTIME_SOURCES)
         flags = ["-O2"]
         if os.environ.get("KERNELS_EMU_UCONTEXT", "") not in ("", "0"):
             flags.append("-DEMU_USE_UCONTEXT")  # the portable fiber switch (tests use it)
@@ -238,7 +252,7 @@ def _load_runtime():
         key = _digest("runtime", src, flags, libs, _header_digest(), version, sys.platform)
         path = cache_dir() / f"libkernels_emu_runtime_{key}.so"
         if not path.exists():
-            _build(f'#line 1 "{_RUNTIME_SRC}"\n{src}', flags, path, "emu/runtime.cpp", libs=libs)
+            _build(src, flags, path, "emu/runtime.cpp", libs=libs)
         lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         lib.emu_launch.argtypes = [ctypes.POINTER(_LaunchParams)]
         lib.emu_launch.restype = ctypes.c_int
@@ -251,6 +265,7 @@ def _load_runtime():
         lib.emu_code_range.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                        ctypes.POINTER(ctypes.c_void_p)]
         lib.emu_code_range.restype = ctypes.c_int
+        lib.emu_last_finding.argtypes = [ctypes.POINTER(_Finding)]
         lib._path = path
         _runtime = lib
         return lib
@@ -328,7 +343,7 @@ class EmuModule:
         self.signatures = find_kernels(code)
         self.debug = debug_enabled()
         self.ftz = flush_denormals(self.options)
-        self._lib = None
+        self._libs = {}
         self._functions = {}
 
     # The one textual change: `extern __shared__` cannot be expressed with a macro that also
@@ -343,26 +358,48 @@ class EmuModule:
             lines.append(f"EMU_EXPORT_KERNEL({name})")
         return "\n".join(lines) + "\n", names
 
-    def _load(self):
-        if self._lib is not None:
-            return self._lib
+    def _load(self, instrumented=False):
+        """The compiled library: plain, or instrumented for the sanitizer's memory checks."""
+        lib = self._libs.get(instrumented)
+        if lib is not None:
+            return lib
         with _runtime_lock:
-            if self._lib is not None:
-                return self._lib
+            if instrumented in self._libs:
+                return self._libs[instrumented]
             runtime = _load_runtime()
             _, version = _compiler()
             unit, shared_names = self._translation_unit()
-            flags = ["-O0", "-g"] if self.debug else ["-O2"]
+            if self.debug:
+                flags = ["-O0", "-g"]
+            elif instrumented:
+                # -O1 without scalar replacement: accesses stay as the source writes them (a
+                # float4 load stays one 16-byte load, none are vectorised or merged); -g: source
+                # lines for the messages; -fno-toplevel-reorder: __shared__ variables in order
+                flags = ["-O1", "-g", "-fno-toplevel-reorder"]
+                if "clang" not in version.lower():
+                    flags.insert(1, "-fno-tree-sra")
+            else:
+                flags = ["-O2"]
             flags += [f"-D__CUDA_ARCH__={self.arch * 10}", "-D__CUDACC_RTC__=1", "-D__KERNELS_EMULATOR__=1",
                       "-include", "cuda_emu.h", *_translate_options(self.options)]
-            for name in shared_names:
-                flags.append(f"-Wl,--defsym={name}=__emu_dynamic_shared")
-            key = _digest("module", unit, flags, _header_digest(), version, runtime._path.name)
+            compile_only = []
+            if instrumented:
+                flags.append("-D__KERNELS_EMU_SANITIZE__=1")
+                # no calls at function entry and exit: the pc of each access names its site
+                # (tested with g++; clang++ takes the same option through -mllvm, untested here)
+                no_entry_exit = (["-mllvm", "-tsan-instrument-func-entry-exit=0"] if "clang" in version.lower()
+                                 else ["--param=tsan-instrument-func-entry-exit=0"])
+                compile_only = ["-fsanitize=thread", *no_entry_exit]
+            link_flags = [f"-Wl,--defsym={name}=__emu_dynamic_shared" for name in shared_names]
+            key = _digest("module", unit, flags, compile_only, link_flags, _header_digest(), version,
+                          runtime._path.name)
             path = cache_dir() / f"kernel_{key}.so"
             if not path.exists():
-                _build(unit, flags, path, self.filename, link_with=runtime._path)
+                _build(unit, flags, path, self.filename, link_with=runtime._path, link_flags=link_flags,
+                       compile_only=compile_only)
             lib = ctypes.CDLL(str(path))
-            self._lib = lib
+            lib._path = path
+            self._libs[instrumented] = lib
             return lib
 
     def get_function(self, name):
@@ -375,10 +412,93 @@ class EmuModule:
             self._functions[name] = EmuFunction(self, name)
         return self._functions[name]
 
-    def compile(self):
+    def compile(self, instrumented=False):
         """Build (or fetch from the cache) now, instead of at the first launch."""
-        self._load()
+        self._load(instrumented)
         return self
+
+
+class _Binding:
+    """One kernel in one compiled library: its entry point, and a parameter block and argument
+    block of its own, filled anew by each launch (launches hold _launch_lock)."""
+
+    def __init__(self, fn, lib):
+        self.lib = lib
+        name, signature = fn.name, fn.signature
+        entry = getattr(lib, f"__emu_entry_{name}")
+        sig = getattr(lib, f"__emu_sig_{name}")
+        sig.restype = ctypes.c_char_p
+        # "P4,S4,..." : pointer (pointee size) or scalar (size), as the C++ compiler sees them
+        compiled = [c for c in sig().decode().split(",") if c]
+        if len(compiled) != len(signature.params):
+            raise EmulatorError(f"kernel '{name}': parsed {len(signature.params)} parameters but the "
+                                f"compiler sees {len(compiled)}; please report this source")
+        sizes = []
+        for p, c in zip(signature.params, compiled):
+            kind, size = c[0], int(c[1:])
+            if (kind == "P") != p.is_pointer:
+                raise EmulatorError(f"kernel '{name}': parameter `{p.decl}` parsed as "
+                                    f"{'pointer' if p.is_pointer else 'scalar'} but the compiler disagrees")
+            expect = code_size(p.code)
+            if expect is not None and size != expect and not p.is_pointer:
+                raise EmulatorError(f"kernel '{name}': parameter `{p.decl}` is {size} bytes, expected {expect}")
+            sizes.append(size)
+        self.param_sizes = sizes
+        self.entry = ctypes.cast(entry, ctypes.c_void_p).value
+        self.dyn = ctypes.cast(getattr(lib, "__emu_dynamic_shared"), ctypes.c_void_p).value
+        info = getattr(lib, "__emu_static_shared_range")
+        info.restype = None
+        lo, hi = ctypes.c_void_p(), ctypes.c_void_p()
+        info(ctypes.byref(lo), ctypes.byref(hi))
+        self.static_lo, self.static_hi = lo.value, hi.value
+        code_lo, code_hi = ctypes.c_void_p(), ctypes.c_void_p()
+        if not _load_runtime().emu_code_range(self.entry, ctypes.byref(code_lo), ctypes.byref(code_hi)):
+            code_lo.value = code_hi.value = None   # Ctrl-C then stops the kernel at its next barrier
+        params = _LaunchParams()
+        params.kernel_name = name.encode()
+        params.entry = self.entry
+        params.dynamic_shared = self.dyn
+        params.static_shared_begin = self.static_lo
+        params.static_shared_end = self.static_hi
+        params.dynamic_shared_capacity = fn.module.arch_shared_limit
+        params.ftz = 1 if fn.module.ftz else 0
+        params.code_begin, params.code_end = code_lo.value, code_hi.value
+        self.params = params
+        # a 16-byte aligned slot per parameter, argv pointing at them
+        offsets, total = [], 0
+        for size in sizes:
+            offsets.append(total)
+            total += -(-max(size, 8) // 16) * 16
+        self.cells = (ctypes.c_uint64 * (total // 8 + 2))()
+        base = -(-ctypes.addressof(self.cells) // 16) * 16
+        skip = (base - ctypes.addressof(self.cells)) // 8
+        self.slots = tuple(skip + off // 8 for off in offsets)
+        self.slot_addresses = tuple(base + off for off in offsets)
+        self.argv = (ctypes.c_void_p * max(1, len(sizes)))(*self.slot_addresses)
+        params.args = ctypes.addressof(self.argv)
+        self.spans = (ctypes.c_ulonglong * (2 * max(1, sum(p.is_pointer for p in signature.params))))()
+        params.arrays = ctypes.addressof(self.spans)
+        self._symbols = None
+        self._shared_variables = None
+        self.config = None   # the launch_config() the parameter block was last set for
+
+    # -- what the sanitizer's messages need (instrumented libraries only)
+    def symbols(self):
+        if self._symbols is None:
+            lib = self.lib
+
+            def address_of(symbol):
+                return ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+
+            self._symbols = _san.ModuleSymbols(lib._path, address_of)
+        return self._symbols
+
+    def shared_variables(self):
+        """[(address, size, display name)] of the module's static __shared__ variables."""
+        if self._shared_variables is None:
+            lo, hi = self.static_lo or 0, self.static_hi or 0
+            self._shared_variables = self.symbols().shared_variables(lo, hi) if hi > lo else []
+        return self._shared_variables
 
 
 class EmuFunction:
@@ -389,73 +509,23 @@ class EmuFunction:
         self.name = name
         self.signature = module.signatures[name]
         self.max_dynamic_shared_size_bytes = _DEFAULT_DYNAMIC_SHARED
-        self._entry = None
-        self._param_sizes = None
+        self._pointer_params = tuple(p.is_pointer for p in self.signature.params)
+        self._bindings = {}
+
+    def _binding(self, instrumented=False):
+        b = self._bindings.get(instrumented)
+        if b is None:
+            b = self._bindings[instrumented] = _Binding(self, self.module._load(instrumented))
+        return b
 
     def _bind(self):
-        if self._entry is not None:
-            return
-        lib = self.module._load()
-        entry = getattr(lib, f"__emu_entry_{self.name}")
-        sig = getattr(lib, f"__emu_sig_{self.name}")
-        sig.restype = ctypes.c_char_p
-        # "P4,S4,..." : pointer (pointee size) or scalar (size), as the C++ compiler sees them
-        compiled = [s for s in sig().decode().split(",") if s]
-        if len(compiled) != len(self.signature.params):
-            raise EmulatorError(f"kernel '{self.name}': parsed {len(self.signature.params)} parameters but the "
-                                f"compiler sees {len(compiled)}; please report this source")
-        sizes = []
-        for p, c in zip(self.signature.params, compiled):
-            kind, size = c[0], int(c[1:])
-            if (kind == "P") != p.is_pointer:
-                raise EmulatorError(f"kernel '{self.name}': parameter `{p.decl}` parsed as "
-                                    f"{'pointer' if p.is_pointer else 'scalar'} but the compiler disagrees")
-            expect = code_size(p.code)
-            if expect is not None and size != expect and not p.is_pointer:
-                raise EmulatorError(f"kernel '{self.name}': parameter `{p.decl}` is {size} bytes, expected {expect}")
-            sizes.append(size)
-        self._param_sizes = sizes
-        self._entry = ctypes.cast(entry, ctypes.c_void_p).value
-        self._dyn = ctypes.cast(getattr(lib, "__emu_dynamic_shared"), ctypes.c_void_p).value
-        info = getattr(lib, "__emu_static_shared_range")
-        info.restype = None
-        lo, hi = ctypes.c_void_p(), ctypes.c_void_p()
-        info(ctypes.byref(lo), ctypes.byref(hi))
-        self._static_lo, self._static_hi = lo.value, hi.value
-        code_lo, code_hi = ctypes.c_void_p(), ctypes.c_void_p()
-        if not _load_runtime().emu_code_range(self._entry, ctypes.byref(code_lo), ctypes.byref(code_hi)):
-            code_lo.value = code_hi.value = None   # Ctrl-C then stops the kernel at its next barrier
-        # One parameter block per kernel, its constant fields set once (launches hold _launch_lock)
-        params = _LaunchParams()
-        params.kernel_name = self.name.encode()
-        params.entry = self._entry
-        params.dynamic_shared = self._dyn
-        params.static_shared_begin = self._static_lo
-        params.static_shared_end = self._static_hi
-        params.ftz = 1 if self.module.ftz else 0
-        params.code_begin, params.code_end = code_lo.value, code_hi.value
-        self._params = params
-        self._pointer_params = tuple(p.is_pointer for p in self.signature.params)
-        # ... and one argument block: a 16-byte aligned slot per parameter, argv pointing at them
-        offsets, total = [], 0
-        for size in sizes:
-            offsets.append(total)
-            total += -(-max(size, 8) // 16) * 16
-        self._cells = (ctypes.c_uint64 * (total // 8 + 2))()
-        base = -(-ctypes.addressof(self._cells) // 16) * 16
-        skip = (base - ctypes.addressof(self._cells)) // 8
-        self._slots = tuple(skip + off // 8 for off in offsets)
-        self._slot_addresses = tuple(base + off for off in offsets)
-        self._argv = (ctypes.c_void_p * max(1, len(sizes)))(*self._slot_addresses)
-        params.args = ctypes.addressof(self._argv)
-        self._spans = (ctypes.c_ulonglong * (2 * max(1, sum(self._pointer_params))))()
-        params.arrays = ctypes.addressof(self._spans)
+        self._binding(False)
 
     @property
     def static_shared_bytes(self):
         """Bytes of __shared__ variables in the whole module (an upper bound for one kernel)."""
-        self._bind()
-        return (self._static_hi or 0) - (self._static_lo or 0)
+        b = self._binding(False)
+        return (b.static_hi or 0) - (b.static_lo or 0)
 
     def __call__(self, grid, block, args, shared_mem=0):
         from .signature import check_args
@@ -476,12 +546,13 @@ class EmuFunction:
             raise LaunchConfigError(f"kernel '{self.name}': {shared_mem} bytes of dynamic shared memory requested, "
                                     f"more than the {limit}-byte limit{hint}")
         values = check_args(self.signature, args, "numpy")
-        self._bind()
+        config = _san.launch_config()
         with _launch_lock:
+            binding = self._binding(bool(config[0] & _san.MEMORY_CHECKS))
             if self.module.debug:
-                self._launch_checked(grid, block, values, shared_mem)
+                self._launch_checked(binding, config, grid, block, values, shared_mem)
             else:
-                self._launch(grid, block, values, shared_mem, [_ptr(v) for v in values])
+                self._launch(binding, config, grid, block, values, shared_mem, [_ptr(v) for v in values])
 
     def __setattr__(self, key, value):
         if key == "max_dynamic_shared_size_bytes":
@@ -493,10 +564,10 @@ class EmuFunction:
         object.__setattr__(self, key, value)
 
     # -- plain launch
-    def _launch(self, grid, block, values, shared_mem, pointers, regions=None):
+    def _launch(self, binding, config, grid, block, values, shared_mem, pointers, regions=None):
         """Run the kernel once on `pointers` (the arrays' data or, in debug mode, their guarded
         copies; `regions` are then those copies, and the guard bytes are left to them)."""
-        cells, slots, sizes, spans = self._cells, self._slots, self._param_sizes, self._spans
+        cells, slots, sizes, spans = binding.cells, binding.slots, binding.param_sizes, binding.spans
         owners = []    # the argument index of each array in spans (begin, end), for the guard bytes
         for i, (v, ptr) in enumerate(zip(values, pointers)):
             if self._pointer_params[i]:
@@ -516,24 +587,66 @@ class EmuFunction:
                 if len(raw) <= 8 and _LITTLE_ENDIAN:
                     cells[slots[i]] = int.from_bytes(raw, "little")
                 else:
-                    ctypes.memmove(self._slot_addresses[i], raw, len(raw))
-        params = self._params
+                    ctypes.memmove(binding.slot_addresses[i], raw, len(raw))
+        checks, schedule, seed, schedule_text = config
+        params = binding.params
         params.grid[:] = grid
         params.block[:] = block
         params.shared_mem = shared_mem
-        params.debug = 1 if self.module.debug else 0
         params.sigint = _sigint_mode()
         params.narrays = len(owners)
+        named = None
+        if config is not binding.config:   # the same object while nothing changes
+            binding.config = config
+            params.debug = 1 if self.module.debug else 0
+            params.schedule = schedule
+            params.seed = seed
+            params.sanitize = checks
+            params.regions = None
+            params.nregions = 0
+        if checks:
+            named, region_array = self._regions(binding, values, pointers, shared_mem)
+            params.regions = ctypes.addressof(region_array)
+            params.nregions = len(named)
+            if checks & _san.CHECKS["memcheck"]:
+                params.narrays = 0   # memcheck sees every access as it happens: guard bytes add nothing
         sys.stdout.flush()
         rt = _runtime
         rc = rt.emu_launch(ctypes.byref(params))
         if rc != 0:
-            self._raise(rt, rc, values, regions, owners)
+            self._raise(rt, rc, values, regions, owners, binding, named, block, schedule_text)
 
-    def _raise(self, rt, rc, values, regions, owners):
+    def _regions(self, binding, values, pointers, shared_mem):
+        """The memory a sanitizer finding can name: ([RegionInfo], ctypes array of _Region)."""
+        named, raw = [], []
+        for i, (v, ptr) in enumerate(zip(values, pointers)):
+            if not (self._pointer_params[i] and ptr and isinstance(v, np.ndarray)):
+                continue
+            lo, hi = (0, v.nbytes) if v.flags.c_contiguous else _extent(v)
+            p = self.signature.params[i]
+            # (looked up by the array's own address: in debug mode ptr is a guarded copy's)
+            flags = _san.init_flags(_ptr(v), v.nbytes) if lo == 0 else None
+            name = f"argument {i} '{p.name or p.decl}' ({v.dtype}[{', '.join(map(str, v.shape))}])"
+            named.append(_san.RegionInfo(_san._REGION_ARGUMENT, name, v, ptr + lo, hi - lo))
+            raw.append((ptr + lo, ptr + hi, _san._REGION_ARGUMENT, i, flags.ctypes.data if flags is not None else None))
+        for k, (address, size, display) in enumerate(binding.shared_variables()):
+            named.append(_san.RegionInfo(_san._REGION_SHARED, f"__shared__ {display}", None, address, size))
+            raw.append((address, address + size, _san._REGION_SHARED, k, None))
+        named.append(_san.RegionInfo(_san._REGION_DYNAMIC_SHARED, f"the {shared_mem} bytes of dynamic shared "
+                                     f"memory the launch asked for", None, binding.dyn, shared_mem))
+        raw.append((binding.dyn, binding.dyn + shared_mem, _san._REGION_DYNAMIC_SHARED, -1, None))
+        array = (_Region * len(raw))(*[_Region(*r) for r in raw])
+        return named, array
+
+    def _raise(self, rt, rc, values, regions, owners, binding, named, block, schedule_text):
         message = rt.emu_last_error().decode(errors="replace")
         if rc == _ERR_INTERRUPTED:
             raise KeyboardInterrupt(message)
+        if rc == _ERR_SANITIZER:
+            finding = _Finding()
+            rt.emu_last_finding(ctypes.byref(finding))
+            raise _san.make_error(self.name, finding, named or [], lambda pcs: binding.symbols().lines(pcs),
+                                  schedule_text, block)
         fault = _FaultInfo()
         rt.emu_last_fault(ctypes.byref(fault))
         if rc == _ERR_GUARD:
@@ -545,7 +658,13 @@ class EmuFunction:
                 raise OutOfBoundsError(f"{culprit} in kernel '{self.name}', block {tuple(fault.block)} "
                                        f"thread {tuple(fault.thread)}")
             if not self.module.debug and not fault.in_stack_guard:
-                message += " (run with KERNELS_EMU_DEBUG=1 to check every access against the array bounds)"
+                message += (" (run with KERNELS_EMU_SANITIZE=memcheck to find the access and its line, or "
+                            "KERNELS_EMU_DEBUG=1 to check every access against the array bounds)")
+        if schedule_text:
+            message += f" [KERNELS_EMU_SCHEDULE={schedule_text}]"
+        if rc in _SYNC_ERRORS and binding.params.sanitize & _san.CHECKS["synccheck"]:
+            # with synccheck on, every synchronisation finding is a SynccheckError
+            raise SynccheckError(f"synccheck: {message}", kernel=self.name, kind=_SYNC_ERRORS[rc])
         raise _ERROR_CLASSES.get(rc, EmulatorError)(message)
 
     def _describe_guard(self, index, a, offset):
@@ -562,10 +681,10 @@ class EmuFunction:
         else:
             where = f"byte {-offset} before the start"
         return (f"kernel '{self.name}' wrote outside {what}: {where} changed during the launch; "
-                f"run with KERNELS_EMU_DEBUG=1 to find the thread and the access")
+                f"run with KERNELS_EMU_SANITIZE=memcheck to find the thread and the line")
 
     # -- debug launch: every array between guard pages, run twice (start- and end-aligned)
-    def _launch_checked(self, grid, block, values, shared_mem):
+    def _launch_checked(self, binding, config, grid, block, values, shared_mem):
         rt = _load_runtime()
         arrays = {}
         for v in values:
@@ -580,13 +699,14 @@ class EmuFunction:
                         regions[id(v)] = _GuardedCopy(rt, v, placement, i, self.signature.params[i])
                 pointers = [regions[id(v)].data_ptr if isinstance(v, np.ndarray) else _ptr(v) for v in values]
                 by_index = [regions[id(v)] if isinstance(v, np.ndarray) else None for v in values]
+                guarded = [r for r in by_index if r]
                 if placement == "start":
                     # This run only proves that nothing reads or writes before the start of an
                     # array; its results are discarded, and so is its printf output.
                     with _quiet_stdout():
-                        self._launch(grid, block, values, shared_mem, pointers, [r for r in by_index if r])
+                        self._launch(binding, config, grid, block, values, shared_mem, pointers, guarded)
                 else:
-                    self._launch(grid, block, values, shared_mem, pointers, [r for r in by_index if r])
+                    self._launch(binding, config, grid, block, values, shared_mem, pointers, guarded)
                     for r in regions.values():
                         r.check_canary(self.name)
                     for i, v in enumerate(values):

@@ -1,14 +1,20 @@
-"""Exceptions shared by everything in kernels/ that compiles CUDA C source.
+"""Exceptions of kernels/: compiling CUDA C source, and running it on the CPU emulator.
 
-One class, `CompileError`, is raised for a failed build of a kernel source, whichever compiler
-ran: NVRTC (the GPU compiler, see kernels/nvrtc.py, which raises its subclass `NVRTCError`) or
-the system C++ compiler used by the CPU emulator. It carries the compiler's full message, so a
-learner sees exactly what the compiler said, with the kernel's file name and line number.
+`CompileError` is raised for a failed build of a kernel source, whichever compiler ran: NVRTC
+(the GPU compiler, see kernels/nvrtc.py, which raises its subclass `NVRTCError`) or the system
+C++ compiler used by the CPU emulator. It carries the compiler's full message, so a learner sees
+exactly what the compiler said, with the kernel's file name and line number.
+
+`EmulatorError` and its subclasses are what a kernel launch on the CPU emulator raises when the
+kernel breaks a rule of the GPU (kernels/emulator.py); `SanitizerError` and its four subclasses,
+one per tool of NVIDIA's compute-sanitizer, are the findings of KERNELS_EMU_SANITIZE.
 """
 
 import re
 
-__all__ = ["CompileError", "first_error_line"]
+__all__ = ["CompileError", "first_error_line", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
+           "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
+           "SanitizerError", "MemcheckError", "RacecheckError", "InitcheckError", "SynccheckError"]
 
 # "kernel.cu(12): error: ..."          NVRTC / nvcc front end (EDG)
 # "kernel.cu:12:5: error: ..."         g++ / clang
@@ -60,3 +66,101 @@ class CompileError(RuntimeError):
     def __reduce__(self):
         # keep the attributes across pickling (pytest-xdist, multiprocessing)
         return (type(self), (self.message, self.log, self.filename, self.line))
+
+
+# ---------------------------------------------------------------------------------- the emulator
+class EmulatorError(RuntimeError):
+    """A kernel launch on the CPU emulator failed; the message names the kernel."""
+
+
+class LaunchConfigError(EmulatorError, ValueError):
+    """Grid, block or shared-memory size that a GPU would refuse."""
+
+
+class BarrierDivergenceError(EmulatorError):
+    """Threads of one block wait at different __syncthreads() calls."""
+
+
+class DeadlockError(EmulatorError):
+    """No thread can make progress (a warp collective waits for a lane that returned, ...)."""
+
+
+class WarpCollectiveError(EmulatorError):
+    """Lanes of a warp disagree on a shuffle/vote, or a shuffle reads outside its mask."""
+
+
+class KernelAssertionError(EmulatorError, AssertionError):
+    """assert() failed or __trap() was called in kernel code."""
+
+
+class KernelFault(EmulatorError):
+    """The kernel crashed (invalid memory access, integer division by zero, stack overflow)."""
+
+
+class OutOfBoundsError(KernelFault, IndexError):
+    """The kernel accessed memory outside an argument array: found by the guard bytes (a write
+    just past either end, after the launch) or, in debug mode, at the access itself."""
+
+
+# ---------------------------------------------------------------------------------- the sanitizer
+class SanitizerError(EmulatorError):
+    """A finding of KERNELS_EMU_SANITIZE: a kernel broke a rule that a GPU may not forgive.
+
+    Attributes (None where they do not apply):
+        kernel:   str, the kernel's name.
+        check:    'memcheck', 'racecheck', 'initcheck' or 'synccheck'.
+        kind:     what was found, e.g. 'out-of-bounds', 'misaligned', 'read-after-write',
+                  'write-after-read', 'write-after-write', 'uninitialized', 'barrier after exit'.
+        file, line:             the source line of the access (or barrier, or collective).
+        other_file, other_line: a race's other access.
+        block, thread:          (x, y, z) of the thread that made the access.
+        other_block, other_thread: the thread of the other access.
+        target:   the argument array or __shared__ variable, as the message names it.
+        offset:   byte offset of the access in `target`.
+    """
+
+    check = None
+
+    def __init__(self, message, **details):
+        super().__init__(message)
+        for key in ("kernel", "kind", "file", "line", "other_file", "other_line", "block", "thread", "other_block",
+                    "other_thread", "target", "offset"):
+            setattr(self, key, details.get(key))
+
+    def __reduce__(self):
+        details = {k: v for k, v in self.__dict__.items()}
+        return (_rebuild_sanitizer_error, (type(self), str(self), details))
+
+
+def _rebuild_sanitizer_error(cls, message, details):
+    return cls(message, **details)
+
+
+class MemcheckError(SanitizerError):
+    """memcheck: an access outside every argument array and __shared__ variable, a misaligned
+    access (an N-byte access at an address that is not a multiple of N), another thread's
+    local memory, or an invalid async copy."""
+
+    check = "memcheck"
+
+
+class RacecheckError(SanitizerError):
+    """racecheck: two threads access the same bytes, at least one writes, not both atomically,
+    and nothing orders them (no barrier in a block, no __syncwarp in a warp, no atomic hand-off
+    between blocks)."""
+
+    check = "racecheck"
+
+
+class InitcheckError(SanitizerError):
+    """initcheck: a read of shared memory no thread of the block wrote, or of global memory
+    nobody wrote that did not come initialised from the host."""
+
+    check = "initcheck"
+
+
+class SynccheckError(SanitizerError):
+    """synccheck: a barrier while threads of the block have exited, or a warp collective whose
+    mask names lanes that have exited or do not exist."""
+
+    check = "synccheck"

@@ -186,8 +186,9 @@ def cuda_include_dirs():
 
     The nvidia-cuda-runtime wheel's include/ comes first (it is installed with the same CUDA
     major version as the NVRTC wheel), then the nvidia-cuda-nvcc wheel's (crt/mma.h for <mma.h>),
-    then $CUDA_PATH/include, $CUDA_HOME/include and /usr/local/cuda/include. Returns [] when none
-    is found. The CuPy runtime can pass these with
+    then $CUDA_PATH/include, $CUDA_HOME/include and /usr/local/cuda/include, then the
+    nvidia-cuda-cccl wheel's include/ (libcu++, which <cooperative_groups.h> needs). Returns []
+    when none is found. The CuPy runtime can pass these with
     -I too, for kernels that include the half-precision headers.
     """
     dirs = list(_wheel_dirs("cuda_runtime", "include")) + list(_wheel_dirs("cuda_nvcc", "include"))
@@ -197,6 +198,11 @@ def cuda_include_dirs():
     for d in dirs:
         has = os.path.isfile(os.path.join(d, "cuda_fp16.h")) or os.path.isfile(os.path.join(d, "crt", "mma.h"))
         if has and d not in result:
+            result.append(d)
+    # libcu++ (<cuda/std/...>), which CUDA 12's <cooperative_groups.h> includes: the
+    # nvidia-cuda-cccl wheel, or a toolkit's include/ (where it sits beside the others)
+    for d in _wheel_dirs("cuda_cccl", "include"):
+        if os.path.isdir(os.path.join(d, "cuda", "std")) and d not in result:
             result.append(d)
     return result
 

@@ -10,7 +10,9 @@
  *   switches: microseconds.
  *
  *   Threads never run at the same time, so atomics are plain read-modify-writes and a racy
- *   kernel runs in one particular serial order: it may pass here and fail on a GPU.
+ *   kernel runs in one particular serial order: it may pass here and fail on a GPU.  The order
+ *   is the schedule's (KERNELS_EMU_SCHEDULE): forward (thread 0 first), reverse, or random;
+ *   racecheck (emu/sanitizer.cpp, KERNELS_EMU_SANITIZE) finds the races whatever the order.
  *
  * What it checks, as a GPU would (or better)
  *   - threads of one block waiting at different __syncthreads() calls: an error naming the
@@ -21,6 +23,8 @@
  *     with the faulting address, block and thread; Python then names the argument array that was
  *     overrun when the debug mode put guard pages around every array;
  *   - assert() and __trap() in kernel code;
+ *   - synccheck (KERNELS_EMU_SANITIZE): a barrier released while threads of the block have
+ *     returned; a collective whose mask names a lane that returned or does not exist;
  *   - the guard bytes: the 8 bytes just before and just after every array argument are copied
  *     before the launch and compared after it, so a write just past either end (the classic
  *     off-by-one) is reported, naming the argument, instead of corrupting the heap silently.
@@ -54,12 +58,17 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <string>
 #include <vector>
 
 #include <dlfcn.h>
 #include <link.h>
+#if defined(__GLIBC__)
+#include <stdio_ext.h>
+#endif
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -141,6 +150,13 @@ constexpr size_t kStackGuard = 16 * 1024;    // PROT_NONE below each stack: over
 
 enum ThreadState : uint8_t { READY, WAIT_BARRIER, WAIT_WARP, DONE };
 
+struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    unsigned size, zfill, batch;
+    uintptr_t pc;
+};
+
 struct Thread {
     Context ctx;
     uint3 tid;
@@ -158,6 +174,9 @@ struct Thread {
     int w_width;
     const char* w_file;
     int w_line;
+    // cuda_pipeline: copies issued and not yet waited for (in g_copies), commits so far
+    unsigned ncopies;
+    unsigned committed;
 };
 
 struct Warp {
@@ -170,8 +189,8 @@ struct Scheduler {
     const emu_launch_params* p = nullptr;
     std::vector<Thread> threads;
     std::vector<Warp> warps;
-    std::vector<int> ready;   // ring buffer of thread indices
-    size_t ready_head = 0, ready_count = 0;
+    std::vector<int> ready;   // ring buffer of thread indices, a power of two long
+    size_t ready_head = 0, ready_count = 0, ready_mask = 0;
     int nthreads = 0;
     int live = 0;
     int bar_waiting = 0;
@@ -183,7 +202,44 @@ struct Scheduler {
 
     char* stacks = nullptr;      // nthreads_capacity * (guard + stack)
     size_t stacks_capacity = 0;  // in threads
+
+    // KERNELS_EMU_SCHEDULE: the order ready threads (and blocks) are taken in
+    int schedule = EMU_SCHEDULE_FORWARD;
+    uint64_t rng = 0;
+    std::vector<int> order;      // scratch for one permutation
 } S;
+
+/* The sanitizer (emu/sanitizer.cpp, compiled into this unit after this file) */
+void san_launch_begin(const emu_launch_params* p);
+void san_launch_end();
+void san_block_begin(unsigned linear_block);
+void san_barrier_released();
+void san_warp_synced(int warp, unsigned lanes);
+void san_async_issued(const AsyncCopy& c);
+void san_async_landed(int thread, const AsyncCopy& c);
+void san_sync_finding(int what, int thread, int other, unsigned mask, const char* file, int line);
+bool san_checking(int check) { return S.p && (S.p->sanitize & check); }
+
+/* xorshift64*: the random schedule's generator (seeded per launch from Python) */
+uint64_t next_random() {
+    S.rng ^= S.rng >> 12;
+    S.rng ^= S.rng << 25;
+    S.rng ^= S.rng >> 27;
+    return S.rng * 0x2545F4914F6CDD1Dull;
+}
+
+/* The k-th of `n` indices in the order of the schedule: forward, reverse, or the random
+ * permutation that schedule_permutation(n) drew last. */
+inline int scheduled(int k, int n) {
+    const int kind = S.schedule;
+    return kind == EMU_SCHEDULE_FORWARD ? k : kind == EMU_SCHEDULE_REVERSE ? n - 1 - k : S.order[k];
+}
+void schedule_permutation(int n) {
+    if (S.schedule != EMU_SCHEDULE_RANDOM) return;
+    int* order = S.order.data();   // reserved for 1024 at each launch
+    for (int i = 0; i < n; ++i) order[i] = i;
+    for (int i = n - 1; i > 0; --i) std::swap(order[i], order[next_random() % (unsigned)(i + 1)]);
+}
 
 char g_error[4096];
 emu_fault_info g_fault;
@@ -214,26 +270,26 @@ std::string where(int t) {
     return buf;
 }
 
-void push_ready(int t) {
-    size_t cap = S.ready.size();
-    S.ready[(S.ready_head + S.ready_count) % cap] = t;
+__attribute__((always_inline)) inline void push_ready(int t) {
+    S.ready[(S.ready_head + S.ready_count) & S.ready_mask] = t;
     ++S.ready_count;
 }
-int pop_ready() {
+__attribute__((always_inline)) inline int pop_ready() {
     int t = S.ready[S.ready_head];
-    S.ready_head = (S.ready_head + 1) % S.ready.size();
+    S.ready_head = (S.ready_head + 1) & S.ready_mask;
     --S.ready_count;
     return t;
 }
 
 /* The running fiber blocks: hand over to the next ready thread, or to the scheduler if none. */
-void poll_interrupt();
+__attribute__((cold, noinline)) void poll_interrupt();
 
-inline void yield_to_scheduler() {
-    if (g_stop_requested) poll_interrupt();
+__attribute__((always_inline)) inline void yield_to_scheduler() {
+    if (__builtin_expect(g_stop_requested, 0)) poll_interrupt();
     Thread& t = S.threads[S.current];
     if (S.ready_count > 0 && !S.aborted) {
         int next = pop_ready();
+        if (next == S.current) return;   // it queued itself first (a collective's last lane)
         S.current = next;
         threadIdx = S.threads[next].tid;
         context_switch(&t.ctx, &S.threads[next].ctx);
@@ -242,13 +298,64 @@ inline void yield_to_scheduler() {
     }
 }
 
+/* cuda_pipeline: copies in flight, kMaxCopies per thread, in pages of their own: nothing is
+ * taken from the C heap while a kernel runs (the guard bytes of arrays may sit next to the
+ * heap's own bookkeeping, which must not change during a launch). */
+constexpr unsigned kMaxCopies = 64;
+AsyncCopy* g_copies = nullptr;
+
+AsyncCopy* copies_of(int thread) {
+    if (!g_copies) {
+        void* m = mmap(nullptr, sizeof(AsyncCopy) * kMaxCopies * 1024, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        g_copies = m == MAP_FAILED ? nullptr : static_cast<AsyncCopy*>(m);
+    }
+    return g_copies ? g_copies + (size_t)thread * kMaxCopies : nullptr;
+}
+
+/* The copies of `thread` issued before batch `below_batch` land now (a copy is done when waited
+ * for, so that a read before the wait sees the old bytes, as it may on a GPU).
+ * `waited`: by __pipeline_wait_prior, which orders them for racecheck; at exit they only land. */
+void complete_copies(int thread, unsigned below_batch, bool waited = false) {
+    Thread& t = S.threads[thread];
+    if (!t.ncopies) return;
+    AsyncCopy* copies = copies_of(thread);
+    unsigned kept = 0;
+    for (unsigned i = 0; i < t.ncopies; ++i) {
+        const AsyncCopy c = copies[i];
+        if (c.batch >= below_batch) {
+            copies[kept++] = c;
+            continue;
+        }
+        memcpy(c.dst, c.src, c.size - c.zfill);
+        memset(c.dst + (c.size - c.zfill), 0, c.zfill);
+        if (waited && S.p->sanitize) san_async_landed(thread, c);
+    }
+    t.ncopies = kept;
+}
+
 void fiber_main() {
     Thread& t = S.threads[S.current];
     S.p->entry(S.p->args);
+    // Copies never waited for still land (a GPU finishes them), but stay "not waited for"
+    // for racecheck: nothing orders them with the readers.
+    if (t.ncopies) complete_copies(S.current, ~0u);
     t.state = DONE;
     --S.live;
     int linear = S.current;
-    S.warps[linear / kWarpSize].done |= 1u << (linear % kWarpSize);
+    Warp& wp = S.warps[linear / kWarpSize];
+    wp.done |= 1u << (linear % kWarpSize);
+    if (wp.arrived && san_checking(EMU_CHECK_SYNCCHECK)) {
+        // a lane of my warp waits in a collective whose mask names me: it would wait forever
+        for (unsigned a = wp.arrived; a; a &= a - 1) {
+            const int waiter = (linear & ~(kWarpSize - 1)) + __builtin_ctz(a);
+            const Thread& w = S.threads[waiter];
+            if (w.w_mask >> (linear % kWarpSize) & 1) {
+                san_sync_finding(EMU_SAN_MASK_EXITED, waiter, linear, w.w_mask, w.w_file, w.w_line);
+                break;
+            }
+        }
+    }
     yield_to_scheduler();
     // never resumed
     abort();
@@ -292,6 +399,14 @@ void release_barrier() {
             return;
         }
     }
+    if (S.live < S.nthreads && san_checking(EMU_CHECK_SYNCCHECK)) {
+        int exited = -1;
+        for (int i = 0; i < S.nthreads && exited < 0; ++i)
+            if (S.threads[i].state == DONE) exited = i;
+        Thread& f = S.threads[first];
+        san_sync_finding(EMU_SAN_BARRIER_EXITED, first, exited, 0, f.bar_file, f.bar_line);
+        return;
+    }
     // __syncthreads_count/_and/_or: reduce the predicates of the waiting threads.
     int count = 0, all = 1, any = 0;
     for (int i = 0; i < S.nthreads; ++i) {
@@ -304,13 +419,16 @@ void release_barrier() {
     S.bar_count = count;
     S.bar_all = all;
     S.bar_any = any;
-    for (int i = 0; i < S.nthreads; ++i) {
+    schedule_permutation(S.nthreads);
+    for (int k = 0; k < S.nthreads; ++k) {
+        const int i = scheduled(k, S.nthreads);
         Thread& t = S.threads[i];
         if (t.state != WAIT_BARRIER) continue;
         t.state = READY;
         push_ready(i);
     }
     S.bar_waiting = 0;
+    if (S.p->sanitize) san_barrier_released();
 }
 
 void report_deadlock() {
@@ -348,6 +466,8 @@ void run_block() {
         Thread& t = S.threads[i];
         t.tid = uint3{(unsigned)(i % bx), (unsigned)((i / bx) % by), (unsigned)(i / (bx * by))};
         t.state = READY;
+        t.ncopies = 0;
+        t.committed = 0;
         // Stagger the stack tops (cache colouring): equal offsets would share cache sets.
         char* top = S.stacks + (size_t)i * (kStackBytes + kStackGuard) + kStackGuard + kStackBytes - (i % 64) * 64;
 #ifndef EMU_UCONTEXT
@@ -364,7 +484,8 @@ void run_block() {
     }
     S.ready_head = 0;
     S.ready_count = 0;
-    for (int i = 0; i < n; ++i) push_ready(i);
+    schedule_permutation(n);
+    for (int k = 0; k < n; ++k) push_ready(scheduled(k, n));
     S.live = n;
     S.bar_waiting = 0;
 
@@ -466,7 +587,7 @@ void restore_handlers() {
 }
 
 /* ---- Ctrl-C */
-void poll_interrupt() {
+__attribute__((cold, noinline)) void poll_interrupt() {
     if (S.aborted) return;
     if (S.current >= 0)
         set_error(EMU_ERR_INTERRUPTED, "kernel '%s' interrupted (Ctrl-C) in %s", S.p->kernel_name,
@@ -622,7 +743,17 @@ struct FloatMode {
 #endif
 };
 
-/* ---- guard bytes around the array arguments */
+/* ---- guard bytes around the array arguments
+ * Nothing may use the C heap between the snapshot and the check: the bytes next to an array
+ * can be the heap's own bookkeeping.  So a kernel's first printf() must not be where stdio
+ * allocates stdout's buffer: the runtime gives it one when it is loaded, if it has none. */
+#if defined(__GLIBC__)
+__attribute__((constructor)) void give_stdout_a_buffer() {
+    static char buffer[BUFSIZ];
+    if (__fbufsize(stdout) == 0) setvbuf(stdout, buffer, isatty(1) ? _IOLBF : _IOFBF, sizeof buffer);
+}
+#endif
+
 constexpr unsigned kGuardBytes = 8;   // catches any write that starts within 8 bytes of an end
 constexpr uintptr_t kPage = 4096;     // never read across a 4 KiB boundary: it may be unmapped
 
@@ -725,6 +856,38 @@ __attribute__((visibility("default"))) int __emu_syncthreads_reduce(int op, int 
     }
 }
 
+/* <cuda_pipeline.h>: __pipeline_memcpy_async / __pipeline_commit / __pipeline_wait_prior */
+__attribute__((visibility("default"))) void __emu_pipeline_copy(void* dst, const void* src, unsigned size,
+                                                               unsigned zfill) {
+    AsyncCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), size, zfill,
+                S.threads[S.current].committed, reinterpret_cast<uintptr_t>(__builtin_return_address(0))};
+    if (S.p->sanitize) san_async_issued(c);
+    if ((size != 4 && size != 8 && size != 16) || zfill > size || (uintptr_t)dst % size || (uintptr_t)src % size) {
+        set_error(EMU_ERR_ASSERT,
+                  "__pipeline_memcpy_async in kernel '%s' (%s): copies 4, 8 or 16 bytes between addresses "
+                  "aligned to that size, got %u bytes (zfill %u) from %p to %p",
+                  S.p->kernel_name, where(S.current).c_str(), size, zfill, src, dst);
+        yield_to_scheduler();
+    }
+    Thread& t = S.threads[S.current];
+    AsyncCopy* copies = copies_of(S.current);
+    if (!copies || t.ncopies == kMaxCopies) {
+        set_error(EMU_ERR_CONFIG, "kernel '%s' (%s): more than %u __pipeline_memcpy_async copies in flight in one "
+                  "thread; the emulator keeps at most that many (wait for some with __pipeline_wait_prior)",
+                  S.p->kernel_name, where(S.current).c_str(), kMaxCopies);
+        yield_to_scheduler();
+    }
+    copies[t.ncopies++] = c;
+}
+
+__attribute__((visibility("default"))) void __emu_pipeline_commit(void) { ++S.threads[S.current].committed; }
+
+__attribute__((visibility("default"))) void __emu_pipeline_wait_prior(unsigned prior) {
+    // all but the `prior` most recent committed batches are complete afterwards
+    const unsigned committed = S.threads[S.current].committed;
+    complete_copies(S.current, committed > prior ? committed - prior : 0, true);
+}
+
 __attribute__((visibility("default"))) unsigned int __emu_activemask(void) {
     int w = S.current / kWarpSize;
     return S.warps[w].existing & ~S.warps[w].done;
@@ -756,6 +919,16 @@ __attribute__((visibility("default"))) unsigned long long __emu_warp_collective(
         set_error(EMU_ERR_WARP, "%s:%d: shuffle width %d is not a power of two in [1, 32] (%s)", file, line, width,
                   where(self).c_str());
         yield_to_scheduler();
+    }
+    if (__builtin_expect(S.p->sanitize & EMU_CHECK_SYNCCHECK, 0)) {
+        // A lane named in the mask that does not exist or has returned would be waited for
+        // forever: undefined on a GPU (a hang, or garbage for the missing lanes).
+        const unsigned absent = mask & ~wp.existing, exited = mask & wp.done;
+        if (absent || exited) {
+            san_sync_finding(absent ? EMU_SAN_MASK_ABSENT : EMU_SAN_MASK_EXITED, self,
+                             w * kWarpSize + __builtin_ctz(absent ? absent : exited), mask, file, line);
+            yield_to_scheduler();   // aborted: never resumed
+        }
     }
     t.w_kind = kind;
     t.w_mask = mask;
@@ -845,10 +1018,23 @@ __attribute__((visibility("default"))) unsigned long long __emu_warp_collective(
             case EMU_WARP_SYNC: o.w_result = 0; break;
             default: o.w_result = reduced; break;
         }
-        o.state = READY;
-        push_ready(base + l);  // the caller too: lanes leave the collective in lane order
+        if (S.schedule == EMU_SCHEDULE_FORWARD) {
+            o.state = READY;
+            push_ready(base + l);
+        }
+    }
+    // Every lane (the caller too) continues: in lane order, or as the schedule says.
+    if (S.schedule != EMU_SCHEDULE_FORWARD) {
+        schedule_permutation(kWarpSize);
+        for (int k = 0; k < kWarpSize; ++k) {
+            const int l = scheduled(k, kWarpSize);
+            if (!(need >> l & 1)) continue;
+            S.threads[base + l].state = READY;
+            push_ready(base + l);
+        }
     }
     wp.arrived &= ~need;
+    if (S.p->sanitize) san_warp_synced(w, need);
     yield_to_scheduler();
     return t.w_result;
 }
@@ -879,9 +1065,17 @@ __attribute__((visibility("default"))) int emu_launch(const emu_launch_params* p
     S.nthreads = (int)n;
     S.threads.resize(n);
     S.warps.resize((n + kWarpSize - 1) / kWarpSize);
-    S.ready.resize(n);
+    size_t ring = 1;
+    while (ring < n) ring *= 2;
+    S.ready.resize(ring);
+    S.ready_mask = ring - 1;
     blockDim = dim3(p->block[0], p->block[1], p->block[2]);
     gridDim = dim3(p->grid[0], p->grid[1], p->grid[2]);
+    if (S.order.size() < 1024) S.order.resize(1024);
+    S.schedule = p->schedule;
+    S.rng = p->seed * 0x9E3779B97F4A7C15ull + 1;   // never 0: xorshift would stay there
+    if (p->sanitize) san_launch_begin(p);
+    // Last: from here until the guard bytes are checked, nothing may use the C heap.
     snapshot_guards(p);
 
     g_stop_requested = 0;
@@ -904,16 +1098,26 @@ __attribute__((visibility("default"))) int emu_launch(const emu_launch_params* p
     int rc = EMU_OK;
     if (jumped == 0) {
         g_in_launch = 1;
-        for (unsigned z = 0; z < p->grid[2] && rc == EMU_OK; ++z)
-            for (unsigned y = 0; y < p->grid[1] && rc == EMU_OK; ++y)
-                for (unsigned x = 0; x < p->grid[0]; ++x) {
-                    blockIdx = uint3{x, y, z};
-                    run_block();
-                    if (S.aborted) {
-                        rc = S.error_code;
-                        break;
-                    }
-                }
+        // Blocks in linear order (x fastest), its reverse, or a random bijection of it
+        const unsigned long long nblocks = (unsigned long long)p->grid[0] * p->grid[1] * p->grid[2];
+        unsigned long long step = 1, b = 0;
+        if (S.schedule == EMU_SCHEDULE_REVERSE) {
+            step = nblocks - 1;   // -1 modulo nblocks
+            b = nblocks - 1;
+        } else if (S.schedule == EMU_SCHEDULE_RANDOM && nblocks > 1) {
+            do step = next_random() % nblocks; while (step == 0 || std::gcd(step, nblocks) != 1);
+            b = next_random() % nblocks;
+        }
+        for (unsigned long long k = 0; k < nblocks; ++k, b = (b + step) % nblocks) {
+            blockIdx = uint3{(unsigned)(b % p->grid[0]), (unsigned)(b / p->grid[0] % p->grid[1]),
+                             (unsigned)(b / ((unsigned long long)p->grid[0] * p->grid[1]))};
+            if (p->sanitize) san_block_begin((unsigned)b);
+            run_block();
+            if (S.aborted) {
+                rc = S.error_code;
+                break;
+            }
+        }
         if (rc == EMU_OK && g_stop_requested) {   // finished before it could be stopped
             rc = EMU_ERR_INTERRUPTED;
             snprintf(g_error, sizeof g_error, "kernel '%s' interrupted (Ctrl-C) as it finished", p->kernel_name);
@@ -921,6 +1125,7 @@ __attribute__((visibility("default"))) int emu_launch(const emu_launch_params* p
     }
     g_in_launch = 0;
     float_mode.leave();
+    if (p->sanitize) san_launch_end();
     if (g_sigint_mode != EMU_SIGINT_LEAVE) {
         settle_sigint(g_sigint_mode == EMU_SIGINT_FORWARD && jumped == 0 && rc != EMU_ERR_INTERRUPTED);
         sigaction(SIGINT, &g_old_int, nullptr);

@@ -44,8 +44,20 @@
 #define __managed__
 #define __grid_constant__
 /* Static shared memory: one copy per module, reused by each block in turn.  The section lets
- * the runtime poison it between blocks in debug mode, as a GPU leaves it undefined. */
+ * the runtime poison it between blocks in debug mode, as a GPU leaves it undefined.  Sanitized
+ * builds (KERNELS_EMU_SANITIZE, compiled with -fno-toplevel-reorder, which keeps the order)
+ * put 128 unused bytes before every variable, so that an overrun of one __shared__ array lands
+ * in no variable and memcheck can name it. */
+#ifdef __KERNELS_EMU_SANITIZE__
+#define EMU_CAT2(a, b) a##b
+#define EMU_CAT(a, b) EMU_CAT2(a, b)
+#define __shared__                                                                                \
+    static __attribute__((section("emu_shared"), used, aligned(16))) unsigned char EMU_CAT(__emu_shared_pad_, \
+                                                                                     __COUNTER__)[128]; \
+    static __attribute__((section("emu_shared")))
+#else
 #define __shared__ static __attribute__((section("emu_shared")))
+#endif
 /* `extern __shared__` is rewritten to `extern __emu_dynamic_shared__` before compiling (the one
  * textual change the emulator makes; static and extern cannot share a macro), and every such
  * name is linked to the module's dynamic shared-memory buffer. */
@@ -62,9 +74,16 @@ static constexpr int warpSize = 32;
 #define __syncthreads_count(p) __emu_syncthreads_reduce(EMU_BAR_COUNT, (p), __FILE__, __LINE__)
 #define __syncthreads_and(p) __emu_syncthreads_reduce(EMU_BAR_AND, (p), __FILE__, __LINE__)
 #define __syncthreads_or(p) __emu_syncthreads_reduce(EMU_BAR_OR, (p), __FILE__, __LINE__)
+/* Fences order nothing here (threads never overlap); racecheck counts __threadfence() as the
+ * "release" half of the fence-then-atomic pattern between blocks. */
+#ifdef __KERNELS_EMU_SANITIZE__
+static inline void __threadfence(void) { __emu_san_fence(); }
+static inline void __threadfence_system(void) { __emu_san_fence(); }
+#else
 static inline void __threadfence(void) {}
-static inline void __threadfence_block(void) {}
 static inline void __threadfence_system(void) {}
+#endif
+static inline void __threadfence_block(void) {}
 static inline void __nanosleep(unsigned int) {}
 static inline long long clock64(void) {
     return (long long)std::chrono::steady_clock::now().time_since_epoch().count();
@@ -283,11 +302,20 @@ template <class T> static inline void __stcs(T* p, T v) { *p = v; }
 template <class T> static inline void __stwt(T* p, T v) { *p = v; }
 
 /* ------------------------------------------------------------------ atomics */
-/* Emulated threads never run at the same time, so a read-modify-write is atomic as it is. */
-#define EMU_ATOMIC_RMW(NAME, T, EXPR) \
-    static inline T NAME(T* address, T val) { T old = *address; *address = (EXPR); return old; } \
-    static inline T NAME##_block(T* address, T val) { return NAME(address, val); } \
-    static inline T NAME##_system(T* address, T val) { return NAME(address, val); }
+/* Emulated threads never run at the same time, so a read-modify-write is atomic as it is.
+ * In sanitized builds an atomic is a function of its own, not instrumented, that tells the
+ * sanitizer "atomic access here" with its caller's address (the kernel line). */
+#ifdef __KERNELS_EMU_SANITIZE__
+#define EMU_ATOMIC_FN __attribute__((no_sanitize_thread, noinline, unused)) static
+#define EMU_ATOMIC_SEEN(address) __emu_san_atomic((void*)(address), sizeof(*(address)), __builtin_return_address(0))
+#else
+#define EMU_ATOMIC_FN static inline
+#define EMU_ATOMIC_SEEN(address) ((void)0)
+#endif
+#define EMU_ATOMIC_RMW1(NAME, T, EXPR) \
+    EMU_ATOMIC_FN T NAME(T* address, T val) { EMU_ATOMIC_SEEN(address); T old = *address; *address = (EXPR); return old; }
+#define EMU_ATOMIC_RMW(NAME, T, EXPR) EMU_ATOMIC_RMW1(NAME, T, EXPR) EMU_ATOMIC_RMW1(NAME##_block, T, EXPR) \
+    EMU_ATOMIC_RMW1(NAME##_system, T, EXPR)
 EMU_ATOMIC_RMW(atomicAdd, int, old + val)
 EMU_ATOMIC_RMW(atomicAdd, unsigned int, old + val)
 EMU_ATOMIC_RMW(atomicAdd, unsigned long long, old + val)
@@ -319,14 +347,17 @@ EMU_ATOMIC_RMW(atomicXor, unsigned long long, old ^ val)
 EMU_ATOMIC_RMW(atomicInc, unsigned int, (old >= val) ? 0u : old + 1u)
 EMU_ATOMIC_RMW(atomicDec, unsigned int, (old == 0u || old > val) ? val : old - 1u)
 #undef EMU_ATOMIC_RMW
-#define EMU_ATOMIC_CAS(T) \
-    static inline T atomicCAS(T* address, T compare, T val) { T old = *address; if (old == compare) *address = val; return old; } \
-    static inline T atomicCAS_block(T* address, T compare, T val) { return atomicCAS(address, compare, val); } \
-    static inline T atomicCAS_system(T* address, T compare, T val) { return atomicCAS(address, compare, val); }
+#undef EMU_ATOMIC_RMW1
+#define EMU_ATOMIC_CAS1(NAME, T) \
+    EMU_ATOMIC_FN T NAME(T* address, T compare, T val) { \
+        EMU_ATOMIC_SEEN(address); T old = *address; if (old == compare) *address = val; return old; }
+#define EMU_ATOMIC_CAS(T) EMU_ATOMIC_CAS1(atomicCAS, T) EMU_ATOMIC_CAS1(atomicCAS_block, T) \
+    EMU_ATOMIC_CAS1(atomicCAS_system, T)
 EMU_ATOMIC_CAS(int)
 EMU_ATOMIC_CAS(unsigned int)
 EMU_ATOMIC_CAS(unsigned long long)
 EMU_ATOMIC_CAS(unsigned short)
 #undef EMU_ATOMIC_CAS
+#undef EMU_ATOMIC_CAS1
 
 #endif /* KERNELS_CUDA_EMU_H */

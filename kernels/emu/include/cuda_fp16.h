@@ -151,7 +151,17 @@ static inline __half2 operator-(__half2 a, __half2 b) { return __hsub2(a, b); }
 static inline __half2 operator*(__half2 a, __half2 b) { return __hmul2(a, b); }
 
 /* atomicAdd on half (sm_70+) */
-static inline __half atomicAdd(__half* address, __half val) { __half old = *address; *address = old + val; return old; }
-static inline __half2 atomicAdd(__half2* address, __half2 val) { __half2 old = *address; *address = old + val; return old; }
+EMU_ATOMIC_FN __half atomicAdd(__half* address, __half val) {
+    EMU_ATOMIC_SEEN(address);
+    __half old = *address;
+    *address = old + val;
+    return old;
+}
+EMU_ATOMIC_FN __half2 atomicAdd(__half2* address, __half2 val) {
+    EMU_ATOMIC_SEEN(address);
+    __half2 old = *address;
+    *address = old + val;
+    return old;
+}
 
 #endif /* KERNELS_EMU_CUDA_FP16_H */

@@ -57,6 +57,72 @@ struct emu_launch_params {
     const void* code_end;                 /* landing there stops the kernel at once        */
     const struct emu_array_span* arrays;  /* array arguments, for the guard-byte check     */
     int narrays;
+    int schedule;                         /* EMU_SCHEDULE_*: the order of threads and blocks */
+    unsigned long long seed;              /* ... and the random one's seed                 */
+    int sanitize;                         /* EMU_CHECK_* bits (KERNELS_EMU_SANITIZE)        */
+    const struct emu_region* regions;     /* what the sanitizer knows by name              */
+    int nregions;
+    unsigned long long dynamic_shared_capacity;   /* bytes of the module's dynamic buffer  */
+};
+
+enum { EMU_SCHEDULE_FORWARD = 0, EMU_SCHEDULE_REVERSE = 1, EMU_SCHEDULE_RANDOM = 2 };
+
+/* ------------------------------------------------------------------ the sanitizer
+ * KERNELS_EMU_SANITIZE=memcheck,racecheck,initcheck,synccheck (or all): the module is compiled
+ * with -fsanitize=thread, whose instrumentation calls __tsan_read4(addr), __tsan_write16(addr),
+ * ... before every load and store of kernel code; the runtime implements those calls itself
+ * (emu/sanitizer.cpp, no libtsan) and checks each access. */
+enum { EMU_CHECK_MEMCHECK = 1, EMU_CHECK_RACECHECK = 2, EMU_CHECK_INITCHECK = 4, EMU_CHECK_SYNCCHECK = 8 };
+
+/* Memory the sanitizer can name in a message; Python lists every array argument, every static
+ * __shared__ variable of the module and the dynamic shared memory of the launch. */
+struct emu_region {
+    unsigned long long begin, end;
+    int kind;                     /* EMU_REGION_*                                              */
+    int index;                    /* argument index, or __shared__ variable index              */
+    unsigned char* init;          /* an argument: one "initialised" byte per byte, for arrays
+                                     the host never wrote (initcheck); NULL: all initialised  */
+};
+enum { EMU_REGION_ARGUMENT = 0, EMU_REGION_SHARED = 1, EMU_REGION_DYNAMIC_SHARED = 2 };
+
+/* One access, as a finding reports it. */
+struct emu_access {
+    unsigned long long pc;        /* where in the kernel's machine code (a return address)     */
+    unsigned int block[3];
+    unsigned int thread[3];
+    int size;                     /* bytes                                                    */
+    int kind;                     /* EMU_ACCESS_*                                              */
+};
+enum { EMU_ACCESS_READ = 0, EMU_ACCESS_WRITE = 1, EMU_ACCESS_ATOMIC = 2, EMU_ACCESS_ASYNC_COPY = 3 };
+
+/* What a finding is about (emu_finding.what) */
+enum {
+    EMU_SAN_OUT_OF_BOUNDS = 1,    /* memcheck: outside every argument / __shared__ variable     */
+    EMU_SAN_MISALIGNED = 2,       /* memcheck: an N-byte access at an address not a multiple of N */
+    EMU_SAN_OTHER_LOCAL = 3,      /* memcheck: another thread's local (stack) memory            */
+    EMU_SAN_RAW = 4,              /* racecheck: read after another thread's unordered write     */
+    EMU_SAN_WAR = 5,              /* racecheck: write after another thread's unordered read     */
+    EMU_SAN_WAW = 6,              /* racecheck: write after another thread's unordered write    */
+    EMU_SAN_ASYNC_PENDING = 7,    /* racecheck: an async copy's bytes used before its wait      */
+    EMU_SAN_UNINITIALIZED = 8,    /* initcheck                                                  */
+    EMU_SAN_BARRIER_EXITED = 9,   /* synccheck: a barrier while threads of the block exited     */
+    EMU_SAN_MASK_EXITED = 10,     /* synccheck: a collective's mask names a returned lane       */
+    EMU_SAN_MASK_ABSENT = 11,     /* synccheck: a collective's mask names a lane that does not exist */
+    EMU_SAN_BAD_ASYNC_COPY = 12   /* memcheck: __pipeline_memcpy_async size/alignment/space     */
+};
+
+struct emu_finding {
+    int check;                    /* EMU_CHECK_*                                               */
+    int what;                     /* EMU_SAN_*                                                 */
+    unsigned long long address;
+    int region;                   /* index into params->regions, or -1                        */
+    long long offset;             /* address - regions[region].begin                          */
+    struct emu_access access;     /* the access (or thread) found at fault                    */
+    struct emu_access other;      /* a race's earlier access; synccheck: the other thread     */
+    int has_other;
+    unsigned int mask;            /* synccheck: the collective's mask                         */
+    const char* file;             /* synccheck: the barrier's or collective's source line     */
+    int line;
 };
 
 /* SIGINT (Ctrl-C) during a launch, as Python's handler for it would have it: */
@@ -77,7 +143,8 @@ enum {
     EMU_ERR_ASSERT = 5,       /* assert() or __trap() in the kernel                       */
     EMU_ERR_WARP = 6,         /* inconsistent warp collective                             */
     EMU_ERR_INTERRUPTED = 7,  /* Ctrl-C stopped the kernel                                */
-    EMU_ERR_GUARD = 8         /* bytes just outside an array argument changed             */
+    EMU_ERR_GUARD = 8,        /* bytes just outside an array argument changed             */
+    EMU_ERR_SANITIZER = 9     /* a sanitizer finding: emu_last_finding()                  */
 };
 
 /* Details of the last EMU_ERR_SIGNAL (or EMU_ERR_GUARD), for Python to name the array. */
@@ -100,6 +167,7 @@ void* emu_map_guarded(unsigned long long data_bytes, unsigned long long guard_by
 int emu_unmap_guarded(void* data, unsigned long long data_bytes, unsigned long long guard_bytes);
 int emu_runtime_version(void);
 int emu_code_range(const void* address, const void** begin, const void** end);
+void emu_last_finding(struct emu_finding* out);
 
 /* Called by kernel code (through the macros of cuda_emu.h). */
 void __emu_syncthreads(const char* file, int line);
@@ -108,6 +176,11 @@ unsigned long long __emu_warp_collective(int kind, unsigned int mask, unsigned l
                                          int arg, int width, const char* file, int line);
 unsigned int __emu_activemask(void);
 void __emu_kernel_fail(const char* what, const char* file, int line, const char* func);
+void __emu_pipeline_copy(void* dst, const void* src, unsigned size, unsigned zfill);
+void __emu_pipeline_commit(void);
+void __emu_pipeline_wait_prior(unsigned prior);
+void __emu_san_atomic(void* address, unsigned size, void* pc);   /* sanitized: before an atomic */
+void __emu_san_fence(void);                                       /* sanitized: __threadfence() */
 
 extern struct uint3 threadIdx;
 extern struct uint3 blockIdx;
@@ -123,7 +196,7 @@ enum {
     EMU_WARP_REDUCE_AND = 13, EMU_WARP_REDUCE_OR = 14, EMU_WARP_REDUCE_XOR = 15
 };
 
-#define EMU_RUNTIME_VERSION 2
+#define EMU_RUNTIME_VERSION 3
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,8 @@
  * which is exactly how cuLaunchKernel reads its `kernelParams`: an array of pointers to the
  * argument values.  The parameter types come from the function's own type, so the unpacking
  * is right by construction.  __emu_sig_scale() returns "P4,S4,S4,": what Python cross-checks.
+ * In sanitized builds this glue is not instrumented: reading the argument list is not the
+ * kernel's doing (the kernel itself still is).
  */
 #ifndef KERNELS_EMU_ENTRY_H
 #define KERNELS_EMU_ENTRY_H
@@ -14,6 +16,12 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+
+#ifdef __KERNELS_EMU_SANITIZE__
+#define EMU_GLUE __attribute__((no_sanitize_thread))
+#else
+#define EMU_GLUE   /* (the attribute would also keep the kernel from being inlined here) */
+#endif
 
 namespace emu {
 template <class T> struct pointee_size { static constexpr size_t value = sizeof(T); };
@@ -23,7 +31,7 @@ template <> struct pointee_size<volatile void> { static constexpr size_t value =
 template <> struct pointee_size<const volatile void> { static constexpr size_t value = 0; };
 
 template <class A>
-static void append_param(std::string& s) {
+EMU_GLUE static void append_param(std::string& s) {
     typedef typename std::remove_cv<typename std::remove_reference<A>::type>::type U;
     if (std::is_pointer<U>::value) {
         s += 'P';
@@ -36,16 +44,16 @@ static void append_param(std::string& s) {
 }
 
 template <class... A, size_t... I>
-static inline void invoke_impl(void (*f)(A...), void** args, std::index_sequence<I...>) {
+EMU_GLUE static inline void invoke_impl(void (*f)(A...), void** args, std::index_sequence<I...>) {
     f(*static_cast<typename std::remove_cv<typename std::remove_reference<A>::type>::type*>(args[I])...);
 }
 template <class... A>
-static inline void invoke(void (*f)(A...), void** args) {
+EMU_GLUE static inline void invoke(void (*f)(A...), void** args) {
     invoke_impl(f, args, std::index_sequence_for<A...>{});
 }
 template <class... A>
-static inline const char* signature(void (*)(A...)) {
-    static const std::string s = [] {
+EMU_GLUE static inline const char* signature(void (*)(A...)) {
+    static const std::string s = []() EMU_GLUE {
         std::string r;
         int dummy[] = {0, (append_param<A>(r), 0)...};
         (void)dummy;
@@ -58,7 +66,7 @@ static inline const char* signature(void (*)(A...)) {
 extern "C" {
 extern unsigned char __start_emu_shared[] __attribute__((weak, visibility("hidden")));
 extern unsigned char __stop_emu_shared[] __attribute__((weak, visibility("hidden")));
-__attribute__((visibility("default"))) void __emu_static_shared_range(void** lo, void** hi) {
+__attribute__((visibility("default"))) EMU_GLUE void __emu_static_shared_range(void** lo, void** hi) {
     *lo = __start_emu_shared;
     *hi = __stop_emu_shared;
 }
@@ -69,10 +77,10 @@ __attribute__((visibility("default"))) void __emu_static_shared_range(void** lo,
     extern "C" { __attribute__((visibility("default"), aligned(256))) unsigned char __emu_dynamic_shared[(n) > 0 ? (n) : 1]; }
 
 #define EMU_EXPORT_KERNEL(name)                                                                     \
-    extern "C" __attribute__((visibility("default"))) void __emu_entry_##name(void** args) {       \
+    extern "C" __attribute__((visibility("default"))) EMU_GLUE void __emu_entry_##name(void** args) { \
         ::emu::invoke(&name, args);                                                                 \
     }                                                                                               \
-    extern "C" __attribute__((visibility("default"))) const char* __emu_sig_##name(void) {         \
+    extern "C" __attribute__((visibility("default"))) EMU_GLUE const char* __emu_sig_##name(void) { \
         return ::emu::signature(&name);                                                             \
     }
 

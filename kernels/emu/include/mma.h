@@ -24,6 +24,10 @@
  * In this emulation that assumption would happen to work, and it would be wrong on a GPU: store the
  * fragment to memory with store_matrix_sync to see elements at known places.
  *
+ * store_matrix_sync writes the tile from lane 0 alone (every lane holds the same copy) and ends
+ * with a __syncwarp(), so the tile is in memory for every lane afterwards and racecheck sees one
+ * writer, as the GPU's lanes each write their own elements once.
+ *
  * Like the hardware, the emulation insists that: all lanes of the warp take part (each call is
  * a __syncwarp(), so a divergent call is reported), pointers are 32-byte aligned, ldm is a
  * multiple of 8 for 16-bit elements and of 4 for 32-bit ones.  Violations stop the kernel with a
@@ -121,11 +125,14 @@ static inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, 
                                      layout_t layout) {
     __syncwarp();
     detail::check_pointer(p, ldm, sizeof(T), "store_matrix_sync");
-    for (int i = 0; i < f.rows; ++i)
-        for (int j = 0; j < f.cols; ++j) {
-            T* dst = layout == mem_row_major ? p + (size_t)i * ldm + j : p + (size_t)j * ldm + i;
-            *dst = f.x[i * f.cols + j];
-        }
+    const unsigned lane = (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;
+    if (lane == 0)
+        for (int i = 0; i < f.rows; ++i)
+            for (int j = 0; j < f.cols; ++j) {
+                T* dst = layout == mem_row_major ? p + (size_t)i * ldm + j : p + (size_t)j * ldm + i;
+                *dst = f.x[i * f.cols + j];
+            }
+    __syncwarp();
 }
 
 // d = a @ b + c, products and sums in float, rounded once to d's type (d may be c)
