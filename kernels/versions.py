@@ -32,8 +32,8 @@ from pathlib import Path
 from . import _launch
 from .runtime import KERNEL_DIR, load_module
 
-__all__ = ["Family", "FAMILIES", "TRAINING", "version", "describe", "parse", "select", "use", "in_use", "table",
-           "check_source"]
+__all__ = ["Family", "FAMILIES", "TRAINING", "numbers", "version", "describe", "parse", "select", "restore", "use",
+           "running", "in_use", "table", "check_source"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ TRAINING = tuple(name for name, f in FAMILIES.items() if f.training)
 
 _in_use = {name: f.default for name, f in FAMILIES.items()}
 _custom = {}   # family -> Path of a learner's copy of its .cu file
+
+
+def numbers(family):
+    """The version numbers of a family: (1, 2, ..., N)."""
+    return tuple(range(1, FAMILIES[family].count + 1))
 
 
 def version(family, requested=None, op=None):
@@ -115,7 +120,7 @@ def describe(family, source=None):
 
 
 def _first_sentence(text):
-    m = re.search(r"(?<=[.!?])\s+(?=[A-Z(])", text)
+    m = re.search(r"(?<=[.!?])\s+(?=[A-Z0-9(])", text)
     return text[:m.start()] if m else text
 
 
@@ -140,20 +145,20 @@ def check_source(family, path):
     f = FAMILIES[family]
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"{family}={path}: no such file")
+        raise ValueError(f"{path}: no such file")
     if path.suffix != ".cu":
-        raise ValueError(f"{family}={path}: a kernel source must be a .cu file (a copy of kernels/{f.source})")
+        raise ValueError(f"{path}: a kernel source must be a .cu file (a copy of kernels/{f.source})")
     path = path.resolve()
     theirs = load_module(str(path)).signatures
     ours = load_module(f.source).signatures
     for name, sig in ours.items():
         if name not in theirs:
-            raise ValueError(f"{family}={path} cannot replace kernels/{f.source}: it has no extern \"C\" kernel "
+            raise ValueError(f"{path} cannot replace kernels/{f.source}: it has no extern \"C\" kernel "
                              f"{sig.describe()}")
         want = [(p.is_pointer, p.code) for p in sig.params]
         got = [(p.is_pointer, p.code) for p in theirs[name].params]
         if want != got:
-            raise ValueError(f"{family}={path} cannot replace kernels/{f.source}: its kernel "
+            raise ValueError(f"{path} cannot replace kernels/{f.source}: its kernel "
                              f"{theirs[name].describe()} takes other parameter types than {sig.describe()}")
     return path
 
@@ -267,6 +272,20 @@ def use(spec=None, **choices):
         yield in_use()
     finally:
         restore(previous)
+
+
+@contextlib.contextmanager
+def running(family, number):
+    """Within the block, `family` runs version `number`, any of its versions: what the lesson
+    command and bench/ use to run every version through the op's own functions.  (A training run
+    chooses with `use`, which refuses versions the model's ops cannot run.)"""
+    number = version(family, number)
+    previous = _in_use[family]
+    _in_use[family] = number
+    try:
+        yield
+    finally:
+        _in_use[family] = previous
 
 
 def in_use():
