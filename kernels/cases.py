@@ -40,15 +40,20 @@ def _f64(a):
 
 
 def max_rel_error(got, want):
-    """max |got - want| / max |want| over the outputs of one call (0 when both are all zero)."""
+    """max |got - want| / max |want| over the outputs of one call (0 when both are all zero; inf
+    for a NaN where the reference has a number, or a wrong shape)."""
     worst = 0.0
     for g, w in zip(got, want):
         g, w = _f64(g), _f64(w)
         if g.shape != w.shape:
             return float("inf")
-        scale = max(float(np.max(np.abs(w))) if w.size else 0.0, 1e-30)
-        if g.size:
-            worst = max(worst, float(np.max(np.abs(g - w))) / scale)
+        if not g.size:
+            continue
+        scale = max(float(np.max(np.abs(w))), 1e-30)
+        error = float(np.max(np.abs(g - w))) / scale
+        if error != error:        # NaN: Python's max() would pass over it
+            return float("inf")
+        worst = max(worst, error)
     return worst
 
 

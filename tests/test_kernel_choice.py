@@ -13,34 +13,13 @@ import numpy as np
 import pytest
 
 import nn
-from kernels import trace, versions
+from kernels import versions
 from kernels.runtime import KERNEL_DIR
-from nn import functional as F
+from tests._tiny_training import train_tiny as _train_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-
-
-def _train_tiny(steps=3, **choice):
-    """Losses of `steps` SGD steps of the tiny ResNet-50 on one fixed batch, on the emulator, and the
-    trace of its launches.  zero_init_residual: the tiny model's default initialisation is so
-    ill-conditioned that rounding-level differences grow to 1e-3 in a step; this one trains
-    smoothly, so any two correct versions agree to float32 rounding."""
-    with nn.device.use_kernels(**choice), trace.collect() as t:
-        model = nn.resnet50(num_classes=10, width=0.0625, seed=0, zero_init_residual=True).to("emu")
-        opt = nn.optim.SGD(model.named_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5)
-        rng = np.random.default_rng(0)
-        x = nn.device.emu.asarray(rng.standard_normal((8, 32, 32, 3), dtype=np.float32))
-        y = nn.device.emu.asarray(rng.integers(0, 10, 8).astype(np.int32))
-        losses = []
-        for _ in range(steps):
-            loss = F.cross_entropy(model(x, layout="NHWC"), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(nn.device.to_numpy(loss.data)))
-    return np.array(losses), t
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,11 @@ def test_a_wrong_copy_of_a_kernel_fails_its_check(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lesson.main("reduce", ["--source", str(tmp_path / "other.cu")])
     assert "cannot replace kernels/reduce.cu: it has no extern \"C\" kernel sum_atomic" in capsys.readouterr().err
+
+
+def test_a_nan_or_a_wrong_shape_never_passes():
+    want = [np.array([1.0, 2.0])]
+    assert cases.max_rel_error([np.array([1.0, 2.0 + 2e-6])], want) == pytest.approx(1e-6)
+    assert cases.max_rel_error([np.array([np.nan, 2.0])], want) == float("inf")    # garbage left in memory
+    assert cases.max_rel_error([np.array([1.0, 2.0, 3.0])], want) == float("inf")
+    assert cases.max_rel_error([np.zeros(0)], [np.zeros(0)]) == 0.0
