@@ -331,7 +331,7 @@ def test_a_race_in_a_real_kernel_is_found():
     broken = src.replace(barrier, "")
     tree_line = next(i + 1 for i, line in enumerate(broken.splitlines())
                      if "buf[threadIdx.x] += buf[threadIdx.x + stride]" in line)
-    m = kernels.RawModule(code=broken, filename="kernels/reduce.cu")
+    m = kernels.RawModule(code=broken, filename="kernels/reduce.cu", options=("-I", str(ROOT / "kernels")))
     x = rng.standard_normal(5000).astype(np.float32)
     partial = np.zeros(4, np.float32)
     with kernels.sanitize("racecheck"), pytest.raises(kernels.RacecheckError) as info:
