@@ -107,7 +107,7 @@ def build_parser():
                         "through our CUDA C kernels, run by the CPU emulator (about 650 kernel launches a step, "
                         "~5 s a step of the default CPU model: to see and check the GPU code train)")
     m.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
-                   help="activations: fp32, or fp16 on cuda (bf16 is refused: several ops have no bf16 kernels)")
+                   help="activations: fp32, or fp16 on cuda and emu (bf16 is refused: several ops have no bf16 kernels)")
     m.add_argument("--conv-engine", choices=["ours", "cudnn"], help="convolutions: our kernels or cuDNN (cuda)")
     m.add_argument("--kernels", metavar="FAMILY=VERSION,...",
                    help="which version of our kernels to train with (emu, cuda): e.g. conv=1,batchnorm=2; "
@@ -208,6 +208,11 @@ def _resolve_kernels(cfg, args):
         cfg["kernels"] = nn.device.kernel_table(args.kernels or {})
     except ValueError as e:
         raise UsageError(f"--kernels: {e}") from None
+    if args.kernels and cfg["precision"] in ("fp32", "fp16"):
+        try:   # conv=4 (a float16 version) in an fp32 run, or conv=1 in an fp16 one, would change nothing
+            nn.device.check_kernel_precision(args.kernels, "float16" if cfg["precision"] == "fp16" else "float32")
+        except ValueError as e:
+            raise UsageError(f"--kernels: {e} (--precision {cfg['precision']})") from None
     named = {part.split("=", 1)[0].strip() for part in (args.kernels or "").split(",")}
     if "conv" in named and cfg["conv_engine"] == "cudnn":
         raise UsageError("--kernels conv=... and --conv-engine cudnn both choose what runs the convolutions: "
@@ -240,7 +245,8 @@ def _validate(cfg):
          "and the input kernel have no bfloat16 versions (and bf16 needs an A100 or newer); use --precision fp16 "
          "(the same tensor-core speed, with dynamic loss scaling) or fp32")
     if cfg["precision"] != "fp32":
-        need(cfg["device"] == "cuda", f"--precision {cfg['precision']} needs --device cuda (cpu and emu train in fp32)")
+        need(cfg["device"] in ("cuda", "emu"), f"--precision {cfg['precision']} needs --device cuda or emu (our float16 "
+             f"kernels; the cpu device trains in fp32)")
     if cfg["conv_engine"] == "cudnn":
         need(cfg["device"] == "cuda", "--conv-engine cudnn needs --device cuda")
     if cfg["cuda_graph"]:
@@ -1071,8 +1077,18 @@ def _chosen_kernels(table):
     """'conv version 1, batchnorm version 2 of /path/my_bn.cu': the kernels a run does not take
     at their defaults, in words."""
     defaults = nn.device.kernel_table({})
-    return ", ".join(f"{family} version {entry['version']}" + (f" of {entry['file']}" if "file" in entry else "")
-                     for family, entry in table.items() if entry != defaults.get(family))
+    parts = []
+    for family, entry in table.items():
+        default = defaults.get(family, {})
+        if entry == default:
+            continue
+        said = []
+        if entry["version"] != default.get("version") or "file" in entry:
+            said.append(f"{family} version {entry['version']}")
+        if entry.get("f16_version") != default.get("f16_version"):
+            said.append(f"{family} float16 version {entry['f16_version']}")
+        parts.append(", ".join(said) + (f" of {entry['file']}" if "file" in entry else ""))
+    return ", ".join(parts)
 
 
 # fp16 with dynamic loss scaling skips a step whose loss is NaN/inf; this many in a row is divergence.

@@ -255,6 +255,10 @@ class ConvCase(OpCase):
     SHAPE = ("N", "H", "W", "C", "K", "R", "stride", "padding")
     SHAPES = {"emu": (2, 9, 9, 8, 16, 3, 1, 1), "gpu": (16, 56, 56, 64, 64, 3, 1, 1)}
     OPS = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight"]
+    # float16 versions: activations and weights in float16, the weight gradient in float32 (as a
+    # mixed-precision step asks for its float32 master weight); the weight arrives as conv_weight
+    # gives it (channels-last memory), made once, outside the timed calls
+    OPS_F16 = ["conv2d_forward f16", "conv2d_backward_data f16", "conv2d_backward_weight f16->f32"]
 
     def build(self, N, H, W, C, K, R, stride, padding):
         P, Q = cv.conv_output_size(H, R, stride, padding), cv.conv_output_size(W, R, stride, padding)
@@ -264,31 +268,51 @@ class ConvCase(OpCase):
         self.x = self.randn((N, H, W, C))
         self.w = self.randn((K, C, R, R), scale=0.1)
         self.dy = self.randn((N, P, Q, K))
+        self.x16, self.dy16 = self.x.astype(np.float16), self.dy.astype(np.float16)
+        self._wk16 = None
         self.P, self.Q = P, Q
 
+    def wk16(self):
+        """The float16 weight as the float16 versions read it (conv_weight of the float32 one)."""
+        if self._wk16 is None:
+            self._wk16 = cv.conv_weight(self.w, np.float16)
+        return self._wk16
+
     def ops(self, version):
-        return self.OPS
+        return self.OPS_F16 if version in cv.F16_VERSIONS else self.OPS
 
     def run(self, op, version, state):
         s, p = self.shape["stride"], self.shape["padding"]
-        if op == "conv2d_forward":
-            return (cv.conv2d_forward(self.x, self.w, s, p, version=version),)
-        if op == "conv2d_backward_data":
-            return (cv.conv2d_backward_data(self.dy, self.w, self.x.shape, s, p, version=version),)
-        return (cv.conv2d_backward_weight(self.x, self.dy, self.w.shape, s, p, version=version),)
+        if op.endswith("f16") or op.endswith("f32"):
+            x, w, dy = self.x16, self.wk16(), self.dy16
+        else:
+            x, w, dy = self.x, self.w, self.dy
+        if op.startswith("conv2d_forward"):
+            return (cv.conv2d_forward(x, w, s, p, version=version),)
+        if op.startswith("conv2d_backward_data"):
+            return (cv.conv2d_backward_data(dy, w, x.shape, s, p, version=version),)
+        dtype = np.float32 if op.endswith("f32") else None
+        return (cv.conv2d_backward_weight(x, dy, w.shape, s, p, version=version, dtype=dtype),)
 
     def expect(self, op):
         s, p = self.shape["stride"], self.shape["padding"]
-        x, w, dy = self.host(self.x), self.host(self.w), self.host(self.dy)
-        if op == "conv2d_forward":
+        half = op.endswith("f16") or op.endswith("f32")
+        x, dy = (self.host(self.x16), self.host(self.dy16)) if half else (self.host(self.x), self.host(self.dy))
+        w = self.host(self.host(self.w, np.float32).astype(np.float16)) if half else self.host(self.w)
+        if op.startswith("conv2d_forward"):
             return (ref.conv2d_forward(x, w, s, p),)
-        if op == "conv2d_backward_data":
+        if op.startswith("conv2d_backward_data"):
             return (ref.conv2d_backward_data(dy, w, x.shape, s, p),)
         return (ref.conv2d_backward_weight(x, dy, w.shape, s, p),)
 
+    def tolerance(self, op, version):
+        # a float16 result is rounded once: 2^-11 of its size; float32 sums of float16 products: 1e-5
+        return 2e-3 if op.endswith("f16") else self.TOLERANCE
+
     def work(self, op):
         N, C, K, R = self.shape["N"], self.shape["C"], self.shape["K"], self.shape["R"]
-        return F32 * (self.x.size + self.w.size + self.dy.size), 2 * N * self.P * self.Q * K * C * R * R
+        item = 2 if op.endswith("f16") or op.endswith("f32") else F32
+        return item * (self.x.size + self.w.size + self.dy.size), 2 * N * self.P * self.Q * K * C * R * R
 
 
 class BatchnormCase(OpCase):

@@ -12,6 +12,9 @@
  * Indices
  *   unravel4(i, d1, d2, d3, a, b, c, d)   the coordinates of element i of a C-order array of shape
  *                               (d0, d1, d2, d3): i = ((a * d1 + b) * d2 + c) * d3 + d
+ *   FastDiv f = make_fastdiv(d); fast_div(n, f), fast_divmod(n, f, q, r)   n / d and n % d for
+ *                               0 <= n < 2^31 by a divisor fixed for the whole kernel, as one
+ *                               multiply-high and a shift instead of a division (below)
  * Types
  *   to_float(v), from_float<T>(f)   float <-> the storage type (float or __half); half-precision
  *                               kernels compute in float and round once, on the store
@@ -57,6 +60,41 @@ __device__ __forceinline__ void unravel4(long long i, int d1, int d2, int d3, in
     i /= d2;
     b = (int)(i % d1);
     a = (int)(i / d1);
+}
+
+/* Integer division has no instruction on a GPU: n / d compiles to a sequence of some twenty
+ * instructions, which an index computation in a tile loader pays for every element.  When d is
+ * the same for the whole kernel (a channel count, an image width), the quotient is a multiply and
+ * a shift (Granlund & Montgomery 1994): with l = ceil(log2 d), p = 31 + l and m = ceil(2^p / d),
+ *     n / d == (n * m) >> p      for every 0 <= n < 2^31,
+ * where m < 2^32, so n * m >> 32 is __umulhi(n, m) and the rest a shift by p - 32 = l - 1.
+ * make_fastdiv does the one real division, once per thread, before any loop. */
+struct FastDiv {
+    int d;
+    unsigned m, shift;   // m == 0: d == 1, the quotient is n itself
+};
+
+__device__ __forceinline__ FastDiv make_fastdiv(int d) {
+    FastDiv f;
+    f.d = d;
+    f.m = 0;
+    f.shift = 0;
+    if (d > 1) {
+        unsigned l = 0;
+        while ((1u << l) < (unsigned)d) ++l;   // ceil(log2 d) >= 1
+        f.m = (unsigned)(((1ull << (31 + l)) + (unsigned)d - 1) / (unsigned)d);
+        f.shift = l - 1;
+    }
+    return f;
+}
+
+__device__ __forceinline__ int fast_div(int n, const FastDiv& f) {
+    return f.m ? (int)(__umulhi((unsigned)n, f.m) >> f.shift) : n;
+}
+
+__device__ __forceinline__ void fast_divmod(int n, const FastDiv& f, int& q, int& r) {
+    q = fast_div(n, f);
+    r = n - q * f.d;
 }
 
 /* ------------------------------------------------------------------------------------ types */

@@ -31,16 +31,25 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx of conv2d_forward: dy [N, P, Q, K], w [K, C, R, S] -> dx of shape x_shape (N, H, W, C)."""
 
 
-def conv2d_backward_weight(x, dy, w_shape, stride, padding):
-    """dw of conv2d_forward: x [N, H, W, C], dy [N, P, Q, K] -> dw of shape w_shape (K, C, R, S)."""
+def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):
+    """dw of conv2d_forward: x [N, H, W, C], dy [N, P, Q, K] -> dw of shape w_shape (K, C, R, S), in
+    `dtype` (None: x's; float32 for the float32 master weight of float16 activations)."""
+
+
+def conv_weight(w, dtype):
+    """w [K, C, R, S] as `dtype` (w.astype(dtype)) for conv2d_forward and conv2d_backward_data of
+    activations of that dtype: a mixed-precision step casts each master weight once, for both.
+    The result is only read; its memory may be in another order than OIHW (a view)."""
 
 
 def linear_forward(x, w, b=None):
-    """y = x @ w^T + b.  x [N, Cin], w [Cout, Cin], b [Cout] or None -> y [N, Cout]."""
+    """y = x @ w^T + b.  x [N, Cin], w [Cout, Cin] (x's dtype), b [Cout] or None (x's dtype or
+    float32) -> y [N, Cout], x's dtype."""
 
 
-def linear_backward(dy, x, w, need_bias_grad=True):
-    """(dx = dy @ w, dw = dy^T @ x, db = sum_n dy or None)."""
+def linear_backward(dy, x, w, need_bias_grad=True, dtype=None):
+    """(dx = dy @ w, dw = dy^T @ x, db = sum_n dy or None); dx in dy's dtype, dw and db in `dtype`
+    (None: dy's; float32 for float32 master parameters of a float16 layer)."""
 
 
 # ---- batch normalisation --------------------------------------------------------------------------

@@ -25,7 +25,12 @@
  *              batch 256), written once and read again.
  *   version 3  conv2d_*_igemm_f32, implicit GEMM: the GEMM's tile loader computes the address of
  *              each element of the patch matrix instead of reading a materialised cols, so the
- *              R*S-times copy is never written nor read.  Details below.  The default.
+ *              R*S-times copy is never written nor read.  Details below.  The default for float32.
+ *   version 4  conv2d_*_wmma_f16, the implicit GEMM on tensor cores: float16 activations and
+ *              weights, float32 accumulation, each warp multiplying 16 x 16 x 16 fragments in one
+ *              instruction (WMMA, sm_70+) instead of 4096 FMAs.  Tiles move as 16-byte vectors,
+ *              indices are decoded by multiply-shift, tiles are laid out without bank conflicts.
+ *              Details below.  The default for float16.
  *
  * Version 3 in detail.  Each pass IS a matrix multiply whose operands are never materialised: the
  * tile loader computes, for each (row, column) of the virtual matrix, the address it stands for.
@@ -60,9 +65,62 @@
  *
  * Index arithmetic is 32-bit where sizes are known to fit (the launcher checks) and 64-bit for
  * element offsets of whole tensors.
+ *
+ * Version 4 in detail: the same three GEMMs, on tensor cores.
+ *
+ *     A tensor core multiplies small matrices: one warp-wide instruction (wmma::mma_sync) computes
+ *     D = A B + C for a 16 x 16 tile of C from a 16 x 16 piece of A and one of B, 4096
+ *     multiply-adds that CUDA cores would need 4096 FMA instructions (128 per lane) for.  The
+ *     inputs are halves; their products are exact in float and are summed in float (fp32
+ *     accumulation): a sum of thousands of products rounded to half at every step would lose
+ *     its small terms (half has 11 significant bits: 2048 + 1 == 2048), so only the result is
+ *     rounded to half, once, when it is stored.
+ *
+ *     Tiles: a block of 128 threads (4 warps, 2 x 2) computes a 64 x 64 tile of C; each warp a
+ *     32 x 32 piece, 2 x 2 fragments.  The reduction walks in steps of 64: each step the block
+ *     fills a 64 x 64 tile of A and one of B in shared memory (zero where the virtual element is
+ *     padding or past an edge), then each warp does 4 x 4 mma_sync (4 k-slices of 16 times its 2 x 2
+ *     fragments).  A fragment wholly past the edge of C or the end of the reduction is skipped.
+ *     Compiled for sm_60 (no tensor cores), the same tiles are multiplied with float FMAs, 32
+ *     outputs per thread: float16 storage, float32 math, and still no float32 copy of anything.
+ *
+ *     Gathering a tile of the implicit im2col matrix: 8 threads per 64-element row of a tile, each
+ *     moving 8 consecutive reduction indices, one 16-byte vector.  Those are 8 consecutive channels
+ *     of one pixel (channels run fastest in NHWC and in the reduction order (r, s, c)), so the vector
+ *     is one aligned load whenever C % 8 == 0 (every layer of ResNet-50 but the stem) and the
+ *     pointers are 16-byte aligned; otherwise (the stem's 3 channels) the thread gathers its 8
+ *     elements one by one, walking (r, s, c).  A thread's rows (output pixels) never change, so
+ *     their (n, p, q) are decoded once, before the loop; its reduction index kk changes every step
+ *     and is split into (r, s, c) by multiply-shift (FastDiv, common.cuh): no division in the loop.
+ *       forward          A[m, kk] = x[n, p*stride - pad + r, q*stride - pad + s, c]   As[m][kk]
+ *                        B[kk, k] = wk[k][kk]                                         Bs[k][kk]
+ *       backward data    A[m, kk] = dy[n, p, q, k] where tap (r, s) carries (h, w) to (p, q)
+ *                        B[kk, c] = wk[k][r][s][c]                                    Bs[kk][c]
+ *       backward weight  A[k, j]  = dy[j][k]                                          As[j][k]
+ *                        B[j, kk] = x patch of pixel j                                Bs[j][kk]
+ *     where wk is the weight in KRSC order ([K][R][S][C]: the layout in which both weight operands
+ *     are contiguous rows).  The launcher gets it from conv_weight (one cast-and-transpose per
+ *     training step for a float32 master weight), or makes it from an OIHW float16 weight.
+ *
+ *     Bank conflicts.  Shared memory has 32 banks of 4 bytes; a quarter-warp's 16-byte accesses
+ *     are served together, and conflict when two of them fall in the same banks (the same
+ *     16-byte unit modulo 8).  The loaders store 8 consecutive units of one row (never a
+ *     conflict); WMMA loads a fragment as 16-byte pieces of 8 different rows at the same column.
+ *     With rows of 64 halves (8 units) those 8 pieces would all hit the same banks; rows padded to
+ *     72 halves (9 units, an odd number) put them in 8 different ones.  The float tile the results
+ *     go through (to be rounded and stored as rows of the output) is padded to 68 floats (17 units)
+ *     for the same reason.
+ *
+ *     Backward weight is split over gridDim.z as in version 3; with one split the kernel writes dw
+ *     itself (OIHW, float16, or float32 for a float32 master weight), with several the slices go
+ *     through a float32 workspace and conv2d_bwd_weight_reduce_oihw_* sums them, moving each 32
+ *     channels x R*S taps of a row through a padded shared tile so that it reads the workspace and
+ *     writes dw in consecutive addresses (version 3's reduce reads the workspace C floats apart).
  */
 
-#include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, load_float4
+#include <cuda_fp16.h>
+#include <mma.h>
+#include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, load_float4, FastDiv, to_float / from_float
 
 /* ------------------------------------------------------------------ shared by the versions */
 // dst = src.transpose(perm) for 4-D arrays: dst has dims d0..d3 (C order); src_stride_i is the
@@ -396,4 +454,476 @@ extern "C" __global__ void conv2d_bwd_weight_reduce_f32(const float* __restrict_
         for (int z = 0; z < splits; ++z) acc += ws[(long long)z * total + src];
         dw[i] = acc;
     }
+}
+
+/* ------------------------------------------------------------------ version 4: tensor cores */
+#define TC_BM 64          // tile rows (output pixels; output channels for backward weight)
+#define TC_BN 64          // tile columns
+#define TC_BK 64          // reduction step, in elements (halves)
+#define TC_LD (TC_BK + 8)   // leading dimension of the half tiles: 144-byte rows, 9 16-byte units
+#define TC_LDC (TC_BN + 4)  // of the float result tile: 272-byte rows, 17 units
+#define TC_THREADS 128    // 4 warps, 2 x 2, each a 32 x 32 piece of the tile
+#define TC_TILE (TC_BM * TC_LD)   // halves in one operand tile (all three layouts are 64 x 72)
+#define TC_SMEM_BYTES (2 * TC_TILE * 2 > TC_BM * TC_LDC * 4 ? 2 * TC_TILE * 2 : TC_BM * TC_LDC * 4)
+
+// How an operand tile sits in shared memory: element (row, col) of the tile's matrix at
+// tile[row * TC_LD + col] (RowMajor) or tile[col * TC_LD + row] (ColMajor).  The loaders write
+// whichever makes their global reads contiguous; WMMA reads either.
+struct RowMajor {};
+struct ColMajor {};
+template <class L> __device__ __forceinline__ int tile_offset(int row, int col);
+template <> __device__ __forceinline__ int tile_offset<RowMajor>(int row, int col) { return row * TC_LD + col; }
+template <> __device__ __forceinline__ int tile_offset<ColMajor>(int row, int col) { return col * TC_LD + row; }
+
+#if __CUDA_ARCH__ >= 700
+template <class L> struct WmmaLayout;
+template <> struct WmmaLayout<RowMajor> { typedef nvcuda::wmma::row_major type; };
+template <> struct WmmaLayout<ColMajor> { typedef nvcuda::wmma::col_major type; };
+#endif
+
+// 8 halves (16 bytes) from global to shared memory as one vector, or 8 zeros
+__device__ __forceinline__ void copy8(__half* dst, const __half* src) {
+    *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+}
+__device__ __forceinline__ void zero8(__half* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u); }
+
+// The GEMM of every pass on tensor cores: the TC_BM x TC_BN tile of C at the block's origin, summed
+// over the reduction range [k_begin, k_end) in steps of TC_BK.  At each step load_tiles(k0, As, Bs)
+// fills As (TC_BM x TC_BK of A, layout LA) and Bs (TC_BK x TC_BN of B, layout LB), zero where the
+// virtual element is padding or past an edge: the one part that differs between the passes.
+// rows_left / cols_left: how many rows / columns of the tile exist; a 16 x 16 fragment wholly past
+// them, or past the end of the reduction, is not multiplied (the test is the same for the 32 lanes
+// of a warp, as WMMA requires).  On return Cs (aliasing As and Bs) holds the tile as floats,
+// row-major with leading dimension TC_LDC, visible to every thread of the block.
+template <class LA, class LB, class LoadTiles>
+__device__ __forceinline__ void tc_gemm_tile(int k_begin, int k_end, int rows_left, int cols_left, __half* As,
+                                             __half* Bs, float* Cs, const LoadTiles& load_tiles) {
+    const int warp = threadIdx.x / WARP_SIZE, wm = warp / 2 * 32, wn = warp % 2 * 32;   // this warp's 32 x 32
+#if __CUDA_ARCH__ >= 700
+    using namespace nvcuda;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+#else
+    // sm_60: no tensor cores.  The same tiles, multiplied with float FMAs: 32 outputs per thread,
+    // element e = threadIdx.x + TC_THREADS * q of the tile (fp16 storage, fp32 math).
+    float acc[TC_BM * TC_BN / TC_THREADS];
+#pragma unroll
+    for (int q = 0; q < TC_BM * TC_BN / TC_THREADS; ++q) acc[q] = 0.0f;
+#endif
+    for (int k0 = k_begin; k0 < k_end; k0 += TC_BK) {
+        load_tiles(k0, As, Bs);
+        __syncthreads();
+#if __CUDA_ARCH__ >= 700
+        const int depth = k_end - k0;   // reduction indices left: the tile is zero past them
+#pragma unroll
+        for (int kk = 0; kk < TC_BK; kk += 16) {
+            if (kk >= depth) break;
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, typename WmmaLayout<LA>::type> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, typename WmmaLayout<LB>::type> fb[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                if (wm + 16 * i < rows_left) wmma::load_matrix_sync(fa[i], As + tile_offset<LA>(wm + 16 * i, kk), TC_LD);
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+                if (wn + 16 * j < cols_left) wmma::load_matrix_sync(fb[j], Bs + tile_offset<LB>(kk, wn + 16 * j), TC_LD);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    if (wm + 16 * i < rows_left && wn + 16 * j < cols_left) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+#else
+#pragma unroll
+        for (int q = 0; q < TC_BM * TC_BN / TC_THREADS; ++q) {
+            const int e = threadIdx.x + TC_THREADS * q, row = e / TC_BN, col = e % TC_BN;
+            float s = acc[q];
+            for (int kk = 0; kk < TC_BK; ++kk)
+                s = fmaf(__half2float(As[tile_offset<LA>(row, kk)]), __half2float(Bs[tile_offset<LB>(kk, col)]), s);
+            acc[q] = s;
+        }
+#endif
+        __syncthreads();   // nobody refills a tile another warp is still reading
+    }
+    // Cs aliases As and Bs: every warp has passed the barrier above, so nobody reads them any more
+#if __CUDA_ARCH__ >= 700
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            if (wm + 16 * i < rows_left && wn + 16 * j < cols_left)
+                wmma::store_matrix_sync(Cs + (wm + 16 * i) * TC_LDC + wn + 16 * j, acc[i][j], TC_LDC, wmma::mem_row_major);
+#else
+#pragma unroll
+    for (int q = 0; q < TC_BM * TC_BN / TC_THREADS; ++q) {
+        const int e = threadIdx.x + TC_THREADS * q;
+        Cs[e / TC_BN * TC_LDC + e % TC_BN] = acc[q];
+    }
+#endif
+    __syncthreads();
+}
+
+// out[m, n] = Cs[m - m0][n - n0] rounded to half, for the tile's rows m < M and columns n < ncols of a
+// row-major [M, ncols] matrix.  4 consecutive columns per thread: one 16-byte read of Cs (8 threads of
+// a quarter-warp read 8 different 16-byte units of a row: no bank conflict) and one 8-byte store
+// where vec says the row allows it.
+__device__ __forceinline__ void tc_store_tile_f16(__half* __restrict__ out, const float* Cs, int m0, int n0, int M,
+                                                  int ncols, bool vec) {
+    for (int e = threadIdx.x; e < TC_BM * TC_BN / 4; e += TC_THREADS) {
+        const int row = e / (TC_BN / 4), col = e % (TC_BN / 4) * 4, m = m0 + row, n = n0 + col;
+        if (m >= M || n >= ncols) continue;
+        const float4 v = *reinterpret_cast<const float4*>(Cs + row * TC_LDC + col);
+        __half* dst = out + (long long)m * ncols + n;
+        if (vec && n + 3 < ncols) {
+            __align__(8) __half2 pair[2] = {__floats2half2_rn(v.x, v.y), __floats2half2_rn(v.z, v.w)};
+            *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(pair);
+        } else {
+            const float f[4] = {v.x, v.y, v.z, v.w};
+            for (int j = 0; j < 4 && n + j < ncols; ++j) dst[j] = __float2half_rn(f[j]);
+        }
+    }
+}
+
+// The loaders' thread mapping, the same in every pass: 8 threads per 64-element row of a tile, each
+// one group of 8 consecutive elements (one 16-byte vector, g8 = 0, 8, ..., 56); rows
+// row0 + 16 i, i < 4.  A quarter-warp stores 8 consecutive units of one row: no bank conflict;
+// WMMA's fragment loads read 8 rows of one unit: 9-unit rows put them in 8 different banks.
+#define TC_G8 (threadIdx.x % 8 * 8)
+#define TC_ROW0 (threadIdx.x / 8)
+
+// Backward data: the output pixel (p, q) that filter tap (r, s) carries input pixel (h, w) to, as in
+// output_of_tap, with the division by stride done by multiply-shift.
+__device__ __forceinline__ bool tap_output(int h_pad_r, const FastDiv& div_stride, int P, int& p) {
+    if (h_pad_r < 0) return false;
+    p = fast_div(h_pad_r, div_stride);
+    return p * div_stride.d == h_pad_r && p < P;
+}
+
+// Forward.  grid (ceil(N*P*Q / 64), ceil(K / 64)), block 128.  wk: the weight in KRSC order.
+// aligned: 1 when x, wk and y start on 16-byte boundaries; channels move as 16-byte vectors when
+// also C % 8 == 0, element by element otherwise (the stem's 3 channels).
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_fwd_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ wk, __half* __restrict__ y, int N, int H,
+                    int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
+    __shared__ __align__(128) unsigned char smem[TC_SMEM_BYTES];
+    __half* As = reinterpret_cast<__half*>(smem);
+    __half* Bs = As + TC_TILE;
+    float* Cs = reinterpret_cast<float*>(smem);
+    const int M = N * P * Q, Kd = R * S * C;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    const bool vec = aligned && C % 8 == 0;
+    const FastDiv div_c = make_fastdiv(C), div_s = make_fastdiv(S);
+    const int g8 = TC_G8, row0 = TC_ROW0;
+    // This thread's 4 rows of A are output pixels (n, p, q), the same at every step: decoded once
+    // into the image's offset and the corner of the filter window (p*stride - pad, q*stride - pad).
+    int x_base[4], h_0[4], w_0[4];
+    {
+        const FastDiv div_pq = make_fastdiv(P * Q), div_q = make_fastdiv(Q);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + row0 + 16 * i;
+            x_base[i] = 0;
+            h_0[i] = w_0[i] = IG_FAR;
+            if (m < M) {
+                int n, pq, p, q;
+                fast_divmod(m, div_pq, n, pq);
+                fast_divmod(pq, div_q, p, q);
+                x_base[i] = n * H * W * C;
+                h_0[i] = p * stride - pad;
+                w_0[i] = q * stride - pad;
+            }
+        }
+    }
+    tc_gemm_tile<RowMajor, ColMajor>(0, Kd, M - m0, K - n0, As, Bs, Cs, [&](int k0, __half* As, __half* Bs) {
+        const int kk = k0 + g8;   // this thread's reduction indices kk .. kk + 7, kk = (r * S + s) * C + c
+        int rs, c, r, s;
+        fast_divmod(kk, div_c, rs, c);
+        fast_divmod(rs, div_s, r, s);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {   // A[m, kk] = x[n, h_0 + r, w_0 + s, c]: As[m][kk]
+            __half* dst = As + tile_offset<RowMajor>(row0 + 16 * i, g8);
+            if (vec) {
+                const int h = h_0[i] + r, w = w_0[i] + s;
+                if (kk < Kd && h >= 0 && h < H && w >= 0 && w < W) copy8(dst, x + x_base[i] + (h * W + w) * C + c);
+                else zero8(dst);
+            } else {
+                int re = r, se = s, ce = c;   // walk (r, s, c) one element at a time
+                for (int e = 0; e < 8; ++e) {
+                    const int h = h_0[i] + re, w = w_0[i] + se;
+                    dst[e] = kk + e < Kd && h >= 0 && h < H && w >= 0 && w < W ? x[x_base[i] + (h * W + w) * C + ce]
+                                                                                : __float2half(0.0f);
+                    if (++ce == C) {
+                        ce = 0;
+                        if (++se == S) se = 0, ++re;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {   // B[kk, k] = wk[k][kk]: Bs[k][kk] (column-major B), the same kk
+            const int k = n0 + row0 + 16 * i;
+            __half* dst = Bs + tile_offset<ColMajor>(g8, row0 + 16 * i);
+            if (vec) {
+                if (k < K && kk < Kd) copy8(dst, wk + k * Kd + kk);
+                else zero8(dst);
+            } else {
+                for (int e = 0; e < 8; ++e) dst[e] = k < K && kk + e < Kd ? wk[k * Kd + kk + e] : __float2half(0.0f);
+            }
+        }
+    });
+    tc_store_tile_f16(y, Cs, m0, n0, M, K, aligned && K % 4 == 0);   // y[n, p, q, k]: row m of [M, K]
+}
+
+// Backward data.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 128.  wk: the weight in KRSC order.
+// The reduction runs over kk = (r * S + s) * K + k: 8 consecutive kk are 8 consecutive channels of dy
+// (one vector when K % 8 == 0), and a row kk of B, wk[k][r][s][c0 ..], is contiguous in c.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx, int N,
+                         int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
+    __shared__ __align__(128) unsigned char smem[TC_SMEM_BYTES];
+    __half* As = reinterpret_cast<__half*>(smem);
+    __half* Bs = As + TC_TILE;
+    float* Cs = reinterpret_cast<float*>(smem);
+    const int M = N * H * W, Kd = R * S * K, RS = R * S;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    const bool vec_a = aligned && K % 8 == 0, vec_b = aligned && C % 8 == 0;
+    const FastDiv div_k = make_fastdiv(K), div_s = make_fastdiv(S), div_stride = make_fastdiv(stride);
+    const int g8 = TC_G8, row0 = TC_ROW0;
+    // rows of A: input pixels (n, h, w), decoded once: dy's image offset and (h + pad, w + pad)
+    int dy_base[4], h_pad[4], w_pad[4];
+    {
+        const FastDiv div_hw = make_fastdiv(H * W), div_w = make_fastdiv(W);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + row0 + 16 * i;
+            dy_base[i] = 0;
+            h_pad[i] = w_pad[i] = -1;   // no tap reaches a row past M
+            if (m < M) {
+                int n, hw, h, w;
+                fast_divmod(m, div_hw, n, hw);
+                fast_divmod(hw, div_w, h, w);
+                dy_base[i] = n * P * Q * K;
+                h_pad[i] = h + pad;
+                w_pad[i] = w + pad;
+            }
+        }
+    }
+    tc_gemm_tile<RowMajor, RowMajor>(0, Kd, M - m0, C - n0, As, Bs, Cs, [&](int k0, __half* As, __half* Bs) {
+        {
+            const int kk = k0 + g8;
+            int rs, k, r, s;
+            fast_divmod(kk, div_k, rs, k);
+            fast_divmod(rs, div_s, r, s);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {   // A[m, kk] = dy[n, p, q, k] where tap (r, s) carries (h, w) to (p, q)
+                __half* dst = As + tile_offset<RowMajor>(row0 + 16 * i, g8);
+                if (vec_a) {
+                    int p, q;
+                    if (kk < Kd && tap_output(h_pad[i] - r, div_stride, P, p) && tap_output(w_pad[i] - s, div_stride, Q, q))
+                        copy8(dst, dy + dy_base[i] + (p * Q + q) * K + k);
+                    else zero8(dst);
+                } else {
+                    int re = r, se = s, ke = k;
+                    for (int e = 0; e < 8; ++e) {
+                        int p, q;
+                        dst[e] = kk + e < Kd && tap_output(h_pad[i] - re, div_stride, P, p) &&
+                                         tap_output(w_pad[i] - se, div_stride, Q, q)
+                                     ? dy[dy_base[i] + (p * Q + q) * K + ke] : __float2half(0.0f);
+                        if (++ke == K) {
+                            ke = 0;
+                            if (++se == S) se = 0, ++re;
+                        }
+                    }
+                }
+            }
+        }
+        const int c = n0 + g8;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {   // B[kk, c] = wk[k][r][s][c]: Bs[kk][c] (row-major B)
+            const int kk = k0 + row0 + 16 * i;
+            int rs, k;
+            fast_divmod(kk, div_k, rs, k);
+            const __half* src = wk + (k * RS + rs) * C + c;
+            __half* dst = Bs + tile_offset<RowMajor>(row0 + 16 * i, g8);
+            if (vec_b) {
+                if (kk < Kd && c < C) copy8(dst, src);
+                else zero8(dst);
+            } else {
+                for (int e = 0; e < 8; ++e) dst[e] = kk < Kd && c + e < C ? src[e] : __float2half(0.0f);
+            }
+        }
+    });
+    tc_store_tile_f16(dx, Cs, m0, n0, M, C, aligned && C % 4 == 0);   // dx[n, h, w, c]: row m of [M, C]
+}
+
+// Backward weight, split-K.  grid (ceil(K / 64), ceil(R*S*C / 64), splits), block 128.  Split z reduces
+// n*P*Q indices [z * chunk, min((z + 1) * chunk, N*P*Q)) (chunk a multiple of 64).  One split writes
+// dw (OIHW, type TW) itself; several write ws[z][k][(r, s, c)] (float) for conv2d_bwd_weight_reduce_*.
+template <typename TW>
+__device__ __forceinline__ void bwd_weight_wmma(const __half* __restrict__ x, const __half* __restrict__ dy,
+                                                float* __restrict__ ws, TW* __restrict__ dw, int N, int H, int W,
+                                                int C, int K, int R, int S, int P, int Q, int stride, int pad,
+                                                int chunk, int aligned, unsigned char* smem) {
+    __half* As = reinterpret_cast<__half*>(smem);
+    __half* Bs = As + TC_TILE;
+    float* Cs = reinterpret_cast<float*>(smem);
+    const int M = K, ncols = R * S * C, Kd = N * P * Q, RS = R * S;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    const int k_begin = blockIdx.z * chunk, k_end = min(Kd, k_begin + chunk);
+    const bool vec_a = aligned && K % 8 == 0, vec_b = aligned && C % 8 == 0;
+    const FastDiv div_c = make_fastdiv(C), div_pq = make_fastdiv(P * Q), div_q = make_fastdiv(Q);
+    const int g8 = TC_G8, row0 = TC_ROW0;
+    // This thread's 8 columns of B, col .. col + 7 = (r, s, c ..), never change: decoded once.
+    const int col = n0 + g8;
+    int b_r = IG_FAR, b_s = IG_FAR, b_c = 0;
+    if (col < ncols) {
+        int rs;
+        fast_divmod(col, div_c, rs, b_c);
+        fast_divmod(rs, make_fastdiv(S), b_r, b_s);
+    }
+    tc_gemm_tile<ColMajor, RowMajor>(k_begin, k_end, M - m0, ncols - n0, As, Bs, Cs, [&](int k0, __half* As, __half* Bs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int jr = row0 + 16 * i, j = k0 + jr;   // reduction index j = (n, p, q): a pixel of dy
+            const bool in = j < k_end;
+            int n = 0, p = 0, q = 0;
+            if (in) {
+                int pq;
+                fast_divmod(j, div_pq, n, pq);
+                fast_divmod(pq, div_q, p, q);
+            }
+            // A[k, j] = dy[j][k]: As[j][k] (column-major A), 8 consecutive output channels
+            const int k = m0 + g8;
+            __half* dst = As + tile_offset<ColMajor>(g8, jr);
+            if (vec_a) {
+                if (in && k < K) copy8(dst, dy + j * K + k);
+                else zero8(dst);
+            } else {
+                for (int e = 0; e < 8; ++e) dst[e] = in && k + e < K ? dy[j * K + k + e] : __float2half(0.0f);
+            }
+            // B[j, (r, s, c)] = x[n, p*stride - pad + r, q*stride - pad + s, c]: Bs[j][col]
+            dst = Bs + tile_offset<RowMajor>(jr, g8);
+            const int h0 = p * stride - pad, w0 = q * stride - pad, x_base = n * H * W * C;
+            if (vec_b) {
+                const int h = h0 + b_r, w = w0 + b_s;
+                if (in && h >= 0 && h < H && w >= 0 && w < W) copy8(dst, x + x_base + (h * W + w) * C + b_c);
+                else zero8(dst);
+            } else {
+                int re = b_r, se = b_s, ce = b_c;
+                for (int e = 0; e < 8; ++e) {
+                    const int h = h0 + re, w = w0 + se;
+                    dst[e] = in && col + e < ncols && h >= 0 && h < H && w >= 0 && w < W ? x[x_base + (h * W + w) * C + ce]
+                                                                                   : __float2half(0.0f);
+                    if (++ce == C) {
+                        ce = 0;
+                        if (++se == S) se = 0, ++re;
+                    }
+                }
+            }
+        }
+    });
+    // Cs[k - m0][col - n0]: dw[k][c][r][s] when this is the only split, else this split's slice of ws
+    for (int e = threadIdx.x; e < TC_BM * TC_BN; e += TC_THREADS) {
+        const int row = e / TC_BN, k = m0 + row, cl = n0 + e % TC_BN;
+        if (k >= K || cl >= ncols) continue;
+        const float v = Cs[row * TC_LDC + e % TC_BN];
+        if (gridDim.z == 1) {
+            int rs, c;
+            fast_divmod(cl, div_c, rs, c);
+            dw[(k * C + c) * RS + rs] = from_float<TW>(v);
+        } else {
+            ws[((long long)blockIdx.z * K + k) * ncols + cl] = v;   // consecutive threads, consecutive columns
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_bwd_weight_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
+                           __half* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
+                           int stride, int pad, int chunk, int aligned) {
+    __shared__ __align__(128) unsigned char smem[TC_SMEM_BYTES];   // declared here, not in the template
+    bwd_weight_wmma(x, dy, ws, dw, N, H, W, C, K, R, S, P, Q, stride, pad, chunk, aligned, smem);
+}
+
+// The same with dw in float: the gradient of a float32 master weight, never rounded to half.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_bwd_weight_wmma_f16_dw_f32(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
+                                  float* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
+                                  int stride, int pad, int chunk, int aligned) {
+    __shared__ __align__(128) unsigned char smem[TC_SMEM_BYTES];
+    bwd_weight_wmma(x, dy, ws, dw, N, H, W, C, K, R, S, P, Q, stride, pad, chunk, aligned, smem);
+}
+
+// dw[k, c, r, s] (OIHW) = sum over splits z of ws[z][k][(r * S + s) * C + c].  grid (K, ceil(C / 32)),
+// block 256, dynamic shared memory R*S*33 floats.  Block (k, c0) moves the 32 channels c0 .. of all
+// R*S taps of row k through shared memory: it reads them tap by tap (32 consecutive floats of ws:
+// coalesced) and writes them channel by channel (32 * R*S consecutive elements of dw: coalesced).
+// Row t of the staging tile holds tap t; its 33 floats put the R*S values a write pass reads, 33
+// apart, in different banks.  (Reading ws in dw's order instead would stride C floats per thread.)
+template <typename TW>
+__device__ __forceinline__ void bwd_weight_reduce_oihw(const float* __restrict__ ws, TW* __restrict__ dw, int splits,
+                                                       int K, int C, int R, int S, float* staged) {
+    const int k = blockIdx.x, c0 = blockIdx.y * 32, RS = R * S, cn = min(32, C - c0);
+    const long long slice = (long long)K * RS * C;
+    for (int i = threadIdx.x; i < RS * 32; i += blockDim.x) {
+        const int t = i / 32, cl = i % 32;
+        if (cl >= cn) continue;
+        const float* src = ws + ((long long)k * RS + t) * C + c0 + cl;
+        float acc = 0.0f;
+        for (int z = 0; z < splits; ++z) acc += src[z * slice];
+        staged[t * 33 + cl] = acc;
+    }
+    __syncthreads();
+    const FastDiv div_rs = make_fastdiv(RS);
+    for (int i = threadIdx.x; i < cn * RS; i += blockDim.x) {
+        int cl, t;
+        fast_divmod(i, div_rs, cl, t);
+        dw[((long long)k * C + c0) * RS + i] = from_float<TW>(staged[t * 33 + cl]);
+    }
+}
+
+extern "C" __global__ void conv2d_bwd_weight_reduce_oihw_f16(const float* __restrict__ ws, __half* __restrict__ dw,
+                                                             int splits, int K, int C, int R, int S) {
+    extern __shared__ float staged[];
+    bwd_weight_reduce_oihw(ws, dw, splits, K, C, R, S, staged);
+}
+
+extern "C" __global__ void conv2d_bwd_weight_reduce_oihw_f32(const float* __restrict__ ws, float* __restrict__ dw,
+                                                             int splits, int K, int C, int R, int S) {
+    extern __shared__ float staged[];
+    bwd_weight_reduce_oihw(ws, dw, splits, K, C, R, S, staged);
+}
+
+// wk[k][r][s][c] (KRSC, half) = w[k][c][r][s] (OIHW, float or half): the layout versions 4 and 5
+// read.  grid (K, ceil(C / 32)), block 256, dynamic shared memory R*S*33 floats: the transpose of
+// conv2d_bwd_weight_reduce_oihw, through the same padded tile (read channel by channel, written tap by tap).
+template <typename TW>
+__device__ __forceinline__ void weight_to_krsc(const TW* __restrict__ w, __half* __restrict__ wk, int K, int C, int R,
+                                               int S, float* staged) {
+    const int k = blockIdx.x, c0 = blockIdx.y * 32, RS = R * S, cn = min(32, C - c0);
+    const FastDiv div_rs = make_fastdiv(RS);
+    for (int i = threadIdx.x; i < cn * RS; i += blockDim.x) {
+        int cl, t;
+        fast_divmod(i, div_rs, cl, t);
+        staged[t * 33 + cl] = to_float(w[((long long)k * C + c0) * RS + i]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < RS * 32; i += blockDim.x) {
+        const int t = i / 32, cl = i % 32;
+        if (cl < cn) wk[((long long)k * RS + t) * C + c0 + cl] = __float2half_rn(staged[t * 33 + cl]);
+    }
+}
+
+extern "C" __global__ void conv_weight_f32_to_krsc_f16(const float* __restrict__ w, __half* __restrict__ wk, int K,
+                                                       int C, int R, int S) {
+    extern __shared__ float staged[];
+    weight_to_krsc(w, wk, K, C, R, S, staged);
+}
+
+extern "C" __global__ void conv_weight_f16_to_krsc_f16(const __half* __restrict__ w, __half* __restrict__ wk, int K,
+                                                       int C, int R, int S) {
+    extern __shared__ float staged[];
+    weight_to_krsc(w, wk, K, C, R, S, staged);
 }

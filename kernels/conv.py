@@ -1,33 +1,68 @@
 """Launchers of kernels/conv.cu: 2-D convolution forward, backward-data and backward-weight.
 
-    y  = conv2d_forward(x, w, stride, padding)                         # version 3, implicit GEMM (default)
+    y  = conv2d_forward(x, w, stride, padding)                         # the version in use for x's dtype
     dx = conv2d_backward_data(dy, w, x.shape, stride, padding, version=1)   # naive
     dw = conv2d_backward_weight(x, dy, w.shape, stride, padding, version=2) # im2col + GEMM
+    wk = conv_weight(w32, np.float16)                                  # fp32 master -> fp16, channels last
+    y16 = conv2d_forward(x16, wk, stride, padding)                     # tensor cores (version 4)
+    dw32 = conv2d_backward_weight(x16, dy16, w.shape, stride, padding, dtype=np.float32)
 
 Layouts: x [N, H, W, C] and y / dy [N, P, Q, K] (NHWC), w [K, C, R, S] (OIHW, as torchvision),
-all float32 and C-contiguous.  NumPy arrays run on the CPU emulator, CuPy arrays on the GPU.
-Dilation 1, groups 1, no bias; P = (H + 2*padding - R)//stride + 1, Q likewise.
+C-contiguous.  NumPy arrays run on the CPU emulator, CuPy arrays on the GPU.  Dilation 1,
+groups 1, no bias; P = (H + 2*padding - R)//stride + 1, Q likewise.
 
 Versions (the header of conv.cu; `python -m kernels.conv` checks and times them):
-    1  naive: one thread per output element
-    2  im2col (or col2im) kernel + the GEMM of gemm.cu (the version of gemm in use)
-    3  implicit GEMM: a tiled GEMM whose operands are addressed straight in x / dy / w
-version=None runs the version in use (kernels.versions; 3 unless chosen otherwise).
+    1  naive: one thread per output element                                       float32
+    2  im2col (or col2im) kernel + the GEMM of gemm.cu (the version of gemm in use) float32
+    3  implicit GEMM: a tiled GEMM whose operands are addressed straight in x / dy / w   float32
+    4  implicit GEMM on tensor cores (WMMA), float32 accumulation                  float16
+version=None runs the version in use for the arrays' dtype (kernels.versions: 3 for float32 and 4
+for float16 unless chosen otherwise).  The float16 versions take w as float16 OIHW, either
+C-contiguous or as conv_weight returns it (channels-last memory viewed as [K, C, R, S]: no copy
+per call then); dw comes back in `dtype` (default: x's), so the gradient of a float32 master
+weight is never rounded to half.
 """
+
+import contextlib
 
 import numpy as np
 
 from . import gemm as _gemm
 from . import versions
-from ._launch import array_module, blocks_for, check_array, check_shape_tuple, module
+from ._launch import array_module, blocks_for, check_array, check_shape_tuple, is_cupy, module
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_output_size",
-           "permute_weight"]
+           "permute_weight", "conv_weight", "F16_VERSIONS", "emulate_arch"]
 
 _BLOCK = 256
 _IG_TILE = 64           # implicit-GEMM tile (IG_BM = IG_BN in conv.cu)
 _IG_BK = 16             # its reduction step (IG_BK)
+_TC_TILE = 64           # tensor-core tile (TC_BM = TC_BN) and reduction step (TC_BK)
+_TC_THREADS = 128
 _INT32_MAX = 2**31 - 1
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+F16_VERSIONS = versions.FAMILIES["conv"].f16   # the versions that take float16 (tensor cores)
+
+_emu_options = ()       # options of the emulator's build of conv.cu (emulate_arch)
+
+
+@contextlib.contextmanager
+def emulate_arch(arch):
+    """Within the block, the emulator builds conv.cu for `arch` ("sm_60", "sm_70", "sm_80", ...),
+    so the code paths of older GPUs run on the CPU: sm_60 multiplies the float16 tiles with float
+    FMAs (no tensor cores).  The default is sm_80.  Launches on a GPU are not affected (NVRTC
+    compiles for the GPU at hand)."""
+    global _emu_options
+    previous, _emu_options = _emu_options, (f"-arch={arch}",)
+    try:
+        yield
+    finally:
+        _emu_options = previous
+
+
+def _module(xp):
+    return module("conv.cu", _emu_options if xp is np else ())
 
 
 def conv_output_size(size, kernel, stride, padding):
@@ -71,6 +106,62 @@ def _blocks(n, xp):
     return blocks_for(n, _BLOCK, xp)
 
 
+def _data_ptr(a):
+    return int(a.data.ptr) if is_cupy(a) else int(a.__array_interface__["data"][0])
+
+
+def _aligned(*arrays):
+    """np.int32(1) when every array starts on a 16-byte boundary: the float16 kernels may then move
+    8 channels as one 16-byte vector (where the channel count allows)."""
+    return np.int32(all(_data_ptr(a) % 16 == 0 for a in arrays))
+
+
+def _krsc_f16(op, w, xp):
+    """The float16 weight [K, C, R, S] as the C-contiguous [K, R, S, C] array the tensor-core kernels
+    read: w's own memory when it is a channels-last view (conv_weight), else a transposed copy."""
+    check_array(op, "w", w, dtype=np.float16, ndim=4, contiguous=False)
+    wk = w.transpose(0, 2, 3, 1)
+    if wk.flags.c_contiguous:
+        return wk
+    if not w.flags.c_contiguous:
+        raise ValueError(f"{op}: w must be C-contiguous [K, C, R, S] (OIHW) or channels-last memory viewed as "
+                         f"[K, C, R, S] (what conv_weight returns); got strides {w.strides}")
+    return _to_krsc(w, xp)
+
+
+def _to_krsc(w, xp):
+    K, C, R, S = w.shape
+    wk = xp.empty((K, R, S, C), dtype=np.float16)
+    name = "conv_weight_f32_to_krsc_f16" if w.dtype == _F32 else "conv_weight_f16_to_krsc_f16"
+    _module(xp).get_function(name)((K, -(-C // 32)), (_BLOCK,), (w, wk) + tuple(np.int32(v) for v in w.shape),
+                                   shared_mem=R * S * 33 * 4)
+    return wk
+
+
+def conv_weight(w, dtype):
+    """w [K, C, R, S] (OIHW) as `dtype`, in the memory order the convolutions of that dtype read.
+
+    float16: one kernel casts and transposes to channels last ([K, R, S, C] memory, returned as its
+    [K, C, R, S] view, so it is still an OIHW-shaped array): the tensor-core versions then read it
+    with no copy of their own, in forward and backward data alike (w already in that form: w
+    itself).  float32: w itself for float32 w (the float32 versions read OIHW).  w: float32 or
+    float16, C-contiguous.  A mixed-precision step calls this once per convolution for its float32
+    master weight.
+    """
+    op = "conv_weight"
+    check_array(op, "w", w, dtype=(np.float32, np.float16), ndim=4, contiguous=False)
+    dtype = np.dtype(dtype)
+    if dtype not in (_F32, _F16):
+        raise TypeError(f"{op}: dtype must be float32 or float16, got {dtype}")
+    if dtype == _F16 and w.dtype == _F16 and w.transpose(0, 2, 3, 1).flags.c_contiguous:
+        return w
+    check_array(op, "w", w, ndim=4)
+    if dtype == _F32:
+        return w if w.dtype == _F32 else w.astype(dtype)
+    xp = array_module(w)
+    return _to_krsc(w, xp).transpose(0, 3, 1, 2)
+
+
 def permute_weight(w, perm):
     """w.transpose(perm) as a new C-contiguous array, by the permute4_f32 kernel.
 
@@ -85,7 +176,7 @@ def permute_weight(w, perm):
     out = xp.empty(tuple(w.shape[p] for p in perm), dtype=np.float32)
     elem_strides = [s // w.itemsize for s in w.strides]
     args = (w, out) + tuple(np.int32(d) for d in out.shape) + tuple(np.int32(elem_strides[p]) for p in perm)
-    module("conv.cu").get_function("permute4_f32")((_blocks(out.size, xp),), (_BLOCK,), args)
+    _module(xp).get_function("permute4_f32")((_blocks(out.size, xp),), (_BLOCK,), args)
     return out
 
 
@@ -96,17 +187,20 @@ def conv2d_forward(x, w, stride, padding, version=None):
 
     x: float32 [N, H, W, C] (NHWC), w: float32 [K, C, R, S] (OIHW), stride >= 1, padding >= 0
     ->  y: float32 [N, P, Q, K] (NHWC).  version: 1 naive, 2 im2col + GEMM, 3 implicit GEMM, None
-    the version in use.
+    the version in use.  Or x, w float16 (w C-contiguous OIHW or from conv_weight) -> y float16:
+    version 4, tensor cores.
     """
     op = "conv2d_forward"
-    version = versions.version("conv", version, op)
+    version = versions.version("conv", version, op, getattr(x, "dtype", None))
+    if version in F16_VERSIONS:
+        return _forward_f16(op, x, w, stride, padding, version)
     check_array(op, "x", x, dtype=np.float32, ndim=4)
     check_array(op, "w", w, dtype=np.float32, ndim=4)
     xp = array_module(x, w)
     g = _geometry(op, x.shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
     y = xp.empty((N, P, Q, K), dtype=np.float32)
-    mod = module("conv.cu")
+    mod = _module(xp)
     if version == 1:
         mod.get_function("conv2d_fwd_naive_f32")((_blocks(y.size, xp),), (_BLOCK,), (x, w, y) + _shape_args(g))
     elif version == 2:
@@ -128,10 +222,12 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
                      (0 <= p < P, 0 <= q < Q) of dy[n, p, q, k] * w[k, c, r, s]
 
     dy: float32 [N, P, Q, K], w: float32 [K, C, R, S], x_shape: (N, H, W, C)
-    ->  dx: float32 x_shape (NHWC).  version as conv2d_forward.
+    ->  dx: float32 x_shape (NHWC).  version as conv2d_forward (float16 dy and w: dx float16).
     """
     op = "conv2d_backward_data"
-    version = versions.version("conv", version, op)
+    version = versions.version("conv", version, op, getattr(dy, "dtype", None))
+    if version in F16_VERSIONS:
+        return _backward_data_f16(op, dy, w, x_shape, stride, padding, version)
     check_array(op, "dy", dy, dtype=np.float32, ndim=4)
     check_array(op, "w", w, dtype=np.float32, ndim=4)
     x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
@@ -142,7 +238,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
         raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x_shape {x_shape} and w {tuple(w.shape)}, "
                          f"got {tuple(dy.shape)}")
     dx = xp.empty(x_shape, dtype=np.float32)
-    mod = module("conv.cu")
+    mod = _module(xp)
     if version == 1:
         mod.get_function("conv2d_bwd_data_naive_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dy, w, dx) + _shape_args(g))
     elif version == 2:
@@ -167,23 +263,28 @@ def _split_k(xp, tiles, reduction, split_k):
     return -(-reduction // chunk), chunk
 
 
-def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_k=None):
+def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_k=None, dtype=None):
     """dw = gradient of conv2d_forward with respect to w.
 
     dw[k, c, r, s] = sum_{n, p, q} dy[n, p, q, k] * x[n, p*stride + r - padding, q*stride + s - padding, c]
 
     x: float32 [N, H, W, C], dy: float32 [N, P, Q, K], w_shape: (K, C, R, S)
-    ->  dw: float32 w_shape (OIHW).  version as conv2d_forward.  split_k (version 3 only): number of
-    slices of the N*P*Q reduction run as separate blocks and summed afterwards (default: chosen for
-    the device).
+    ->  dw: float32 w_shape (OIHW).  version as conv2d_forward.  split_k (versions 3 and 4): number
+    of slices of the N*P*Q reduction run as separate blocks and summed afterwards (default: chosen
+    for the device).  dtype: of dw, None for x's; float16 x and dy may ask for float32 (the
+    gradient of a float32 master weight, summed in float32 and never rounded to half).
     """
     op = "conv2d_backward_weight"
-    version = versions.version("conv", version, op)
+    version = versions.version("conv", version, op, getattr(x, "dtype", None))
+    if split_k is not None:
+        _check_int(op, "split_k", split_k, 1)
+    if version in F16_VERSIONS:
+        return _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, dtype)
+    if dtype is not None and np.dtype(dtype) != _F32:
+        raise TypeError(f"{op}: float32 x and dy give a float32 dw, got dtype={np.dtype(dtype)}")
     check_array(op, "x", x, dtype=np.float32, ndim=4)
     check_array(op, "dy", dy, dtype=np.float32, ndim=4)
     w_shape = check_shape_tuple(op, "w_shape", w_shape, "(K, C, R, S)")
-    if split_k is not None:
-        _check_int(op, "split_k", split_k, 1)
     xp = array_module(x, dy)
     g = _geometry(op, x.shape, w_shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
@@ -191,7 +292,7 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_
         raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x {tuple(x.shape)} and w_shape {w_shape}, "
                          f"got {tuple(dy.shape)}")
     dw = xp.empty(w_shape, dtype=np.float32)
-    mod = module("conv.cu")
+    mod = _module(xp)
     if version == 1:
         mod.get_function("conv2d_bwd_weight_naive_f32")((_blocks(dw.size, xp),), (_BLOCK,), (x, dy, dw) + _shape_args(g))
     elif version == 3:
@@ -208,6 +309,80 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_
         mod.get_function("im2col_f32")((_blocks(cols.size, xp),), (_BLOCK,), (x, cols) + _shape_args(g))
         dw_krsc = _gemm.gemm(dy.reshape(N * P * Q, K), cols, trans_a=True)   # [K, RSC]
         dw = permute_weight(dw_krsc.reshape(K, R, S, C), (0, 3, 1, 2))
+    return dw
+
+
+# ---- versions 4 (and up): float16 on tensor cores --------------------------------------------------
+
+
+def _forward_f16(op, x, w, stride, padding, version):
+    check_array(op, "x", x, dtype=np.float16, ndim=4)
+    xp = array_module(x, w)
+    wk = _krsc_f16(op, w, xp)
+    g = _geometry(op, x.shape, w.shape, stride, padding)
+    N, H, W, C, K, R, S, P, Q, _, _ = g
+    y = xp.empty((N, P, Q, K), dtype=np.float16)
+    grid = (-(-(N * P * Q) // _TC_TILE), -(-K // _TC_TILE))
+    _module(xp).get_function("conv2d_fwd_wmma_f16")(grid, (_TC_THREADS,), (x, wk, y) + _shape_args(g)
+                                                    + (_aligned(x, wk, y),))
+    return y
+
+
+def _backward_data_f16(op, dy, w, x_shape, stride, padding, version):
+    check_array(op, "dy", dy, dtype=np.float16, ndim=4)
+    x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
+    xp = array_module(dy, w)
+    wk = _krsc_f16(op, w, xp)
+    g = _geometry(op, x_shape, w.shape, stride, padding)
+    N, H, W, C, K, R, S, P, Q, _, _ = g
+    if tuple(dy.shape) != (N, P, Q, K):
+        raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x_shape {x_shape} and w {tuple(w.shape)}, "
+                         f"got {tuple(dy.shape)}")
+    dx = xp.empty(x_shape, dtype=np.float16)
+    grid = (-(-(N * H * W) // _TC_TILE), -(-C // _TC_TILE))
+    _module(xp).get_function("conv2d_bwd_data_wmma_f16")(grid, (_TC_THREADS,), (dy, wk, dx) + _shape_args(g)
+                                                         + (_aligned(dy, wk, dx),))
+    return dx
+
+
+def _tc_split_k(xp, tiles, reduction, split_k):
+    """(splits, chunk) of the tensor-core backward weight: chunk a multiple of its 64-step."""
+    steps = -(-reduction // _TC_TILE)
+    if split_k is None:
+        # GPU: aim for ~1024 blocks in all, each still walking >= 16 steps of 64; emulator: 1
+        split_k = 1 if xp is np else max(1, min(-(-1024 // tiles), steps // 16))
+    split_k = max(1, min(int(split_k), steps))
+    chunk = -(-steps // split_k) * _TC_TILE
+    return -(-reduction // chunk), chunk
+
+
+def _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, dtype):
+    check_array(op, "x", x, dtype=np.float16, ndim=4)
+    check_array(op, "dy", dy, dtype=np.float16, ndim=4)
+    w_shape = check_shape_tuple(op, "w_shape", w_shape, "(K, C, R, S)")
+    dtype = _F16 if dtype is None else np.dtype(dtype)
+    if dtype not in (_F16, _F32):
+        raise TypeError(f"{op}: dtype of dw must be float16 or float32, got {dtype}")
+    xp = array_module(x, dy)
+    g = _geometry(op, x.shape, w_shape, stride, padding)
+    N, H, W, C, K, R, S, P, Q, _, _ = g
+    if tuple(dy.shape) != (N, P, Q, K):
+        raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x {tuple(x.shape)} and w_shape {w_shape}, "
+                         f"got {tuple(dy.shape)}")
+    dw = xp.empty(w_shape, dtype=dtype)
+    tiles = -(-K // _TC_TILE) * -(-(R * S * C) // _TC_TILE)
+    splits, chunk = _tc_split_k(xp, tiles, N * P * Q, split_k)
+    # one split writes dw itself; several write float slices of ws, summed by the reduce kernel
+    ws = xp.empty((splits, K, R * S * C) if splits > 1 else (1,), dtype=np.float32)
+    mod = _module(xp)
+    suffix = "" if dtype == _F16 else "_dw_f32"
+    grid = (-(-K // _TC_TILE), -(-(R * S * C) // _TC_TILE), splits)
+    mod.get_function("conv2d_bwd_weight_wmma_f16" + suffix)(
+        grid, (_TC_THREADS,), (x, dy, ws, dw) + _shape_args(g) + (np.int32(chunk), _aligned(x, dy)))
+    if splits > 1:
+        mod.get_function("conv2d_bwd_weight_reduce_oihw_" + ("f16" if dtype == _F16 else "f32"))(
+            (K, -(-C // 32)), (_BLOCK,), (ws, dw, np.int32(splits), np.int32(K), np.int32(C), np.int32(R),
+                                          np.int32(S)), shared_mem=R * S * 33 * 4)
     return dw
 
 

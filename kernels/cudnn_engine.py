@@ -33,8 +33,10 @@ on CuPy's current stream, with the workspace taken from CuPy's memory pool.
 
 The weights are handed to cuDNN in KRSC order (OHWI, "channels last" like the activations),
 because cuDNN's fast NHWC kernels want every tensor channels-last: forward and backward-data
-make a transposed copy of w, backward-weight computes dw in KRSC and transposes it back to OIHW.
-These copies are small (at most 2.4 M elements in ResNet-50) next to the convolutions.
+make a transposed copy of w (none when w is already channels-last memory viewed as OIHW, what
+kernels.conv.conv_weight gives a mixed-precision step), backward-weight computes dw in KRSC and
+transposes it back to OIHW. These copies are small (at most 2.4 M elements in ResNet-50) next to
+the convolutions.
 
 Importing this module needs neither a GPU, nor CuPy, nor cuDNN: they are imported at the first
 call. Without them the ops raise CudnnUnavailableError saying what to install:
@@ -331,6 +333,10 @@ def _run(op, g, dtype_name, bindings):
 
 
 def _to_krsc(cupy, w):
+    """w [K, C, R, S] in KRSC memory: no copy when w is already channels-last memory viewed as
+    [K, C, R, S] (kernels.conv.conv_weight)."""
+    if not hasattr(w, "transpose") or getattr(w, "ndim", 0) != 4:
+        return w   # _check_arrays / conv_geometry say what is wrong
     return cupy.ascontiguousarray(w.transpose(0, 2, 3, 1))
 
 
@@ -342,10 +348,11 @@ def conv2d_forward(x, w, stride, padding):
     P = (H + 2*padding - R)//stride + 1, Q likewise; dilation 1, groups 1, no bias.
     """
     g = conv_geometry(getattr(x, "shape", None), getattr(w, "shape", None), stride, padding)
-    dtype_name = _check_arrays([("x", x), ("w", w)])
     cupy = _import_cupy()
+    wk = _to_krsc(cupy, w)
+    dtype_name = _check_arrays([("x", x), ("w", wk)])
     y = cupy.empty((g.N, g.P, g.Q, g.K), dtype=x.dtype)
-    _run("fprop", g, dtype_name, {"x": x, "w": _to_krsc(cupy, w), "y": y})
+    _run("fprop", g, dtype_name, {"x": x, "w": wk, "y": y})
     return y
 
 
@@ -353,19 +360,22 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx = d(conv)/dx by cuDNN. dy [N, P, Q, K], w [K, C, R, S] -> dx of shape x_shape (NHWC)."""
     g = conv_geometry(x_shape, getattr(w, "shape", None), stride, padding)
     _expect_shape("dy", getattr(dy, "shape", ()), (g.N, g.P, g.Q, g.K), "[N, P, Q, K]")
-    dtype_name = _check_arrays([("dy", dy), ("w", w)])
     cupy = _import_cupy()
+    wk = _to_krsc(cupy, w)
+    dtype_name = _check_arrays([("dy", dy), ("w", wk)])
     dx = cupy.empty((g.N, g.H, g.W, g.C), dtype=dy.dtype)
-    _run("dgrad", g, dtype_name, {"dy": dy, "w": _to_krsc(cupy, w), "dx": dx})
+    _run("dgrad", g, dtype_name, {"dy": dy, "w": wk, "dx": dx})
     return dx
 
 
-def conv2d_backward_weight(x, dy, w_shape, stride, padding):
-    """dw = d(conv)/dw by cuDNN. x [N, H, W, C], dy [N, P, Q, K] -> dw of shape w_shape (OIHW)."""
+def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):
+    """dw = d(conv)/dw by cuDNN. x [N, H, W, C], dy [N, P, Q, K] -> dw of shape w_shape (OIHW), in
+    dtype (None: x's; a float32 dw of float16 inputs is cast from cuDNN's float16 result)."""
     g = conv_geometry(getattr(x, "shape", None), w_shape, stride, padding)
     _expect_shape("dy", getattr(dy, "shape", ()), (g.N, g.P, g.Q, g.K), "[N, P, Q, K]")
     dtype_name = _check_arrays([("x", x), ("dy", dy)])
     cupy = _import_cupy()
     dw_krsc = cupy.empty((g.K, g.R, g.S, g.C), dtype=x.dtype)
     _run("wgrad", g, dtype_name, {"x": x, "dy": dy, "dw": dw_krsc})
-    return cupy.ascontiguousarray(dw_krsc.transpose(0, 3, 1, 2))
+    dw = cupy.ascontiguousarray(dw_krsc.transpose(0, 3, 1, 2))
+    return dw if dtype is None or dw.dtype == np.dtype(dtype) else dw.astype(dtype)

@@ -32,7 +32,8 @@
  *              of 4 warps, each warp a 32 x 32 piece as 2 x 2 WMMA 16x16x16 fragments.  Tiles go
  *              through shared memory (zero-padded at the edges, transposes resolved there), so
  *              any M, N, K works.  Compiled for sm_60 the same kernel does the tile product with
- *              scalar FMAs instead (#if below).
+ *              scalar FMAs instead (#if below).  gemm_wmma_f16_out_f16 rounds C to half once, after
+ *              the float accumulation (the float16 linear layer).
  *
  * Thread layout of version 3 (the classic one, see e.g. any SGEMM tutorial's "2-D blocktiling"):
  *   thread (ty, tx) = (tid / 16, tid % 16) owns rows {ty*4 + i, 64 + ty*4 + i} and columns
@@ -40,8 +41,8 @@
  *   64 apart, keeps its shared-memory reads 16-byte vectors and free of bank conflicts.
  *   As is stored k-major (As[k][m], the A tile transposed) so that those reads are contiguous.
  *
- * Helpers at the end: bias_add_rows_f32 (y[m, n] += b[n], the linear layer's bias) and
- * column_sum_f32 (db[n] = sum_m dy[m, n], its gradient).
+ * Helpers at the end: bias_add_rows_f32 / _f16 (y[m, n] += b[n], the linear layer's bias) and
+ * column_sum_f32 / _f16 (db[n] = sum_m dy[m, n], its gradient, summed in float).
  */
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -52,8 +53,9 @@ __device__ __forceinline__ long long op_index(int row, int col, int ld, int tran
     return trans ? (long long)col * ld + row : (long long)row * ld + col;
 }
 
-__device__ __forceinline__ void store_c(float* C, long long i, float acc, float alpha, float beta) {
-    C[i] = beta == 0.0f ? alpha * acc : alpha * acc + beta * C[i];
+template <typename TC>
+__device__ __forceinline__ void store_c(TC* C, long long i, float acc, float alpha, float beta) {
+    C[i] = from_float<TC>(beta == 0.0f ? alpha * acc : alpha * acc + beta * to_float(C[i]));
 }
 
 /* ------------------------------------------------------------------ version 1: naive */
@@ -199,13 +201,13 @@ gemm_regblock_f32(const float* __restrict__ A, const float* __restrict__ B, floa
 #define WM_LDB (WM_BN + 8)   // load_matrix_sync requires, and rows 32-byte aligned
 #define WM_LDC (WM_BN + 4)
 
-// block 128 threads (4 warps, 2 x 2); grid (ceil(M / 64), ceil(N / 64)).
-extern "C" __global__ void __launch_bounds__(128)
-gemm_wmma_f16(const __half* __restrict__ A, const __half* __restrict__ B, float* C, int M, int N, int K,
-              int lda, int ldb, int ldc, int trans_a, int trans_b, float alpha, float beta) {
-    __shared__ __align__(32) __half As[WM_BM][WM_LDA];   // op(A) tile, row-major [m][k]
-    __shared__ __align__(32) __half Bs[WM_BK][WM_LDB];   // op(B) tile, row-major [k][n]
-    __shared__ __align__(32) float Cs[WM_BM][WM_LDC];    // the block's results before the epilogue
+// C of type TC (float, or __half for a float16 layer's output: accumulated in float, rounded once).
+// The shared tiles are the kernel's (declared by the entry points below), passed in.
+template <typename TC>
+__device__ __forceinline__ void gemm_wmma(const __half* __restrict__ A, const __half* __restrict__ B, TC* C, int M,
+                                          int N, int K, int lda, int ldb, int ldc, int trans_a, int trans_b,
+                                          float alpha, float beta, __half (*As)[WM_LDA], __half (*Bs)[WM_LDB],
+                                          float (*Cs)[WM_LDC]) {
     const int tid = threadIdx.x;
     const int m0 = blockIdx.x * WM_BM, n0 = blockIdx.y * WM_BN;
     const __half zero = __float2half(0.0f);
@@ -282,21 +284,57 @@ gemm_wmma_f16(const __half* __restrict__ A, const __half* __restrict__ B, float*
     }
 }
 
-/* ------------------------------------------------------------------ linear-layer helpers */
-// y[m, n] += b[n] for y [M, N] row-major; grid-stride, coalesced.
-extern "C" __global__ void bias_add_rows_f32(float* __restrict__ y, const float* __restrict__ b, int M, int N) {
-    GRID_STRIDE_LOOP(i, (long long)M * N) y[i] += b[i % N];
+// block 128 threads (4 warps, 2 x 2); grid (ceil(M / 64), ceil(N / 64)).
+extern "C" __global__ void __launch_bounds__(128)
+gemm_wmma_f16(const __half* __restrict__ A, const __half* __restrict__ B, float* C, int M, int N, int K,
+              int lda, int ldb, int ldc, int trans_a, int trans_b, float alpha, float beta) {
+    __shared__ __align__(32) __half As[WM_BM][WM_LDA];   // op(A) tile, row-major [m][k]
+    __shared__ __align__(32) __half Bs[WM_BK][WM_LDB];   // op(B) tile, row-major [k][n]
+    __shared__ __align__(32) float Cs[WM_BM][WM_LDC];    // the block's results before the epilogue
+    gemm_wmma(A, B, C, M, N, K, lda, ldb, ldc, trans_a, trans_b, alpha, beta, As, Bs, Cs);
 }
 
-// out[n] = sum_m x[m, n].  block (32, 8), grid (ceil(N / 32), 1): 32 columns per block; the 8 rows
-// of threads each sum every 8th row (consecutive threads read consecutive columns: coalesced),
-// then column_sum adds the 8 partial sums of each column.
-extern "C" __global__ void column_sum_f32(const float* __restrict__ x, float* __restrict__ out, int M, int N) {
-    __shared__ float tile[8][32];
+// The same with a half C: the float16 linear layer's output and input gradient.
+extern "C" __global__ void __launch_bounds__(128)
+gemm_wmma_f16_out_f16(const __half* __restrict__ A, const __half* __restrict__ B, __half* C, int M, int N, int K,
+                      int lda, int ldb, int ldc, int trans_a, int trans_b, float alpha, float beta) {
+    __shared__ __align__(32) __half As[WM_BM][WM_LDA];
+    __shared__ __align__(32) __half Bs[WM_BK][WM_LDB];
+    __shared__ __align__(32) float Cs[WM_BM][WM_LDC];
+    gemm_wmma(A, B, C, M, N, K, lda, ldb, ldc, trans_a, trans_b, alpha, beta, As, Bs, Cs);
+}
+
+/* ------------------------------------------------------------------ linear-layer helpers */
+// y[m, n] += b[n] for y [M, N] row-major (float, or half rounded once after the float add); b is
+// float (a float32 master bias); grid-stride, coalesced.
+template <typename T>
+__device__ void bias_add_rows(T* __restrict__ y, const float* __restrict__ b, int M, int N) {
+    GRID_STRIDE_LOOP(i, (long long)M * N) y[i] = from_float<T>(to_float(y[i]) + b[i % N]);
+}
+
+KERNEL_ENTRY(bias_add_rows_f32, bias_add_rows<float>)
+KERNEL_ENTRY(bias_add_rows_f16, bias_add_rows<__half>)
+
+// out[n] = sum_m x[m, n] (float sums, also of half x).  block (32, 8), grid (ceil(N / 32), 1): 32
+// columns per block; the 8 rows of threads each sum every 8th row (consecutive threads read
+// consecutive columns: coalesced), then column_sum adds the 8 partial sums of each column.
+template <typename T>
+__device__ __forceinline__ void column_sums(const T* __restrict__ x, float* __restrict__ out, int M, int N,
+                                            float (*tile)[32]) {
     const int n = blockIdx.x * 32 + threadIdx.x;
     float s = 0.0f;
     if (n < N)
-        GRID_STRIDE_LOOP_Y(m, M) s += x[m * N + n];
+        GRID_STRIDE_LOOP_Y(m, M) s += to_float(x[m * N + n]);
     s = column_sum(s, tile);
     if (threadIdx.y == 0 && n < N) out[n] = s;
+}
+
+extern "C" __global__ void column_sum_f32(const float* __restrict__ x, float* __restrict__ out, int M, int N) {
+    __shared__ float tile[8][32];
+    column_sums(x, out, M, N, tile);
+}
+
+extern "C" __global__ void column_sum_f16(const __half* __restrict__ x, float* __restrict__ out, int M, int N) {
+    __shared__ float tile[8][32];
+    column_sums(x, out, M, N, tile);
 }

@@ -107,8 +107,11 @@ def list_versions(family, out=None, source=None):
     for n, text in versions.describe(family, source).items():
         marks = []
         if n == f.default:
-            marks.append("the default")
-        if n == versions.in_use()[family] and n != f.default:
+            marks.append("the default" + (" for float32" if f.f16 else ""))
+        if f.f16 and n == f.default_f16:
+            marks.append("the default for float16")
+        in_use = n in (versions.in_use()[family], versions.in_use_f16().get(family))
+        if in_use and n not in (f.default, f.default_f16):
             marks.append("in use")
         if n not in f.training:
             marks.append("not used by training")

@@ -31,7 +31,8 @@ from .optimizer import (ParamSegments, global_grad_norm, lars_trust_ratio, lars_
 from . import pool as _pool
 from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_forward
 
-__all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "linear_forward", "linear_backward",
+__all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_weight", "linear_forward",
+           "linear_backward",
            "batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward", "batchnorm_add_relu_forward_train",
            "batchnorm_add_relu_backward", "batchnorm_partial_stats", "batchnorm_backward_reduce",
@@ -72,56 +73,46 @@ def _impl(x):
     return _conv
 
 
-# Mixed precision on our kernels: the convolution and GEMM kernels take float32 (the float16
-# tensor-core GEMM exists, gemm.gemm_f16, but the convolutions do not use it yet). With float16
-# activations they run on widened copies and the result is rounded back to float16 once: the
-# numerics of fp16 storage with fp32 accumulation, without the tensor-core speed (bench/NOTES.md).
-_F16 = np.dtype(np.float16)
-
-
-def _widened(fn, *arrays):
-    """fn(*arrays) with float16 arrays widened to float32; the result rounded back to float16."""
-    if not any(getattr(a, "dtype", None) == _F16 for a in arrays):
-        return fn(*arrays)
-    wide = [_cast(a, np.float32) if getattr(a, "dtype", None) == _F16 else a for a in arrays]
-    out = fn(*wide)
-    if isinstance(out, tuple):
-        return tuple(None if o is None else _cast(o, np.float16) for o in out)
-    return _cast(out, np.float16)
+# Mixed precision on our kernels: float16 activations run float16 kernels end to end.  The
+# convolutions of float16 activations are versions 4 and up of conv.cu (tensor cores, float32
+# accumulation), the linear layer gemm.cu's WMMA GEMM; a float32 master weight is cast once per step
+# (conv_weight: cast and channels-last in one launch) and its gradient is summed in float32 and
+# written in float32 (dtype=), never rounded to half.
 
 
 def conv2d_forward(x, w, stride, padding):
     """y[N, P, Q, K] = conv(x[N, H, W, C], w[K, C, R, S]) (NHWC activations, OIHW weights)."""
-    impl = _impl(x)
-    if impl is not _conv:
-        return impl.conv2d_forward(x, w, stride, padding)  # cuDNN: fp16 on tensor cores
-    return _widened(lambda x_, w_: _conv.conv2d_forward(x_, w_, stride, padding), x, w)
+    return _impl(x).conv2d_forward(x, w, stride, padding)   # cuDNN: fp16 on tensor cores
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx (shape x_shape) of conv2d_forward, from dy[N, P, Q, K]."""
-    impl = _impl(dy)
-    if impl is not _conv:
-        return impl.conv2d_backward_data(dy, w, x_shape, stride, padding)
-    return _widened(lambda dy_, w_: _conv.conv2d_backward_data(dy_, w_, x_shape, stride, padding), dy, w)
+    return _impl(dy).conv2d_backward_data(dy, w, x_shape, stride, padding)
 
 
-def conv2d_backward_weight(x, dy, w_shape, stride, padding):
-    """dw (shape w_shape, OIHW) of conv2d_forward, from x and dy."""
+def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):
+    """dw (shape w_shape, OIHW, in dtype: None for x's) of conv2d_forward, from x and dy."""
     impl = _impl(x)
     if impl is not _conv:
-        return impl.conv2d_backward_weight(x, dy, w_shape, stride, padding)
-    return _widened(lambda x_, dy_: _conv.conv2d_backward_weight(x_, dy_, w_shape, stride, padding), x, dy)
+        return impl.conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype)
+    return _conv.conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=dtype)
+
+
+def conv_weight(w, dtype):
+    """w as dtype for the convolutions of activations of that dtype: float16 is cast by one kernel
+    into channels-last memory (returned as its [K, C, R, S] view), which both our tensor-core
+    convolutions and cuDNN read without a copy of their own."""
+    return _conv.conv_weight(w, dtype)
 
 
 def linear_forward(x, w, b=None):
-    """y[N, Cout] = x[N, Cin] @ w[Cout, Cin]^T + b."""
-    return _widened(lambda x_, w_, b_: _gemm.linear_forward(x_, w_, b_), x, w, b)
+    """y[N, Cout] = x[N, Cin] @ w[Cout, Cin]^T + b (float16 x and w: tensor cores, y float16)."""
+    return _gemm.linear_forward(x, w, b)
 
 
-def linear_backward(dy, x, w, need_bias_grad=True):
-    """(dx, dw, db or None) of linear_forward."""
-    return _widened(lambda dy_, x_, w_: _gemm.linear_backward(dy_, x_, w_, need_bias_grad), dy, x, w)
+def linear_backward(dy, x, w, need_bias_grad=True, dtype=None):
+    """(dx, dw, db or None) of linear_forward; dw and db in dtype (None: dy's)."""
+    return _gemm.linear_backward(dy, x, w, need_bias_grad, dtype=dtype)
 
 
 def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding):

@@ -28,7 +28,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .optimizer import ParamSegments
 
 __all__ = [
-    "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight",
+    "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_weight",
     "linear_forward", "linear_backward",
     "batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
     "batchnorm_relu_forward_train", "batchnorm_relu_backward",
@@ -157,14 +157,26 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     return dxp[:, padding:padding + H, padding:padding + W]
 
 
-def conv2d_backward_weight(x, dy, w_shape, stride, padding):
+def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):
     """Gradient of conv2d_forward with respect to w.
 
     dw[k, c, r, s] = sum_{n, p, q} dy[n, p, q, k] * x[n, p*stride + r - padding, q*stride + s - padding, c]
     Computed as dy^T @ im2col(x) (one matmul).
 
-    x: [N, H, W, C], dy: [N, P, Q, K], w_shape: (K, C, R, S)  ->  dw: w_shape (OIHW).
+    x: [N, H, W, C], dy: [N, P, Q, K], w_shape: (K, C, R, S)  ->  dw: w_shape (OIHW), in `dtype`
+    (None: x's).
     """
+    dw = _conv2d_backward_weight(x, dy, w_shape, stride, padding)
+    return dw if dtype is None or dw.dtype == np.dtype(dtype) else dw.astype(dtype)
+
+
+def conv_weight(w, dtype):
+    """w as `dtype` (the weight of conv2d_forward / conv2d_backward_data for activations of that
+    dtype); w itself when it has it."""
+    return w if w.dtype == np.dtype(dtype) else w.astype(dtype)
+
+
+def _conv2d_backward_weight(x, dy, w_shape, stride, padding):
     _check_ndim("x", x, 4, "[N, H, W, C]")
     _check_ndim("dy", dy, 4, "[N, P, Q, K]")
     N, H, W, C = x.shape
@@ -187,7 +199,8 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding):
 
 
 def linear_forward(x, w, b=None):
-    """y = x @ w^T + b.   x: [N, Cin], w: [Cout, Cin], b: [Cout] or None  ->  y: [N, Cout]."""
+    """y = x @ w^T + b.   x: [N, Cin], w: [Cout, Cin], b: [Cout] or None  ->  y: [N, Cout], x's dtype
+    (a float32 bias of float16 activations is added, then the sum rounded to float16)."""
     _check_ndim("x", x, 2, "[N, Cin]")
     _check_ndim("w", w, 2, "[Cout, Cin]")
     if x.shape[1] != w.shape[1]:
@@ -196,19 +209,23 @@ def linear_forward(x, w, b=None):
     if b is not None:
         if b.shape != (w.shape[0],):
             raise ValueError(f"linear: b must have shape {(w.shape[0],)}, got {b.shape}")
-        y = y + b
+        y = (y + b).astype(x.dtype, copy=False)
     return y
 
 
-def linear_backward(dy, x, w, need_bias_grad=True):
+def linear_backward(dy, x, w, need_bias_grad=True, dtype=None):
     """Gradients of linear_forward: dx = dy @ w, dw = dy^T @ x, db = sum_n dy.
 
-    dy: [N, Cout], x: [N, Cin], w: [Cout, Cin]  ->  (dx [N, Cin], dw [Cout, Cin], db [Cout] or None).
+    dy: [N, Cout], x: [N, Cin], w: [Cout, Cin]  ->  (dx [N, Cin], dw [Cout, Cin], db [Cout] or None);
+    dw and db in `dtype` (None: dy's).
     """
     _check_ndim("dy", dy, 2, "[N, Cout]")
     dx = dy @ w
     dw = dy.T @ x
-    db = dy.sum(axis=0) if need_bias_grad else None
+    db = dy.sum(axis=0, dtype=_stat_dtype(dy.dtype)) if need_bias_grad else None
+    dtype = np.dtype(dy.dtype if dtype is None else dtype)
+    dw = dw.astype(dtype, copy=False)
+    db = None if db is None else db.astype(dtype, copy=False)
     return dx, dw, db
 
 

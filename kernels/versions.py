@@ -21,6 +21,11 @@ A learner's copy (`FILE.cu`, optionally `:N` for the version) replaces the proje
 every launch of that family: it must define every extern "C" kernel of the project's file with
 the same parameter types (checked when chosen).  `#include "common.cuh"` finds the file's own
 folder first, then kernels/.
+
+A family whose later versions compute on float16 activations (conv: versions 4 and 5, tensor
+cores) keeps two versions in use: one for float32 activations and one for float16 ones.  Choosing a
+version sets the one of its dtype (`use(conv=1)` the float32 convolution, `use(conv=4)` the float16
+one); the launchers pick by the dtype of their arrays (`version(family, None, op, dtype)`).
 """
 
 import contextlib
@@ -29,11 +34,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import _launch
 from .runtime import KERNEL_DIR, load_module
 
 __all__ = ["Family", "FAMILIES", "TRAINING", "numbers", "version", "describe", "parse", "select", "restore", "use",
-           "running", "in_use", "table", "check_source"]
+           "running", "in_use", "in_use_f16", "table", "check_source", "check_precision"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,12 @@ class Family:
     default: int               # the version in use unless chosen otherwise
     training: tuple            # versions the op contract (and so a training run) can use
     not_in_training: str = ""
+    f16: tuple = ()            # versions that take float16 activations (the others float32), when they differ
+    default_f16: int = 0       # the float16 version in use unless chosen otherwise
+
+    def dtype_of(self, number):
+        """'float16' or 'float32': what version `number` computes on (for families with f16 versions)."""
+        return "float16" if number in self.f16 else "float32"
 
 
 FAMILIES = {f.name: f for f in (
@@ -57,7 +70,7 @@ FAMILIES = {f.name: f for f in (
     Family("gemm", "gemm.cu", 4, 3, (1, 2, 3),
            "version 4 multiplies float16 matrices on tensor cores; the linear layer and the im2col convolution "
            "multiply float32 ones"),
-    Family("conv", "conv.cu", 3, 3, (1, 2, 3)),
+    Family("conv", "conv.cu", 4, 3, (1, 2, 3, 4), f16=(4,), default_f16=4),
     Family("batchnorm", "batchnorm.cu", 2, 2, (1, 2)),
     Family("pool", "pool.cu", 2, 2, (1, 2)),
     Family("cross_entropy", "cross_entropy.cu", 2, 2, (1, 2)),
@@ -71,7 +84,9 @@ TRAINING = tuple(name for name, f in FAMILIES.items() if f.training)
 """The families a training run can choose versions of (the others are lessons only)."""
 
 _in_use = {name: f.default for name, f in FAMILIES.items()}
+_in_use_f16 = {name: f.default_f16 for name, f in FAMILIES.items() if f.f16}   # families with float16 versions
 _custom = {}   # family -> Path of a learner's copy of its .cu file
+_F16 = np.dtype(np.float16)
 
 
 def numbers(family):
@@ -79,15 +94,22 @@ def numbers(family):
     return tuple(range(1, FAMILIES[family].count + 1))
 
 
-def version(family, requested=None, op=None):
+def version(family, requested=None, op=None, dtype=None):
     """The version a launcher of `family` runs: `requested` (checked: an int in 1..count) or, when
-    None, the version in use.  `op` names the caller in the error message."""
-    if requested is None:
-        return _in_use[family]
+    None, the version in use.  `op` names the caller in the error message.  dtype: the dtype of the
+    activations, for families whose versions differ by dtype (conv): None picks the float32 one."""
     f = FAMILIES[family]
+    half = bool(f.f16) and dtype is not None and np.dtype(dtype) == _F16
+    if requested is None:
+        return _in_use_f16[family] if half else _in_use[family]
     if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= f.count:
         raise ValueError(f"{op or family}: version must be one of {', '.join(map(str, range(1, f.count + 1)))} "
                          f"(python -m kernels.{family} --list), got {requested!r}")
+    if f.f16 and dtype is not None and half != (requested in f.f16):
+        wanted = "float16" if half else "float32"
+        fitting = f.f16 if half else tuple(n for n in numbers(family) if n not in f.f16)
+        raise TypeError(f"{op or family}: version {requested} of {family} computes on {f.dtype_of(requested)}, "
+                        f"these arrays are {wanted}: {wanted} runs version {' or '.join(map(str, fitting))}")
     return requested
 
 
@@ -132,6 +154,8 @@ class _Choice:
     version: int
     source: object = None      # Path of a learner's copy, or None
     sha256: str = None         # the copy's hash when it was recorded (None: not recorded)
+    f16_version: int = None    # families with float16 versions: the one float16 activations run (None: default)
+    given: int = None          # the number as chosen (a float16 one lands in f16_version)
 
 
 def _sha256(path):
@@ -169,9 +193,13 @@ def _choice(family, value, training):
     if family not in FAMILIES:
         raise ValueError(f"unknown kernel family {family!r}; the families are {', '.join(FAMILIES)}")
     f = FAMILIES[family]
-    source, sha = None, None
+    source, sha, f16_number = None, None, None
     if isinstance(value, dict):
         number, source, sha = value.get("version"), value.get("file"), value.get("sha256")
+        f16_number = value.get("f16_version")
+        if f16_number is not None and f16_number not in f.f16:
+            raise ValueError(f"{family}: f16_version must be one of {', '.join(map(str, f.f16)) or '(none)'}, "
+                             f"got {f16_number!r}")
     elif isinstance(value, Path) or (isinstance(value, str) and not value.strip().isdigit()):
         text = str(value).strip()
         m = re.fullmatch(r"(.+\.cu)(?::(\d+))?", text)
@@ -200,7 +228,9 @@ def _choice(family, value, training):
             raise ValueError(f"{family}={source} changed since it was recorded (sha256 {sha[:12]}..., now "
                              f"{now[:12]}...): restore it, or choose it again in a new run")
         sha = now
-    return _Choice(number, source, sha)
+    if number in f.f16:     # a float16 version: the float32 one stays the default
+        return _Choice(f.default, source, sha, number, number)
+    return _Choice(number, source, sha, f16_number, number)
 
 
 def parse(spec, training=True):
@@ -225,24 +255,41 @@ def parse(spec, training=True):
     return {family: _choice(family, value, training) for family, value in dict(spec).items()}
 
 
+def check_precision(spec, dtype):
+    """Raise ValueError when `spec` (see `parse`) chooses a version that activations of `dtype`
+    ('float32' or 'float16') never run: conv=4 in a float32 run, conv=1 in a float16 one, where
+    the choice would silently change nothing."""
+    dtype = np.dtype(dtype).name
+    for family, c in parse(spec).items():
+        f = FAMILIES[family]
+        if f.f16 and c.given is not None and f.dtype_of(c.given) != dtype:
+            fitting = f.f16 if dtype == "float16" else tuple(n for n in numbers(family) if n not in f.f16)
+            raise ValueError(f"{family}={c.given}: version {c.given} of {family} computes on {f.dtype_of(c.given)}, "
+                             f"but this run's activations are {dtype}: choose version "
+                             f"{' or '.join(map(str, fitting))}")
+
+
 def select(spec, compile_for=None):
     """Make `spec` (see `parse`) the versions in use, for every launch from now on; the families
     it does not name go back to their defaults.  compile_for: 'emu' or 'cuda' compiles each
     learner's copy now, so that a compile error shows before any work.  Returns the previous
     state, for `restore`."""
     choices = parse(spec)
-    previous = (dict(_in_use), dict(_custom))
+    previous = (dict(_in_use), dict(_custom), dict(_in_use_f16))
     if compile_for is not None:
         for c in choices.values():
             if c.source is not None:
                 load_module(str(c.source)).compile(compile_for)
     new_in_use = {name: f.default for name, f in FAMILIES.items()}
+    new_in_use_f16 = {name: f.default_f16 for name, f in FAMILIES.items() if f.f16}
     new_custom = {}
     for family, c in choices.items():
         new_in_use[family] = c.version
+        if c.f16_version is not None:
+            new_in_use_f16[family] = c.f16_version
         if c.source is not None:
             new_custom[family] = c.source
-    _apply(new_in_use, new_custom)
+    _apply(new_in_use, new_custom, new_in_use_f16)
     return previous
 
 
@@ -251,12 +298,15 @@ def restore(previous):
     _apply(*previous)
 
 
-def _apply(in_use, custom):
+def _apply(in_use, custom, in_use_f16=None):
     for family, f in FAMILIES.items():
         if custom.get(family) != _custom.get(family):
             _launch.replace_source(f.source, custom.get(family))
     _in_use.clear()
     _in_use.update(in_use)
+    if in_use_f16 is not None:
+        _in_use_f16.clear()
+        _in_use_f16.update(in_use_f16)
     _custom.clear()
     _custom.update(custom)
 
@@ -280,33 +330,44 @@ def running(family, number):
     command and bench/ use to run every version through the op's own functions.  (A training run
     chooses with `use`, which refuses versions the model's ops cannot run.)"""
     number = version(family, number)
-    previous = _in_use[family]
-    _in_use[family] = number
+    slot = _in_use_f16 if number in FAMILIES[family].f16 else _in_use
+    previous = slot[family]
+    slot[family] = number
     try:
         yield
     finally:
-        _in_use[family] = previous
+        slot[family] = previous
 
 
 def in_use():
-    """The versions in use now, {family: N} (training families and lessons alike)."""
+    """The versions in use now, {family: N} (training families and lessons alike); for a family with
+    float16 versions, the float32 one (see in_use_f16)."""
     return dict(_in_use)
+
+
+def in_use_f16():
+    """The float16 versions in use now, {family: N}, for the families that have them (conv)."""
+    return dict(_in_use_f16)
 
 
 def table(spec=None):
     """What a run records (config.json, the MLPerf log): for every family training can choose,
-    {'version': N} and, for a learner's copy, 'file' (absolute path) and 'sha256'.  From `spec`
-    (see `parse`) with defaults filled in, or, without one, from what is in use now."""
+    {'version': N}, for a family with float16 versions also {'f16_version': M}, and, for a learner's
+    copy, 'file' (absolute path) and 'sha256'.  From `spec` (see `parse`) with defaults filled in,
+    or, without one, from what is in use now."""
     if spec is None:
         choices = {family: _Choice(_in_use[family], _custom.get(family),
-                                   _sha256(_custom[family]) if family in _custom else None)
+                                   _sha256(_custom[family]) if family in _custom else None, _in_use_f16.get(family))
                    for family in TRAINING}
     else:
         choices = parse(spec)
     out = {}
     for family in TRAINING:
-        c = choices.get(family) or _Choice(FAMILIES[family].default)
+        f = FAMILIES[family]
+        c = choices.get(family) or _Choice(f.default)
         entry = {"version": c.version}
+        if f.f16:
+            entry["f16_version"] = c.f16_version if c.f16_version is not None else f.default_f16
         if c.source is not None:
             entry.update(file=str(c.source), sha256=c.sha256)
         out[family] = entry

@@ -1,8 +1,9 @@
 """Mixed precision: loss scaling, with fp32 master weights, kept on the device.
 
-On cuda the model can run its activations in float16 (`resnet50(activation_dtype=np.float16)`):
-every conv/fc casts its fp32 master weight to fp16 for the multiply, gradients flow back to the
-fp32 Parameters, the logits and the loss are fp32. Small fp16 gradients underflow to zero, so the
+On cuda (and emu) the model can run its activations in float16
+(`resnet50(activation_dtype=np.float16)`): every conv/fc casts its fp32 master weight to fp16 once
+per step for the multiply (conv: ops.conv_weight, channels last), the weight gradients are summed
+in fp32 and land in the fp32 Parameters, the logits and the loss are fp32. Small fp16 gradients underflow to zero, so the
 loss is multiplied by a scale S before backward (every gradient is then S times too large) and
 the gradients are divided by S in the optimiser step:
 
@@ -20,7 +21,8 @@ seed; `nonfinite_flag` sets a device flag when a gradient is NaN/inf; the optimi
 kernel multiplies the gradients by 1/S and does nothing when the flag is set; `loss_scale_update`
 adapts S and clears the flag. Reading `scale`, `good_steps` or `skipped_steps` is a trip to the
 host (through nn.device.to_numpy): for logs and checkpoints, not every step.
-On cpu and emu the model stays fp32 (NumPy float16 is slow and nothing needs it); the scaler's
+The emu device runs the same float16 kernels (tensor-core convolutions included) on the CPU
+emulator; on cpu the model stays fp32 (NumPy float16 is slow and nothing needs it). The scaler's
 logic is the same everywhere.
 """
 

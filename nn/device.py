@@ -159,9 +159,16 @@ def restore_kernels(previous):
     importlib.import_module("kernels.versions").restore(previous)
 
 
+def check_kernel_precision(spec, dtype):
+    """Raise ValueError when `spec` chooses a version that activations of `dtype` ('float32' or
+    'float16') never run (conv=4, a float16 version, for a float32 run)."""
+    importlib.import_module("kernels.versions").check_precision(spec, dtype)
+
+
 def kernel_table(spec=None):
-    """What a run records of its kernels: {family: {'version': N[, 'file': path, 'sha256': ...]}}
-    for every family training can choose, from `spec` (defaults filled in) or, with None, from the
+    """What a run records of its kernels: {family: {'version': N[, 'f16_version': M][, 'file': path,
+    'sha256': ...]}} for every family training can choose (f16_version: the version float16
+    activations run, for conv), from `spec` (defaults filled in) or, with None, from the
     versions in use now.  Raises ValueError for a bad spec."""
     return importlib.import_module("kernels.versions").table(spec)
 

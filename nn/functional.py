@@ -42,14 +42,21 @@ def _as_tensor(x, name):
 
 
 def conv2d(x, weight, stride=1, padding=0):
-    """y = conv(x, weight): x [N, H, W, C] (NHWC), weight [K, C, R, S] (OIHW) -> y [N, P, Q, K]."""
+    """y = conv(x, weight): x [N, H, W, C] (NHWC), weight [K, C, R, S] (OIHW) -> y [N, P, Q, K].
+
+    Mixed precision: a float32 (master) weight with float16 x is cast once (ops.conv_weight) for the
+    forward and the backward-data pass; its gradient comes back in float32."""
     ops = _ops(x, weight)
-    y = ops.conv2d_forward(x.data, weight.data, stride, padding)
     x_data, w_data = x.data, weight.data
+    if w_data.dtype != x_data.dtype:
+        w_data = ops.conv_weight(w_data, x_data.dtype)
+    y = ops.conv2d_forward(x_data, w_data, stride, padding)
+    w_shape, w_dtype = weight.shape, weight.dtype
 
     def backward(dy):
         dx = ops.conv2d_backward_data(dy, w_data, x_data.shape, stride, padding) if x.requires_grad else None
-        dw = ops.conv2d_backward_weight(x_data, dy, w_data.shape, stride, padding) if weight.requires_grad else None
+        dw = (ops.conv2d_backward_weight(x_data, dy, w_shape, stride, padding, dtype=w_dtype)
+              if weight.requires_grad else None)
         return dx, dw
 
     return Tensor._from_op(y, (x, weight), backward)
@@ -59,13 +66,19 @@ def conv2d(x, weight, stride=1, padding=0):
 
 
 def linear(x, weight, bias=None):
-    """y = x @ weight^T + bias: x [N, Cin], weight [Cout, Cin], bias [Cout] or None -> y [N, Cout]."""
+    """y = x @ weight^T + bias: x [N, Cin], weight [Cout, Cin], bias [Cout] or None -> y [N, Cout].
+
+    Mixed precision: a float32 (master) weight with float16 x is cast once for the forward and
+    backward passes, a float32 bias is added as it is; their gradients come back in float32."""
     ops = _ops(x, weight, bias)
-    y = ops.linear_forward(x.data, weight.data, None if bias is None else bias.data)
     x_data, w_data = x.data, weight.data
+    if w_data.dtype != x_data.dtype:
+        w_data = ops.cast(w_data, x_data.dtype)
+    y = ops.linear_forward(x_data, w_data, None if bias is None else bias.data)
+    w_dtype = weight.dtype
 
     def backward(dy):
-        dx, dw, db = ops.linear_backward(dy, x_data, w_data, need_bias_grad=bias is not None)
+        dx, dw, db = ops.linear_backward(dy, x_data, w_data, need_bias_grad=bias is not None, dtype=w_dtype)
         return (dx, dw) if bias is None else (dx, dw, db)
 
     parents = (x, weight) if bias is None else (x, weight, bias)

@@ -270,8 +270,8 @@ class Conv2d(Module):
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"{self._label()}: input has {x.shape[-1]} channels (last axis, NHWC), "
                              f"expected {self.in_channels}")
-        w = F.cast(self.weight, x.dtype)          # no-op unless activations are fp16/bf16
-        return F.conv2d(x, w, self.stride, self.padding)
+        # fp16 activations: F.conv2d casts the fp32 master weight itself (once for forward and backward)
+        return F.conv2d(x, self.weight, self.stride, self.padding)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -361,9 +361,7 @@ class Linear(Module):
         self._check_input(x, ndim=2, layout="[N, in_features]")
         if x.shape[1] != self.in_features:
             raise ValueError(f"{self._label()}: input has {x.shape[1]} features, expected {self.in_features}")
-        w = F.cast(self.weight, x.dtype)
-        b = None if self.bias is None else F.cast(self.bias, x.dtype)
-        return F.linear(x, w, b)
+        return F.linear(x, self.weight, self.bias)   # fp16 activations: F.linear casts the fp32 master weight
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

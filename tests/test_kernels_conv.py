@@ -2,17 +2,26 @@
 version, against kernels.reference in float64 at awkward shapes (batch 1, odd channel counts,
 1x1 and 7x7 images, stride 2 on odd sizes, padding wider than the kernel's half-width, 1x1 /
 3x3 / 7x7 filters), the backward passes also against central finite differences, and the checks
-on bad input.
+on bad input.  The float16 (tensor-core) versions against the float64 reference of their
+float16-rounded inputs (a float16 result may differ by its one rounding, 2^-11; a float32 weight
+gradient by float32 summation), also built for sm_60 (no tensor cores) and sm_70 (no async
+copies) on the emulator; every conv kernel compiles for sm_70/80/90 without register spills.
 
 Each test runs on the CPU emulator and, where a GPU is present, on the GPU (`backend` fixture).
 """
+
+import re
 
 import numpy as np
 import pytest
 
 from kernels import conv as CV
+from kernels import nvrtc
 from kernels import reference as ref
 from kernels import versions
+from kernels.runtime import RawKernel
+
+F32_VERSIONS = tuple(v for v in versions.numbers("conv") if v not in CV.F16_VERSIONS)
 
 # (x shape NHWC, w shape OIHW, stride, padding)
 CASES = [
@@ -44,7 +53,7 @@ def _problem(case, seed):
     return x, w, dy, stride, pad
 
 
-@pytest.mark.parametrize("version", versions.numbers("conv"))
+@pytest.mark.parametrize("version", F32_VERSIONS)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_conv2d_matches_reference(backend, version, case):
     x, w, dy, stride, pad = _problem(case, seed=CASES.index(case))
@@ -99,7 +108,7 @@ def test_backward_matches_finite_differences(backend, case):
 
     num_dx, num_dw = numeric(x64), numeric(w64)
     d = backend.to_device
-    for version in versions.numbers("conv"):
+    for version in F32_VERSIONS:
         dx = backend.to_host(CV.conv2d_backward_data(d(g), d(w), x.shape, stride, pad, version=version))
         dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(g), w.shape, stride, pad, version=version))
         assert _rel_err(dx, num_dx) < 1e-5, f"{version} dx vs finite differences: {_rel_err(dx, num_dx):.2e}"
@@ -129,6 +138,207 @@ def test_resnet_like_layers_on_gpu(backend):
             assert _rel_err(dx, ref.conv2d_backward_data(dy64, w64, x.shape, stride, pad)) < 1e-5
             dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(dy), w.shape, stride, pad, version=version))
             assert _rel_err(dw, ref.conv2d_backward_weight(x64, dy64, w.shape, stride, pad)) < 1e-5
+
+
+# ------------------------------------------------------------------ float16: tensor cores
+F16_CASES = [
+    ((1, 7, 7, 3), (5, 3, 3, 3), 1, 1),      # 3 channels: the element-by-element gather (the stem's)
+    ((2, 9, 9, 8), (16, 8, 3, 3), 2, 2),     # 16-byte vectors, stride 2 on an odd size, padding > half-width
+    ((2, 5, 6, 16), (72, 16, 1, 1), 2, 0),   # 1x1 stride 2 (the downsample), K past one 64-wide tile
+    ((1, 8, 8, 67), (9, 67, 3, 3), 1, 2),    # odd C past one tile of backward data's 64 columns
+    ((2, 11, 11, 3), (8, 3, 7, 7), 2, 3),    # the stem's 7x7/2 with 3 channels
+    ((1, 1, 1, 8), (3, 8, 3, 3), 1, 1),      # 1x1 image, 3x3 filter: only the centre tap lands
+    ((1, 3, 4, 8), (8, 8, 3, 3), 3, 4),      # padding wider than the kernel, stride 3
+]
+F16_IDS = [f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{s}-p{p}" for x, w, s, p in F16_CASES]
+F16_OUT = 2e-3     # a float16 result, rounded once: at most 2^-11 of its size off
+F32_SUM = 1e-5     # float32 sums of (exact) products of halves
+
+
+def _problem16(case, seed):
+    x, w, dy, stride, pad = _problem(case, seed)
+    return x.astype(np.float16), (w * 0.3).astype(np.float32), dy.astype(np.float16), stride, pad
+
+
+@pytest.mark.parametrize("version", CV.F16_VERSIONS)
+@pytest.mark.parametrize("case", F16_CASES, ids=F16_IDS)
+def test_f16_conv2d_matches_reference(backend, version, case):
+    x, w32, dy, stride, pad = _problem16(case, seed=F16_CASES.index(case))
+    d = backend.to_device
+    w16 = w32.astype(np.float16)
+    x64, w64, dy64 = (a.astype(np.float64) for a in (x, w16, dy))
+    wk = CV.conv_weight(d(w32), np.float16)           # the float32 master, cast once: channels-last memory
+    assert wk.dtype == np.float16 and wk.shape == w32.shape and wk.transpose(0, 2, 3, 1).flags.c_contiguous
+    np.testing.assert_array_equal(backend.to_host(wk), w16)
+
+    want = ref.conv2d_forward(x64, w64, stride, pad)
+    for w in (wk, d(w16)):                            # as conv_weight gives it, and plain OIHW
+        y = backend.to_host(CV.conv2d_forward(d(x), w, stride, pad, version=version))
+        assert y.dtype == np.float16 and y.shape == want.shape
+        assert _rel_err(y, want) < F16_OUT, f"forward: {_rel_err(y, want):.2e}"
+
+    want = ref.conv2d_backward_data(dy64, w64, x.shape, stride, pad)
+    for w in (wk, d(w16)):
+        dx = backend.to_host(CV.conv2d_backward_data(d(dy), w, x.shape, stride, pad, version=version))
+        assert dx.dtype == np.float16 and dx.shape == x.shape
+        assert _rel_err(dx, want) < F16_OUT, f"backward data: {_rel_err(dx, want):.2e}"
+
+    want = ref.conv2d_backward_weight(x64, dy64, w32.shape, stride, pad)
+    dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(dy), w32.shape, stride, pad, version=version,
+                                                   dtype=np.float32))
+    assert dw.dtype == np.float32 and dw.shape == w32.shape
+    assert _rel_err(dw, want) < F32_SUM, f"backward weight (float32): {_rel_err(dw, want):.2e}"
+    dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(dy), w32.shape, stride, pad, version=version))
+    assert dw.dtype == np.float16
+    assert _rel_err(dw, want) < F16_OUT, f"backward weight (float16): {_rel_err(dw, want):.2e}"
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 7, 1000])
+def test_f16_backward_weight_split_k(backend, split_k):
+    # N*P*Q = 2*13*13 = 338 reduction indices: 6 steps of 64, so 4 and 7 splits leave ragged ends;
+    # R*S*C = 9*8 = 72 columns of dw: two tiles, the second nearly empty
+    x, w32, dy, stride, pad = _problem16(((2, 13, 13, 8), (5, 8, 3, 3), 1, 1), seed=3)
+    want = ref.conv2d_backward_weight(x.astype(np.float64), dy.astype(np.float64), w32.shape, stride, pad)
+    for version in CV.F16_VERSIONS:
+        for dtype in (np.float32, np.float16):
+            dw = CV.conv2d_backward_weight(backend.to_device(x), backend.to_device(dy), w32.shape, stride, pad,
+                                           version=version, split_k=split_k, dtype=dtype)
+            assert _rel_err(backend.to_host(dw), want) < (F32_SUM if dtype == np.float32 else F16_OUT)
+
+
+@pytest.mark.parametrize("case", [((1, 5, 5, 8), (2, 8, 3, 3), 1, 1), ((2, 5, 4, 3), (3, 3, 3, 3), 2, 2),
+                                  ((1, 4, 4, 8), (8, 8, 1, 1), 2, 0)])
+def test_f16_backward_matches_finite_differences(backend, case):
+    """Gradients of L = sum(conv2d_forward(x, w) * g) for the float16-rounded x, w and g: central
+    differences of the float64 reference forward, against the float16 versions' backward passes."""
+    x, w32, g, stride, pad = _problem16(case, seed=7)
+    x64, w64, g64 = x.astype(np.float64), w32.astype(np.float16).astype(np.float64), g.astype(np.float64)
+
+    def numeric(arr, eps=1e-6):
+        grad = np.zeros_like(arr)
+        for i in np.ndindex(arr.shape):
+            old = arr[i]
+            arr[i] = old + eps
+            up = np.sum(ref.conv2d_forward(x64, w64, stride, pad) * g64)
+            arr[i] = old - eps
+            down = np.sum(ref.conv2d_forward(x64, w64, stride, pad) * g64)
+            arr[i] = old
+            grad[i] = (up - down) / (2 * eps)
+        return grad
+
+    num_dx, num_dw = numeric(x64), numeric(w64)
+    d = backend.to_device
+    wk = CV.conv_weight(d(w32), np.float16)
+    for version in CV.F16_VERSIONS:
+        dx = backend.to_host(CV.conv2d_backward_data(d(g), wk, x.shape, stride, pad, version=version))
+        dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(g), w32.shape, stride, pad, version=version,
+                                                       dtype=np.float32))
+        assert _rel_err(dx, num_dx) < F16_OUT, f"{version} dx vs finite differences: {_rel_err(dx, num_dx):.2e}"
+        assert _rel_err(dw, num_dw) < F32_SUM, f"{version} dw vs finite differences: {_rel_err(dw, num_dw):.2e}"
+
+
+@pytest.mark.parametrize("arch", ["sm_60", "sm_70"])
+def test_f16_kernels_built_for_older_gpus(arch):
+    """On the emulator, conv.cu built for sm_60 multiplies the float16 tiles with float FMAs (no
+    tensor cores: float16 storage, float32 math) and for sm_70 loads them without async copies."""
+    with CV.emulate_arch(arch):
+        for case in (F16_CASES[0], F16_CASES[3]):
+            x, w32, dy, stride, pad = _problem16(case, seed=11)
+            x64, w64, dy64 = x.astype(np.float64), w32.astype(np.float16).astype(np.float64), dy.astype(np.float64)
+            wk = CV.conv_weight(w32, np.float16)
+            for version in CV.F16_VERSIONS:
+                y = CV.conv2d_forward(x, wk, stride, pad, version=version)
+                assert _rel_err(y, ref.conv2d_forward(x64, w64, stride, pad)) < F16_OUT
+                dx = CV.conv2d_backward_data(dy, wk, x.shape, stride, pad, version=version)
+                assert _rel_err(dx, ref.conv2d_backward_data(dy64, w64, x.shape, stride, pad)) < F16_OUT
+                dw = CV.conv2d_backward_weight(x, dy, w32.shape, stride, pad, version=version, split_k=2,
+                                               dtype=np.float32)
+                assert _rel_err(dw, ref.conv2d_backward_weight(x64, dy64, w32.shape, stride, pad)) < F32_SUM
+
+
+def test_conv_weight_is_a_cast_in_channels_last_memory(backend):
+    w = np.random.default_rng(8).standard_normal((70, 33, 3, 3)).astype(np.float32)   # C past 32: 2 blocks
+    for src in (w, w.astype(np.float16)):
+        wk = CV.conv_weight(backend.to_device(src), np.float16)
+        assert wk.shape == w.shape and wk.transpose(0, 2, 3, 1).flags.c_contiguous
+        np.testing.assert_array_equal(backend.to_host(wk), w.astype(np.float16))
+    assert CV.conv_weight(w, np.float32) is w
+
+
+def test_fast_division_by_an_invariant_divisor():
+    """common.cuh's FastDiv: n / d and n % d by multiply-shift, for the divisors the kernels use and
+    a few awkward ones, on numerators up to 2^31 - 1."""
+    src = r"""#include "common.cuh"
+    extern "C" __global__ void divide(const int* n, const int* d, int* q, int* r, int count, int divisors) {
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count * divisors; i += blockDim.x * gridDim.x) {
+            const FastDiv f = make_fastdiv(d[i / count]);
+            fast_divmod(n[i % count], f, q[i], r[i]);
+        }
+    }"""
+    from kernels.runtime import KERNEL_DIR
+    kernel = RawKernel(src, "divide", options=("-I", str(KERNEL_DIR)))
+    rng = np.random.default_rng(0)
+    n = np.concatenate([np.arange(300), rng.integers(0, 2**31 - 1, 700), [2**31 - 1, 2**31 - 2, 2**30]]).astype(np.int32)
+    d = np.array([1, 2, 3, 5, 7, 9, 49, 56 * 56, 112 * 112 * 64, 2**30 + 1, 2**31 - 1, 641, 6700417], np.int32)
+    q, r = np.empty(n.size * d.size, np.int32), np.empty(n.size * d.size, np.int32)
+    kernel((64,), (256,), (n, d, q, r, np.int32(n.size), np.int32(d.size)))
+    nn_, dd = np.tile(n, d.size).astype(np.int64), np.repeat(d, n.size).astype(np.int64)
+    np.testing.assert_array_equal(q, nn_ // dd)
+    np.testing.assert_array_equal(r, nn_ % dd)
+
+
+def _ptxas_report(log):
+    """{kernel: (registers, spill store bytes, spill load bytes)} from NVRTC's -Xptxas -v log."""
+    out, name, spills = {}, None, (0, 0)
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            spills = (int(m.group(1)), int(m.group(2)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out[name] = (int(m.group(1)),) + spills
+            name, spills = None, (0, 0)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["sm_70", "sm_80", "sm_90"])
+def test_conv_kernels_compile_without_register_spills(arch):
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC not found (the nvidia-cuda-nvrtc-cu12 wheel of the test extra)")
+    from kernels.runtime import KERNEL_DIR
+    log = nvrtc.compile_file(str(KERNEL_DIR / "conv.cu"), arch=arch, options=["-Xptxas", "-v", "-ftz=true"]).log
+    report = _ptxas_report(log)
+    tensor_core = [k for k in report if "wmma" in k]
+    assert len(tensor_core) >= 4 * len(CV.F16_VERSIONS) - 1, sorted(report)
+    for kernel, (registers, stores, loads) in report.items():
+        assert stores == loads == 0, f"{kernel} spills {stores} bytes to local memory on {arch}"
+        assert registers <= 255
+
+
+# ------------------------------------------------------------------ bad input
+def test_f16_conv_rejects_bad_arguments():
+    x = np.zeros((1, 5, 5, 8), np.float16)
+    w = np.zeros((4, 8, 3, 3), np.float16)
+    dy = np.zeros((1, 5, 5, 4), np.float16)
+    with pytest.raises(TypeError, match="w must be float16"):
+        CV.conv2d_forward(x, w.astype(np.float32), 1, 1)
+    with pytest.raises(TypeError, match="version 3 of conv computes on float32"):
+        CV.conv2d_forward(x, w, 1, 1, version=3)
+    with pytest.raises(TypeError, match="version 4 of conv computes on float16"):
+        CV.conv2d_forward(x.astype(np.float32), w.astype(np.float32), 1, 1, version=4)
+    with pytest.raises(ValueError, match="channels-last"):
+        CV.conv2d_forward(x, np.zeros((4, 8, 3, 6), np.float16)[..., ::2], 1, 1)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        CV.conv2d_backward_data(dy[:, :4], w, x.shape, 1, 1)
+    with pytest.raises(TypeError, match="dtype of dw"):
+        CV.conv2d_backward_weight(x, dy, w.shape, 1, 1, dtype=np.float64)
+    with pytest.raises(TypeError, match="float32 dw"):
+        CV.conv2d_backward_weight(x.astype(np.float32), dy.astype(np.float32), w.shape, 1, 1, dtype=np.float16)
+    with pytest.raises(TypeError, match="dtype must be float32 or float16"):
+        CV.conv_weight(w, np.float64)
 
 
 # ------------------------------------------------------------------ bad input

@@ -50,9 +50,14 @@ def test_launchers_take_the_same_numbers_and_refuse_others():
     x = np.ones((1, 3, 3, 2), np.float32)
     w = np.ones((2, 2, 1, 1), np.float32)
     for n in versions.numbers("conv"):
-        np.testing.assert_array_equal(conv.conv2d_forward(x, w, 1, 0, version=n), np.full((1, 3, 3, 2), 2.0))
-    with pytest.raises(ValueError, match=r"version must be one of 1, 2, 3 \(python -m kernels.conv --list\)"):
+        half = n in conv.F16_VERSIONS        # the tensor-core versions take float16
+        y = conv.conv2d_forward(x.astype(np.float16) if half else x, w.astype(np.float16) if half else w, 1, 0,
+                                version=n)
+        np.testing.assert_array_equal(y, np.full((1, 3, 3, 2), 2.0))
+    with pytest.raises(ValueError, match=r"version must be one of 1, 2, 3, 4.* \(python -m kernels.conv --list\)"):
         conv.conv2d_forward(x, w, 1, 0, version="naive")
+    with pytest.raises(TypeError, match=r"version 4 of conv computes on float16.*float32 runs version 1 or 2 or 3"):
+        conv.conv2d_forward(x, w, 1, 0, version=4)
     with pytest.raises(ValueError, match="version must be one of 1, 2, 3, 4"):
         reduce.sum(np.ones(4, np.float32), version=5)
     with pytest.raises(ValueError, match="gemm_f16"):
