@@ -30,7 +30,11 @@
  *              weights, float32 accumulation, each warp multiplying 16 x 16 x 16 fragments in one
  *              instruction (WMMA, sm_70+) instead of 4096 FMAs.  Tiles move as 16-byte vectors,
  *              indices are decoded by multiply-shift, tiles are laid out without bank conflicts.
- *              Details below.  The default for float16.
+ *              Details below.
+ *   version 5  conv2d_*_wmma_async_f16: version 4 with the next tiles copied while the current ones
+ *              are multiplied (asynchronous copies, sm_80+), and backward data as one
+ *              sub-convolution per stride phase, so stride 2 no longer multiplies the 3 in 4 taps
+ *              that reach no output pixel.  The default for float16.
  *
  * Version 3 in detail.  Each pass IS a matrix multiply whose operands are never materialised: the
  * tile loader computes, for each (row, column) of the virtual matrix, the address it stands for.
@@ -116,10 +120,42 @@
  *     through a float32 workspace and conv2d_bwd_weight_reduce_oihw_* sums them, moving each 32
  *     channels x R*S taps of a row through a padded shared tile so that it reads the workspace and
  *     writes dw in consecutive addresses (version 3's reduce reads the workspace C floats apart).
+ *
+ * Version 5 in detail: keeping the tensor cores fed.
+ *
+ *     In version 4 a step loads its tiles (global -> registers -> shared memory), waits at a
+ *     barrier, multiplies, waits again: while the loads travel (hundreds of cycles from DRAM) the
+ *     tensor cores idle, unless other blocks on the SM happen to have work.  sm_80 copies global
+ *     to shared memory asynchronously (cp.async: __pipeline_memcpy_async / __pipeline_commit /
+ *     __pipeline_wait_prior, <cuda_pipeline.h>), without registers, while the thread goes on.
+ *     Two stages of tiles (36 KiB): at step t the block issues the copies of step t + 1 into the
+ *     other stage, then multiplies stage t; the copies land while it does:
+ *         issue tiles 0 -> stage 0; commit
+ *         for t = 0, 1, ...:  wait until my copies of tile t have landed (__pipeline_wait_prior)
+ *                             __syncthreads()   everyone's have; stage (t - 1) % 2 is free again
+ *                             issue tile t + 1 -> stage (t + 1) % 2; commit
+ *                             multiply stage t % 2
+ *     A padding element is a copy with zfill: 16 bytes of zeros, nothing read.  The gather of the
+ *     stem's 3 channels (no 16-byte vectors) stores its elements itself, into the same stages.  On
+ *     sm_70 the same code loads synchronously (no cp.async there); a third stage, 55 KiB, needs
+ *     dynamic shared memory over the 48 KiB static limit (an exercise).
+ *
+ *     Backward data per stride phase.  Input pixel (h, w) receives dy[p, q] through tap (r, s) only
+ *     when h + pad - r = p * stride: r is (h + pad) mod stride plus a multiple of stride.  So the
+ *     pixels of one phase (ph, pw) = (h mod stride, w mod stride) all use the same taps
+ *     r = r0 + rr * stride (r0 = (ph + pad) mod stride), s likewise, and with h = hh * stride + ph
+ *     the output row is p = hh + dp - rr (dp = (ph + pad - r0) / stride): a dense sub-convolution
+ *     over ceil((R - r0) / stride) x ceil((S - s0) / stride) taps, without a division or a zero
+ *     tap.  blockIdx.z is the phase.  At stride 2 a 3x3 filter becomes four sub-convolutions of
+ *     2x2, 2x1, 1x2 and 1x1 taps: an input pixel visits 2.25 taps on average instead of 9; a 1x1
+ *     filter reaches only phase (0, 0), and the other three phases' tiles are the zeros they should be.
  */
 
 #include <cuda_fp16.h>
 #include <mma.h>
+#if __CUDA_ARCH__ >= 800
+#include <cuda_pipeline.h>   // __pipeline_memcpy_async (version 5)
+#endif
 #include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, load_float4, FastDiv, to_float / from_float
 
 /* ------------------------------------------------------------------ shared by the versions */
@@ -481,101 +517,184 @@ template <> struct WmmaLayout<RowMajor> { typedef nvcuda::wmma::row_major type; 
 template <> struct WmmaLayout<ColMajor> { typedef nvcuda::wmma::col_major type; };
 #endif
 
-// 8 halves (16 bytes) from global to shared memory as one vector, or 8 zeros
-__device__ __forceinline__ void copy8(__half* dst, const __half* src) {
-    *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+// 8 halves (16 bytes) from global to shared memory as one vector, or 8 zeros where !valid.
+// ASYNC (version 5) on sm_80+: an asynchronous copy (cp.async: global -> shared without passing
+// through registers; zfill writes the zeros), which lands at the __pipeline_wait_prior that covers
+// it, so src must be a valid 16-byte-aligned address even where nothing is copied.  Otherwise
+// (version 4, and version 5 below sm_80) an ordinary 16-byte load and store.
+template <bool ASYNC>
+__device__ __forceinline__ void tile_copy8(__half* dst, const __half* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    if (ASYNC) {
+        __pipeline_memcpy_async(dst, src, 16, valid ? 0 : 16);
+        return;
+    }
+#endif
+    if (valid) *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+    else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
 }
-__device__ __forceinline__ void zero8(__half* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u); }
 
-// The GEMM of every pass on tensor cores: the TC_BM x TC_BN tile of C at the block's origin, summed
-// over the reduction range [k_begin, k_end) in steps of TC_BK.  At each step load_tiles(k0, As, Bs)
-// fills As (TC_BM x TC_BK of A, layout LA) and Bs (TC_BK x TC_BN of B, layout LB), zero where the
-// virtual element is padding or past an edge: the one part that differs between the passes.
-// rows_left / cols_left: how many rows / columns of the tile exist; a 16 x 16 fragment wholly past
-// them, or past the end of the reduction, is not multiplied (the test is the same for the 32 lanes
-// of a warp, as WMMA requires).  On return Cs (aliasing As and Bs) holds the tile as floats,
-// row-major with leading dimension TC_LDC, visible to every thread of the block.
-template <class LA, class LB, class LoadTiles>
-__device__ __forceinline__ void tc_gemm_tile(int k_begin, int k_end, int rows_left, int cols_left, __half* As,
-                                             __half* Bs, float* Cs, const LoadTiles& load_tiles) {
-    const int warp = threadIdx.x / WARP_SIZE, wm = warp / 2 * 32, wn = warp % 2 * 32;   // this warp's 32 x 32
+__device__ __forceinline__ void pipeline_commit() {
+#if __CUDA_ARCH__ >= 800
+    __pipeline_commit();
+#endif
+}
+
+template <int PRIOR>
+__device__ __forceinline__ void pipeline_wait_prior() {
+#if __CUDA_ARCH__ >= 800
+    __pipeline_wait_prior(PRIOR);
+#endif
+}
+
+// One thread's share of the accumulators of a 64 x 64 tile: the 2 x 2 fragments of its warp's
+// 32 x 32 piece on tensor cores; 32 floats (elements threadIdx.x + 128 q) without them (sm_60).
+struct TcAcc {
 #if __CUDA_ARCH__ >= 700
-    using namespace nvcuda;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f[2][2];
+#else
+    float f[TC_BM * TC_BN / TC_THREADS];
+#endif
+};
+
+__device__ __forceinline__ void tc_zero(TcAcc& acc) {
+#if __CUDA_ARCH__ >= 700
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+        for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc.f[i][j], 0.0f);
 #else
-    // sm_60: no tensor cores.  The same tiles, multiplied with float FMAs: 32 outputs per thread,
-    // element e = threadIdx.x + TC_THREADS * q of the tile (fp16 storage, fp32 math).
-    float acc[TC_BM * TC_BN / TC_THREADS];
 #pragma unroll
-    for (int q = 0; q < TC_BM * TC_BN / TC_THREADS; ++q) acc[q] = 0.0f;
+    for (int q = 0; q < TC_BM * TC_BN / TC_THREADS; ++q) acc.f[q] = 0.0f;
 #endif
-    for (int k0 = k_begin; k0 < k_end; k0 += TC_BK) {
-        load_tiles(k0, As, Bs);
-        __syncthreads();
+}
+
+// acc += As Bs over the first `depth` (at most TC_BK) reduction indices of the tiles.  rows_left /
+// cols_left: how many rows / columns of the tile exist; a 16 x 16 fragment wholly past them, or
+// past the end of the reduction, is not multiplied (the test is the same for the 32 lanes of a
+// warp, as WMMA requires).  Compiled for sm_60 (no tensor cores) the same tiles are multiplied
+// with float FMAs, 32 outputs per thread: float16 storage, float32 math.
+template <class LA, class LB>
+__device__ __forceinline__ void tc_multiply(TcAcc& acc, const __half* As, const __half* Bs, int depth, int rows_left,
+                                            int cols_left) {
 #if __CUDA_ARCH__ >= 700
-        const int depth = k_end - k0;   // reduction indices left: the tile is zero past them
+    using namespace nvcuda;
+    const int warp = threadIdx.x / WARP_SIZE, wm = warp / 2 * 32, wn = warp % 2 * 32;   // this warp's 32 x 32
 #pragma unroll
-        for (int kk = 0; kk < TC_BK; kk += 16) {
-            if (kk >= depth) break;
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, typename WmmaLayout<LA>::type> fa[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, typename WmmaLayout<LB>::type> fb[2];
+    for (int kk = 0; kk < TC_BK; kk += 16) {
+        if (kk >= depth) break;
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, typename WmmaLayout<LA>::type> fa[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, typename WmmaLayout<LB>::type> fb[2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
-                if (wm + 16 * i < rows_left) wmma::load_matrix_sync(fa[i], As + tile_offset<LA>(wm + 16 * i, kk), TC_LD);
+        for (int i = 0; i < 2; ++i)
+            if (wm + 16 * i < rows_left) wmma::load_matrix_sync(fa[i], As + tile_offset<LA>(wm + 16 * i, kk), TC_LD);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            if (wn + 16 * j < cols_left) wmma::load_matrix_sync(fb[j], Bs + tile_offset<LB>(kk, wn + 16 * j), TC_LD);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int j = 0; j < 2; ++j)
-                if (wn + 16 * j < cols_left) wmma::load_matrix_sync(fb[j], Bs + tile_offset<LB>(kk, wn + 16 * j), TC_LD);
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-                for (int j = 0; j < 2; ++j)
-                    if (wm + 16 * i < rows_left && wn + 16 * j < cols_left) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-        }
+                if (wm + 16 * i < rows_left && wn + 16 * j < cols_left) wmma::mma_sync(acc.f[i][j], fa[i], fb[j], acc.f[i][j]);
+    }
 #else
 #pragma unroll
-        for (int q = 0; q < TC_BM * TC_BN / TC_THREADS; ++q) {
-            const int e = threadIdx.x + TC_THREADS * q, row = e / TC_BN, col = e % TC_BN;
-            float s = acc[q];
-            for (int kk = 0; kk < TC_BK; ++kk)
-                s = fmaf(__half2float(As[tile_offset<LA>(row, kk)]), __half2float(Bs[tile_offset<LB>(kk, col)]), s);
-            acc[q] = s;
-        }
-#endif
-        __syncthreads();   // nobody refills a tile another warp is still reading
+    for (int q = 0; q < TC_BM * TC_BN / TC_THREADS; ++q) {
+        const int e = threadIdx.x + TC_THREADS * q, row = e / TC_BN, col = e % TC_BN;
+        float s = acc.f[q];
+        for (int kk = 0; kk < TC_BK; ++kk)
+            s = fmaf(__half2float(As[tile_offset<LA>(row, kk)]), __half2float(Bs[tile_offset<LB>(kk, col)]), s);
+        acc.f[q] = s;
     }
-    // Cs aliases As and Bs: every warp has passed the barrier above, so nobody reads them any more
+#endif
+}
+
+// Cs (row-major, leading dimension TC_LDC) = the tile in acc.
+__device__ __forceinline__ void tc_store(const TcAcc& acc, float* Cs, int rows_left, int cols_left) {
 #if __CUDA_ARCH__ >= 700
+    const int warp = threadIdx.x / WARP_SIZE, wm = warp / 2 * 32, wn = warp % 2 * 32;
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j)
             if (wm + 16 * i < rows_left && wn + 16 * j < cols_left)
-                wmma::store_matrix_sync(Cs + (wm + 16 * i) * TC_LDC + wn + 16 * j, acc[i][j], TC_LDC, wmma::mem_row_major);
+                nvcuda::wmma::store_matrix_sync(Cs + (wm + 16 * i) * TC_LDC + wn + 16 * j, acc.f[i][j], TC_LDC,
+                                                nvcuda::wmma::mem_row_major);
 #else
 #pragma unroll
     for (int q = 0; q < TC_BM * TC_BN / TC_THREADS; ++q) {
         const int e = threadIdx.x + TC_THREADS * q;
-        Cs[e / TC_BN * TC_LDC + e % TC_BN] = acc[q];
+        Cs[e / TC_BN * TC_LDC + e % TC_BN] = acc.f[q];
     }
 #endif
+}
+
+#define TC_STAGES 2                    // version 5: tiles in shared memory at once
+#define TC_STAGE (2 * TC_TILE)         // halves per stage: the A tile, then the B tile
+#define TC_SMEM_V4 TC_SMEM_BYTES
+#define TC_SMEM_V5 (TC_STAGES * TC_STAGE * 2)
+
+// The GEMM of every pass on tensor cores: the TC_BM x TC_BN tile of C at the block's origin, summed
+// over the reduction range [k_begin, k_end) in steps of TC_BK.  At each step load_tiles(k0, As, Bs)
+// fills As (TC_BM x TC_BK of A, layout LA) and Bs (TC_BK x TC_BN of B, layout LB), zero where the
+// virtual element is padding or past an edge: the one part that differs between the passes.
+//   !ASYNC (version 4): load, barrier, multiply, barrier; one stage of tiles.
+//   ASYNC (version 5): TC_STAGES stages; the copies of step t + 1 are issued before step t is
+//     multiplied, so on sm_80+ they travel while the tensor cores work (one barrier per step: it
+//     both publishes step t's tiles and tells that everybody has finished reading step t - 1's,
+//     whose stage the new copies overwrite).
+// On return `tiles` holds the result as floats (Cs, row-major, leading dimension TC_LDC), visible to
+// every thread of the block.
+template <bool ASYNC, class LA, class LB, class LoadTiles>
+__device__ __forceinline__ void tc_gemm(int k_begin, int k_end, int rows_left, int cols_left, __half* tiles,
+                                        const LoadTiles& load_tiles) {
+    TcAcc acc;
+    tc_zero(acc);
+    const int steps = k_end > k_begin ? (k_end - k_begin + TC_BK - 1) / TC_BK : 0;
+    if (!ASYNC) {
+        for (int t = 0; t < steps; ++t) {
+            const int k0 = k_begin + t * TC_BK;
+            load_tiles(k0, tiles, tiles + TC_TILE);
+            __syncthreads();
+            tc_multiply<LA, LB>(acc, tiles, tiles + TC_TILE, k_end - k0, rows_left, cols_left);
+            __syncthreads();   // nobody refills a tile another warp is still reading
+        }
+    } else {
+        for (int t = 0; t < TC_STAGES - 1; ++t) {   // prologue: the first stages on their way
+            if (t < steps) load_tiles(k_begin + t * TC_BK, tiles + t * TC_STAGE, tiles + t * TC_STAGE + TC_TILE);
+            pipeline_commit();
+        }
+        for (int t = 0; t < steps; ++t) {
+            pipeline_wait_prior<TC_STAGES - 2>();   // my copies of step t have landed ...
+            __syncthreads();                        // ... and everyone's; step t - 1's stage is free
+            const int next = t + TC_STAGES - 1;
+            if (next < steps) {
+                __half* stage = tiles + next % TC_STAGES * TC_STAGE;
+                load_tiles(k_begin + next * TC_BK, stage, stage + TC_TILE);
+            }
+            pipeline_commit();                      // (an empty batch near the end: the count stays right)
+            const __half* stage = tiles + t % TC_STAGES * TC_STAGE;
+            tc_multiply<LA, LB>(acc, stage, stage + TC_TILE, k_end - (k_begin + t * TC_BK), rows_left, cols_left);
+        }
+        pipeline_wait_prior<0>();
+        __syncthreads();   // every warp is done with the tiles that Cs overwrites
+    }
+    tc_store(acc, reinterpret_cast<float*>(tiles), rows_left, cols_left);
     __syncthreads();
 }
 
-// out[m, n] = Cs[m - m0][n - n0] rounded to half, for the tile's rows m < M and columns n < ncols of a
-// row-major [M, ncols] matrix.  4 consecutive columns per thread: one 16-byte read of Cs (8 threads of
-// a quarter-warp read 8 different 16-byte units of a row: no bank conflict) and one 8-byte store
-// where vec says the row allows it.
+// out[row(m), n] = Cs[m - m0][n - n0] rounded to half, for the tile's rows m < M and columns n < ncols,
+// where row(m) is the row of the [*, ncols] row-major output that GEMM row m stands for.  4 consecutive
+// columns per thread: one 16-byte read of Cs (8 threads of a quarter-warp read 8 different 16-byte
+// units of a row: no bank conflict) and one 8-byte store where vec says the row allows it.
+template <class RowOf>
 __device__ __forceinline__ void tc_store_tile_f16(__half* __restrict__ out, const float* Cs, int m0, int n0, int M,
-                                                  int ncols, bool vec) {
+                                                  int ncols, bool vec, const RowOf& row_of) {
     for (int e = threadIdx.x; e < TC_BM * TC_BN / 4; e += TC_THREADS) {
         const int row = e / (TC_BN / 4), col = e % (TC_BN / 4) * 4, m = m0 + row, n = n0 + col;
         if (m >= M || n >= ncols) continue;
         const float4 v = *reinterpret_cast<const float4*>(Cs + row * TC_LDC + col);
-        __half* dst = out + (long long)m * ncols + n;
+        __half* dst = out + (long long)row_of(m) * ncols + n;
         if (vec && n + 3 < ncols) {
             __align__(8) __half2 pair[2] = {__floats2half2_rn(v.x, v.y), __floats2half2_rn(v.z, v.w)};
             *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(pair);
@@ -601,16 +720,13 @@ __device__ __forceinline__ bool tap_output(int h_pad_r, const FastDiv& div_strid
     return p * div_stride.d == h_pad_r && p < P;
 }
 
-// Forward.  grid (ceil(N*P*Q / 64), ceil(K / 64)), block 128.  wk: the weight in KRSC order.
-// aligned: 1 when x, wk and y start on 16-byte boundaries; channels move as 16-byte vectors when
-// also C % 8 == 0, element by element otherwise (the stem's 3 channels).
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
-conv2d_fwd_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ wk, __half* __restrict__ y, int N, int H,
-                    int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM_BYTES];
-    __half* As = reinterpret_cast<__half*>(smem);
-    __half* Bs = As + TC_TILE;
-    float* Cs = reinterpret_cast<float*>(smem);
+// Forward, versions 4 (!ASYNC) and 5.  grid (ceil(N*P*Q / 64), ceil(K / 64)), block 128.  wk: the
+// weight in KRSC order.  aligned: 1 when x, wk and y start on 16-byte boundaries; channels move as
+// 16-byte vectors when also C % 8 == 0, element by element otherwise (the stem's 3 channels).
+template <bool ASYNC>
+__device__ __forceinline__ void conv_fwd_f16(const __half* __restrict__ x, const __half* __restrict__ wk,
+                                             __half* __restrict__ y, int N, int H, int W, int C, int K, int R,
+                                             int S, int P, int Q, int stride, int pad, int aligned, __half* tiles) {
     const int M = N * P * Q, Kd = R * S * C;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const bool vec = aligned && C % 8 == 0;
@@ -636,7 +752,7 @@ conv2d_fwd_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ wk,
             }
         }
     }
-    tc_gemm_tile<RowMajor, ColMajor>(0, Kd, M - m0, K - n0, As, Bs, Cs, [&](int k0, __half* As, __half* Bs) {
+    tc_gemm<ASYNC, RowMajor, ColMajor>(0, Kd, M - m0, K - n0, tiles, [&](int k0, __half* As, __half* Bs) {
         const int kk = k0 + g8;   // this thread's reduction indices kk .. kk + 7, kk = (r * S + s) * C + c
         int rs, c, r, s;
         fast_divmod(kk, div_c, rs, c);
@@ -646,8 +762,8 @@ conv2d_fwd_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ wk,
             __half* dst = As + tile_offset<RowMajor>(row0 + 16 * i, g8);
             if (vec) {
                 const int h = h_0[i] + r, w = w_0[i] + s;
-                if (kk < Kd && h >= 0 && h < H && w >= 0 && w < W) copy8(dst, x + x_base[i] + (h * W + w) * C + c);
-                else zero8(dst);
+                const bool in = kk < Kd && h >= 0 && h < H && w >= 0 && w < W;
+                tile_copy8<ASYNC>(dst, in ? x + x_base[i] + (h * W + w) * C + c : x, in);
             } else {
                 int re = r, se = s, ce = c;   // walk (r, s, c) one element at a time
                 for (int e = 0; e < 8; ++e) {
@@ -666,26 +782,41 @@ conv2d_fwd_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ wk,
             const int k = n0 + row0 + 16 * i;
             __half* dst = Bs + tile_offset<ColMajor>(g8, row0 + 16 * i);
             if (vec) {
-                if (k < K && kk < Kd) copy8(dst, wk + k * Kd + kk);
-                else zero8(dst);
+                const bool in = k < K && kk < Kd;
+                tile_copy8<ASYNC>(dst, in ? wk + k * Kd + kk : wk, in);
             } else {
                 for (int e = 0; e < 8; ++e) dst[e] = k < K && kk + e < Kd ? wk[k * Kd + kk + e] : __float2half(0.0f);
             }
         }
     });
-    tc_store_tile_f16(y, Cs, m0, n0, M, K, aligned && K % 4 == 0);   // y[n, p, q, k]: row m of [M, K]
+    // y[n, p, q, k]: row m of [M, K]
+    tc_store_tile_f16(y, reinterpret_cast<const float*>(tiles), m0, n0, M, K, aligned && K % 4 == 0,
+                      [](int m) { return m; });
 }
 
-// Backward data.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 128.  wk: the weight in KRSC order.
-// The reduction runs over kk = (r * S + s) * K + k: 8 consecutive kk are 8 consecutive channels of dy
-// (one vector when K % 8 == 0), and a row kk of B, wk[k][r][s][c0 ..], is contiguous in c.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_fwd_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ wk, __half* __restrict__ y, int N, int H,
+                    int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];   // declared here, not in the template
+    conv_fwd_f16<false>(x, wk, y, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_fwd_wmma_async_f16(const __half* __restrict__ x, const __half* __restrict__ wk, __half* __restrict__ y, int N,
+                          int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];
+    conv_fwd_f16<true>(x, wk, y, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles);
+}
+
+// Backward data, version 4.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 128.  wk: the weight in
+// KRSC order.  The reduction runs over kk = (r * S + s) * K + k: 8 consecutive kk are 8 consecutive
+// channels of dy (one vector when K % 8 == 0), and a row kk of B, wk[k][r][s][c0 ..], is contiguous in c.
+// Every tap (r, s) is visited for every input pixel; with stride 2, 3 in 4 of them reach no output
+// pixel and load zeros (version 5 does not visit them).
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx, int N,
                          int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM_BYTES];
-    __half* As = reinterpret_cast<__half*>(smem);
-    __half* Bs = As + TC_TILE;
-    float* Cs = reinterpret_cast<float*>(smem);
+    __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];
     const int M = N * H * W, Kd = R * S * K, RS = R * S;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const bool vec_a = aligned && K % 8 == 0, vec_b = aligned && C % 8 == 0;
@@ -710,7 +841,7 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
             }
         }
     }
-    tc_gemm_tile<RowMajor, RowMajor>(0, Kd, M - m0, C - n0, As, Bs, Cs, [&](int k0, __half* As, __half* Bs) {
+    tc_gemm<false, RowMajor, RowMajor>(0, Kd, M - m0, C - n0, tiles, [&](int k0, __half* As, __half* Bs) {
         {
             const int kk = k0 + g8;
             int rs, k, r, s;
@@ -721,9 +852,9 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
                 __half* dst = As + tile_offset<RowMajor>(row0 + 16 * i, g8);
                 if (vec_a) {
                     int p, q;
-                    if (kk < Kd && tap_output(h_pad[i] - r, div_stride, P, p) && tap_output(w_pad[i] - s, div_stride, Q, q))
-                        copy8(dst, dy + dy_base[i] + (p * Q + q) * K + k);
-                    else zero8(dst);
+                    const bool in = kk < Kd && tap_output(h_pad[i] - r, div_stride, P, p) &&
+                                    tap_output(w_pad[i] - s, div_stride, Q, q);
+                    tile_copy8<false>(dst, in ? dy + dy_base[i] + (p * Q + q) * K + k : dy, in);
                 } else {
                     int re = r, se = s, ke = k;
                     for (int e = 0; e < 8; ++e) {
@@ -745,30 +876,131 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
             const int kk = k0 + row0 + 16 * i;
             int rs, k;
             fast_divmod(kk, div_k, rs, k);
-            const __half* src = wk + (k * RS + rs) * C + c;
             __half* dst = Bs + tile_offset<RowMajor>(row0 + 16 * i, g8);
             if (vec_b) {
-                if (kk < Kd && c < C) copy8(dst, src);
-                else zero8(dst);
+                const bool in = kk < Kd && c < C;
+                tile_copy8<false>(dst, in ? wk + (k * RS + rs) * C + c : wk, in);
             } else {
-                for (int e = 0; e < 8; ++e) dst[e] = kk < Kd && c + e < C ? src[e] : __float2half(0.0f);
+                for (int e = 0; e < 8; ++e)
+                    dst[e] = kk < Kd && c + e < C ? wk[(k * RS + rs) * C + c + e] : __float2half(0.0f);
             }
         }
     });
-    tc_store_tile_f16(dx, Cs, m0, n0, M, C, aligned && C % 4 == 0);   // dx[n, h, w, c]: row m of [M, C]
+    // dx[n, h, w, c]: row m of [M, C]
+    tc_store_tile_f16(dx, reinterpret_cast<const float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0,
+                      [](int m) { return m; });
 }
 
-// Backward weight, split-K.  grid (ceil(K / 64), ceil(R*S*C / 64), splits), block 128.  Split z reduces
-// n*P*Q indices [z * chunk, min((z + 1) * chunk, N*P*Q)) (chunk a multiple of 64).  One split writes
-// dw (OIHW, type TW) itself; several write ws[z][k][(r, s, c)] (float) for conv2d_bwd_weight_reduce_*.
-template <typename TW>
-__device__ __forceinline__ void bwd_weight_wmma(const __half* __restrict__ x, const __half* __restrict__ dy,
-                                                float* __restrict__ ws, TW* __restrict__ dw, int N, int H, int W,
-                                                int C, int K, int R, int S, int P, int Q, int stride, int pad,
-                                                int chunk, int aligned, unsigned char* smem) {
-    __half* As = reinterpret_cast<__half*>(smem);
-    __half* Bs = As + TC_TILE;
-    float* Cs = reinterpret_cast<float*>(smem);
+// Backward data, version 5: one sub-convolution per stride phase.  Input pixel (h, w) receives
+// dy[p, q] through tap (r, s) only when h + pad - r = p * stride, i.e. r = (h + pad) mod stride
+// (+ stride, + 2 stride, ...): the pixels of one phase (ph, pw) = (h mod stride, w mod stride) all
+// use the same taps r = r0 + rr * stride (r0 = (ph + pad) mod stride), s likewise, and with
+// h = hh * stride + ph the output row is p = hh + dp - rr, dp = (ph + pad - r0) / stride: no
+// division, no zero taps.  blockIdx.z is the phase; its GEMM is (N * Hp * Wp) x C with reduction
+// (rr, ss, k) over Rp * Sp * K (Hp = ceil((H - ph) / stride) rows of the phase, Rp = ceil((R - r0) /
+// stride) taps).  A phase that no tap reaches (a 1x1 filter with stride 2 reaches only phase (0, 0))
+// has an empty reduction, and its tile of zeros is the gradient there.
+// grid (ceil(N * ceil(H/stride) * ceil(W/stride) / 64), ceil(C / 64), stride^2), block 128.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx,
+                               int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad,
+                               int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];
+    const int ph = blockIdx.z / stride, pw = blockIdx.z % stride;
+    const int Hp = (H - ph + stride - 1) / stride, Wp = (W - pw + stride - 1) / stride;   // this phase's pixels
+    const int M = N * Hp * Wp;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    if (Hp <= 0 || Wp <= 0 || m0 >= M) return;   // the whole block leaves, before any barrier
+    const int r0 = (ph + pad) % stride, s0 = (pw + pad) % stride;
+    const int Rp = r0 < R ? (R - r0 + stride - 1) / stride : 0, Sp = s0 < S ? (S - s0 + stride - 1) / stride : 0;
+    const int dp = (ph + pad - r0) / stride, dq = (pw + pad - s0) / stride;
+    const int Kd = Rp * Sp * K, RS = R * S;
+    const bool vec_a = aligned && K % 8 == 0, vec_b = aligned && C % 8 == 0;
+    const FastDiv div_k = make_fastdiv(K), div_sp = make_fastdiv(Sp > 0 ? Sp : 1);
+    const int g8 = TC_G8, row0 = TC_ROW0;
+    // rows of A: this phase's pixels (n, hh, ww); p = p_0 - rr, q = q_0 - ss
+    int dy_base[4], p_0[4], q_0[4];
+    {
+        const FastDiv div_hw = make_fastdiv(Hp * Wp), div_w = make_fastdiv(Wp);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = m0 + row0 + 16 * i;
+            dy_base[i] = 0;
+            p_0[i] = q_0[i] = IG_FAR;   // every p, q out of range: a row past M loads zeros
+            if (m < M) {
+                int n, hw, hh, ww;
+                fast_divmod(m, div_hw, n, hw);
+                fast_divmod(hw, div_w, hh, ww);
+                dy_base[i] = n * P * Q * K;
+                p_0[i] = hh + dp;
+                q_0[i] = ww + dq;
+            }
+        }
+    }
+    tc_gemm<true, RowMajor, RowMajor>(0, Kd, M - m0, C - n0, tiles, [&](int k0, __half* As, __half* Bs) {
+        {
+            const int kk = k0 + g8;   // kk = (rr * Sp + ss) * K + k
+            int t, k, rr, ss;
+            fast_divmod(kk, div_k, t, k);
+            fast_divmod(t, div_sp, rr, ss);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {   // A[m, kk] = dy[n, p_0 - rr, q_0 - ss, k]
+                __half* dst = As + tile_offset<RowMajor>(row0 + 16 * i, g8);
+                if (vec_a) {
+                    const int p = p_0[i] - rr, q = q_0[i] - ss;
+                    const bool in = kk < Kd && p >= 0 && p < P && q >= 0 && q < Q;
+                    tile_copy8<true>(dst, in ? dy + dy_base[i] + (p * Q + q) * K + k : dy, in);
+                } else {
+                    int re = rr, se = ss, ke = k;
+                    for (int e = 0; e < 8; ++e) {
+                        const int p = p_0[i] - re, q = q_0[i] - se;
+                        dst[e] = kk + e < Kd && p >= 0 && p < P && q >= 0 && q < Q ? dy[dy_base[i] + (p * Q + q) * K + ke]
+                                                                                    : __float2half(0.0f);
+                        if (++ke == K) {
+                            ke = 0;
+                            if (++se == Sp) se = 0, ++re;
+                        }
+                    }
+                }
+            }
+        }
+        const int c = n0 + g8;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {   // B[kk, c] = wk[k][r0 + rr * stride][s0 + ss * stride][c]
+            const int kk = k0 + row0 + 16 * i;
+            int t, k, rr, ss;
+            fast_divmod(kk, div_k, t, k);
+            fast_divmod(t, div_sp, rr, ss);
+            const int tap = (r0 + rr * stride) * S + s0 + ss * stride;
+            __half* dst = Bs + tile_offset<RowMajor>(row0 + 16 * i, g8);
+            if (vec_b) {
+                const bool in = kk < Kd && c < C;
+                tile_copy8<true>(dst, in ? wk + (k * RS + tap) * C + c : wk, in);
+            } else {
+                for (int e = 0; e < 8; ++e)
+                    dst[e] = kk < Kd && c + e < C ? wk[(k * RS + tap) * C + c + e] : __float2half(0.0f);
+            }
+        }
+    });
+    // GEMM row m = (n, hh, ww) is input pixel (n, hh * stride + ph, ww * stride + pw)
+    const FastDiv div_hw = make_fastdiv(Hp * Wp), div_w = make_fastdiv(Wp);
+    tc_store_tile_f16(dx, reinterpret_cast<const float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0, [&](int m) {
+        int n, hw, hh, ww;
+        fast_divmod(m, div_hw, n, hw);
+        fast_divmod(hw, div_w, hh, ww);
+        return (n * H + hh * stride + ph) * W + ww * stride + pw;
+    });
+}
+
+// Backward weight, split-K, versions 4 (!ASYNC) and 5.  grid (ceil(K / 64), ceil(R*S*C / 64), splits),
+// block 128.  Split z reduces n*P*Q indices [z * chunk, min((z + 1) * chunk, N*P*Q)) (chunk a multiple
+// of 64).  One split writes dw (OIHW, type TW) itself; several write ws[z][k][(r, s, c)] (float) for
+// conv2d_bwd_weight_reduce_oihw_*.
+template <bool ASYNC, typename TW>
+__device__ __forceinline__ void bwd_weight_f16(const __half* __restrict__ x, const __half* __restrict__ dy,
+                                               float* __restrict__ ws, TW* __restrict__ dw, int N, int H, int W,
+                                               int C, int K, int R, int S, int P, int Q, int stride, int pad,
+                                               int chunk, int aligned, __half* tiles) {
     const int M = K, ncols = R * S * C, Kd = N * P * Q, RS = R * S;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const int k_begin = blockIdx.z * chunk, k_end = min(Kd, k_begin + chunk);
@@ -783,7 +1015,7 @@ __device__ __forceinline__ void bwd_weight_wmma(const __half* __restrict__ x, co
         fast_divmod(col, div_c, rs, b_c);
         fast_divmod(rs, make_fastdiv(S), b_r, b_s);
     }
-    tc_gemm_tile<ColMajor, RowMajor>(k_begin, k_end, M - m0, ncols - n0, As, Bs, Cs, [&](int k0, __half* As, __half* Bs) {
+    tc_gemm<ASYNC, ColMajor, RowMajor>(k_begin, k_end, M - m0, ncols - n0, tiles, [&](int k0, __half* As, __half* Bs) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int jr = row0 + 16 * i, j = k0 + jr;   // reduction index j = (n, p, q): a pixel of dy
@@ -798,8 +1030,8 @@ __device__ __forceinline__ void bwd_weight_wmma(const __half* __restrict__ x, co
             const int k = m0 + g8;
             __half* dst = As + tile_offset<ColMajor>(g8, jr);
             if (vec_a) {
-                if (in && k < K) copy8(dst, dy + j * K + k);
-                else zero8(dst);
+                const bool ok = in && k < K;
+                tile_copy8<ASYNC>(dst, ok ? dy + j * K + k : dy, ok);
             } else {
                 for (int e = 0; e < 8; ++e) dst[e] = in && k + e < K ? dy[j * K + k + e] : __float2half(0.0f);
             }
@@ -808,14 +1040,14 @@ __device__ __forceinline__ void bwd_weight_wmma(const __half* __restrict__ x, co
             const int h0 = p * stride - pad, w0 = q * stride - pad, x_base = n * H * W * C;
             if (vec_b) {
                 const int h = h0 + b_r, w = w0 + b_s;
-                if (in && h >= 0 && h < H && w >= 0 && w < W) copy8(dst, x + x_base + (h * W + w) * C + b_c);
-                else zero8(dst);
+                const bool ok = in && h >= 0 && h < H && w >= 0 && w < W;
+                tile_copy8<ASYNC>(dst, ok ? x + x_base + (h * W + w) * C + b_c : x, ok);
             } else {
                 int re = b_r, se = b_s, ce = b_c;
                 for (int e = 0; e < 8; ++e) {
                     const int h = h0 + re, w = w0 + se;
                     dst[e] = in && col + e < ncols && h >= 0 && h < H && w >= 0 && w < W ? x[x_base + (h * W + w) * C + ce]
-                                                                                   : __float2half(0.0f);
+                                                                                         : __float2half(0.0f);
                     if (++ce == C) {
                         ce = 0;
                         if (++se == S) se = 0, ++re;
@@ -825,6 +1057,7 @@ __device__ __forceinline__ void bwd_weight_wmma(const __half* __restrict__ x, co
         }
     });
     // Cs[k - m0][col - n0]: dw[k][c][r][s] when this is the only split, else this split's slice of ws
+    const float* Cs = reinterpret_cast<const float*>(tiles);
     for (int e = threadIdx.x; e < TC_BM * TC_BN; e += TC_THREADS) {
         const int row = e / TC_BN, k = m0 + row, cl = n0 + e % TC_BN;
         if (k >= K || cl >= ncols) continue;
@@ -839,21 +1072,40 @@ __device__ __forceinline__ void bwd_weight_wmma(const __half* __restrict__ x, co
     }
 }
 
+// Version 4: dw in half.
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv2d_bwd_weight_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
                            __half* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
                            int stride, int pad, int chunk, int aligned) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM_BYTES];   // declared here, not in the template
-    bwd_weight_wmma(x, dy, ws, dw, N, H, W, C, K, R, S, P, Q, stride, pad, chunk, aligned, smem);
+    __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];   // declared here, not in the template
+    bwd_weight_f16<false>(x, dy, ws, dw, N, H, W, C, K, R, S, P, Q, stride, pad, chunk, aligned, tiles);
 }
 
-// The same with dw in float: the gradient of a float32 master weight, never rounded to half.
+// Version 4 with dw in float: the gradient of a float32 master weight, never rounded to half.
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
 conv2d_bwd_weight_wmma_f16_dw_f32(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
                                   float* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
                                   int stride, int pad, int chunk, int aligned) {
-    __shared__ __align__(128) unsigned char smem[TC_SMEM_BYTES];
-    bwd_weight_wmma(x, dy, ws, dw, N, H, W, C, K, R, S, P, Q, stride, pad, chunk, aligned, smem);
+    __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];   // declared here, not in the template
+    bwd_weight_f16<false>(x, dy, ws, dw, N, H, W, C, K, R, S, P, Q, stride, pad, chunk, aligned, tiles);
+}
+
+// Version 5 (async copies): dw in half.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_bwd_weight_wmma_async_f16(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
+                                 __half* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
+                                 int stride, int pad, int chunk, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];   // declared here, not in the template
+    bwd_weight_f16<true>(x, dy, ws, dw, N, H, W, C, K, R, S, P, Q, stride, pad, chunk, aligned, tiles);
+}
+
+// Version 5 with dw in float.
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+conv2d_bwd_weight_wmma_async_f16_dw_f32(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
+                                        float* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
+                                        int stride, int pad, int chunk, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];   // declared here, not in the template
+    bwd_weight_f16<true>(x, dy, ws, dw, N, H, W, C, K, R, S, P, Q, stride, pad, chunk, aligned, tiles);
 }
 
 // dw[k, c, r, s] (OIHW) = sum over splits z of ws[z][k][(r * S + s) * C + c].  grid (K, ceil(C / 32)),

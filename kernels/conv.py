@@ -4,7 +4,7 @@
     dx = conv2d_backward_data(dy, w, x.shape, stride, padding, version=1)   # naive
     dw = conv2d_backward_weight(x, dy, w.shape, stride, padding, version=2) # im2col + GEMM
     wk = conv_weight(w32, np.float16)                                  # fp32 master -> fp16, channels last
-    y16 = conv2d_forward(x16, wk, stride, padding)                     # tensor cores (version 4)
+    y16 = conv2d_forward(x16, wk, stride, padding)                     # tensor cores (version 5)
     dw32 = conv2d_backward_weight(x16, dy16, w.shape, stride, padding, dtype=np.float32)
 
 Layouts: x [N, H, W, C] and y / dy [N, P, Q, K] (NHWC), w [K, C, R, S] (OIHW, as torchvision),
@@ -16,7 +16,8 @@ Versions (the header of conv.cu; `python -m kernels.conv` checks and times them)
     2  im2col (or col2im) kernel + the GEMM of gemm.cu (the version of gemm in use) float32
     3  implicit GEMM: a tiled GEMM whose operands are addressed straight in x / dy / w   float32
     4  implicit GEMM on tensor cores (WMMA), float32 accumulation                  float16
-version=None runs the version in use for the arrays' dtype (kernels.versions: 3 for float32 and 4
+    5  + asynchronous copies (sm_80+), backward data per stride phase               float16
+version=None runs the version in use for the arrays' dtype (kernels.versions: 3 for float32 and 5
 for float16 unless chosen otherwise).  The float16 versions take w as float16 OIHW, either
 C-contiguous or as conv_weight returns it (channels-last memory viewed as [K, C, R, S]: no copy
 per call then); dw comes back in `dtype` (default: x's), so the gradient of a float32 master
@@ -43,6 +44,7 @@ _INT32_MAX = 2**31 - 1
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 F16_VERSIONS = versions.FAMILIES["conv"].f16   # the versions that take float16 (tensor cores)
+_TC_NAMES = {4: "%s_wmma_f16", 5: "%s_wmma_async_f16"}   # their kernels, by pass
 
 _emu_options = ()       # options of the emulator's build of conv.cu (emulate_arch)
 
@@ -188,7 +190,7 @@ def conv2d_forward(x, w, stride, padding, version=None):
     x: float32 [N, H, W, C] (NHWC), w: float32 [K, C, R, S] (OIHW), stride >= 1, padding >= 0
     ->  y: float32 [N, P, Q, K] (NHWC).  version: 1 naive, 2 im2col + GEMM, 3 implicit GEMM, None
     the version in use.  Or x, w float16 (w C-contiguous OIHW or from conv_weight) -> y float16:
-    version 4, tensor cores.
+    versions 4 and 5, tensor cores.
     """
     op = "conv2d_forward"
     version = versions.version("conv", version, op, getattr(x, "dtype", None))
@@ -269,7 +271,7 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_
     dw[k, c, r, s] = sum_{n, p, q} dy[n, p, q, k] * x[n, p*stride + r - padding, q*stride + s - padding, c]
 
     x: float32 [N, H, W, C], dy: float32 [N, P, Q, K], w_shape: (K, C, R, S)
-    ->  dw: float32 w_shape (OIHW).  version as conv2d_forward.  split_k (versions 3 and 4): number
+    ->  dw: float32 w_shape (OIHW).  version as conv2d_forward.  split_k (versions 3 to 5): number
     of slices of the N*P*Q reduction run as separate blocks and summed afterwards (default: chosen
     for the device).  dtype: of dw, None for x's; float16 x and dy may ask for float32 (the
     gradient of a float32 master weight, summed in float32 and never rounded to half).
@@ -323,8 +325,8 @@ def _forward_f16(op, x, w, stride, padding, version):
     N, H, W, C, K, R, S, P, Q, _, _ = g
     y = xp.empty((N, P, Q, K), dtype=np.float16)
     grid = (-(-(N * P * Q) // _TC_TILE), -(-K // _TC_TILE))
-    _module(xp).get_function("conv2d_fwd_wmma_f16")(grid, (_TC_THREADS,), (x, wk, y) + _shape_args(g)
-                                                    + (_aligned(x, wk, y),))
+    _module(xp).get_function(_TC_NAMES[version] % "conv2d_fwd")(grid, (_TC_THREADS,), (x, wk, y) + _shape_args(g)
+                                                                + (_aligned(x, wk, y),))
     return y
 
 
@@ -339,9 +341,14 @@ def _backward_data_f16(op, dy, w, x_shape, stride, padding, version):
         raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x_shape {x_shape} and w {tuple(w.shape)}, "
                          f"got {tuple(dy.shape)}")
     dx = xp.empty(x_shape, dtype=np.float16)
-    grid = (-(-(N * H * W) // _TC_TILE), -(-C // _TC_TILE))
-    _module(xp).get_function("conv2d_bwd_data_wmma_f16")(grid, (_TC_THREADS,), (dy, wk, dx) + _shape_args(g)
-                                                         + (_aligned(dy, wk, dx),))
+    stride = g[9]
+    if version == 4:   # every input pixel, every tap
+        grid = (-(-(N * H * W) // _TC_TILE), -(-C // _TC_TILE))
+    else:              # one sub-convolution per stride phase: blockIdx.z = the phase
+        rows = N * -(-H // stride) * -(-W // stride)
+        grid = (-(-rows // _TC_TILE), -(-C // _TC_TILE), stride * stride)
+    _module(xp).get_function(_TC_NAMES[version] % "conv2d_bwd_data")(grid, (_TC_THREADS,), (dy, wk, dx) + _shape_args(g)
+                                                                     + (_aligned(dy, wk, dx),))
     return dx
 
 
@@ -377,7 +384,7 @@ def _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, 
     mod = _module(xp)
     suffix = "" if dtype == _F16 else "_dw_f32"
     grid = (-(-K // _TC_TILE), -(-(R * S * C) // _TC_TILE), splits)
-    mod.get_function("conv2d_bwd_weight_wmma_f16" + suffix)(
+    mod.get_function(_TC_NAMES[version] % "conv2d_bwd_weight" + suffix)(
         grid, (_TC_THREADS,), (x, dy, ws, dw) + _shape_args(g) + (np.int32(chunk), _aligned(x, dy)))
     if splits > 1:
         mod.get_function("conv2d_bwd_weight_reduce_oihw_" + ("f16" if dtype == _F16 else "f32"))(

@@ -70,7 +70,7 @@ FAMILIES = {f.name: f for f in (
     Family("gemm", "gemm.cu", 4, 3, (1, 2, 3),
            "version 4 multiplies float16 matrices on tensor cores; the linear layer and the im2col convolution "
            "multiply float32 ones"),
-    Family("conv", "conv.cu", 4, 3, (1, 2, 3, 4), f16=(4,), default_f16=4),
+    Family("conv", "conv.cu", 5, 3, (1, 2, 3, 4, 5), f16=(4, 5), default_f16=5),
     Family("batchnorm", "batchnorm.cu", 2, 2, (1, 2)),
     Family("pool", "pool.cu", 2, 2, (1, 2)),
     Family("cross_entropy", "cross_entropy.cu", 2, 2, (1, 2)),

@@ -2,7 +2,8 @@
 
 No GPU is needed: NVRTC (from the `nvidia-cuda-nvrtc-cu12` wheel in the `test` extra) compiles
 each `kernels/**/*.cu` to a CUBIN for sm_60, sm_70, sm_80 and sm_90, which also runs ptxas and
-so checks register and shared-memory limits of each GPU. A built-in known-good kernel always
+so checks register and shared-memory limits of each GPU, and (from ptxas's resource report) that
+no kernel spills registers to local memory. A built-in known-good kernel always
 compiles too, so this file tests the compiler path even before kernels/ holds any .cu file.
 
 If libnvrtc cannot be found, these tests FAIL (CI installs it, so its absence is a broken setup,
@@ -11,6 +12,7 @@ not a reason to skip). Set KERNELS_SKIP_NVRTC=1 to skip them deliberately on a m
 
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -113,12 +115,37 @@ CU_PARAMS = [pytest.param(p, id=str(p.relative_to(KERNEL_DIR))) for p in CU_FILE
     pytest.param(None, id="none", marks=pytest.mark.skip(reason="kernels/ holds no .cu file yet"))]
 
 
+def ptxas_report(log):
+    """{kernel: (registers, spill store bytes, spill load bytes)} from the log of a compile with
+    `-Xptxas -v` (ptxas's resource report, one entry per kernel)."""
+    out, name, spills = {}, None, (0, 0)
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            spills = (int(m.group(1)), int(m.group(2)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out[name] = (int(m.group(1)),) + spills
+            name, spills = None, (0, 0)
+    return out
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("path", CU_PARAMS)
 def test_kernel_source_compiles(require_nvrtc, path, arch):
+    # -Xptxas -v: ptxas reports each kernel's registers and spills; a kernel that spills registers
+    # to local memory (slow, and a sign of a tile too big for the thread) fails here
     name = str(path.relative_to(REPO))
-    result = nvrtc.compile_file(path, arch=arch, include_dirs=[str(KERNEL_DIR)], filename=name)
+    result = nvrtc.compile_file(path, arch=arch, include_dirs=[str(KERNEL_DIR)], filename=name,
+                                options=["-Xptxas", "-v"])
     assert _is_cubin(result.cubin), f"{name}: NVRTC returned no CUBIN for {arch}"
+    report = ptxas_report(result.log)
+    assert report, f"{name}: no ptxas resource report for {arch}"
+    for kernel, (registers, stores, loads) in report.items():
+        assert stores == loads == 0, f"{name}: {kernel} spills {stores} bytes of registers on {arch}"
 
 
 @pytest.mark.parametrize("arch", EMU_ARCHS)

@@ -33,6 +33,14 @@ def test_every_configuration_steps_without_a_host_read():
     # norm kernels; the per-step count is exact, the same every step
     assert sgd["launches_per_step"] == int(sgd["launches_per_step"]) < 700
     assert lars["launches_per_step"] == sgd["launches_per_step"] + 2
+    # fp16 runs float16 kernels end to end: no float32 copies of activations around the
+    # convolutions (1,246 launches a step when they were widened), so no more launches than fp32;
+    # the only casts left are the fc weight's, the logits' (fp32 for the loss) and their gradient's
+    fp16 = by_label["SGD fp16, dynamic loss scale"]
+    assert fp16["launches_per_step"] <= sgd["launches_per_step"], fp16["kernels_per_step"]
+    casts = {k: n for k, n in fp16["kernels_per_step"].items() if k.startswith("cast_")}
+    assert sum(casts.values()) <= 3, casts
+    assert fp16["kernels_per_step"]["conv2d_fwd_wmma_async_f16"] == sgd["kernels_per_step"]["conv2d_fwd_igemm_f32"]
 
 
 def test_the_door_counts_reads_and_the_counter_counts_launches():
