@@ -101,11 +101,15 @@ def _run_case(case: Case, xp, repeat, ceilings):
             row["pct_copy_bw"] = 100 * row["bytes_per_s"] / ceilings["copy_bytes_per_s"]
         if case.flops:
             row["flops_per_s"] = case.flops / t
-            row["pct_matmul_peak"] = 100 * row["flops_per_s"] / ceilings["matmul_flops_per_s"]
+            half = case.notes.get("fp16") and ceilings.get("matmul_fp16_flops_per_s")   # tensor-core cases
+            row["pct_matmul_peak"] = 100 * row["flops_per_s"] / ceilings["matmul_fp16_flops_per_s" if half else
+                                                                         "matmul_flops_per_s"]
         if case.baseline is not None:
             tb = _time(case.baseline, xp, repeat)
             row["baseline_seconds"] = tb
             row["ours_over_baseline_time"] = t / tb
+            if case.flops:
+                row["baseline_flops_per_s"] = case.flops / tb
     except Exception as exc:  # a failing case is reported, the others still run
         row["error"] = f"{type(exc).__name__}: {exc}"
     return row
@@ -133,7 +137,8 @@ def print_table(result):
         ratio = f"{r['ours_over_baseline_time']:.2f}x" if "ours_over_baseline_time" in r else ""
         print(f"{r['group']:<22}{r['name'][:51]:<52}{tstr:>10}{gbs:>9}{pc:>7}{tf:>9}{pm:>6}{ratio:>9}  "
               f"{r.get('baseline_name', '')}")
-    print("(vs base: our time / baseline time; below 1 is faster than the baseline)")
+    print("(vs base: our time / baseline time; below 1 is faster than the baseline; %mm of the fp16 matmul peak "
+          "for float16 (tensor-core) cases)")
 
 
 def main(argv=None):

@@ -8,15 +8,24 @@ im2col for the two most common 3x3 shapes; the fully connected layer's GEMMs (25
 fp32 out).  Baselines: cuBLAS through cupy.matmul, cuDNN through kernels/cudnn_engine.py when it
 can run here.
 
-size="tiny": a few small shapes with every version, seconds on the CPU emulator.
-Versions are numbered as in the headers of conv.cu (1 naive, 2 im2col + GEMM, 3 implicit GEMM) and
-gemm.cu (1 naive, 2 tiled, 3 register blocking, 4 tensor cores).
+The float16 convolutions (conv.cu versions 4 and 5, tensor cores) run at every ResNet-50 shape
+too, against cuDNN in float16 (the weight as kernels.conv.conv_weight gives it, channels last, for
+both; the weight gradient in float32 for ours, as training asks, in float16 for cuDNN); their
+TFLOP/s are compared with the measured float16 matmul peak.
+
+size="tiny": a few small shapes with every version, and the kinds of layer of ResNet-50 (the
+stem's 7x7/2 on 3 channels, 1x1, 3x3, 3x3/2, the 1x1/2 projection) at 1/8 of the channels and a
+7x7 or 16x16 image, with both float16 versions: seconds on the CPU emulator.
+Versions are numbered as in the headers of conv.cu (1 naive, 2 im2col + GEMM, 3 implicit GEMM,
+4 tensor cores, 5 tensor cores with asynchronous copies) and gemm.cu (1 naive, 2 tiled, 3 register
+blocking, 4 tensor cores).
 """
 
 import numpy as np
 
 from bench.kernel_cases import lesson_case
 from kernels import cases as lesson
+from kernels import conv as CV
 from kernels import gemm as G
 from kernels import versions
 
@@ -55,15 +64,36 @@ def _cudnn():
         return None
 
 
+def resnet50_conv_kinds_scaled():
+    """The kinds of convolution of ResNet-50 at emulator size: the stem (7x7/2, 3 channels, 16x16
+    image), then 1x1, 3x3, 3x3/2 and the 1x1/2 projection at 1/8 of stage 1's channels on a 7x7
+    image, as (H, W, C, K, R, stride, padding)."""
+    return [(16, 16, 3, 8, 7, 2, 3), (7, 7, 32, 8, 1, 1, 0), (7, 7, 8, 8, 3, 1, 1), (7, 7, 16, 16, 3, 2, 1),
+            (7, 7, 32, 64, 1, 2, 0)]
+
+
 def _conv_cases(xp, n, shape, conv_versions, cudnn):
     H, W, C, K, R, stride, pad = shape
     c = lesson.make("conv", xp, (n, H, W, C, K, R, stride, pad))
     label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}"
     baselines = {"conv2d_forward": lambda: cudnn.conv2d_forward(c.x, c.w, stride, pad),
                  "conv2d_backward_data": lambda: cudnn.conv2d_backward_data(c.dy, c.w, c.x.shape, stride, pad),
-                 "conv2d_backward_weight": lambda: cudnn.conv2d_backward_weight(c.x, c.dy, c.w.shape, stride, pad)}
-    return [lesson_case(c, op, v, f"{op} {label} v{v}", baselines[op] if cudnn else None, "cuDNN" if cudnn else "")
-            for v in conv_versions for op in c.ops(v)]
+                 "conv2d_backward_weight": lambda: cudnn.conv2d_backward_weight(c.x, c.dy, c.w.shape, stride, pad),
+                 # float16: the same channels-last weight as ours; cuDNN's weight gradient stays float16
+                 "conv2d_forward f16": lambda: cudnn.conv2d_forward(c.x16, c.wk16(), stride, pad),
+                 "conv2d_backward_data f16": lambda: cudnn.conv2d_backward_data(c.dy16, c.wk16(), c.x.shape, stride,
+                                                                                pad),
+                 "conv2d_backward_weight f16->f32": lambda: cudnn.conv2d_backward_weight(c.x16, c.dy16, c.w.shape,
+                                                                                         stride, pad)}
+    out = []
+    for v in conv_versions:
+        for op in c.ops(v):
+            case = lesson_case(c, op, v, f"{op} {label} v{v}", baselines[op] if cudnn else None,
+                               "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if cudnn else "")
+            if v in CV.F16_VERSIONS:
+                case.notes["fp16"] = True      # TFLOP/s against the float16 matmul peak
+            out.append(case)
+    return out
 
 
 def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, version=None):
@@ -85,6 +115,8 @@ def cases(xp, size):
         out = []
         for shape in [(9, 9, 3, 8, 3, 1, 1), (7, 7, 5, 7, 1, 2, 0)]:
             out += _conv_cases(xp, 2, shape, versions.numbers("conv"), None)
+        for shape in resnet50_conv_kinds_scaled():
+            out += _conv_cases(xp, 2, shape, CV.F16_VERSIONS, None)
         for version in G.F32_VERSIONS:
             out.append(_gemm_case(xp, "gemm", 33, 17, 65, version=version))
         out.append(_gemm_case(xp, "gemm_f16", 33, 17, 65, half=True))
@@ -95,7 +127,9 @@ def cases(xp, size):
     cudnn = _cudnn()
     out = []
     for shape in resnet50_conv_shapes():
-        out += _conv_cases(xp, BATCH, shape, (3,), cudnn)
+        out += _conv_cases(xp, BATCH, shape, (3, versions.FAMILIES["conv"].default_f16), cudnn)
+    for shape in [(56, 56, 64, 64, 3, 1, 1), (56, 56, 128, 128, 3, 2, 1)]:
+        out += _conv_cases(xp, BATCH, shape, (4,), cudnn)        # tensor cores without the async copies
     for shape in [(56, 56, 64, 64, 3, 1, 1), (28, 28, 128, 128, 3, 1, 1)]:
         out += _conv_cases(xp, BATCH, shape, (2,), cudnn)
     # fully connected layer: y = x @ w^T, dx = dy @ w, dw = dy^T @ x
