@@ -56,7 +56,9 @@
  *
  * float (f32) and __half (f16) activations, from one template per kernel and the KERNEL_ENTRY
  * instantiation lists (common.cuh); statistics, gamma, beta and running statistics are always
- * float.  blockDim must be (32, 8) for the kernels that use BN_TILE_C and BN_ROWS.
+ * float.  blockDim must be (32, 8) for the kernels that use BN_TILE_C and BN_ROWS.  For float16
+ * with C % 8 == 0 the normalizing passes have a second form (*_f16x8, at the end): 8 channels
+ * per thread moved as 16-byte vectors.
  */
 #include <cuda_fp16.h>
 #include "common.cuh"   // GRID_STRIDE_LOOP_Y, to_float, from_float, column_sum, KERNEL_ENTRY
@@ -336,3 +338,109 @@ KERNEL_ENTRY(batchnorm_relu_backward_dx_f32, backward_dx<float, true, false>)
 KERNEL_ENTRY(batchnorm_relu_backward_dx_f16, backward_dx<__half, true, false>)
 KERNEL_ENTRY(batchnorm_add_relu_backward_dx_f32, backward_dx<float, true, true>)
 KERNEL_ENTRY(batchnorm_add_relu_backward_dx_f16, backward_dx<__half, true, true>)
+
+/* ============================================ float16, 8 channels per thread: 16-byte vectors */
+/* The normalizing passes for float16 activations whose C is a multiple of 8 and whose arrays
+ * start on 16-byte boundaries (every layer of ResNet-50 after the stem): a thread moves 8
+ * consecutive channels of a row as one 16-byte vector, one load instruction instead of 8, and a
+ * warp's 32 vectors are 512 contiguous bytes.  A 1-D grid of 256-thread blocks walks the vectors
+ * v = (row, group of 8 channels), v = row * C/8 + group, in a grid-stride loop; when C/8 divides
+ * 256 (the launcher checks) the stride is a multiple of C/8, so each thread always meets the same
+ * 8 channels and loads their constants once, as the 32 x 8 kernels above keep one channel.
+ * The statistics and backward sums stay in the 32 x 8 kernels above. */
+template <bool RELU, bool ADD>
+__device__ __forceinline__ void normalize_rows_x8(const __half* __restrict__ x, const __half* __restrict__ residual,
+                                                  __half* __restrict__ y, long long vectors, long long first,
+                                                  const float* mean, const float* scale, const float* shift) {
+    for (long long v = first; v < vectors; v += (long long)blockDim.x * gridDim.x) {
+        float f[8], r[8];
+        load_half8(x + v * 8, f);
+        if (ADD) load_half8(residual + v * 8, r);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            float o = (f[j] - mean[j]) * scale[j] + shift[j];
+            if (ADD) o += r[j];
+            if (RELU) o = o > 0.0f ? o : 0.0f;
+            f[j] = o;
+        }
+        store_half8(y + v * 8, f);
+    }
+}
+
+template <bool RELU, bool ADD>
+__device__ void forward_train_apply_x8(const __half* x, const __half* residual, __half* y,
+                                       const float* __restrict__ gamma, const float* __restrict__ beta,
+                                       const float* __restrict__ saved_mean, const float* __restrict__ saved_invstd,
+                                       long long M, int C) {
+    const int groups = C / 8;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int c0 = (int)(first % groups) * 8;   // this thread's channels c0 .. c0 + 7, at every v it visits
+    float mean[8], scale[8], shift[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        mean[j] = saved_mean[c0 + j];
+        scale[j] = gamma[c0 + j] * saved_invstd[c0 + j];
+        shift[j] = beta[c0 + j];
+    }
+    normalize_rows_x8<RELU, ADD>(x, residual, y, M * groups, first, mean, scale, shift);
+}
+
+KERNEL_ENTRY(batchnorm_apply_f16x8, forward_train_apply_x8<false, false>)
+KERNEL_ENTRY(batchnorm_relu_apply_f16x8, forward_train_apply_x8<true, false>)
+KERNEL_ENTRY(batchnorm_add_relu_apply_f16x8, forward_train_apply_x8<true, true>)
+
+extern "C" __global__ void batchnorm_inference_f16x8(const __half* x, __half* y, const float* __restrict__ gamma,
+                                                     const float* __restrict__ beta,
+                                                     const float* __restrict__ running_mean,
+                                                     const float* __restrict__ running_var, float eps, long long M,
+                                                     int C) {
+    const int groups = C / 8;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int c0 = (int)(first % groups) * 8;
+    float mean[8], scale[8], shift[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        mean[j] = running_mean[c0 + j];
+        scale[j] = gamma[c0 + j] / sqrtf(running_var[c0 + j] + eps);
+        shift[j] = beta[c0 + j];
+    }
+    normalize_rows_x8<false, false>(x, nullptr, y, M * groups, first, mean, scale, shift);
+}
+
+template <bool RELU, bool ADD>
+__device__ void backward_dx_x8(const __half* __restrict__ dy, const __half* __restrict__ y,
+                               const __half* __restrict__ x, const float* __restrict__ gamma,
+                               const float* __restrict__ saved_mean, const float* __restrict__ saved_invstd,
+                               const float* __restrict__ dgamma, const float* __restrict__ dbeta,
+                               __half* __restrict__ dx, __half* __restrict__ dresidual, long long M, int C) {
+    const int groups = C / 8;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int c0 = (int)(first % groups) * 8;
+    float mean[8], k[8], dbeta_mean[8], dgamma_mean_invstd[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const float invstd = saved_invstd[c0 + j];
+        mean[j] = saved_mean[c0 + j];
+        k[j] = gamma[c0 + j] * invstd;
+        dbeta_mean[j] = dbeta[c0 + j] / (float)M;
+        dgamma_mean_invstd[j] = dgamma[c0 + j] / (float)M * invstd;
+    }
+    for (long long v = first; v < M * groups; v += (long long)blockDim.x * gridDim.x) {
+        float g[8], xv[8], yv[8];
+        load_half8(dy + v * 8, g);
+        load_half8(x + v * 8, xv);
+        if (RELU) {
+            load_half8(y + v * 8, yv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) g[j] = yv[j] > 0.0f ? g[j] : 0.0f;
+        }
+        if (ADD) store_half8(dresidual + v * 8, g);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) xv[j] = k[j] * (g[j] - dbeta_mean[j] - (xv[j] - mean[j]) * dgamma_mean_invstd[j]);
+        store_half8(dx + v * 8, xv);
+    }
+}
+
+KERNEL_ENTRY(batchnorm_backward_dx_f16x8, backward_dx_x8<false, false>)
+KERNEL_ENTRY(batchnorm_relu_backward_dx_f16x8, backward_dx_x8<true, false>)
+KERNEL_ENTRY(batchnorm_add_relu_backward_dx_f16x8, backward_dx_x8<true, true>)

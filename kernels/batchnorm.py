@@ -50,6 +50,24 @@ def _grid(M, C, xp, reduction):
     return tiles, max(1, slices)
 
 
+_F16 = np.dtype(np.float16)
+
+
+def _data_ptr(a):
+    return int(a.data.ptr) if type(a).__module__.split(".")[0] == "cupy" else int(a.__array_interface__["data"][0])
+
+
+def _x8(x, C, *arrays):
+    """The *_f16x8 kernels apply: float16, C a multiple of 8 whose C/8 groups divide the 256 threads
+    of a block, every activation array 16-byte aligned."""
+    return (x.dtype == _F16 and C % 8 == 0 and 256 % (C // 8) == 0
+            and all(_data_ptr(a) % 16 == 0 for a in (x,) + arrays if a is not None))
+
+
+def _x8_grid(M, C, xp):
+    return (blocks_for(M * (C // 8), 256, xp),), (256,)
+
+
 def _check_x(op, name, x):
     check_array(op, name, x, dtype=FLOAT_DTYPES, ndim=(2, 4))
     return x.shape[-1]
@@ -115,10 +133,12 @@ def _forward_train(op, mode, x, residual, gamma, beta, running_mean, running_var
     mean, invstd, _ = _batch_stats(op, x, eps, momentum, running_mean, running_var)
     M = x.size // C
     y = xp.empty_like(x)
-    grid = _grid(M, C, xp, reduction=False)
-    sfx = _SUFFIX[x.dtype]
     name = {"plain": "batchnorm_apply", "relu": "batchnorm_relu_apply", "add_relu": "batchnorm_add_relu_apply"}[mode]
-    _kernel(f"{name}_{sfx}")(grid, _BLOCK, (x, residual, y, gamma, beta, mean, invstd, np.int64(M), np.int32(C)))
+    args = (x, residual, y, gamma, beta, mean, invstd, np.int64(M), np.int32(C))
+    if _x8(x, C, residual, y):   # float16, 8 channels per thread as 16-byte vectors
+        _kernel(f"{name}_f16x8")(*_x8_grid(M, C, xp), args)
+    else:
+        _kernel(f"{name}_{_SUFFIX[x.dtype]}")(_grid(M, C, xp, reduction=False), _BLOCK, args)
     return y, mean, invstd
 
 
@@ -167,9 +187,11 @@ def batchnorm_forward_inference(x, gamma, beta, running_mean, running_var, eps=1
     y = xp.empty_like(x)
     M = x.size // C if C else 0
     if M:
-        _kernel(f"batchnorm_inference_{_SUFFIX[x.dtype]}")(
-            _grid(M, C, xp, reduction=False), _BLOCK,
-            (x, y, gamma, beta, running_mean, running_var, np.float32(eps), np.int64(M), np.int32(C)))
+        args = (x, y, gamma, beta, running_mean, running_var, np.float32(eps), np.int64(M), np.int32(C))
+        if _x8(x, C, y):
+            _kernel("batchnorm_inference_f16x8")(*_x8_grid(M, C, xp), args)
+        else:
+            _kernel(f"batchnorm_inference_{_SUFFIX[x.dtype]}")(_grid(M, C, xp, reduction=False), _BLOCK, args)
     return y
 
 
@@ -203,9 +225,11 @@ def _backward(op, mode, dy, y, x, gamma, saved_mean, saved_invstd):
     dresidual = xp.empty_like(x) if mode == "add_relu" else None
     name = {"plain": "batchnorm_backward_dx", "relu": "batchnorm_relu_backward_dx",
             "add_relu": "batchnorm_add_relu_backward_dx"}[mode]
-    _kernel(f"{name}_{sfx}")(_grid(M, C, xp, reduction=False), _BLOCK,
-                             (dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, dresidual,
-                              np.int64(M), np.int32(C)))
+    args = (dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, dresidual, np.int64(M), np.int32(C))
+    if _x8(x, C, dy, y, dx, dresidual):
+        _kernel(f"{name}_f16x8")(*_x8_grid(M, C, xp), args)
+    else:
+        _kernel(f"{name}_{sfx}")(_grid(M, C, xp, reduction=False), _BLOCK, args)
     return dx, dresidual, dgamma, dbeta
 
 

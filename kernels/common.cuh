@@ -21,6 +21,8 @@
  *   load_float4(p, r), store_float4(p, r)   4 consecutive floats moved as one 16-byte vector
  *                               (p 16-byte aligned) to or from 4 registers r[0..3]: one memory
  *                               instruction instead of four
+ *   load_half8(p, f), store_half8(p, f)   8 consecutive halves (one 16-byte vector, p 16-byte
+ *                               aligned) to or from 8 floats f[0..7]: one instruction instead of 8
  * Reductions (1-D blocks whose size is a multiple of 32; every thread of the block must call them,
  * since they hold barriers)
  *   warp_sum(v)                 sum over the 32 lanes of a warp by __shfl_down_sync; valid in lane 0
@@ -118,6 +120,29 @@ __device__ __forceinline__ void load_float4(const float* p, float* r) {
 
 __device__ __forceinline__ void store_float4(float* p, const float* r) {
     *reinterpret_cast<float4*>(p) = make_float4(r[0], r[1], r[2], r[3]);
+}
+
+// The 16 bytes travel as one uint4; memcpy reinterprets them as 4 __half2 without breaking C++'s
+// aliasing rules (on a GPU it compiles to nothing: the bytes are already in registers).
+__device__ __forceinline__ void load_half8(const __half* p, float* f) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    __half2 h[4];
+    memcpy(h, &raw, sizeof(raw));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 t = __half22float2(h[j]);
+        f[2 * j] = t.x;
+        f[2 * j + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ void store_half8(__half* p, const float* f) {
+    __half2 h[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(f[2 * j], f[2 * j + 1]);
+    uint4 raw;
+    memcpy(&raw, h, sizeof(raw));
+    *reinterpret_cast<uint4*>(p) = raw;
 }
 
 /* ------------------------------------------------------------------------------- reductions */

@@ -221,6 +221,39 @@ def test_float16_activations(backend, mode):
     assert rel_err(h(y_inf), ref.batchnorm_forward_inference(*f64(x, gamma, beta, rm, rv))) < 1e-2
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 64), (21, 8), (2, 2, 3, 256)], ids=lambda s: "x".join(map(str, s)))
+def test_float16_with_8_channel_vectors(backend, shape, mode):
+    """C a multiple of 8 (C/8 dividing 256): the normalizing passes move 16-byte vectors of 8
+    channels (*_f16x8); the same results as the reference; a misaligned array takes the 32 x 8
+    kernels instead, with the same results."""
+    import kernels
+    rng = np.random.default_rng(9)
+    x, gamma, beta, rm, rv = make_inputs(shape, rng, dtype=np.float16)
+    residual = rng.standard_normal(shape).astype(np.float16)
+    dy = rng.standard_normal(shape).astype(np.float16)
+    d, h = backend.to_device, backend.to_host
+    y_ref, mean_ref, invstd_ref = ref_forward(mode, *f64(x, residual, gamma, beta, rm, rv))
+    for aligned in (True, False):
+        if aligned:
+            xs, rs, dys = d(x), d(residual), d(dy)
+        else:   # one element into a larger buffer: 2-byte aligned, never 16
+            xs, rs, dys = (d(np.concatenate([[0], a.ravel()]).astype(np.float16))[1:].reshape(shape)
+                           for a in (x, residual, dy))
+        with kernels.trace.collect() as t:
+            y, mean, invstd = our_forward(mode, xs, rs, d(gamma), d(beta), d(rm), d(rv))
+            got = our_backward(mode, dys, y, xs, d(gamma), mean, invstd)
+            y_inf = bn.batchnorm_forward_inference(xs, d(gamma), d(beta), d(rm), d(rv))
+        vector_kernels = {k for k in t.by_kernel() if k.endswith("_f16x8")}
+        assert len(vector_kernels) == (3 if aligned else 0), vector_kernels
+        assert y.dtype == np.float16 and rel_err(h(y), y_ref) < 2e-3
+        want = ref_backward(mode, *f64(dy, h(y), x, gamma, h(mean), h(invstd)))
+        for g, w in zip(got, want):
+            if w is not None:
+                assert rel_err(h(g), w) < (1e-4 if g.dtype == np.float32 else 2e-3)
+        assert rel_err(h(y_inf), ref.batchnorm_forward_inference(*f64(x, gamma, beta, rm, rv))) < 2e-3
+
+
 def test_results_are_deterministic(backend):
     rng = np.random.default_rng(6)
     x, gamma, beta, rm, rv = map(backend.to_device, make_inputs((4, 6, 6, 40), rng))
