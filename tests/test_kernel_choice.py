@@ -134,10 +134,32 @@ def test_train_py_records_the_choice_and_resume_keeps_it(tmp_path, monkeypatch, 
     assert "changed since it was recorded" in capsys.readouterr().err
     # bad choices: one line, exit 2
     for extra, message in ((["--kernels", "conv=1", "--device", "cpu"], "--device emu"),
-                           (["--kernels", "conv=9"], "version must be one of 1..3"),
+                           (["--kernels", "conv=9"], "version must be one of 1..5"),
+                           (["--kernels", "conv=5"], "computes on float16, but this run's activations are float32"),
+                           (["--kernels", "conv=1", "--precision", "fp16"], "choose version 4 or 5"),
                            (["--kernels", "conv=1", "--conv-engine", "cudnn", "--device", "emu"], "give one of them")):
         argv = [a for a in args if a not in ("--device", "emu")] + extra + ["--out", str(tmp_path / "other")]
         if "--device" not in extra:
             argv += ["--device", "emu"]
         assert train.main(argv) == train.EXIT_USAGE
         assert message in capsys.readouterr().err
+
+
+def test_conv_keeps_one_version_per_dtype():
+    # versions 1-3 compute on float32, 4-5 on float16: a choice sets the one of its dtype
+    f = versions.FAMILIES["conv"]
+    assert f.f16 == (4, 5) and f.default == 3 and f.default_f16 == 5
+    table = nn.device.kernel_table("conv=4,batchnorm=1")
+    assert table["conv"] == {"version": 3, "f16_version": 4} and table["batchnorm"] == {"version": 1}
+    assert train._chosen_kernels(table) == "conv float16 version 4, batchnorm version 1"
+    assert nn.device.kernel_table(table) == table                      # what resume reads back
+    with nn.device.use_kernels(conv=4):
+        assert versions.in_use()["conv"] == 3 and versions.in_use_f16()["conv"] == 4
+        assert versions.version("conv", None, dtype=np.float16) == 4
+        assert versions.version("conv", None, dtype=np.float32) == 3
+    with nn.device.use_kernels(conv=1):
+        assert versions.in_use()["conv"] == 1 and versions.in_use_f16()["conv"] == 5
+    assert versions.in_use_f16()["conv"] == 5
+    nn.device.check_kernel_precision("conv=4", "float16")
+    with pytest.raises(ValueError, match="version 4 of conv computes on float16.*choose version 1 or 2 or 3"):
+        nn.device.check_kernel_precision("conv=4,batchnorm=1", "float32")
