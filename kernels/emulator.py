@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import profiler as _profiler
 from . import sanitizer as _san
 from .errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorError, KernelAssertionError,
                      KernelFault, LaunchConfigError, OutOfBoundsError, SynccheckError, WarpCollectiveError)
@@ -63,8 +64,9 @@ __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "Ba
 
 _HERE = Path(__file__).resolve().parent
 _INCLUDE = _HERE / "emu" / "include"
-# one translation unit: the scheduler, then the sanitizer (which uses its state)
-_RUNTIME_SOURCES = (_HERE / "emu" / "runtime.cpp", _HERE / "emu" / "sanitizer.cpp")
+# one translation unit: the scheduler, the sanitizer (which uses its state), the profiler (fed by
+# the sanitizer's access hook)
+_RUNTIME_SOURCES = (_HERE / "emu" / "runtime.cpp", _HERE / "emu" / "sanitizer.cpp", _HERE / "emu" / "profiler.cpp")
 _MAX_THREADS_PER_BLOCK = 1024
 _MAX_BLOCK = (1024, 1024, 64)
 _MAX_GRID = (2**31 - 1, 65535, 65535)
@@ -75,6 +77,7 @@ _MAX_OPTIN_SHARED = {60: 48 * 1024, 61: 48 * 1024, 70: 96 * 1024, 75: 64 * 1024,
 _DEFAULT_ARCH = 80
 _GUARD_BYTES = 1 << 20
 _PAGE = 4096
+_PROFILE = _san.PROFILE
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -177,7 +180,7 @@ def _header_digest():
 # ---------------------------------------------------------------------------------- runtime library
 class _Region(ctypes.Structure):
     _fields_ = [("begin", ctypes.c_ulonglong), ("end", ctypes.c_ulonglong), ("kind", ctypes.c_int),
-                ("index", ctypes.c_int), ("init", ctypes.c_void_p)]
+                ("index", ctypes.c_int), ("init", ctypes.c_void_p), ("origin", ctypes.c_ulonglong)]
 
 
 class _Access(ctypes.Structure):
@@ -266,6 +269,9 @@ def _load_runtime():
                                        ctypes.POINTER(ctypes.c_void_p)]
         lib.emu_code_range.restype = ctypes.c_int
         lib.emu_last_finding.argtypes = [ctypes.POINTER(_Finding)]
+        lib.emu_last_profile.argtypes = [ctypes.c_void_p]
+        lib.emu_profile_sites.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.emu_profile_sites.restype = ctypes.c_int
         lib._path = path
         _runtime = lib
         return lib
@@ -548,7 +554,7 @@ class EmuFunction:
         values = check_args(self.signature, args, "numpy")
         config = _san.launch_config()
         with _launch_lock:
-            binding = self._binding(bool(config[0] & _san.MEMORY_CHECKS))
+            binding = self._binding(bool(config[0] & _san.INSTRUMENTED))
             if self.module.debug:
                 self._launch_checked(binding, config, grid, block, values, shared_mem)
             else:
@@ -564,9 +570,10 @@ class EmuFunction:
         object.__setattr__(self, key, value)
 
     # -- plain launch
-    def _launch(self, binding, config, grid, block, values, shared_mem, pointers, regions=None):
+    def _launch(self, binding, config, grid, block, values, shared_mem, pointers, regions=None, record=True):
         """Run the kernel once on `pointers` (the arrays' data or, in debug mode, their guarded
-        copies; `regions` are then those copies, and the guard bytes are left to them)."""
+        copies; `regions` are then those copies, and the guard bytes are left to them).
+        record: False for a debug run whose results are discarded (not profiled)."""
         cells, slots, sizes, spans = binding.cells, binding.slots, binding.param_sizes, binding.spans
         owners = []    # the argument index of each array in spans (begin, end), for the guard bytes
         for i, (v, ptr) in enumerate(zip(values, pointers)):
@@ -615,6 +622,8 @@ class EmuFunction:
         rc = rt.emu_launch(ctypes.byref(params))
         if rc != 0:
             self._raise(rt, rc, values, regions, owners, binding, named, block, schedule_text)
+        if checks and checks & _PROFILE and record:
+            _profiler.record(rt, self, binding, grid, block, shared_mem)
 
     def _regions(self, binding, values, pointers, shared_mem):
         """The memory a sanitizer finding can name: ([RegionInfo], ctypes array of _Region)."""
@@ -628,13 +637,14 @@ class EmuFunction:
             flags = _san.init_flags(_ptr(v), v.nbytes) if lo == 0 else None
             name = f"argument {i} '{p.name or p.decl}' ({v.dtype}[{', '.join(map(str, v.shape))}])"
             named.append(_san.RegionInfo(_san._REGION_ARGUMENT, name, v, ptr + lo, hi - lo))
-            raw.append((ptr + lo, ptr + hi, _san._REGION_ARGUMENT, i, flags.ctypes.data if flags is not None else None))
+            raw.append((ptr + lo, ptr + hi, _san._REGION_ARGUMENT, i, flags.ctypes.data if flags is not None else None,
+                        ptr + lo - _allocation_offset(v, lo)))
         for k, (address, size, display) in enumerate(binding.shared_variables()):
             named.append(_san.RegionInfo(_san._REGION_SHARED, f"__shared__ {display}", None, address, size))
-            raw.append((address, address + size, _san._REGION_SHARED, k, None))
+            raw.append((address, address + size, _san._REGION_SHARED, k, None, 0))
         named.append(_san.RegionInfo(_san._REGION_DYNAMIC_SHARED, f"the {shared_mem} bytes of dynamic shared "
                                      f"memory the launch asked for", None, binding.dyn, shared_mem))
-        raw.append((binding.dyn, binding.dyn + shared_mem, _san._REGION_DYNAMIC_SHARED, -1, None))
+        raw.append((binding.dyn, binding.dyn + shared_mem, _san._REGION_DYNAMIC_SHARED, -1, None, 0))
         array = (_Region * len(raw))(*[_Region(*r) for r in raw])
         return named, array
 
@@ -704,7 +714,8 @@ class EmuFunction:
                     # This run only proves that nothing reads or writes before the start of an
                     # array; its results are discarded, and so is its printf output.
                     with _quiet_stdout():
-                        self._launch(binding, config, grid, block, values, shared_mem, pointers, guarded)
+                        self._launch(binding, config, grid, block, values, shared_mem, pointers, guarded,
+                                     record=False)
                 else:
                     self._launch(binding, config, grid, block, values, shared_mem, pointers, guarded)
                     for r in regions.values():
@@ -747,6 +758,20 @@ def _ptr(v):
 
 
 _addressof, _c_char = ctypes.addressof, ctypes.c_char
+
+
+def _allocation_offset(a, lo=0):
+    """Bytes from the start of the allocation `a` is a view of (its outermost NumPy base) to
+    a's lowest byte (a's data pointer + lo); 0 for an array that owns its memory.  On a GPU an
+    allocation starts 256-byte aligned: the profiler counts sectors from there."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if root is a:
+        return 0
+    root_lo = _extent(root)[0]
+    offset = (_ptr(a) + lo) - (_ptr(root) + root_lo)
+    return offset if offset >= 0 else 0
 
 
 def _extent(a):

@@ -31,6 +31,8 @@ __all__ = ["CHECKS", "sanitize", "mark_uninitialized", "launch_config", "parse_c
 CHECKS = {"memcheck": 1, "racecheck": 2, "initcheck": 4, "synccheck": 8}
 ALL_CHECKS = 15
 MEMORY_CHECKS = 7          # the ones that need the instrumented module
+PROFILE = 16               # not a check: kernels.profile() (kernels/profiler.py), same module
+INSTRUMENTED = MEMORY_CHECKS | PROFILE
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
 
 # emu_abi.h
@@ -75,7 +77,10 @@ def parse_schedule(text):
 
 
 class _Local(threading.local):
-    stack = ()   # the sanitize() blocks entered in this thread, innermost last
+    stack = ()   # the sanitize() masks and profile() blocks (_PROFILING) of this thread, innermost last
+
+
+_PROFILING = "profile"   # what kernels.profile() puts on the stack
 
 
 _local = _Local()
@@ -122,6 +127,18 @@ class sanitize:
         return False
 
 
+def _stacked(checks, stack):
+    """The checks of the innermost sanitize() block (else the environment's), plus PROFILE while
+    a profile() block is open."""
+    profiling = 0
+    for entry in stack:
+        if entry is _PROFILING:
+            profiling = PROFILE
+        else:
+            checks = entry
+    return checks | profiling
+
+
 def launch_config():
     """(checks, schedule kind, seed for this launch, description) for the next launch."""
     global _process_seed, _launches
@@ -133,7 +150,7 @@ def launch_config():
     checks, (kind, seed) = parsed
     stack = _local.stack
     if stack:
-        checks = stack[-1]
+        checks = _stacked(checks, stack)
     if kind != SCHEDULES["random"]:
         config = _configs.get((checks, kind))
         if config is None:   # one tuple per setting: the launch can tell "unchanged" by identity
