@@ -14,9 +14,13 @@ From source to launch:
 Environment variables:
   KERNELS_EMU_DEBUG=1    bounds-checked launches: every array argument is copied between guard
                          pages, so an access past either end raises OutOfBoundsError naming the
-                         kernel and the argument; shared memory is poisoned (0xff) per block;
-                         shuffles from lanes outside the mask are errors; compiled with -O0 -g
-                         so that gdb can step through the kernel.
+                         kernel, the argument and the first bad access; shared memory is poisoned
+                         (0xff) per block; shuffles from lanes outside the mask are errors;
+                         compiled with -O0 -g.  Each kernel runs twice (arrays ending at a guard
+                         page, then starting at one).
+  KERNELS_EMU_DEBUG=gdb  the same, run once (arrays ending at a guard page: overruns fault where
+                         they happen), with absolute source paths in the debug information:
+                         for stepping through a kernel in gdb (kernels/README.md has a recipe).
   KERNELS_EMU_SANITIZE=all (or a comma list of memcheck, racecheck, initcheck, synccheck)
                          the four checks of NVIDIA's compute-sanitizer on every launch, with a
                          SanitizerError naming the line(s), thread(s) and memory of a finding
@@ -60,7 +64,7 @@ from .signature import code_size, find_kernels
 
 __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
            "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
-           "debug_enabled", "cache_dir", "emulated_arch"]
+           "debug_enabled", "debug_mode", "cache_dir", "emulated_arch"]
 
 _HERE = Path(__file__).resolve().parent
 _INCLUDE = _HERE / "emu" / "include"
@@ -87,9 +91,18 @@ _ERROR_CLASSES = {1: LaunchConfigError, 2: BarrierDivergenceError, 3: DeadlockEr
 _SYNC_ERRORS = {2: "divergent barriers", 3: "deadlock", 6: "warp collective mismatch"}
 
 
+def debug_mode():
+    """KERNELS_EMU_DEBUG: '' (off: '', '0', 'false', 'no', 'off'), 'gdb' (one run, for a
+    debugger) or 'checked' (anything else, '1': the two bounds-checked runs)."""
+    value = os.environ.get("KERNELS_EMU_DEBUG", "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return ""
+    return "gdb" if value == "gdb" else "checked"
+
+
 def debug_enabled():
-    """True when KERNELS_EMU_DEBUG is set to something other than '', '0', 'false', 'no'."""
-    return os.environ.get("KERNELS_EMU_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+    """True when KERNELS_EMU_DEBUG turns a debug mode on (see debug_mode)."""
+    return bool(debug_mode())
 
 
 def cache_dir():
@@ -129,11 +142,13 @@ def _compiler():
 
 
 def _build(sources_text, extra_flags, out_path, display_name, link_with=None, libs=(), link_flags=(),
-           compile_only=()):
+           compile_only=(), relative_paths=True):
     """Compile one translation unit into a shared library at out_path (atomically).
 
     compile_only: flags for the compile step alone, which then runs apart from the link
     (-fsanitize=thread instruments the code, but must not link libtsan: the runtime answers).
+    relative_paths: with -g, record the working directory as '.' (the line table then names
+    files as the #line directives do); False keeps absolute paths for a debugger.
     """
     cxx, _ = _compiler()
     out_path = Path(out_path)
@@ -143,7 +158,7 @@ def _build(sources_text, extra_flags, out_path, display_name, link_with=None, li
         tmp_out = Path(tmp) / out_path.name
         common = [cxx, "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fvisibility=hidden", "-I", str(_INCLUDE),
                   *extra_flags]
-        if "-g" in extra_flags:   # file names in the line table as the #line directives give them
+        if "-g" in extra_flags and relative_paths:   # file names in the line table as the #line directives give them
             common.append(f"-fdebug-prefix-map={os.getcwd()}=.")
         link = []
         if link_with is not None:
@@ -330,6 +345,41 @@ def _translate_options(options):
 
 
 # ---------------------------------------------------------------------------------- modules
+_LINE_DIRECTIVE = re.compile(r'^([ \t]*#[ \t]*line[ \t]+\d+[ \t]+)"([^"]*)"', re.M)
+_ANY_LINE_DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*line\b.*$", re.M)
+
+
+def _source_file(name):
+    """The absolute path of source file `name` (absolute, or relative to the working directory
+    or to the repository), or None."""
+    p = Path(name)
+    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, _HERE.parent / p]):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return None
+
+
+def _paths_for_debugger(code, filename):
+    """(code, filename) with every #line directive naming a file by its absolute path, so that
+    gdb finds the sources from any directory (KERNELS_EMU_DEBUG=gdb).  A source that is no file
+    (a string given to RawKernel) is written to the cache, without its #line directives, and
+    named by that file."""
+    own = _source_file(filename)
+    if own is not None:
+        return _LINE_DIRECTIVE.sub(lambda m: m.group(1) + '"' + (_source_file(m.group(2)) or m.group(2)) + '"',
+                                   code), own
+    text = _ANY_LINE_DIRECTIVE.sub("", code)   # (same line count: the file is the unit's text)
+    folder = cache_dir() / "sources"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{_digest('source', text)}.cu"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return text, str(path)
+
+
 _EXTERN_SHARED = re.compile(r"\bextern\s+__shared__\b")
 _EXTERN_SHARED_NAME = re.compile(r"\bextern\s+__shared__\b[^;]*?([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 
@@ -347,7 +397,8 @@ class EmuModule:
         else:
             self.arch_shared_limit = _MAX_OPTIN_SHARED[self.arch]
         self.signatures = find_kernels(code)
-        self.debug = debug_enabled()
+        self.debug_mode = debug_mode()
+        self.debug = bool(self.debug_mode)
         self.ftz = flush_denormals(self.options)
         self._libs = {}
         self._functions = {}
@@ -356,8 +407,11 @@ class EmuModule:
     # makes `__shared__` static, so it is rewritten (same line count) before compiling.
     def _translation_unit(self):
         names = sorted(set(_EXTERN_SHARED_NAME.findall(self.code)))
-        body = _EXTERN_SHARED.sub("extern __emu_dynamic_shared__", self.code)
-        lines = [f'#line 1 "{self.filename}"', body, "", '#line 1 "<emulator entry points>"',
+        code, filename = self.code, self.filename
+        if self.debug_mode == "gdb":
+            code, filename = _paths_for_debugger(code, filename)
+        body = _EXTERN_SHARED.sub("extern __emu_dynamic_shared__", code)
+        lines = [f'#line 1 "{filename}"', body, "", '#line 1 "<emulator entry points>"',
                  "#include <emu_entry.h>",
                  f"EMU_DYNAMIC_SHARED_BUFFER({self.arch_shared_limit})"]
         for name in self.signatures:
@@ -402,7 +456,7 @@ class EmuModule:
             path = cache_dir() / f"kernel_{key}.so"
             if not path.exists():
                 _build(unit, flags, path, self.filename, link_with=runtime._path, link_flags=link_flags,
-                       compile_only=compile_only)
+                       compile_only=compile_only, relative_paths=self.debug_mode != "gdb")
             lib = ctypes.CDLL(str(path))
             lib._path = path
             self._libs[instrumented] = lib
@@ -693,7 +747,8 @@ class EmuFunction:
         return (f"kernel '{self.name}' wrote outside {what}: {where} changed during the launch; "
                 f"run with KERNELS_EMU_SANITIZE=memcheck to find the thread and the line")
 
-    # -- debug launch: every array between guard pages, run twice (start- and end-aligned)
+    # -- debug launch: every array between guard pages; end-aligned (overruns), then, unless
+    #    KERNELS_EMU_DEBUG=gdb, once more start-aligned (underruns)
     def _launch_checked(self, binding, config, grid, block, values, shared_mem):
         rt = _load_runtime()
         arrays = {}
@@ -701,30 +756,36 @@ class EmuFunction:
             if isinstance(v, np.ndarray):
                 arrays.setdefault(id(v), v)
         _check_overlaps(self.name, list(arrays.values()), self.signature, values)
-        for placement in ("start", "end"):
-            regions = {}
-            try:
+        placements = ("end",) if self.module.debug_mode == "gdb" else ("end", "start")
+        runs = []
+        try:
+            for placement in placements:
+                regions = {}
+                runs.append(regions)
                 for i, v in enumerate(values):
                     if isinstance(v, np.ndarray) and id(v) not in regions:
                         regions[id(v)] = _GuardedCopy(rt, v, placement, i, self.signature.params[i])
                 pointers = [regions[id(v)].data_ptr if isinstance(v, np.ndarray) else _ptr(v) for v in values]
-                by_index = [regions[id(v)] if isinstance(v, np.ndarray) else None for v in values]
-                guarded = [r for r in by_index if r]
-                if placement == "start":
+                guarded = [regions[id(v)] for v in values if isinstance(v, np.ndarray)]
+                if placement == "end":
+                    # The run whose results count: the first bad access past an end faults as it
+                    # happens, so the report names it (and gdb stops there).
+                    self._launch(binding, config, grid, block, values, shared_mem, pointers, guarded)
+                else:
                     # This run only proves that nothing reads or writes before the start of an
-                    # array; its results are discarded, and so is its printf output.
+                    # array: on copies of the original inputs, its results and printf discarded.
                     with _quiet_stdout():
                         self._launch(binding, config, grid, block, values, shared_mem, pointers, guarded,
                                      record=False)
-                else:
-                    self._launch(binding, config, grid, block, values, shared_mem, pointers, guarded)
-                    for r in regions.values():
-                        r.check_canary(self.name)
-                    for i, v in enumerate(values):
-                        r = by_index[i]
-                        if r is not None and not self.signature.params[i].const and not r.copied_back:
-                            r.copy_back()
-            finally:
+                for r in regions.values():
+                    r.check_canary(self.name)
+            counted = runs[0]
+            for i, v in enumerate(values):
+                r = counted.get(id(v)) if isinstance(v, np.ndarray) else None
+                if r is not None and not self.signature.params[i].const and not r.copied_back:
+                    r.copy_back()
+        finally:
+            for regions in runs:
                 for r in regions.values():
                     r.free()
 
@@ -841,11 +902,17 @@ class _GuardedCopy:
         return f"argument {self.index} '{self.name}' ({self.array.dtype}[{', '.join(map(str, self.array.shape))}])"
 
     def check_canary(self, kernel):
+        """The bytes between the guard pages and the array (0xA5 before the launch) unchanged?"""
         s0, s1 = self.slack
         tail = self.view[s0 - self.base:s1 - self.base]
         if tail.size and np.any(tail != 0xA5):
             first = int(np.argmax(tail != 0xA5))
             raise OutOfBoundsError(f"kernel '{kernel}' wrote {first + 1}+ byte(s) past the end of {self.describe()}")
+        head = self.view[:self.start - self.base]
+        if head.size and np.any(head != 0xA5):
+            first = int(np.argmax(head[::-1] != 0xA5))
+            raise OutOfBoundsError(f"kernel '{kernel}' wrote {first + 1}+ byte(s) before the start of "
+                                   f"{self.describe()}")
 
     def copy_back(self):
         self.array[...] = self._mirror()

@@ -269,6 +269,7 @@ def _display_variable(name):
     return f"'{var}' (in {head})" if sep else f"'{name}'"
 
 
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _HEADER_FILES = re.compile(r"(^|/)(emu/include/|<emulator entry points>)")
 
 
@@ -281,6 +282,8 @@ def _pick_frame(frames):
             continue
         while file.startswith("./"):   # compiled with -fdebug-prefix-map=<cwd>=.
             file = file[2:]
+        if file.startswith(_REPOSITORY):   # KERNELS_EMU_DEBUG=gdb builds name files absolutely
+            file = file[len(_REPOSITORY):]
         return file, int(line), function
     return None
 

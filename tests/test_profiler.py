@@ -392,3 +392,15 @@ def test_resources_of_a_project_kernel():
     assert r.spill_store_bytes == 0 and r.barriers == 1 and r.static_shared_bytes == 0
     with pytest.raises(TypeError, match="kernel"):
         resources("sum_block_shared", "sm_80")
+
+
+@pytest.mark.parametrize("mode", ["1", "gdb"])
+def test_debug_modes_profile_the_run_that_counts(mode, monkeypatch):
+    monkeypatch.setenv("KERNELS_EMU_DEBUG", mode)
+    x, y = rand(1024), np.zeros(1024, np.float32)
+    k = kernels.RawModule(code=(CUDA / "access_patterns.cu").read_text()).get_function("copy_f32")
+    with kernels.profile() as prof:
+        k((4,), (256,), (x, y, I32(1024)))
+    np.testing.assert_array_equal(y, x)
+    (p,) = prof.launches
+    assert g(p, "req", "ld") == 32 and g(p, "sec", "ld") == 128
