@@ -4,6 +4,8 @@
     python train.py --data /imn             # the MLPerf v0.5 recipe on packed ImageNet
     python train.py --data /imn --precision fp16 --conv-engine cudnn --batch-size 256
     python train.py --resume runs/20261128-1300     # continue exactly where a run stopped
+    python train.py --device emu --synthetic tiny --kernels conv=1,batchnorm=my_bn.cu
+                                            # our CUDA kernels, with chosen versions (kernels/README.md)
 
 --data DIR is a folder holding train.lmdb and val.lmdb, made once by
     python -m data.pack --src /path/to/imagenet --dst DIR
@@ -107,6 +109,10 @@ def build_parser():
     m.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="activations: fp32, or fp16 on cuda (bf16 is refused: several ops have no bf16 kernels)")
     m.add_argument("--conv-engine", choices=["ours", "cudnn"], help="convolutions: our kernels or cuDNN (cuda)")
+    m.add_argument("--kernels", metavar="FAMILY=VERSION,...",
+                   help="which version of our kernels to train with (emu, cuda): e.g. conv=1,batchnorm=2; "
+                        "FAMILY=FILE.cu[:VERSION] runs your own copy of kernels/FAMILY.cu. `python -m "
+                        "kernels.FAMILY --list` shows the versions; the others stay at their defaults")
     m.add_argument("--loss-scale", help="with --precision fp16: 'dynamic' (default) or a fixed scale, e.g. 128 "
                                         "as the reference")
     m.add_argument("--width", type=float, help="channel multiplier of every stage (1.0 = ResNet-50)")
@@ -178,14 +184,34 @@ def resolve_config(args):
     cfg.setdefault("zero_init_residual", False)
     cfg.update(device=device, precision="fp32", conv_engine="ours", loss_scale="dynamic", seed=0, workers=None,
                data=args.data, max_steps=None, profile=False, no_progress=False, dry_run=False, out=None,
-               sync_bn=False, overwrite=False, log_every=20, cuda_graph=False)
+               sync_bn=False, overwrite=False, log_every=20, cuda_graph=False, kernels=None)
     for k, v in given.items():
         if k in ("resume",):
             continue
         cfg[k] = tuple(v) if isinstance(v, list) else v
     cfg["device"] = device
+    _resolve_kernels(cfg, args)
     _validate(cfg)
     return cfg
+
+
+def _resolve_kernels(cfg, args):
+    """cfg["kernels"]: the versions of our kernels the run uses, as config.json records them (with
+    the path and sha256 of a learner's copy); None on the cpu device, which runs NumPy."""
+    if args.kernels and cfg["device"] == "cpu" and not args.resume:
+        raise UsageError("--kernels chooses versions of our CUDA kernels: train with --device emu (the CPU "
+                         "emulator) or --device cuda; the cpu device runs NumPy")
+    if not args.kernels and cfg["device"] == "cpu":
+        cfg["kernels"] = None
+        return
+    try:
+        cfg["kernels"] = nn.device.kernel_table(args.kernels or {})
+    except ValueError as e:
+        raise UsageError(f"--kernels: {e}") from None
+    named = {part.split("=", 1)[0].strip() for part in (args.kernels or "").split(",")}
+    if "conv" in named and cfg["conv_engine"] == "cudnn":
+        raise UsageError("--kernels conv=... and --conv-engine cudnn both choose what runs the convolutions: "
+                         "give one of them")
 
 
 def _validate(cfg):
@@ -715,6 +741,13 @@ class Trainer:
         self.device = nn.get_device(cfg["device"])
         if cfg["conv_engine"] == "cudnn":
             nn.device.set_conv_engine("cudnn")
+        self.kernels_before = None
+        if self.device.name != "cpu":   # the kernel versions of the run (a resumed run: the saved ones)
+            try:
+                self.kernels_before = nn.device.select_kernels(cfg["kernels"], self.device.name)
+            except ValueError as e:
+                raise UsageError(f"--kernels: {e}") from None
+            cfg["kernels"] = nn.device.kernel_table()
         act_dtype = {"fp32": None, "fp16": np.float16, "bf16": "bfloat16"}[cfg["precision"]]
         self.in_dtype = np.float32 if act_dtype is None else act_dtype
 
@@ -786,6 +819,9 @@ class Trainer:
         for loader in (self.train_loader, self.val_loader):
             if loader is not None:
                 loader.close()
+        if getattr(self, "kernels_before", None) is not None:
+            nn.device.restore_kernels(self.kernels_before)
+            self.kernels_before = None
 
     # ------------------------------------------------------------------ one step
     def train_step(self, images, labels, lr):
@@ -1020,10 +1056,23 @@ class Trainer:
         mlog.event("opt_momentum", cfg["momentum"])
         mlog.event("opt_learning_rate_decay_boundary_epochs", list(cfg["decay_epochs"]))
         mlog.event("model_bn_span", cfg["batch_size"] if cfg["sync_bn"] else cfg["batch_size"] // self.world)
+        if cfg.get("kernels") and self.device.name != "cpu":
+            mlog.event("kernels", cfg["kernels"])       # the version of each family of our kernels
+            chosen = _chosen_kernels(cfg["kernels"])
+            if chosen:
+                _say(f"kernels: {chosen} (the others at their defaults)")
         _say(f"ResNet-50 v1.5 width {cfg['width']:g}: {self.model.num_parameters():,} parameters, "
              f"{self.num_classes} classes, {cfg['image_size']}px, device {self.device.name}, {cfg['precision']}; "
              f"{self.train_loader.num_samples} training images ({self.steps_per_epoch} steps of {cfg['batch_size']}), "
              f"{self.val_loader.num_samples} validation images; peak lr {self.peak_lr:g} ({cfg['schedule']})")
+
+
+def _chosen_kernels(table):
+    """'conv version 1, batchnorm version 2 of /path/my_bn.cu': the kernels a run does not take
+    at their defaults, in words."""
+    defaults = nn.device.kernel_table({})
+    return ", ".join(f"{family} version {entry['version']}" + (f" of {entry['file']}" if "file" in entry else "")
+                     for family, entry in table.items() if entry != defaults.get(family))
 
 
 # fp16 with dynamic loss scaling skips a step whose loss is NaN/inf; this many in a row is divergence.

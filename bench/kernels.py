@@ -16,44 +16,21 @@ import argparse
 import importlib
 import json
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 
 from bench.kernel_cases import MODULES, Case
+from kernels.lesson import gpu_module, median_time
 
 
 def _gpu():
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-    except Exception:
-        pass
-    return None
+    return gpu_module()
 
 
 def _time(fn, xp, repeat, warmup=2):
     """Median seconds of fn() over `repeat` runs (CUDA events on the GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if xp is not np:
-        start, stop = xp.cuda.Event(), xp.cuda.Event()
-        for _ in range(repeat):
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(xp.cuda.get_elapsed_time(start, stop) / 1e3)
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, xp, repeat, warmup)
 
 
 def measure_ceilings(xp, repeat):

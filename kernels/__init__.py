@@ -12,6 +12,8 @@
   Calculator's resident blocks and warps per SM (kernels/occupancy_calculator.py).
 - `reference` (kernels/reference.py): NumPy implementations of every op, the `cpu` device.
 - `ops` (kernels/ops.py): one launcher per op, shapes and dtypes checked, same signatures.
+- `versions` (kernels/versions.py): each op family's numbered versions and which one runs;
+  `python -m kernels.<op>` checks and times every version (kernels/lesson.py, kernels/cases.py).
 See kernels/README.md for how a kernel goes from source to a launch.
 
 Nothing here imports nn/ or data/.

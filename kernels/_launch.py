@@ -9,8 +9,8 @@ import numpy as np
 
 from .runtime import load_module
 
-__all__ = ["array_module", "is_cupy", "check_array", "check_shape_tuple", "blocks_for", "module", "empty_like",
-           "empty", "FLOAT_DTYPES"]
+__all__ = ["array_module", "is_cupy", "check_array", "check_shape_tuple", "blocks_for", "module", "replace_source",
+           "empty_like", "empty", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -80,10 +80,12 @@ def blocks_for(n, block, xp, per_thread=1):
 
 
 _modules = {}   # (filename, options) -> RawModule: a launch looks its module up without touching the disk
+_sources = {}   # filename -> path of a learner's copy launched instead (kernels.versions.use)
 
 
 def module(filename, options=()):
-    """The RawModule of kernels/<filename> (compiled once per process and backend).
+    """The RawModule of kernels/<filename> (compiled once per process and backend), or of the
+    learner's copy that replaces it (`replace_source`).
 
     Unlike `load_module`, which checks the file's modification time at every call, this is one
     dictionary look-up: launchers call it at every launch, and kernel sources do not change under
@@ -95,8 +97,19 @@ def module(filename, options=()):
         options = tuple(options)
         mod = _modules.get((filename, options))
         if mod is None:
-            mod = _modules[filename, options] = load_module(filename, options)
+            mod = _modules[filename, options] = load_module(str(_sources.get(filename, filename)), options)
         return mod
+
+
+def replace_source(filename, path):
+    """Launch the kernels of kernels/<filename> from the .cu file at `path` from now on (None: from
+    the project's file again).  kernels.versions checks that the copy defines the same kernels."""
+    if path is None:
+        _sources.pop(filename, None)
+    else:
+        _sources[filename] = path
+    for key in [k for k in _modules if k[0] == filename]:
+        del _modules[key]
 
 
 def empty(xp, shape, dtype):

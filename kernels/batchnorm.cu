@@ -18,7 +18,7 @@
  *
  * Numerics: why not sum(x) and sum(x^2)?  var = E[x^2] - E[x]^2 subtracts two nearly equal
  * numbers when |mean| >> std.  With mean 1000 and std 0.1, E[x^2] = 1e6 has a float32 ulp of
- * 0.06 while the variance is 0.01: the answer is noise (the naive kernel below shows it).  We use
+ * 0.06 while the variance is 0.01: the answer is noise (version 1 shows it).  Version 2 uses
  *   1. a shift: every thread works on x - x[0, c] (one sample of the channel), so the numbers it
  *      adds are about as large as the spread of the channel, not its mean; and
  *   2. Welford's update per thread (running count n, mean and M2 = sum of squared deviations;
@@ -28,7 +28,8 @@
  *          M2 = M2a + M2b + d^2 * na * nb / n
  *      first across the threads of a block (a tree in shared memory), then across blocks.
  *
- * Memory-access plan.  Every kernel uses the same 2-D thread layout over the [M, C] matrix:
+ * Memory-access plan of version 2 (below) and of the normalising passes of both versions: one
+ * 2-D thread layout over the [M, C] matrix:
  * a block is 32 x 8 threads; threadIdx.x picks one of 32 consecutive channels (one warp reads
  * 32 consecutive floats of a row: coalesced), threadIdx.y one of 8 rows; blockIdx.x picks the
  * 32-channel tile and blockIdx.y a slice of rows, walked with a grid-stride loop.  So a thread
@@ -42,39 +43,94 @@
  * Total traffic of a training step of BN: forward 3 passes over M*C (x twice, y once), backward
  * 5 (dy, x twice each, dx once), plus one more read of y in each pass behind a ReLU.
  *
- * float (f32) and __half (f16) activations; statistics, gamma, beta and running statistics are
- * always float.  The launchers are kernels/batchnorm.py; blockDim must be (32, 8).
+ * Versions (`python -m kernels.batchnorm` checks and times each; the launchers are kernels/batchnorm.py):
+ *   version 1  one thread per channel walks all M rows for every reduction: the statistics as
+ *              sum(x) and sum(x^2) with var = E[x^2] - E[x]^2, and the backward's two sums.
+ *              Simple and coalesced (consecutive threads read consecutive channels), but only C
+ *              threads (64 to 2048 in ResNet-50) for M * C values, and the variance is noise when
+ *              |mean| >> std (above): kept as the lesson of why not.
+ *   version 2  32 x 8 threads per block over slices of rows, per-thread Welford summaries merged by
+ *              Chan's formula: thousands of threads keep the GPU busy, and the variance is stable.
+ *              The partial summaries are merged in a fixed order by a second kernel (above).
+ * The normalising passes (forward y, backward dx) are the same in both versions.
+ *
+ * float (f32) and __half (f16) activations, from one template per kernel and the KERNEL_ENTRY
+ * instantiation lists (common.cuh); statistics, gamma, beta and running statistics are always
+ * float.  blockDim must be (32, 8) for the kernels that use BN_TILE_C and BN_ROWS.
  */
 #include <cuda_fp16.h>
-#include "common.cuh"   // GRID_STRIDE_LOOP, to_float, from_float
+#include "common.cuh"   // GRID_STRIDE_LOOP_Y, to_float, from_float, column_sum, KERNEL_ENTRY
 
 #define BN_TILE_C 32  // channels per block = blockDim.x
 #define BN_ROWS 8     // rows per block step = blockDim.y
 
-/* Rows of this thread: threadIdx.y + 8 * blockIdx.y, then steps of 8 * gridDim.y. */
-#define FOR_MY_ROWS(r, M)                                                                     \
-    for (long long r = (long long)blockIdx.y * BN_ROWS + threadIdx.y; r < (M);                \
-         r += (long long)BN_ROWS * gridDim.y)
+/* Running statistics after a batch with mean mu and unbiased variance var_unbiased. */
+__device__ __forceinline__ void update_running(float* running_mean, float* running_var, int c, float mu,
+                                               float var_unbiased, float momentum) {
+    running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mu;
+    running_var[c] = (1.0f - momentum) * running_var[c] + momentum * var_unbiased;
+}
 
-/* ============================================================== naive statistics (a lesson) */
-/* One thread per channel, sum and sum of squares in float, var = E[x^2] - E[x]^2.
- * Slow (C threads in all) and, for |mean| >> std, wrong: kept to be compared, never used. */
-extern "C" __global__ void batchnorm_stats_naive_f32(const float* __restrict__ x, float* __restrict__ mean,
-                                                     float* __restrict__ var, long long M, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+/* ============================================================== version 1: one thread per channel */
+/* Statistics: sum and sum of squares in float, var = E[x^2] - E[x]^2.  Writes what version 2's
+ * finalize writes: saved_mean, saved_invstd, batch_var (may be null), running statistics (updated
+ * in place unless running_mean is null).  grid = ceil(C / blockDim.x). */
+template <typename T>
+__device__ void stats_naive(const T* __restrict__ x, long long M, int C, float eps, float momentum,
+                            float* __restrict__ saved_mean, float* __restrict__ saved_invstd,
+                            float* __restrict__ batch_var, float* __restrict__ running_mean,
+                            float* __restrict__ running_var) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float s = 0.0f, s2 = 0.0f;
     for (long long m = 0; m < M; ++m) {
-        float v = x[m * C + c];
+        const float v = to_float(x[m * C + c]);
         s += v;
         s2 += v * v;
     }
-    float mu = s / (float)M;
-    mean[c] = mu;
-    var[c] = s2 / (float)M - mu * mu;
+    const float mu = s / (float)M;
+    const float var = s2 / (float)M - mu * mu;  // the cancellation the header warns about
+    saved_mean[c] = mu;
+    saved_invstd[c] = 1.0f / sqrtf(var + eps);
+    if (batch_var) batch_var[c] = var;
+    if (running_mean) update_running(running_mean, running_var, c, mu, var * ((float)M / (float)(M - 1)), momentum);
 }
 
-/* ============================================================== statistics: Welford + Chan */
+KERNEL_ENTRY(batchnorm_stats_naive_f32, stats_naive<float>)
+KERNEL_ENTRY(batchnorm_stats_naive_f16, stats_naive<__half>)
+
+/* dz: the gradient reaching the BN output; behind a ReLU it is dy where y > 0. */
+template <typename T, bool RELU>
+__device__ __forceinline__ float grad_in(const T* __restrict__ dy, const T* __restrict__ y, long long i) {
+    float g = to_float(dy[i]);
+    if (RELU) g = to_float(y[i]) > 0.0f ? g : 0.0f;
+    return g;
+}
+
+/* Backward sums: dbeta = sum dz, dgamma = invstd * sum dz * (x - mean), one thread per channel. */
+template <typename T, bool RELU>
+__device__ void backward_sums_naive(const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
+                                    const float* __restrict__ saved_mean, const float* __restrict__ saved_invstd,
+                                    float* __restrict__ dgamma, float* __restrict__ dbeta, long long M, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const float mean = saved_mean[c];
+    float sum_dz = 0.0f, sum_dz_xc = 0.0f;
+    for (long long m = 0; m < M; ++m) {
+        const float g = grad_in<T, RELU>(dy, y, m * C + c);
+        sum_dz += g;
+        sum_dz_xc += g * (to_float(x[m * C + c]) - mean);
+    }
+    dbeta[c] = sum_dz;
+    dgamma[c] = sum_dz_xc * saved_invstd[c];
+}
+
+KERNEL_ENTRY(batchnorm_backward_sums_naive_f32, backward_sums_naive<float, false>)
+KERNEL_ENTRY(batchnorm_backward_sums_naive_f16, backward_sums_naive<__half, false>)
+KERNEL_ENTRY(batchnorm_relu_backward_sums_naive_f32, backward_sums_naive<float, true>)
+KERNEL_ENTRY(batchnorm_relu_backward_sums_naive_f16, backward_sums_naive<__half, true>)
+
+/* ============================================================== version 2: Welford + Chan */
 /* Merge summary b into summary a (Chan et al.).  Empty summaries (n == 0) are allowed. */
 __device__ __forceinline__ void welford_merge(float& n, float& mean, float& m2, float nb, float mean_b, float m2b) {
     if (nb == 0.0f) return;
@@ -97,7 +153,7 @@ __device__ void stats_partial(const T* __restrict__ x, float* __restrict__ part_
     float n = 0.0f, mean = 0.0f, m2 = 0.0f;
     if (c < C) {  // no early return: every thread must reach the barriers below
         const float shift = to_float(x[c]);
-        FOR_MY_ROWS(r, M) {
+        GRID_STRIDE_LOOP_Y(r, M) {
             float v = to_float(x[r * C + c]) - shift;
             n += 1.0f;
             float d = v - mean;
@@ -126,14 +182,8 @@ __device__ void stats_partial(const T* __restrict__ x, float* __restrict__ part_
     }
 }
 
-extern "C" __global__ void batchnorm_stats_partial_f32(const float* __restrict__ x, float* part_n, float* part_mean,
-                                                       float* part_m2, long long M, int C) {
-    stats_partial(x, part_n, part_mean, part_m2, M, C);
-}
-extern "C" __global__ void batchnorm_stats_partial_f16(const __half* __restrict__ x, float* part_n,
-                                                       float* part_mean, float* part_m2, long long M, int C) {
-    stats_partial(x, part_n, part_mean, part_m2, M, C);
-}
+KERNEL_ENTRY(batchnorm_stats_partial_f32, stats_partial<float>)
+KERNEL_ENTRY(batchnorm_stats_partial_f16, stats_partial<__half>)
 
 /* Pass 2: one thread per channel merges the G summaries in order of blockIdx.y and writes
  * saved_mean, saved_invstd, the optional biased batch_var (may be null), and updates the running
@@ -156,170 +206,45 @@ __device__ void stats_finalize(const T* __restrict__ x, const float* __restrict_
     saved_mean[c] = mu;
     saved_invstd[c] = 1.0f / sqrtf(var + eps);
     if (batch_var) batch_var[c] = var;
-    if (running_mean) {
-        float unbiased = m2 / (float)(M - 1);
-        running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mu;
-        running_var[c] = (1.0f - momentum) * running_var[c] + momentum * unbiased;
-    }
+    if (running_mean) update_running(running_mean, running_var, c, mu, m2 / (float)(M - 1), momentum);
 }
 
-#define BN_FINALIZE_ARGS \
-    part_n, part_mean, part_m2, G, M, C, eps, momentum, saved_mean, saved_invstd, batch_var, running_mean, running_var
+KERNEL_ENTRY(batchnorm_stats_finalize_f32, stats_finalize<float>)
+KERNEL_ENTRY(batchnorm_stats_finalize_f16, stats_finalize<__half>)
 
-extern "C" __global__ void batchnorm_stats_finalize_f32(
-    const float* x, const float* part_n, const float* part_mean, const float* part_m2, int G,
-                                             long long M, int C, float eps, float momentum, float* saved_mean,
-                                             float* saved_invstd, float* batch_var, float* running_mean,
-                                             float* running_var) {
-    stats_finalize(x, BN_FINALIZE_ARGS);
-}
-extern "C" __global__ void batchnorm_stats_finalize_f16(
-    const __half* x, const float* part_n, const float* part_mean, const float* part_m2, int G,
-                                             long long M, int C, float eps, float momentum, float* saved_mean,
-                                             float* saved_invstd, float* batch_var, float* running_mean,
-                                             float* running_var) {
-    stats_finalize(x, BN_FINALIZE_ARGS);
-}
-
-/* ============================================================== forward: normalise (+ add, ReLU) */
-/* y = (x - mean) * scale + beta [+ residual] [then ReLU], with scale = gamma * invstd.
- * (x - mean) first: x * scale + (beta - mean * scale) would cancel catastrophically when
- * |mean| >> std, exactly as the naive variance does.  grid = (ceil(C / 32), G'), block (32, 8). */
-template <typename T, bool RELU, bool ADD>
-__device__ void normalize_rows(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
-                               long long M, int C, float mean, float scale, float shift) {
-    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
-    FOR_MY_ROWS(r, M) {
-        long long i = r * C + c;
-        float v = (to_float(x[i]) - mean) * scale + shift;
-        if (ADD) v += to_float(residual[i]);
-        if (RELU) v = v > 0.0f ? v : 0.0f;
-        y[i] = from_float<T>(v);
-    }
-}
-
-template <typename T, bool RELU, bool ADD>
-__device__ void forward_train_apply(const T* x, const T* residual, T* y, const float* __restrict__ gamma,
-                                    const float* __restrict__ beta, const float* __restrict__ saved_mean,
-                                    const float* __restrict__ saved_invstd, long long M, int C) {
-    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
-    if (c >= C) return;  // no barriers in this kernel
-    normalize_rows<T, RELU, ADD>(x, residual, y, M, C, saved_mean[c], gamma[c] * saved_invstd[c], beta[c]);
-}
-
-extern "C" __global__ void batchnorm_apply_f32(const float* x, float* y, const float* gamma, const float* beta,
-    const float* saved_mean, const float* saved_invstd, long long M, int C) {
-    forward_train_apply<float, false, false>(x, nullptr, y, gamma, beta, saved_mean, saved_invstd, M, C);
-}
-extern "C" __global__ void batchnorm_apply_f16(const __half* x, __half* y, const float* gamma, const float* beta,
-    const float* saved_mean, const float* saved_invstd, long long M, int C) {
-    forward_train_apply<__half, false, false>(x, nullptr, y, gamma, beta, saved_mean, saved_invstd, M, C);
-}
-extern "C" __global__ void batchnorm_relu_apply_f32(const float* x, float* y, const float* gamma, const float* beta,
-    const float* saved_mean, const float* saved_invstd, long long M, int C) {
-    forward_train_apply<float, true, false>(x, nullptr, y, gamma, beta, saved_mean, saved_invstd, M, C);
-}
-extern "C" __global__ void batchnorm_relu_apply_f16(const __half* x, __half* y, const float* gamma, const float* beta,
-    const float* saved_mean, const float* saved_invstd, long long M, int C) {
-    forward_train_apply<__half, true, false>(x, nullptr, y, gamma, beta, saved_mean, saved_invstd, M, C);
-}
-extern "C" __global__ void batchnorm_add_relu_apply_f32(const float* x, const float* residual, float* y,
-                                                        const float* gamma, const float* beta,
-                                                        const float* saved_mean, const float* saved_invstd,
-                                                        long long M, int C) {
-    forward_train_apply<float, true, true>(x, residual, y, gamma, beta, saved_mean, saved_invstd, M, C);
-}
-extern "C" __global__ void batchnorm_add_relu_apply_f16(const __half* x, const __half* residual, __half* y,
-                                                        const float* gamma, const float* beta,
-                                                        const float* saved_mean, const float* saved_invstd,
-                                                        long long M, int C) {
-    forward_train_apply<__half, true, true>(x, residual, y, gamma, beta, saved_mean, saved_invstd, M, C);
-}
-
-/* Inference: the per-channel constants come from the running statistics (one pass, no reduction). */
-template <typename T>
-__device__ void forward_inference(const T* x, T* y, const float* __restrict__ gamma, const float* __restrict__ beta,
-                                  const float* __restrict__ running_mean, const float* __restrict__ running_var,
-                                  float eps, long long M, int C) {
-    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
-    if (c >= C) return;
-    float scale = gamma[c] / sqrtf(running_var[c] + eps);
-    normalize_rows<T, false, false>(x, nullptr, y, M, C, running_mean[c], scale, beta[c]);
-}
-
-extern "C" __global__ void batchnorm_inference_f32(const float* x, float* y, const float* gamma, const float* beta,
-                                                   const float* running_mean, const float* running_var, float eps,
-                                                   long long M, int C) {
-    forward_inference(x, y, gamma, beta, running_mean, running_var, eps, M, C);
-}
-extern "C" __global__ void batchnorm_inference_f16(const __half* x, __half* y, const float* gamma,
-                                                   const float* beta, const float* running_mean,
-                                                   const float* running_var, float eps, long long M, int C) {
-    forward_inference(x, y, gamma, beta, running_mean, running_var, eps, M, C);
-}
-
-/* ============================================================== backward */
-/* dz: the gradient reaching the BN output; behind a ReLU it is dy where y > 0. */
-template <typename T, bool RELU>
-__device__ __forceinline__ float grad_in(const T* __restrict__ dy, const T* __restrict__ y, long long i) {
-    float g = to_float(dy[i]);
-    if (RELU) g = to_float(y[i]) > 0.0f ? g : 0.0f;
-    return g;
-}
-
-/* Pass 1: per (row slice, channel) sums of dz and dz * (x - mean); block tree as in the forward.
- * (invstd multiplies the second sum once, in the finalize, instead of once per element.) */
+/* Backward pass 1: per (row slice, channel) sums of dz and dz * (x - mean), added over the block's
+ * 8 rows of threads by column_sum.  (invstd multiplies the second sum once, in the finalize,
+ * instead of once per element.)  grid = (ceil(C / 32), G), block = (32, 8). */
 template <typename T, bool RELU>
 __device__ void backward_partial(const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
                                  const float* __restrict__ saved_mean, float* __restrict__ part_dbeta,
                                  float* __restrict__ part_dxc, long long M, int C) {
-    __shared__ float sh_a[BN_ROWS][BN_TILE_C], sh_b[BN_ROWS][BN_TILE_C];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int c = blockIdx.x * BN_TILE_C + tx;
+    __shared__ float tile[BN_ROWS][BN_TILE_C];
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
     float sum_dz = 0.0f, sum_dz_xc = 0.0f;
     if (c < C) {
         const float mean = saved_mean[c];
-        FOR_MY_ROWS(r, M) {
+        GRID_STRIDE_LOOP_Y(r, M) {
             long long i = r * C + c;
             float g = grad_in<T, RELU>(dy, y, i);
             sum_dz += g;
             sum_dz_xc += g * (to_float(x[i]) - mean);
         }
     }
-    sh_a[ty][tx] = sum_dz;
-    sh_b[ty][tx] = sum_dz_xc;
-    __syncthreads();
-    for (int half = BN_ROWS / 2; half > 0; half /= 2) {
-        if (ty < half) {
-            sh_a[ty][tx] += sh_a[ty + half][tx];
-            sh_b[ty][tx] += sh_b[ty + half][tx];
-        }
-        __syncthreads();
-    }
-    if (ty == 0 && c < C) {
-        part_dbeta[(long long)blockIdx.y * C + c] = sh_a[0][tx];
-        part_dxc[(long long)blockIdx.y * C + c] = sh_b[0][tx];
+    sum_dz = column_sum(sum_dz, tile);
+    sum_dz_xc = column_sum(sum_dz_xc, tile);
+    if (threadIdx.y == 0 && c < C) {
+        part_dbeta[(long long)blockIdx.y * C + c] = sum_dz;
+        part_dxc[(long long)blockIdx.y * C + c] = sum_dz_xc;
     }
 }
 
-extern "C" __global__ void batchnorm_backward_partial_f32(const float* dy, const float* y, const float* x,
-    const float* saved_mean, float* part_dbeta, float* part_dxc, long long M, int C) {
-    backward_partial<float, false>(dy, y, x, saved_mean, part_dbeta, part_dxc, M, C);
-}
-extern "C" __global__ void batchnorm_backward_partial_f16(const __half* dy, const __half* y, const __half* x,
-    const float* saved_mean, float* part_dbeta, float* part_dxc, long long M, int C) {
-    backward_partial<__half, false>(dy, y, x, saved_mean, part_dbeta, part_dxc, M, C);
-}
-extern "C" __global__ void batchnorm_relu_backward_partial_f32(const float* dy, const float* y, const float* x,
-    const float* saved_mean, float* part_dbeta, float* part_dxc, long long M, int C) {
-    backward_partial<float, true>(dy, y, x, saved_mean, part_dbeta, part_dxc, M, C);
-}
-extern "C" __global__ void batchnorm_relu_backward_partial_f16(const __half* dy, const __half* y, const __half* x,
-    const float* saved_mean, float* part_dbeta, float* part_dxc, long long M, int C) {
-    backward_partial<__half, true>(dy, y, x, saved_mean, part_dbeta, part_dxc, M, C);
-}
+KERNEL_ENTRY(batchnorm_backward_partial_f32, backward_partial<float, false>)
+KERNEL_ENTRY(batchnorm_backward_partial_f16, backward_partial<__half, false>)
+KERNEL_ENTRY(batchnorm_relu_backward_partial_f32, backward_partial<float, true>)
+KERNEL_ENTRY(batchnorm_relu_backward_partial_f16, backward_partial<__half, true>)
 
-/* Pass 2: one thread per channel adds the G partial sums in order: dbeta, dgamma. */
+/* Backward pass 2: one thread per channel adds the G partial sums in order: dbeta, dgamma. */
 extern "C" __global__ void batchnorm_backward_finalize(const float* __restrict__ part_dbeta,
                                                        const float* __restrict__ part_dxc, int G, int C,
                                                        const float* __restrict__ saved_invstd,
@@ -335,7 +260,56 @@ extern "C" __global__ void batchnorm_backward_finalize(const float* __restrict__
     dgamma[c] = b * saved_invstd[c];
 }
 
-/* Pass 3: dx = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M)  [and dresidual = dz]. */
+/* ============================================================== both versions: the elementwise passes */
+/* y = (x - mean) * scale + beta [+ residual] [then ReLU], with scale = gamma * invstd.
+ * (x - mean) first: x * scale + (beta - mean * scale) would cancel catastrophically when
+ * |mean| >> std, exactly as the naive variance does.  grid = (ceil(C / 32), G'), block (32, 8). */
+template <typename T, bool RELU, bool ADD>
+__device__ void normalize_rows(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
+                               long long M, int C, float mean, float scale, float shift) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    GRID_STRIDE_LOOP_Y(r, M) {
+        long long i = r * C + c;
+        float v = (to_float(x[i]) - mean) * scale + shift;
+        if (ADD) v += to_float(residual[i]);
+        if (RELU) v = v > 0.0f ? v : 0.0f;
+        y[i] = from_float<T>(v);
+    }
+}
+
+/* Training forward, with the batch statistics: residual is read only by the fused BN + add + ReLU
+ * (null otherwise). */
+template <typename T, bool RELU, bool ADD>
+__device__ void forward_train_apply(const T* x, const T* residual, T* y, const float* __restrict__ gamma,
+                                    const float* __restrict__ beta, const float* __restrict__ saved_mean,
+                                    const float* __restrict__ saved_invstd, long long M, int C) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    if (c >= C) return;  // no barriers in this kernel
+    normalize_rows<T, RELU, ADD>(x, residual, y, M, C, saved_mean[c], gamma[c] * saved_invstd[c], beta[c]);
+}
+
+KERNEL_ENTRY(batchnorm_apply_f32, forward_train_apply<float, false, false>)
+KERNEL_ENTRY(batchnorm_apply_f16, forward_train_apply<__half, false, false>)
+KERNEL_ENTRY(batchnorm_relu_apply_f32, forward_train_apply<float, true, false>)
+KERNEL_ENTRY(batchnorm_relu_apply_f16, forward_train_apply<__half, true, false>)
+KERNEL_ENTRY(batchnorm_add_relu_apply_f32, forward_train_apply<float, true, true>)
+KERNEL_ENTRY(batchnorm_add_relu_apply_f16, forward_train_apply<__half, true, true>)
+
+/* Inference: the per-channel constants come from the running statistics (one pass, no reduction). */
+template <typename T>
+__device__ void forward_inference(const T* x, T* y, const float* __restrict__ gamma, const float* __restrict__ beta,
+                                  const float* __restrict__ running_mean, const float* __restrict__ running_var,
+                                  float eps, long long M, int C) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    if (c >= C) return;
+    float scale = gamma[c] / sqrtf(running_var[c] + eps);
+    normalize_rows<T, false, false>(x, nullptr, y, M, C, running_mean[c], scale, beta[c]);
+}
+
+KERNEL_ENTRY(batchnorm_inference_f32, forward_inference<float>)
+KERNEL_ENTRY(batchnorm_inference_f16, forward_inference<__half>)
+
+/* Backward, last pass: dx = gamma * invstd * (dz - dbeta / M - xhat * dgamma / M)  [and dresidual = dz]. */
 template <typename T, bool RELU, bool ADD>
 __device__ void backward_dx(const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
                             const float* __restrict__ gamma, const float* __restrict__ saved_mean,
@@ -348,7 +322,7 @@ __device__ void backward_dx(const T* __restrict__ dy, const T* __restrict__ y, c
     const float k = gamma[c] * invstd;
     const float dbeta_mean = dbeta[c] / (float)M;
     const float dgamma_mean_invstd = dgamma[c] / (float)M * invstd;  // multiplies (x - mean)
-    FOR_MY_ROWS(r, M) {
+    GRID_STRIDE_LOOP_Y(r, M) {
         long long i = r * C + c;
         float g = grad_in<T, RELU>(dy, y, i);
         if (ADD) dresidual[i] = from_float<T>(g);
@@ -356,34 +330,9 @@ __device__ void backward_dx(const T* __restrict__ dy, const T* __restrict__ y, c
     }
 }
 
-#define BN_BWD_DX_ARGS dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, dresidual, M, C
-extern "C" __global__ void batchnorm_backward_dx_f32(const float* dy, const float* y, const float* x, const float* gamma,
-    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, float* dx,
-    float* dresidual, long long M, int C) {
-    backward_dx<float, false, false>(BN_BWD_DX_ARGS);
-}
-extern "C" __global__ void batchnorm_backward_dx_f16(const __half* dy, const __half* y, const __half* x, const float* gamma,
-    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, __half* dx,
-    __half* dresidual, long long M, int C) {
-    backward_dx<__half, false, false>(BN_BWD_DX_ARGS);
-}
-extern "C" __global__ void batchnorm_relu_backward_dx_f32(const float* dy, const float* y, const float* x, const float* gamma,
-    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, float* dx,
-    float* dresidual, long long M, int C) {
-    backward_dx<float, true, false>(BN_BWD_DX_ARGS);
-}
-extern "C" __global__ void batchnorm_relu_backward_dx_f16(const __half* dy, const __half* y, const __half* x, const float* gamma,
-    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, __half* dx,
-    __half* dresidual, long long M, int C) {
-    backward_dx<__half, true, false>(BN_BWD_DX_ARGS);
-}
-extern "C" __global__ void batchnorm_add_relu_backward_dx_f32(const float* dy, const float* y, const float* x, const float* gamma,
-    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, float* dx,
-    float* dresidual, long long M, int C) {
-    backward_dx<float, true, true>(BN_BWD_DX_ARGS);
-}
-extern "C" __global__ void batchnorm_add_relu_backward_dx_f16(const __half* dy, const __half* y, const __half* x, const float* gamma,
-    const float* saved_mean, const float* saved_invstd, const float* dgamma, const float* dbeta, __half* dx,
-    __half* dresidual, long long M, int C) {
-    backward_dx<__half, true, true>(BN_BWD_DX_ARGS);
-}
+KERNEL_ENTRY(batchnorm_backward_dx_f32, backward_dx<float, false, false>)
+KERNEL_ENTRY(batchnorm_backward_dx_f16, backward_dx<__half, false, false>)
+KERNEL_ENTRY(batchnorm_relu_backward_dx_f32, backward_dx<float, true, false>)
+KERNEL_ENTRY(batchnorm_relu_backward_dx_f16, backward_dx<__half, true, false>)
+KERNEL_ENTRY(batchnorm_add_relu_backward_dx_f32, backward_dx<float, true, true>)
+KERNEL_ENTRY(batchnorm_add_relu_backward_dx_f16, backward_dx<__half, true, true>)

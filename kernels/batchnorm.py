@@ -9,14 +9,17 @@ IN PLACE, as the op contract (kernels/reference.py) says.
     y, mean, invstd = batchnorm_forward_train(x, gamma, beta, running_mean, running_var)
     dx, dgamma, dbeta = batchnorm_backward(dy, x, gamma, mean, invstd)
 
-How the work is split (see the header of batchnorm.cu): blocks of 32 x 8 threads, blockIdx.x a
-tile of 32 channels, blockIdx.y a slice of rows.  The reductions run in two launches (per-slice
-summaries [G, C], then one thread per channel merges them in order), so results are
-deterministic on the GPU too.
+Versions (the header of batchnorm.cu; `python -m kernels.batchnorm` checks and times them): the
+reductions run as version 1 (one thread per channel over all rows) or version 2 (the default:
+blocks of 32 x 8 threads, blockIdx.x a tile of 32 channels, blockIdx.y a slice of rows, partial
+summaries [G, C] merged in order by a second launch, so results are deterministic on the GPU
+too).  Which one runs is the version in use (kernels.versions.use(batchnorm=1)); the op
+contract's functions take no version argument.
 """
 
 import numpy as np
 
+from . import versions
 from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, module
 
 __all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
@@ -70,21 +73,29 @@ def _check_scalars(op, eps, momentum=None):
         raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
 
 
-def _batch_stats(op, x, eps, momentum, running_mean, running_var, want_var=False):
-    """Launch the two statistics passes.  Returns (saved_mean, saved_invstd, batch_var or None)."""
+def _batch_stats(op, x, eps, momentum, running_mean, running_var, want_var=False, version=None):
+    """Launch the statistics passes of `version` (None: the version in use).  Returns
+    (saved_mean, saved_invstd, batch_var or None)."""
+    version = versions.version("batchnorm", version, op)
     xp = array_module(x)
     C = x.shape[-1]
     M = x.size // C if C else 0
     if M < 2:
         raise ValueError(f"{op}: needs more than one value per channel (M = N*H*W >= 2), got x shape {tuple(x.shape)}")
     sfx = _SUFFIX[x.dtype]
+    mean = xp.empty(C, dtype=np.float32)
+    invstd = xp.empty(C, dtype=np.float32)
+    var = xp.empty(C, dtype=np.float32) if want_var else None
+    if version == 1:   # one thread per channel, sum and sum of squares
+        _kernel(f"batchnorm_stats_naive_{sfx}")(
+            (-(-C // 128),), (128,),
+            (x, np.int64(M), np.int32(C), np.float32(eps), np.float32(momentum), mean, invstd, var, running_mean,
+             running_var))
+        return mean, invstd, var
     tiles, G = _grid(M, C, xp, reduction=True)
     part = xp.empty((3, G, C), dtype=np.float32)    # count, mean, M2 per (row slice, channel)
     _kernel(f"batchnorm_stats_partial_{sfx}")((tiles, G), _BLOCK, (x, part[0], part[1], part[2], np.int64(M),
                                                                   np.int32(C)))
-    mean = xp.empty(C, dtype=np.float32)
-    invstd = xp.empty(C, dtype=np.float32)
-    var = xp.empty(C, dtype=np.float32) if want_var else None
     _kernel(f"batchnorm_stats_finalize_{sfx}")(
         (-(-C // 128),), (128,),
         (x, part[0], part[1], part[2], np.int32(G), np.int64(M), np.int32(C), np.float32(eps),
@@ -106,12 +117,8 @@ def _forward_train(op, mode, x, residual, gamma, beta, running_mean, running_var
     y = xp.empty_like(x)
     grid = _grid(M, C, xp, reduction=False)
     sfx = _SUFFIX[x.dtype]
-    tail = (gamma, beta, mean, invstd, np.int64(M), np.int32(C))
-    if mode == "add_relu":
-        _kernel(f"batchnorm_add_relu_apply_{sfx}")(grid, _BLOCK, (x, residual, y) + tail)
-    else:
-        name = "batchnorm_relu_apply" if mode == "relu" else "batchnorm_apply"
-        _kernel(f"{name}_{sfx}")(grid, _BLOCK, (x, y) + tail)
+    name = {"plain": "batchnorm_apply", "relu": "batchnorm_relu_apply", "add_relu": "batchnorm_add_relu_apply"}[mode]
+    _kernel(f"{name}_{sfx}")(grid, _BLOCK, (x, residual, y, gamma, beta, mean, invstd, np.int64(M), np.int32(C)))
     return y, mean, invstd
 
 
@@ -178,14 +185,20 @@ def _backward(op, mode, dy, y, x, gamma, saved_mean, saved_invstd):
     if M < 1:
         raise ValueError(f"{op}: x has no rows (shape {tuple(x.shape)})")
     sfx = _SUFFIX[x.dtype]
-    tiles, G = _grid(M, C, xp, reduction=True)
-    part = xp.empty((2, G, C), dtype=np.float32)   # sum dz, sum dz * (x - mean) per (row slice, channel)
-    partial = f"batchnorm_{'relu_' if mode != 'plain' else ''}backward_partial_{sfx}"
-    _kernel(partial)((tiles, G), _BLOCK, (dy, y, x, saved_mean, part[0], part[1], np.int64(M), np.int32(C)))
+    relu = "relu_" if mode != "plain" else ""
     dgamma = xp.empty(C, dtype=np.float32)
     dbeta = xp.empty(C, dtype=np.float32)
-    _kernel("batchnorm_backward_finalize")((-(-C // 128),), (128,),
-                                           (part[0], part[1], np.int32(G), np.int32(C), saved_invstd, dgamma, dbeta))
+    if versions.version("batchnorm") == 1:   # one thread per channel
+        _kernel(f"batchnorm_{relu}backward_sums_naive_{sfx}")(
+            (-(-C // 128),), (128,), (dy, y, x, saved_mean, saved_invstd, dgamma, dbeta, np.int64(M), np.int32(C)))
+    else:
+        tiles, G = _grid(M, C, xp, reduction=True)
+        part = xp.empty((2, G, C), dtype=np.float32)   # sum dz, sum dz * (x - mean) per (row slice, channel)
+        _kernel(f"batchnorm_{relu}backward_partial_{sfx}")(
+            (tiles, G), _BLOCK, (dy, y, x, saved_mean, part[0], part[1], np.int64(M), np.int32(C)))
+        _kernel("batchnorm_backward_finalize")((-(-C // 128),), (128,),
+                                               (part[0], part[1], np.int32(G), np.int32(C), saved_invstd, dgamma,
+                                                dbeta))
     dx = xp.empty_like(x)
     dresidual = xp.empty_like(x) if mode == "add_relu" else None
     name = {"plain": "batchnorm_backward_dx", "relu": "batchnorm_relu_backward_dx",
@@ -224,28 +237,16 @@ def batchnorm_add_relu_backward(dy, y, x, gamma, saved_mean, saved_invstd):
     return _backward("batchnorm_add_relu_backward", "add_relu", dy, y, x, gamma, saved_mean, saved_invstd)
 
 
-def batchnorm_batch_stats(x, method="welford"):
+def batchnorm_batch_stats(x, version=None):
     """Per-channel mean and biased variance of x [N, H, W, C] or [M, C] -> (mean, var), float32 [C].
 
-    method "welford": the kernels the training forward uses (shifted Welford + Chan merges);
-    method "naive":   one thread per channel, var = E[x^2] - E[x]^2 in float32 -- the textbook
-                      formula, kept to show how it fails when |mean| >> std (float32 x only).
+    version 2 (the default): shifted Welford + Chan merges, what the training forward uses;
+    version 1: one thread per channel, var = E[x^2] - E[x]^2 in float32 -- the textbook formula,
+    kept to show how it fails when |mean| >> std.  None: the version in use.
     """
     op = "batchnorm_batch_stats"
-    C = _check_x(op, "x", x)
-    xp = array_module(x)
-    if method == "welford":
-        mean, _, var = _batch_stats(op, x, 0.0, 0.0, None, None, want_var=True)
-        return mean, var
-    if method != "naive":
-        raise ValueError(f"{op}: method must be 'welford' or 'naive', got {method!r}")
-    check_array(op, "x", x, dtype=np.float32)
-    M = x.size // C if C else 0
-    if M < 1:
-        raise ValueError(f"{op}: x has no rows (shape {tuple(x.shape)})")
-    mean = xp.empty(C, dtype=np.float32)
-    var = xp.empty(C, dtype=np.float32)
-    _kernel("batchnorm_stats_naive_f32")((-(-C // 128),), (128,), (x, mean, var, np.int64(M), np.int32(C)))
+    _check_x(op, "x", x)
+    mean, _, var = _batch_stats(op, x, 0.0, 0.0, None, None, want_var=True, version=version)
     return mean, var
 
 
@@ -316,3 +317,8 @@ def batchnorm_backward_elemt(dy, x, gamma, saved_mean, saved_invstd, sums, count
             (blocks,), (256,), (dy, x, gamma, saved_mean, saved_invstd, sums, np.float32(1.0 / count), dx,
                                 np.int64(M), np.int32(C)))
     return dx
+
+
+if __name__ == "__main__":
+    from kernels.lesson import main
+    raise SystemExit(main("batchnorm"))

@@ -17,27 +17,31 @@
  * Memory-access plan of the two reductions: a block is 32 channels (threadIdx.x, so a warp reads
  * 32 consecutive floats of a row: coalesced) by 8 rows (threadIdx.y); blockIdx.y splits the rows
  * into chunks; each thread accumulates its rows in registers, the block adds its 8 row-threads
- * in shared memory and writes one partial per (chunk, quantity, channel). A second kernel adds the
- * chunks' partials in a fixed order: deterministic, no atomics.
+ * (column_sum, common.cuh) and writes one partial per (chunk, quantity, channel). A second kernel
+ * adds the chunks' partials in a fixed order: deterministic, no atomics.
+ *
+ * Versions (checked by tests/test_kernels_batchnorm_sync.py; the launchers are in kernels/batchnorm.py):
+ *   version 1  the reductions of batchnorm.cu's version 2 without the merge across blocks, which
+ *              is the all-reduce's job: per-chunk partial sums around a shift.
  */
 #include <cuda_fp16.h>
-#include "common.cuh"   // GRID_STRIDE_LOOP, to_float, from_float
+#include "common.cuh"   // GRID_STRIDE_LOOP(_Y), to_float, from_float, column_sum, KERNEL_ENTRY
 
 #define SYNC_TILE_C 32
 #define SYNC_ROWS 8
 
-/* MODE 0: (s1, s2) of x around a = shift.  MODE 1: (r0, r1) of dy, with a = mean, b = invstd. */
+/* MODE 0: (s1, s2) of x around a = shift.  MODE 1: (r0, r1) of dy, with a = mean, b = invstd.
+ * grid = (ceil(C / 32), chunks), block = (32, 8). */
 template <typename T, int MODE>
 __device__ void channel_partials(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ a,
                                  const float* __restrict__ b, float* __restrict__ partial, long long M, int C) {
-    __shared__ float buf[2][SYNC_ROWS][SYNC_TILE_C];
+    __shared__ float tile[SYNC_ROWS][SYNC_TILE_C];
     const int c = blockIdx.x * SYNC_TILE_C + threadIdx.x;
     float q0 = 0.0f, q1 = 0.0f;
     if (c < C) {
         const float ac = a[c];
         const float bc = MODE == 1 ? b[c] : 0.0f;
-        for (long long r = (long long)blockIdx.y * SYNC_ROWS + threadIdx.y; r < M;
-             r += (long long)SYNC_ROWS * gridDim.y) {
+        GRID_STRIDE_LOOP_Y(r, M) {
             const float d = to_float(x[r * C + c]) - ac;
             if (MODE == 0) {
                 q0 += d;
@@ -49,32 +53,31 @@ __device__ void channel_partials(const T* __restrict__ x, const T* __restrict__ 
             }
         }
     }
-    buf[0][threadIdx.y][threadIdx.x] = q0;
-    buf[1][threadIdx.y][threadIdx.x] = q1;
-    __syncthreads();
-    if (threadIdx.y < 2 && c < C) {
-        float s = 0.0f;
-        for (int r = 0; r < SYNC_ROWS; ++r) s += buf[threadIdx.y][r][threadIdx.x];
-        partial[((long long)blockIdx.y * 2 + threadIdx.y) * C + c] = s;
+    q0 = column_sum(q0, tile);
+    q1 = column_sum(q1, tile);
+    if (threadIdx.y == 0 && c < C) {
+        partial[((long long)blockIdx.y * 2 + 0) * C + c] = q0;
+        partial[((long long)blockIdx.y * 2 + 1) * C + c] = q1;
     }
 }
 
-extern "C" __global__ void bn_sync_partial_stats_f32(const float* x, const float* shift, float* partial, long long M,
-                                                     int C) {
-    channel_partials<float, 0>(x, nullptr, shift, nullptr, partial, M, C);
+/* The statistics pass reads x only; the backward pass reads dy and x. */
+template <typename T>
+__device__ void partial_stats(const T* __restrict__ x, const float* __restrict__ shift, float* __restrict__ partial,
+                              long long M, int C) {
+    channel_partials<T, 0>(x, nullptr, shift, nullptr, partial, M, C);
 }
-extern "C" __global__ void bn_sync_partial_stats_f16(const __half* x, const float* shift, float* partial,
-                                                     long long M, int C) {
-    channel_partials<__half, 0>(x, nullptr, shift, nullptr, partial, M, C);
+
+template <typename T>
+__device__ void backward_reduce(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
+                                const float* __restrict__ invstd, float* __restrict__ partial, long long M, int C) {
+    channel_partials<T, 1>(x, dy, mean, invstd, partial, M, C);
 }
-extern "C" __global__ void bn_sync_backward_reduce_f32(const float* dy, const float* x, const float* mean,
-                                                       const float* invstd, float* partial, long long M, int C) {
-    channel_partials<float, 1>(x, dy, mean, invstd, partial, M, C);
-}
-extern "C" __global__ void bn_sync_backward_reduce_f16(const __half* dy, const __half* x, const float* mean,
-                                                       const float* invstd, float* partial, long long M, int C) {
-    channel_partials<__half, 1>(x, dy, mean, invstd, partial, M, C);
-}
+
+KERNEL_ENTRY(bn_sync_partial_stats_f32, partial_stats<float>)
+KERNEL_ENTRY(bn_sync_partial_stats_f16, partial_stats<__half>)
+KERNEL_ENTRY(bn_sync_backward_reduce_f32, backward_reduce<float>)
+KERNEL_ENTRY(bn_sync_backward_reduce_f16, backward_reduce<__half>)
 
 /* out[k, c] = sum over chunks g of partial[g, k, c], in chunk order. One thread per (k, c). */
 extern "C" __global__ void bn_sync_sum_partials(const float* __restrict__ partial, float* __restrict__ out,
@@ -99,13 +102,5 @@ __device__ void backward_elemt(const T* __restrict__ dy, const T* __restrict__ x
     }
 }
 
-extern "C" __global__ void bn_sync_backward_elemt_f32(const float* dy, const float* x, const float* gamma,
-                                                      const float* mean, const float* invstd, const float* sums,
-                                                      float inv_count, float* dx, long long M, int C) {
-    backward_elemt(dy, x, gamma, mean, invstd, sums, inv_count, dx, M, C);
-}
-extern "C" __global__ void bn_sync_backward_elemt_f16(const __half* dy, const __half* x, const float* gamma,
-                                                      const float* mean, const float* invstd, const float* sums,
-                                                      float inv_count, __half* dx, long long M, int C) {
-    backward_elemt(dy, x, gamma, mean, invstd, sums, inv_count, dx, M, C);
-}
+KERNEL_ENTRY(bn_sync_backward_elemt_f32, backward_elemt<float>)
+KERNEL_ENTRY(bn_sync_backward_elemt_f16, backward_elemt<__half>)

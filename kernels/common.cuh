@@ -1,21 +1,65 @@
 /*
- * common.cuh: small helpers shared by the kernels of this folder (#include "common.cuh";
- * kernels.load_module puts kernels/ on the include path for NVRTC and for the emulator).
+ * common.cuh: the device helpers the kernels of this folder share, written once.  A .cu file
+ * that needs them says #include "common.cuh" (kernels.load_module puts this folder on the
+ * include path, for NVRTC and for the emulator).  reduce.cu derives the reductions step by step;
+ * here they are in the form every other kernel uses.
  *
- *   GRID_STRIDE_LOOP(i, n)   thread t of a grid of T threads visits t, t + T, t + 2T, ... < n,
- *                            with 64-bit indices, so any grid size is correct
+ * Loops
+ *   GRID_STRIDE_LOOP(i, n)      thread t of a grid of T threads visits t, t + T, t + 2T, ... < n,
+ *                               with 64-bit indices, so any grid size is correct
+ *   GRID_STRIDE_LOOP_Y(r, n)    the same along y: rows of the 2-D (channels x rows) blocks of
+ *                               batch norm and of column sums
+ * Indices
+ *   unravel4(i, d1, d2, d3, a, b, c, d)   the coordinates of element i of a C-order array of shape
+ *                               (d0, d1, d2, d3): i = ((a * d1 + b) * d2 + c) * d3 + d
+ * Types
  *   to_float(v), from_float<T>(f)   float <-> the storage type (float or __half); half-precision
- *                            kernels compute in float and round once, on the store
+ *                               kernels compute in float and round once, on the store
+ *   load_float4(p, r), store_float4(p, r)   4 consecutive floats moved as one 16-byte vector
+ *                               (p 16-byte aligned) to or from 4 registers r[0..3]: one memory
+ *                               instruction instead of four
+ * Reductions (1-D blocks whose size is a multiple of 32; every thread of the block must call them,
+ * since they hold barriers)
+ *   warp_sum(v)                 sum over the 32 lanes of a warp by __shfl_down_sync; valid in lane 0
+ *   block_sum(v, scratch)       sum over the block: warp_sum in every warp, the warps' sums
+ *                               through `scratch` (32 values of shared memory), warp_sum again in
+ *                               warp 0; valid in thread 0; scratch is free again on return
+ *   block_sum_of<S>(x, n, scratch)   sum of x[0..n) by one block, accumulated in type S (every
+ *                               thread strides through x, then block_sum); valid in thread 0
+ *   column_sum(v, tile)         2-D blocks (threadIdx.x a column, threadIdx.y a row): the sum of v
+ *                               over the rows of each column, through `tile` (shared memory, one
+ *                               value per thread); valid where threadIdx.y == 0
+ * Entry points
+ *   KERNEL_ENTRY(name, template<arguments>)   see below
  */
 #ifndef KERNELS_COMMON_CUH
 #define KERNELS_COMMON_CUH
 
 #include <cuda_fp16.h>
 
+#define WARP_SIZE 32
+#define FULL_MASK 0xffffffffu  /* every lane of the warp takes part in a shuffle or vote */
+
+/* ------------------------------------------------------------------------------------ loops */
 #define GRID_STRIDE_LOOP(i, n)                                                               \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);            \
          i += (long long)blockDim.x * gridDim.x)
 
+#define GRID_STRIDE_LOOP_Y(r, n)                                                             \
+    for (long long r = (long long)blockIdx.y * blockDim.y + threadIdx.y; r < (n);            \
+         r += (long long)blockDim.y * gridDim.y)
+
+/* ---------------------------------------------------------------------------------- indices */
+__device__ __forceinline__ void unravel4(long long i, int d1, int d2, int d3, int& a, int& b, int& c, int& d) {
+    d = (int)(i % d3);
+    i /= d3;
+    c = (int)(i % d2);
+    i /= d2;
+    b = (int)(i % d1);
+    a = (int)(i / d1);
+}
+
+/* ------------------------------------------------------------------------------------ types */
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return (float)v; }
 template <>
@@ -25,5 +69,79 @@ template <typename T>
 __device__ __forceinline__ T from_float(float v) { return (T)v; }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+__device__ __forceinline__ void load_float4(const float* p, float* r) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    r[0] = v.x;
+    r[1] = v.y;
+    r[2] = v.z;
+    r[3] = v.w;
+}
+
+__device__ __forceinline__ void store_float4(float* p, const float* r) {
+    *reinterpret_cast<float4*>(p) = make_float4(r[0], r[1], r[2], r[3]);
+}
+
+/* ------------------------------------------------------------------------------- reductions */
+/* Five shuffle steps: lane l adds lane l + 16, then l + 8, ... l + 1; lane 0 ends with the sum. */
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) v += __shfl_down_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();  // every warp's sum is in scratch before warp 0 reads them
+    if (warp == 0) v = warp_sum(lane < (int)(blockDim.x / WARP_SIZE) ? scratch[lane] : (T)0);
+    __syncthreads();  // warp 0 has read scratch: the caller may use it again
+    return v;
+}
+
+template <typename S, typename T>
+__device__ __forceinline__ S block_sum_of(const T* __restrict__ x, int n, S* scratch) {
+    S s = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+    return block_sum(s, scratch);
+}
+
+template <int COLS>
+__device__ __forceinline__ float column_sum(float v, float (*tile)[COLS]) {
+    tile[threadIdx.y][threadIdx.x] = v;
+    __syncthreads();
+    float s = 0.0f;
+    if (threadIdx.y == 0)
+        for (int r = 0; r < (int)blockDim.y; ++r) s += tile[r][threadIdx.x];  // rows in a fixed order
+    __syncthreads();  // the tile may be used again
+    return s;
+}
+
+/* ----------------------------------------------------------------------------- entry points */
+/*
+ * A kernel written once as a template __device__ function is exported for each type by one line
+ * of an instantiation list:
+ *
+ *     template <typename T>
+ *     __device__ void relu_forward(const T* __restrict__ x, T* __restrict__ y, long long n) { ... }
+ *
+ *     KERNEL_ENTRY(relu_forward_f32, relu_forward<float>)
+ *     KERNEL_ENTRY(relu_forward_f16, relu_forward<__half>)
+ *
+ * The kernel loader (kernels.load_module, RawModule; kernels/signature.py expand_entry_points)
+ * writes each such line out, on the same line, as the extern "C" kernel it stands for:
+ *
+ *     extern "C" __global__ void relu_forward_f32(const float* __restrict__ x, float* __restrict__ y,
+ *                                                 long long n) { relu_forward<float>(x, y, n); }
+ *
+ * the template's parameter list with the template arguments put in.  So the launcher finds an
+ * ordinary extern "C" kernel (CuPy cannot launch a template by name), argument checking reads its
+ * parameters, and no per-type wrapper is written by hand.  A compiler that sees the line itself
+ * (the file compiled without the loader) stops with this message:
+ */
+#define KERNEL_ENTRY(...) \
+    static_assert(false, "KERNEL_ENTRY lines are written out by kernels.load_module (kernels/signature.py)");
 
 #endif /* KERNELS_COMMON_CUH */

@@ -1,27 +1,29 @@
 """Launchers of kernels/conv.cu: 2-D convolution forward, backward-data and backward-weight.
 
-    y  = conv2d_forward(x, w, stride, padding)                         # implicit GEMM (default)
-    dx = conv2d_backward_data(dy, w, x.shape, stride, padding, version="naive")
-    dw = conv2d_backward_weight(x, dy, w.shape, stride, padding, version="im2col")
+    y  = conv2d_forward(x, w, stride, padding)                         # version 3, implicit GEMM (default)
+    dx = conv2d_backward_data(dy, w, x.shape, stride, padding, version=1)   # naive
+    dw = conv2d_backward_weight(x, dy, w.shape, stride, padding, version=2) # im2col + GEMM
 
 Layouts: x [N, H, W, C] and y / dy [N, P, Q, K] (NHWC), w [K, C, R, S] (OIHW, as torchvision),
 all float32 and C-contiguous.  NumPy arrays run on the CPU emulator, CuPy arrays on the GPU.
 Dilation 1, groups 1, no bias; P = (H + 2*padding - R)//stride + 1, Q likewise.
 
-versions:  'naive'          one thread per output element
-           'implicit_gemm'  tiled GEMM whose operands are addressed straight in x / dy / w
-           'im2col'         im2col (or col2im) kernel + the register-blocked GEMM of gemm.cu
+Versions (the header of conv.cu; `python -m kernels.conv` checks and times them):
+    1  naive: one thread per output element
+    2  im2col (or col2im) kernel + the GEMM of gemm.cu (the version of gemm in use)
+    3  implicit GEMM: a tiled GEMM whose operands are addressed straight in x / dy / w
+version=None runs the version in use (kernels.versions; 3 unless chosen otherwise).
 """
 
 import numpy as np
 
 from . import gemm as _gemm
+from . import versions
 from ._launch import array_module, blocks_for, check_array, check_shape_tuple, module
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_output_size",
-           "permute_weight", "VERSIONS"]
+           "permute_weight"]
 
-VERSIONS = ("naive", "implicit_gemm", "im2col")
 _BLOCK = 256
 _IG_TILE = 64           # implicit-GEMM tile (IG_BM = IG_BN in conv.cu)
 _IG_BK = 16             # its reduction step (IG_BK)
@@ -69,11 +71,6 @@ def _blocks(n, xp):
     return blocks_for(n, _BLOCK, xp)
 
 
-def _check_version(op, version):
-    if version not in VERSIONS:
-        raise ValueError(f"{op}: version must be one of {VERSIONS}, got {version!r}")
-
-
 def permute_weight(w, perm):
     """w.transpose(perm) as a new C-contiguous array, by the permute4_f32 kernel.
 
@@ -92,16 +89,17 @@ def permute_weight(w, perm):
     return out
 
 
-def conv2d_forward(x, w, stride, padding, version="implicit_gemm"):
+def conv2d_forward(x, w, stride, padding, version=None):
     """y = conv2d(x, w): cross-correlation with zero padding, dilation 1, one group, no bias.
 
     y[n, p, q, k] = sum_{r, s, c} x[n, p*stride + r - padding, q*stride + s - padding, c] * w[k, c, r, s]
 
     x: float32 [N, H, W, C] (NHWC), w: float32 [K, C, R, S] (OIHW), stride >= 1, padding >= 0
-    ->  y: float32 [N, P, Q, K] (NHWC).  version: 'naive' | 'implicit_gemm' | 'im2col'.
+    ->  y: float32 [N, P, Q, K] (NHWC).  version: 1 naive, 2 im2col + GEMM, 3 implicit GEMM, None
+    the version in use.
     """
     op = "conv2d_forward"
-    _check_version(op, version)
+    version = versions.version("conv", version, op)
     check_array(op, "x", x, dtype=np.float32, ndim=4)
     check_array(op, "w", w, dtype=np.float32, ndim=4)
     xp = array_module(x, w)
@@ -109,31 +107,31 @@ def conv2d_forward(x, w, stride, padding, version="implicit_gemm"):
     N, H, W, C, K, R, S, P, Q, _, _ = g
     y = xp.empty((N, P, Q, K), dtype=np.float32)
     mod = module("conv.cu")
-    if version == "naive":
+    if version == 1:
         mod.get_function("conv2d_fwd_naive_f32")((_blocks(y.size, xp),), (_BLOCK,), (x, w, y) + _shape_args(g))
-    elif version == "implicit_gemm":
-        wt = permute_weight(w, (0, 2, 3, 1))                 # KRSC
-        grid = (-(-(N * P * Q) // _IG_TILE), -(-K // _IG_TILE))
-        mod.get_function("conv2d_fwd_igemm_f32")(grid, (256,), (x, wt, y) + _shape_args(g))
-    else:
+    elif version == 2:
         cols = xp.empty((N * P * Q, R * S * C), dtype=np.float32)
         mod.get_function("im2col_f32")((_blocks(cols.size, xp),), (_BLOCK,), (x, cols) + _shape_args(g))
         wt = permute_weight(w, (0, 2, 3, 1)).reshape(K, R * S * C)
         _gemm.gemm(cols, wt, trans_b=True, c=y.reshape(N * P * Q, K))
+    else:
+        wt = permute_weight(w, (0, 2, 3, 1))                 # KRSC
+        grid = (-(-(N * P * Q) // _IG_TILE), -(-K // _IG_TILE))
+        mod.get_function("conv2d_fwd_igemm_f32")(grid, (256,), (x, wt, y) + _shape_args(g))
     return y
 
 
-def conv2d_backward_data(dy, w, x_shape, stride, padding, version="implicit_gemm"):
+def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     """dx = gradient of conv2d_forward with respect to x.
 
     dx[n, h, w, c] = sum over (r, s, k) with h + padding - r = p*stride, w + padding - s = q*stride
                      (0 <= p < P, 0 <= q < Q) of dy[n, p, q, k] * w[k, c, r, s]
 
     dy: float32 [N, P, Q, K], w: float32 [K, C, R, S], x_shape: (N, H, W, C)
-    ->  dx: float32 x_shape (NHWC).
+    ->  dx: float32 x_shape (NHWC).  version as conv2d_forward.
     """
     op = "conv2d_backward_data"
-    _check_version(op, version)
+    version = versions.version("conv", version, op)
     check_array(op, "dy", dy, dtype=np.float32, ndim=4)
     check_array(op, "w", w, dtype=np.float32, ndim=4)
     x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
@@ -145,16 +143,16 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version="implicit_gemm
                          f"got {tuple(dy.shape)}")
     dx = xp.empty(x_shape, dtype=np.float32)
     mod = module("conv.cu")
-    if version == "naive":
+    if version == 1:
         mod.get_function("conv2d_bwd_data_naive_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dy, w, dx) + _shape_args(g))
-    elif version == "implicit_gemm":
-        wr = permute_weight(w, (2, 3, 0, 1))                 # RSKC
-        grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
-        mod.get_function("conv2d_bwd_data_igemm_f32")(grid, (256,), (dy, wr, dx) + _shape_args(g))
-    else:
+    elif version == 2:
         wt = permute_weight(w, (0, 2, 3, 1)).reshape(K, R * S * C)
         dcols = _gemm.gemm(dy.reshape(N * P * Q, K), wt)     # [NPQ, RSC]
         mod.get_function("col2im_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dcols, dx) + _shape_args(g))
+    else:
+        wr = permute_weight(w, (2, 3, 0, 1))                 # RSKC
+        grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
+        mod.get_function("conv2d_bwd_data_igemm_f32")(grid, (256,), (dy, wr, dx) + _shape_args(g))
     return dx
 
 
@@ -169,17 +167,18 @@ def _split_k(xp, tiles, reduction, split_k):
     return -(-reduction // chunk), chunk
 
 
-def conv2d_backward_weight(x, dy, w_shape, stride, padding, version="implicit_gemm", split_k=None):
+def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_k=None):
     """dw = gradient of conv2d_forward with respect to w.
 
     dw[k, c, r, s] = sum_{n, p, q} dy[n, p, q, k] * x[n, p*stride + r - padding, q*stride + s - padding, c]
 
     x: float32 [N, H, W, C], dy: float32 [N, P, Q, K], w_shape: (K, C, R, S)
-    ->  dw: float32 w_shape (OIHW).  split_k (implicit_gemm only): number of slices of the N*P*Q
-    reduction run as separate blocks and summed afterwards (default: chosen for the device).
+    ->  dw: float32 w_shape (OIHW).  version as conv2d_forward.  split_k (version 3 only): number of
+    slices of the N*P*Q reduction run as separate blocks and summed afterwards (default: chosen for
+    the device).
     """
     op = "conv2d_backward_weight"
-    _check_version(op, version)
+    version = versions.version("conv", version, op)
     check_array(op, "x", x, dtype=np.float32, ndim=4)
     check_array(op, "dy", dy, dtype=np.float32, ndim=4)
     w_shape = check_shape_tuple(op, "w_shape", w_shape, "(K, C, R, S)")
@@ -193,9 +192,9 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version="implicit_ge
                          f"got {tuple(dy.shape)}")
     dw = xp.empty(w_shape, dtype=np.float32)
     mod = module("conv.cu")
-    if version == "naive":
+    if version == 1:
         mod.get_function("conv2d_bwd_weight_naive_f32")((_blocks(dw.size, xp),), (_BLOCK,), (x, dy, dw) + _shape_args(g))
-    elif version == "implicit_gemm":
+    elif version == 3:
         tiles = -(-K // _IG_TILE) * -(-(R * S * C) // _IG_TILE)
         splits, chunk = _split_k(xp, tiles, N * P * Q, split_k)
         ws = xp.empty((splits, K, R * S * C), dtype=np.float32)
@@ -210,3 +209,8 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version="implicit_ge
         dw_krsc = _gemm.gemm(dy.reshape(N * P * Q, K), cols, trans_a=True)   # [K, RSC]
         dw = permute_weight(dw_krsc.reshape(K, R, S, C), (0, 3, 1, 2))
     return dw
+
+
+if __name__ == "__main__":
+    from kernels.lesson import main
+    raise SystemExit(main("conv"))

@@ -18,15 +18,17 @@
  *            everything, so without this rule a diverged model, all of whose logits are NaN,
  *            would rank every label first and score 100 %.
  *
- * Versions of the forward:
+ * Versions of the forward (`python -m kernels.cross_entropy` checks and times each; the backward
+ * and top-k kernels are the same in both; the launchers are kernels/cross_entropy.py):
  *   version 1  softmax_cross_entropy_forward_naive: one thread per row, three passes over the row
  *              (max, sum, write).  Only N threads: fine for N = 256 on a CPU, a waste of a GPU.
- *   version 2  softmax_cross_entropy_forward: one block per row.  Each thread walks its strided
- *              share of the row ONCE, keeping a running maximum m and a sum s rescaled whenever
- *              the maximum grows ("online softmax": s = s * exp(m_old - m_new) + exp(z - m_new)).
- *              The blockDim (m, s) pairs are merged with the same rule, first inside each warp
- *              with shuffles, then across warps through shared memory.  A second sweep over the
- *              row (now in L1/L2) writes p.
+ *   version 2  softmax_cross_entropy_forward: one block per row, and one pass to find both the
+ *              maximum and the sum: N * 256 threads, each reading its share of the row once.  Each
+ *              thread walks its strided share of the row keeping a running maximum m and a sum s
+ *              rescaled whenever the maximum grows ("online softmax": s = s * exp(m_old - m_new)
+ *              + exp(z - m_new)).  The blockDim (m, s) pairs are merged with the same rule, first
+ *              inside each warp with shuffles, then across warps through shared memory.  A second
+ *              sweep over the row (now in L1/L2) writes p.
  * Rounding: the row is large logits (|z| ~ 1e4 has a float32 ulp of 1e-3) as often as small ones,
  * so every formula first forms exact differences of nearby floats and only then adds small terms:
  *     p[k]   = exp(z[k] - m) / s                      (not exp(z[k] - lse): lse is rounded to ulp(m))
@@ -38,8 +40,8 @@
  * A label outside [0, K) cannot be read as an index: that row's loss becomes NaN (the launcher
  * refuses such labels up front for NumPy arrays; for CuPy arrays checking would cost a sync).
  */
+#include "common.cuh"   // FULL_MASK, WARP_SIZE, block_sum, block_sum_of
 
-#define FULL_MASK 0xffffffffu
 /* Spelled out: NVRTC has no <math.h>/<float.h> macros. */
 #define QUIET_NAN __int_as_float(0x7fffffff)
 /* Start of a running maximum: finite, so that a first element of -inf gives exp(-inf) = 0,
@@ -59,16 +61,21 @@ __device__ __forceinline__ void online_merge(float& m, float& s, float m_other, 
     m = m_new;
 }
 
-/* Merge (m, s) and add t over the block; every thread gets the results.
- * shared: 3 * 32 floats.  blockDim.x must be a multiple of 32. */
-__device__ void block_merge(float& m, float& s, float& t, float* shared) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    for (int offset = 16; offset > 0; offset /= 2) {
+/* warp_sum for the triple (m, s, t): (m, s) merged by online_merge, t added; valid in lane 0. */
+__device__ __forceinline__ void warp_merge(float& m, float& s, float& t) {
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
         float m_other = __shfl_down_sync(FULL_MASK, m, offset);
         float s_other = __shfl_down_sync(FULL_MASK, s, offset);
         t += __shfl_down_sync(FULL_MASK, t, offset);
         online_merge(m, s, m_other, s_other);
     }
+}
+
+/* block_sum for (m, s, t): merged over the block; every thread gets the results.
+ * shared: 3 * 32 floats.  blockDim.x must be a multiple of 32. */
+__device__ void block_merge(float& m, float& s, float& t, float* shared) {
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, nwarps = blockDim.x / WARP_SIZE;
+    warp_merge(m, s, t);
     if (lane == 0) {
         shared[warp] = m;
         shared[32 + warp] = s;
@@ -79,12 +86,7 @@ __device__ void block_merge(float& m, float& s, float& t, float* shared) {
         m = lane < nwarps ? shared[lane] : LOWEST_FLOAT;
         s = lane < nwarps ? shared[32 + lane] : 0.0f;
         t = lane < nwarps ? shared[64 + lane] : 0.0f;
-        for (int offset = 16; offset > 0; offset /= 2) {
-            float m_other = __shfl_down_sync(FULL_MASK, m, offset);
-            float s_other = __shfl_down_sync(FULL_MASK, s, offset);
-            t += __shfl_down_sync(FULL_MASK, t, offset);
-            online_merge(m, s, m_other, s_other);
-        }
+        warp_merge(m, s, t);
         if (lane == 0) {
             shared[0] = m;
             shared[32] = s;
@@ -166,17 +168,8 @@ extern "C" __global__ void softmax_cross_entropy_forward(const float* __restrict
 /* out[0] = (sum_i x[i]) / n, by one block (deterministic).  blockDim.x: a multiple of 32. */
 extern "C" __global__ void mean_of_vector(const float* __restrict__ x, int n, float* __restrict__ out) {
     __shared__ float warp_sums[32];
-    float t = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) t += x[i];
-    for (int offset = 16; offset > 0; offset /= 2) t += __shfl_down_sync(FULL_MASK, t, offset);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (lane == 0) warp_sums[warp] = t;
-    __syncthreads();
-    if (warp == 0) {
-        t = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
-        for (int offset = 16; offset > 0; offset /= 2) t += __shfl_down_sync(FULL_MASK, t, offset);
-        if (lane == 0) out[0] = t / (float)n;
-    }
+    const float t = block_sum_of<float>(x, n, warp_sums);
+    if (threadIdx.x == 0) out[0] = t / (float)n;
 }
 
 /* ------------------------------------------------------------ backward */
@@ -237,16 +230,9 @@ extern "C" __global__ void topk_rank(const float* __restrict__ logits, const int
             nonfinite |= !isfinite(v);
             if (valid) count += (v > zl) || (v == zl && k < label);
         }
-        for (int offset = 16; offset > 0; offset /= 2) count += __shfl_down_sync(FULL_MASK, count, offset);
-        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-        if (lane == 0) warp_counts[warp] = count;
-        nonfinite = __syncthreads_or(nonfinite);  /* also the barrier before warp_counts is read */
-        if (threadIdx.x == 0) {
-            int total = 0;
-            for (int w = 0; w < (int)(blockDim.x / 32); ++w) total += warp_counts[w];
-            rank[n] = nonfinite ? RANK_NONFINITE : (valid ? total : K);
-        }
-        __syncthreads();
+        count = block_sum(count, warp_counts);
+        nonfinite = __syncthreads_or(nonfinite);
+        if (threadIdx.x == 0) rank[n] = nonfinite ? RANK_NONFINITE : (valid ? count : K);
     }
 }
 
@@ -255,7 +241,6 @@ extern "C" __global__ void topk_rank(const float* __restrict__ logits, const int
 extern "C" __global__ void topk_count(const int* __restrict__ rank, int N, const int* __restrict__ ks, int nk,
                                       long long* __restrict__ counts) {
     __shared__ int warp_counts[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (int j = 0; j <= nk; ++j) {
         int count = 0;
         if (j < nk) {
@@ -264,14 +249,7 @@ extern "C" __global__ void topk_count(const int* __restrict__ rank, int N, const
         } else {
             for (int n = threadIdx.x; n < N; n += blockDim.x) count += rank[n] == RANK_NONFINITE;
         }
-        for (int offset = 16; offset > 0; offset /= 2) count += __shfl_down_sync(FULL_MASK, count, offset);
-        if (lane == 0) warp_counts[warp] = count;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            long long total = 0;
-            for (int w = 0; w < (int)(blockDim.x / 32); ++w) total += warp_counts[w];
-            counts[j] = total;
-        }
-        __syncthreads();
+        count = block_sum(count, warp_counts);
+        if (threadIdx.x == 0) counts[j] = count;
     }
 }

@@ -7,16 +7,18 @@ top-k accuracy counts, all computed on the device of the logits.
 
 logits: float32 [N, K] (C-contiguous); labels: int32 [N] with values in [0, K).  Labels of
 another integer dtype are refused (convert once in the loader, not every step).
+
+Versions of the forward (the header of cross_entropy.cu; `python -m kernels.cross_entropy` checks
+and times them): 1 one thread per row, 2 (the default) one block per row with an online softmax.
 """
 
 import numpy as np
 
+from . import versions
 from ._launch import array_module, check_array, is_cupy, module
 
-__all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
-           "METHODS"]
+__all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss"]
 
-METHODS = ("block", "naive")
 _BLOCK = 256
 
 
@@ -48,12 +50,12 @@ def _check_smoothing(op, label_smoothing):
         raise ValueError(f"{op}: label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
-def softmax_cross_entropy_forward(logits, labels, label_smoothing=0.0, method="block"):
+def softmax_cross_entropy_forward(logits, labels, label_smoothing=0.0, version=None):
     """Mean softmax cross-entropy over the batch and the softmax, in one fused kernel.
 
     logits: float32 [N, K]; labels: int32 [N] in [0, K); label_smoothing eps in [0, 1): the target
-    is (1 - eps) * onehot + eps / K.  method: "block" (one block per row, online softmax) or
-    "naive" (one thread per row).
+    is (1 - eps) * onehot + eps / K.  version: 2 (one block per row, online softmax), 1 (one thread
+    per row) or None: the version in use (2 unless chosen otherwise).
     -> (loss: float32 array of shape () on the device, probs: float32 [N, K]).
     On CuPy arrays labels are not range-checked (that would need a device sync); a row with a
     label outside [0, K) gets a NaN loss, so the mean loss is NaN.
@@ -61,15 +63,14 @@ def softmax_cross_entropy_forward(logits, labels, label_smoothing=0.0, method="b
     op = "softmax_cross_entropy_forward"
     N, K = _check(op, logits, labels)
     _check_smoothing(op, label_smoothing)
-    if method not in METHODS:
-        raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
+    version = versions.version("cross_entropy", version, op)
     if N == 0:
         raise ValueError(f"{op}: the batch is empty (logits shape {tuple(logits.shape)})")
     xp = array_module(logits)
     probs = xp.empty_like(logits)
     losses = xp.empty(N, dtype=np.float32)
     args = (logits, labels, probs, losses, np.int32(N), np.int32(K), np.float32(label_smoothing))
-    if method == "naive":
+    if version == 1:
         _kernel("softmax_cross_entropy_forward_naive")((-(-N // 128),), (128,), args)
     else:
         _kernel("softmax_cross_entropy_forward")((_row_blocks(N, xp),), (_BLOCK,), args)
@@ -144,3 +145,8 @@ def topk_correct(logits, labels, ks=(1, 5)):
     ks_dev = xp.asarray(np.array([min(int(k), 2**31 - 1) for k in ks], dtype=np.int32))
     _kernel("topk_count")((1,), (_BLOCK,), (rank, np.int32(N), ks_dev, np.int32(len(ks)), counts))
     return counts
+
+
+if __name__ == "__main__":
+    from kernels.lesson import main
+    raise SystemExit(main("cross_entropy"))

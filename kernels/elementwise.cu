@@ -18,12 +18,16 @@
  * so any grid size is correct.  The launcher picks enough blocks to fill the GPU (or few on the
  * emulator, which runs blocks one after another).  Indices are 64-bit: n may exceed 2^31.
  *
- * float and __half versions come from one template each; the extern "C" names carry the type.
- * Half-precision math is done in float and rounded once on the store.
+ * float and __half kernels come from one template each, exported by the instantiation list of
+ * KERNEL_ENTRY lines below (common.cuh); the extern "C" names carry the type.  Half-precision
+ * math is done in float and rounded once on the store.
+ *
+ * Versions (`python -m kernels.elementwise` checks and times it):
+ *   version 1  a grid-stride loop, one element per iteration: every byte is read and written once.
  */
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-#include "common.cuh"   // GRID_STRIDE_LOOP, to_float, from_float
+#include "common.cuh"   // GRID_STRIDE_LOOP, to_float, from_float, KERNEL_ENTRY
 
 template <typename T>
 __device__ void relu_forward(const T* __restrict__ x, T* __restrict__ y, long long n) {
@@ -53,22 +57,14 @@ __device__ void add_relu_forward(const T* __restrict__ a, const T* __restrict__ 
     }
 }
 
-extern "C" __global__ void relu_forward_f32(const float* x, float* y, long long n) { relu_forward(x, y, n); }
-extern "C" __global__ void relu_forward_f16(const __half* x, __half* y, long long n) { relu_forward(x, y, n); }
-extern "C" __global__ void relu_backward_f32(const float* dy, const float* y, float* dx, long long n) {
-    relu_backward(dy, y, dx, n);
-}
-extern "C" __global__ void relu_backward_f16(const __half* dy, const __half* y, __half* dx, long long n) {
-    relu_backward(dy, y, dx, n);
-}
-extern "C" __global__ void add_f32(const float* a, const float* b, float* c, long long n) { add(a, b, c, n); }
-extern "C" __global__ void add_f16(const __half* a, const __half* b, __half* c, long long n) { add(a, b, c, n); }
-extern "C" __global__ void add_relu_forward_f32(const float* a, const float* b, float* y, long long n) {
-    add_relu_forward(a, b, y, n);
-}
-extern "C" __global__ void add_relu_forward_f16(const __half* a, const __half* b, __half* y, long long n) {
-    add_relu_forward(a, b, y, n);
-}
+KERNEL_ENTRY(relu_forward_f32, relu_forward<float>)
+KERNEL_ENTRY(relu_forward_f16, relu_forward<__half>)
+KERNEL_ENTRY(relu_backward_f32, relu_backward<float>)
+KERNEL_ENTRY(relu_backward_f16, relu_backward<__half>)
+KERNEL_ENTRY(add_f32, add<float>)
+KERNEL_ENTRY(add_f16, add<__half>)
+KERNEL_ENTRY(add_relu_forward_f32, add_relu_forward<float>)
+KERNEL_ENTRY(add_relu_forward_f16, add_relu_forward<__half>)
 
 extern "C" __global__ void scale_f32(const float* __restrict__ x, float* __restrict__ y, float alpha, long long n) {
     GRID_STRIDE_LOOP(i, n) { y[i] = alpha * x[i]; }

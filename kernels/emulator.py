@@ -430,7 +430,8 @@ class EmuModule:
             _, version = _compiler()
             unit, shared_names = self._translation_unit()
             if self.debug:
-                flags = ["-O0", "-g"]
+                # (pads before __shared__ variables, in their order: for the poisoning)
+                flags = ["-O0", "-g", "-fno-toplevel-reorder", "-D__KERNELS_EMU_DEBUG__=1"]
             elif instrumented:
                 # -O1 without scalar replacement: accesses stay as the source writes them (a
                 # float4 load stays one 16-byte load, none are vectorised or merged); -g: source
@@ -540,6 +541,7 @@ class _Binding:
         params.arrays = ctypes.addressof(self.spans)
         self._symbols = None
         self._shared_variables = None
+        self._shared_regions = None
         self.config = None   # the launch_config() the parameter block was last set for
 
     # -- what the sanitizer's messages need (instrumented libraries only)
@@ -554,11 +556,21 @@ class _Binding:
         return self._symbols
 
     def shared_variables(self):
-        """[(address, size, display name)] of the module's static __shared__ variables."""
+        """[(address, size, display name)] of the module's static __shared__ variables (also
+        those g++ left outside their section: see ModuleSymbols.shared_variables)."""
         if self._shared_variables is None:
             lo, hi = self.static_lo or 0, self.static_hi or 0
-            self._shared_variables = self.symbols().shared_variables(lo, hi) if hi > lo else []
+            self._shared_variables = self.symbols().shared_variables(lo, hi)
         return self._shared_variables
+
+    def shared_regions(self):
+        """(ctypes array of _Region, count): the __shared__ variables, for a debug launch."""
+        if self._shared_regions is None:
+            found = self.shared_variables()
+            array = (_Region * max(1, len(found)))(*[_Region(a, a + n, _san._REGION_SHARED, k, None, 0)
+                                                     for k, (a, n, _) in enumerate(found)])
+            self._shared_regions = (array, len(found))
+        return self._shared_regions
 
 
 class EmuFunction:
@@ -671,6 +683,10 @@ class EmuFunction:
             params.nregions = len(named)
             if checks & _san.CHECKS["memcheck"]:
                 params.narrays = 0   # memcheck sees every access as it happens: guard bytes add nothing
+        elif params.debug:
+            # the __shared__ variables, for the runtime to poison those outside the section too
+            region_array, params.nregions = binding.shared_regions()
+            params.regions = ctypes.addressof(region_array)
         sys.stdout.flush()
         rt = _runtime
         rc = rt.emu_launch(ctypes.byref(params))

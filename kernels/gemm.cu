@@ -10,31 +10,31 @@
  *                    trans_b = 1: B is stored [N, ldb] and op(B)[k, n] = B[n * ldb + k]
  *   C is stored [M, ldc].  beta == 0 never reads C (it may hold garbage, as in BLAS).
  *
- * Versions (all four transpose combinations, any M, N, K >= 0, including 1 and odd sizes):
+ * Versions (all four transpose combinations, any M, N, K >= 0, including 1 and odd sizes;
+ * `python -m kernels.gemm` checks and times each; the launchers are kernels/gemm.py):
  *
- *   v1 gemm_naive_f32 / _f16   one thread per output element: K multiply-adds, each reading
- *                              one element of A and one of B from global memory.  2 loads per
- *                              FMA: memory bound, a few % of peak.
- *   v2 gemm_tiled_f32          16 x 16 threads compute a 16 x 16 tile of C.  The block walks
- *                              K in steps of 16; each step every thread copies one element of
- *                              A and one of B into shared memory, then each thread does 16 FMAs
- *                              from shared memory.  Global traffic / 16; shared memory is now
- *                              the limit (2 shared loads per FMA).
- *   v3 gemm_regblock_f32       128 x 128 tile of C per block of 256 threads, K in steps of 8;
- *                              each thread owns an 8 x 8 block of C in registers.  Per k it
- *                              reads 8 values of A and 8 of B from shared memory (as float4)
- *                              and does 64 FMAs: 16 loads per 64 FMAs.  Tiles are loaded with
- *                              float4 (16-byte) global loads where the row stride and the base
- *                              pointer allow (the launcher checks, flags vec_a / vec_b), with a
- *                              scalar, bounds-checked fallback for the edges of the matrix.
- *   tc gemm_wmma_f16           tensor cores (sm_70+): __half inputs, float accumulation and
- *                              output.  64 x 64 tile per block of 4 warps, each warp a 32 x 32
- *                              piece as 2 x 2 WMMA 16x16x16 fragments.  Tiles go through
- *                              shared memory (zero-padded at the edges, transposes resolved
- *                              there), so any M, N, K works.  Compiled for sm_60 the same kernel
- *                              does the tile product with scalar FMAs instead (#if below).
+ *   version 1  gemm_naive_f32 / _f16: one thread per output element: K multiply-adds, each
+ *              reading one element of A and one of B from global memory.  2 loads per FMA:
+ *              memory bound, a few % of peak.
+ *   version 2  gemm_tiled_f32: 16 x 16 tiles in shared memory, so every element loaded from
+ *              global memory serves 16 multiply-adds: global traffic / 16.  16 x 16 threads
+ *              compute a 16 x 16 tile of C; the block walks K in steps of 16; each step every
+ *              thread copies one element of A and one of B into shared memory, then does 16 FMAs
+ *              from it.  Shared memory is now the limit (2 shared loads per FMA).
+ *   version 3  gemm_regblock_f32: each thread keeps an 8 x 8 block of C in registers, so 16
+ *              shared-memory loads feed 64 FMAs instead of 128.  128 x 128 tile of C per block
+ *              of 256 threads, K in steps of 8; per k a thread reads 8 values of A and 8 of B from
+ *              shared memory (as float4).  Tiles are loaded with float4 (16-byte) global loads
+ *              where the row stride and the base pointer allow (the launcher checks, flags vec_a
+ *              / vec_b), with a scalar, bounds-checked fallback for the edges of the matrix.
+ *   version 4  gemm_wmma_f16: tensor cores (sm_70+), which do a 16x16x16 matrix product per warp
+ *              instruction: __half inputs, float accumulation and output.  64 x 64 tile per block
+ *              of 4 warps, each warp a 32 x 32 piece as 2 x 2 WMMA 16x16x16 fragments.  Tiles go
+ *              through shared memory (zero-padded at the edges, transposes resolved there), so
+ *              any M, N, K works.  Compiled for sm_60 the same kernel does the tile product with
+ *              scalar FMAs instead (#if below).
  *
- * Thread layout of v3 (the classic one, see e.g. any SGEMM tutorial's "2-D blocktiling"):
+ * Thread layout of version 3 (the classic one, see e.g. any SGEMM tutorial's "2-D blocktiling"):
  *   thread (ty, tx) = (tid / 16, tid % 16) owns rows {ty*4 + i, 64 + ty*4 + i} and columns
  *   {tx*4 + j, 64 + tx*4 + j}, i, j < 4.  Splitting each thread's 8 rows into two groups of 4,
  *   64 apart, keeps its shared-memory reads 16-byte vectors and free of bank conflicts.
@@ -45,48 +45,35 @@
  */
 #include <cuda_fp16.h>
 #include <mma.h>
+#include "common.cuh"   // GRID_STRIDE_LOOP(_Y), to_float, load/store_float4, column_sum, KERNEL_ENTRY
 
 __device__ __forceinline__ long long op_index(int row, int col, int ld, int trans) {
     // element (row, col) of op(X) where X is row-major with leading dimension ld
     return trans ? (long long)col * ld + row : (long long)row * ld + col;
 }
 
-__device__ __forceinline__ float load_as_float(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float load_as_float(const __half* p, long long i) { return __half2float(p[i]); }
-
 __device__ __forceinline__ void store_c(float* C, long long i, float acc, float alpha, float beta) {
     C[i] = beta == 0.0f ? alpha * acc : alpha * acc + beta * C[i];
 }
 
-/* ------------------------------------------------------------------ v1: naive */
+/* ------------------------------------------------------------------ version 1: naive */
 template <typename T>
 __device__ void gemm_naive(const T* __restrict__ A, const T* __restrict__ B, float* C, int M, int N, int K,
                            int lda, int ldb, int ldc, int trans_a, int trans_b, float alpha, float beta) {
     // grid-stride over the M*N outputs; consecutive threads take consecutive columns of C
-    const long long total = (long long)M * N;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)blockDim.x * gridDim.x) {
+    GRID_STRIDE_LOOP(i, (long long)M * N) {
         const int m = (int)(i / N), n = (int)(i % N);
         float acc = 0.0f;
         for (int k = 0; k < K; ++k)
-            acc += load_as_float(A, op_index(m, k, lda, trans_a)) * load_as_float(B, op_index(k, n, ldb, trans_b));
+            acc += to_float(A[op_index(m, k, lda, trans_a)]) * to_float(B[op_index(k, n, ldb, trans_b)]);
         store_c(C, (long long)m * ldc + n, acc, alpha, beta);
     }
 }
 
-extern "C" __global__ void gemm_naive_f32(const float* A, const float* B, float* C, int M, int N, int K,
-                                          int lda, int ldb, int ldc, int trans_a, int trans_b,
-                                          float alpha, float beta) {
-    gemm_naive(A, B, C, M, N, K, lda, ldb, ldc, trans_a, trans_b, alpha, beta);
-}
+KERNEL_ENTRY(gemm_naive_f32, gemm_naive<float>)
+KERNEL_ENTRY(gemm_naive_f16, gemm_naive<__half>)
 
-extern "C" __global__ void gemm_naive_f16(const __half* A, const __half* B, float* C, int M, int N, int K,
-                                          int lda, int ldb, int ldc, int trans_a, int trans_b,
-                                          float alpha, float beta) {
-    gemm_naive(A, B, C, M, N, K, lda, ldb, ldc, trans_a, trans_b, alpha, beta);
-}
-
-/* ------------------------------------------------------------------ v2: shared-memory tiles */
+/* ------------------------------------------------------------------ version 2: shared-memory tiles */
 #define TILE 16
 
 // block (16, 16); grid (ceil(M / 16), ceil(N / 16)): x walks rows of C (no 65535 limit on x)
@@ -112,66 +99,46 @@ extern "C" __global__ void gemm_tiled_f32(const float* __restrict__ A, const flo
     if (row < M && col < N) store_c(C, (long long)row * ldc + col, acc, alpha, beta);
 }
 
-/* ------------------------------------------------------------------ v3: register blocking */
+/* ------------------------------------------------------------------ version 3: register blocking */
 #define RB_BM 128
 #define RB_BN 128
 #define RB_BK 8
 
-// Copy the RB_BM x RB_BK tile of op(A) starting at (m0, k0) into As[k][m].  256 threads, 4 values each.
-__device__ __forceinline__ void load_tile_a(const float* __restrict__ A, float (*As)[RB_BM], int M, int K,
-                                            int lda, int trans_a, int vec, int m0, int k0, int tid) {
-    if (!trans_a) {
-        // A[m][k]: each row of the tile is 8 consecutive floats; two threads per row, 4 floats each
-        const int r = tid >> 1, kq = (tid & 1) * 4;
-        const int m = m0 + r, k = k0 + kq;
-        if (vec && m < M && k + 3 < K) {
-            const float4 v = *reinterpret_cast<const float4*>(A + (long long)m * lda + k);
-            As[kq + 0][r] = v.x; As[kq + 1][r] = v.y; As[kq + 2][r] = v.z; As[kq + 3][r] = v.w;
-        } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                As[kq + j][r] = (m < M && k + j < K) ? A[(long long)m * lda + k + j] : 0.0f;
-        }
+// The two ways a 128 x 8 slab of a matrix X reaches a k-major shared tile, tile[k][j] = op(X)[j0 + j][k0 + k]
+// (As[k][m] from op(A), Bs[k][n] from op(B)^T), zero outside the J x K matrix.  256 threads, 4 values each;
+// float4 (16-byte) loads when `vec` says the rows allow them, else a bounds-checked scalar fallback.
+//
+// X stored [J][ld], k contiguous (op(A) = A, or op(B) = B^T): two threads per row j, 4 consecutive k
+// each, written transposed into the tile.
+__device__ __forceinline__ void load_tile_transposing(const float* __restrict__ X, float (*tile)[128], int J, int K,
+                                                      int ld, int vec, int j0, int k0, int tid) {
+    const int r = tid >> 1, kq = (tid & 1) * 4;
+    const int j = j0 + r, k = k0 + kq;
+    float v[4];
+    if (vec && j < J && k + 3 < K) {
+        load_float4(X + (long long)j * ld + k, v);
     } else {
-        // A stored [K][M]: a row k of the tile is 128 consecutive floats; 32 threads per row
-        const int kr = tid >> 5, mq = (tid & 31) * 4;
-        const int k = k0 + kr, m = m0 + mq;
-        if (vec && k < K && m + 3 < M) {
-            *reinterpret_cast<float4*>(&As[kr][mq]) = *reinterpret_cast<const float4*>(A + (long long)k * lda + m);
-        } else {
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                As[kr][mq + j] = (k < K && m + j < M) ? A[(long long)k * lda + m + j] : 0.0f;
-        }
+        for (int t = 0; t < 4; ++t) v[t] = (j < J && k + t < K) ? X[(long long)j * ld + k + t] : 0.0f;
     }
+#pragma unroll
+    for (int t = 0; t < 4; ++t) tile[kq + t][r] = v[t];
 }
 
-// Copy the RB_BK x RB_BN tile of op(B) starting at (k0, n0) into Bs[k][n].
-__device__ __forceinline__ void load_tile_b(const float* __restrict__ B, float (*Bs)[RB_BN], int N, int K,
-                                            int ldb, int trans_b, int vec, int n0, int k0, int tid) {
-    if (!trans_b) {
-        const int kr = tid >> 5, nq = (tid & 31) * 4;
-        const int k = k0 + kr, n = n0 + nq;
-        if (vec && k < K && n + 3 < N) {
-            *reinterpret_cast<float4*>(&Bs[kr][nq]) = *reinterpret_cast<const float4*>(B + (long long)k * ldb + n);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                Bs[kr][nq + j] = (k < K && n + j < N) ? B[(long long)k * ldb + n + j] : 0.0f;
-        }
+// X stored [K][ld], j contiguous (op(A) = A^T stored as [K][M], or op(B) = B): a row k of the tile is
+// 128 consecutive floats; 32 threads per row, 4 floats each, stored as they are.
+__device__ __forceinline__ void load_tile_direct(const float* __restrict__ X, float (*tile)[128], int J, int K,
+                                                 int ld, int vec, int j0, int k0, int tid) {
+    const int kr = tid >> 5, jq = (tid & 31) * 4;
+    const int k = k0 + kr, j = j0 + jq;
+    float v[4];
+    if (vec && k < K && j + 3 < J) {
+        load_float4(X + (long long)k * ld + j, v);
     } else {
-        // B stored [N][K]: two threads per row n, 4 consecutive k each, stored transposed
-        const int r = tid >> 1, kq = (tid & 1) * 4;
-        const int n = n0 + r, k = k0 + kq;
-        if (vec && n < N && k + 3 < K) {
-            const float4 v = *reinterpret_cast<const float4*>(B + (long long)n * ldb + k);
-            Bs[kq + 0][r] = v.x; Bs[kq + 1][r] = v.y; Bs[kq + 2][r] = v.z; Bs[kq + 3][r] = v.w;
-        } else {
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                Bs[kq + j][r] = (n < N && k + j < K) ? B[(long long)n * ldb + k + j] : 0.0f;
-        }
+        for (int t = 0; t < 4; ++t) v[t] = (k < K && j + t < J) ? X[(long long)k * ld + j + t] : 0.0f;
     }
+    store_float4(&tile[kr][jq], v);
 }
 
 // block 256 threads; grid (ceil(M / 128), ceil(N / 128)).  vec_a / vec_b: 1 when the matrix's base
@@ -192,20 +159,18 @@ gemm_regblock_f32(const float* __restrict__ A, const float* __restrict__ B, floa
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
 
     for (int k0 = 0; k0 < K; k0 += RB_BK) {
-        load_tile_a(A, As, M, K, lda, trans_a, vec_a, m0, k0, tid);
-        load_tile_b(B, Bs, N, K, ldb, trans_b, vec_b, n0, k0, tid);
+        if (trans_a) load_tile_direct(A, As, M, K, lda, vec_a, m0, k0, tid);      // A stored [K][M]
+        else load_tile_transposing(A, As, M, K, lda, vec_a, m0, k0, tid);         // A stored [M][K]
+        if (trans_b) load_tile_transposing(B, Bs, N, K, ldb, vec_b, n0, k0, tid);  // B stored [N][K]
+        else load_tile_direct(B, Bs, N, K, ldb, vec_b, n0, k0, tid);               // B stored [K][N]
         __syncthreads();
 #pragma unroll
         for (int k = 0; k < RB_BK; ++k) {
-            float a[8], b[8];
-            const float4 a_lo = *reinterpret_cast<const float4*>(&As[k][ty * 4]);
-            const float4 a_hi = *reinterpret_cast<const float4*>(&As[k][64 + ty * 4]);
-            const float4 b_lo = *reinterpret_cast<const float4*>(&Bs[k][tx * 4]);
-            const float4 b_hi = *reinterpret_cast<const float4*>(&Bs[k][64 + tx * 4]);
-            a[0] = a_lo.x; a[1] = a_lo.y; a[2] = a_lo.z; a[3] = a_lo.w;
-            a[4] = a_hi.x; a[5] = a_hi.y; a[6] = a_hi.z; a[7] = a_hi.w;
-            b[0] = b_lo.x; b[1] = b_lo.y; b[2] = b_lo.z; b[3] = b_lo.w;
-            b[4] = b_hi.x; b[5] = b_hi.y; b[6] = b_hi.z; b[7] = b_hi.w;
+            float a[8], b[8];   // rows ty*4.. and 64 + ty*4.. of the A tile, columns alike of B
+            load_float4(&As[k][ty * 4], a);
+            load_float4(&As[k][64 + ty * 4], a + 4);
+            load_float4(&Bs[k][tx * 4], b);
+            load_float4(&Bs[k][64 + tx * 4], b + 4);
 #pragma unroll
             for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -226,7 +191,7 @@ gemm_regblock_f32(const float* __restrict__ A, const float* __restrict__ B, floa
     }
 }
 
-/* ------------------------------------------------------------------ tensor cores (WMMA) */
+/* ------------------------------------------------------------------ version 4: tensor cores (WMMA) */
 #define WM_BM 64
 #define WM_BN 64
 #define WM_BK 32
@@ -320,27 +285,18 @@ gemm_wmma_f16(const __half* __restrict__ A, const __half* __restrict__ B, float*
 /* ------------------------------------------------------------------ linear-layer helpers */
 // y[m, n] += b[n] for y [M, N] row-major; grid-stride, coalesced.
 extern "C" __global__ void bias_add_rows_f32(float* __restrict__ y, const float* __restrict__ b, int M, int N) {
-    const long long total = (long long)M * N;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)blockDim.x * gridDim.x)
-        y[i] += b[i % N];
+    GRID_STRIDE_LOOP(i, (long long)M * N) y[i] += b[i % N];
 }
 
-// out[n] = sum_m x[m, n].  block (32, 8): 32 columns per block; the 8 rows of threads each sum every
-// 8th row (consecutive threads read consecutive columns: coalesced), then combine in shared memory.
+// out[n] = sum_m x[m, n].  block (32, 8), grid (ceil(N / 32), 1): 32 columns per block; the 8 rows
+// of threads each sum every 8th row (consecutive threads read consecutive columns: coalesced),
+// then column_sum adds the 8 partial sums of each column.
 extern "C" __global__ void column_sum_f32(const float* __restrict__ x, float* __restrict__ out, int M, int N) {
-    __shared__ float partial[8][33];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int n = blockIdx.x * 32 + tx;
+    __shared__ float tile[8][32];
+    const int n = blockIdx.x * 32 + threadIdx.x;
     float s = 0.0f;
     if (n < N)
-        for (int m = ty; m < M; m += 8) s += x[(long long)m * N + n];
-    partial[ty][tx] = s;
-    __syncthreads();
-    if (ty == 0 && n < N) {
-        float t = 0.0f;
-#pragma unroll
-        for (int r = 0; r < 8; ++r) t += partial[r][tx];
-        out[n] = t;
-    }
+        GRID_STRIDE_LOOP_Y(m, M) s += x[m * N + n];
+    s = column_sum(s, tile);
+    if (threadIdx.y == 0 && n < N) out[n] = s;
 }

@@ -1,7 +1,7 @@
 """Launchers of kernels/gemm.cu: matrix multiply and the fully connected layer.
 
-    c = gemm(a, b)                                   # a @ b, float32, register-blocked kernel
-    c = gemm(a, b, trans_b=True, version="tiled")    # a @ b.T with the shared-memory kernel
+    c = gemm(a, b)                                   # a @ b, float32, version 3 (register blocking)
+    c = gemm(a, b, trans_b=True, version=2)          # a @ b.T with the shared-memory tiles
     gemm(a, b, alpha=2.0, beta=1.0, c=c)             # c = 2 a @ b + c, in place
     c = gemm_f16(a16, b16)                           # float16 inputs, float32 result, tensor cores
     y = linear_forward(x, w, b)                      # x @ w.T + b
@@ -9,16 +9,21 @@
 
 NumPy arrays run on the CPU emulator, CuPy arrays on the GPU.  Matrices are row-major and
 C-contiguous; transposes are flags, never copies.
+
+Versions (the header of gemm.cu; `python -m kernels.gemm` checks and times them): 1 naive (float32
+and float16 inputs), 2 shared-memory tiles, 3 register blocking (the default for float32),
+4 tensor cores (float16 inputs: gemm_f16's default).
 """
 
 import numpy as np
 
+from . import versions
 from ._launch import array_module, blocks_for, check_array, module
 
-__all__ = ["gemm", "gemm_f16", "linear_forward", "linear_backward", "column_sum", "VERSIONS", "F16_VERSIONS"]
+__all__ = ["gemm", "gemm_f16", "linear_forward", "linear_backward", "column_sum", "F32_VERSIONS", "F16_VERSIONS"]
 
-VERSIONS = ("naive", "tiled", "fast")
-F16_VERSIONS = ("wmma", "naive")
+F32_VERSIONS = (1, 2, 3)   # the versions that multiply float32 matrices (gemm)
+F16_VERSIONS = (1, 4)      # and float16 ones (gemm_f16)
 
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
@@ -53,10 +58,12 @@ def _check_gemm_args(op, a, b, trans_a, trans_b, c, beta, dtype):
     return M, N, K
 
 
-def _prepare(op, versions, version, a, b, trans_a, trans_b, alpha, beta, c, dtype):
+def _prepare(op, allowed, version, a, b, trans_a, trans_b, alpha, beta, c, dtype):
     """Validate, allocate C if needed -> (xp, c, kernel args) or (xp, c, None) when C is empty."""
-    if version not in versions:
-        raise ValueError(f"{op}: version must be one of {versions}, got {version!r}")
+    if version not in allowed:
+        other = "gemm_f16 (float16 inputs)" if op == "gemm" else "gemm (float32 inputs)"
+        raise ValueError(f"{op}: version must be one of {', '.join(map(str, allowed))}, got {version!r} "
+                         f"(the other versions of gemm.cu are {other})")
     M, N, K = _check_gemm_args(op, a, b, trans_a, trans_b, c, beta, dtype)
     xp = array_module(a, b, c)
     if c is None:
@@ -68,24 +75,25 @@ def _prepare(op, versions, version, a, b, trans_a, trans_b, alpha, beta, c, dtyp
     return xp, c, args
 
 
-def gemm(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, version="fast"):
+def gemm(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, version=None):
     """C = alpha * op(a) @ op(b) + beta * C in float32.
 
     a: float32 [M, K] (or [K, M] with trans_a), b: float32 [K, N] (or [N, K] with trans_b),
     both C-contiguous.  c: float32 [M, N] or None.  With c given it is updated IN PLACE and
     returned; without, a new [M, N] array is returned (beta must then be 0).
-    version: 'naive' (one thread per output), 'tiled' (16x16 shared-memory tiles) or 'fast'
-    (128x128 tiles, 8x8 outputs per thread, float4 loads).
+    version: 1 (one thread per output), 2 (16x16 shared-memory tiles), 3 (128x128 tiles, 8x8
+    outputs per thread, float4 loads) or None: the version in use (3 unless chosen otherwise).
     """
-    xp, c, args = _prepare("gemm", VERSIONS, version, a, b, trans_a, trans_b, alpha, beta, c, np.float32)
+    version = versions.version("gemm", version, "gemm")
+    xp, c, args = _prepare("gemm", F32_VERSIONS, version, a, b, trans_a, trans_b, alpha, beta, c, np.float32)
     if args is None:
         return c
     M, N = c.shape
     mod = module("gemm.cu")
-    if version == "naive":
+    if version == 1:
         blocks = blocks_for(M * N, 256, xp)
         mod.get_function("gemm_naive_f32")((blocks,), (256,), args)
-    elif version == "tiled":
+    elif version == 2:
         mod.get_function("gemm_tiled_f32")((-(-M // 16), -(-N // 16)), (16, 16), args)
     else:
         grid = (-(-M // 128), -(-N // 128))
@@ -93,12 +101,11 @@ def gemm(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, versio
     return c
 
 
-def gemm_f16(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, version="wmma"):
+def gemm_f16(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, version=4):
     """C = alpha * op(a) @ op(b) + beta * C with float16 a, b and float32 accumulation and C.
 
-    Same arguments as `gemm`, but a and b are float16.  version 'wmma' uses the tensor cores
-    (sm_70+; on an older GPU the same kernel falls back to scalar FMAs), 'naive' is one thread
-    per output.  Products of halves are exact in float32, so the only rounding beyond float32
+    Same arguments as `gemm`, but a and b are float16.  version 4 uses the tensor cores (sm_70+; on
+    an older GPU the same kernel falls back to scalar FMAs), 1 is one thread per output.  Products of halves are exact in float32, so the only rounding beyond float32
     accumulation is the rounding of the inputs to float16.
     """
     xp, c, args = _prepare("gemm_f16", F16_VERSIONS, version, a, b, trans_a, trans_b, alpha, beta, c, np.float16)
@@ -106,7 +113,7 @@ def gemm_f16(a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, ve
         return c
     M, N = c.shape
     mod = module("gemm.cu")
-    if version == "naive":
+    if version == 1:
         blocks = blocks_for(M * N, 256, xp)
         mod.get_function("gemm_naive_f16")((blocks,), (256,), args)
     else:
@@ -125,11 +132,12 @@ def column_sum(x):
     return out
 
 
-def linear_forward(x, w, b=None, version="fast"):
+def linear_forward(x, w, b=None, version=None):
     """Fully connected layer: y = x @ w.T + b.
 
     x: float32 [N, Cin], w: float32 [Cout, Cin] (PyTorch layout), b: float32 [Cout] or None
-    ->  y: float32 [N, Cout].  One GEMM (w read transposed in place) plus a bias pass.
+    ->  y: float32 [N, Cout].  One GEMM (w read transposed in place; `version` of gemm, None: the
+    version in use) plus a bias pass.
     """
     check_array("linear_forward", "x", x, dtype=np.float32, ndim=2)
     check_array("linear_forward", "w", w, dtype=np.float32, ndim=2)
@@ -148,7 +156,7 @@ def linear_forward(x, w, b=None, version="fast"):
     return y
 
 
-def linear_backward(dy, x, w, need_bias_grad=True, version="fast"):
+def linear_backward(dy, x, w, need_bias_grad=True, version=None):
     """Gradients of linear_forward: dx = dy @ w, dw = dy.T @ x, db = column sums of dy.
 
     dy: float32 [N, Cout], x: float32 [N, Cin], w: float32 [Cout, Cin]
@@ -166,3 +174,8 @@ def linear_backward(dy, x, w, need_bias_grad=True, version="fast"):
     dw = gemm(dy, x, trans_a=True, version=version)
     db = column_sum(dy) if need_bias_grad else None
     return dx, dw, db
+
+
+if __name__ == "__main__":
+    from kernels.lesson import main
+    raise SystemExit(main("gemm"))

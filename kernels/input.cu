@@ -8,22 +8,20 @@
  * subtracts the mean only).  Doing it on the device moves 1 byte per value over PCIe instead
  * of 4, and the kernel is a single pass: read 1 byte, write 4 (or 2).
  *
- *   version 1  input_normalize_*: one thread per value; the channel is i % 3.  Each warp reads
- *              32 bytes and writes 128: correct, coalesced, but 1-byte loads waste most of
- *              every memory transaction's width.
- *   version 2  input_normalize_vec4_f32: one thread per 4 pixels = 12 bytes = three 32-bit loads,
- *              and 12 floats = three 16-byte (float4) stores.  Four pixels always start with
- *              channel R, so the channel pattern is fixed at compile time (no % 3), and the
- *              wide accesses use the memory system's full width.  Needs 4-byte aligned input and
- *              16-byte aligned output (checked by the launcher); the last (n_pixels % 4) pixels
- *              are done one value at a time.
+ * Versions (`python -m kernels.input` checks and times each; the launcher is kernels/input.py):
+ *   version 1  input_normalize_f32/_f16: one thread per value; the channel is i % 3.  Each warp
+ *              reads 32 bytes and writes 128: correct and coalesced, but 1-byte loads waste most
+ *              of every memory transaction's width.
+ *   version 2  input_normalize_vec4_f32: four pixels per thread, moved as three 4-byte loads and
+ *              three 16-byte (float4) stores: a quarter of the memory instructions, each using the
+ *              memory system's full width.  Four pixels = 12 bytes always start with channel R, so
+ *              the channel pattern is fixed at compile time (no % 3).  Needs 4-byte aligned input
+ *              and 16-byte aligned output (the launcher checks, and runs version 1 otherwise, and
+ *              for float16); the last (n_pixels % 4) pixels are done one value at a time.
  * mean and std arrive as kernel arguments (3 floats each): nothing to copy to the device.
  */
 #include <cuda_fp16.h>
-
-#define GRID_STRIDE_LOOP(i, n)                                                               \
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n);            \
-         i += (long long)blockDim.x * gridDim.x)
+#include "common.cuh"   // GRID_STRIDE_LOOP, from_float, store_float4, KERNEL_ENTRY
 
 __device__ __forceinline__ float normalize_value(unsigned char v, int c, float m0, float m1, float m2, float s0,
                                                  float s1, float s2) {
@@ -32,20 +30,15 @@ __device__ __forceinline__ float normalize_value(unsigned char v, int c, float m
     return ((float)v - mean) / std;
 }
 
-/* version 1: n = number of values (pixels * 3) */
-extern "C" __global__ void input_normalize_f32(const unsigned char* __restrict__ image, float* __restrict__ x,
-                                               long long n, float m0, float m1, float m2, float s0, float s1,
-                                               float s2) {
-    GRID_STRIDE_LOOP(i, n) { x[i] = normalize_value(image[i], (int)(i % 3), m0, m1, m2, s0, s1, s2); }
+/* version 1: n = number of values (pixels * 3); T = float or __half */
+template <typename T>
+__device__ void input_normalize(const unsigned char* __restrict__ image, T* __restrict__ x, long long n, float m0,
+                                float m1, float m2, float s0, float s1, float s2) {
+    GRID_STRIDE_LOOP(i, n) { x[i] = from_float<T>(normalize_value(image[i], (int)(i % 3), m0, m1, m2, s0, s1, s2)); }
 }
 
-extern "C" __global__ void input_normalize_f16(const unsigned char* __restrict__ image, __half* __restrict__ x,
-                                               long long n, float m0, float m1, float m2, float s0, float s1,
-                                               float s2) {
-    GRID_STRIDE_LOOP(i, n) {
-        x[i] = __float2half_rn(normalize_value(image[i], (int)(i % 3), m0, m1, m2, s0, s1, s2));
-    }
-}
+KERNEL_ENTRY(input_normalize_f32, input_normalize<float>)
+KERNEL_ENTRY(input_normalize_f16, input_normalize<__half>)
 
 /* version 2: n_pixels = N*H*W */
 extern "C" __global__ void input_normalize_vec4_f32(const unsigned char* __restrict__ image, float* __restrict__ x,
@@ -53,18 +46,17 @@ extern "C" __global__ void input_normalize_vec4_f32(const unsigned char* __restr
                                                     float s1, float s2) {
     const long long groups = n_pixels / 4;
     const unsigned int* in = (const unsigned int*)image;  // 12 bytes = 3 words per group
-    float4* out = (float4*)x;                              // 12 floats = 3 float4 per group
     GRID_STRIDE_LOOP(g, groups) {
         const unsigned int w[3] = {in[3 * g], in[3 * g + 1], in[3 * g + 2]};
         float v[12];
+#pragma unroll
         for (int j = 0; j < 12; ++j) {
             // little-endian: byte j of the group is byte (j % 4) of word j / 4; channel j % 3
             const unsigned char byte = (unsigned char)(w[j / 4] >> (8 * (j % 4)));
             v[j] = normalize_value(byte, j % 3, m0, m1, m2, s0, s1, s2);
         }
-        out[3 * g] = make_float4(v[0], v[1], v[2], v[3]);
-        out[3 * g + 1] = make_float4(v[4], v[5], v[6], v[7]);
-        out[3 * g + 2] = make_float4(v[8], v[9], v[10], v[11]);
+#pragma unroll
+        for (int j = 0; j < 12; j += 4) store_float4(x + 12 * g + j, v + j);  // 12 floats = 3 float4
     }
     // the leftover pixels (fewer than 4): one value per thread of the first block
     const long long tail_start = groups * 12, n = n_pixels * 3;

@@ -3,15 +3,20 @@ input, mean subtracted (and optionally divided by std), in one pass on the devic
 
     x = input_normalize(images)                                  # float32, MLPerf: mean only
     x = input_normalize(images, std=(58.4, 57.1, 57.4), dtype=np.float16)
+    x = input_normalize(images, version=1)                       # one value per thread
+
+Versions (the header of input.cu; `python -m kernels.input` checks and times them): 1, one value
+per thread; 2 (the default), four pixels per thread with 16-byte stores (float32 output and
+aligned buffers; otherwise version 1 runs).
 """
 
 import numpy as np
 
+from . import versions
 from ._launch import array_module, blocks_for, check_array, module
 
-__all__ = ["input_normalize", "METHODS"]
+__all__ = ["input_normalize"]
 
-METHODS = ("vec4", "scalar")
 _BLOCK = 256
 
 
@@ -31,12 +36,12 @@ def _data_ptr(a):
     return a.__array_interface__["data"][0]
 
 
-def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype=np.float32, method="vec4"):
+def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype=np.float32, version=None):
     """x = (images - mean) / std per RGB channel (std None: no division, as the MLPerf reference).
 
     images_uint8: uint8 [N, H, W, 3] (NHWC, RGB), C-contiguous, NumPy (emulator) or CuPy (GPU).
-    dtype: float32 or float16.  method: "vec4" (4 pixels per thread, wide loads and stores;
-    float32 with aligned buffers, else it falls back) or "scalar" (one value per thread).
+    dtype: float32 or float16.  version: 2 (4 pixels per thread, wide loads and stores; float32
+    with aligned buffers, else version 1 runs), 1 (one value per thread), None: the version in use.
     -> x: dtype [N, H, W, 3] on the device of the images.
     """
     op = "input_normalize"
@@ -47,8 +52,7 @@ def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
         raise TypeError(f"{op}: dtype must be float32 or float16, got {dtype}")
-    if method not in METHODS:
-        raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
+    version = versions.version("input", version, op)
     m = _three(op, "mean", mean)
     s = [1.0, 1.0, 1.0] if std is None else _three(op, "std", std)
     if any(v == 0.0 for v in s):
@@ -60,7 +64,7 @@ def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype
         return x
     consts = tuple(np.float32(v) for v in m + s)
     aligned = _data_ptr(images_uint8) % 4 == 0 and _data_ptr(x) % 16 == 0
-    if method == "vec4" and dtype == np.float32 and aligned:
+    if version == 2 and dtype == np.float32 and aligned:
         pixels = n // 3
         blocks = blocks_for(max(1, pixels // 4), _BLOCK, xp)
         module("input.cu").get_function("input_normalize_vec4_f32")(
@@ -70,3 +74,8 @@ def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype
         module("input.cu").get_function(name)((blocks_for(n, _BLOCK, xp),), (_BLOCK,),
                                               (images_uint8, x, np.int64(n)) + consts)
     return x
+
+
+if __name__ == "__main__":
+    from kernels.lesson import main
+    raise SystemExit(main("input"))

@@ -411,12 +411,18 @@ def _read(lib, prog, get_size, get_data, optional=False):
 
 
 def compile_file(path, arch="sm_80", options=(), include_dirs=(), filename=None):
-    """Compile the .cu file at `path`; its own directory is searched for `#include "..."`.
+    """Compile the .cu file at `path` as kernels.load_module would: its own directory (then
+    include_dirs) is searched for `#include "..."`, and KERNEL_ENTRY lines become kernels.
 
     `filename` (default: `path` as given) is the name shown in compiler messages.
     Same return value and errors as `compile_cuda`.
     """
+    from .runtime import expand_local_includes
+    from .signature import expand_entry_points
     with open(path, encoding="utf-8") as f:
         source = f.read()
     dirs = [os.path.dirname(os.path.abspath(path))] + list(include_dirs)
-    return compile_cuda(source, arch=arch, options=options, filename=filename or str(path), include_dirs=dirs)
+    name = filename or str(path)
+    # what kernels.load_module compiles: local headers inlined, KERNEL_ENTRY lines written out
+    source = expand_entry_points(expand_local_includes(source, name, dirs), name)
+    return compile_cuda(source, arch=arch, options=options, filename=name, include_dirs=dirs)

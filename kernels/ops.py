@@ -4,10 +4,13 @@ Every function here has the name, signature and semantics of kernels/contract.py
 twin in kernels/reference.py (the `cpu` device and the reference the kernels are tested against).
 Called with NumPy arrays the kernels run on the CPU emulator; with CuPy arrays, on the GPU.
 Each launcher lives beside its kernel source (kernels/<op>.py next to kernels/<op>.cu); this
-module gathers them and adds one switch: which engine runs the convolutions.
+module gathers them.  Which version of each kernel runs is the version in use of its family
+(kernels/versions.py: the fastest unless chosen otherwise), and one more switch says which
+engine runs the convolutions:
 
+    with kernels.versions.use(conv=1, batchnorm=1): ...   # naive convolutions and batch norm
     set_conv_engine("cudnn")   # convolutions through NVIDIA cuDNN (GPU only), see cudnn_engine.py
-    set_conv_engine("ours")    # our implicit-GEMM kernels (the default)
+    set_conv_engine("ours")    # our kernels (the default)
 """
 
 import numpy as np
@@ -122,17 +125,19 @@ def linear_backward(dy, x, w, need_bias_grad=True):
 
 
 def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding):
-    """dx of maxpool2d_forward (the gather kernel: one thread per input pixel, deterministic)."""
+    """dx of maxpool2d_forward (version 2 of pool.cu unless chosen otherwise: one thread per input
+    pixel gathers, deterministic)."""
     return _pool.maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding)
 
 
 def softmax_cross_entropy_forward(logits, labels, label_smoothing=0.0):
-    """(mean loss, probs) of the fused softmax cross-entropy (one block per row)."""
+    """(mean loss, probs) of the fused softmax cross-entropy (version 2 unless chosen otherwise: one
+    block per row)."""
     return _ce.softmax_cross_entropy_forward(logits, labels, label_smoothing)
 
 
 def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype=np.float32):
-    """uint8 NHWC images -> normalised float (float4 loads, 4 pixels a thread)."""
+    """uint8 NHWC images -> normalised float (version 2 unless chosen otherwise: 4 pixels a thread)."""
     return _input.input_normalize(images_uint8, mean, std, dtype)
 
 

@@ -317,3 +317,8 @@ def global_grad_norm(list_of_grads):
     out = xp.empty(1, dtype=np.float32)
     _kernel("sqrt_of_sum_f32")((1,), (_BLOCK,), (partial, np.int32(partial.size), out))
     return float(out[0])
+
+
+if __name__ == "__main__":
+    from kernels.lesson import main
+    raise SystemExit(main("optimizer"))

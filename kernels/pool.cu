@@ -8,24 +8,30 @@
  *     argmax[n, p, q, c] = h*W + w of the winning pixel in its (n, c) plane; ties go to the first
  *                     pixel in row-major window order (strict > while scanning)
  * Max pool backward: dx[n, h, w, c] = sum of dy[n, p, q, c] over the outputs whose argmax is (h, w).
- *   version 1  maxpool2d_backward_scatter: one thread per OUTPUT adds its dy into dx[argmax] with
- *              atomicAdd (dx zeroed first).  Short, but windows overlap (stride < k), so several
- *              threads may add into one pixel: atomics serialise them and the order of the float
- *              adds -- hence the last bits -- changes from run to run on a GPU.
- *   version 2  maxpool2d_backward_gather: one thread per INPUT pixel visits the few outputs whose
- *              window covers it (p from ceil((h + pad - k + 1) / stride) to floor((h + pad) /
- *              stride), q alike) and adds dy where their argmax names it.  No atomics, no zeroing
- *              pass, every pixel written once, the same bits every run.  This is the one in use.
  * Global average pool: y[n, c] = (1 / HW) sum_{h, w} x[n, h, w, c];  dx[n, h, w, c] = dy[n, c] / HW.
  *
  * Memory-access plan: channels are the fastest axis in NHWC, so consecutive threads take
  * consecutive channels of the same pixel: every load and store of a warp is one contiguous run
  * (coalesced).  Max pool reads each input about (k / stride)^2 = 2.25 times (from cache) and
  * writes y and argmax once; the average pool reads x once and writes N*C values.
- * Loops are grid-stride with 64-bit indices.  float and __half activations.
+ * Loops are grid-stride with 64-bit indices.  float and __half activations, from one template per
+ * kernel and the KERNEL_ENTRY instantiation lists (common.cuh).
+ *
+ * Versions of the max-pool backward (`python -m kernels.pool` checks and times each; the forward
+ * and the average pool are the same in both; the launchers are kernels/pool.py):
+ *   version 1  maxpool2d_backward_scatter: one thread per OUTPUT adds its dy into dx[argmax] with
+ *              atomicAdd (dx zeroed first).  Short, but windows overlap (stride < k), so several
+ *              threads may add into one pixel: atomics serialise them and the order of the float
+ *              adds -- hence the last bits -- changes from run to run on a GPU.  float32 only
+ *              (atomicAdd on __half needs sm_70).
+ *   version 2  maxpool2d_backward_gather: one thread per INPUT pixel gathers its gradient: no
+ *              atomics, no zeroing pass, every pixel written once, the same bits every run.  It
+ *              visits the few outputs whose window covers it (p from ceil((h + pad - k + 1) /
+ *              stride) to floor((h + pad) / stride), q alike) and adds dy where their argmax
+ *              names it.
  */
 #include <cuda_fp16.h>
-#include "common.cuh"   // GRID_STRIDE_LOOP, to_float, from_float
+#include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, to_float, from_float, KERNEL_ENTRY
 
 /* ------------------------------------------------------------ max pool forward */
 template <typename T>
@@ -33,13 +39,8 @@ __device__ void maxpool_forward(const T* __restrict__ x, T* __restrict__ y, int*
                                 int W, int C, int P, int Q, int k, int stride, int pad) {
     const long long total = (long long)N * P * Q * C;
     GRID_STRIDE_LOOP(i, total) {
-        // i = ((n * P + p) * Q + q) * C + c
-        const int c = (int)(i % C);
-        long long rest = i / C;
-        const int q = (int)(rest % Q);
-        rest /= Q;
-        const int p = (int)(rest % P);
-        const int n = (int)(rest / P);
+        int n, p, q, c;
+        unravel4(i, P, Q, C, n, p, q, c);  // y[n, p, q, c]
         const int h0 = p * stride - pad, w0 = q * stride - pad;
         const T* plane = x + (long long)n * H * W * C + c;
         float best = 0.0f;
@@ -62,14 +63,8 @@ __device__ void maxpool_forward(const T* __restrict__ x, T* __restrict__ y, int*
     }
 }
 
-extern "C" __global__ void maxpool2d_forward_f32(const float* x, float* y, int* argmax, int N, int H, int W, int C,
-                                                 int P, int Q, int k, int stride, int pad) {
-    maxpool_forward(x, y, argmax, N, H, W, C, P, Q, k, stride, pad);
-}
-extern "C" __global__ void maxpool2d_forward_f16(const __half* x, __half* y, int* argmax, int N, int H, int W,
-                                                 int C, int P, int Q, int k, int stride, int pad) {
-    maxpool_forward(x, y, argmax, N, H, W, C, P, Q, k, stride, pad);
-}
+KERNEL_ENTRY(maxpool2d_forward_f32, maxpool_forward<float>)
+KERNEL_ENTRY(maxpool2d_forward_f16, maxpool_forward<__half>)
 
 /* ------------------------------------------------------------ max pool backward, version 1 */
 /* float only (atomicAdd on __half needs sm_70).  dx must be zero on entry. */
@@ -89,12 +84,8 @@ __device__ void maxpool_backward_gather(const T* __restrict__ dy, const int* __r
                                         int N, int H, int W, int C, int P, int Q, int k, int stride, int pad) {
     const long long total = (long long)N * H * W * C;
     GRID_STRIDE_LOOP(i, total) {
-        const int c = (int)(i % C);
-        long long rest = i / C;
-        const int w = (int)(rest % W);
-        rest /= W;
-        const int h = (int)(rest % H);
-        const int n = (int)(rest / H);
+        int n, h, w, c;
+        unravel4(i, H, W, C, n, h, w, c);  // dx[n, h, w, c]
         const int me = h * W + w;
         // outputs p with p*stride - pad <= h <= p*stride - pad + k - 1
         const int p_lo = max(0, (h + pad - k + stride) / stride), p_hi = min(P - 1, (h + pad) / stride);
@@ -109,15 +100,8 @@ __device__ void maxpool_backward_gather(const T* __restrict__ dy, const int* __r
     }
 }
 
-extern "C" __global__ void maxpool2d_backward_gather_f32(const float* dy, const int* argmax, float* dx, int N, int H,
-                                                         int W, int C, int P, int Q, int k, int stride, int pad) {
-    maxpool_backward_gather(dy, argmax, dx, N, H, W, C, P, Q, k, stride, pad);
-}
-extern "C" __global__ void maxpool2d_backward_gather_f16(const __half* dy, const int* argmax, __half* dx, int N,
-                                                         int H, int W, int C, int P, int Q, int k, int stride,
-                                                         int pad) {
-    maxpool_backward_gather(dy, argmax, dx, N, H, W, C, P, Q, k, stride, pad);
-}
+KERNEL_ENTRY(maxpool2d_backward_gather_f32, maxpool_backward_gather<float>)
+KERNEL_ENTRY(maxpool2d_backward_gather_f16, maxpool_backward_gather<__half>)
 
 /* ------------------------------------------------------------ global average pool */
 /* One thread per (n, c): walks the HW pixels of its plane with stride C (a warp reads 32
@@ -145,15 +129,7 @@ __device__ void avgpool_backward(const T* __restrict__ dy, T* __restrict__ dx, i
     }
 }
 
-extern "C" __global__ void global_avgpool_forward_f32(const float* x, float* y, int N, int HW, int C) {
-    avgpool_forward(x, y, N, HW, C);
-}
-extern "C" __global__ void global_avgpool_forward_f16(const __half* x, __half* y, int N, int HW, int C) {
-    avgpool_forward(x, y, N, HW, C);
-}
-extern "C" __global__ void global_avgpool_backward_f32(const float* dy, float* dx, int N, int HW, int C) {
-    avgpool_backward(dy, dx, N, HW, C);
-}
-extern "C" __global__ void global_avgpool_backward_f16(const __half* dy, __half* dx, int N, int HW, int C) {
-    avgpool_backward(dy, dx, N, HW, C);
-}
+KERNEL_ENTRY(global_avgpool_forward_f32, avgpool_forward<float>)
+KERNEL_ENTRY(global_avgpool_forward_f16, avgpool_forward<__half>)
+KERNEL_ENTRY(global_avgpool_backward_f32, avgpool_backward<float>)
+KERNEL_ENTRY(global_avgpool_backward_f16, avgpool_backward<__half>)

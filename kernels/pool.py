@@ -4,16 +4,18 @@ average pooling, forward and backward, on NHWC activations (float32 or float16, 
     y, argmax = maxpool2d_forward(x, kernel_size=3, stride=2, padding=1)
     dx = maxpool2d_backward(dy, argmax, x.shape)
     y = global_avgpool_forward(x);  dx = global_avgpool_backward(dy, x.shape)
+
+Versions (the header of pool.cu; `python -m kernels.pool` checks and times them) are those of the
+max-pool backward: 1 scatters with atomicAdd, 2 (the default) gathers, deterministically.
 """
 
 import numpy as np
 
+from . import versions
 from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, is_cupy, module
 
-__all__ = ["maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward",
-           "MAXPOOL_BACKWARD_METHODS"]
+__all__ = ["maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward"]
 
-MAXPOOL_BACKWARD_METHODS = ("gather", "scatter")
 _BLOCK = 256
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 
@@ -65,7 +67,7 @@ def maxpool2d_forward(x, kernel_size=3, stride=2, padding=1):
     return y, argmax
 
 
-def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, method="gather"):
+def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, version=None):
     """Gradient of maxpool2d_forward: each dy goes to its window's winning pixel (summed where
     windows overlap).
 
@@ -73,24 +75,24 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, method
     (N, H, W, C); kernel_size, stride, padding: those of the forward (the gather kernel finds the
     windows covering a pixel from them; always passed, never guessed from the shapes: a 4/2/1
     pooling of an 8x8 input has the shapes of a 3/2/1 one).
-    method: "gather" (one thread per input pixel, deterministic; the default) or "scatter" (one
-    thread per output with atomicAdd; float32 only).  ->  dx [N, H, W, C] like dy.
+    version: 2 (one thread per input pixel gathers, deterministic), 1 (one thread per output
+    scatters with atomicAdd; float32 only) or None: the version in use (2 unless chosen otherwise).
+    ->  dx [N, H, W, C] like dy.
     """
     op = "maxpool2d_backward"
     check_array(op, "dy", dy, dtype=FLOAT_DTYPES, ndim=4)
     check_array(op, "argmax", argmax, dtype=np.int32, shape=dy.shape)
     array_module(dy, argmax)
     N, H, W, C = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
-    if method not in MAXPOOL_BACKWARD_METHODS:
-        raise ValueError(f"{op}: method must be one of {MAXPOOL_BACKWARD_METHODS}, got {method!r}")
+    version = versions.version("pool", version, op)
     k, s, pad, P, Q = _pool_geometry(op, (N, H, W, C), kernel_size, stride, padding)
     if dy.shape != (N, P, Q, C):
         raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)} pooled "
                          f"with kernel_size={k}, stride={s}, padding={pad} (expected {(N, P, Q, C)})")
     xp = array_module(dy)
-    if method == "scatter":
+    if version == 1:
         if dy.dtype != np.float32:
-            raise TypeError(f"{op}: method='scatter' supports float32 dy only, got {dy.dtype}")
+            raise TypeError(f"{op}: version 1 (scatter with atomicAdd) supports float32 dy only, got {dy.dtype}")
         if not is_cupy(argmax) and argmax.size and (int(argmax.min()) < 0 or int(argmax.max()) >= H * W):
             raise ValueError(f"{op}: argmax holds indices outside [0, {H * W}) for x_shape {(N, H, W, C)}")
         dx = xp.zeros((N, H, W, C), dtype=np.float32)
@@ -131,3 +133,8 @@ def global_avgpool_backward(dy, x_shape):
     _launch(f"global_avgpool_backward_{_SUFFIX[dy.dtype]}", dx.size,
             (dy, dx, np.int32(N), np.int32(H * W), np.int32(C)), xp)
     return dx
+
+
+if __name__ == "__main__":
+    from kernels.lesson import main
+    raise SystemExit(main("pool"))

@@ -3,37 +3,38 @@
  * statistics, how the loss becomes one number and how LARS gets its norms, so they are worth
  * learning in their simplest form first.
  *
- *   version 1  sum_atomic        every thread atomicAdd()s its elements into one float.
- *                                Correct, but every add goes to one address: serialised.
- *   version 2  sum_block_shared  each thread sums a strided slice into a register, the block
- *                                combines its threads' sums with a tree in shared memory
- *                                (halving the active threads every step, __syncthreads() between
- *                                steps) and writes one partial sum per block.
- *   version 3  sum_block_warp    as version 2, but the first five tree steps happen inside each
- *                                warp with __shfl_down_sync (no shared memory, no barrier); only
- *                                one value per warp goes through shared memory.
- *   grid level                   a second launch of one block reduces the per-block partial sums
- *                                (two passes, deterministic), or sum_grid_atomic lets each block
- *                                atomicAdd its partial into the result (one pass; the order of the
- *                                adds, and so the last bits, vary from run to run on a GPU).
+ * Versions (`python -m kernels.reduce` checks and times each; the launcher is kernels/reduce.py):
+ *   version 1  sum_atomic: every thread atomicAdd()s each of its elements into one float.
+ *              Correct, but every add goes to one address, so the adds are serialised.
+ *   version 2  sum_block_shared: adds in registers, then a tree in shared memory: one write per
+ *              block instead of one atomic per element.  Each thread sums a strided slice into a register,
+ *              the block combines its threads' sums with a tree in shared memory (halving the
+ *              active threads every step, __syncthreads() between steps) and writes one partial
+ *              sum per block; a second launch of one block sums the partials (deterministic).
+ *   version 3  sum_block_warp: the first five tree steps become warp shuffles: no shared memory
+ *              and no barrier for them.  Inside a warp, __shfl_down_sync reads another lane's
+ *              register directly; only one value per warp goes through shared memory.  This is
+ *              block_sum of common.cuh, which the other kernels of this folder use.
+ *   version 4  sum_grid_atomic: one launch instead of two: each block atomicAdd()s its sum into
+ *              the result.  One atomic per block costs nothing, but the order of the adds (and so
+ *              the last bits of the result) varies from run to run on a GPU.
  *
  * Each thread first accumulates many elements in a register (grid-stride loop): that is where
  * almost all the work happens, at full memory bandwidth.  The tree only combines blockDim.x
- * values.  Dynamic shared memory: version 2 needs blockDim.x floats, version 3 one float per warp.
- * blockDim.x must be a power of two (version 2) or a multiple of 32 (version 3).
+ * values.  Dynamic shared memory: version 2 needs blockDim.x floats, versions 3 and 4 one float
+ * per warp.  blockDim.x must be a power of two (version 2) or a multiple of 32 (versions 3, 4).
  */
+#include "common.cuh"   // GRID_STRIDE_LOOP, warp_sum, block_sum
 
 __device__ __forceinline__ float thread_partial_sum(const float* __restrict__ x, long long n) {
     float s = 0.0f;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x)
-        s += x[i];
+    GRID_STRIDE_LOOP(i, n) s += x[i];
     return s;
 }
 
 /* version 1 */
 extern "C" __global__ void sum_atomic(const float* __restrict__ x, float* out, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x)
-        atomicAdd(out, x[i]);
+    GRID_STRIDE_LOOP(i, n) atomicAdd(out, x[i]);
 }
 
 /* version 2: partial[blockIdx.x] = sum of this block's slice */
@@ -48,35 +49,21 @@ extern "C" __global__ void sum_block_shared(const float* __restrict__ x, float* 
     if (threadIdx.x == 0) partial[blockIdx.x] = buf[0];
 }
 
-/* Sum of v over the 32 lanes of a warp; the result is valid in lane 0. */
-__device__ __forceinline__ float warp_reduce_sum(float v) {
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-    return v;
-}
-
-/* Sum of v over the block; the result is valid in thread 0.  warp_sums: one float per warp. */
-__device__ __forceinline__ float block_reduce_sum(float v, float* warp_sums) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    v = warp_reduce_sum(v);
-    if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < nwarps ? warp_sums[lane] : 0.0f;
-        v = warp_reduce_sum(v);
-    }
-    return v;
-}
-
-/* version 3 */
+/* version 3.  block_sum (common.cuh) is
+ *     v = warp_sum(v);                        // lane 0 of every warp: the warp's sum
+ *     if (lane == 0) scratch[warp] = v;       // one float per warp through shared memory
+ *     __syncthreads();
+ *     if (warp == 0) v = warp_sum(lane < nwarps ? scratch[lane] : 0);   // thread 0: the block's sum
+ * and warp_sum is five steps of  v += __shfl_down_sync(FULL_MASK, v, offset)  for offset 16, 8, 4, 2, 1. */
 extern "C" __global__ void sum_block_warp(const float* __restrict__ x, float* __restrict__ partial, long long n) {
     extern __shared__ float warp_sums[];  // blockDim.x / 32 floats
-    float s = block_reduce_sum(thread_partial_sum(x, n), warp_sums);
+    float s = block_sum(thread_partial_sum(x, n), warp_sums);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-/* one pass over the grid: each block adds its partial sum into *out (which starts at 0) */
+/* version 4: one pass over the grid: each block adds its partial sum into *out (which starts at 0) */
 extern "C" __global__ void sum_grid_atomic(const float* __restrict__ x, float* out, long long n) {
     extern __shared__ float warp_sums[];
-    float s = block_reduce_sum(thread_partial_sum(x, n), warp_sums);
+    float s = block_sum(thread_partial_sum(x, n), warp_sums);
     if (threadIdx.x == 0) atomicAdd(out, s);
 }

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import cuda_env
 from .emulator import EmuModule
-from .signature import check_args, compiled_check, find_kernels
+from .signature import check_args, compiled_check, expand_entry_points, find_kernels
 
 __all__ = ["RawKernel", "RawModule", "load_module", "KERNEL_DIR", "launch_count"]
 
@@ -130,7 +130,8 @@ class RawModule:
     """A CUDA C source holding one or more extern "C" __global__ kernels.
 
     Args:
-        code:     the CUDA C source (str).
+        code:     the CUDA C source (str).  `#include "..."` of local headers and KERNEL_ENTRY
+                  lines (kernels/common.cuh) are expanded; `.code` is the source both compilers get.
         options:  NVRTC options (tuple of str), e.g. ('-std=c++17', '-DTILE=16').  The emulator
                   understands -D, -U, -I, -std and -arch (which sets __CUDA_ARCH__; default sm_80).
         filename: the name compiler messages use for this source (kernels/foo.cu when loaded
@@ -144,7 +145,9 @@ class RawModule:
             raise TypeError(f"RawModule: code must be the CUDA C source as a str, got {type(code).__name__}")
         self.options = tuple(options)
         self.filename = filename or "<kernel source>"
-        self.code = expand_local_includes(code, self.filename, _include_dirs(self.options))
+        # one self-contained source: local headers inlined, KERNEL_ENTRY lines written out as kernels
+        self.code = expand_entry_points(expand_local_includes(code, self.filename, _include_dirs(self.options)),
+                                        self.filename)
         self.signatures = find_kernels(self.code)
         self._emu = None
         self._cupy = None
@@ -306,8 +309,8 @@ _modules = {}
 def load_module(filename, options=()):
     """RawModule for a .cu file in kernels/ (or a path), cached per (file, options).
 
-    Compiler messages name the file as `kernels/<name>.cu`; the file's folder is on the include
-    path, so kernels can `#include "common.cuh"`.
+    Compiler messages name the file as `kernels/<name>.cu`; the file's folder, then kernels/, is
+    on the include path, so kernels (and copies of them elsewhere) can `#include "common.cuh"`.
     """
     path = Path(filename)
     if not path.is_absolute() and not path.exists():
@@ -318,8 +321,11 @@ def load_module(filename, options=()):
     mod = _modules.get(key)
     if mod is None:
         shown = display_path(path)
-        # `#include "common.cuh"` and friends: the file's folder is on the include path
+        # `#include "common.cuh"` and friends: the file's folder is on the include path, then
+        # kernels/ (for a learner's copy of a kernel kept elsewhere)
         options = tuple(options) + ("-I", str(path.resolve().parent))
+        if path.resolve().parent != KERNEL_DIR:
+            options += ("-I", str(KERNEL_DIR))
         mod = RawModule(code=path.read_text(), options=options, filename=shown)
         _modules[key] = mod
     return mod

@@ -229,13 +229,27 @@ class ModuleSymbols:
         return table
 
     def shared_variables(self, section_lo, section_hi):
-        """[(address, size, display name)] of the __shared__ variables in [section_lo, section_hi)."""
+        """[(address, size, display name)] of the __shared__ variables: those in the section
+        [section_lo, section_hi), and those g++ left outside it.  g++ (before version 14) ignores
+        the section attribute of a static local of a function template, so a __shared__ array
+        declared inside a template lands in .bss; in sanitized and debug builds cuda_emu.h puts a
+        128-byte pad variable right before every __shared__ declaration, and the variables that
+        follow a pad in its own function are these."""
         base = self.base()
-        out = []
-        for value, size, _, name in self._nm(["--defined-only"]):
-            a = base + value
-            if section_lo <= a < section_hi and size and "__emu_shared_pad_" not in name:
+        table = sorted((base + value, size, name) for value, size, kind, name in self._nm(["--defined-only"])
+                       if size and kind in "bBdD")
+        out, scope = [], None   # scope: the function of the last pad outside the section
+        for a, size, name in table:
+            inside = section_lo <= a < section_hi
+            if "__emu_shared_pad_" in name:
+                scope = None if inside else name.rpartition("::")[0]
+            elif inside:
                 out.append((a, size, _display_variable(name)))
+            elif scope is not None and name.rpartition("::")[0] == scope:
+                # (`__shared__ float a[8], b[8];` pads only a: b follows in the same function)
+                out.append((a, size, _display_variable(name)))
+            else:
+                scope = None
         return sorted(out)
 
     def lines(self, pcs):
@@ -264,9 +278,14 @@ class ModuleSymbols:
 
 
 def _display_variable(name):
-    """'k1::tile' -> "'tile' (in k1)"; 'glob' -> "'glob'"."""
+    """'k1::tile' -> "'tile' (in k1)"; 'tile_loop<float, 16>(int)::As' -> "'As' (in tile_loop)";
+    'glob' -> "'glob'"."""
     head, sep, var = name.rpartition("::")
-    return f"'{var}' (in {head})" if sep else f"'{name}'"
+    if not sep:
+        return f"'{name}'"
+    for bracket in "<(":   # a template's arguments, a function's parameters
+        head = head.split(bracket, 1)[0] or head
+    return f"'{var}' (in {head})"
 
 
 _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep

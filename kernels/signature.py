@@ -11,6 +11,14 @@ Type codes: 'f16' 'bf16' 'f32' 'f64' 'i8' 'u8' 'i16' 'u16' 'i32' 'u32' 'i64' 'u6
 vector types like 'f32x4', 'void', and '?' for a type this parser does not know (a typedef or a
 struct): such a parameter is passed unchecked (on the emulator, its size is still checked).
 
+Entry points from templates.  A kernel written once as a `template <...> __device__ void f(...)`
+is exported per type by an instantiation list of lines `KERNEL_ENTRY(f_f32, f<float>)`
+(kernels/common.cuh).  `expand_entry_points` replaces each such line by the extern "C" __global__
+function it stands for, the template's own parameter list with the template arguments put in:
+    extern "C" __global__ void f_f32(const float* __restrict__ x, ...) { f<float>(x, ...); }
+so both compilers, the argument check and a reader of `RawModule.code` see ordinary kernels.
+`RawModule` (and kernels/nvrtc.py's `compile_file`) do it before compiling.
+
 Two checks, one verdict.  `check_args` is the reference: it walks the parameters and, on a
 mismatch, says what to pass.  A launch is on the hot path (a training step is ~800 of them), so
 `compiled_check(sig, array_class)` turns a signature into a small Python function, once per
@@ -24,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Param", "KernelSignature", "find_kernels", "check_args", "compiled_check", "dtype_code", "code_size"]
+__all__ = ["Param", "KernelSignature", "find_kernels", "expand_entry_points", "check_args", "compiled_check",
+           "dtype_code", "code_size"]
 
 
 @dataclass(frozen=True)
@@ -187,13 +196,120 @@ _GLOBAL_RE = re.compile(
     r"(?:__launch_bounds__\s*\([^)]*\)\s*)?([A-Za-z_]\w*)\s*\(")
 
 
+_ENTRY_RE = re.compile(r"^[ \t]*KERNEL_ENTRY\s*\(", re.M)
+_TEMPLATE_RE = re.compile(r"\btemplate\s*<")
+_TEMPLATE_FUNCTION_RE = re.compile(r"\s*((?:__device__|__global__|__forceinline__|__noinline__|static|inline)\s+)*"
+                                   r"void\s+([A-Za-z_]\w*)\s*\(")
+
+
+def _templates(text):
+    """{name: (template parameter names, parameter list text, is __device__)} of the function
+    templates in comment-free `text`."""
+    found = {}
+    for m in _TEMPLATE_RE.finditer(text):
+        close = _match_close(text, m.end() - 1, "<", ">")
+        if close < 0:
+            continue
+        f = _TEMPLATE_FUNCTION_RE.match(text, close + 1)
+        if f is None:
+            continue
+        open_paren = f.end() - 1
+        end = _match_close(text, open_paren, "(", ")")
+        if end < 0:
+            continue
+        names = [re.findall(r"[A-Za-z_]\w*", p.split("=")[0])[-1]
+                 for p in _split_params(text[m.end():close]) if p.strip()]
+        found[f.group(2)] = (names, text[open_paren + 1:end], "__device__" in (f.group(0) or ""))
+    return found
+
+
+def _entry_error(message, filename, line):
+    from .errors import CompileError
+    return CompileError(f"{filename}:{line}: {message}", filename=filename, line=line)
+
+
+def expand_entry_points(source, filename="<kernel source>"):
+    """`source` with every `KERNEL_ENTRY(name, template<args>)` line replaced by the extern "C"
+    __global__ kernel `name`, which calls the __device__ function template with those template
+    arguments and takes the template's parameters with the template arguments substituted.
+
+    The replacement keeps the line count, so compiler messages, `#line` and gdb still point at
+    the right lines (a generated kernel stands on its KERNEL_ENTRY line).  Raises
+    kernels.CompileError naming the file and line when the template is not found, is not
+    __device__, or takes another number of template arguments.
+    """
+    if "KERNEL_ENTRY" not in source:
+        return source
+    text = _strip_comments(source)
+    starts = list(_ENTRY_RE.finditer(text))
+    if not starts:
+        return source
+    templates = _templates(text)
+    out, pos = [], 0
+    for m in starts:
+        open_paren = m.end() - 1
+        close = _match_close(text, open_paren, "(", ")")
+        line = text.count("\n", 0, m.start()) + 1
+        if close < 0:
+            raise _entry_error("KERNEL_ENTRY( is never closed", filename, line)
+        end = close + 1
+        semicolon = re.match(r"[ \t]*;", text[end:])
+        if semicolon:
+            end += semicolon.end()
+        parts = [" ".join(p.split()) for p in _split_entry_args(text[open_paren + 1:close])]
+        target = re.fullmatch(r"([A-Za-z_]\w*)\s*<(.*)>", parts[1]) if len(parts) == 2 else None
+        if len(parts) != 2 or not re.fullmatch(r"[A-Za-z_]\w*", parts[0]) or target is None:
+            raise _entry_error(f"expected KERNEL_ENTRY(kernel_name, template_name<arguments>), got "
+                               f"KERNEL_ENTRY({', '.join(parts)})", filename, line)
+        name, template, args = parts[0], target.group(1), [a.strip() for a in _split_params(target.group(2))]
+        if template not in templates:
+            raise _entry_error(f"KERNEL_ENTRY({name}, ...): no function template '{template}' defined before "
+                               f"it", filename, line)
+        params, plist, is_device = templates[template]
+        if not is_device:
+            raise _entry_error(f"KERNEL_ENTRY({name}, ...): template '{template}' must be a __device__ function "
+                               f"(the entry point is the __global__ one)", filename, line)
+        if len(args) != len(params):
+            raise _entry_error(f"KERNEL_ENTRY({name}, ...): template '{template}' takes {len(params)} template "
+                               f"arguments ({', '.join(params)}), got {len(args)}", filename, line)
+        for p, a in zip(params, args):
+            plist = re.sub(rf"\b{re.escape(p)}\b", a, plist)
+        decls = [p for p in _split_params(plist) if p.strip() and p.strip() != "void"]
+        names = [_parse_param(d).name for d in decls]
+        if not all(names):
+            raise _entry_error(f"KERNEL_ENTRY({name}, ...): every parameter of '{template}' needs a name",
+                               filename, line)
+        kernel = (f'extern "C" __global__ void {name}({", ".join(decls)}) '
+                  f'{{ {template}<{", ".join(args)}>({", ".join(names)}); }}')
+        out.append(source[pos:m.start()])
+        out.append(kernel + "\n" * source.count("\n", m.start(), end))
+        pos = end
+    out.append(source[pos:])
+    return "".join(out)
+
+
+def _split_entry_args(text):
+    """KERNEL_ENTRY's two arguments: split at the first comma outside brackets (the template
+    arguments have commas of their own)."""
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch in "<([":
+            depth += 1
+        elif ch in ">)]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            return [text[:i], text[i + 1:]]
+    return [text]
+
+
 def find_kernels(source):
     """The extern "C" __global__ functions defined in `source`: {name: KernelSignature}.
 
     A kernel is exported when its definition starts with `extern "C"` (the CuPy idiom) or lies
-    inside an `extern "C" { ... }` block.  Template kernels are reached through such entry points.
+    inside an `extern "C" { ... }` block.  Template kernels are reached through such entry points,
+    written out or as `KERNEL_ENTRY` lines (expanded first: see expand_entry_points).
     """
-    text = _strip_comments(source)
+    text = _strip_comments(expand_entry_points(source))
     blocks = _extern_c_blocks(text)
     kernels = {}
     for m in _GLOBAL_RE.finditer(text):

@@ -22,7 +22,8 @@ import importlib
 import numpy as np
 
 __all__ = ["Device", "get_device", "cpu", "emu", "cuda", "default_device_for", "is_array", "to_numpy", "host_reads",
-           "set_conv_engine", "cuda_unavailable_reason", "auto_device", "free_device_memory"]
+           "set_conv_engine", "use_kernels", "select_kernels", "restore_kernels", "kernel_table",
+           "cuda_unavailable_reason", "auto_device", "free_device_memory"]
 
 _host_reads = 0
 
@@ -126,6 +127,43 @@ def set_conv_engine(name):
     """Which engine runs convolutions on the cuda device: 'ours' (our kernels, the default) or
     'cudnn' (NVIDIA cuDNN through its frontend). cpu and emu are unaffected."""
     importlib.import_module("kernels.ops").set_conv_engine(name)
+
+
+def use_kernels(spec=None, **choices):
+    """A context in which the emu and cuda devices run the chosen kernel versions (cpu is NumPy and
+    unaffected): use_kernels(conv=1, batchnorm=2), use_kernels("conv=1,batchnorm=my_bn.cu"),
+    use_kernels(conv="my_conv.cu:1") for version 1 of a learner's copy of kernels/conv.cu.  The
+    versions are those of `python -m kernels.<family> --list`; see kernels/versions.py."""
+    return importlib.import_module("kernels.versions").use(spec, **choices)
+
+
+def select_kernels(spec, device=None):
+    """The versions `spec` chooses (a spec as for use_kernels, or a run's recorded table; None: the
+    defaults) for everything from now on, as a training run does.  device 'emu' or 'cuda' compiles
+    every learner's copy for it now, so that a compile error shows before any work.  Raises
+    ValueError with one line that says what is wrong.  Returns what restore_kernels takes."""
+    versions = importlib.import_module("kernels.versions")
+    from kernels.errors import CompileError
+    try:
+        return versions.select(spec, compile_for=device if device in ("emu", "cuda") else None)
+    except CompileError as e:
+        first = next((line.strip() for line in e.log.splitlines() if "error" in line), "")
+        family = next((f for f, c in versions.parse(spec).items() if c.source is not None
+                       and str(c.source) in e.message), "<family>")
+        raise ValueError(f"{e.message}{': ' + first if first else ''} (python -m kernels.{family} --emulator "
+                         f"--source FILE shows the compiler's whole message)") from None
+
+
+def restore_kernels(previous):
+    """Undo select_kernels: `previous` is what it returned."""
+    importlib.import_module("kernels.versions").restore(previous)
+
+
+def kernel_table(spec=None):
+    """What a run records of its kernels: {family: {'version': N[, 'file': path, 'sha256': ...]}}
+    for every family training can choose, from `spec` (defaults filled in) or, with None, from the
+    versions in use now.  Raises ValueError for a bad spec."""
+    return importlib.import_module("kernels.versions").table(spec)
 
 
 _cuda_probe = {}   # id(the cupy module probed) -> (that module, its reason): probed once per process

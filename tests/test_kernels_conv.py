@@ -12,6 +12,7 @@ import pytest
 
 from kernels import conv as CV
 from kernels import reference as ref
+from kernels import versions
 
 # (x shape NHWC, w shape OIHW, stride, padding)
 CASES = [
@@ -43,7 +44,7 @@ def _problem(case, seed):
     return x, w, dy, stride, pad
 
 
-@pytest.mark.parametrize("version", CV.VERSIONS)
+@pytest.mark.parametrize("version", versions.numbers("conv"))
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_conv2d_matches_reference(backend, version, case):
     x, w, dy, stride, pad = _problem(case, seed=CASES.index(case))
@@ -98,7 +99,7 @@ def test_backward_matches_finite_differences(backend, case):
 
     num_dx, num_dw = numeric(x64), numeric(w64)
     d = backend.to_device
-    for version in CV.VERSIONS:
+    for version in versions.numbers("conv"):
         dx = backend.to_host(CV.conv2d_backward_data(d(g), d(w), x.shape, stride, pad, version=version))
         dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(g), w.shape, stride, pad, version=version))
         assert _rel_err(dx, num_dx) < 1e-5, f"{version} dx vs finite differences: {_rel_err(dx, num_dx):.2e}"

@@ -21,14 +21,14 @@ def make(N, K, rng, scale=3.0):
     return logits, labels
 
 
-@pytest.mark.parametrize("method", ce.METHODS)
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("N,K", SHAPES)
-def test_forward_and_backward_match_reference(backend, N, K, smoothing, method):
+def test_forward_and_backward_match_reference(backend, N, K, smoothing, version):
     rng = np.random.default_rng(N * 1000 + K)
     logits, labels = make(N, K, rng)
     loss, probs = ce.softmax_cross_entropy_forward(backend.to_device(logits), backend.to_device(labels),
-                                                   smoothing, method=method)
+                                                   smoothing, version=version)
     loss_ref, probs_ref = ref.softmax_cross_entropy_forward(logits.astype(np.float64), labels, smoothing)
     h = backend.to_host
     assert loss.shape == () and loss.dtype == np.float32

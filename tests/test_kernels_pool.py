@@ -36,10 +36,10 @@ def test_maxpool_matches_reference(backend, case):
     assert argmax.dtype == np.int32
     dy = rng.standard_normal(y_ref.shape).astype(np.float32)
     dx_ref = ref.maxpool2d_backward(dy.astype(np.float64), argmax_ref, shape, k, s, p)
-    for method in pool.MAXPOOL_BACKWARD_METHODS:
-        dx = pool.maxpool2d_backward(backend.to_device(dy), argmax, shape, k, s, p, method=method)
+    for version in (1, 2):
+        dx = pool.maxpool2d_backward(backend.to_device(dy), argmax, shape, k, s, p, version=version)
         assert dx.shape == shape
-        assert rel_err(backend.to_host(dx), dx_ref) < 1e-6, method
+        assert rel_err(backend.to_host(dx), dx_ref) < 1e-6, version
 
 
 def test_maxpool_ties_go_to_the_first_pixel(backend):
@@ -72,8 +72,8 @@ def test_maxpool_with_nan_inputs_picks_real_pixels_like_the_kernel(backend):
     assert dx.shape == x.shape and dx.sum() == y_ref.size
 
 
-@pytest.mark.parametrize("method", ["gather", "scatter"])
-def test_maxpool_backward_of_a_geometry_with_the_shapes_of_another(backend, method):
+@pytest.mark.parametrize("version", [1, 2])
+def test_maxpool_backward_of_a_geometry_with_the_shapes_of_another(backend, version):
     """4/2/1 on 8x8 gives the 4x4 output of 3/2/1: the geometry travels with the call, nothing is
     guessed from the shapes (the gradient used to be routed as for 3/2/1 on emu/cuda)."""
     rng = np.random.default_rng(2)
@@ -82,7 +82,7 @@ def test_maxpool_backward_of_a_geometry_with_the_shapes_of_another(backend, meth
     y, argmax = ref.maxpool2d_forward(x, k, s, p)
     assert y.shape == ref.maxpool2d_forward(x, 3, 2, 1)[0].shape
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    dx = pool.maxpool2d_backward(backend.to_device(dy), backend.to_device(argmax), shape, k, s, p, method=method)
+    dx = pool.maxpool2d_backward(backend.to_device(dy), backend.to_device(argmax), shape, k, s, p, version=version)
     want = ref.maxpool2d_backward(dy.astype(np.float64), argmax, shape, k, s, p)
     assert rel_err(backend.to_host(dx), want) < 1e-6
 
@@ -174,7 +174,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="does not match x_shape"):
         pool.maxpool2d_backward(y, argmax, (1, 9, 9, 2), 3, 2, 1)
     with pytest.raises(ValueError, match="argmax holds indices outside"):
-        pool.maxpool2d_backward(y, argmax + 100, x.shape, 3, 2, 1, method="scatter")
+        pool.maxpool2d_backward(y, argmax + 100, x.shape, 3, 2, 1, version=1)
     with pytest.raises(ValueError, match="dy shape"):
         pool.global_avgpool_backward(np.zeros((1, 3), np.float32), x.shape)
     with pytest.raises(ValueError, match="x_shape must be"):

@@ -173,12 +173,14 @@ def test_atomics_one_request_per_warp():
 
 
 # ------------------------------------------------------------------------------ shared memory
+@pytest.mark.parametrize("kernel", ["shared_stride_f32", "shared_stride_template_f32"])
 @pytest.mark.parametrize("stride,wavefronts", [(1, 1), (2, 2), (32, 32), (33, 1), (4, 4), (16, 16)])
-def test_shared_bank_conflicts(stride, wavefronts):
+def test_shared_bank_conflicts(kernel, stride, wavefronts):
     # word i * stride is in bank (i * stride) % 32: stride 2 puts two lanes in each even bank
     # (2-way), stride 32 all 32 lanes in bank 0 (32-way), stride 33 one lane per bank
     y = np.zeros(32, np.float32)
-    p = run("shared_stride_f32", (1,), (32,), (y, I32(stride)))
+    p = run(kernel, (1,), (32,), (y, I32(stride)))
+    assert g(p, "req", "ld") == 0 and p.outside_arguments == 0     # shared, not global
     np.testing.assert_array_equal(y, np.arange(32, dtype=np.float32))
     for op in ("ld", "st"):
         assert s(p, "req", op) == 1

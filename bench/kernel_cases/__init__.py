@@ -7,12 +7,17 @@ Each module defines `cases(xp, size)` returning a list of `Case`:
 A Case times `run()` (our kernel) and, when given, `baseline()` (cuDNN / cuBLAS / a CuPy
 built-in doing the same work), and reports bytes/s against the measured copy bandwidth and
 FLOP/s against the measured matmul peak.
+
+The inputs, the calls of each kernel version (numbered as in the kernel files' headers) and the
+bytes and FLOPs of each op come from kernels/cases.py, which `python -m kernels.<op>` uses too;
+`lesson_case` turns one of its ops into a Case.  This folder adds the shapes (ResNet-50's at
+batch 256) and the baselines.
 """
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-__all__ = ["Case", "MODULES"]
+__all__ = ["Case", "MODULES", "lesson_case"]
 
 # bench.kernels imports these in order; add a module here when you add a file.
 MODULES = ["elementwise", "reduce", "gemm_conv", "norm_pool_loss_optim"]
@@ -28,3 +33,12 @@ class Case:
     baseline_name: str = ""        # "cuDNN", "cuBLAS", "cupy.maximum", ...
     group: str = ""                # filled in by bench.kernels from the module name
     notes: dict = field(default_factory=dict)
+
+
+def lesson_case(case, op, version, name, baseline=None, baseline_name=""):
+    """A Case timing `op` of a kernels.cases case at `version` (None: the version in use), with its
+    bytes and FLOPs; the arrays it updates in place are prepared once."""
+    state = case.prepare(op)
+    nbytes, flops = case.work(op)
+    return Case(name=name, run=lambda: case.run(op, version, state), bytes=nbytes, flops=flops, baseline=baseline,
+                baseline_name=baseline_name)

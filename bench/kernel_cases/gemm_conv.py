@@ -9,16 +9,18 @@ fp32 out).  Baselines: cuBLAS through cupy.matmul, cuDNN through kernels/cudnn_e
 can run here.
 
 size="tiny": a few small shapes with every version, seconds on the CPU emulator.
+Versions are numbered as in the headers of conv.cu (1 naive, 2 im2col + GEMM, 3 implicit GEMM) and
+gemm.cu (1 naive, 2 tiled, 3 register blocking, 4 tensor cores).
 """
 
 import numpy as np
 
-from bench.kernel_cases import Case
-from kernels import conv as CV
+from bench.kernel_cases import lesson_case
+from kernels import cases as lesson
 from kernels import gemm as G
+from kernels import versions
 
 BATCH = 256
-F32 = 4
 
 
 def resnet50_conv_shapes():
@@ -44,13 +46,6 @@ def resnet50_conv_shapes():
     return distinct
 
 
-def _randn(xp, shape):
-    """float32 standard normal numbers made where they are used (no host-to-GPU copy)."""
-    if xp is np:
-        return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    return xp.random.standard_normal(shape, dtype=np.float32)
-
-
 def _cudnn():
     try:
         from kernels import cudnn_engine
@@ -60,56 +55,28 @@ def _cudnn():
         return None
 
 
-def _conv_cases(xp, n, shape, versions, cudnn):
+def _conv_cases(xp, n, shape, conv_versions, cudnn):
     H, W, C, K, R, stride, pad = shape
-    P = CV.conv_output_size(H, R, stride, pad)
-    Q = CV.conv_output_size(W, R, stride, pad)
-    x = _randn(xp, (n, H, W, C))
-    w = _randn(xp, (K, C, R, R)) * np.float32(0.05)
-    dy = _randn(xp, (n, P, Q, K))
-    flops = 2 * n * P * Q * K * C * R * R
-    x_b, w_b, y_b = x.size * F32, w.size * F32, dy.size * F32
+    c = lesson.make("conv", xp, (n, H, W, C, K, R, stride, pad))
     label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}"
-    cases = []
-    for v in versions:
-        tag = "" if v == "implicit_gemm" else f" ({v})"
-        cases.append(Case(
-            name=f"conv2d_forward {label}{tag}", flops=flops, bytes=x_b + w_b + y_b,
-            run=lambda v=v: CV.conv2d_forward(x, w, stride, pad, version=v),
-            baseline=(lambda: cudnn.conv2d_forward(x, w, stride, pad)) if cudnn else None,
-            baseline_name="cuDNN" if cudnn else ""))
-        cases.append(Case(
-            name=f"conv2d_backward_data {label}{tag}", flops=flops, bytes=x_b + w_b + y_b,
-            run=lambda v=v: CV.conv2d_backward_data(dy, w, x.shape, stride, pad, version=v),
-            baseline=(lambda: cudnn.conv2d_backward_data(dy, w, x.shape, stride, pad)) if cudnn else None,
-            baseline_name="cuDNN" if cudnn else ""))
-        cases.append(Case(
-            name=f"conv2d_backward_weight {label}{tag}", flops=flops, bytes=x_b + w_b + y_b,
-            run=lambda v=v: CV.conv2d_backward_weight(x, dy, w.shape, stride, pad, version=v),
-            baseline=(lambda: cudnn.conv2d_backward_weight(x, dy, w.shape, stride, pad)) if cudnn else None,
-            baseline_name="cuDNN" if cudnn else ""))
-    return cases
+    baselines = {"conv2d_forward": lambda: cudnn.conv2d_forward(c.x, c.w, stride, pad),
+                 "conv2d_backward_data": lambda: cudnn.conv2d_backward_data(c.dy, c.w, c.x.shape, stride, pad),
+                 "conv2d_backward_weight": lambda: cudnn.conv2d_backward_weight(c.x, c.dy, c.w.shape, stride, pad)}
+    return [lesson_case(c, op, v, f"{op} {label} v{v}", baselines[op] if cudnn else None, "cuDNN" if cudnn else "")
+            for v in conv_versions for op in c.ops(v)]
 
 
 def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, version=None):
-    dtype = np.float16 if half else np.float32
-    a = _randn(xp, (K, M) if trans_a else (M, K)).astype(dtype)
-    b = _randn(xp, (N, K) if trans_b else (K, N)).astype(dtype)
-    c = xp.empty((M, N), dtype=np.float32)
-    item = 2 if half else 4
-    if half:
-        run = lambda: G.gemm_f16(a, b, trans_a, trans_b, c=c, version=version or "wmma")
-    else:
-        run = lambda: G.gemm(a, b, trans_a, trans_b, c=c, version=version or "fast")
+    c = lesson.make("gemm", xp, (M, N, K, int(trans_a), int(trans_b)))
+    op = "gemm_f16" if half else "gemm"
+    version = version or (4 if half else 3)
     baseline = None
     if xp is not np:
-        opa = a.T if trans_a else a
-        opb = b.T if trans_b else b
+        a, b = (c.a16, c.b16) if half else (c.a, c.b)
+        opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
         baseline = lambda: xp.matmul(opa, opb)
-    tag = f" [{version}]" if version else ""
-    return Case(name=f"{name}{tag} {M}x{K} @ {K}x{N}{' fp16->fp32' if half else ''}",
-                run=run, flops=2 * M * N * K, bytes=(M * K + K * N) * item + M * N * 4,
-                baseline=baseline, baseline_name="cuBLAS (cupy.matmul)" if baseline else "")
+    return lesson_case(c, op, version, f"{name} v{version} {M}x{K} @ {K}x{N}{' fp16->fp32' if half else ''}",
+                       baseline, "cuBLAS (cupy.matmul)" if baseline else "")
 
 
 def cases(xp, size):
@@ -117,8 +84,8 @@ def cases(xp, size):
     if size == "tiny":
         out = []
         for shape in [(9, 9, 3, 8, 3, 1, 1), (7, 7, 5, 7, 1, 2, 0)]:
-            out += _conv_cases(xp, 2, shape, CV.VERSIONS, None)
-        for version in G.VERSIONS:
+            out += _conv_cases(xp, 2, shape, versions.numbers("conv"), None)
+        for version in G.F32_VERSIONS:
             out.append(_gemm_case(xp, "gemm", 33, 17, 65, version=version))
         out.append(_gemm_case(xp, "gemm_f16", 33, 17, 65, half=True))
         out.append(_gemm_case(xp, "linear fc forward", 4, 10, 32, trans_b=True))
@@ -128,14 +95,14 @@ def cases(xp, size):
     cudnn = _cudnn()
     out = []
     for shape in resnet50_conv_shapes():
-        out += _conv_cases(xp, BATCH, shape, ("implicit_gemm",), cudnn)
+        out += _conv_cases(xp, BATCH, shape, (3,), cudnn)
     for shape in [(56, 56, 64, 64, 3, 1, 1), (28, 28, 128, 128, 3, 1, 1)]:
-        out += _conv_cases(xp, BATCH, shape, ("im2col",), cudnn)
+        out += _conv_cases(xp, BATCH, shape, (2,), cudnn)
     # fully connected layer: y = x @ w^T, dx = dy @ w, dw = dy^T @ x
     out.append(_gemm_case(xp, "fc forward", BATCH, 1000, 2048, trans_b=True))
     out.append(_gemm_case(xp, "fc backward data", BATCH, 2048, 1000))
     out.append(_gemm_case(xp, "fc backward weight", 1000, 2048, BATCH, trans_a=True))
-    for version in ("tiled", "fast"):
+    for version in (2, 3):
         out.append(_gemm_case(xp, "gemm square", 4096, 4096, 4096, version=version))
     out.append(_gemm_case(xp, "gemm square", 4096, 4096, 4096, half=True))
     out.append(_gemm_case(xp, "fc forward", BATCH, 1000, 2048, trans_b=True, half=True))

@@ -326,6 +326,11 @@ void on_access(uintptr_t a, unsigned size, int kind, uintptr_t pc, bool aligned)
         if (a + 256 >= Z.dyn_lo && a < Z.dyn_cap + 256)
             report(EMU_CHECK_MEMCHECK, EMU_SAN_OUT_OF_BOUNDS, a, nearest_region(a, EMU_REGION_DYNAMIC_SHARED), size,
                    kind, pc, nullptr);
+        for (int r : Z.shared_vars) {   // just past a __shared__ variable outside the section
+            const emu_region& v = Z.p->regions[r];
+            if (a >= v.end && a < v.end + 256 && (v.begin >= Z.static_hi || v.end <= Z.static_lo))
+                report(EMU_CHECK_MEMCHECK, EMU_SAN_OUT_OF_BOUNDS, a, r, size, kind, pc, nullptr);
+        }
         for (const auto& seg : Z.ignore)
             if (a >= seg.first && a < seg.second) return;
         report(EMU_CHECK_MEMCHECK, EMU_SAN_OUT_OF_BOUNDS, a, nearest_region(a, EMU_REGION_ARGUMENT), size, kind, pc,
@@ -392,6 +397,22 @@ void san_launch_begin(const emu_launch_params* p) {
         i = j;
     }
     if (Z.static_hi > Z.static_lo) Z.spans.push_back(make_span(Z.static_lo, Z.static_hi, EMU_REGION_SHARED, nullptr));
+    // __shared__ variables g++ left outside the section (static locals of function templates,
+    // see cuda_emu.h), each with the 128-byte pad before it; neighbours merged
+    std::vector<std::pair<uintptr_t, uintptr_t>> outside;
+    for (int i = 0; i < p->nregions; ++i) {
+        const emu_region& r = p->regions[i];
+        if (r.kind == EMU_REGION_SHARED && r.end > r.begin && (r.begin >= Z.static_hi || r.end <= Z.static_lo))
+            outside.push_back({r.begin - 128, r.end});
+    }
+    std::sort(outside.begin(), outside.end());
+    for (size_t i = 0; i < outside.size();) {
+        uintptr_t lo = outside[i].first, hi = outside[i].second;
+        size_t j = i + 1;
+        for (; j < outside.size() && outside[j].first <= hi; ++j) hi = std::max(hi, outside[j].second);
+        Z.spans.push_back(make_span(lo, hi, EMU_REGION_SHARED, nullptr));
+        i = j;
+    }
     if (Z.dyn_cap > Z.dyn_lo) Z.spans.push_back(make_span(Z.dyn_lo, Z.dyn_cap, EMU_REGION_DYNAMIC_SHARED, nullptr));
     std::sort(Z.spans.begin(), Z.spans.end(), [](const Span& x, const Span& y) { return x.lo < y.lo; });
     // an argument inside the module's own memory (it cannot be): keep the spans disjoint

@@ -14,6 +14,9 @@
  *   shared memory, wavefronts per request (32 banks of 4 bytes)
  *     shared_stride_f32     lane i touches word i * stride: 1 -> no conflict, 2 -> 2-way,
  *                           32 -> 32-way, 33 -> none again (33 words apart = 1 bank apart)
+ *     shared_stride_template_f32   the same with the __shared__ array declared in a function
+ *                           template (g++ keeps such arrays out of the emulator's shared-memory
+ *                           section: the emulator must still know them as shared memory)
  *     shared_broadcast_f32  every lane reads the same word: one wavefront (a broadcast)
  *     shared_f32x2, shared_f32x4   8- and 16-byte accesses (half- and quarter-warps)
  */
@@ -53,6 +56,16 @@ extern "C" __global__ void shared_stride_f32(float* y, int stride) {
     __syncthreads();
     y[t] = words[t * stride];
 }
+
+template <int WORDS>
+__device__ void stride_through_shared(float* y, int stride) {
+    __shared__ float words[WORDS];
+    const int t = threadIdx.x;
+    words[t * stride] = (float)t;
+    __syncthreads();
+    y[t] = words[t * stride];
+}
+extern "C" __global__ void shared_stride_template_f32(float* y, int stride) { stride_through_shared<32 * 33>(y, stride); }
 
 extern "C" __global__ void shared_broadcast_f32(const float* x, float* y) {
     __shared__ float value[32];

@@ -1,0 +1,592 @@
+"""What `python -m kernels.<op>` checks and times, and bench/kernel_cases times: for each op family,
+its inputs at one shape, the calls each version makes, what the float64 reference
+(kernels/reference.py) says they must return, and the work they do.
+
+    case = cases.make("conv", np)                       # the emulator's default shape
+    case = cases.make("conv", cupy, (16, 56, 56, 64, 64, 3, 1, 1))
+    for op in case.ops(version):                        # the ops whose kernels differ by version
+        state = case.prepare(op)                        # fresh copies of what the op updates in place
+        got = case.run(op, version, state)              # a tuple of arrays (or numbers)
+        error, tolerance = case.check(op, version, got)
+    case.shared_ops()                                   # ops with one kernel in every version
+
+Inputs are made where they are used (NumPy's or CuPy's generator, fixed seeds) and kept there
+only; the expected results are computed in float64 from host copies when a check asks for them.
+A tolerance bounds `max |got - want| / max |want|` over each output: float32 rounding passes it,
+a wrong index or a lost block does not.
+"""
+
+import numpy as np
+
+from . import batchnorm as bn
+from . import conv as cv
+from . import cross_entropy as ce
+from . import elementwise as ew
+from . import gemm as gm
+from . import input as inp
+from . import optimizer as opt
+from . import pool
+from . import reduce as rd
+from . import reference as ref
+from . import versions
+
+__all__ = ["OpCase", "CASES", "make", "resnet50_param_sizes"]
+
+F32 = 4
+
+
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def max_rel_error(got, want):
+    """max |got - want| / max |want| over the outputs of one call (0 when both are all zero; inf
+    for a NaN where the reference has a number, or a wrong shape)."""
+    worst = 0.0
+    for g, w in zip(got, want):
+        g, w = _f64(g), _f64(w)
+        if g.shape != w.shape:
+            return float("inf")
+        if not g.size:
+            continue
+        scale = max(float(np.max(np.abs(w))), 1e-30)
+        error = float(np.max(np.abs(g - w))) / scale
+        if error != error:        # NaN: Python's max() would pass over it
+            return float("inf")
+        worst = max(worst, error)
+    return worst
+
+
+class OpCase:
+    """One op family at one shape.  Subclasses set `family`, `title`, `SHAPE` (the names of the
+    shape parameters, in --shape order), `SHAPES` ({"emu": ..., "gpu": ...} defaults) and define
+    build/ops/run/expect/work."""
+
+    family = ""
+    title = ""
+    SHAPE = ()
+    SHAPES = {}
+    TOLERANCE = 1e-5
+
+    def __init__(self, xp, shape=None, device="emu"):
+        values = tuple(self.SHAPES[device] if shape is None else shape)
+        if len(values) != len(self.SHAPE):
+            raise ValueError(f"{self.family}: a shape is {len(self.SHAPE)} numbers ({', '.join(self.SHAPE)}), got "
+                             f"{len(values)}")
+        self.xp = xp
+        self.shape = dict(zip(self.SHAPE, (int(v) for v in values)))
+        self.rng = np.random.default_rng(0)
+        self._seed = 0
+        self._expected = {}
+        self.build(**self.shape)
+
+    def describe_shape(self):
+        return " ".join(f"{k}={v}" for k, v in self.shape.items())
+
+    def randn(self, shape, scale=1.0, dtype=np.float32):
+        """Standard normal numbers times `scale`, made on the device."""
+        if self.xp is np:
+            return (self.rng.standard_normal(shape) * scale).astype(dtype)
+        self._seed += 1
+        self.xp.random.seed(self._seed)
+        return (self.xp.random.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(dtype)
+
+    def ints(self, low, high, shape, dtype):
+        """Integers in [low, high), made on the device."""
+        if self.xp is np:
+            return self.rng.integers(low, high, shape).astype(dtype)
+        self._seed += 1
+        self.xp.random.seed(self._seed)
+        return self.xp.random.randint(low, high, shape).astype(dtype)
+
+    @staticmethod
+    def host(a, dtype=np.float64):
+        """A host copy of a device array, as `dtype` (float64 for the reference)."""
+        return np.asarray(_to_host(a), dtype=dtype)
+
+    # what subclasses define
+    def build(self, **shape):
+        raise NotImplementedError
+
+    def ops(self, version):
+        """The ops whose kernel is version `version`'s own."""
+        return []
+
+    def shared_ops(self):
+        """The ops that run the same kernel in every version (checked once)."""
+        return []
+
+    def prepare(self, op):
+        """Fresh copies of the arrays `op` updates in place (timed calls reuse one set)."""
+        return {}
+
+    def run(self, op, version, state):
+        raise NotImplementedError
+
+    def expect(self, op):
+        raise NotImplementedError
+
+    def tolerance(self, op, version):
+        return self.TOLERANCE
+
+    def work(self, op):
+        """(bytes, flops): the fewest bytes the op must move (inputs read once, outputs written
+        once) and its floating-point operations (2 per multiply-add)."""
+        return 0, 0
+
+    # the same for every family
+    def expected(self, op):
+        if op not in self._expected:
+            self._expected[op] = tuple(self.expect(op))
+        return self._expected[op]
+
+    def check(self, op, version, got):
+        """(max relative error, tolerance) of one call's outputs."""
+        host = [g if isinstance(g, (int, float)) else _to_host(g) for g in got]
+        return max_rel_error(host, self.expected(op)), self.tolerance(op, version)
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+# ---------------------------------------------------------------------------------- the families
+
+class ReduceCase(OpCase):
+    family, title = "reduce", "the sum of an array"
+    SHAPE = ("n",)
+    SHAPES = {"emu": (50_000,), "gpu": (1 << 22,)}
+
+    def build(self, n):
+        # small integers: every partial sum below 2^24 is exact in float32, so every version must
+        # give the exact sum whatever the order of its adds
+        self.x = self.ints(0, 4, n, np.float32)
+
+    def ops(self, version):
+        return ["sum"]
+
+    def run(self, op, version, state):
+        return (rd.sum(self.x, version=version),)
+
+    def expect(self, op):
+        return (np.array(self.host(self.x).sum()),)
+
+    def tolerance(self, op, version):
+        return 0.0 if 3 * self.shape["n"] < 2 ** 24 else 1e-5
+
+    def work(self, op):
+        return F32 * self.shape["n"], self.shape["n"]
+
+
+class ElementwiseCase(OpCase):
+    family, title = "elementwise", "ReLU, add, add + ReLU, casts"
+    SHAPE = ("n",)
+    SHAPES = {"emu": (20_000,), "gpu": (1 << 24,)}
+    TOLERANCE = 1e-7     # one float32 rounding of the result
+    OPS = ["relu_forward", "relu_backward", "add", "add_relu_forward", "relu_forward f16", "cast f32->f16"]
+
+    def build(self, n):
+        self.a, self.b = self.randn(n), self.randn(n)
+        self.a16 = self.a.astype(np.float16)
+
+    def ops(self, version):
+        return self.OPS
+
+    def run(self, op, version, state):
+        a, b = self.a, self.b
+        return ({"relu_forward": lambda: ew.relu_forward(a), "relu_backward": lambda: ew.relu_backward(b, a),
+                 "add": lambda: ew.add(a, b), "add_relu_forward": lambda: ew.add_relu_forward(a, b),
+                 "relu_forward f16": lambda: ew.relu_forward(self.a16),
+                 "cast f32->f16": lambda: ew.cast(a, np.float16)}[op](),)
+
+    def expect(self, op):
+        a, b, a16 = self.host(self.a), self.host(self.b), self.host(self.a16)
+        return ({"relu_forward": lambda: ref.relu_forward(a), "relu_backward": lambda: ref.relu_backward(b, a),
+                 "add": lambda: ref.add(a, b), "add_relu_forward": lambda: ref.add_relu_forward(a, b),
+                 "relu_forward f16": lambda: ref.relu_forward(a16),
+                 "cast f32->f16": lambda: ref.cast(self.host(self.a, np.float32), np.float16)}[op](),)
+
+    def tolerance(self, op, version):
+        return 0.0 if op.endswith("f16") else self.TOLERANCE   # exact: a max, or round to nearest even
+
+    def work(self, op):
+        n = self.shape["n"]
+        return {"relu_forward": 8, "relu_backward": 12, "add": 12, "add_relu_forward": 12, "relu_forward f16": 4,
+                "cast f32->f16": 6}[op] * n, 0
+
+
+class GemmCase(OpCase):
+    family, title = "gemm", "C = op(A) @ op(B), op(X) = X or X^T"
+    SHAPE = ("M", "N", "K", "trans_a", "trans_b")
+    SHAPES = {"emu": (67, 45, 129, 0, 0), "gpu": (4096, 4096, 4096, 0, 0)}
+
+    def build(self, M, N, K, trans_a, trans_b):
+        if trans_a not in (0, 1) or trans_b not in (0, 1):
+            raise ValueError("gemm: trans_a and trans_b are 0 or 1")
+        self.a = self.randn((K, M) if trans_a else (M, K))
+        self.b = self.randn((N, K) if trans_b else (K, N))
+        self.a16, self.b16 = self.a.astype(np.float16), self.b.astype(np.float16)
+        self.trans = (bool(trans_a), bool(trans_b))
+
+    def ops(self, version):
+        return {1: ["gemm", "gemm_f16"], 2: ["gemm"], 3: ["gemm"], 4: ["gemm_f16"]}[version]
+
+    def prepare(self, op):
+        return {"c": self.xp.empty((self.shape["M"], self.shape["N"]), dtype=np.float32)}
+
+    def run(self, op, version, state):
+        if op == "gemm":
+            return (gm.gemm(self.a, self.b, *self.trans, c=state["c"], version=version),)
+        return (gm.gemm_f16(self.a16, self.b16, *self.trans, c=state["c"], version=version),)
+
+    def expect(self, op):
+        a, b = (self.host(self.a), self.host(self.b)) if op == "gemm" else (self.host(self.a16), self.host(self.b16))
+        # float16 inputs: their products are the only rounding allowed beyond float32 sums
+        return ((a.T if self.trans[0] else a) @ (b.T if self.trans[1] else b),)
+
+    def work(self, op):
+        M, N, K = self.shape["M"], self.shape["N"], self.shape["K"]
+        item = 2 if op == "gemm_f16" else 4
+        return (M * K + K * N) * item + 4 * M * N, 2 * M * N * K
+
+
+class ConvCase(OpCase):
+    family, title = "conv", "2-D convolution, forward and backward"
+    SHAPE = ("N", "H", "W", "C", "K", "R", "stride", "padding")
+    SHAPES = {"emu": (2, 9, 9, 8, 16, 3, 1, 1), "gpu": (16, 56, 56, 64, 64, 3, 1, 1)}
+    OPS = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight"]
+
+    def build(self, N, H, W, C, K, R, stride, padding):
+        P, Q = cv.conv_output_size(H, R, stride, padding), cv.conv_output_size(W, R, stride, padding)
+        if P < 1 or Q < 1:
+            raise ValueError(f"conv: a {R}x{R} filter with stride {stride} and padding {padding} on a {H}x{W} "
+                             f"image gives an empty output")
+        self.x = self.randn((N, H, W, C))
+        self.w = self.randn((K, C, R, R), scale=0.1)
+        self.dy = self.randn((N, P, Q, K))
+        self.P, self.Q = P, Q
+
+    def ops(self, version):
+        return self.OPS
+
+    def run(self, op, version, state):
+        s, p = self.shape["stride"], self.shape["padding"]
+        if op == "conv2d_forward":
+            return (cv.conv2d_forward(self.x, self.w, s, p, version=version),)
+        if op == "conv2d_backward_data":
+            return (cv.conv2d_backward_data(self.dy, self.w, self.x.shape, s, p, version=version),)
+        return (cv.conv2d_backward_weight(self.x, self.dy, self.w.shape, s, p, version=version),)
+
+    def expect(self, op):
+        s, p = self.shape["stride"], self.shape["padding"]
+        x, w, dy = self.host(self.x), self.host(self.w), self.host(self.dy)
+        if op == "conv2d_forward":
+            return (ref.conv2d_forward(x, w, s, p),)
+        if op == "conv2d_backward_data":
+            return (ref.conv2d_backward_data(dy, w, x.shape, s, p),)
+        return (ref.conv2d_backward_weight(x, dy, w.shape, s, p),)
+
+    def work(self, op):
+        N, C, K, R = self.shape["N"], self.shape["C"], self.shape["K"], self.shape["R"]
+        return F32 * (self.x.size + self.w.size + self.dy.size), 2 * N * self.P * self.Q * K * C * R * R
+
+
+class BatchnormCase(OpCase):
+    family, title = "batchnorm", "batch normalisation (plain, + ReLU, + add + ReLU), training and inference"
+    SHAPE = ("N", "H", "W", "C")
+    SHAPES = {"emu": (4, 7, 7, 40), "gpu": (32, 56, 56, 256)}
+    FORWARD = ["batchnorm_forward_train", "batchnorm_relu_forward_train", "batchnorm_add_relu_forward_train"]
+    BACKWARD = ["batchnorm_backward", "batchnorm_relu_backward", "batchnorm_add_relu_backward"]
+
+    def build(self, N, H, W, C):
+        shape = (N, H, W, C)
+        if N * H * W < 2:
+            raise ValueError("batchnorm: the statistics need at least 2 values per channel (N*H*W >= 2)")
+        # a mean per channel beside a spread of 2: version 1's E[x^2] - E[x]^2 loses a few digits here
+        self.x = self.randn(shape, scale=2.0) + self.randn(C)
+        self.residual, self.dy = self.randn(shape), self.randn(shape)
+        self.gamma, self.beta = self.randn(C, scale=0.5) + np.float32(1.0), self.randn(C)
+        self.rm, self.rv = self.randn(C), self.ints(0, 1000, C, np.float32) / np.float32(1000) + np.float32(0.5)
+        self._saved = {}
+
+    def ops(self, version):
+        return self.FORWARD + self.BACKWARD
+
+    def shared_ops(self):
+        return ["batchnorm_forward_inference"]
+
+    def prepare(self, op):
+        return {"rm": self.rm.copy(), "rv": self.rv.copy()} if op in self.FORWARD else {}
+
+    def _forward(self, op, rm, rv):
+        if op == "batchnorm_add_relu_forward_train":
+            return bn.batchnorm_add_relu_forward_train(self.x, self.residual, self.gamma, self.beta, rm, rv)
+        return getattr(bn, op)(self.x, self.gamma, self.beta, rm, rv)
+
+    def saved(self, op):
+        """What the backward `op` gets from its forward: (y, saved_mean, saved_invstd) of the default
+        version, the same for every version checked (and for the reference)."""
+        if op not in self._saved:
+            fwd = self.FORWARD[self.BACKWARD.index(op)]
+            with versions.running("batchnorm", versions.FAMILIES["batchnorm"].default):
+                self._saved[op] = self._forward(fwd, self.rm.copy(), self.rv.copy())
+        return self._saved[op]
+
+    def run(self, op, version, state):
+        with versions.running("batchnorm", version or versions.FAMILIES["batchnorm"].default):
+            if op == "batchnorm_forward_inference":
+                return (bn.batchnorm_forward_inference(self.x, self.gamma, self.beta, self.rm, self.rv),)
+            if op in self.FORWARD:
+                return self._forward(op, state["rm"], state["rv"]) + (state["rm"], state["rv"])
+            y, mean, invstd = self.saved(op)
+            if op == "batchnorm_backward":
+                return bn.batchnorm_backward(self.dy, self.x, self.gamma, mean, invstd)
+            return getattr(bn, op)(self.dy, y, self.x, self.gamma, mean, invstd)
+
+    def expect(self, op):
+        x, g, b, rm, rv = (self.host(a) for a in (self.x, self.gamma, self.beta, self.rm, self.rv))
+        if op == "batchnorm_forward_inference":
+            return (ref.batchnorm_forward_inference(x, g, b, rm, rv),)
+        if op in self.FORWARD:       # the reference updates rm, rv (host copies) in place
+            if op == "batchnorm_add_relu_forward_train":
+                out = ref.batchnorm_add_relu_forward_train(x, self.host(self.residual), g, b, rm, rv)
+            else:
+                out = getattr(ref, op)(x, g, b, rm, rv)
+            return tuple(out) + (rm, rv)
+        y, mean, invstd = (self.host(a) for a in self.saved(op))
+        dy = self.host(self.dy)
+        if op == "batchnorm_backward":
+            return ref.batchnorm_backward(dy, x, g, mean, invstd)
+        return getattr(ref, op)(dy, y, x, g, mean, invstd)
+
+    def tolerance(self, op, version):
+        return 1e-4 if version == 1 else 1e-5   # version 1: E[x^2] - E[x]^2 and long float32 sums
+
+    def work(self, op):
+        passes = {"batchnorm_forward_train": 2, "batchnorm_relu_forward_train": 2,
+                  "batchnorm_add_relu_forward_train": 3, "batchnorm_forward_inference": 2,
+                  "batchnorm_backward": 3, "batchnorm_relu_backward": 4, "batchnorm_add_relu_backward": 5}[op]
+        return passes * F32 * self.x.size, 0
+
+
+class PoolCase(OpCase):
+    family, title = "pool", "max pooling and global average pooling"
+    SHAPE = ("N", "H", "W", "C", "kernel", "stride", "padding")
+    SHAPES = {"emu": (2, 9, 9, 16, 3, 2, 1), "gpu": (64, 112, 112, 64, 3, 2, 1)}
+    TOLERANCE = 1e-6
+
+    def build(self, N, H, W, C, kernel, stride, padding):
+        P, Q = (H + 2 * padding - kernel) // stride + 1, (W + 2 * padding - kernel) // stride + 1
+        if kernel < 1 or stride < 1 or not 0 <= padding < kernel or P < 1 or Q < 1:
+            raise ValueError(f"pool: a {kernel}x{kernel} window, stride {stride}, padding {padding} does not fit a "
+                             f"{H}x{W} image")
+        self.x = self.randn((N, H, W, C))
+        self.dy = self.randn((N, P, Q, C))
+        self.dyavg = self.randn((N, C))
+        self._argmax = None
+
+    def ops(self, version):
+        return ["maxpool2d_backward"]
+
+    def shared_ops(self):
+        return ["maxpool2d_forward", "global_avgpool_forward", "global_avgpool_backward"]
+
+    def _geometry(self):
+        return self.shape["kernel"], self.shape["stride"], self.shape["padding"]
+
+    def argmax(self):
+        """The forward's argmax, which every backward (and the reference's) receives."""
+        if self._argmax is None:
+            self._argmax = pool.maxpool2d_forward(self.x, *self._geometry())[1]
+        return self._argmax
+
+    def run(self, op, version, state):
+        if op == "maxpool2d_forward":
+            return pool.maxpool2d_forward(self.x, *self._geometry())
+        if op == "maxpool2d_backward":
+            return (pool.maxpool2d_backward(self.dy, self.argmax(), self.x.shape, *self._geometry(), version=version),)
+        if op == "global_avgpool_forward":
+            return (pool.global_avgpool_forward(self.x),)
+        return (pool.global_avgpool_backward(self.dyavg, self.x.shape),)
+
+    def expect(self, op):
+        if op == "maxpool2d_forward":
+            return ref.maxpool2d_forward(self.host(self.x), *self._geometry())
+        if op == "maxpool2d_backward":
+            argmax = self.host(self.argmax(), np.int64)
+            return (ref.maxpool2d_backward(self.host(self.dy), argmax, self.x.shape, *self._geometry()),)
+        if op == "global_avgpool_forward":
+            return (ref.global_avgpool_forward(self.host(self.x)),)
+        return (ref.global_avgpool_backward(self.host(self.dyavg), self.x.shape),)
+
+    def work(self, op):
+        nx, ny, nc = self.x.size, self.dy.size, self.dyavg.size
+        return {"maxpool2d_forward": 4 * nx + 8 * ny, "maxpool2d_backward": 8 * ny + 4 * nx,
+                "global_avgpool_forward": 4 * nx + 4 * nc, "global_avgpool_backward": 4 * nx + 4 * nc}[op], 0
+
+
+class CrossEntropyCase(OpCase):
+    family, title = "cross_entropy", "softmax cross-entropy with label smoothing, top-k accuracy"
+    SHAPE = ("N", "K")
+    SHAPES = {"emu": (8, 1000), "gpu": (256, 1000)}
+    SMOOTHING = 0.1
+
+    def build(self, N, K):
+        self.logits = self.randn((N, K), scale=3.0)
+        self.labels = self.ints(0, K, N, np.int32)
+        self._probs = None
+
+    def probs(self):
+        """What the backward gets from the forward: the default version's probabilities."""
+        if self._probs is None:
+            self._probs = ce.softmax_cross_entropy_forward(self.logits, self.labels, self.SMOOTHING, version=2)[1]
+        return self._probs
+
+    def ops(self, version):
+        return ["softmax_cross_entropy_forward"]
+
+    def shared_ops(self):
+        return ["softmax_cross_entropy_backward", "topk_correct"]
+
+    def run(self, op, version, state):
+        if op == "softmax_cross_entropy_forward":
+            return ce.softmax_cross_entropy_forward(self.logits, self.labels, self.SMOOTHING, version=version)
+        if op == "softmax_cross_entropy_backward":
+            return (ce.softmax_cross_entropy_backward(self.probs(), self.labels, self.SMOOTHING),)
+        return (ce.topk_correct(self.logits, self.labels, (1, 5)),)
+
+    def expect(self, op):
+        logits, labels = self.host(self.logits), self.host(self.labels, np.int64)
+        if op == "softmax_cross_entropy_forward":
+            return ref.softmax_cross_entropy_forward(logits, labels, self.SMOOTHING)
+        if op == "softmax_cross_entropy_backward":
+            return (ref.softmax_cross_entropy_backward(self.host(self.probs()), labels, self.SMOOTHING),)
+        return (ref.topk_correct(logits, labels, (1, 5)),)
+
+    def tolerance(self, op, version):
+        return 0.0 if op == "topk_correct" else self.TOLERANCE
+
+    def work(self, op):
+        b = F32 * self.logits.size
+        return {"softmax_cross_entropy_forward": 2 * b, "softmax_cross_entropy_backward": 2 * b,
+                "topk_correct": b}[op], 0
+
+
+def resnet50_param_sizes():
+    """(element count, gets weight decay) of each of ResNet-50 v1.5's 161 parameter tensors, in
+    torchvision order: convolutions and the fc weight decay, BN gamma/beta and the fc bias do not."""
+    sizes = [(64 * 3 * 7 * 7, True), (64, False), (64, False)]
+    c_in = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            for k, c_out in ((1, width), (3, width), (1, 4 * width)):
+                c = c_in if k == 1 and c_out == width else width
+                sizes += [(c_out * c * k * k, True), (c_out, False), (c_out, False)]
+            if b == 0:   # the projection shortcut
+                sizes += [(4 * width * c_in, True), (4 * width, False), (4 * width, False)]
+            c_in = 4 * width
+    sizes += [(1000 * 2048, True), (1000, False)]
+    return sizes
+
+
+class OptimizerCase(OpCase):
+    family, title = "optimizer", "SGD with momentum over every parameter, LARS ratios, the gradient norm"
+    SHAPE = ("tensors", "divide")
+    SHAPES = {"emu": (12, 64), "gpu": (161, 1)}
+    LR, MOMENTUM, WD = 0.1, 0.9, 5e-5
+    TOLERANCE = 1e-6
+
+    def build(self, tensors, divide):
+        table = resnet50_param_sizes()
+        if not 1 <= tensors <= len(table) or divide < 1:
+            raise ValueError(f"optimizer: tensors must be 1..{len(table)} (ResNet-50's, in order) and divide >= 1")
+        table = [(max(1, s // divide), d) for s, d in table[:tensors]]
+        self.sizes = [s for s, _ in table]
+        self.wd = [self.WD if d else 0.0 for _, d in table]
+        self.segments = opt.ParamSegments(self.sizes, self.wd, xp=self.xp)
+        n = self.segments.total
+        self.p, self.g, self.v = self.randn(n), self.randn(n, scale=0.01), self.randn(n, scale=0.01)
+        self.lr = self.xp.asarray(np.array([self.LR], np.float32))   # in device memory, as nn.optim keeps it
+
+    def ops(self, version):
+        return ["momentum update"]
+
+    def shared_ops(self):
+        return ["lars_trust_ratio_flat", "global_grad_norm"]
+
+    def prepare(self, op):
+        return {"p": self.p.copy(), "v": self.v.copy()} if op == "momentum update" else {}
+
+    def run(self, op, version, state):
+        if op == "lars_trust_ratio_flat":
+            return (opt.lars_trust_ratio_flat(self.p, self.g, self.segments),)
+        if op == "global_grad_norm":
+            return (opt.global_grad_norm([self.g]),)
+        p, v = state["p"], state["v"]
+        if version == 1:      # one launch per tensor
+            for ps, gs, vs, wd in zip(self.segments.split(p), self.segments.split(self.g), self.segments.split(v),
+                                      self.wd):
+                opt.sgd_momentum_update(ps, gs, vs, self.LR, self.MOMENTUM, wd)
+        else:                 # one launch for all
+            opt.momentum_update_flat(p, self.g, v, self.segments, self.lr, self.MOMENTUM)
+        return p, v
+
+    def expect(self, op):
+        p, g = self.host(self.p), self.host(self.g)
+        parts = [slice(int(a), int(b)) for a, b in zip(self.segments.offsets[:-1], self.segments.offsets[1:])]
+        if op == "lars_trust_ratio_flat":
+            return (np.array([ref.lars_trust_ratio(p[s], g[s], wd) for s, wd in zip(parts, self.wd)]),)
+        if op == "global_grad_norm":
+            return (np.array(ref.global_grad_norm([g])),)
+        p, v = p.copy(), self.host(self.v)
+        for s, wd in zip(parts, self.wd):
+            ref.sgd_momentum_update(p[s], g[s], v[s], self.LR, self.MOMENTUM, wd)   # in place, per tensor
+        return p, v
+
+    def tolerance(self, op, version):
+        return 1e-5 if op != "momentum update" else self.TOLERANCE
+
+    def work(self, op):
+        n = self.segments.total
+        return {"momentum update": 20 * n, "lars_trust_ratio_flat": 8 * n, "global_grad_norm": 4 * n}[op], 0
+
+
+class InputCase(OpCase):
+    family, title = "input", "uint8 images -> normalised float, on the device"
+    SHAPE = ("N", "H", "W")
+    SHAPES = {"emu": (2, 16, 16), "gpu": (256, 224, 224)}
+    MEAN = (123.68, 116.78, 103.94)
+    TOLERANCE = 1e-6
+
+    def build(self, N, H, W):
+        self.images = self.ints(0, 256, (N, H, W, 3), np.uint8)
+
+    def ops(self, version):
+        return ["input_normalize u8->f32"]
+
+    def shared_ops(self):
+        return ["input_normalize u8->f16"]   # version 2 is float32 only: float16 runs version 1
+
+    def run(self, op, version, state):
+        dtype = np.float32 if op.endswith("f32") else np.float16
+        return (inp.input_normalize(self.images, dtype=dtype, version=version),)
+
+    def expect(self, op):
+        return (ref.input_normalize(self.host(self.images, np.uint8), self.MEAN, None, np.float64),)
+
+    def tolerance(self, op, version):
+        return self.TOLERANCE if op.endswith("f32") else 1e-3   # float16 keeps 11 bits
+
+    def work(self, op):
+        n = self.images.size
+        return (5 if op.endswith("f32") else 3) * n, 0
+
+
+CASES = {c.family: c for c in (ReduceCase, ElementwiseCase, GemmCase, ConvCase, BatchnormCase, PoolCase,
+                               CrossEntropyCase, OptimizerCase, InputCase)}
+
+
+def make(family, xp=np, shape=None, device=None):
+    """The case of `family` on arrays of `xp` (numpy: the emulator; cupy: the GPU) at `shape` (a
+    tuple in the order of its SHAPE, or None for the default of the device)."""
+    return CASES[family](xp, shape, device or ("emu" if xp is np else "gpu"))

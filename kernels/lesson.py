@@ -1,0 +1,234 @@
+"""`python -m kernels.<op>`: every version of one op, checked against the reference and timed.
+
+    python -m kernels.conv                   every version, at the default shape of the device
+    python -m kernels.conv --version 1       only version 1
+    python -m kernels.conv --shape 4,28,28,32,64,3,2,1      N,H,W,C,K,R,stride,padding
+    python -m kernels.conv --shape K=128     change one number of the default shape
+    python -m kernels.conv --list            the versions (from the header of conv.cu) and the shape
+    python -m kernels.conv --source my_conv.cu --version 1   check your own copy of conv.cu
+
+On a GPU (CuPy sees one) the kernels run there, timed with CUDA events (median of repeats after a
+warm-up), with the bandwidth or FLOP rate they reach.  Otherwise they run on the CPU emulator at
+a small shape: the check is the same, but the times are the emulator's, not a GPU's (blocks run
+one after another on one core; a naive kernel can be the fastest there).  Every result is
+compared with kernels/reference.py in float64; the command exits 1 if any version fails.
+The ops are those of kernels/<op>.py: the ones whose kernel changes with the version are listed
+under each version, the ones every version shares once, after them.
+"""
+
+import argparse
+import contextlib
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import cases, versions
+
+__all__ = ["main", "median_time", "gpu_module"]
+
+
+def gpu_module():
+    """cupy when it imports and sees a GPU, else None."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy
+    except Exception:
+        pass
+    return None
+
+
+def median_time(fn, xp, repeat, warmup=1):
+    """Median seconds of fn() over `repeat` calls after `warmup` untimed ones (CUDA events on the
+    GPU, where the host would only see the time to queue the work)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if xp is not np:
+        start, stop = xp.cuda.Event(), xp.cuda.Event()
+        for _ in range(repeat):
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(xp.cuda.get_elapsed_time(start, stop) / 1e3)
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _parse_shape(case_class, text, device):
+    """--shape: all numbers in order ('2,9,9,8'), or NAME=VALUE changes of the default ('K=128')."""
+    names = case_class.SHAPE
+    default = list(case_class.SHAPES[device])
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if parts and all("=" in p for p in parts):
+            for p in parts:
+                name, value = (t.strip() for t in p.split("=", 1))
+                if name not in names:
+                    raise ValueError(f"no shape parameter {name!r}: the names are {', '.join(names)}")
+                default[names.index(name)] = int(value)
+            return tuple(default)
+        values = tuple(int(p) for p in parts)
+    except ValueError as e:
+        raise ValueError(f"--shape {text!r}: {e}") from None
+    if len(values) != len(names):
+        raise ValueError(f"--shape {text!r}: give {len(names)} numbers ({','.join(names)}) or NAME=VALUE pairs")
+    return values
+
+
+def _format_time(t):
+    return f"{t * 1e6:8.1f} us" if t < 1e-3 else f"{t * 1e3:8.2f} ms"
+
+
+def _rate(work, t):
+    nbytes, flops = work
+    out = []
+    if nbytes:
+        out.append(f"{nbytes / t / 1e9:8.1f} GB/s")
+    if flops:
+        out.append(f"{flops / t / 1e12:7.2f} TFLOP/s")
+    return "  ".join(out)
+
+
+def list_versions(family, out=None, source=None):
+    out = out or sys.stdout
+    f = versions.FAMILIES[family]
+    case = cases.CASES[family]
+    print(f"kernels/{f.source}: {case.title}", file=out)
+    for n, text in versions.describe(family, source).items():
+        marks = []
+        if n == f.default:
+            marks.append("the default")
+        if n == versions.in_use()[family] and n != f.default:
+            marks.append("in use")
+        if n not in f.training:
+            marks.append("not used by training")
+        print(f"  version {n}  {text}" + (f"  [{', '.join(marks)}]" if marks else ""), file=out)
+    print(f"shape: {','.join(case.SHAPE)}  (emulator default {','.join(map(str, case.SHAPES['emu']))}; "
+          f"GPU default {','.join(map(str, case.SHAPES['gpu']))})", file=out)
+
+
+@contextlib.contextmanager
+def _source(family, path):
+    """Within the block, launches of `family` come from the learner's copy at `path`."""
+    if path is None:
+        yield None
+        return
+    from . import _launch
+    resolved = versions.check_source(family, path)
+    f = versions.FAMILIES[family]
+    _launch.replace_source(f.source, resolved)
+    try:
+        yield resolved
+    finally:
+        _launch.replace_source(f.source, None)
+
+
+def _one(case, op, version, xp, repeat, out):
+    """Check and time one op of one version; True when it passes."""
+    label = f"    {op:<34}"
+    try:
+        got = case.run(op, version, case.prepare(op))
+        error, tolerance = case.check(op, version, got)
+    except Exception as e:   # a failing kernel is reported, the other versions still run
+        print(f"{label} ERROR {type(e).__name__}: {str(e).splitlines()[0]}", file=out)
+        return False
+    ok = error <= tolerance
+    verdict = "ok  " if ok else "FAIL"
+    text = f"{label} {verdict} error {error:.1e} (tolerance {tolerance:.0e})"
+    if ok:
+        state = case.prepare(op)
+        fn = lambda: case.run(op, version, state)   # noqa: E731
+        t = median_time(fn, xp, 1, warmup=1)
+        n = repeat or max(1, min(50 if xp is not np else 5, int(0.3 / max(t, 1e-9))))
+        if n > 1:
+            t = median_time(fn, xp, n, warmup=0)
+        text += f"  {_format_time(t)}"
+        if xp is not np:
+            text += f"  {_rate(case.work(op), t)}"
+    print(text, file=out)
+    return ok
+
+
+def run(family, version=None, shape=None, repeat=None, emulator=False, source=None, out=None):
+    """Check and time the versions of `family` (all, or `version`); returns True when all pass."""
+    out = out or sys.stdout
+    xp = None if emulator else gpu_module()
+    xp = xp or np
+    device = "emu" if xp is np else "gpu"
+    case_class = cases.CASES[family]
+    f = versions.FAMILIES[family]
+    with _source(family, source) as copy:
+        case = case_class(xp, shape, device)
+        where = (f"on the CPU emulator ({platform.machine()}): results are checked as on a GPU, but the times are "
+                 f"the emulator's, not a GPU's (it runs one block after another on one core, so a naive kernel "
+                 f"can be the fastest here)" if xp is np else
+                 f"on the GPU ({_gpu_name(xp)}): median time of repeated runs (CUDA events)")
+        print(f"python -m kernels.{family}: {case_class.title} (kernels/{f.source}"
+              f"{f', from your copy {copy}' if copy else ''}), {case.describe_shape()}", file=out)
+        print(where, file=out)
+        summaries = versions.describe(family, copy)
+        ok = True
+        for n in ([version] if version else versions.numbers(family)):
+            print(f"  version {n}  {summaries.get(n, '(not listed in the header)')}", file=out)
+            with versions.running(family, n):
+                for op in case.ops(n):
+                    ok &= _one(case, op, n, xp, repeat, out)
+        shared = case.shared_ops()
+        if shared:
+            print(f"  the same in every version (run with version {versions.in_use()[family]}):", file=out)
+            for op in shared:
+                ok &= _one(case, op, None, xp, repeat, out)
+    print("all versions match the reference" if ok else "FAILED: a version does not match the reference", file=out)
+    return ok
+
+
+def _gpu_name(xp):
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    return props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+
+
+def main(family, argv=None):
+    """The command line of `python -m kernels.<family>`; returns the exit code (0 all versions
+    match the reference, 1 one does not, 2 bad arguments)."""
+    f = versions.FAMILIES[family]
+    case_class = cases.CASES[family]
+    p = argparse.ArgumentParser(
+        prog=f"python -m kernels.{family}",
+        description=f"Check every version of kernels/{f.source} ({case_class.title}) against kernels/reference.py "
+                    f"and time it: on the GPU when CuPy sees one, else on the CPU emulator at a small shape.",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", type=int, choices=versions.numbers(family), help="only this version")
+    p.add_argument("--shape", help=f"{','.join(case_class.SHAPE)} (all, in order) or NAME=VALUE,... changes of the "
+                                   f"default")
+    p.add_argument("--list", action="store_true", help="list the versions and the shape, run nothing")
+    p.add_argument("--repeat", type=int, help="timed runs per op (default: as many as fit in about 0.3 s)")
+    p.add_argument("--emulator", action="store_true", help="run on the CPU emulator even where there is a GPU")
+    p.add_argument("--source", help=f"a copy of kernels/{f.source} to check instead (your own version of it)")
+    args = p.parse_args(argv)
+    if args.list:
+        try:
+            list_versions(family, source=args.source)
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+        return 0
+    if args.repeat is not None and args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    device = "emu" if args.emulator or gpu_module() is None else "gpu"
+    try:
+        shape = _parse_shape(case_class, args.shape, device) if args.shape else None
+        if args.source and not Path(args.source).is_file():
+            raise ValueError(f"--source {args.source}: no such file")
+        ok = run(family, args.version, shape, args.repeat, args.emulator, args.source)
+    except ValueError as e:
+        p.error(str(e))
+    return 0 if ok else 1
