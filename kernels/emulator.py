@@ -434,11 +434,13 @@ class EmuModule:
                 flags = ["-O0", "-g", "-fno-toplevel-reorder", "-D__KERNELS_EMU_DEBUG__=1"]
             elif instrumented:
                 # -O1 without scalar replacement: accesses stay as the source writes them (a
-                # float4 load stays one 16-byte load, none are vectorised or merged); -g: source
-                # lines for the messages; -fno-toplevel-reorder: __shared__ variables in order
+                # float4 load stays one 16-byte load, none are vectorised or merged), and without
+                # sinking (a load the source makes unconditionally is not moved into a branch:
+                # the profiler's requests); -g: source lines for the messages;
+                # -fno-toplevel-reorder: __shared__ variables in order
                 flags = ["-O1", "-g", "-fno-toplevel-reorder"]
                 if "clang" not in version.lower():
-                    flags.insert(1, "-fno-tree-sra")
+                    flags[1:1] = ["-fno-tree-sra", "-fno-tree-sink"]
             else:
                 flags = ["-O2"]
             flags += [f"-D__CUDA_ARCH__={self.arch * 10}", "-D__CUDACC_RTC__=1", "-D__KERNELS_EMULATOR__=1",

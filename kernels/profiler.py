@@ -105,10 +105,11 @@ class LaunchProfile:
               access).
     outside_arguments: global accesses to memory that is no argument array (not in the DRAM
               estimate; a kernel reading a host pointer it was not passed, say).
+    function: the kernel launched (for kernels.resources(launch.function, arch)).
     """
 
-    def __init__(self, kernel, file, grid, block, shared_mem, totals, sites, symbols):
-        self.kernel, self.file = kernel, file
+    def __init__(self, kernel, file, grid, block, shared_mem, totals, sites, symbols, function=None):
+        self.kernel, self.file, self.function = kernel, file, function
         self.grid, self.block, self.shared_mem = tuple(grid), tuple(block), int(shared_mem)
         t = totals
         m = {}
@@ -338,6 +339,7 @@ def record(rt, fn, binding, grid, block, shared_mem):
     raw = (_Site * max(1, n))()
     rt.emu_profile_sites(ctypes.byref(raw), n)
     sites = [_site_dict(raw[i]) for i in range(n)]
-    launch = LaunchProfile(fn.name, fn.module.filename, grid, block, shared_mem, totals, sites, binding.symbols())
+    launch = LaunchProfile(fn.name, fn.module.filename, grid, block, shared_mem, totals, sites, binding.symbols(),
+                           function=fn)
     for p in active:
         p.launches.append(launch)

@@ -207,6 +207,23 @@ def test_shared_wide_accesses_by_half_and_quarter_warps(kernel, wavefronts):
         assert s(p, "req", op) == 1 and s(p, "wf", op) == wavefronts and s(p, "conflicts", op) == 0
 
 
+@pytest.mark.parametrize("kernel,wavefronts", [("wmma_tile_ldm16", 8), ("wmma_tile_ldm24", 4)])
+def test_wmma_fragments_move_16_byte_row_pieces(kernel, wavefronts):
+    # load_matrix_sync: 32 pieces of 16 bytes (16 rows x 2 halves of a row), one per lane, served
+    # a quarter-warp (8 rows) at a time.  ldm 16: rows 32 bytes apart, rows r and r + 4 share
+    # their 4 banks: 2 wavefronts per quarter, 8 per load; ldm 24: rows 48 bytes apart, 4.
+    # store_matrix_sync of the 16x16 float result: 64 pieces, two requests of 16 sectors.
+    a = (np.arange(256) % 7 - 3).astype(np.float16)
+    c = np.zeros(256, np.float32)
+    p = run(kernel, (1,), (32,), (a, c))
+    m = a.astype(np.float64).reshape(16, 16)
+    np.testing.assert_allclose(c.reshape(16, 16), m @ m)
+    assert s(p, "req", "ld") == 2 and s(p, "wf", "ld") == 2 * wavefronts
+    assert s(p, "conflicts", "ld") == 2 * (wavefronts - 4)
+    assert g(p, "req", "st") == 2 and g(p, "sec", "st") == 32
+    assert p.derived["global_st_efficiency"] == pytest.approx(100.0)
+
+
 # ------------------------------------------------------------------------------ a real kernel
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_reduce_tree_counted_step_by_step(schedule, monkeypatch):

@@ -9,6 +9,11 @@ fp32 out).  Baselines: cuBLAS through cupy.matmul, cuDNN through kernels/cudnn_e
 can run here.
 
 size="tiny": a few small shapes with every version, seconds on the CPU emulator.
+size="profile": every version of three of ResNet-50's convolutions (the 7x7/2 stem, stage 1's 3x3
+and its 1x1 reduce) at batch 1 and a quarter of their height and width, the fully connected
+layer's forward GEMM at batch 256 with an eighth of its features and a quarter of its classes
+(1/32 of its work),
+and a 256^3 GEMM: what the emulator profiles in a few seconds each.
 Versions are numbered as in the headers of conv.cu (1 naive, 2 im2col + GEMM, 3 implicit GEMM) and
 gemm.cu (1 naive, 2 tiled, 3 register blocking, 4 tensor cores).
 """
@@ -55,15 +60,19 @@ def _cudnn():
         return None
 
 
-def _conv_cases(xp, n, shape, conv_versions, cudnn):
+def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", scale=None):
     H, W, C, K, R, stride, pad = shape
     c = lesson.make("conv", xp, (n, H, W, C, K, R, stride, pad))
-    label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}"
+    label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}{note}"
     baselines = {"conv2d_forward": lambda: cudnn.conv2d_forward(c.x, c.w, stride, pad),
                  "conv2d_backward_data": lambda: cudnn.conv2d_backward_data(c.dy, c.w, c.x.shape, stride, pad),
                  "conv2d_backward_weight": lambda: cudnn.conv2d_backward_weight(c.x, c.dy, c.w.shape, stride, pad)}
-    return [lesson_case(c, op, v, f"{op} {label} v{v}", baselines[op] if cudnn else None, "cuDNN" if cudnn else "")
-            for v in conv_versions for op in c.ops(v)]
+    out = [lesson_case(c, op, v, f"{op} v{v} {label}", baselines[op] if cudnn else None, "cuDNN" if cudnn else "")
+           for v in conv_versions for op in c.ops(v)]
+    for case in out:
+        if scale:
+            case.notes["scale"] = scale
+    return out
 
 
 def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, version=None):
@@ -75,12 +84,29 @@ def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, vers
         a, b = (c.a16, c.b16) if half else (c.a, c.b)
         opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
         baseline = lambda: xp.matmul(opa, opb)
-    return lesson_case(c, op, version, f"{name} v{version} {M}x{K} @ {K}x{N}{' fp16->fp32' if half else ''}",
+    case = lesson_case(c, op, version, f"{name} v{version} {M}x{K} @ {K}x{N}{' fp16->fp32' if half else ''}",
                        baseline, "cuBLAS (cupy.matmul)" if baseline else "")
+    case.notes["tensor_cores"] = half and version == 4
+    return case
+
+
+def _profile_cases(xp):
+    out = []
+    for shape, note in [((56, 56, 3, 64, 7, 2, 3), " stem/4"), ((14, 14, 64, 64, 3, 1, 1), " stage1/4"),
+                        ((14, 14, 256, 64, 1, 1, 0), " stage1 reduce/4")]:   # /4: a quarter of H and W
+        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, scale=BATCH * 16)
+    for version in G.F32_VERSIONS:
+        out.append(_gemm_case(xp, "fc forward/32", BATCH, 250, 256, trans_b=True, version=version))
+        out[-1].notes["scale"] = (1000 * 2048) / (250 * 256)
+        out.append(_gemm_case(xp, "gemm", 256, 256, 256, version=version))
+    out.append(_gemm_case(xp, "gemm", 256, 256, 256, half=True))
+    return out
 
 
 def cases(xp, size):
     """The benchmark cases (see the module docstring); xp is numpy (emulator) or cupy (GPU)."""
+    if size == "profile":
+        return _profile_cases(xp)
     if size == "tiny":
         out = []
         for shape in [(9, 9, 3, 8, 3, 1, 1), (7, 7, 5, 7, 1, 2, 0)]:

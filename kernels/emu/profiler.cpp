@@ -16,6 +16,15 @@
  *   more than kMaxRecords accesses is grouped in pieces; cut_phases counts that, requests may
  *   then be split.)
  *
+ *   A site the lanes of a warp execute different numbers of times is divergent: a load under
+ *   `if (argmax[o] == me)` in a loop runs in different iterations in different lanes, so its
+ *   n-th execution is not the same request in every lane.  Its accesses are grouped by the
+ *   last access of a uniform site (one every executing lane runs equally often: the loop's
+ *   unconditional load) that the thread made before it, and by how often the divergent site
+ *   ran since: the lanes that took the branch in the same iteration make one request, as on a
+ *   GPU.  With no uniform site before it (a grid-stride loop whose last iteration has fewer
+ *   lanes), its own count is used.
+ *
  * Global memory: sectors
  *   A request moves every 32-byte sector that one of its lanes touches.  Sectors are counted
  *   from the start of the argument's allocation (a GPU allocation starts 256-byte aligned; a
@@ -50,6 +59,7 @@ constexpr int kGlobal = 0, kShared = 1;
 struct ProfRecord {
     uint64_t key;      // warp << 59 | site << 47 | n << 5 | lane
     uint64_t addr;     // global: (span + 1) << 48 | offset from the allocation; shared: the address
+    uint64_t group_hi, group_lo;   // the request (prof_flush), then the lane in the low 5 bits
     uint32_t size;
     uint8_t kind;      // EMU_ACCESS_READ / WRITE / ATOMIC
     uint8_t space;     // kGlobal / kShared
@@ -57,6 +67,19 @@ struct ProfRecord {
 
 struct SiteCounter {   // executions of one site by one thread in one phase
     uint32_t phase, count;
+};
+
+struct Anchor {        // a thread's last access of a uniform site in the phase being grouped
+    uint32_t phase = 0;
+    bool valid = false;
+    uint32_t site = 0;
+    uint64_t n = 0, id = 0;
+};
+
+struct SinceAnchor {   // executions of a divergent site by a thread since its anchor
+    uint32_t phase;
+    uint32_t pad;
+    uint64_t anchor, first_n;
 };
 
 struct ProfSpan {      // an argument span of the sanitizer (Z.spans): its allocation and sectors
@@ -71,6 +94,10 @@ struct Profiler {
     ProfRecord* records = nullptr;    // mmap'd, grown with mremap (no C heap during a launch)
     size_t nrecords = 0, capacity = 0;
     SiteCounter* counters = nullptr;  // [site][thread in block], mmap'd once
+    SinceAnchor* since = nullptr;     // [site][thread in block], mmap'd once
+    Anchor anchors[1024];
+    uint32_t uniform_phase[32][kMaxSites];   // (warp, site) uniform in this phase?
+    bool uniform_value[32][kMaxSites];
     uint32_t phase = 1;
     uint32_t hash_key[kSiteHash];     // pc offset + 1, 0: empty
     uint16_t hash_site[kSiteHash];
@@ -95,6 +122,7 @@ void prof_launch_begin(const emu_launch_params* p) {
     P.nrecords = 0;
     if (++P.phase == 0) P.phase = 1;
     if (!P.counters) P.counters = static_cast<SiteCounter*>(map_zeroed(sizeof(SiteCounter) * kMaxSites * 1024));
+    if (!P.since) P.since = static_cast<SinceAnchor*>(map_zeroed(sizeof(SinceAnchor) * kMaxSites * 1024));
     if (!P.records) {
         P.capacity = size_t(1) << 16;
         P.records = static_cast<ProfRecord*>(map_zeroed(sizeof(ProfRecord) * P.capacity));
@@ -204,7 +232,7 @@ void prof_access(const Span* sp, uintptr_t a, unsigned size, int kind, uintptr_t
     }
     P.records[P.nrecords++] = ProfRecord{((uint64_t)(t >> 5) << 59) | ((uint64_t)site << 47) |
                                              ((n & ((uint64_t(1) << 42) - 1)) << 5) | (uint64_t)(t & 31),
-                                         addr, size, (uint8_t)kind, space};
+                                         addr, 0, 0, size, (uint8_t)kind, space};
 }
 
 /* The length of the union of [lo[i], hi[i]) (small arrays, sorted here by insertion). */
@@ -279,22 +307,71 @@ void prof_request(const ProfRecord* const* r, int n) {
     site.ideal += ideal;
 }
 
-/* The end of a phase: group its records into requests and count them. */
+/* Did every lane of warp w that executed site s in this phase execute it equally often? */
+bool uniform_site(unsigned w, unsigned s) {
+    if (P.uniform_phase[w][s] == P.phase) return P.uniform_value[w][s];
+    uint32_t seen = 0;
+    bool same = true;
+    for (int l = 0; l < 32 && (int)w * 32 + l < S.nthreads; ++l) {
+        const SiteCounter& c = P.counters[(size_t)s * 1024 + w * 32 + l];
+        if (c.phase != P.phase || !c.count) continue;
+        if (!seen) seen = c.count;
+        else if (c.count != seen) {
+            same = false;
+            break;
+        }
+    }
+    P.uniform_phase[w][s] = P.phase;
+    P.uniform_value[w][s] = same;
+    return same;
+}
+
+/* The end of a phase: group its records into requests (see the top of this file) and count them. */
 void prof_flush() {
     const size_t n = P.nrecords;
     P.nrecords = 0;
+    ProfRecord* rec = P.records;
+    // which request each access belongs to; records are in each thread's program order
+    for (size_t i = 0; i < n; ++i) {
+        ProfRecord& r = rec[i];
+        const unsigned w = (unsigned)(r.key >> 59), s = (unsigned)(r.key >> 47) & 0xfff, lane = r.key & 31;
+        const unsigned t = w * 32 + lane;
+        const uint64_t count = (r.key >> 5) & ((uint64_t(1) << 42) - 1);
+        Anchor& a = P.anchors[t];
+        if (a.phase != P.phase) a = Anchor{P.phase, false, 0, 0, 0};
+        uint64_t anchor_site = s, anchor_n = count, since = 0, divergent = 0;
+        if (uniform_site(w, s)) {
+            a.valid = true;
+            a.site = s;
+            a.n = count;
+            a.id = i;
+        } else if (a.valid) {
+            SinceAnchor& b = P.since[(size_t)s * 1024 + t];
+            if (b.phase != P.phase || b.anchor != a.id) b = SinceAnchor{P.phase, 0, a.id, count};
+            anchor_site = a.site;
+            anchor_n = a.n;
+            since = std::min<uint64_t>(count - b.first_n, 0xffff);
+            divergent = 1;
+        }
+        r.group_hi = ((uint64_t)w << 25) | ((uint64_t)s << 13) | (anchor_site << 1) | divergent;
+        r.group_lo = (anchor_n << 21) | (since << 5) | lane;
+    }
     if (++P.phase == 0) {   // after 4 billion phases: forget every count
         memset(P.counters, 0, sizeof(SiteCounter) * kMaxSites * 1024);
+        memset(P.since, 0, sizeof(SinceAnchor) * kMaxSites * 1024);
+        memset(P.uniform_phase, 0, sizeof P.uniform_phase);
+        for (Anchor& a : P.anchors) a = Anchor();
         P.phase = 1;
     }
     if (!n) return;
-    ProfRecord* rec = P.records;
-    std::sort(rec, rec + n, [](const ProfRecord& x, const ProfRecord& y) { return x.key < y.key; });
+    std::sort(rec, rec + n, [](const ProfRecord& x, const ProfRecord& y) {
+        return x.group_hi != y.group_hi ? x.group_hi < y.group_hi : x.group_lo < y.group_lo;
+    });
     const ProfRecord* part[2][32];
     for (size_t i = 0; i < n;) {
-        const uint64_t request = rec[i].key >> 5;
+        const uint64_t hi = rec[i].group_hi, lo = rec[i].group_lo >> 5;
         int count[2] = {0, 0};
-        for (; i < n && rec[i].key >> 5 == request; ++i) {
+        for (; i < n && rec[i].group_hi == hi && rec[i].group_lo >> 5 == lo; ++i) {
             const int s = rec[i].space;
             if (count[s] < 32) part[s][count[s]++] = &rec[i];
         }

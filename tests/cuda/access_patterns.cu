@@ -19,7 +19,12 @@
  *                           section: the emulator must still know them as shared memory)
  *     shared_broadcast_f32  every lane reads the same word: one wavefront (a broadcast)
  *     shared_f32x2, shared_f32x4   8- and 16-byte accesses (half- and quarter-warps)
+ *     wmma_tile_ldm16, wmma_tile_ldm24   one warp multiplies a 16x16 float16 tile from shared
+ *                           memory: load_matrix_sync moves 16-byte row pieces, 8 lanes (8 rows) at a
+ *                           time; rows 32 bytes apart (ldm 16) put rows r and r + 4 in the same
+ *                           banks (2-way), rows 48 bytes apart (ldm 24, padded) do not
  */
+#include <mma.h>
 
 extern "C" __global__ void copy_f32(const float* x, float* y, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -91,3 +96,22 @@ extern "C" __global__ void shared_f32x4(float* y) {
     const float4 v = quads[31 - t];
     y[t] = v.x + v.y + v.z + v.w;
 }
+
+template <int LDM>
+__device__ void wmma_square(const __half* a, float* c) {
+    __shared__ __align__(32) __half tile[16 * LDM];
+    for (int e = threadIdx.x; e < 256; e += 32) tile[(e / 16) * LDM + e % 16] = a[e];
+    __syncthreads();
+#if __CUDA_ARCH__ >= 700
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half, nvcuda::wmma::row_major> fb;
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
+    nvcuda::wmma::load_matrix_sync(fa, tile, LDM);
+    nvcuda::wmma::load_matrix_sync(fb, tile, LDM);
+    nvcuda::wmma::fill_fragment(fc, 0.0f);
+    nvcuda::wmma::mma_sync(fc, fa, fb, fc);
+    nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);   // c = a @ a
+#endif
+}
+extern "C" __global__ void wmma_tile_ldm16(const __half* a, float* c) { wmma_square<16>(a, c); }
+extern "C" __global__ void wmma_tile_ldm24(const __half* a, float* c) { wmma_square<24>(a, c); }
