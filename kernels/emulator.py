@@ -679,16 +679,16 @@ class EmuFunction:
             params.sanitize = checks
             params.regions = None
             params.nregions = 0
+            if params.debug and not checks:
+                # the __shared__ variables, for the runtime to poison those outside the section too
+                region_array, params.nregions = binding.shared_regions()
+                params.regions = ctypes.addressof(region_array)
         if checks:
             named, region_array = self._regions(binding, values, pointers, shared_mem)
             params.regions = ctypes.addressof(region_array)
             params.nregions = len(named)
             if checks & _san.CHECKS["memcheck"]:
                 params.narrays = 0   # memcheck sees every access as it happens: guard bytes add nothing
-        elif params.debug:
-            # the __shared__ variables, for the runtime to poison those outside the section too
-            region_array, params.nregions = binding.shared_regions()
-            params.regions = ctypes.addressof(region_array)
         sys.stdout.flush()
         rt = _runtime
         rc = rt.emu_launch(ctypes.byref(params))
