@@ -257,13 +257,13 @@ typedef float TileB[IG_BN + IG_PAD];   // a row of the shared B tile (Bs[k][n])
 
 // The GEMM of every pass: the 64 x 64 tile of C at (blockIdx.x * 64, blockIdx.y * 64) summed over
 // the reduction range [k_begin, k_end) in steps of 16.  At each step load_tiles(k0, As, Bs) fills
-// the shared tiles -- the one part that differs between the passes, where the implicit GEMM
-// computes its addresses -- then every thread multiplies its 4 x 4 block from shared memory.
+// the shared tiles As[16][64 + pad], Bs[16][64 + pad] (declared by the kernel) -- the one part that
+// differs between the passes, where the implicit GEMM computes its addresses -- then every thread
+// multiplies its 4 x 4 block from shared memory.
 // Returns (in acc) this thread's block, rows ty * 4.., columns tx * 4.. of the tile.
 template <class LoadTiles>
-__device__ __forceinline__ void igemm_tile(int k_begin, int k_end, const LoadTiles& load_tiles, float acc[4][4]) {
-    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+__device__ __forceinline__ void igemm_tile(int k_begin, int k_end, TileA* As, TileB* Bs, const LoadTiles& load_tiles,
+                                           float acc[4][4]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     for (int k0 = k_begin; k0 < k_end; k0 += IG_BK) {
         load_tiles(k0, As, Bs);
@@ -286,7 +286,9 @@ conv2d_fwd_igemm_f32(const float* __restrict__ x, const float* __restrict__ wt, 
     const TileRows a = decode_tile_rows(m0, lr, M, P, Q, (long long)H * W * C, stride, -pad);   // y, x: window corner
 
     float acc[4][4] = {};
-    igemm_tile(0, Kd, [&](int k0, TileA* As, TileB* Bs) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    igemm_tile(0, Kd, As, Bs, [&](int k0, TileA* As, TileB* Bs) {
         const int kk = k0 + lk;
         const int c = kk % C, rs = kk / C, s = rs % S, r = rs / S;   // kk = (r * S + s) * C + c
 #pragma unroll
@@ -319,7 +321,9 @@ conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict_
     const int bc = threadIdx.x % IG_BN, bk = threadIdx.x / IG_BN;
 
     float acc[4][4] = {};
-    igemm_tile(0, Kd, [&](int k0, TileA* As, TileB* Bs) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    igemm_tile(0, Kd, As, Bs, [&](int k0, TileA* As, TileB* Bs) {
         const int kk = k0 + lk;
         const int k = kk % K, rs = kk / K, s = rs % S, r = rs / S;
 #pragma unroll
@@ -360,7 +364,9 @@ conv2d_bwd_weight_igemm_f32(const float* __restrict__ x, const float* __restrict
     }
 
     float acc[4][4] = {};
-    igemm_tile(kbegin, kend, [&](int k0, TileA* As, TileB* Bs) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    igemm_tile(kbegin, kend, As, Bs, [&](int k0, TileA* As, TileB* Bs) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int jr = lj + 4 * i, j = k0 + jr, k = m0 + lc;

@@ -26,7 +26,7 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass
 
-from . import nvrtc
+from . import cuda_env, nvrtc
 from .occupancy_calculator import architecture, occupancy
 
 __all__ = ["resources", "module_resources", "Resources"]
@@ -99,19 +99,16 @@ def parse_ptxas_log(log, arch):
 
 
 def _nvrtc_options(options):
-    """A RawModule's options for NVRTC: -I folders apart (the source has its local includes
-    inlined already), everything else as given, then CuPy's -ftz=true and ptxas -v."""
-    opts, dirs, it = [], [], iter(options)
+    """A RawModule's options for NVRTC: its -I folders apart (cuda_env.include_dirs; the source
+    has its local includes inlined already), the rest as given but the architecture, then CuPy's
+    -ftz=true and ptxas -v."""
+    opts, it = [], iter(options)
     for opt in it:
         if opt in ("-I", "--include-path"):
-            dirs.append(next(it, ""))
-        elif opt.startswith("--include-path="):
-            dirs.append(opt.split("=", 1)[1])
-        elif opt.startswith("-I") and len(opt) > 2:
-            dirs.append(opt[2:])
-        elif not opt.startswith(("-arch", "--gpu-architecture")):
+            next(it, None)
+        elif not opt.startswith(("-I", "--include-path=", "-arch", "--gpu-architecture")):
             opts.append(opt)
-    return opts + ["-ftz=true", "-Xptxas", "-v"], dirs
+    return opts + ["-ftz=true", "-Xptxas", "-v"], cuda_env.include_dirs(options)
 
 
 _lock = threading.Lock()

@@ -76,18 +76,6 @@ def _array_class(args, kind):
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[^\n]*$', re.M)
 
 
-def _include_dirs(options):
-    dirs, it = [], iter(options)
-    for opt in it:
-        if opt in ("-I", "--include-path"):
-            dirs.append(next(it, ""))
-        elif opt.startswith("--include-path="):
-            dirs.append(opt.split("=", 1)[1])
-        elif opt.startswith("-I") and len(opt) > 2:
-            dirs.append(opt[2:])
-    return dirs
-
-
 def display_path(path):
     """How messages and debuggers name a source file: relative to the repository
     (`kernels/common.cuh`) when it is in it, else its absolute path."""
@@ -146,7 +134,7 @@ class RawModule:
         self.options = tuple(options)
         self.filename = filename or "<kernel source>"
         # one self-contained source: local headers inlined, KERNEL_ENTRY lines written out as kernels
-        self.code = expand_entry_points(expand_local_includes(code, self.filename, _include_dirs(self.options)),
+        self.code = expand_entry_points(expand_local_includes(code, self.filename, cuda_env.include_dirs(self.options)),
                                         self.filename)
         self.signatures = find_kernels(self.code)
         self._emu = None

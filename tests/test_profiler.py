@@ -60,6 +60,18 @@ def s(p, what, op):
     return p.metrics[name]
 
 
+def aligned_zeros(n, dtype, alignment):
+    """Zeros at an address that is a multiple of `alignment` bytes (NumPy promises 16), the first
+    n elements of an allocation of their own (the sectors are counted from its start)."""
+    held = []   # kept alive, so that each try is a new address
+    for extra in range(256):
+        a = np.zeros(n + extra, dtype)[:n]
+        if a.ctypes.data % alignment == 0:
+            return a
+        held.append(a)
+    pytest.skip(f"no {alignment}-byte aligned allocation in 256 tries")
+
+
 def rand(n, dtype=np.float32):
     return np.random.default_rng(n).standard_normal(n).astype(dtype)
 
@@ -214,7 +226,7 @@ def test_wmma_fragments_move_16_byte_row_pieces(kernel, wavefronts):
     # their 4 banks: 2 wavefronts per quarter, 8 per load; ldm 24: rows 48 bytes apart, 4.
     # store_matrix_sync of the 16x16 float result: 64 pieces, two requests of 16 sectors.
     a = (np.arange(256) % 7 - 3).astype(np.float16)
-    c = np.zeros(256, np.float32)
+    c = aligned_zeros(256, np.float32, 32)     # store_matrix_sync wants 32-byte alignment, as on a GPU
     p = run(kernel, (1,), (32,), (a, c))
     m = a.astype(np.float64).reshape(16, 16)
     np.testing.assert_allclose(c.reshape(16, 16), m @ m)
