@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 import data.loader
+import data.pack
 import data.records
 from data.device_prefetch import DevicePrefetcher
 import nn
@@ -333,20 +333,6 @@ class OutputError(UsageError):
     """A destination that cannot be written (read-only, not a folder, full): exit 2."""
 
 
-def _free_space(path):
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        free = shutil.disk_usage(p).free
-    except OSError:
-        return "unknown"
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if free < 1024 or unit == "TB":
-            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
-        free /= 1024
-
-
 def output_error(path, e, what="write", advice=""):
     """OutputError(one line) for an OSError `e` met while writing `path`."""
     reason = e.strerror or str(e)
@@ -354,7 +340,7 @@ def output_error(path, e, what="write", advice=""):
         reason += " (a file is in the way of a folder)"
     msg = f"cannot {what} {path}: {reason}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        msg += f" ({_free_space(path)} free there)"
+        msg += f" ({data.pack.free_space(path)} there)"
     return OutputError(f"{msg}; {advice}" if advice else msg)
 
 

@@ -1,10 +1,10 @@
-"""What the emulator's checks cost: `python -m bench.emulator`.
+"""What the emulator's checks and its profiler cost: `python -m bench.emulator`.
 
-Runs every case of bench.kernel_cases at the tiny size on the CPU emulator, plain and with each
-check of KERNELS_EMU_SANITIZE (memcheck, racecheck, initcheck, synccheck, all), and prints the
-time of each as a ratio to the plain launch measured in the same run (median of --repeat runs
-after one warm-up, which also builds the instrumented modules).  Also the host time of one
-launch of an empty kernel, plain and sanitized.
+Runs every case of bench.kernel_cases at the tiny size on the CPU emulator, plain, with each
+check of KERNELS_EMU_SANITIZE (memcheck, racecheck, initcheck, synccheck, all) and under
+kernels.profile(), and prints the time of each as a ratio to the plain launch measured in the
+same run (median of --repeat runs after one warm-up, which also builds the instrumented
+modules).  Also the host time of one launch of an empty kernel, plain and sanitized.
 
     python -m bench.emulator                    # all groups
     python -m bench.emulator --groups reduce elementwise --repeat 5 --json out.json
@@ -24,11 +24,12 @@ import kernels
 from bench.kernel_cases import MODULES
 
 MODES = [("plain", ""), ("memcheck", "memcheck"), ("racecheck", "racecheck"), ("initcheck", "initcheck"),
-         ("synccheck", "synccheck"), ("all", "all")]
+         ("synccheck", "synccheck"), ("all", "all"), ("profile", None)]
 
 
 def _median_seconds(fn, checks, repeat):
-    with kernels.sanitize(checks):
+    """Median seconds of fn() under kernels.sanitize(checks), or kernels.profile() for None."""
+    with (kernels.profile() if checks is None else kernels.sanitize(checks)):
         fn()   # warm-up: builds (or loads) the module for this mode
         times = []
         for _ in range(repeat):

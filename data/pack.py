@@ -282,8 +282,9 @@ class TarSource:
 # The writer
 # ---------------------------------------------------------------------------------------
 
-def _free_space(path):
-    # "12.3 GiB free" on the filesystem holding path (or its nearest existing ancestor).
+def free_space(path):
+    """'12.3 GiB free': the free space of the filesystem holding path (or its nearest existing
+    ancestor), for messages about full disks."""
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
@@ -299,7 +300,7 @@ def _free_space(path):
 
 def _write_failed(partial, error, done, total):
     """The PackError for a write into the database that failed (full disk, I/O error)."""
-    return PackError(f"writing {partial!r} failed ({error}) with {_free_space(partial)} there: is the disk "
+    return PackError(f"writing {partial!r} failed ({error}) with {free_space(partial)} there: is the disk "
                      f"full? Nothing committed is lost ({done} of {total} source files): free some space and "
                      f"rerun the same command to resume the pack")
 
@@ -328,7 +329,7 @@ def _open_writable(partial, map_size):
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise PackError(f"cannot write the database {partial!r}: {e.strerror}") from None
         raise PackError(f"cannot write the database {partial!r}: {getattr(e, 'strerror', None) or e} "
-                        f"({_free_space(partial)} there)") from None
+                        f"({free_space(partial)} there)") from None
 
 
 def _commit(env, records, progress):

@@ -5,6 +5,11 @@
 - `load_module("relu.cu")`: a .cu file of this folder as a RawModule.
 - `sanitize("all")`: memcheck, racecheck, initcheck and synccheck for the emulator launches in a
   `with` block (or KERNELS_EMU_SANITIZE=all for all of them); findings are `SanitizerError`s.
+- `profile()`: Nsight Compute's memory metrics (requests, sectors, shared-memory wavefronts and
+  bank conflicts) of the emulator launches in a `with` block (kernels/profiler.py).
+- `resources(kernel, arch)`: registers, spills, stack and shared memory from ptxas (NVRTC,
+  kernels/ptxas.py); `occupancy(arch, block, registers, shared)`: the CUDA Occupancy
+  Calculator's resident blocks and warps per SM (kernels/occupancy_calculator.py).
 - `reference` (kernels/reference.py): NumPy implementations of every op, the `cpu` device.
 - `ops` (kernels/ops.py): one launcher per op, shapes and dtypes checked, same signatures.
 - `versions` (kernels/versions.py): each op family's numbered versions and which one runs;
@@ -19,9 +24,13 @@ from .errors import (BarrierDivergenceError, CompileError, DeadlockError, Emulat
                      RacecheckError, SanitizerError, SynccheckError, WarpCollectiveError)
 from .runtime import KERNEL_DIR, RawKernel, RawModule, launch_count, load_module
 from .sanitizer import mark_uninitialized, sanitize
+from .profiler import profile
+from .occupancy_calculator import occupancy
+from .ptxas import resources
 from . import trace
 
 __all__ = ["RawKernel", "RawModule", "load_module", "launch_count", "trace", "KERNEL_DIR", "CompileError", "EmulatorError",
            "LaunchConfigError", "BarrierDivergenceError", "DeadlockError", "WarpCollectiveError",
            "KernelAssertionError", "KernelFault", "OutOfBoundsError", "SanitizerError", "MemcheckError",
-           "RacecheckError", "InitcheckError", "SynccheckError", "sanitize", "mark_uninitialized"]
+           "RacecheckError", "InitcheckError", "SynccheckError", "sanitize", "mark_uninitialized", "profile",
+           "resources", "occupancy"]

@@ -32,7 +32,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["KERNEL_DIR", "kernel_headers", "needed_headers", "cupy_include_dirs", "nvrtc_major",
+__all__ = ["KERNEL_DIR", "include_dirs", "kernel_headers", "needed_headers", "cupy_include_dirs", "nvrtc_major",
            "wheel_include_dirs", "extra_include_dirs", "extra_include_options", "find_header",
            "install_hint", "raise_with_install_hint", "CudaSetupError", "gpu_extra_for", "cupy_wheel_cuda_major",
            "report"]
@@ -79,6 +79,19 @@ def find_header(header, dirs):
 
 # ---- what CuPy does -----------------------------------------------------------------------------------
 
+def include_dirs(options):
+    """The folders of the -I / --include-path options of a compiler command line, in order."""
+    dirs, it = [], iter(options)
+    for opt in it:
+        if opt in ("-I", "--include-path"):
+            dirs.append(next(it, ""))
+        elif opt.startswith("--include-path="):
+            dirs.append(opt.split("=", 1)[1])
+        elif opt.startswith("-I") and len(opt) > 2:
+            dirs.append(opt[2:])
+    return dirs
+
+
 def cupy_include_dirs(options=()):
     """The -I folders CuPy passes to NVRTC (its own headers, CCCL, the CUDA headers), in order, or
     None when this CuPy does not say (a CuPy without `assemble_cupy_compiler_options`, a stand-in).
@@ -88,15 +101,7 @@ def cupy_include_dirs(options=()):
         opts = core.assemble_cupy_compiler_options(tuple(options))
     except Exception:
         return None
-    dirs, it = [], iter(opts)
-    for o in it:
-        if o in ("-I", "--include-path"):
-            dirs.append(next(it, ""))
-        elif o.startswith("--include-path="):
-            dirs.append(o.split("=", 1)[1])
-        elif o.startswith("-I"):
-            dirs.append(o[2:])
-    return dirs
+    return include_dirs(opts)
 
 
 def nvrtc_major():

@@ -76,21 +76,21 @@ def _array_class(args, kind):
 _LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[^\n]*$', re.M)
 
 
-def _include_dirs(options):
-    dirs, it = [], iter(options)
-    for opt in it:
-        if opt in ("-I", "--include-path"):
-            dirs.append(next(it, ""))
-        elif opt.startswith("--include-path="):
-            dirs.append(opt.split("=", 1)[1])
-        elif opt.startswith("-I") and len(opt) > 2:
-            dirs.append(opt[2:])
-    return dirs
+def display_path(path):
+    """How messages and debuggers name a source file: relative to the repository
+    (`kernels/common.cuh`) when it is in it, else its absolute path."""
+    path = Path(path).resolve()
+    try:
+        shown = os.path.relpath(path, KERNEL_DIR.parent)
+    except ValueError:
+        return str(path)
+    return str(path) if shown.startswith("..") else shown
 
 
 def expand_local_includes(code, filename, include_dirs, _seen=None):
     """Inline every `#include "name"` found in include_dirs, with #line directives so that
-    compiler messages still name the right file and line.
+    compiler messages still name the right file and line (the header by display_path: the
+    `kernels/` folder included, so that gdb finds it).
 
     Both backends then compile one self-contained source, so their caches (CuPy's, keyed by
     the source text, and the emulator's) see a change in a shared header.  Each header is
@@ -107,8 +107,8 @@ def expand_local_includes(code, filename, include_dirs, _seen=None):
         key = str(path.resolve())
         if key not in seen:
             seen.add(key)
-            body = expand_local_includes(path.read_text(), m.group(1), include_dirs, seen)
-            out.append(f'#line 1 "{m.group(1)}"\n{body}\n#line {line + 1} "{filename}"')
+            body = expand_local_includes(path.read_text(), display_path(path), include_dirs, seen)
+            out.append(f'#line 1 "{display_path(path)}"\n{body}\n#line {line + 1} "{filename}"')
         pos = m.end()
     out.append(code[pos:])
     return "".join(out)
@@ -134,7 +134,7 @@ class RawModule:
         self.options = tuple(options)
         self.filename = filename or "<kernel source>"
         # one self-contained source: local headers inlined, KERNEL_ENTRY lines written out as kernels
-        self.code = expand_entry_points(expand_local_includes(code, self.filename, _include_dirs(self.options)),
+        self.code = expand_entry_points(expand_local_includes(code, self.filename, cuda_env.include_dirs(self.options)),
                                         self.filename)
         self.signatures = find_kernels(self.code)
         self._emu = None
@@ -308,12 +308,7 @@ def load_module(filename, options=()):
     key = (str(path.resolve()), tuple(options), path.stat().st_mtime_ns)
     mod = _modules.get(key)
     if mod is None:
-        try:
-            shown = os.path.relpath(path.resolve(), KERNEL_DIR.parent)
-        except ValueError:
-            shown = str(path)
-        if shown.startswith(".."):
-            shown = str(path)
+        shown = display_path(path)
         # `#include "common.cuh"` and friends: the file's folder is on the include path, then
         # kernels/ (for a learner's copy of a kernel kept elsewhere)
         options = tuple(options) + ("-I", str(path.resolve().parent))

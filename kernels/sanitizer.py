@@ -31,6 +31,8 @@ __all__ = ["CHECKS", "sanitize", "mark_uninitialized", "launch_config", "parse_c
 CHECKS = {"memcheck": 1, "racecheck": 2, "initcheck": 4, "synccheck": 8}
 ALL_CHECKS = 15
 MEMORY_CHECKS = 7          # the ones that need the instrumented module
+PROFILE = 16               # not a check: kernels.profile() (kernels/profiler.py), same module
+INSTRUMENTED = MEMORY_CHECKS | PROFILE
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
 
 # emu_abi.h
@@ -75,7 +77,10 @@ def parse_schedule(text):
 
 
 class _Local(threading.local):
-    stack = ()   # the sanitize() blocks entered in this thread, innermost last
+    stack = ()   # the sanitize() masks and profile() blocks (_PROFILING) of this thread, innermost last
+
+
+_PROFILING = "profile"   # what kernels.profile() puts on the stack
 
 
 _local = _Local()
@@ -122,6 +127,18 @@ class sanitize:
         return False
 
 
+def _stacked(checks, stack):
+    """The checks of the innermost sanitize() block (else the environment's), plus PROFILE while
+    a profile() block is open."""
+    profiling = 0
+    for entry in stack:
+        if entry is _PROFILING:
+            profiling = PROFILE
+        else:
+            checks = entry
+    return checks | profiling
+
+
 def launch_config():
     """(checks, schedule kind, seed for this launch, description) for the next launch."""
     global _process_seed, _launches
@@ -133,7 +150,7 @@ def launch_config():
     checks, (kind, seed) = parsed
     stack = _local.stack
     if stack:
-        checks = stack[-1]
+        checks = _stacked(checks, stack)
     if kind != SCHEDULES["random"]:
         config = _configs.get((checks, kind))
         if config is None:   # one tuple per setting: the launch can tell "unchanged" by identity
@@ -212,13 +229,27 @@ class ModuleSymbols:
         return table
 
     def shared_variables(self, section_lo, section_hi):
-        """[(address, size, display name)] of the __shared__ variables in [section_lo, section_hi)."""
+        """[(address, size, display name)] of the __shared__ variables: those in the section
+        [section_lo, section_hi), and those g++ left outside it.  g++ (before version 14) ignores
+        the section attribute of a static local of a function template, so a __shared__ array
+        declared inside a template lands in .bss; in sanitized and debug builds cuda_emu.h puts a
+        128-byte pad variable right before every __shared__ declaration, and the variables that
+        follow a pad in its own function are these."""
         base = self.base()
-        out = []
-        for value, size, _, name in self._nm(["--defined-only"]):
-            a = base + value
-            if section_lo <= a < section_hi and size and "__emu_shared_pad_" not in name:
+        table = sorted((base + value, size, name) for value, size, kind, name in self._nm(["--defined-only"])
+                       if size and kind in "bBdD")
+        out, scope = [], None   # scope: the function of the last pad outside the section
+        for a, size, name in table:
+            inside = section_lo <= a < section_hi
+            if "__emu_shared_pad_" in name:
+                scope = None if inside else name.rpartition("::")[0]
+            elif inside:
                 out.append((a, size, _display_variable(name)))
+            elif scope is not None and name.rpartition("::")[0] == scope:
+                # (`__shared__ float a[8], b[8];` pads only a: b follows in the same function)
+                out.append((a, size, _display_variable(name)))
+            else:
+                scope = None
         return sorted(out)
 
     def lines(self, pcs):
@@ -247,11 +278,17 @@ class ModuleSymbols:
 
 
 def _display_variable(name):
-    """'k1::tile' -> "'tile' (in k1)"; 'glob' -> "'glob'"."""
+    """'k1::tile' -> "'tile' (in k1)"; 'tile_loop<float, 16>(int)::As' -> "'As' (in tile_loop)";
+    'glob' -> "'glob'"."""
     head, sep, var = name.rpartition("::")
-    return f"'{var}' (in {head})" if sep else f"'{name}'"
+    if not sep:
+        return f"'{name}'"
+    for bracket in "<(":   # a template's arguments, a function's parameters
+        head = head.split(bracket, 1)[0] or head
+    return f"'{var}' (in {head})"
 
 
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _HEADER_FILES = re.compile(r"(^|/)(emu/include/|<emulator entry points>)")
 
 
@@ -264,6 +301,8 @@ def _pick_frame(frames):
             continue
         while file.startswith("./"):   # compiled with -fdebug-prefix-map=<cwd>=.
             file = file[2:]
+        if file.startswith(_REPOSITORY):   # KERNELS_EMU_DEBUG=gdb builds name files absolutely
+            file = file[len(_REPOSITORY):]
         return file, int(line), function
     return None
 

@@ -6,8 +6,14 @@ may call `gpu_available()` directly (e.g. to parametrize a backend list).
 """
 
 import functools
+import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,3 +74,31 @@ class Backend:
 def backend(request):
     """Run the test once on the CPU emulator and, where a GPU is present, once on the GPU."""
     return Backend(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """train.py's tiny synthetic dataset, packed (a folder with train.lmdb and val.lmdb), built once
+    per test session in a private cache. Tests that change it work on a copy."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    old = os.environ.get("MLPERF_RESNET_CACHE")
+    os.environ["MLPERF_RESNET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return Path(train.prepare_synthetic("tiny", progress=False))
+    finally:
+        if old is None:
+            del os.environ["MLPERF_RESNET_CACHE"]
+        else:
+            os.environ["MLPERF_RESNET_CACHE"] = old
+
+
+@pytest.fixture
+def mpiexec():
+    """The mpiexec of the test extra's MPICH wheel (or one on PATH), with mpi4py; else skip."""
+    here = Path(sys.executable).parent / "mpiexec"
+    path = str(here) if here.exists() else shutil.which("mpiexec")
+    if path is None:
+        pytest.skip("no mpiexec (pip install -e '.[test]' brings the mpich wheel)")
+    pytest.importorskip("mpi4py")
+    return path

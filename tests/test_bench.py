@@ -32,6 +32,48 @@ def test_kernels_bench_tiny_on_emulator(tmp_path, capsys):
     assert "relu_forward f32" in capsys.readouterr().out
 
 
+def test_kernels_bench_profile_predicts_from_the_counts(tmp_path, capsys):
+    # --profile on the tiny cases: every case profiled, bounds for every GPU of bench/gpus.py
+    from bench import gpus
+    from bench import kernels as bk
+    out = tmp_path / "p.json"
+    bk.main(["--profile", "--size", "tiny", "--groups", "elementwise", "reduce", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["arch"] == "sm_80" and data["gpu"] == "A100" and len(data["cases"]) >= 5
+    for c in data["cases"]:
+        assert "error" not in c, c
+        m = c["metrics"]
+        assert c["dram_bytes"] == m["dram__bytes_read.sum"] + m["dram__bytes_write.sum"] > 0
+        assert c["derived"]["global_ld_efficiency"] == pytest.approx(100.0)   # all of these read coalesced
+        for name, gpu in gpus.GPUS.items():
+            p = c["predictions"][name]
+            assert p["dram_s"] == pytest.approx(c["dram_bytes"] / gpu.dram_bytes_per_s)
+            assert p["l1_s"] == pytest.approx(c["l1_cycles"] / (gpu.sms * gpu.boost_clock_hz))
+            assert p["bound_s"] == max(p["dram_s"], p["l1_s"], p["compute_s"]) and p["limit"] in ("dram", "l1", "compute")
+            assert p["bound_s"] >= p["ideal_s"] * (1 - 1e-9)     # no kernel beats its op's roofline
+        assert all("registers" in e or "resources_error" in e for e in c["launches"])
+    table = capsys.readouterr().out
+    assert "relu_forward f32" in table and "x ideal" in table and "A100" in table
+
+
+def test_gpu_bounds_by_hand():
+    from bench import gpus
+    a100 = gpus.GPUS["A100"]
+    # 2.039 GB at 2039 GB/s: 1 ms; 108 SMs x 1.41 GHz = 152.28e9 SM-cycles per second
+    t = gpus.bound(a100, 2.039e9, 152.28e9 / 2, 19.5e12 / 4)
+    assert t["dram_s"] == pytest.approx(1e-3) and t["l1_s"] == pytest.approx(0.5) and t["compute_s"] == pytest.approx(0.25)
+    assert t["limit"] == "l1" and t["bound_s"] == t["l1_s"]
+    assert gpus.ideal(a100, 2.039e9 / 2, 312e9, tensor_cores=True) == pytest.approx(1e-3)   # the FLOPs limit
+    assert gpus.ideal(a100, 0, 0) is None
+    m = dict.fromkeys(["l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum", "l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum",
+                       "l1tex__t_sectors_pipe_lsu_mem_global_op_atom.sum", "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
+                       "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum", "smsp__inst_executed_op_shared_atom.sum"], 0)
+    m["l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum"] = 400      # 100 cycles of 4 sectors
+    m["l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum"] = 7  # 7 cycles
+    assert gpus.l1_cycles(m) == 107
+    assert {g.arch for g in gpus.GPUS.values()} == {"sm_60", "sm_70", "sm_80", "sm_90"}
+
+
 # ---- bench.train ----------------------------------------------------------------------------------
 
 

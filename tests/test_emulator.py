@@ -6,6 +6,7 @@ Every test compares with an independent NumPy computation of what the hardware w
 
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -499,6 +500,91 @@ def test_debug_mode_writes_results_back_and_poisons_shared_memory(debug_mode):
     y = np.zeros(32, np.float32)
     module(src).get_function("uninit")((1,), (32,), (y,))
     assert y[0] == 1.0 and np.all(np.isnan(y[1:]))
+
+
+UNCHECKED = r"""
+extern "C" __global__ void copy_unchecked(const float* x, float* y) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;     // no `if (i < n)`: threads >= n overrun
+    y[i] = x[i];
+}
+__device__ unsigned int executions;
+extern "C" __global__ void count_executions(unsigned int* seen) {
+    atomicAdd(&executions, 1u);
+    seen[0] = executions;
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["1", "gdb"])
+def test_debug_modes_name_the_first_bad_access(mode, monkeypatch):
+    # 1000 floats, 4 blocks of 256: thread 232 of block 3 is the first to read element 1000
+    monkeypatch.setenv("KERNELS_EMU_DEBUG", mode)
+    x, y = rng.standard_normal(1000).astype(np.float32), np.zeros(1000, np.float32)
+    with pytest.raises(kernels.OutOfBoundsError,
+                       match=r"read 0 byte\(s\) past the end of argument 0 'x' \(float32\[1000\]\) \(element 1000 of "
+                             r"1000\) in kernel 'copy_unchecked', block \(3, 0, 0\) thread \(232, 0, 0\)"):
+        module(UNCHECKED).get_function("copy_unchecked")((4,), (256,), (x, y))
+
+
+@pytest.mark.parametrize("mode,runs", [("1", 2), ("gdb", 1)])
+def test_gdb_mode_runs_a_kernel_once(mode, runs, monkeypatch):
+    # a module variable survives between runs: KERNELS_EMU_DEBUG=1 runs every kernel twice
+    # (the second time to catch underruns), KERNELS_EMU_DEBUG=gdb once, so a breakpoint fires once
+    monkeypatch.setenv("KERNELS_EMU_DEBUG", mode)
+    k = module(UNCHECKED + f"// {mode}\n").get_function("count_executions")
+    seen = np.zeros(1, np.uint32)
+    k((1,), (32,), (seen,))
+    assert seen[0] == 32          # the results are those of the first run
+    k((1,), (32,), (seen,))
+    assert seen[0] == 32 * runs + 32
+
+
+def test_gdb_mode_names_sources_by_absolute_path(monkeypatch, tmp_path):
+    kernel_dir = str(kernels.KERNEL_DIR)
+    plain = kernels.load_module("elementwise.cu").code
+    assert '#line 1 "kernels/common.cuh"' in plain        # messages: relative to the repository
+    monkeypatch.setenv("KERNELS_EMU_DEBUG", "gdb")
+    unit, _ = emulator.EmuModule(plain, filename="kernels/elementwise.cu")._translation_unit()
+    assert unit.startswith(f'#line 1 "{kernel_dir}/elementwise.cu"\n')
+    assert f'#line 1 "{kernel_dir}/common.cuh"' in unit and '"kernels/common.cuh"' not in unit
+    # a source given as a string: written to the cache, so that gdb can list it
+    monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path))
+    unit, _ = emulator.EmuModule(OOB)._translation_unit()
+    first = unit.splitlines()[0]
+    path = first.split('"')[1]
+    assert path.startswith(str(tmp_path)) and open(path).read().splitlines()[:3] == OOB.splitlines()[:3]
+
+
+GDB_DEMO = """
+import numpy as np
+from kernels import elementwise
+x = np.linspace(-1, 1, 1000, dtype=np.float32)
+print("relu sum", float(elementwise.relu_forward(x).sum()))
+"""
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_gdb_recipe_stops_once_in_the_chosen_thread(tmp_path):
+    # kernels/README.md's recipe: a conditional breakpoint on the kernel's template, `next` to
+    # the first line of the body, `step` into common.cuh's to_float, back out, on
+    text = (kernels.KERNEL_DIR / "elementwise.cu").read_text().splitlines()
+    line = next(i + 1 for i, t in enumerate(text) if "float v = to_float(x[i]);" in t)
+    (tmp_path / "demo.py").write_text(GDB_DEMO)
+    (tmp_path / "commands").write_text(
+        "set pagination off\nset breakpoint pending on\n"
+        "break relu_forward<float> if blockIdx.x == 1 && threadIdx.x == 37\n"
+        "run\nnext\nprint i\nstep\nfinish\nnext\nprint v\ncontinue\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERNELS_EMU_")}
+    env.update(KERNELS_EMU_DEBUG="gdb", PYTHONPATH=str(kernels.KERNEL_DIR.parent))
+    proc = subprocess.run(["gdb", "-q", "-batch", "-nx", "-x", str(tmp_path / "commands"), "--args", sys.executable,
+                           str(tmp_path / "demo.py")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout
+    assert out.count("hit Breakpoint 1") == 1, out + proc.stderr
+    assert f"{kernels.KERNEL_DIR}/elementwise.cu:{line}" in out
+    assert "$1 = 293" in out                                    # i = 1 * 256 + 37
+    assert f"{kernels.KERNEL_DIR}/common.cuh:" in out and "float to_float(T v) { return (float)v; }" in out
+    assert "relu sum" in out and "exited normally" in out
 
 
 # ------------------------------------------------------------------------------ cache & fallbacks

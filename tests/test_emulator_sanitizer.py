@@ -340,6 +340,62 @@ def test_a_race_in_a_real_kernel_is_found():
     assert "the 512 bytes of dynamic shared memory" in str(info.value)
 
 
+TEMPLATE_SHARED = r"""
+// __shared__ arrays declared inside function templates, as kernels/gemm.cu and conv.cu declare
+// their tiles: g++ leaves them out of the emulator's shared-memory section (cuda_emu.h)
+template <int N>
+__device__ void reverse_through(const float* x, float* y, bool sync) {
+    __shared__ float spare[4], tile[N];    // tile: the second name of one declaration
+    tile[threadIdx.x] = x[threadIdx.x];
+    if (threadIdx.x < 4) spare[threadIdx.x] = 0.0f;
+    if (sync) __syncthreads();
+    y[threadIdx.x] = tile[N - 1 - threadIdx.x];
+}
+extern "C" __global__ void reverse_template(const float* x, float* y, int sync) { reverse_through<128>(x, y, sync != 0); }
+
+template <int N>
+__device__ void fill_one_past(float* y) {
+    __shared__ float tile[N];
+    tile[threadIdx.x] = 1.0f;                                   // thread N writes past the end
+    __syncthreads();
+    if (threadIdx.x < N) y[threadIdx.x] = tile[threadIdx.x];
+}
+extern "C" __global__ void write_past_template(float* y) { fill_one_past<32>(y); }
+
+template <int N>
+__device__ void read_unwritten(float* y) {
+    __shared__ float tile[N];
+    if (threadIdx.x == 0) tile[0] = 1.0f;
+    __syncthreads();
+    y[threadIdx.x] = tile[threadIdx.x];
+}
+extern "C" __global__ void read_unwritten_template(float* y) { read_unwritten<32>(y); }
+"""
+
+
+def test_shared_arrays_of_templates_are_checked_as_shared_memory(monkeypatch):
+    m = kernels.RawModule(code=TEMPLATE_SHARED)
+    x = rng.standard_normal(128).astype(np.float32)
+    y = np.zeros(128, np.float32)
+    with kernels.sanitize("racecheck"), pytest.raises(kernels.RacecheckError, match=r"__shared__ 'tile' \(in reverse_through\)"):
+        m.get_function("reverse_template")((1,), (128,), (x, y, np.int32(0)))
+    with kernels.sanitize("all"):
+        m.get_function("reverse_template")((1,), (128,), (x, y, np.int32(1)))
+    np.testing.assert_array_equal(y, x[::-1])
+    with kernels.sanitize("memcheck"), pytest.raises(kernels.MemcheckError,
+                                                     match=r"0 byte\(s\) past the end of __shared__ 'tile' \(in fill_one_past\)"):
+        m.get_function("write_past_template")((1,), (33,), (y,))
+    with kernels.sanitize("initcheck"), pytest.raises(kernels.InitcheckError, match="'tile'"):
+        m.get_function("read_unwritten_template")((1,), (32,), (y,))
+
+
+def test_debug_mode_poisons_shared_arrays_of_templates(monkeypatch):
+    monkeypatch.setenv("KERNELS_EMU_DEBUG", "1")
+    y = np.zeros(32, np.float32)
+    kernels.RawModule(code=TEMPLATE_SHARED + "// debug\n").get_function("read_unwritten_template")((1,), (32,), (y,))
+    assert y[0] == 1.0 and np.all(np.isnan(y[1:]))
+
+
 def test_kernels_reduce_runs_clean_under_every_check(schedule):
     # the untouched kernel, all four checks: no false alarm, the right sum
     m = kernels.load_module("reduce.cu")

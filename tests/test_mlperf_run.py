@@ -368,24 +368,9 @@ def test_script_fails_cleanly_without_data(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    """A tiny packed synthetic dataset (train.lmdb, val.lmdb): train.py's own 'tiny' one."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import train
-    finally:
-        sys.path.pop(0)
-    if not hasattr(train, "prepare_synthetic"):
-        pytest.skip("train.py has no prepare_synthetic(): cannot build the tiny synthetic dataset")
-    old = os.environ.get("MLPERF_RESNET_CACHE")
-    os.environ["MLPERF_RESNET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return Path(train.prepare_synthetic("tiny", progress=False))
-    finally:
-        if old is None:
-            del os.environ["MLPERF_RESNET_CACHE"]
-        else:
-            os.environ["MLPERF_RESNET_CACHE"] = old
+def tiny_dataset(tiny_data):
+    """A tiny packed synthetic dataset (train.lmdb, val.lmdb): train.py's own 'tiny' one (conftest)."""
+    return tiny_data
 
 
 # A very small ResNet-50 v1.5 (1/16 of the width) on 32x32 crops of 4 classes, on 1 CPU process.

@@ -6,7 +6,6 @@ device the step runs the same code as on cuda, so a count of 0 reads here means 
 (a CUDA-graph capture on a GPU would fail on any read that slipped past the door)."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,12 +68,7 @@ def test_a_read_inside_the_step_is_counted(monkeypatch):
 
 
 @pytest.mark.slow
-def test_sync_bn_over_two_mpi_ranks_steps_without_a_host_read(tmp_path):
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("no mpiexec (pip install -e '.[test]' brings the mpich wheel)")
-    pytest.importorskip("mpi4py")
+def test_sync_bn_over_two_mpi_ranks_steps_without_a_host_read(tmp_path, mpiexec):
     out = tmp_path / "sync.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "bench.train", "--size", "tiny", "--device", "emu",

@@ -21,21 +21,6 @@ TINY = ["--device", "cpu", "--workers", "0", "--no-progress", "--batch-size", "8
         "--image-size", "32", "--warmup-epochs", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """train.py's tiny synthetic dataset, packed (train.lmdb, val.lmdb), in a private cache."""
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("MLPERF_RESNET_CACHE")
-    os.environ["MLPERF_RESNET_CACHE"] = str(cache)
-    try:
-        return train.prepare_synthetic("tiny", progress=False)
-    finally:
-        if old is None:
-            del os.environ["MLPERF_RESNET_CACHE"]
-        else:
-            os.environ["MLPERF_RESNET_CACHE"] = old
-
-
 def run_main(args):
     return train.main([str(a) for a in args])
 
@@ -204,13 +189,7 @@ def test_dry_run_builds_everything_and_trains_nothing(tiny_data, tmp_path):
     assert not (out / "checkpoint_last.npz").exists() and (out / "config.json").exists()
 
 
-def test_two_mpi_ranks_run_train_py_as_one_job(tiny_data, tmp_path):
-    import shutil
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("no mpiexec (pip install -e '.[test]' brings the mpich wheel)")
-    pytest.importorskip("mpi4py")
+def test_two_mpi_ranks_run_train_py_as_one_job(tiny_data, tmp_path, mpiexec):
     out = tmp_path / "run"
     proc = subprocess.run([mpiexec, "-n", "2", sys.executable, str(ROOT / "train.py"), "--data", str(tiny_data),
                            *map(str, TINY), "--batch-size", "16", "--epochs", "2", "--target-accuracy", "1.0",

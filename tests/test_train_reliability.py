@@ -29,20 +29,6 @@ TINY = ["--device", "cpu", "--workers", "0", "--no-progress", "--batch-size", "8
 STEPS_PER_EPOCH = 96 // 8
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("MLPERF_RESNET_CACHE")
-    os.environ["MLPERF_RESNET_CACHE"] = str(cache)
-    try:
-        return train.prepare_synthetic("tiny", progress=False)
-    finally:
-        if old is None:
-            del os.environ["MLPERF_RESNET_CACHE"]
-        else:
-            os.environ["MLPERF_RESNET_CACHE"] = old
-
-
 def main(*args):
     return train.main([str(a) for a in args])
 

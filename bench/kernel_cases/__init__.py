@@ -2,8 +2,10 @@
 
 Each module defines `cases(xp, size)` returning a list of `Case`:
   xp    numpy (the CPU emulator: only `size="tiny"` is sensible) or cupy (the GPU);
-  size  "tiny" (a few thousand elements, seconds on the emulator, for CI) or "resnet50"
-        (the ResNet-50 v1.5 shapes at batch 256, on a GPU).
+  size  "tiny" (a few thousand elements, seconds on the emulator, for CI), "resnet50"
+        (the ResNet-50 v1.5 shapes at batch 256, on a GPU) or "profile" (ResNet-50's layers
+        scaled down until the emulator profiles each in a second or two; the name says how:
+        `python -m bench.kernels --profile`).
 A Case times `run()` (our kernel) and, when given, `baseline()` (cuDNN / cuBLAS / a CuPy
 built-in doing the same work), and reports bytes/s against the measured copy bandwidth and
 FLOP/s against the measured matmul peak.
@@ -32,7 +34,8 @@ class Case:
     baseline: Optional[Callable[[], object]] = None
     baseline_name: str = ""        # "cuDNN", "cuBLAS", "cupy.maximum", ...
     group: str = ""                # filled in by bench.kernels from the module name
-    notes: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)   # "tensor_cores": True for float16 matrix math;
+                                                # "scale": the full ResNet-50 shape's work / this one's
 
 
 def lesson_case(case, op, version, name, baseline=None, baseline_name=""):

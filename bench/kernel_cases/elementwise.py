@@ -8,15 +8,16 @@ from kernels import cases as lesson
 # Activation shapes of ResNet-50 at batch 256 (NHWC) where ReLU / add+ReLU run.
 _RESNET50 = [(256, 112, 112, 64), (256, 56, 56, 256), (256, 28, 28, 512), (256, 14, 14, 1024), (256, 7, 7, 2048)]
 _TINY = [(2, 9, 9, 16)]
+_PROFILE = [(1, 56, 56, 256)]   # stage 1's output, one image of the batch
 
 
 def cases(xp, size):
     out = []
-    for shape in (_RESNET50 if size == "resnet50" else _TINY):
+    for shape in {"resnet50": _RESNET50, "profile": _PROFILE}.get(size, _TINY):
         c = lesson.make("elementwise", xp, (int(np.prod(shape)),))
-        s = "x".join(map(str, shape))
+        s = "x".join(map(str, shape)) + (" (batch 1 of 256)" if size == "profile" else "")
         name = xp.__name__
-        out += [
+        group = [
             lesson_case(c, "relu_forward", 1, f"relu_forward f32 [{s}]", lambda c=c: xp.maximum(c.a, 0), f"{name}.maximum"),
             lesson_case(c, "add_relu_forward", 1, f"add_relu_forward f32 [{s}]",
                         lambda c=c: xp.maximum(c.a + c.b, 0), f"{name} a+b, maximum"),
@@ -24,4 +25,8 @@ def cases(xp, size):
                         f"{name}.maximum"),
             lesson_case(c, "cast f32->f16", 1, f"cast f32->f16 [{s}]", lambda c=c: c.a.astype(np.float16), "astype"),
         ]
+        if size == "profile":
+            for case in group:
+                case.notes["scale"] = 256
+        out += group
     return out

@@ -16,6 +16,11 @@ TFLOP/s are compared with the measured float16 matmul peak.
 size="tiny": a few small shapes with every version, and the kinds of layer of ResNet-50 (the
 stem's 7x7/2 on 3 channels, 1x1, 3x3, 3x3/2, the 1x1/2 projection) at 1/8 of the channels and a
 7x7 or 16x16 image, with both float16 versions: seconds on the CPU emulator.
+size="profile": every version of three of ResNet-50's convolutions (the 7x7/2 stem, stage 1's 3x3
+and its 1x1 reduce) at batch 1 and a quarter of their height and width, the fully connected
+layer's forward GEMM at batch 256 with an eighth of its features and a quarter of its classes
+(1/32 of its work),
+and a 256^3 GEMM: what the emulator profiles in a few seconds each.
 Versions are numbered as in the headers of conv.cu (1 naive, 2 im2col + GEMM, 3 implicit GEMM,
 4 tensor cores, 5 tensor cores with asynchronous copies) and gemm.cu (1 naive, 2 tiled, 3 register
 blocking, 4 tensor cores).
@@ -72,10 +77,10 @@ def resnet50_conv_kinds_scaled():
             (7, 7, 32, 64, 1, 2, 0)]
 
 
-def _conv_cases(xp, n, shape, conv_versions, cudnn):
+def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", scale=None):
     H, W, C, K, R, stride, pad = shape
     c = lesson.make("conv", xp, (n, H, W, C, K, R, stride, pad))
-    label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}"
+    label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}{note}"
     baselines = {"conv2d_forward": lambda: cudnn.conv2d_forward(c.x, c.w, stride, pad),
                  "conv2d_backward_data": lambda: cudnn.conv2d_backward_data(c.dy, c.w, c.x.shape, stride, pad),
                  "conv2d_backward_weight": lambda: cudnn.conv2d_backward_weight(c.x, c.dy, c.w.shape, stride, pad),
@@ -88,10 +93,11 @@ def _conv_cases(xp, n, shape, conv_versions, cudnn):
     out = []
     for v in conv_versions:
         for op in c.ops(v):
-            case = lesson_case(c, op, v, f"{op} {label} v{v}", baselines[op] if cudnn else None,
+            case = lesson_case(c, op, v, f"{op} v{v} {label}", baselines[op] if cudnn else None,
                                "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if cudnn else "")
-            if v in CV.F16_VERSIONS:
-                case.notes["fp16"] = True      # TFLOP/s against the float16 matmul peak
+            case.notes["tensor_cores"] = v in CV.F16_VERSIONS   # against the fp16 matrix peak
+            if scale:
+                case.notes["scale"] = scale
             out.append(case)
     return out
 
@@ -105,12 +111,29 @@ def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, vers
         a, b = (c.a16, c.b16) if half else (c.a, c.b)
         opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
         baseline = lambda: xp.matmul(opa, opb)
-    return lesson_case(c, op, version, f"{name} v{version} {M}x{K} @ {K}x{N}{' fp16->fp32' if half else ''}",
+    case = lesson_case(c, op, version, f"{name} v{version} {M}x{K} @ {K}x{N}{' fp16->fp32' if half else ''}",
                        baseline, "cuBLAS (cupy.matmul)" if baseline else "")
+    case.notes["tensor_cores"] = half and version == 4
+    return case
+
+
+def _profile_cases(xp):
+    out = []
+    for shape, note in [((56, 56, 3, 64, 7, 2, 3), " stem/4"), ((14, 14, 64, 64, 3, 1, 1), " stage1/4"),
+                        ((14, 14, 256, 64, 1, 1, 0), " stage1 reduce/4")]:   # /4: a quarter of H and W
+        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, scale=BATCH * 16)
+    for version in G.F32_VERSIONS:
+        out.append(_gemm_case(xp, "fc forward/32", BATCH, 250, 256, trans_b=True, version=version))
+        out[-1].notes["scale"] = (1000 * 2048) / (250 * 256)
+        out.append(_gemm_case(xp, "gemm", 256, 256, 256, version=version))
+    out.append(_gemm_case(xp, "gemm", 256, 256, 256, half=True))
+    return out
 
 
 def cases(xp, size):
     """The benchmark cases (see the module docstring); xp is numpy (emulator) or cupy (GPU)."""
+    if size == "profile":
+        return _profile_cases(xp)
     if size == "tiny":
         out = []
         for shape in [(9, 9, 3, 8, 3, 1, 1), (7, 7, 5, 7, 1, 2, 0)]:

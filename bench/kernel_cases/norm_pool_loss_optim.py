@@ -20,12 +20,13 @@ _BN_RESNET50 = [(256, 112, 112, 64), (256, 56, 56, 64), (256, 56, 56, 256), (256
                 (256, 28, 28, 512), (256, 14, 14, 256), (256, 14, 14, 1024), (256, 7, 7, 512),
                 (256, 7, 7, 2048)]
 _BN_TINY = [(2, 5, 5, 40)]
+_BN_PROFILE = [(2, 28, 28, 128)]   # stage 2's inner width, 2 images of the batch
 
 
-def _bn_cases(xp, shape):
+def _bn_cases(xp, shape, note=""):
     c = lesson.make("batchnorm", xp, shape)
     C = shape[-1]
-    s = "x".join(map(str, shape))
+    s = "x".join(map(str, shape)) + note
     x2, eps, name = c.x.reshape(-1, C), 1e-5, xp.__name__
 
     def xp_forward(relu=False, residual=None):
@@ -63,12 +64,12 @@ def _bn_cases(xp, shape):
 
 
 def _pool_cases(xp, size):
-    shape = (256, 112, 112, 64) if size == "resnet50" else (2, 9, 9, 16)
+    shape = {"resnet50": (256, 112, 112, 64), "profile": (1, 112, 112, 64)}.get(size, (2, 9, 9, 16))
     c = lesson.make("pool", xp, shape + (3, 2, 1))
-    s = "x".join(map(str, shape))
-    a_shape = (256, 7, 7, 2048) if size == "resnet50" else (2, 3, 3, 64)
+    s = "x".join(map(str, shape)) + (" (batch 1 of 256)" if size == "profile" else "")
+    a_shape = {"resnet50": (256, 7, 7, 2048), "profile": (8, 7, 7, 2048)}.get(size, (2, 3, 3, 64))
     a = lesson.make("pool", xp, a_shape + (1, 1, 0))   # the head's average pool (the window is unused)
-    a_s = "x".join(map(str, a_shape))
+    a_s = "x".join(map(str, a_shape)) + (" (batch 8 of 256)" if size == "profile" else "")
     HW = a_shape[1] * a_shape[2]
     return [
         lesson_case(c, "maxpool2d_forward", None, f"maxpool2d_forward 3x3 s2 p1 [{s}]"),
@@ -83,7 +84,7 @@ def _pool_cases(xp, size):
 
 
 def _loss_cases(xp, size):
-    N, K = (256, 1000) if size == "resnet50" else (8, 1000)
+    N, K = (256, 1000) if size in ("resnet50", "profile") else (8, 1000)
     c = lesson.make("cross_entropy", xp, (N, K))
     rows = xp.arange(N)
 
@@ -115,7 +116,8 @@ def _loss_cases(xp, size):
 
 
 def _optimizer_cases(xp, size):
-    c = lesson.make("optimizer", xp, (161, 1) if size == "resnet50" else (12, 64))
+    # profile: every one of ResNet-50's 161 tensors at 1/16 of its size
+    c = lesson.make("optimizer", xp, {"resnet50": (161, 1), "profile": (161, 16)}.get(size, (12, 64)))
     n = c.segments.total
     p, g, v = c.p.copy(), c.g, c.v.copy()
     views_p, views_g = c.segments.split(c.p), c.segments.split(c.g)
@@ -143,7 +145,7 @@ def _optimizer_cases(xp, size):
 
 
 def _input_cases(xp, size):
-    shape = (256, 224, 224) if size == "resnet50" else (2, 16, 16)
+    shape = {"resnet50": (256, 224, 224), "profile": (2, 224, 224)}.get(size, (2, 16, 16))
     c = lesson.make("input", xp, shape)
     mean = xp.asarray(np.array(c.MEAN, np.float32))
     s = "x".join(map(str, shape + (3,)))
@@ -159,12 +161,28 @@ def _input_cases(xp, size):
 
 
 def cases(xp, size):
-    """The cases of this group: xp numpy (emulator; size "tiny") or cupy; size "tiny" or "resnet50"."""
+    """The cases of this group: xp numpy (emulator; size "tiny" or "profile") or cupy; size "tiny",
+    "resnet50" or "profile"."""
     out = []
-    for shape in (_BN_RESNET50 if size == "resnet50" else _BN_TINY):
-        out += _bn_cases(xp, shape)
-    out += _pool_cases(xp, size)
+    for shape in {"resnet50": _BN_RESNET50, "profile": _BN_PROFILE}.get(size, _BN_TINY):
+        out += _bn_cases(xp, shape, " (batch 2 of 256)" if size == "profile" else "")
+    if size == "profile":
+        for case in out:
+            case.notes["scale"] = 128
+    pool = _pool_cases(xp, size)
+    if size == "profile":   # max pool at batch 1, the average pool at batch 8
+        for case in pool:
+            case.notes["scale"] = 32 if case.name.startswith("global") else 256
+    out += pool
     out += _loss_cases(xp, size)
-    out += _optimizer_cases(xp, size)
-    out += _input_cases(xp, size)
+    optimizer = _optimizer_cases(xp, size)
+    if size == "profile":   # every tensor at 1/16 of its size
+        for case in optimizer:
+            case.notes["scale"] = 16
+    out += optimizer
+    inputs = _input_cases(xp, size)
+    if size == "profile":
+        for case in inputs:
+            case.notes["scale"] = 128
+    out += inputs
     return out

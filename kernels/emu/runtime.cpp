@@ -494,6 +494,13 @@ void run_block() {
         if (S.p->dynamic_shared && S.p->shared_mem) memset(S.p->dynamic_shared, 0xff, S.p->shared_mem);
         if (S.p->static_shared_begin && S.p->static_shared_end > S.p->static_shared_begin)
             memset(S.p->static_shared_begin, 0xff, S.p->static_shared_end - S.p->static_shared_begin);
+        // __shared__ variables g++ left outside the section (static locals of templates: cuda_emu.h)
+        const uintptr_t lo = (uintptr_t)S.p->static_shared_begin, hi = (uintptr_t)S.p->static_shared_end;
+        for (int i = 0; i < S.p->nregions; ++i) {
+            const emu_region& r = S.p->regions[i];
+            if (r.kind == EMU_REGION_SHARED && r.end > r.begin && (r.begin >= hi || r.end <= lo))
+                memset(reinterpret_cast<void*>(r.begin), 0xff, r.end - r.begin);
+        }
     }
 
     while (S.live > 0) {

@@ -9,9 +9,9 @@
  *   load and store of kernel code that may touch memory other than the thread's own registers,
  *   and this file defines those functions.  Atomics and __threadfence() call in explicitly
  *   (cuda_emu.h), as do async copies (cuda_pipeline.h) and barriers (runtime.cpp).  Every access
- *   goes through on_access(address, size, kind, pc): the one place a future consumer of the
- *   access stream (a profiler counting sectors per warp request) would hook in beside the
- *   checks; the pc names the static site, the scheduler knows the block and thread.
+ *   goes through on_access(address, size, kind, pc), where the pc names the static site and
+ *   the scheduler knows the block and thread; besides the checks, the profiler
+ *   (emu/profiler.cpp, kernels.profile()) takes the same stream from there.
  *
  * Shadow memory
  *   Every byte of an argument array, of the static __shared__ section and of the dynamic shared
@@ -80,6 +80,12 @@ struct Sanitizer {
 } Z;
 
 emu_finding g_finding;
+
+/* The profiler (emu/profiler.cpp, compiled into this unit after this file) */
+void prof_launch_begin(const emu_launch_params* p);
+void prof_access(const Span* sp, uintptr_t a, unsigned size, int kind, uintptr_t pc);
+void prof_flush();
+void prof_launch_end();
 
 /* ---------------------------------------------------------------- segments never checked */
 struct SegmentQuery {
@@ -309,6 +315,7 @@ void on_access(uintptr_t a, unsigned size, int kind, uintptr_t pc, bool aligned)
         return;
     }
     Span* sp = find_span(a);
+    if (Z.checks & EMU_PROFILE) prof_access(sp, a, size, kind, pc);
     if (!sp) {
         if (!memcheck) return;
         int near = -1;
@@ -319,6 +326,11 @@ void on_access(uintptr_t a, unsigned size, int kind, uintptr_t pc, bool aligned)
         if (a + 256 >= Z.dyn_lo && a < Z.dyn_cap + 256)
             report(EMU_CHECK_MEMCHECK, EMU_SAN_OUT_OF_BOUNDS, a, nearest_region(a, EMU_REGION_DYNAMIC_SHARED), size,
                    kind, pc, nullptr);
+        for (int r : Z.shared_vars) {   // just past a __shared__ variable outside the section
+            const emu_region& v = Z.p->regions[r];
+            if (a >= v.end && a < v.end + 256 && (v.begin >= Z.static_hi || v.end <= Z.static_lo))
+                report(EMU_CHECK_MEMCHECK, EMU_SAN_OUT_OF_BOUNDS, a, r, size, kind, pc, nullptr);
+        }
         for (const auto& seg : Z.ignore)
             if (a >= seg.first && a < seg.second) return;
         report(EMU_CHECK_MEMCHECK, EMU_SAN_OUT_OF_BOUNDS, a, nearest_region(a, EMU_REGION_ARGUMENT), size, kind, pc,
@@ -353,7 +365,7 @@ Span make_span(uintptr_t lo, uintptr_t hi, int kind, unsigned char* init) {
 
 /* ---------------------------------------------------------------- the scheduler's hooks */
 void san_launch_begin(const emu_launch_params* p) {
-    Z.checks = p->sanitize & (EMU_CHECK_MEMCHECK | EMU_CHECK_RACECHECK | EMU_CHECK_INITCHECK);
+    Z.checks = p->sanitize & (EMU_CHECK_MEMCHECK | EMU_CHECK_RACECHECK | EMU_CHECK_INITCHECK | EMU_PROFILE);
     Z.p = p;
     Z.code_base = (uintptr_t)p->code_begin;
     Z.now = 1;
@@ -385,6 +397,22 @@ void san_launch_begin(const emu_launch_params* p) {
         i = j;
     }
     if (Z.static_hi > Z.static_lo) Z.spans.push_back(make_span(Z.static_lo, Z.static_hi, EMU_REGION_SHARED, nullptr));
+    // __shared__ variables g++ left outside the section (static locals of function templates,
+    // see cuda_emu.h), each with the 128-byte pad before it; neighbours merged
+    std::vector<std::pair<uintptr_t, uintptr_t>> outside;
+    for (int i = 0; i < p->nregions; ++i) {
+        const emu_region& r = p->regions[i];
+        if (r.kind == EMU_REGION_SHARED && r.end > r.begin && (r.begin >= Z.static_hi || r.end <= Z.static_lo))
+            outside.push_back({r.begin - 128, r.end});
+    }
+    std::sort(outside.begin(), outside.end());
+    for (size_t i = 0; i < outside.size();) {
+        uintptr_t lo = outside[i].first, hi = outside[i].second;
+        size_t j = i + 1;
+        for (; j < outside.size() && outside[j].first <= hi; ++j) hi = std::max(hi, outside[j].second);
+        Z.spans.push_back(make_span(lo, hi, EMU_REGION_SHARED, nullptr));
+        i = j;
+    }
     if (Z.dyn_cap > Z.dyn_lo) Z.spans.push_back(make_span(Z.dyn_lo, Z.dyn_cap, EMU_REGION_DYNAMIC_SHARED, nullptr));
     std::sort(Z.spans.begin(), Z.spans.end(), [](const Span& x, const Span& y) { return x.lo < y.lo; });
     // an argument inside the module's own memory (it cannot be): keep the spans disjoint
@@ -400,9 +428,11 @@ void san_launch_begin(const emu_launch_params* p) {
     Z.warps.assign((S.nthreads + kWarpSize - 1) / kWarpSize, WarpSync());
     Z.thread_fence.assign(S.nthreads, 0);
     Z.thread_acquire.assign(S.nthreads, 0);
+    if (Z.checks & EMU_PROFILE) prof_launch_begin(p);
 }
 
 void san_launch_end() {
+    if (Z.checks & EMU_PROFILE) prof_launch_end();
     for (Span& s : Z.spans)
         if (s.cells) munmap(s.cells, s.mapped);
     Z.spans.clear();
@@ -410,6 +440,7 @@ void san_launch_end() {
 }
 
 void san_block_begin(unsigned linear_block) {
+    if (Z.checks & EMU_PROFILE) prof_flush();   // the previous block's last phase
     Z.block = linear_block & ((1u << 22) - 1);
     Z.last_barrier = ++Z.now;   // voids every warp's sync times too
     std::fill(Z.thread_fence.begin(), Z.thread_fence.end(), 0);
@@ -418,6 +449,7 @@ void san_block_begin(unsigned linear_block) {
 }
 
 void san_barrier_released() {
+    if (Z.checks & EMU_PROFILE) prof_flush();
     Z.last_barrier = ++Z.now;
     for (uint32_t t : Z.thread_acquire) Z.acquired_before_barrier = std::max(Z.acquired_before_barrier, t);
 }

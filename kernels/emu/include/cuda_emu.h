@@ -45,10 +45,13 @@
 #define __grid_constant__
 /* Static shared memory: one copy per module, reused by each block in turn.  The section lets
  * the runtime poison it between blocks in debug mode, as a GPU leaves it undefined.  Sanitized
- * builds (KERNELS_EMU_SANITIZE, compiled with -fno-toplevel-reorder, which keeps the order)
- * put 128 unused bytes before every variable, so that an overrun of one __shared__ array lands
- * in no variable and memcheck can name it. */
-#ifdef __KERNELS_EMU_SANITIZE__
+ * and debug builds (KERNELS_EMU_SANITIZE, KERNELS_EMU_DEBUG; compiled with -fno-toplevel-reorder,
+ * which keeps the order) put 128 unused bytes before every variable, so that an overrun of one
+ * __shared__ array lands in no variable and memcheck can name it.  The pads also mark the
+ * __shared__ variables g++ leaves out of the section: it ignores the section attribute of a
+ * static local in a function template (before g++ 14), which then lands in .bss right after its
+ * pad (kernels/sanitizer.py, ModuleSymbols.shared_variables, finds them there). */
+#if defined(__KERNELS_EMU_SANITIZE__) || defined(__KERNELS_EMU_DEBUG__)
 #define EMU_CAT2(a, b) a##b
 #define EMU_CAT(a, b) EMU_CAT2(a, b)
 #define __shared__                                                                                \

@@ -73,6 +73,9 @@ enum { EMU_SCHEDULE_FORWARD = 0, EMU_SCHEDULE_REVERSE = 1, EMU_SCHEDULE_RANDOM =
  * ... before every load and store of kernel code; the runtime implements those calls itself
  * (emu/sanitizer.cpp, no libtsan) and checks each access. */
 enum { EMU_CHECK_MEMCHECK = 1, EMU_CHECK_RACECHECK = 2, EMU_CHECK_INITCHECK = 4, EMU_CHECK_SYNCCHECK = 8 };
+/* Not a check, but the same instrumented module and the same access stream: kernels.profile()
+ * (emu/profiler.cpp) counts requests, sectors and shared-memory wavefronts per warp. */
+enum { EMU_PROFILE = 16 };
 
 /* Memory the sanitizer can name in a message; Python lists every array argument, every static
  * __shared__ variable of the module and the dynamic shared memory of the launch. */
@@ -82,6 +85,9 @@ struct emu_region {
     int index;                    /* argument index, or __shared__ variable index              */
     unsigned char* init;          /* an argument: one "initialised" byte per byte, for arrays
                                      the host never wrote (initcheck); NULL: all initialised  */
+    unsigned long long origin;    /* an argument: where its allocation starts (the array it is
+                                     a view of); the profiler counts sectors from there, as a
+                                     GPU allocation starts 256-byte aligned                  */
 };
 enum { EMU_REGION_ARGUMENT = 0, EMU_REGION_SHARED = 1, EMU_REGION_DYNAMIC_SHARED = 2 };
 
@@ -123,6 +129,37 @@ struct emu_finding {
     unsigned int mask;            /* synccheck: the collective's mask                         */
     const char* file;             /* synccheck: the barrier's or collective's source line     */
     int line;
+};
+
+/* ------------------------------------------------------------------ the profiler
+ * What one launch did to memory, counted per warp-level request (emu/profiler.cpp).  Index
+ * [k] of the arrays: EMU_ACCESS_READ (ld), EMU_ACCESS_WRITE (st), EMU_ACCESS_ATOMIC (atom). */
+struct emu_profile {
+    unsigned long long global_requests[3];    /* warp-level instructions                        */
+    unsigned long long global_sectors[3];     /* 32-byte sectors they touch                     */
+    unsigned long long global_bytes[3];       /* distinct bytes the lanes asked for, per request */
+    unsigned long long shared_requests[3];
+    unsigned long long shared_wavefronts[3];  /* passes through the 32 banks                    */
+    unsigned long long shared_ideal[3];       /* the wavefronts without bank conflicts           */
+    unsigned long long shared_bytes[3];
+    unsigned long long dram_sectors_read;     /* distinct sectors of the argument arrays read    */
+    unsigned long long dram_sectors_written;  /* ... and written, over the whole launch          */
+    unsigned long long outside_arguments;     /* global accesses outside every argument array   */
+    unsigned long long cut_phases;            /* phases too long to group whole (see profiler.cpp) */
+    int nsites;                               /* entries of emu_profile_sites()                  */
+};
+
+/* One static load/store/atomic of the kernel (a site: its pc) in one memory space. */
+struct emu_profile_site {
+    unsigned long long pc;
+    int space;                    /* 0 global, 1 shared                                        */
+    int kind;                     /* EMU_ACCESS_*                                               */
+    int size;                     /* bytes per lane (the largest seen)                          */
+    int pad;
+    unsigned long long requests, units;   /* units: sectors (global) or wavefronts (shared)    */
+    unsigned long long ideal;     /* shared: wavefronts without conflicts                      */
+    unsigned long long bytes;     /* distinct bytes asked for, summed over requests            */
+    unsigned long long lanes;     /* active lanes, summed over requests                        */
 };
 
 /* SIGINT (Ctrl-C) during a launch, as Python's handler for it would have it: */
@@ -168,6 +205,8 @@ int emu_unmap_guarded(void* data, unsigned long long data_bytes, unsigned long l
 int emu_runtime_version(void);
 int emu_code_range(const void* address, const void** begin, const void** end);
 void emu_last_finding(struct emu_finding* out);
+void emu_last_profile(struct emu_profile* out);
+int emu_profile_sites(struct emu_profile_site* out, int capacity);
 
 /* Called by kernel code (through the macros of cuda_emu.h). */
 void __emu_syncthreads(const char* file, int line);
@@ -196,7 +235,7 @@ enum {
     EMU_WARP_REDUCE_AND = 13, EMU_WARP_REDUCE_OR = 14, EMU_WARP_REDUCE_XOR = 15
 };
 
-#define EMU_RUNTIME_VERSION 3
+#define EMU_RUNTIME_VERSION 4
 
 #ifdef __cplusplus
 }

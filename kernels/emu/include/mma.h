@@ -24,9 +24,14 @@
  * In this emulation that assumption would happen to work, and it would be wrong on a GPU: store the
  * fragment to memory with store_matrix_sync to see elements at known places.
  *
- * store_matrix_sync writes the tile from lane 0 alone (every lane holds the same copy) and ends
- * with a __syncwarp(), so the tile is in memory for every lane afterwards and racecheck sees one
- * writer, as the GPU's lanes each write their own elements once.
+ * Memory traffic as the hardware moves it: a tile in memory is `lines` rows (row-major) or
+ * columns (col-major) `ldm` elements apart, cut into 16-byte pieces, and lane l of the warp
+ * moves pieces l, l + 32, ... (what ldmatrix/stmatrix do: one 16-byte row piece per lane).
+ * store_matrix_sync writes exactly that: each lane its own pieces, then a __syncwarp(), so every
+ * byte has one writer, as on the GPU.  load_matrix_sync must give every lane the whole tile, so
+ * it copies the tile uninstrumented; in sanitized builds (KERNELS_EMU_SANITIZE, kernels.profile())
+ * each lane also reads its own pieces, 16 bytes at a time: those reads are what memcheck,
+ * racecheck, initcheck and the profiler's sectors and bank conflicts see.
  *
  * Like the hardware, the emulation insists that: all lanes of the warp take part (each call is
  * a __syncwarp(), so a divergent call is reported), pointers are 32-byte aligned, ldm is a
@@ -63,6 +68,33 @@ struct supported_shape {
 
 template <class T> static inline float to_float(const T& v) { return (float)v; }
 template <class T> static inline T from_float(float v) { return (T)v; }
+
+static inline unsigned lane_id() { return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32; }
+
+/* The 16-byte piece s of a tile of `lines` lines `line_bytes` long, `ldm_bytes` apart. */
+static inline size_t piece_offset(int s, int lines, unsigned ldm_bytes) {
+    return (size_t)(s % lines) * ldm_bytes + (size_t)(s / lines) * 16;
+}
+
+#ifdef __KERNELS_EMU_SANITIZE__
+#define EMU_WMMA_COPY __attribute__((no_sanitize_thread, noinline))
+/* The reads a warp's load_matrix_sync makes on a GPU, this lane's share (see the header). */
+static inline void read_pieces(const void* p, int lines, int line_bytes, unsigned ldm_bytes) {
+    for (int s = lane_id(); s < lines * (line_bytes / 16); s += 32)
+        (void)*reinterpret_cast<const volatile __int128*>(static_cast<const char*>(p) + piece_offset(s, lines, ldm_bytes));
+}
+#else
+#define EMU_WMMA_COPY
+static inline void read_pieces(const void*, int, int, unsigned) {}
+#endif
+
+/* f.x[i * cols + j] = element (i, j) of the tile at p: row-major (element (i, j) at p[i * ldm + j])
+ * or column-major (at p[j * ldm + i]); every lane copies the whole tile, unseen by the checks. */
+template <class T>
+EMU_WMMA_COPY static void copy_tile(T* x, const T* p, int rows, int cols, unsigned ldm, bool row) {
+    for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) x[i * cols + j] = row ? p[(size_t)i * ldm + j] : p[(size_t)j * ldm + i];
+}
 
 static inline void check_pointer(const void* p, unsigned ldm, size_t elem_bytes, const char* what) {
     if (((uintptr_t)p) % 32 != 0)
@@ -104,9 +136,8 @@ static inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p,
     __syncwarp();
     detail::check_pointer(p, ldm, sizeof(T), "load_matrix_sync");
     const bool row = std::is_same<L, row_major>::value;
-    for (int i = 0; i < f.rows; ++i)
-        for (int j = 0; j < f.cols; ++j)
-            f.x[i * f.cols + j] = row ? p[(size_t)i * ldm + j] : p[(size_t)j * ldm + i];
+    detail::read_pieces(p, row ? f.rows : f.cols, (row ? f.cols : f.rows) * (int)sizeof(T), ldm * sizeof(T));
+    detail::copy_tile(f.x, p, f.rows, f.cols, ldm, row);
 }
 
 // accumulator: the memory layout is an argument
@@ -115,9 +146,9 @@ static inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, 
                                     layout_t layout) {
     __syncwarp();
     detail::check_pointer(p, ldm, sizeof(T), "load_matrix_sync");
-    for (int i = 0; i < f.rows; ++i)
-        for (int j = 0; j < f.cols; ++j)
-            f.x[i * f.cols + j] = layout == mem_row_major ? p[(size_t)i * ldm + j] : p[(size_t)j * ldm + i];
+    const bool row = layout == mem_row_major;
+    detail::read_pieces(p, row ? f.rows : f.cols, (row ? f.cols : f.rows) * (int)sizeof(T), ldm * sizeof(T));
+    detail::copy_tile(f.x, p, f.rows, f.cols, ldm, row);
 }
 
 template <int M, int N, int K, class T>
@@ -125,13 +156,18 @@ static inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, 
                                      layout_t layout) {
     __syncwarp();
     detail::check_pointer(p, ldm, sizeof(T), "store_matrix_sync");
-    const unsigned lane = (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32;
-    if (lane == 0)
-        for (int i = 0; i < f.rows; ++i)
-            for (int j = 0; j < f.cols; ++j) {
-                T* dst = layout == mem_row_major ? p + (size_t)i * ldm + j : p + (size_t)j * ldm + i;
-                *dst = f.x[i * f.cols + j];
-            }
+    // each lane writes its own 16-byte pieces of the lines (see the header), from its whole copy
+    const bool row = layout == mem_row_major;
+    const int lines = row ? f.rows : f.cols, length = row ? f.cols : f.rows, per_piece = 16 / (int)sizeof(T);
+    for (int s = (int)detail::lane_id(); s < lines * (length / per_piece); s += 32) {
+        const int line = s % lines, first = (s / lines) * per_piece;
+        T piece[16 / sizeof(T)];
+        for (int e = 0; e < per_piece; ++e)
+            piece[e] = row ? f.x[line * f.cols + first + e] : f.x[(first + e) * f.cols + line];
+        __int128 bits;
+        memcpy(&bits, piece, 16);
+        *reinterpret_cast<__int128*>(reinterpret_cast<char*>(p) + detail::piece_offset(s, lines, ldm * sizeof(T))) = bits;
+    }
     __syncwarp();
 }
 

@@ -1,0 +1,160 @@
+"""Our kernels' memory access patterns, measured by kernels.profile() on the emulator, held to budgets.
+
+- every memory-bound kernel (elementwise, batch norm, pooling, optimizer, input, the loss) moves
+  at least 80 % useful bytes in its global loads and stores (the bytes its lanes ask for over
+  the bytes of the 32-byte sectors moved); the few that cannot are listed with their measured
+  floor and the reason;
+- the GEMM and convolution tiles keep the bank conflicts measured here (TILE_CONFLICTS): their
+  shared-memory loads have none, the stores that transpose a tile have the conflicts written down;
+- no kernel spills registers on sm_80 or sm_90 (ptxas through NVRTC, kernels.resources).
+
+A change that makes any of these worse fails here; one that makes them better should lower the
+budget.  The shapes are small (the whole file takes seconds) but have ResNet-50's channel counts
+where those matter for coalescing.  `python -m bench.kernels --profile` shows the same counts at
+larger shapes, with predicted times (bench/NOTES.md).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import cases as lesson
+
+MIN_EFFICIENCY = 80.0
+SMALL_OUTPUT = 4096   # bytes: below this a kernel writes a handful of scalars; store efficiency is moot
+
+
+@pytest.fixture(autouse=True)
+def no_outside_settings(monkeypatch):
+    for name in ("KERNELS_EMU_SANITIZE", "KERNELS_EMU_SCHEDULE", "KERNELS_EMU_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def profile(family, shape, op, version):
+    """The Profile of one call of `op` (after one unprofiled call: builds, a backward's forward)."""
+    case = lesson.make(family, np, shape)
+    state = case.prepare(op)
+    case.run(op, version, state)
+    with kernels.profile() as prof:
+        case.run(op, version, state)
+    return prof
+
+
+# (family, shape, versions): every op of these cases, every version
+MEMORY_BOUND = [
+    ("elementwise", (1 << 16,), (1,)),
+    ("batchnorm", (2, 8, 8, 64), (1, 2)),
+    ("pool", (1, 16, 16, 64, 3, 2, 1), (1, 2)),        # max pool 3x3/2 on 64 channels
+    ("pool", (2, 7, 7, 256, 1, 1, 0), (2,)),          # (the global average pool's shape)
+    ("optimizer", (24, 4), (1, 2)),                   # ResNet-50's first 24 tensors at a quarter size
+    ("input", (1, 32, 32), (1, 2)),
+    ("cross_entropy", (8, 1000), (2,)),
+]
+
+# (family, op, version): measured floors (%) below 80, and why
+EXCEPTIONS = {
+    ("elementwise", "relu_backward", 1): {
+        "ld": 75.0, "why": "dx = y > 0 ? dy : 0 reads dy only in the lanes whose y is positive (half of them "
+                           "here): those requests carry half the lanes over the sectors the warp needs anyway"},
+    ("pool", "maxpool2d_backward", 2): {
+        "ld": 68.0, "why": "the gather reads dy only where argmax names this pixel: about half of the lanes of "
+                           "each request, so the sectors it moves are half used"},
+    ("input", "input_normalize u8->f32", 2): {
+        "ld": 33.0, "st": 50.0, "why": "four RGB pixels per thread are three 4-byte loads 12 bytes apart "
+                                       "(each request uses a third of its sectors; the next two requests use "
+                                       "the rest, from L1) and three float4 stores 48 bytes apart"},
+}
+
+
+def _memory_cases():
+    for family, shape, versions in MEMORY_BOUND:
+        case = lesson.make(family, np, shape)
+        for version in versions:
+            for op in case.ops(version) + case.shared_ops():
+                if family == "pool" and (op.startswith("global") != (shape[4] == 1)):
+                    continue   # max pool ops on the max-pool shape, average pool ops on theirs
+                yield pytest.param(family, shape, op, version, id=f"{family}-{op}-v{version}")
+
+
+@pytest.mark.parametrize("family,shape,op,version", list(_memory_cases()))
+def test_memory_bound_kernels_use_the_bytes_they_move(family, shape, op, version):
+    prof = profile(family, shape, op, version)
+    metrics, requested, derived = prof.total()
+    floors = EXCEPTIONS.get((family, op, version), {})
+    assert prof.launches
+    for kind in ("ld", "st"):
+        efficiency = derived[f"global_{kind}_efficiency"]
+        if efficiency is None or (kind == "st" and requested["st"] < SMALL_OUTPUT):
+            continue
+        floor = floors.get(kind, MIN_EFFICIENCY)
+        assert efficiency >= floor - 0.05, (f"{op} v{version}: global {kind} efficiency {efficiency:.1f} % < "
+                                            f"{floor} %\n{_worst_lines(prof, kind)}")
+
+
+def _worst_lines(prof, kind):
+    rows = [f"  {s['file']}:{s['line']} {s['size']} B, {s['per_request']:.2f} sectors/request, "
+            f"{s['efficiency']:.0f} %" for p in prof.launches for s in p.sites()
+            if s["space"] == "global" and s["op"] == kind and s["efficiency"] is not None]
+    return "\n".join(sorted(rows, key=lambda r: float(r.rsplit(" ", 2)[-2]))[:5])
+
+
+# (family, shape, op, version) -> {kernel: (shared-load conflict wavefronts, shared-store ones)}
+TILE_CONFLICTS = {
+    # the 64x64 register-blocked GEMM under im2col: its loads are float4s of padded rows (no
+    # conflict); filling As transposed (As[k][m]) puts two lanes in one bank
+    ("conv", (1, 8, 8, 64, 64, 3, 1, 1), "conv2d_forward", 2): {"gemm_regblock_f32": (0, 4608)},
+    ("conv", (1, 8, 8, 64, 64, 3, 1, 1), "conv2d_backward_data", 2): {"gemm_regblock_f32": (0, 1280)},
+    ("conv", (1, 8, 8, 64, 64, 3, 1, 1), "conv2d_backward_weight", 2): {"gemm_regblock_f32": (0, 0)},
+    # the implicit GEMM: the same tiles, filled from the convolution's indices
+    ("conv", (1, 8, 8, 64, 64, 3, 1, 1), "conv2d_forward", 3): {"conv2d_fwd_igemm_f32": (0, 2304)},
+    ("conv", (1, 8, 8, 64, 64, 3, 1, 1), "conv2d_backward_data", 3): {"conv2d_bwd_data_igemm_f32": (0, 1152)},
+    ("conv", (1, 8, 8, 64, 64, 3, 1, 1), "conv2d_backward_weight", 3): {"conv2d_bwd_weight_igemm_f32": (0, 0)},
+    ("conv", (1, 8, 8, 128, 64, 1, 1, 0), "conv2d_forward", 3): {"conv2d_fwd_igemm_f32": (0, 512)},
+    ("conv", (1, 16, 16, 3, 64, 7, 2, 3), "conv2d_forward", 3): {"conv2d_fwd_igemm_f32": (0, 640)},
+    ("conv", (1, 16, 16, 3, 64, 7, 2, 3), "conv2d_backward_data", 3): {"conv2d_bwd_data_igemm_f32": (0, 25088)},
+    # gemm.cu: version 2's Bs[16][17] padding puts rows ty and ty + 1 of a warp's fill in one bank
+    ("gemm", (64, 64, 64, 0, 0), "gemm", 2): {"gemm_tiled_f32": (0, 512)},
+    ("gemm", (64, 64, 64, 0, 0), "gemm", 3): {"gemm_regblock_f32": (0, 256)},
+    ("gemm", (64, 64, 64, 1, 1), "gemm", 3): {"gemm_regblock_f32": (0, 256)},
+    ("gemm", (64, 64, 64, 0, 0), "gemm_f16", 4): {"gemm_wmma_f16": (0, 0)},
+}
+
+
+@pytest.mark.parametrize("key", list(TILE_CONFLICTS), ids=lambda k: f"{k[0]}-{k[2]}-v{k[3]}-{'x'.join(map(str, k[1]))}")
+def test_gemm_and_conv_tiles_keep_their_bank_conflict_budget(key):
+    family, shape, op, version = key
+    prof = profile(family, shape, op, version)
+    seen = {}
+    for p in prof.launches:
+        ld, st = seen.get(p.kernel, (0, 0))
+        seen[p.kernel] = (ld + p.metrics["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum"],
+                          st + p.metrics["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"])
+    for kernel, (ld_budget, st_budget) in TILE_CONFLICTS[key].items():
+        assert kernel in seen, f"{op} v{version} no longer launches {kernel} (launched: {sorted(seen)})"
+        ld, st = seen[kernel]
+        assert ld <= ld_budget and st <= st_budget, (
+            f"{kernel}: {ld} load and {st} store bank-conflict wavefronts, budget {ld_budget} and {st_budget}")
+        # and its shared loads stay conflict-free, whatever the budget says of stores
+        assert ld == 0
+
+
+def _all_kernels():
+    for path in sorted(kernels.KERNEL_DIR.glob("*.cu")):
+        module = kernels.load_module(path.name)
+        for name in sorted(module.signatures):
+            yield path.name, name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("KERNELS_SKIP_NVRTC") == "1", reason="KERNELS_SKIP_NVRTC=1")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_no_kernel_spills_registers(arch):
+    spilled = []
+    for filename, name in _all_kernels():
+        r = kernels.resources(kernels.load_module(filename).get_function(name), arch)
+        if r.spill_store_bytes or r.spill_load_bytes:
+            spilled.append(f"{filename}:{name} {r.spill_store_bytes} B stored, {r.spill_load_bytes} B loaded "
+                           f"({r.registers} registers)")
+    assert not spilled, "\n".join(spilled)
