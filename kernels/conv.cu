@@ -92,10 +92,14 @@
  *     moving 8 consecutive reduction indices, one 16-byte vector.  Those are 8 consecutive channels
  *     of one pixel (channels run fastest in NHWC and in the reduction order (r, s, c)), so the vector
  *     is one aligned load whenever C % 8 == 0 (every layer of ResNet-50 but the stem) and the
- *     pointers are 16-byte aligned; otherwise (the stem's 3 channels) the thread gathers its 8
- *     elements one by one, walking (r, s, c).  A thread's rows (output pixels) never change, so
- *     their (n, p, q) are decoded once, before the loop; its reduction index kk changes every step
- *     and is split into (r, s, c) by multiply-shift (FastDiv, common.cuh): no division in the loop.
+ *     pointers are 16-byte aligned.  Otherwise (the stem's 3 channels) the forward pass loads one
+ *     element per lane, the 32 lanes of a warp on 32 consecutive kk of a row, which lie S*C halves
+ *     in a run in x, so a warp's 2-byte loads share a few sectors; the backward passes gather each
+ *     thread's 8 elements one by one in registers, walking (r, s, c), and store them to shared
+ *     memory as one 16-byte vector.  The rows of a tile (output pixels) never change, so their
+ *     (n, p, q) are decoded once, before the loop (the forward keeps them in shared memory, one
+ *     entry per row); a reduction index kk changes every step and is split into (r, s, c) by
+ *     multiply-shift (FastDiv, common.cuh): no division in the loop.
  *       forward          A[m, kk] = x[n, p*stride - pad + r, q*stride - pad + s, c]   As[m][kk]
  *                        B[kk, k] = wk[k][kk]                                         Bs[k][kk]
  *       backward data    A[m, kk] = dy[n, p, q, k] where tap (r, s) carries (h, w) to (p, q)
@@ -118,8 +122,9 @@
  *     Backward weight is split over gridDim.z as in version 3; with one split the kernel writes dw
  *     itself (OIHW, float16, or float32 for a float32 master weight), with several the slices go
  *     through a float32 workspace and conv2d_bwd_weight_reduce_oihw_* sums them, moving each 32
- *     channels x R*S taps of a row through a padded shared tile so that it reads the workspace and
- *     writes dw in consecutive addresses (version 3's reduce reads the workspace C floats apart).
+ *     channels x R*S taps of a row through a shared tile (rows of an odd number of floats: no bank
+ *     conflict either way) so that it reads the workspace and writes dw in consecutive addresses
+ *     (version 3's reduce reads the workspace C floats apart).
  *
  * Version 5 in detail: keeping the tensor cores fed.
  *
@@ -499,6 +504,11 @@ extern "C" __global__ void conv2d_bwd_weight_reduce_f32(const float* __restrict_
 #define TC_LD (TC_BK + 8)   // leading dimension of the half tiles: 144-byte rows, 9 16-byte units
 #define TC_LDC (TC_BN + 4)  // of the float result tile: 272-byte rows, 17 units
 #define TC_THREADS 128    // 4 warps, 2 x 2, each a 32 x 32 piece of the tile
+#if __CUDA_ARCH__ >= 800
+#define TC_MIN_BLOCKS 5   // blocks per SM ptxas must make room for: at most 96 registers a thread
+#else
+#define TC_MIN_BLOCKS 1   // sm_60 / sm_70 need more registers (the scalar tile product, no cp.async)
+#endif
 #define TC_TILE (TC_BM * TC_LD)   // halves in one operand tile (all three layouts are 64 x 72)
 #define TC_SMEM_BYTES (2 * TC_TILE * 2 > TC_BM * TC_LDC * 4 ? 2 * TC_TILE * 2 : TC_BM * TC_LDC * 4)
 
@@ -532,6 +542,14 @@ __device__ __forceinline__ void tile_copy8(__half* dst, const __half* src, bool 
 #endif
     if (valid) *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
     else *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+}
+
+// 8 halves gathered one by one in registers, stored as one 16-byte vector: one shared-memory store
+// instruction per thread, and a quarter-warp's 8 vectors fill 8 different units of a tile row.
+__device__ __forceinline__ void store_halves8(__half* dst, const __half* v) {
+    uint4 raw;
+    memcpy(&raw, v, sizeof(raw));
+    *reinterpret_cast<uint4*>(dst) = raw;
 }
 
 __device__ __forceinline__ void pipeline_commit() {
@@ -726,66 +744,69 @@ __device__ __forceinline__ bool tap_output(int h_pad_r, const FastDiv& div_strid
 template <bool ASYNC>
 __device__ __forceinline__ void conv_fwd_f16(const __half* __restrict__ x, const __half* __restrict__ wk,
                                              __half* __restrict__ y, int N, int H, int W, int C, int K, int R,
-                                             int S, int P, int Q, int stride, int pad, int aligned, __half* tiles) {
+                                             int S, int P, int Q, int stride, int pad, int aligned, __half* tiles,
+                                             int* pixels) {
     const int M = N * P * Q, Kd = R * S * C;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const bool vec = aligned && C % 8 == 0;
     const FastDiv div_c = make_fastdiv(C), div_s = make_fastdiv(S);
     const int g8 = TC_G8, row0 = TC_ROW0;
-    // This thread's 4 rows of A are output pixels (n, p, q), the same at every step: decoded once
-    // into the image's offset and the corner of the filter window (p*stride - pad, q*stride - pad).
-    int x_base[4], h_0[4], w_0[4];
+    // The tile's 64 rows of A are output pixels (n, p, q), the same at every step: decoded once, by
+    // 64 threads, into the image's offset and the corner of the filter window (p*stride - pad,
+    // q*stride - pad), kept in shared memory (pixels[0, 64, 128 + row]) for every thread's loads.
     {
         const FastDiv div_pq = make_fastdiv(P * Q), div_q = make_fastdiv(Q);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int m = m0 + row0 + 16 * i;
-            x_base[i] = 0;
-            h_0[i] = w_0[i] = IG_FAR;
+        for (int row = threadIdx.x; row < TC_BM; row += TC_THREADS) {
+            const int m = m0 + row;
+            int x_base = 0, h_0 = IG_FAR, w_0 = IG_FAR;
             if (m < M) {
                 int n, pq, p, q;
                 fast_divmod(m, div_pq, n, pq);
                 fast_divmod(pq, div_q, p, q);
-                x_base[i] = n * H * W * C;
-                h_0[i] = p * stride - pad;
-                w_0[i] = q * stride - pad;
+                x_base = n * H * W * C;
+                h_0 = p * stride - pad;
+                w_0 = q * stride - pad;
             }
+            pixels[row] = x_base;   // three arrays of 64: consecutive threads, consecutive words
+            pixels[TC_BM + row] = h_0;
+            pixels[2 * TC_BM + row] = w_0;
         }
+        __syncthreads();
     }
     tc_gemm<ASYNC, RowMajor, ColMajor>(0, Kd, M - m0, K - n0, tiles, [&](int k0, __half* As, __half* Bs) {
-        const int kk = k0 + g8;   // this thread's reduction indices kk .. kk + 7, kk = (r * S + s) * C + c
-        int rs, c, r, s;
-        fast_divmod(kk, div_c, rs, c);
-        fast_divmod(rs, div_s, r, s);
+        if (vec) {
+            // 8 threads per row, 8 consecutive kk each: 8 channels of one tap, one 16-byte vector
+            const int kk = k0 + g8;   // kk = (r * S + s) * C + c
+            int rs, c, r, s;
+            fast_divmod(kk, div_c, rs, c);
+            fast_divmod(rs, div_s, r, s);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {   // A[m, kk] = x[n, h_0 + r, w_0 + s, c]: As[m][kk]
-            __half* dst = As + tile_offset<RowMajor>(row0 + 16 * i, g8);
-            if (vec) {
-                const int h = h_0[i] + r, w = w_0[i] + s;
+            for (int i = 0; i < 4; ++i) {   // A[m, kk] = x[n, h_0 + r, w_0 + s, c]: As[m][kk]
+                const int row = row0 + 16 * i, h = pixels[TC_BM + row] + r, w = pixels[2 * TC_BM + row] + s;
                 const bool in = kk < Kd && h >= 0 && h < H && w >= 0 && w < W;
-                tile_copy8<ASYNC>(dst, in ? x + x_base[i] + (h * W + w) * C + c : x, in);
-            } else {
-                int re = r, se = s, ce = c;   // walk (r, s, c) one element at a time
-                for (int e = 0; e < 8; ++e) {
-                    const int h = h_0[i] + re, w = w_0[i] + se;
-                    dst[e] = kk + e < Kd && h >= 0 && h < H && w >= 0 && w < W ? x[x_base[i] + (h * W + w) * C + ce]
-                                                                                : __float2half(0.0f);
-                    if (++ce == C) {
-                        ce = 0;
-                        if (++se == S) se = 0, ++re;
-                    }
-                }
+                tile_copy8<ASYNC>(As + tile_offset<RowMajor>(row, g8), in ? x + pixels[row] + (h * W + w) * C + c : x, in);
             }
-        }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {   // B[kk, k] = wk[k][kk]: Bs[k][kk] (column-major B), the same kk
-            const int k = n0 + row0 + 16 * i;
-            __half* dst = Bs + tile_offset<ColMajor>(g8, row0 + 16 * i);
-            if (vec) {
+            for (int i = 0; i < 4; ++i) {   // B[kk, k] = wk[k][kk]: Bs[k][kk] (column-major B), the same kk
+                const int k = n0 + row0 + 16 * i;
                 const bool in = k < K && kk < Kd;
-                tile_copy8<ASYNC>(dst, in ? wk + k * Kd + kk : wk, in);
-            } else {
-                for (int e = 0; e < 8; ++e) dst[e] = k < K && kk + e < Kd ? wk[k * Kd + kk + e] : __float2half(0.0f);
+                tile_copy8<ASYNC>(Bs + tile_offset<ColMajor>(g8, row0 + 16 * i), in ? wk + k * Kd + kk : wk, in);
+            }
+        } else {
+            // No 16-byte vectors (the stem's 3 channels): one element per thread per load, the 32
+            // lanes of a warp on 32 consecutive kk of one row.  Within a filter row those are
+            // consecutive addresses of x (S*C halves in a run) and of wk, so a warp's load touches
+            // a few sectors; each lane decodes its own kk.
+            for (int e = threadIdx.x; e < TC_BM * TC_BK; e += TC_THREADS) {
+                const int row = e / TC_BK, col = e % TC_BK, kk = k0 + col;
+                int rs, c, r, s;
+                fast_divmod(kk, div_c, rs, c);
+                fast_divmod(rs, div_s, r, s);
+                const int h = pixels[TC_BM + row] + r, w = pixels[2 * TC_BM + row] + s;
+                As[tile_offset<RowMajor>(row, col)] =
+                    kk < Kd && h >= 0 && h < H && w >= 0 && w < W ? x[pixels[row] + (h * W + w) * C + c] : __float2half(0.0f);
+                const int k = n0 + row;   // B: the same (row, col) of the k-major tile
+                Bs[tile_offset<ColMajor>(col, row)] = k < K && kk < Kd ? wk[k * Kd + kk] : __float2half(0.0f);
             }
         }
     });
@@ -794,18 +815,20 @@ __device__ __forceinline__ void conv_fwd_f16(const __half* __restrict__ x, const
                       [](int m) { return m; });
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_fwd_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ wk, __half* __restrict__ y, int N, int H,
                     int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];   // declared here, not in the template
-    conv_fwd_f16<false>(x, wk, y, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles);
+    __shared__ int pixels[3 * TC_BM];   // the tile's output pixels: image offset, window corner
+    conv_fwd_f16<false>(x, wk, y, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles, pixels);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_fwd_wmma_async_f16(const __half* __restrict__ x, const __half* __restrict__ wk, __half* __restrict__ y, int N,
                           int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];
-    conv_fwd_f16<true>(x, wk, y, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles);
+    __shared__ int pixels[3 * TC_BM];   // the tile's output pixels: image offset, window corner
+    conv_fwd_f16<true>(x, wk, y, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles, pixels);
 }
 
 // Backward data, version 4.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 128.  wk: the weight in
@@ -813,7 +836,7 @@ conv2d_fwd_wmma_async_f16(const __half* __restrict__ x, const __half* __restrict
 // channels of dy (one vector when K % 8 == 0), and a row kk of B, wk[k][r][s][c0 ..], is contiguous in c.
 // Every tap (r, s) is visited for every input pixel; with stride 2, 3 in 4 of them reach no output
 // pixel and load zeros (version 5 does not visit them).
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx, int N,
                          int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];
@@ -857,16 +880,18 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
                     tile_copy8<false>(dst, in ? dy + dy_base[i] + (p * Q + q) * K + k : dy, in);
                 } else {
                     int re = r, se = s, ke = k;
+                    __half v8[8];   // gathered one by one, stored as one 16-byte vector
                     for (int e = 0; e < 8; ++e) {
                         int p, q;
-                        dst[e] = kk + e < Kd && tap_output(h_pad[i] - re, div_stride, P, p) &&
-                                         tap_output(w_pad[i] - se, div_stride, Q, q)
-                                     ? dy[dy_base[i] + (p * Q + q) * K + ke] : __float2half(0.0f);
+                        v8[e] = kk + e < Kd && tap_output(h_pad[i] - re, div_stride, P, p) &&
+                                        tap_output(w_pad[i] - se, div_stride, Q, q)
+                                    ? dy[dy_base[i] + (p * Q + q) * K + ke] : __float2half(0.0f);
                         if (++ke == K) {
                             ke = 0;
                             if (++se == S) se = 0, ++re;
                         }
                     }
+                    store_halves8(dst, v8);
                 }
             }
         }
@@ -881,8 +906,10 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
                 const bool in = kk < Kd && c < C;
                 tile_copy8<false>(dst, in ? wk + (k * RS + rs) * C + c : wk, in);
             } else {
+                __half v8[8];   // gathered one by one, stored as one 16-byte vector
                 for (int e = 0; e < 8; ++e)
-                    dst[e] = kk < Kd && c + e < C ? wk[(k * RS + rs) * C + c + e] : __float2half(0.0f);
+                    v8[e] = kk < Kd && c + e < C ? wk[(k * RS + rs) * C + c + e] : __float2half(0.0f);
+                store_halves8(dst, v8);
             }
         }
     });
@@ -901,7 +928,7 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
 // stride) taps).  A phase that no tap reaches (a 1x1 filter with stride 2 reaches only phase (0, 0))
 // has an empty reduction, and its tile of zeros is the gradient there.
 // grid (ceil(N * ceil(H/stride) * ceil(W/stride) / 64), ceil(C / 64), stride^2), block 128.
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx,
                                int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad,
                                int aligned) {
@@ -952,15 +979,17 @@ conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __re
                     tile_copy8<true>(dst, in ? dy + dy_base[i] + (p * Q + q) * K + k : dy, in);
                 } else {
                     int re = rr, se = ss, ke = k;
+                    __half v8[8];   // gathered one by one, stored as one 16-byte vector
                     for (int e = 0; e < 8; ++e) {
                         const int p = p_0[i] - re, q = q_0[i] - se;
-                        dst[e] = kk + e < Kd && p >= 0 && p < P && q >= 0 && q < Q ? dy[dy_base[i] + (p * Q + q) * K + ke]
-                                                                                    : __float2half(0.0f);
+                        v8[e] = kk + e < Kd && p >= 0 && p < P && q >= 0 && q < Q ? dy[dy_base[i] + (p * Q + q) * K + ke]
+                                                                                   : __float2half(0.0f);
                         if (++ke == K) {
                             ke = 0;
                             if (++se == Sp) se = 0, ++re;
                         }
                     }
+                    store_halves8(dst, v8);
                 }
             }
         }
@@ -977,8 +1006,10 @@ conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __re
                 const bool in = kk < Kd && c < C;
                 tile_copy8<true>(dst, in ? wk + (k * RS + tap) * C + c : wk, in);
             } else {
+                __half v8[8];   // gathered one by one, stored as one 16-byte vector
                 for (int e = 0; e < 8; ++e)
-                    dst[e] = kk < Kd && c + e < C ? wk[(k * RS + tap) * C + c + e] : __float2half(0.0f);
+                    v8[e] = kk < Kd && c + e < C ? wk[(k * RS + tap) * C + c + e] : __float2half(0.0f);
+                store_halves8(dst, v8);
             }
         }
     });
@@ -1033,7 +1064,9 @@ __device__ __forceinline__ void bwd_weight_f16(const __half* __restrict__ x, con
                 const bool ok = in && k < K;
                 tile_copy8<ASYNC>(dst, ok ? dy + j * K + k : dy, ok);
             } else {
-                for (int e = 0; e < 8; ++e) dst[e] = in && k + e < K ? dy[j * K + k + e] : __float2half(0.0f);
+                __half v8[8];   // gathered one by one, stored as one 16-byte vector
+                for (int e = 0; e < 8; ++e) v8[e] = in && k + e < K ? dy[j * K + k + e] : __float2half(0.0f);
+                store_halves8(dst, v8);
             }
             // B[j, (r, s, c)] = x[n, p*stride - pad + r, q*stride - pad + s, c]: Bs[j][col]
             dst = Bs + tile_offset<RowMajor>(jr, g8);
@@ -1044,15 +1077,17 @@ __device__ __forceinline__ void bwd_weight_f16(const __half* __restrict__ x, con
                 tile_copy8<ASYNC>(dst, ok ? x + x_base + (h * W + w) * C + b_c : x, ok);
             } else {
                 int re = b_r, se = b_s, ce = b_c;
+                __half v8[8];   // gathered one by one, stored as one 16-byte vector
                 for (int e = 0; e < 8; ++e) {
                     const int h = h0 + re, w = w0 + se;
-                    dst[e] = in && col + e < ncols && h >= 0 && h < H && w >= 0 && w < W ? x[x_base + (h * W + w) * C + ce]
-                                                                                         : __float2half(0.0f);
+                    v8[e] = in && col + e < ncols && h >= 0 && h < H && w >= 0 && w < W ? x[x_base + (h * W + w) * C + ce]
+                                                                                        : __float2half(0.0f);
                     if (++ce == C) {
                         ce = 0;
                         if (++se == S) se = 0, ++re;
                     }
                 }
+                store_halves8(dst, v8);
             }
         }
     });
@@ -1073,7 +1108,7 @@ __device__ __forceinline__ void bwd_weight_f16(const __half* __restrict__ x, con
 }
 
 // Version 4: dw in half.
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_weight_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
                            __half* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
                            int stride, int pad, int chunk, int aligned) {
@@ -1082,7 +1117,7 @@ conv2d_bwd_weight_wmma_f16(const __half* __restrict__ x, const __half* __restric
 }
 
 // Version 4 with dw in float: the gradient of a float32 master weight, never rounded to half.
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_weight_wmma_f16_dw_f32(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
                                   float* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
                                   int stride, int pad, int chunk, int aligned) {
@@ -1091,7 +1126,7 @@ conv2d_bwd_weight_wmma_f16_dw_f32(const __half* __restrict__ x, const __half* __
 }
 
 // Version 5 (async copies): dw in half.
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_weight_wmma_async_f16(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
                                  __half* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
                                  int stride, int pad, int chunk, int aligned) {
@@ -1100,7 +1135,7 @@ conv2d_bwd_weight_wmma_async_f16(const __half* __restrict__ x, const __half* __r
 }
 
 // Version 5 with dw in float.
-extern "C" __global__ void __launch_bounds__(TC_THREADS)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_weight_wmma_async_f16_dw_f32(const __half* __restrict__ x, const __half* __restrict__ dy, float* __restrict__ ws,
                                         float* __restrict__ dw, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
                                         int stride, int pad, int chunk, int aligned) {
@@ -1109,15 +1144,17 @@ conv2d_bwd_weight_wmma_async_f16_dw_f32(const __half* __restrict__ x, const __ha
 }
 
 // dw[k, c, r, s] (OIHW) = sum over splits z of ws[z][k][(r * S + s) * C + c].  grid (K, ceil(C / 32)),
-// block 256, dynamic shared memory R*S*33 floats.  Block (k, c0) moves the 32 channels c0 .. of all
-// R*S taps of row k through shared memory: it reads them tap by tap (32 consecutive floats of ws:
-// coalesced) and writes them channel by channel (32 * R*S consecutive elements of dw: coalesced).
-// Row t of the staging tile holds tap t; its 33 floats put the R*S values a write pass reads, 33
-// apart, in different banks.  (Reading ws in dw's order instead would stride C floats per thread.)
+// block 256, dynamic shared memory 32 * (R*S | 1) floats.  Block (k, c0) moves the 32 channels c0 ..
+// of all R*S taps of row k through shared memory: it reads them tap by tap (32 consecutive floats of
+// ws: coalesced) and writes them channel by channel (32 * R*S consecutive elements of dw:
+// coalesced).  The staging tile holds channel cl's taps at staged[cl * RSo + t], RSo = R*S made odd:
+// the tap-by-tap pass writes 32 channels RSo words apart (an odd stride: 32 different banks), the
+// channel-by-channel pass reads consecutive words.  (Reading ws in dw's order instead would stride
+// C floats per thread.)
 template <typename TW>
 __device__ __forceinline__ void bwd_weight_reduce_oihw(const float* __restrict__ ws, TW* __restrict__ dw, int splits,
                                                        int K, int C, int R, int S, float* staged) {
-    const int k = blockIdx.x, c0 = blockIdx.y * 32, RS = R * S, cn = min(32, C - c0);
+    const int k = blockIdx.x, c0 = blockIdx.y * 32, RS = R * S, RSo = RS | 1, cn = min(32, C - c0);
     const long long slice = (long long)K * RS * C;
     for (int i = threadIdx.x; i < RS * 32; i += blockDim.x) {
         const int t = i / 32, cl = i % 32;
@@ -1125,14 +1162,14 @@ __device__ __forceinline__ void bwd_weight_reduce_oihw(const float* __restrict__
         const float* src = ws + ((long long)k * RS + t) * C + c0 + cl;
         float acc = 0.0f;
         for (int z = 0; z < splits; ++z) acc += src[z * slice];
-        staged[t * 33 + cl] = acc;
+        staged[cl * RSo + t] = acc;
     }
     __syncthreads();
     const FastDiv div_rs = make_fastdiv(RS);
     for (int i = threadIdx.x; i < cn * RS; i += blockDim.x) {
         int cl, t;
         fast_divmod(i, div_rs, cl, t);
-        dw[((long long)k * C + c0) * RS + i] = from_float<TW>(staged[t * 33 + cl]);
+        dw[((long long)k * C + c0) * RS + i] = from_float<TW>(staged[cl * RSo + t]);
     }
 }
 
@@ -1149,22 +1186,23 @@ extern "C" __global__ void conv2d_bwd_weight_reduce_oihw_f32(const float* __rest
 }
 
 // wk[k][r][s][c] (KRSC, half) = w[k][c][r][s] (OIHW, float or half): the layout versions 4 and 5
-// read.  grid (K, ceil(C / 32)), block 256, dynamic shared memory R*S*33 floats: the transpose of
-// conv2d_bwd_weight_reduce_oihw, through the same padded tile (read channel by channel, written tap by tap).
+// read.  grid (K, ceil(C / 32)), block 256, dynamic shared memory 32 * (R*S | 1) floats: the
+// transpose of conv2d_bwd_weight_reduce_oihw, through the same staging tile (read channel by
+// channel, written tap by tap).
 template <typename TW>
 __device__ __forceinline__ void weight_to_krsc(const TW* __restrict__ w, __half* __restrict__ wk, int K, int C, int R,
                                                int S, float* staged) {
-    const int k = blockIdx.x, c0 = blockIdx.y * 32, RS = R * S, cn = min(32, C - c0);
+    const int k = blockIdx.x, c0 = blockIdx.y * 32, RS = R * S, RSo = RS | 1, cn = min(32, C - c0);
     const FastDiv div_rs = make_fastdiv(RS);
     for (int i = threadIdx.x; i < cn * RS; i += blockDim.x) {
         int cl, t;
         fast_divmod(i, div_rs, cl, t);
-        staged[t * 33 + cl] = to_float(w[((long long)k * C + c0) * RS + i]);
+        staged[cl * RSo + t] = to_float(w[((long long)k * C + c0) * RS + i]);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < RS * 32; i += blockDim.x) {
         const int t = i / 32, cl = i % 32;
-        if (cl < cn) wk[((long long)k * RS + t) * C + c0 + cl] = __float2half_rn(staged[t * 33 + cl]);
+        if (cl < cn) wk[((long long)k * RS + t) * C + c0 + cl] = __float2half_rn(staged[cl * RSo + t]);
     }
 }
 

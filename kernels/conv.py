@@ -136,7 +136,7 @@ def _to_krsc(w, xp):
     wk = xp.empty((K, R, S, C), dtype=np.float16)
     name = "conv_weight_f32_to_krsc_f16" if w.dtype == _F32 else "conv_weight_f16_to_krsc_f16"
     _module(xp).get_function(name)((K, -(-C // 32)), (_BLOCK,), (w, wk) + tuple(np.int32(v) for v in w.shape),
-                                   shared_mem=R * S * 33 * 4)
+                                   shared_mem=32 * ((R * S) | 1) * 4)
     return wk
 
 
@@ -389,7 +389,7 @@ def _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, 
     if splits > 1:
         mod.get_function("conv2d_bwd_weight_reduce_oihw_" + ("f16" if dtype == _F16 else "f32"))(
             (K, -(-C // 32)), (_BLOCK,), (ws, dw, np.int32(splits), np.int32(K), np.int32(C), np.int32(R),
-                                          np.int32(S)), shared_mem=R * S * 33 * 4)
+                                          np.int32(S)), shared_mem=32 * ((R * S) | 1) * 4)
     return dw
 
 

@@ -262,6 +262,55 @@ def test_conv_weight_is_a_cast_in_channels_last_memory(backend):
     assert CV.conv_weight(w, np.float32) is w
 
 
+def _conflicts(launch):
+    m = launch.metrics
+    return (m["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum"]
+            + m["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"])
+
+
+@pytest.mark.parametrize("case", [((2, 12, 12, 16), (16, 16, 3, 3), 1, 1), ((2, 12, 12, 16), (128, 16, 1, 1), 2, 0),
+                                  ((2, 12, 12, 16), (16, 16, 3, 3), 2, 1)], ids=["3x3", "1x1-s2", "3x3-s2"])
+def test_f16_tiles_are_coalesced_and_conflict_free(case):
+    """kernels.profile() on the emulator (bench/NOTES.md, "Tensor-core convolutions"): with channels
+    in 16-byte vectors every global load and store of the tensor-core versions, the split-K reduce
+    and the weight cast uses all the bytes of the sectors it moves, and no shared-memory access of
+    their tiles meets a bank conflict."""
+    import kernels
+    x, w32, dy, stride, pad = _problem16(case, seed=12)
+    for version in CV.F16_VERSIONS:
+        with kernels.profile() as prof:
+            wk = CV.conv_weight(w32, np.float16)
+            CV.conv2d_forward(x, wk, stride, pad, version=version)
+            CV.conv2d_backward_data(dy, wk, x.shape, stride, pad, version=version)
+            for split_k in (1, 2):   # dw written by the GEMM itself, and through the workspace + reduce
+                CV.conv2d_backward_weight(x, dy, w32.shape, stride, pad, version=version, split_k=split_k,
+                                          dtype=np.float32)
+        names = [launch.kernel for launch in prof.launches]
+        assert "conv2d_bwd_weight_reduce_oihw_f32" in names and "conv_weight_f32_to_krsc_f16" in names
+        for launch in prof.launches:
+            d = launch.derived
+            assert _conflicts(launch) == 0, (version, launch.kernel)
+            assert d["global_ld_efficiency"] == 100.0, (version, launch.kernel, d)
+            if launch.kernel.startswith("conv2d_bwd_weight_wmma") and launch.grid[2] == 1 and w32.shape[2] > 1:
+                continue   # one split writes dw in OIHW order itself, R*S floats apart (small: the weights)
+            assert d["global_st_efficiency"] == 100.0, (version, launch.kernel, d)
+
+
+def test_f16_stem_gathers_its_3_channels_from_few_sectors():
+    """The stem's 3 channels (no 16-byte vectors): the forward's lanes load consecutive reduction
+    indices, so a warp's 2-byte loads share sectors (a lane per 8 of them read 1 in 8 bytes: 12.5%)."""
+    import kernels
+    x, w32, dy, stride, pad = _problem16(((1, 32, 32, 3), (64, 3, 7, 7), 2, 3), seed=13)
+    wk = CV.conv_weight(w32, np.float16)
+    for version in CV.F16_VERSIONS:
+        with kernels.profile() as prof:
+            CV.conv2d_forward(x, wk, stride, pad, version=version)
+        (launch,) = prof.launches
+        assert launch.derived["global_ld_efficiency"] > 50, launch.derived
+        shared = launch.metrics["smsp__inst_executed_op_shared_ld.sum"] + launch.metrics["smsp__inst_executed_op_shared_st.sum"]
+        assert _conflicts(launch) < 0.02 * shared, (_conflicts(launch), shared)
+
+
 def test_fast_division_by_an_invariant_divisor():
     """common.cuh's FastDiv: n / d and n % d by multiply-shift, for the divisors the kernels use and
     a few awkward ones, on numerators up to 2^31 - 1."""
