@@ -64,8 +64,9 @@
  *     (deterministic, unlike atomics) while writing dw in OIHW order.
  *
  *     Backward data with stride 2 visits every (r, s) for every input pixel although only about
- *     1 in stride^2 taps lands on an output pixel; the others load zeros.  (cuDNN avoids that by
- *     splitting the problem per stride phase; left as an exercise.)
+ *     1 in stride^2 taps lands on an output pixel; the others load zeros.  (Version 5 splits the
+ *     problem per stride phase instead, as cuDNN does.)  The loaders divide by C, S, P*Q, Q and
+ *     stride at every element (versions 4 and 5 decode rows once and divide by multiply-shift).
  *
  * Index arithmetic is 32-bit where sizes are known to fit (the launcher checks) and 64-bit for
  * element offsets of whole tensors.
