@@ -332,11 +332,16 @@ def _run(op, g, dtype_name, bindings):
         raise CudnnError(f"cuDNN conv {op} failed to execute: {type(exc).__name__}: {exc}") from exc
 
 
+def _krsc_view(w):
+    """w's own memory as a C-contiguous [K, R, S, C] array when w [K, C, R, S] is channels-last
+    memory viewed as OIHW (kernels.conv.conv_weight gives that; a 1x1 filter always is), else None."""
+    if getattr(w, "ndim", 0) != 4 or not hasattr(w, "transpose"):
+        return None
+    wk = w.transpose(0, 2, 3, 1)
+    return wk if wk.flags.c_contiguous else None
+
+
 def _to_krsc(cupy, w):
-    """w [K, C, R, S] in KRSC memory: no copy when w is already channels-last memory viewed as
-    [K, C, R, S] (kernels.conv.conv_weight)."""
-    if not hasattr(w, "transpose") or getattr(w, "ndim", 0) != 4:
-        return w   # _check_arrays / conv_geometry say what is wrong
     return cupy.ascontiguousarray(w.transpose(0, 2, 3, 1))
 
 
@@ -348,11 +353,11 @@ def conv2d_forward(x, w, stride, padding):
     P = (H + 2*padding - R)//stride + 1, Q likewise; dilation 1, groups 1, no bias.
     """
     g = conv_geometry(getattr(x, "shape", None), getattr(w, "shape", None), stride, padding)
+    wk = _krsc_view(w)
+    dtype_name = _check_arrays([("x", x), ("w", w if wk is None else wk)])
     cupy = _import_cupy()
-    wk = _to_krsc(cupy, w)
-    dtype_name = _check_arrays([("x", x), ("w", wk)])
     y = cupy.empty((g.N, g.P, g.Q, g.K), dtype=x.dtype)
-    _run("fprop", g, dtype_name, {"x": x, "w": wk, "y": y})
+    _run("fprop", g, dtype_name, {"x": x, "w": _to_krsc(cupy, w) if wk is None else wk, "y": y})
     return y
 
 
@@ -360,11 +365,11 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx = d(conv)/dx by cuDNN. dy [N, P, Q, K], w [K, C, R, S] -> dx of shape x_shape (NHWC)."""
     g = conv_geometry(x_shape, getattr(w, "shape", None), stride, padding)
     _expect_shape("dy", getattr(dy, "shape", ()), (g.N, g.P, g.Q, g.K), "[N, P, Q, K]")
+    wk = _krsc_view(w)
+    dtype_name = _check_arrays([("dy", dy), ("w", w if wk is None else wk)])
     cupy = _import_cupy()
-    wk = _to_krsc(cupy, w)
-    dtype_name = _check_arrays([("dy", dy), ("w", wk)])
     dx = cupy.empty((g.N, g.H, g.W, g.C), dtype=dy.dtype)
-    _run("dgrad", g, dtype_name, {"dy": dy, "w": wk, "dx": dx})
+    _run("dgrad", g, dtype_name, {"dy": dy, "w": _to_krsc(cupy, w) if wk is None else wk, "dx": dx})
     return dx
 
 
