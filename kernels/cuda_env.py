@@ -1,8 +1,8 @@
 """What CuPy needs to compile our kernels on a machine that has only the NVIDIA driver.
 
 CuPy compiles every kernel at run time with NVRTC (the CUDA runtime compiler, a shared library),
-and our kernels include CUDA headers: <cuda_fp16.h>, <cuda_bf16.h> and <mma.h>, which itself
-includes "crt/mma.h". The driver brings none of these; the `gpu` extras of setup.cfg bring them
+and our kernels include CUDA headers: <cuda_fp16.h>, <cuda_bf16.h>, <cuda_pipeline.h> (which
+includes its two helpers beside it) and <mma.h>, which itself includes "crt/mma.h". The driver brings none of these; the `gpu` extras of setup.cfg bring them
 as pip wheels (README.md, "On a GPU").
 
 How CuPy finds them (read from CuPy 14.2's cupy/_environment.py and cupy/_core/core.pyx, and

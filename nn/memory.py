@@ -10,7 +10,8 @@ With our autograd (nn/tensor.py, nn/functional.py) a training forward pass of Re
     batch norm's per-channel mean and 1/std (float32);
   - the max pool's output and its argmax (int32);
   - the pooled features, the logits (and their float32 copy under fp16) and the softmax (float32);
-  - under fp16, the float16 copy of every weight that the layers cast from the float32 masters.
+  - under fp16, the float16 copy of every weight that the layers cast from the float32 masters
+    (a convolution's in channels-last order, ops.conv_weight; the fc bias stays float32).
 
 Every convolution is followed by a batch norm, so that is two arrays per convolution: ResNet-50 at
 224 px has 53 convolutions producing 11.1 M values per image, hence ~89 MB per image in fp32 and
@@ -104,7 +105,7 @@ def activation_bytes(batch, image_size=224, width=1.0, num_classes=1000, precisi
             parts["head"] += values * act + values * 4      # logits and the float32 softmax
             if act != 4:
                 parts["head"] += values * 4                 # the logits' float32 copy
-                parts["weight_copies"] += (_prod(weight) + weight[0]) * act
+                parts["weight_copies"] += _prod(weight) * act   # the float32 bias is added as it is
     parts["total"] = sum(parts.values())
     return parts
 

@@ -70,8 +70,9 @@ def install_fake_cupy(monkeypatch, device_count=1, count_error=None, nccl_availa
 # ---- kernels/cuda_env.py: the headers CuPy must find -----------------------------------------------
 
 def test_the_headers_our_kernels_need():
-    assert cuda_env.kernel_headers() == ["cuda_bf16.h", "cuda_fp16.h", "mma.h"]
-    assert cuda_env.needed_headers() == ["cuda_bf16.h", "cuda_fp16.h", "mma.h", "crt/mma.h", "crt/mma.hpp"]
+    assert cuda_env.kernel_headers() == ["cuda_bf16.h", "cuda_fp16.h", "cuda_pipeline.h", "mma.h"]
+    assert cuda_env.needed_headers() == ["cuda_bf16.h", "cuda_fp16.h", "cuda_pipeline.h", "mma.h", "crt/mma.h",
+                                         "crt/mma.hpp"]
 
 
 def _headers(folder, names):
