@@ -140,8 +140,14 @@ class Tensor:
                 if pg is None or not parent.requires_grad:
                     continue
                 key = id(parent)
-                # branches meet: sum (a new array: pg may be shared with another parent)
-                grads[key] = pg if key not in grads else grads[key] + pg
+                # branches meet: sum (a new array: pg may be shared with another parent).  A float16
+                # sum may overflow to inf under loss scaling: intended, the scaler skips that step,
+                # so NumPy's overflow warning is silenced.
+                if key not in grads:
+                    grads[key] = pg
+                else:
+                    with np.errstate(over="ignore"):
+                        grads[key] = grads[key] + pg
             node._backward = None         # free the arrays the op saved
             node._parents = ()
 

@@ -303,3 +303,49 @@ def test_emulated_wmma_shape_layouts_and_checks():
     # a pointer off the 32-byte grid is undefined behaviour on a GPU: the emulator refuses it
     with pytest.raises(EmulatorError, match="32-byte"):
         k((1,), (32,), (a, b, c, d, np.int32(1)))
+
+
+_WMMA_PER_WARP_KERNEL = r"""
+#include <mma.h>
+#include <cuda_fp16.h>
+using namespace nvcuda;
+// warp w of the block: D[w] = A[w] @ B[w] (16x16x16, row-major), each warp its own tiles
+extern "C" __global__ void wmma_per_warp(const __half* a, const __half* b, float* d) {
+    const int w = threadIdx.x / 32;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    wmma::load_matrix_sync(fa, a + 256 * w, 16);
+    wmma::load_matrix_sync(fb, b + 256 * w, 16);
+    wmma::mma_sync(acc, fa, fb, acc);
+    wmma::mma_sync(acc, fa, fb, acc);   // twice: the second product reuses the warp's scratch
+    wmma::store_matrix_sync(d + 256 * w, acc, 16, wmma::mem_row_major);
+}
+"""
+
+
+def test_emulated_wmma_spreads_each_warps_tile_over_its_lanes():
+    """Every warp of a block multiplies its own tiles (the emulator's per-warp scratch area), and a
+    warp of fewer than 32 threads is refused: WMMA needs all of a warp's lanes."""
+    from kernels.emulator import EmulatorError
+    from kernels.runtime import RawKernel
+    k = RawKernel(_WMMA_PER_WARP_KERNEL, "wmma_per_warp")
+    rng = np.random.default_rng(14)
+    warps = 3
+
+    def aligned32(values):
+        raw = np.zeros(values.size + 32, values.dtype)
+        start = (-raw.__array_interface__["data"][0] % 32) // values.itemsize
+        out = raw[start:start + values.size].reshape(values.shape)
+        out[...] = values
+        return out
+
+    A = aligned32(rng.standard_normal((warps, 16, 16)).astype(np.float16))
+    B = aligned32(rng.standard_normal((warps, 16, 16)).astype(np.float16))
+    d = aligned32(np.zeros((warps, 16, 16), np.float32))
+    k((1,), (32 * warps,), (A, B, d))
+    want = 2.0 * np.einsum("wik,wkj->wij", A.astype(np.float64), B.astype(np.float64))
+    assert _rel_err(d, want) < 1e-6
+    with pytest.raises(EmulatorError, match="all 32 lanes"):
+        k((1,), (48,), (A, B, d))

@@ -11,30 +11,32 @@
  *   fill_fragment(f, v), load_matrix_sync(f, p, ldm[, layout]), store_matrix_sync(p, f, ldm,
  *   mem_row_major | mem_col_major), mma_sync(d, a, b, c): d = a @ b + c.
  *
- * How: every lane of the warp holds the WHOLE tile in its fragment (num_elements = M*K, K*N or
- * M*N per lane, element (i, j) at x[i * cols + j]) and does the whole load / store / product
- * itself.  All 32 lanes compute the same result, redundantly: slow, but exactly what the GPU
- * computes (products of halves are exact in float; the hardware's order of the float additions
- * is unspecified, so last-bit differences are possible).
+ * How: a fragment is spread over the warp's 32 lanes, as on the GPU: lane l holds the tile's
+ * elements l, l + 32, l + 64, ... (counting row by row), num_elements = (tile size) / 32 of them.
+ * mma_sync gathers the warp's pieces of A and B into a per-warp scratch area, __syncwarp(), and each
+ * lane computes its own elements of D, every one as sum_k a(i, k) * b(k, j) added to c(i, j) in
+ * order k = 0..K-1, in float (products of halves are exact in float; the hardware's order of the
+ * float additions is unspecified, so last-bit differences from a GPU are possible).  Spreading the
+ * work is also what makes it fast: a lane does 1/32 of the tile's multiply-adds, not all of them.
  *
- * On a GPU a fragment is spread over the 32 lanes (e.g. 8 floats per lane for a 16x16 float
- * accumulator) and WHICH lane holds WHICH element is deliberately unspecified.  Code that touches
- * frag.x[i] one element at a time may only do things that are the same for every element
- * (scale all, ReLU all, convert all); it must never assume that x[i] is element (i / 16, i % 16).
- * In this emulation that assumption would happen to work, and it would be wrong on a GPU: store the
- * fragment to memory with store_matrix_sync to see elements at known places.
+ * Which lane holds which element is deliberately unspecified by CUDA and differs between GPU
+ * generations (and from the layout here).  Code that touches frag.x[i] one element at a time may
+ * only do things that are the same for every element (scale all, ReLU all, convert all); it must
+ * never assume that x[i] is element (i / 16, i % 16) or any other: store the fragment to memory
+ * with store_matrix_sync to see elements at known places.
  *
  * Memory traffic as the hardware moves it: a tile in memory is `lines` rows (row-major) or
  * columns (col-major) `ldm` elements apart, cut into 16-byte pieces, and lane l of the warp
  * moves pieces l, l + 32, ... (what ldmatrix/stmatrix do: one 16-byte row piece per lane).
- * store_matrix_sync writes exactly that: each lane its own pieces, then a __syncwarp(), so every
- * byte has one writer, as on the GPU.  load_matrix_sync must give every lane the whole tile, so
- * it copies the tile uninstrumented; in sanitized builds (KERNELS_EMU_SANITIZE, kernels.profile())
- * each lane also reads its own pieces, 16 bytes at a time: those reads are what memcheck,
- * racecheck, initcheck and the profiler's sectors and bank conflicts see.
+ * store_matrix_sync writes exactly that: each lane its own pieces (taken from the warp's scratch
+ * area, where every lane first puts its elements), then a __syncwarp(), so every byte has one
+ * writer, as on the GPU.  load_matrix_sync copies each lane's elements uninstrumented; in
+ * sanitized builds (KERNELS_EMU_SANITIZE, kernels.profile()) each lane also reads its own pieces,
+ * 16 bytes at a time: those reads are what memcheck, racecheck, initcheck and the profiler's
+ * sectors and bank conflicts see.
  *
- * Like the hardware, the emulation insists that: all lanes of the warp take part (each call is
- * a __syncwarp(), so a divergent call is reported), pointers are 32-byte aligned, ldm is a
+ * Like the hardware, the emulation insists that: all 32 lanes of the warp take part (each call is
+ * a __syncwarp(), so a divergent call is reported; a warp of fewer than 32 threads is refused), pointers are 32-byte aligned, ldm is a
  * multiple of 8 for 16-bit elements and of 4 for 32-bit ones.  Violations stop the kernel with a
  * message instead of silently "working" here and failing on the GPU.
  */
@@ -69,7 +71,24 @@ struct supported_shape {
 template <class T> static inline float to_float(const T& v) { return (float)v; }
 template <class T> static inline T from_float(float v) { return (T)v; }
 
-static inline unsigned lane_id() { return (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) % 32; }
+static inline unsigned thread_rank() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+static inline unsigned lane_id() { return thread_rank() % 32; }
+
+/* Each warp's scratch area for mma_sync and store_matrix_sync: A and B of one product as floats
+ * (at most 512 elements each), or one accumulator tile.  One launch runs at a time in a process,
+ * and its blocks one after another, so one area per warp of a block is enough. */
+struct alignas(16) warp_scratch { float a[512], b[512]; };
+static warp_scratch g_scratch[32];
+
+static inline warp_scratch& scratch() { return g_scratch[thread_rank() / 32]; }
+
+/* Called first by every wmma function: the calling thread's warp has 32 lanes. */
+static inline void require_full_warp(const char* what) {
+    const unsigned threads = blockDim.x * blockDim.y * blockDim.z, rank = thread_rank();
+    if (rank - rank % 32 + 32 > threads)
+        __emu_kernel_fail("wmma: every warp taking part needs all 32 lanes (the block's size is not a multiple of 32)",
+                          "<mma.h>", 0, what);
+}
 
 /* The 16-byte piece s of a tile of `lines` lines `line_bytes` long, `ldm_bytes` apart. */
 static inline size_t piece_offset(int s, int lines, unsigned ldm_bytes) {
@@ -88,12 +107,45 @@ static inline void read_pieces(const void* p, int lines, int line_bytes, unsigne
 static inline void read_pieces(const void*, int, int, unsigned) {}
 #endif
 
-/* f.x[i * cols + j] = element (i, j) of the tile at p: row-major (element (i, j) at p[i * ldm + j])
- * or column-major (at p[j * ldm + i]); every lane copies the whole tile, unseen by the checks. */
+/* This lane's elements of the tile at p, row-major (element (i, j) at p[i * ldm + j]) or column-major
+ * (at p[j * ldm + i]): x[e] = element t = e * 32 + lane, (i, j) = (t / cols, t % cols).  Unseen by
+ * the checks (read_pieces makes the reads they see). */
 template <class T>
 EMU_WMMA_COPY static void copy_tile(T* x, const T* p, int rows, int cols, unsigned ldm, bool row) {
-    for (int i = 0; i < rows; ++i)
-        for (int j = 0; j < cols; ++j) x[i * cols + j] = row ? p[(size_t)i * ldm + j] : p[(size_t)j * ldm + i];
+    const int lane = (int)lane_id();
+    for (int t = lane, e = 0; t < rows * cols; t += 32, ++e) {
+        const int i = t / cols, j = t % cols;
+        x[e] = row ? p[(size_t)i * ldm + j] : p[(size_t)j * ldm + i];
+    }
+}
+
+/* This lane's elements into the warp's scratch tile (as float, or as T for a store). */
+template <class S, class T>
+EMU_WMMA_COPY static void to_scratch(S* tile, const T* x, int size) {
+    for (int t = (int)lane_id(), e = 0; t < size; t += 32, ++e) tile[t] = (S)x[e];
+}
+
+/* This lane's elements of d = a @ b + c, a (M x K) and b (K x N) in the warp's scratch. */
+template <int M, int N, int K, class TC, class TD>
+EMU_WMMA_COPY static void multiply(TD* d, const TC* c, const float* a, const float* b, bool satf) {
+    for (int t = (int)lane_id(), e = 0; t < M * N; t += 32, ++e) {
+        const int i = t / N, j = t % N;
+        float s = to_float(c[e]);
+        for (int k = 0; k < K; ++k) s += a[i * K + k] * b[k * N + j];
+        if (satf) s = s != s ? 0.0f : (s > FLT_MAX ? FLT_MAX : (s < -FLT_MAX ? -FLT_MAX : s));
+        d[e] = from_float<TD>(s);
+    }
+}
+
+/* One 16-byte piece of a line of the scratch tile (rows x cols, row-major), for store_matrix_sync. */
+template <class T>
+EMU_WMMA_COPY static __int128 piece_of(const T* tile, int cols, int line, int first, bool row) {
+    T piece[16 / sizeof(T)];
+    for (int e = 0; e < (int)(16 / sizeof(T)); ++e)
+        piece[e] = row ? tile[line * cols + first + e] : tile[(first + e) * cols + line];
+    __int128 bits;
+    memcpy(&bits, piece, 16);
+    return bits;
 }
 
 static inline void check_pointer(const void* p, unsigned ldm, size_t elem_bytes, const char* what) {
@@ -117,12 +169,14 @@ public:
     typedef T element_type;
     static constexpr int rows = detail::tile_shape<Use, M, N, K>::rows;
     static constexpr int cols = detail::tile_shape<Use, M, N, K>::cols;
-    static constexpr int num_elements = rows * cols;   // per lane HERE; a GPU lane holds fewer
+    static_assert((rows * cols) % 32 == 0, "wmma: a tile spreads evenly over 32 lanes");
+    static constexpr int num_elements = rows * cols / 32;   // this lane's share (see the header)
     T x[num_elements];
 };
 
 template <class Use, int M, int N, int K, class T, class L, class V>
 static inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, const V& v) {
+    detail::require_full_warp("fill_fragment");
     __syncwarp();
     const T value = (T)v;
     for (int i = 0; i < f.num_elements; ++i) f.x[i] = value;
@@ -133,6 +187,7 @@ template <class Use, int M, int N, int K, class T, class L>
 static inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
     static_assert(!std::is_same<Use, accumulator>::value,
                   "wmma: load an accumulator with load_matrix_sync(f, p, ldm, mem_row_major | mem_col_major)");
+    detail::require_full_warp("load_matrix_sync");
     __syncwarp();
     detail::check_pointer(p, ldm, sizeof(T), "load_matrix_sync");
     const bool row = std::is_same<L, row_major>::value;
@@ -144,6 +199,7 @@ static inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p,
 template <int M, int N, int K, class T>
 static inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, const T* p, unsigned ldm,
                                     layout_t layout) {
+    detail::require_full_warp("load_matrix_sync");
     __syncwarp();
     detail::check_pointer(p, ldm, sizeof(T), "load_matrix_sync");
     const bool row = layout == mem_row_major;
@@ -154,18 +210,18 @@ static inline void load_matrix_sync(fragment<accumulator, M, N, K, T, void>& f, 
 template <int M, int N, int K, class T>
 static inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T, void>& f, unsigned ldm,
                                      layout_t layout) {
+    detail::require_full_warp("store_matrix_sync");
     __syncwarp();
     detail::check_pointer(p, ldm, sizeof(T), "store_matrix_sync");
-    // each lane writes its own 16-byte pieces of the lines (see the header), from its whole copy
+    // every lane puts its elements into the warp's scratch tile, then writes its own 16-byte pieces
+    // of the lines (see the header)
+    T* tile = reinterpret_cast<T*>(detail::scratch().a);
+    detail::to_scratch(tile, f.x, f.rows * f.cols);
+    __syncwarp();
     const bool row = layout == mem_row_major;
     const int lines = row ? f.rows : f.cols, length = row ? f.cols : f.rows, per_piece = 16 / (int)sizeof(T);
     for (int s = (int)detail::lane_id(); s < lines * (length / per_piece); s += 32) {
-        const int line = s % lines, first = (s / lines) * per_piece;
-        T piece[16 / sizeof(T)];
-        for (int e = 0; e < per_piece; ++e)
-            piece[e] = row ? f.x[line * f.cols + first + e] : f.x[(first + e) * f.cols + line];
-        __int128 bits;
-        memcpy(&bits, piece, 16);
+        const __int128 bits = detail::piece_of(tile, f.cols, s % lines, (s / lines) * per_piece, row);
         *reinterpret_cast<__int128*>(reinterpret_cast<char*>(p) + detail::piece_offset(s, lines, ldm * sizeof(T))) = bits;
     }
     __syncwarp();
@@ -176,16 +232,13 @@ template <int M, int N, int K, class TA, class LA, class TB, class LB, class TC,
 static inline void mma_sync(fragment<accumulator, M, N, K, TD, void>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
                             const fragment<matrix_b, M, N, K, TB, LB>& b,
                             const fragment<accumulator, M, N, K, TC, void>& c, bool satf = false) {
+    detail::require_full_warp("mma_sync");
     __syncwarp();
-    float out[M * N];
-    for (int i = 0; i < M; ++i)
-        for (int j = 0; j < N; ++j) {
-            float s = detail::to_float(c.x[i * N + j]);
-            for (int k = 0; k < K; ++k) s += detail::to_float(a.x[i * K + k]) * detail::to_float(b.x[k * N + j]);
-            if (satf) s = s != s ? 0.0f : (s > FLT_MAX ? FLT_MAX : (s < -FLT_MAX ? -FLT_MAX : s));
-            out[i * N + j] = s;
-        }
-    for (int i = 0; i < M * N; ++i) d.x[i] = detail::from_float<TD>(out[i]);
+    detail::warp_scratch& w = detail::scratch();
+    detail::to_scratch(w.a, a.x, M * K);
+    detail::to_scratch(w.b, b.x, K * N);
+    __syncwarp();   // the warp's A and B are complete
+    detail::multiply<M, N, K>(d.x, c.x, w.a, w.b, satf);
 }
 
 }  // namespace wmma
