@@ -83,3 +83,22 @@ def test_max_pool_of_any_geometry_on_every_device(device, k, s, p):
     np.testing.assert_array_equal(nn.device.to_numpy(y.data), want_y)
     y.backward(dy)
     np.testing.assert_allclose(nn.device.to_numpy(t.grad), want_dx, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,s,p", [(4, 2, 1), (2, 2, 0), (3, 1, 1), (5, 3, 2), (3, 2, 1)])
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_max_pool_of_any_geometry_matches_pytorch(device, k, s, p):
+    """The same geometries against PyTorch's max_pool2d (NCHW there), value and gradient, where
+    PyTorch is installed (`pip install torch`; CI has it not, the loop reference above runs there)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(k * 10 + s + 1)
+    x = rng.permutation(2 * 9 * 8 * 3).reshape(2, 9, 8, 3).astype(np.float32) / 7   # distinct values
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64, requires_grad=True)
+    yt = torch.nn.functional.max_pool2d(xt, k, s, p)
+    dy = rng.standard_normal(tuple(yt.shape)).astype(np.float32)       # NCHW
+    yt.backward(torch.tensor(dy, dtype=torch.float64))
+    t = nn.Tensor(x, device=device, requires_grad=True)
+    y = F.max_pool2d(t, k, s, p)
+    np.testing.assert_array_equal(nn.device.to_numpy(y.data), yt.detach().numpy().transpose(0, 2, 3, 1))
+    y.backward(np.ascontiguousarray(dy.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(nn.device.to_numpy(t.grad), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
