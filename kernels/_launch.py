@@ -7,6 +7,7 @@ array is a TypeError/ValueError naming the argument, never a wrong answer or a c
 
 import numpy as np
 
+from . import sanitizer as _sanitizer
 from .runtime import load_module
 
 __all__ = ["array_module", "is_cupy", "check_array", "check_shape_tuple", "blocks_for", "module", "replace_source",
@@ -113,8 +114,19 @@ def replace_source(filename, path):
 
 
 def empty(xp, shape, dtype):
-    return xp.empty(shape, dtype=dtype)
+    """A launcher's output or workspace: xp.empty(shape, dtype).  On the emulator with initcheck on
+    (KERNELS_EMU_SANITIZE, kernels.sanitize) the array starts "uninitialised", as cupy.empty()
+    memory is on a GPU: a kernel that reads bytes of it no launch has written is reported, however
+    NumPy happened to fill the fresh pages."""
+    return _fresh(xp.empty(shape, dtype=dtype))
 
 
 def empty_like(a):
-    return array_module(a).empty_like(a)
+    """empty() of a's shape and dtype."""
+    return _fresh(array_module(a).empty_like(a))
+
+
+def _fresh(a):
+    if isinstance(a, np.ndarray) and _sanitizer.initchecking():
+        _sanitizer.mark_uninitialized(a)
+    return a

@@ -20,7 +20,7 @@ contract's functions take no version argument.
 import numpy as np
 
 from . import versions
-from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, module
+from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, empty, empty_like, module
 
 __all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward",
@@ -101,9 +101,9 @@ def _batch_stats(op, x, eps, momentum, running_mean, running_var, want_var=False
     if M < 2:
         raise ValueError(f"{op}: needs more than one value per channel (M = N*H*W >= 2), got x shape {tuple(x.shape)}")
     sfx = _SUFFIX[x.dtype]
-    mean = xp.empty(C, dtype=np.float32)
-    invstd = xp.empty(C, dtype=np.float32)
-    var = xp.empty(C, dtype=np.float32) if want_var else None
+    mean = empty(xp, C, dtype=np.float32)
+    invstd = empty(xp, C, dtype=np.float32)
+    var = empty(xp, C, dtype=np.float32) if want_var else None
     if version == 1:   # one thread per channel, sum and sum of squares
         _kernel(f"batchnorm_stats_naive_{sfx}")(
             (-(-C // 128),), (128,),
@@ -111,7 +111,7 @@ def _batch_stats(op, x, eps, momentum, running_mean, running_var, want_var=False
              running_var))
         return mean, invstd, var
     tiles, G = _grid(M, C, xp, reduction=True)
-    part = xp.empty((3, G, C), dtype=np.float32)    # count, mean, M2 per (row slice, channel)
+    part = empty(xp, (3, G, C), dtype=np.float32)    # count, mean, M2 per (row slice, channel)
     _kernel(f"batchnorm_stats_partial_{sfx}")((tiles, G), _BLOCK, (x, part[0], part[1], part[2], np.int64(M),
                                                                   np.int32(C)))
     _kernel(f"batchnorm_stats_finalize_{sfx}")(
@@ -132,7 +132,7 @@ def _forward_train(op, mode, x, residual, gamma, beta, running_mean, running_var
     xp = array_module(x)
     mean, invstd, _ = _batch_stats(op, x, eps, momentum, running_mean, running_var)
     M = x.size // C
-    y = xp.empty_like(x)
+    y = empty_like(x)
     name = {"plain": "batchnorm_apply", "relu": "batchnorm_relu_apply", "add_relu": "batchnorm_add_relu_apply"}[mode]
     args = (x, residual, y, gamma, beta, mean, invstd, np.int64(M), np.int32(C))
     if _x8(x, C, residual, y):   # float16, 8 channels per thread as 16-byte vectors
@@ -184,7 +184,7 @@ def batchnorm_forward_inference(x, gamma, beta, running_mean, running_var, eps=1
     _check_scalars(op, eps)
     array_module(x, gamma, beta, running_mean, running_var)
     xp = array_module(x)
-    y = xp.empty_like(x)
+    y = empty_like(x)
     M = x.size // C if C else 0
     if M:
         args = (x, y, gamma, beta, running_mean, running_var, np.float32(eps), np.int64(M), np.int32(C))
@@ -208,21 +208,21 @@ def _backward(op, mode, dy, y, x, gamma, saved_mean, saved_invstd):
         raise ValueError(f"{op}: x has no rows (shape {tuple(x.shape)})")
     sfx = _SUFFIX[x.dtype]
     relu = "relu_" if mode != "plain" else ""
-    dgamma = xp.empty(C, dtype=np.float32)
-    dbeta = xp.empty(C, dtype=np.float32)
+    dgamma = empty(xp, C, dtype=np.float32)
+    dbeta = empty(xp, C, dtype=np.float32)
     if versions.version("batchnorm") == 1:   # one thread per channel
         _kernel(f"batchnorm_{relu}backward_sums_naive_{sfx}")(
             (-(-C // 128),), (128,), (dy, y, x, saved_mean, saved_invstd, dgamma, dbeta, np.int64(M), np.int32(C)))
     else:
         tiles, G = _grid(M, C, xp, reduction=True)
-        part = xp.empty((2, G, C), dtype=np.float32)   # sum dz, sum dz * (x - mean) per (row slice, channel)
+        part = empty(xp, (2, G, C), dtype=np.float32)   # sum dz, sum dz * (x - mean) per (row slice, channel)
         _kernel(f"batchnorm_{relu}backward_partial_{sfx}")(
             (tiles, G), _BLOCK, (dy, y, x, saved_mean, part[0], part[1], np.int64(M), np.int32(C)))
         _kernel("batchnorm_backward_finalize")((-(-C // 128),), (128,),
                                                (part[0], part[1], np.int32(G), np.int32(C), saved_invstd, dgamma,
                                                 dbeta))
-    dx = xp.empty_like(x)
-    dresidual = xp.empty_like(x) if mode == "add_relu" else None
+    dx = empty_like(x)
+    dresidual = empty_like(x) if mode == "add_relu" else None
     name = {"plain": "batchnorm_backward_dx", "relu": "batchnorm_relu_backward_dx",
             "add_relu": "batchnorm_add_relu_backward_dx"}[mode]
     args = (dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, dresidual, np.int64(M), np.int32(C))
@@ -285,9 +285,9 @@ def _sync_kernel(name):
 def _sync_reduce(kernel, args, M, C, xp):
     """Two launches: partial sums per row chunk [G, 2, C], then their ordered sum [2, C]."""
     tiles, chunks = _grid(M, C, xp, reduction=True)
-    partial = xp.empty((chunks, 2, C), dtype=np.float32)
+    partial = empty(xp, (chunks, 2, C), dtype=np.float32)
     _sync_kernel(kernel)((tiles, chunks), _BLOCK, args + (partial, np.int64(M), np.int32(C)))
-    out = xp.empty((2, C), dtype=np.float32)
+    out = empty(xp, (2, C), dtype=np.float32)
     blocks = blocks_for(2 * C, 256, xp)
     _sync_kernel("bn_sync_sum_partials")((blocks,), (256,), (partial, out, np.int32(chunks), np.int32(C)))
     return out
@@ -333,7 +333,7 @@ def batchnorm_backward_elemt(dy, x, gamma, saved_mean, saved_invstd, sums, count
     if not count > 0:
         raise ValueError(f"{op}: count must be > 0, got {count}")
     xp = array_module(dy, x, gamma, sums)
-    dx = xp.empty_like(dy)
+    dx = empty_like(dy)
     M = x.size // C if C else 0
     if M and C:
         blocks = blocks_for(M * C, 256, xp)

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import gemm as _gemm
 from . import versions
-from ._launch import array_module, blocks_for, check_array, check_shape_tuple, is_cupy, module
+from ._launch import array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_output_size",
            "permute_weight", "conv_weight", "F16_VERSIONS", "emulate_arch"]
@@ -133,7 +133,7 @@ def _krsc_f16(op, w, xp):
 
 def _to_krsc(w, xp):
     K, C, R, S = w.shape
-    wk = xp.empty((K, R, S, C), dtype=np.float16)
+    wk = empty(xp, (K, R, S, C), dtype=np.float16)
     name = "conv_weight_f32_to_krsc_f16" if w.dtype == _F32 else "conv_weight_f16_to_krsc_f16"
     _module(xp).get_function(name)((K, -(-C // 32)), (_BLOCK,), (w, wk) + tuple(np.int32(v) for v in w.shape),
                                    shared_mem=32 * ((R * S) | 1) * 4)
@@ -175,7 +175,7 @@ def permute_weight(w, perm):
     if sorted(perm) != [0, 1, 2, 3]:
         raise ValueError(f"permute_weight: perm must be a permutation of (0, 1, 2, 3), got {perm}")
     xp = array_module(w)
-    out = xp.empty(tuple(w.shape[p] for p in perm), dtype=np.float32)
+    out = empty(xp, tuple(w.shape[p] for p in perm), dtype=np.float32)
     elem_strides = [s // w.itemsize for s in w.strides]
     args = (w, out) + tuple(np.int32(d) for d in out.shape) + tuple(np.int32(elem_strides[p]) for p in perm)
     _module(xp).get_function("permute4_f32")((_blocks(out.size, xp),), (_BLOCK,), args)
@@ -201,12 +201,12 @@ def conv2d_forward(x, w, stride, padding, version=None):
     xp = array_module(x, w)
     g = _geometry(op, x.shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
-    y = xp.empty((N, P, Q, K), dtype=np.float32)
+    y = empty(xp, (N, P, Q, K), dtype=np.float32)
     mod = _module(xp)
     if version == 1:
         mod.get_function("conv2d_fwd_naive_f32")((_blocks(y.size, xp),), (_BLOCK,), (x, w, y) + _shape_args(g))
     elif version == 2:
-        cols = xp.empty((N * P * Q, R * S * C), dtype=np.float32)
+        cols = empty(xp, (N * P * Q, R * S * C), dtype=np.float32)
         mod.get_function("im2col_f32")((_blocks(cols.size, xp),), (_BLOCK,), (x, cols) + _shape_args(g))
         wt = permute_weight(w, (0, 2, 3, 1)).reshape(K, R * S * C)
         _gemm.gemm(cols, wt, trans_b=True, c=y.reshape(N * P * Q, K))
@@ -239,7 +239,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     if tuple(dy.shape) != (N, P, Q, K):
         raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x_shape {x_shape} and w {tuple(w.shape)}, "
                          f"got {tuple(dy.shape)}")
-    dx = xp.empty(x_shape, dtype=np.float32)
+    dx = empty(xp, x_shape, dtype=np.float32)
     mod = _module(xp)
     if version == 1:
         mod.get_function("conv2d_bwd_data_naive_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dy, w, dx) + _shape_args(g))
@@ -293,21 +293,21 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_
     if tuple(dy.shape) != (N, P, Q, K):
         raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x {tuple(x.shape)} and w_shape {w_shape}, "
                          f"got {tuple(dy.shape)}")
-    dw = xp.empty(w_shape, dtype=np.float32)
+    dw = empty(xp, w_shape, dtype=np.float32)
     mod = _module(xp)
     if version == 1:
         mod.get_function("conv2d_bwd_weight_naive_f32")((_blocks(dw.size, xp),), (_BLOCK,), (x, dy, dw) + _shape_args(g))
     elif version == 3:
         tiles = -(-K // _IG_TILE) * -(-(R * S * C) // _IG_TILE)
         splits, chunk = _split_k(xp, tiles, N * P * Q, split_k)
-        ws = xp.empty((splits, K, R * S * C), dtype=np.float32)
+        ws = empty(xp, (splits, K, R * S * C), dtype=np.float32)
         grid = (-(-K // _IG_TILE), -(-(R * S * C) // _IG_TILE), splits)
         mod.get_function("conv2d_bwd_weight_igemm_f32")(grid, (256,), (x, dy, ws) + _shape_args(g) + (np.int32(chunk),))
         mod.get_function("conv2d_bwd_weight_reduce_f32")(
             (_blocks(dw.size, xp),), (_BLOCK,), (ws, dw, np.int32(splits), np.int32(K), np.int32(C), np.int32(R),
                                                  np.int32(S)))
     else:
-        cols = xp.empty((N * P * Q, R * S * C), dtype=np.float32)
+        cols = empty(xp, (N * P * Q, R * S * C), dtype=np.float32)
         mod.get_function("im2col_f32")((_blocks(cols.size, xp),), (_BLOCK,), (x, cols) + _shape_args(g))
         dw_krsc = _gemm.gemm(dy.reshape(N * P * Q, K), cols, trans_a=True)   # [K, RSC]
         dw = permute_weight(dw_krsc.reshape(K, R, S, C), (0, 3, 1, 2))
@@ -323,7 +323,7 @@ def _forward_f16(op, x, w, stride, padding, version):
     wk = _krsc_f16(op, w, xp)
     g = _geometry(op, x.shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
-    y = xp.empty((N, P, Q, K), dtype=np.float16)
+    y = empty(xp, (N, P, Q, K), dtype=np.float16)
     grid = (-(-(N * P * Q) // _TC_TILE), -(-K // _TC_TILE))
     _module(xp).get_function(_TC_NAMES[version] % "conv2d_fwd")(grid, (_TC_THREADS,), (x, wk, y) + _shape_args(g)
                                                                 + (_aligned(x, wk, y),))
@@ -340,7 +340,7 @@ def _backward_data_f16(op, dy, w, x_shape, stride, padding, version):
     if tuple(dy.shape) != (N, P, Q, K):
         raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x_shape {x_shape} and w {tuple(w.shape)}, "
                          f"got {tuple(dy.shape)}")
-    dx = xp.empty(x_shape, dtype=np.float16)
+    dx = empty(xp, x_shape, dtype=np.float16)
     stride = g[9]
     if version == 4:   # every input pixel, every tap
         grid = (-(-(N * H * W) // _TC_TILE), -(-C // _TC_TILE))
@@ -376,11 +376,11 @@ def _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, 
     if tuple(dy.shape) != (N, P, Q, K):
         raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x {tuple(x.shape)} and w_shape {w_shape}, "
                          f"got {tuple(dy.shape)}")
-    dw = xp.empty(w_shape, dtype=dtype)
+    dw = empty(xp, w_shape, dtype=dtype)
     tiles = -(-K // _TC_TILE) * -(-(R * S * C) // _TC_TILE)
     splits, chunk = _tc_split_k(xp, tiles, N * P * Q, split_k)
     # one split writes dw itself; several write float slices of ws, summed by the reduce kernel
-    ws = xp.empty((splits, K, R * S * C) if splits > 1 else (1,), dtype=np.float32)
+    ws = empty(xp, (splits, K, R * S * C) if splits > 1 else (1,), dtype=np.float32)
     mod = _module(xp)
     suffix = "" if dtype == _F16 else "_dw_f32"
     grid = (-(-K // _TC_TILE), -(-(R * S * C) // _TC_TILE), splits)

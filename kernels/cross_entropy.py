@@ -15,7 +15,7 @@ and times them): 1 one thread per row, 2 (the default) one block per row with an
 import numpy as np
 
 from . import versions
-from ._launch import array_module, check_array, is_cupy, module
+from ._launch import array_module, check_array, empty, empty_like, is_cupy, module
 
 __all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss"]
 
@@ -67,14 +67,14 @@ def softmax_cross_entropy_forward(logits, labels, label_smoothing=0.0, version=N
     if N == 0:
         raise ValueError(f"{op}: the batch is empty (logits shape {tuple(logits.shape)})")
     xp = array_module(logits)
-    probs = xp.empty_like(logits)
-    losses = xp.empty(N, dtype=np.float32)
+    probs = empty_like(logits)
+    losses = empty(xp, N, dtype=np.float32)
     args = (logits, labels, probs, losses, np.int32(N), np.int32(K), np.float32(label_smoothing))
     if version == 1:
         _kernel("softmax_cross_entropy_forward_naive")((-(-N // 128),), (128,), args)
     else:
         _kernel("softmax_cross_entropy_forward")((_row_blocks(N, xp),), (_BLOCK,), args)
-    loss = xp.empty((), dtype=np.float32)
+    loss = empty(xp, (), dtype=np.float32)
     _kernel("mean_of_vector")((1,), (_BLOCK,), (losses, np.int32(N), loss.reshape(1)))
     return loss, probs
 
@@ -101,7 +101,7 @@ def softmax_cross_entropy_backward(probs, labels, label_smoothing=0.0, grad_scal
         if not np.isfinite(scale):
             raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale}")
     xp = array_module(probs)
-    dlogits = xp.empty_like(probs)
+    dlogits = empty_like(probs)
     if N:
         _kernel("softmax_cross_entropy_backward")(
             (_row_blocks(N, xp),), (_BLOCK,),
@@ -140,7 +140,7 @@ def topk_correct(logits, labels, ks=(1, 5)):
     counts = xp.zeros(len(ks) + 1, dtype=np.int64)
     if N == 0:
         return counts
-    rank = xp.empty(N, dtype=np.int32)
+    rank = empty(xp, N, dtype=np.int32)
     _kernel("topk_rank")((_row_blocks(N, xp),), (_BLOCK,), (logits, labels, rank, np.int32(N), np.int32(K)))
     ks_dev = xp.asarray(np.array([min(int(k), 2**31 - 1) for k in ks], dtype=np.int32))
     _kernel("topk_count")((1,), (_BLOCK,), (rank, np.int32(N), ks_dev, np.int32(len(ks)), counts))

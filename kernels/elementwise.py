@@ -7,7 +7,7 @@ float32 and float16 are supported where the network needs both.
 
 import numpy as np
 
-from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, module
+from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, empty, empty_like, module
 
 __all__ = ["relu_forward", "relu_backward", "add", "add_relu_forward", "scale", "axpy", "fill", "cast",
            "cast_from_bf16"]
@@ -34,7 +34,7 @@ def relu_forward(x):
     """y = max(x, 0).  x: float32/float16 array of any shape (C-contiguous)."""
     _same("relu_forward", ["x"], [x])
     xp = array_module(x)
-    y = xp.empty_like(x)
+    y = empty_like(x)
     if x.size:
         _run(f"relu_forward_{_SUFFIX[x.dtype]}", x.size, (x, y), xp)
     return y
@@ -44,7 +44,7 @@ def relu_backward(dy, y):
     """dx = dy where y > 0, else 0.  y is ReLU's output (what the forward pass keeps)."""
     _same("relu_backward", ["dy", "y"], [dy, y])
     xp = array_module(dy, y)
-    dx = xp.empty_like(dy)
+    dx = empty_like(dy)
     if dy.size:
         _run(f"relu_backward_{_SUFFIX[dy.dtype]}", dy.size, (dy, y, dx), xp)
     return dx
@@ -54,7 +54,7 @@ def add(a, b):
     """c = a + b, same shape and dtype (the residual connection)."""
     _same("add", ["a", "b"], [a, b])
     xp = array_module(a, b)
-    c = xp.empty_like(a)
+    c = empty_like(a)
     if a.size:
         _run(f"add_{_SUFFIX[a.dtype]}", a.size, (a, b, c), xp)
     return c
@@ -64,7 +64,7 @@ def add_relu_forward(a, b):
     """y = max(a + b, 0) in one pass (fused)."""
     _same("add_relu_forward", ["a", "b"], [a, b])
     xp = array_module(a, b)
-    y = xp.empty_like(a)
+    y = empty_like(a)
     if a.size:
         _run(f"add_relu_forward_{_SUFFIX[a.dtype]}", a.size, (a, b, y), xp)
     return y
@@ -74,7 +74,7 @@ def scale(x, alpha):
     """y = alpha * x (float32)."""
     check_array("scale", "x", x, dtype=np.float32)
     xp = array_module(x)
-    y = xp.empty_like(x)
+    y = empty_like(x)
     if x.size:
         _run("scale_f32", x.size, (x, y, np.float32(alpha)), xp)
     return y
@@ -120,7 +120,7 @@ def cast(x, dtype):
                         f"(supported: {', '.join(f'{a}->{b}' for a, b in _CASTS)})")
     xp = array_module(x)
     out_dtype = np.uint16 if target == "bfloat16" else target
-    y = xp.empty(x.shape, dtype=out_dtype)
+    y = empty(xp, x.shape, dtype=out_dtype)
     if x.size:
         _run(_CASTS[key], x.size, (x, y), xp)
     return y
@@ -130,7 +130,7 @@ def cast_from_bf16(bits):
     """float32 array from bfloat16 bit patterns (a uint16 array)."""
     check_array("cast_from_bf16", "bits", bits, dtype=np.uint16)
     xp = array_module(bits)
-    y = xp.empty(bits.shape, dtype=np.float32)
+    y = empty(xp, bits.shape, dtype=np.float32)
     if bits.size:
         _run("cast_bf16_to_f32", bits.size, (bits, y), xp)
     return y

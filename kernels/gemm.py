@@ -19,7 +19,7 @@ and float16 inputs), 2 shared-memory tiles, 3 register blocking (the default for
 import numpy as np
 
 from . import versions
-from ._launch import array_module, blocks_for, check_array, module
+from ._launch import array_module, blocks_for, check_array, empty, module
 
 __all__ = ["gemm", "gemm_f16", "linear_forward", "linear_backward", "column_sum", "F32_VERSIONS", "F16_VERSIONS"]
 
@@ -68,7 +68,7 @@ def _prepare(op, allowed, version, a, b, trans_a, trans_b, alpha, beta, c, dtype
     M, N, K = _check_gemm_args(op, a, b, trans_a, trans_b, c, beta, dtype, c_dtype)
     xp = array_module(a, b, c)
     if c is None:
-        c = xp.empty((M, N), dtype=c_dtype)
+        c = empty(xp, (M, N), dtype=c_dtype)
     if M == 0 or N == 0:
         return xp, c, None
     args = (a, b, c, np.int32(M), np.int32(N), np.int32(K), np.int32(a.shape[1]), np.int32(b.shape[1]),

@@ -13,7 +13,7 @@ aligned buffers; otherwise version 1 runs).
 import numpy as np
 
 from . import versions
-from ._launch import array_module, blocks_for, check_array, module
+from ._launch import array_module, blocks_for, check_array, empty, module
 
 __all__ = ["input_normalize"]
 
@@ -58,7 +58,7 @@ def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype
     if any(v == 0.0 for v in s):
         raise ValueError(f"{op}: std must not contain 0, got {std!r}")
     xp = array_module(images_uint8)
-    x = xp.empty(images_uint8.shape, dtype=dtype)
+    x = empty(xp, images_uint8.shape, dtype=dtype)
     n = images_uint8.size
     if n == 0:
         return x

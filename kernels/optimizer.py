@@ -26,7 +26,7 @@ Mixed precision on the device:
 
 import numpy as np
 
-from ._launch import array_module, blocks_for, check_array, is_cupy, module
+from ._launch import array_module, blocks_for, check_array, empty, is_cupy, module
 
 __all__ = ["sgd_momentum_update", "momentum_update_flat", "ParamSegments", "lars_trust_ratio",
            "lars_trust_ratio_flat", "global_grad_norm", "nonfinite_flag", "loss_scale_update"]
@@ -271,8 +271,8 @@ def lars_trust_ratio_flat(params_flat, grads_flat, segments, eta=0.001, eps=1e-9
         _kernel("chunk_sum_squares_f32")(segments._grid(), (_BLOCK,),
                                          (params_flat, grads_flat, segments.chunk_start,
                                           np.int32(segments.num_chunks), partial[0], partial[1]))
-    ratios = xp.empty(S, dtype=np.float32)
-    norms = xp.empty((2, S), dtype=np.float32) if return_norms else None
+    ratios = empty(xp, S, dtype=np.float32)
+    norms = empty(xp, (2, S), dtype=np.float32) if return_norms else None
     _kernel("lars_segment_ratios")((-(-S // 128),), (128,),
                                    (partial[0], partial[1], segments.segment_first_chunk, np.int32(S),
                                     segments.segment_weight_decay, segments.segment_use_trust, grad_scale,
@@ -314,7 +314,7 @@ def global_grad_norm(list_of_grads):
         if nb:
             _kernel("sum_squares_blocks_f32")((nb,), (_BLOCK,), (g.reshape(-1), np.int64(g.size), partial[start:start + nb]))
         start += nb
-    out = xp.empty(1, dtype=np.float32)
+    out = empty(xp, 1, dtype=np.float32)
     _kernel("sqrt_of_sum_f32")((1,), (_BLOCK,), (partial, np.int32(partial.size), out))
     return float(out[0])
 

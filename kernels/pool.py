@@ -12,7 +12,7 @@ max-pool backward: 1 scatters with atomicAdd, 2 (the default) gathers, determini
 import numpy as np
 
 from . import versions
-from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, is_cupy, module
+from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
 __all__ = ["maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward"]
 
@@ -59,8 +59,8 @@ def maxpool2d_forward(x, kernel_size=3, stride=2, padding=1):
     N, H, W, C = x.shape
     k, s, pad, P, Q = _pool_geometry(op, x.shape, kernel_size, stride, padding)
     xp = array_module(x)
-    y = xp.empty((N, P, Q, C), dtype=x.dtype)
-    argmax = xp.empty((N, P, Q, C), dtype=np.int32)
+    y = empty(xp, (N, P, Q, C), dtype=x.dtype)
+    argmax = empty(xp, (N, P, Q, C), dtype=np.int32)
     if y.size:
         _launch(f"maxpool2d_forward_{_SUFFIX[x.dtype]}", y.size,
                 (x, y, argmax) + tuple(np.int32(v) for v in (N, H, W, C, P, Q, k, s, pad)), xp)
@@ -99,7 +99,7 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, versio
         _launch("maxpool2d_backward_scatter_f32", dy.size,
                 (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q)), xp)
         return dx
-    dx = xp.empty((N, H, W, C), dtype=dy.dtype)
+    dx = empty(xp, (N, H, W, C), dtype=dy.dtype)
     _launch(f"maxpool2d_backward_gather_{_SUFFIX[dy.dtype]}", dx.size,
             (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q, k, s, pad)), xp)
     return dx
@@ -113,7 +113,7 @@ def global_avgpool_forward(x):
     if H * W == 0:
         raise ValueError(f"{op}: x has no pixels (shape {tuple(x.shape)})")
     xp = array_module(x)
-    y = xp.empty((N, C), dtype=x.dtype)
+    y = empty(xp, (N, C), dtype=x.dtype)
     if y.size:
         _launch(f"global_avgpool_forward_{_SUFFIX[x.dtype]}", y.size,
                 (x, y, np.int32(N), np.int32(H * W), np.int32(C)), xp)
@@ -129,7 +129,7 @@ def global_avgpool_backward(dy, x_shape):
         raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)} "
                          f"(expected {(N, C)})")
     xp = array_module(dy)
-    dx = xp.empty((N, H, W, C), dtype=dy.dtype)
+    dx = empty(xp, (N, H, W, C), dtype=dy.dtype)
     _launch(f"global_avgpool_backward_{_SUFFIX[dy.dtype]}", dx.size,
             (dy, dx, np.int32(N), np.int32(H * W), np.int32(C)), xp)
     return dx

@@ -11,7 +11,7 @@ the header of reduce.cu; `python -m kernels.reduce` checks and times every one o
 import numpy as np
 
 from . import versions
-from ._launch import array_module, blocks_for, check_array, module
+from ._launch import array_module, blocks_for, check_array, empty, module
 
 __all__ = ["sum"]
 
@@ -42,7 +42,7 @@ def sum(x, version=None):  # noqa: A001  (the op is called sum)
         k((blocks,), (_BLOCK,), (flat, out, np.int64(flat.size)), shared_mem=smem)
         return out
     name = _BLOCK_KERNELS[version]
-    partial = xp.empty(blocks, dtype=np.float32)
+    partial = empty(xp, blocks, dtype=np.float32)
     _block_pass(name, flat, partial, blocks)      # pass 1: one partial sum per block
     _block_pass(name, partial, out.reshape(1), 1)  # pass 2: one block sums the partials
     return out

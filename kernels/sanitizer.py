@@ -139,15 +139,28 @@ def _stacked(checks, stack):
     return checks | profiling
 
 
-def launch_config():
-    """(checks, schedule kind, seed for this launch, description) for the next launch."""
-    global _process_seed, _launches
+def _parsed_environment():
+    """(checks, (schedule kind, seed)) that KERNELS_EMU_SANITIZE / KERNELS_EMU_SCHEDULE say now."""
     key = _environment()
     parsed = _parsed.get(key)
     if parsed is None:
         text = [v.decode() if isinstance(v, bytes) else v for v in key]
         parsed = _parsed[key] = (parse_checks(text[0]), parse_schedule(text[1]))
-    checks, (kind, seed) = parsed
+    return parsed
+
+
+def initchecking():
+    """Whether the next emulator launch runs initcheck (KERNELS_EMU_SANITIZE or a sanitize() block)."""
+    checks = _parsed_environment()[0]
+    if _local.stack:
+        checks = _stacked(checks, _local.stack)
+    return bool(checks & CHECKS["initcheck"])
+
+
+def launch_config():
+    """(checks, schedule kind, seed for this launch, description) for the next launch."""
+    global _process_seed, _launches
+    checks, (kind, seed) = _parsed_environment()
     stack = _local.stack
     if stack:
         checks = _stacked(checks, stack)

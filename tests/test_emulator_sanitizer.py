@@ -425,6 +425,38 @@ def test_uninitialized_bytes_become_initialized_when_written():
             m.get_function("double_first")((1,), (64,), (y, np.int32(33)))
 
 
+
+def test_launcher_outputs_start_uninitialised_under_initcheck():
+    """The launchers allocate their outputs and workspaces with kernels._launch.empty: under
+    initcheck those start uninitialised (as cupy.empty memory does), so a kernel reading output
+    bytes no launch wrote is found, whatever NumPy's fresh pages held; host-made arrays are trusted."""
+    from kernels import _launch
+    src = textwrap.dedent(r"""
+    extern "C" __global__ void bump(float* y, int n) { if (threadIdx.x < n) y[threadIdx.x] += 1.0f; }
+    extern "C" __global__ void put(float* y, int n) { if (threadIdx.x < n) y[threadIdx.x] = 1.0f; }
+    """)
+    m = kernels.RawModule(code=src, filename="outputs.cu")
+    with kernels.sanitize("initcheck"):
+        y = _launch.empty(np, (48,), np.float32)
+        with pytest.raises(kernels.InitcheckError, match=r"argument 0 'y' \(float32\[48\]\), byte 0"):
+            m.get_function("bump")((1,), (64,), (y, np.int32(48)))
+        like = _launch.empty_like(np.zeros((4, 12), np.float32))
+        m.get_function("put")((1,), (64,), (like, np.int32(48)))
+        m.get_function("bump")((1,), (64,), (like, np.int32(48)))    # written by a launch first: fine
+        assert np.all(like == 2.0)
+        m.get_function("bump")((1,), (64,), (np.zeros(48, np.float32), np.int32(48)))   # host-made: trusted
+    # without initcheck nothing is tracked (a plain launch pays nothing)
+    z = _launch.empty(np, (48,), np.float32)
+    assert sanitizer.init_flags(z.__array_interface__["data"][0], z.nbytes) is None
+    # a project launcher's output under the checks: written by its kernel, then read by another
+    from kernels import elementwise
+    with kernels.sanitize("all"):
+        x = np.linspace(-1, 1, 100, dtype=np.float32)
+        y = elementwise.relu_forward(x)
+        assert sanitizer.init_flags(y.__array_interface__["data"][0], y.nbytes) is not None
+        np.testing.assert_array_equal(elementwise.relu_forward(y), np.maximum(x, 0))
+
+
 # ------------------------------------------------------------------------------ configuration
 def test_check_names_are_parsed_and_refused_clearly():
     assert sanitizer.parse_checks("all") == sanitizer.parse_checks("1") == 15
