@@ -45,6 +45,7 @@ import multiprocessing as mp
 import os
 import queue
 import select
+import signal
 import tempfile
 import threading
 import time
@@ -189,6 +190,10 @@ def _worker_main(worker_id, lmdb_path, buffer_path, batch_size, image_size, num_
                  owner=None):
     # Runs in a worker process: map the slots, open the database, serve tasks until None.
     # owner: (pid, start time) of the process that started the loader; we exit when it does.
+    # Ctrl-C in a terminal signals every process of the foreground group, workers included: the
+    # owner decides what it means (finish the step, checkpoint, close the loader, which stops us),
+    # so a worker ignores it instead of dying mid-batch with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if owner is not None:
         _exit_with_owner(*owner)
     try:

@@ -130,6 +130,29 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tiny_data, reference_run,
     assert_identical(weights(out), weights(reference_run))
 
 
+
+def test_ctrl_c_in_a_terminal_with_loader_workers(tiny_data, reference_run, tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group, loader workers included:
+    the workers ignore it, the run finishes its step, checkpoints, exits 130 without a traceback,
+    and resumes exactly (a worker used to die with KeyboardInterrupt and fail the run with exit 1)."""
+    out = tmp_path / "run"
+    args = ["--data", tiny_data, *TINY, "--workers", "2", "--epochs", 3, "--target-accuracy", 1.0, "--out", out]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)   # what the terminal does: every process of the group
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode == train.EXIT_NOT_REACHED:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert "checkpoint saved" in stdout and "--resume" in stdout
+    assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
+    assert_identical(weights(out), weights(reference_run))
+
+
 def test_corrupt_record_is_logged_replaced_and_the_run_goes_on(tiny_data, tmp_path):
     import lmdb
     import shutil
