@@ -41,8 +41,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tarfile
+import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -355,6 +357,29 @@ def _commit(env, records, progress):
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
+# Tests: after this many source items the packing process sends SIGINT to its process group, as
+# Ctrl-C in a terminal does (the CLI path has no other way in).
+_interrupt_after_items = None
+
+
+def _interrupt_process_group():
+    # Ctrl-C as a terminal sends it, with the pool workers given 0.5 s to react before this process
+    # does (so that a test sees what they do with it).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        os.killpg(os.getpgrp(), signal.SIGINT)
+        time.sleep(0.5)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _ignore_sigint():
+    # Pool workers: Ctrl-C in a terminal signals the whole process group; the packing process
+    # handles it (the pool is terminated, what was committed stays), so a worker ignores it rather
+    # than print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _bounded_map(pool, workers, items, block):
     # Ordered parallel map that keeps at most two blocks of items in flight (Pool.imap
     # would read the whole source, e.g. a 140 GB tar, into its task queue).
@@ -429,7 +454,7 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
     if workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(workers)
+        pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
         results = _bounded_map(pool, workers, items, block=max(commit_every, 8 * workers))
     else:
         results = map(_prepare_item, items)
@@ -453,6 +478,8 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
                     state["damaged"].append([state["count"], name, warning])
                 state["count"] += 1
             bar.update(1)
+            if state["source_done"] == _interrupt_after_items:
+                _interrupt_process_group()
             if len(pending) >= commit_every:
                 try:
                     _commit(env, pending, {PROGRESS_KEY: json.dumps(state).encode()})
@@ -621,6 +648,10 @@ def main(argv=None):
     except OSError as e:  # e.g. a source folder we may not read: the system's one-line reason
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted" + ("" if args.verify else ": run the same command again to resume from the last commit"),
+              file=sys.stderr)
+        return 130
     return 0
 
 

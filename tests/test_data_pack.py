@@ -427,3 +427,31 @@ def test_write_failure_mid_pack_keeps_what_was_committed(packed, tmp_path, monke
     resumed, rmeta = _records(dst)
     clean, cmeta = _records(paths["train"])
     assert rmeta == cmeta == meta and resumed == clean
+
+
+def _ctrl_c_pack(root, dst, stderr_path):
+    # A terminal's Ctrl-C: the CLI in its own process group, SIGINT to the whole group (pool
+    # workers included) after 5 of the 14 images.
+    os.setsid()
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT)
+    os.dup2(fd, 2)
+    import data.pack as pack_module
+    pack_module._interrupt_after_items = 5
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    os._exit(pack_module.main(["--src", root, "--dst", dst, "--splits", "train", "--workers", "2"]))
+
+
+def test_ctrl_c_stops_the_pack_in_one_line_and_it_resumes(packed, tmp_path):
+    root, paths, _ = packed
+    dst, err = str(tmp_path / "db"), tmp_path / "stderr.txt"
+    import data.pack as pack_module
+    proc = mp.get_context("fork").Process(target=_ctrl_c_pack, args=(root, dst, str(err)))
+    proc.start()
+    proc.join(120)
+    text = err.read_text()
+    assert proc.exitcode == 130, text
+    assert "Traceback" not in text, text
+    assert text.strip().splitlines()[-1] == "interrupted: run the same command again to resume from the last commit"
+    assert os.path.isdir(os.path.join(dst, "train.lmdb.partial"))
+    assert pack_module.main(["--src", root, "--dst", dst, "--splits", "train", "--workers", "2"]) == 0
+    assert _records(os.path.join(dst, "train.lmdb")) == _records(paths["train"])
