@@ -104,7 +104,7 @@ def build_parser():
     m = p.add_argument_group("model and device")
     m.add_argument("--device", choices=["auto", "cpu", "emu", "cuda"], default=None,
                    help="auto (default): cuda if CuPy sees a GPU, else cpu (NumPy). emu: the same training "
-                        "through our CUDA C kernels, run by the CPU emulator (about 650 kernel launches a step, "
+                        "through our CUDA C kernels, run by the CPU emulator (about 560 kernel launches a step, "
                         "~5 s a step of the default CPU model: to see and check the GPU code train)")
     m.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                    help="activations: fp32, or fp16 on cuda and emu (bf16 is refused: several ops have no bf16 kernels)")

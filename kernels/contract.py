@@ -37,9 +37,10 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):
 
 
 def conv_weight(w, dtype):
-    """w [K, C, R, S] as `dtype` (w.astype(dtype)) for conv2d_forward and conv2d_backward_data of
-    activations of that dtype: a mixed-precision step casts each master weight once, for both.
-    The result is only read; its memory may be in another order than OIHW (a view)."""
+    """w [K, C, R, S] as `dtype` (w.astype(dtype), or w itself) for conv2d_forward and
+    conv2d_backward_data of activations of that dtype: a step prepares each weight once, for both
+    (a mixed-precision step casts its float32 master).  The result is only read; its memory may be
+    in another order than OIHW (a view: the kernels' channels-last order)."""
 
 
 def linear_forward(x, w, b=None):

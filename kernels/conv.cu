@@ -41,14 +41,15 @@
  *
  *       pass             GEMM  M x N  (reduction K)            A[m, kk]                 B[kk, n]
  *       forward          (N*P*Q) x K      (R*S*C)               x patch, kk = (r, s, c)  w in KRSC
- *       backward data    (N*H*W) x C      (R*S*K)               dy "patch", kk=(r, s, k) w in RSKC
+ *       backward data    (N*H*W) x C      (R*S*K)               dy "patch", kk=(r, s, k) w in KRSC
  *       backward weight  K x (R*S*C)      (N*P*Q)               dy^T                     x patch
  *
  *     The reduction index always runs channel-fastest, so in NHWC a run of consecutive kk is a run
- *     of consecutive addresses (for C = 3 the whole S*C run of a filter row is contiguous).  The
- *     launcher reorders the weights once per call into the layout the GEMM wants (KRSC for the
- *     forward pass, RSKC for backward data; permute4_f32 below): one read and one write of the
- *     weights, at most 2.4 M floats in ResNet-50, small next to the convolution itself.
+ *     of consecutive addresses (for C = 3 the whole S*C run of a filter row is contiguous).  Both
+ *     weight operands read the weights in KRSC order ([K][R][S][C]: every B row, a run of channels,
+ *     is contiguous): a training step reorders each weight once (conv_weight, permute4_f32 below;
+ *     one read and one write of at most 2.4 M floats in ResNet-50, nothing for a 1x1 filter, whose
+ *     OIHW and KRSC are the same memory), and forward and backward data read that copy.
  *
  *     Tiling: a block of 256 threads computes a 64 x 64 tile of the GEMM, walking the reduction
  *     in steps of 16.  Each step, every thread copies 4 elements of the A tile and 4 of the B tile
@@ -408,17 +409,19 @@ conv2d_fwd_igemm_f32(const float* __restrict__ x, const float* __restrict__ wt, 
     store_block_4x4(y, acc, m0 + threadIdx.x / 16 * 4, n0 + threadIdx.x % 16 * 4, M, K);
 }
 
-// Backward data.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 256.  wr is the weight in RSKC order.
+// Backward data.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 256.  wt is the weight in KRSC order,
+// the forward pass's copy.
 extern "C" __global__ void __launch_bounds__(256)
-conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict__ wr, float* __restrict__ dx,
+conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
                           int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad) {
     const int M = N * H * W, Kd = R * S * K;
     const int m0 = blockIdx.x * IG_BM, n0 = blockIdx.y * IG_BN;
     // A[m, kk] = dy[n, p, q, k] with m = (n, h, w), kk = (r, s, k), p = (h + pad - r) / stride when exact.
     const int lk = threadIdx.x % IG_BK, lr = threadIdx.x / IG_BK;
     const TileRows a = decode_tile_rows(m0, lr, M, H, W, (long long)P * Q * K, 1, pad);   // y, x: h + pad, w + pad
-    // B[kk, c] = wr[kk * C + c]: here consecutive threads take consecutive c (row-major B)
-    const int bc = threadIdx.x % IG_BN, bk = threadIdx.x / IG_BN;
+    // B[kk, c] = w[k, c, r, s] = wt[(k * R*S + r*S + s) * C + c] for kk = (r*S + s) * K + k: here
+    // consecutive threads take consecutive c (a row of B is contiguous in KRSC as well)
+    const int bc = threadIdx.x % IG_BN, bk = threadIdx.x / IG_BN, RS = R * S;
 
     float acc[4][4] = {};
     __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile
@@ -436,7 +439,7 @@ conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict_
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int kr = bk + 4 * i, kb = k0 + kr, c = n0 + bc;
-            Bs[kr][bc] = (kb < Kd && c < C) ? wr[(long long)kb * C + c] : 0.0f;
+            Bs[kr][bc] = (kb < Kd && c < C) ? wt[((long long)(kb % K) * RS + kb / K) * C + c] : 0.0f;
         }
     }, acc);
     store_block_4x4(dx, acc, m0 + threadIdx.x / 16 * 4, n0 + threadIdx.x % 16 * 4, M, C);

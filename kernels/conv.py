@@ -125,10 +125,38 @@ def _krsc_f16(op, w, xp):
     wk = w.transpose(0, 2, 3, 1)
     if wk.flags.c_contiguous:
         return wk
+    _require_oihw(op, w)
+    return _to_krsc(w, xp)
+
+
+def _krsc_f32(op, w):
+    """The float32 weight [K, C, R, S] as the C-contiguous [K, R, S, C] array versions 2 and 3 read:
+    w's own memory when it is a channels-last view (conv_weight; a 1x1 filter always is), else a
+    permuted copy (permute4_f32)."""
+    check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
+    wk = w.transpose(0, 2, 3, 1)
+    if wk.flags.c_contiguous:
+        return wk
+    _require_oihw(op, w)
+    return permute_weight(w, (0, 2, 3, 1))
+
+
+def _oihw_f32(op, w):
+    """The float32 weight as C-contiguous OIHW, what version 1 reads: w, or a permuted copy of a
+    channels-last view."""
+    check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
+    if w.flags.c_contiguous:
+        return w
+    wk = w.transpose(0, 2, 3, 1)
+    if not wk.flags.c_contiguous:
+        _require_oihw(op, w)
+    return permute_weight(wk, (0, 3, 1, 2))
+
+
+def _require_oihw(op, w):
     if not w.flags.c_contiguous:
         raise ValueError(f"{op}: w must be C-contiguous [K, C, R, S] (OIHW) or channels-last memory viewed as "
                          f"[K, C, R, S] (what conv_weight returns); got strides {w.strides}")
-    return _to_krsc(w, xp)
 
 
 def _to_krsc(w, xp):
@@ -143,24 +171,26 @@ def _to_krsc(w, xp):
 def conv_weight(w, dtype):
     """w [K, C, R, S] (OIHW) as `dtype`, in the memory order the convolutions of that dtype read.
 
-    float16: one kernel casts and transposes to channels last ([K, R, S, C] memory, returned as its
-    [K, C, R, S] view, so it is still an OIHW-shaped array): the tensor-core versions then read it
-    with no copy of their own, in forward and backward data alike (w already in that form: w
-    itself).  float32: w itself for float32 w (the float32 versions read OIHW).  w: float32 or
-    float16, C-contiguous.  A mixed-precision step calls this once per convolution for its float32
-    master weight.
+    Channels last ([K, R, S, C] memory, returned as its [K, C, R, S] view, so it is still an
+    OIHW-shaped array), made by one kernel: float16 casts and transposes in one launch
+    (conv_weight_f32_to_krsc_f16), float32 transposes (permute4_f32).  Forward and backward data of
+    the versions in use then read it with no copy of their own.  w already in that form (a 1x1
+    filter always is): w itself, no launch.  w: float32 or float16, OIHW C-contiguous or such a
+    view.  A training step calls this once per convolution (nn.functional.conv2d), for the forward
+    pass and the backward-data pass together.
     """
     op = "conv_weight"
     check_array(op, "w", w, dtype=(np.float32, np.float16), ndim=4, contiguous=False)
     dtype = np.dtype(dtype)
     if dtype not in (_F32, _F16):
         raise TypeError(f"{op}: dtype must be float32 or float16, got {dtype}")
-    if dtype == _F16 and w.dtype == _F16 and w.transpose(0, 2, 3, 1).flags.c_contiguous:
+    if w.dtype == dtype and w.transpose(0, 2, 3, 1).flags.c_contiguous:
         return w
-    check_array(op, "w", w, ndim=4)
-    if dtype == _F32:
-        return w if w.dtype == _F32 else w.astype(dtype)
+    _require_oihw(op, w)
     xp = array_module(w)
+    if dtype == _F32:
+        w = w if w.dtype == _F32 else w.astype(dtype)
+        return permute_weight(w, (0, 2, 3, 1)).transpose(0, 3, 1, 2)
     return _to_krsc(w, xp).transpose(0, 3, 1, 2)
 
 
@@ -168,7 +198,7 @@ def permute_weight(w, perm):
     """w.transpose(perm) as a new C-contiguous array, by the permute4_f32 kernel.
 
     w: float32 4-D (e.g. OIHW [K, C, R, S]); perm: 4 axes.  perm (0, 2, 3, 1) gives KRSC
-    ([K, R, S, C], the forward implicit GEMM's B), (2, 3, 0, 1) gives RSKC (backward data's B).
+    ([K, R, S, C], what versions 2 and 3 read), (0, 3, 1, 2) turns KRSC back into OIHW.
     """
     check_array("permute_weight", "w", w, dtype=np.float32, ndim=4)
     perm = tuple(int(p) for p in perm)
@@ -187,7 +217,8 @@ def conv2d_forward(x, w, stride, padding, version=None):
 
     y[n, p, q, k] = sum_{r, s, c} x[n, p*stride + r - padding, q*stride + s - padding, c] * w[k, c, r, s]
 
-    x: float32 [N, H, W, C] (NHWC), w: float32 [K, C, R, S] (OIHW), stride >= 1, padding >= 0
+    x: float32 [N, H, W, C] (NHWC), w: float32 [K, C, R, S] (OIHW: C-contiguous, or the channels-last
+    view conv_weight returns), stride >= 1, padding >= 0
     ->  y: float32 [N, P, Q, K] (NHWC).  version: 1 naive, 2 im2col + GEMM, 3 implicit GEMM, None
     the version in use.  Or x, w float16 (w C-contiguous OIHW or from conv_weight) -> y float16:
     versions 4 and 5, tensor cores.
@@ -197,21 +228,22 @@ def conv2d_forward(x, w, stride, padding, version=None):
     if version in F16_VERSIONS:
         return _forward_f16(op, x, w, stride, padding, version)
     check_array(op, "x", x, dtype=np.float32, ndim=4)
-    check_array(op, "w", w, dtype=np.float32, ndim=4)
+    check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
     xp = array_module(x, w)
     g = _geometry(op, x.shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
     y = empty(xp, (N, P, Q, K), dtype=np.float32)
     mod = _module(xp)
     if version == 1:
+        w = _oihw_f32(op, w)
         mod.get_function("conv2d_fwd_naive_f32")((_blocks(y.size, xp),), (_BLOCK,), (x, w, y) + _shape_args(g))
     elif version == 2:
         cols = empty(xp, (N * P * Q, R * S * C), dtype=np.float32)
         mod.get_function("im2col_f32")((_blocks(cols.size, xp),), (_BLOCK,), (x, cols) + _shape_args(g))
-        wt = permute_weight(w, (0, 2, 3, 1)).reshape(K, R * S * C)
+        wt = _krsc_f32(op, w).reshape(K, R * S * C)
         _gemm.gemm(cols, wt, trans_b=True, c=y.reshape(N * P * Q, K))
     else:
-        wt = permute_weight(w, (0, 2, 3, 1))                 # KRSC
+        wt = _krsc_f32(op, w)                                # KRSC
         grid = (-(-(N * P * Q) // _IG_TILE), -(-K // _IG_TILE))
         mod.get_function("conv2d_fwd_igemm_f32")(grid, (256,), (x, wt, y) + _shape_args(g))
     return y
@@ -231,7 +263,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     if version in F16_VERSIONS:
         return _backward_data_f16(op, dy, w, x_shape, stride, padding, version)
     check_array(op, "dy", dy, dtype=np.float32, ndim=4)
-    check_array(op, "w", w, dtype=np.float32, ndim=4)
+    check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
     x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
     xp = array_module(dy, w)
     g = _geometry(op, x_shape, w.shape, stride, padding)
@@ -242,15 +274,16 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     dx = empty(xp, x_shape, dtype=np.float32)
     mod = _module(xp)
     if version == 1:
+        w = _oihw_f32(op, w)
         mod.get_function("conv2d_bwd_data_naive_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dy, w, dx) + _shape_args(g))
     elif version == 2:
-        wt = permute_weight(w, (0, 2, 3, 1)).reshape(K, R * S * C)
+        wt = _krsc_f32(op, w).reshape(K, R * S * C)
         dcols = _gemm.gemm(dy.reshape(N * P * Q, K), wt)     # [NPQ, RSC]
         mod.get_function("col2im_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dcols, dx) + _shape_args(g))
     else:
-        wr = permute_weight(w, (2, 3, 0, 1))                 # RSKC
+        wt = _krsc_f32(op, w)                                # KRSC, as the forward pass reads it
         grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
-        mod.get_function("conv2d_bwd_data_igemm_f32")(grid, (256,), (dy, wr, dx) + _shape_args(g))
+        mod.get_function("conv2d_bwd_data_igemm_f32")(grid, (256,), (dy, wt, dx) + _shape_args(g))
     return dx
 
 

@@ -44,12 +44,13 @@ def _as_tensor(x, name):
 def conv2d(x, weight, stride=1, padding=0):
     """y = conv(x, weight): x [N, H, W, C] (NHWC), weight [K, C, R, S] (OIHW) -> y [N, P, Q, K].
 
-    Mixed precision: a float32 (master) weight with float16 x is cast once (ops.conv_weight) for the
-    forward and the backward-data pass; its gradient comes back in float32."""
+    The weight is put once (ops.conv_weight) in the dtype and memory order the device's convolutions
+    read, for the forward and the backward-data pass together: on emu and cuda channels-last (one
+    launch per step, none for a 1x1 filter), cast to float16 for float16 x (mixed precision: the
+    float32 master's gradient comes back in float32)."""
     ops = _ops(x, weight)
-    x_data, w_data = x.data, weight.data
-    if w_data.dtype != x_data.dtype:
-        w_data = ops.conv_weight(w_data, x_data.dtype)
+    x_data = x.data
+    w_data = ops.conv_weight(weight.data, x_data.dtype)
     y = ops.conv2d_forward(x_data, w_data, stride, padding)
     w_shape, w_dtype = weight.shape, weight.dtype
 

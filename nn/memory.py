@@ -10,8 +10,11 @@ With our autograd (nn/tensor.py, nn/functional.py) a training forward pass of Re
     batch norm's per-channel mean and 1/std (float32);
   - the max pool's output and its argmax (int32);
   - the pooled features, the logits (and their float32 copy under fp16) and the softmax (float32);
-  - under fp16, the float16 copy of every weight that the layers cast from the float32 masters
-    (a convolution's in channels-last order, ops.conv_weight; the fc bias stays float32).
+  - the copy of a convolution's weight its backward-data pass reads (ops.conv_weight): under fp16
+    the float16 cast of every float32 master (channels last on emu and cuda); in fp32 on emu and
+    cuda the channels-last copy of every filter larger than 1x1 (a 1x1 filter is channels-last
+    memory as it is, and the cpu device reads the weight itself); under fp16 also the fc weight's
+    float16 cast (its bias stays float32).
 
 Every convolution is followed by a batch norm, so that is two arrays per convolution: ResNet-50 at
 224 px has 53 convolutions producing 11.1 M values per image, hence ~89 MB per image in fp32 and
@@ -76,14 +79,18 @@ def _prod(shape):
     return n
 
 
-def activation_bytes(batch, image_size=224, width=1.0, num_classes=1000, precision="fp32", layers=(3, 4, 6, 3)):
+def activation_bytes(batch, image_size=224, width=1.0, num_classes=1000, precision="fp32", layers=(3, 4, 6, 3),
+                     device="cuda"):
     """Bytes the training forward pass of nn.resnet (bottleneck blocks) keeps for backward.
 
     precision: 'fp32' or 'fp16' (float16 activations, float32 statistics, softmax and masters).
+    device: 'cuda' or 'emu' (our kernels or cuDNN: channels-last weight copies), or 'cpu'.
     -> dict of bytes: input, conv_outputs, bn_outputs, bn_stats, maxpool, head, weight_copies, total.
     """
     if precision not in _ACT_BYTES:
         raise ValueError(f"precision must be one of {sorted(_ACT_BYTES)}, got {precision!r}")
+    if device not in ("cuda", "emu", "cpu"):
+        raise ValueError(f"device must be 'cuda', 'emu' or 'cpu', got {device!r}")
     act = _ACT_BYTES[precision]
     n = int(batch)
     parts = dict.fromkeys(("input", "conv_outputs", "bn_outputs", "bn_stats", "maxpool", "head", "weight_copies"), 0)
@@ -95,7 +102,7 @@ def activation_bytes(batch, image_size=224, width=1.0, num_classes=1000, precisi
             parts["conv_outputs"] += values * act           # = the batch norm's input
             parts["bn_outputs"] += values * act             # = the next layer's input, the ReLU mask
             parts["bn_stats"] += 2 * shape[-1] * 4          # mean and 1/std, float32
-            if act != 4:
+            if act != 4 or (device != "cpu" and weight[2] * weight[3] > 1):
                 parts["weight_copies"] += _prod(weight) * act
         elif kind == "maxpool":
             parts["maxpool"] += values * act + values * 4   # output and int32 argmax

@@ -286,7 +286,8 @@ def test_activation_bytes_against_a_hand_count():
       batch-norm channels 4 + 40 + 80 + 160 + 320 = 604 (mean and 1/std, float32, not per image);
       head: pooled 128, logits 10, softmax 10.
     """
-    parts = memory.activation_bytes(2, image_size=32, width=0.0625, num_classes=10, layers=(1, 1, 1, 1))
+    parts = memory.activation_bytes(2, image_size=32, width=0.0625, num_classes=10, layers=(1, 1, 1, 1),
+                                    device="cpu")
     assert parts["input"] == 2 * 3072 * 4
     assert parts["conv_outputs"] == parts["bn_outputs"] == 2 * 6496 * 4
     assert parts["bn_stats"] == 2 * 604 * 4
@@ -294,6 +295,11 @@ def test_activation_bytes_against_a_hand_count():
     assert parts["head"] == 2 * (128 + 10 + 10) * 4
     assert parts["weight_copies"] == 0
     assert parts["total"] == 138624
+    # on emu and cuda the filters larger than 1x1 are kept channels-last: the stem's 4x3x7x7 and the
+    # 3x3 convolutions of the four stages, (4*4 + 8*8 + 16*16 + 32*32) x 9 values, float32
+    cuda = memory.activation_bytes(2, image_size=32, width=0.0625, num_classes=10, layers=(1, 1, 1, 1))
+    assert cuda["weight_copies"] == (4 * 3 * 49 + (16 + 64 + 256 + 1024) * 9) * 4
+    assert cuda["total"] == 138624 + cuda["weight_copies"]
 
 
 def kept_for_backward(loss, model):
@@ -330,7 +336,8 @@ def kept_for_backward(loss, model):
 
 
 @pytest.mark.parametrize("device, precision, layers, size", [
-    ("cpu", "fp32", (1, 1, 1, 1), 32), ("cpu", "fp32", (3, 4, 6, 3), 33), ("emu", "fp16", (3, 4, 6, 3), 32)])
+    ("cpu", "fp32", (1, 1, 1, 1), 32), ("cpu", "fp32", (3, 4, 6, 3), 33), ("emu", "fp32", (1, 1, 1, 1), 32),
+    ("emu", "fp16", (3, 4, 6, 3), 32)])
 def test_activation_bytes_equal_what_a_forward_pass_keeps(device, precision, layers, size):
     """The count from the layer shapes equals the bytes a real training forward pass leaves in the
     graph (our kernels on the emulator included, fp16 with its float32 statistics and weight copies)."""
@@ -341,7 +348,7 @@ def test_activation_bytes_equal_what_a_forward_pass_keeps(device, precision, lay
     labels = nn.get_device(device).asarray(np.arange(batch, dtype=np.int32) % 10)
     loss = F.cross_entropy(model(nn.Tensor(x, device=device), layout="NHWC"), labels)
     kept = kept_for_backward(loss, model) - labels.nbytes            # the labels are an input, not kept state
-    want = memory.activation_bytes(batch, size, 0.0625, 10, precision, layers)["total"]
+    want = memory.activation_bytes(batch, size, 0.0625, 10, precision, layers, device=device)["total"]
     assert kept == want
 
 
@@ -369,7 +376,7 @@ def test_oom_message_names_a_batch_that_fits():
     free = 15.2 * memory.GiB
     msg = memory.oom_message(None, 256, 1, 224, 1.0, 1000, "fp32", free_bytes=free)
     fit = memory.max_batch_size(free)
-    assert f"--batch-size {fit // 8 * 8} " in msg and "21.7 GiB" in msg and "15.2 GiB free" in msg
+    assert f"--batch-size {fit // 8 * 8} " in msg and "21.8 GiB" in msg and "15.2 GiB free" in msg
     assert "--precision fp16" in msg and "\n" not in msg
     msg = memory.oom_message(None, 512, 8, 224, 1.0, 1000, "fp16", free_bytes=free)   # 64 per GPU
     suggestion = int(msg.split("--batch-size ")[1].split()[0])

@@ -67,6 +67,12 @@ def test_conv2d_matches_reference(backend, version, case):
     assert dx.shape == x.shape
     assert _rel_err(dx, want) < 1e-5, f"backward data {version}: {_rel_err(dx, want):.2e}"
 
+    # the weight as a training step hands it over (conv_weight: channels-last memory): the same results
+    wk = CV.conv_weight(d(w), np.float32)
+    np.testing.assert_array_equal(backend.to_host(CV.conv2d_forward(d(x), wk, stride, pad, version=version)), y)
+    np.testing.assert_array_equal(
+        backend.to_host(CV.conv2d_backward_data(d(dy), wk, x.shape, stride, pad, version=version)), dx)
+
     dw = backend.to_host(CV.conv2d_backward_weight(d(x), d(dy), w.shape, stride, pad, version=version))
     want = ref.conv2d_backward_weight(x64, dy64, w.shape, stride, pad)
     assert dw.shape == w.shape
@@ -253,13 +259,21 @@ def test_f16_kernels_built_for_older_gpus(arch):
                 assert _rel_err(dw, ref.conv2d_backward_weight(x64, dy64, w32.shape, stride, pad)) < F32_SUM
 
 
-def test_conv_weight_is_a_cast_in_channels_last_memory(backend):
+def test_conv_weight_is_channels_last_memory(backend):
     w = np.random.default_rng(8).standard_normal((70, 33, 3, 3)).astype(np.float32)   # C past 32: 2 blocks
     for src in (w, w.astype(np.float16)):
         wk = CV.conv_weight(backend.to_device(src), np.float16)
         assert wk.shape == w.shape and wk.transpose(0, 2, 3, 1).flags.c_contiguous
         np.testing.assert_array_equal(backend.to_host(wk), w.astype(np.float16))
-    assert CV.conv_weight(w, np.float32) is w
+        assert CV.conv_weight(wk, np.float16) is wk                      # already in that form: no launch
+    wk = CV.conv_weight(backend.to_device(w), np.float32)                # float32: channels last too
+    assert wk.shape == w.shape and wk.transpose(0, 2, 3, 1).flags.c_contiguous
+    np.testing.assert_array_equal(backend.to_host(wk), w)
+    assert CV.conv_weight(wk, np.float32) is wk
+    w1 = backend.to_device(w[:, :, :1, :1].copy())                       # 1x1: OIHW is channels last
+    assert CV.conv_weight(w1, np.float32) is w1
+    with pytest.raises(ValueError, match="C-contiguous"):
+        CV.conv_weight(backend.to_device(w).transpose(1, 0, 2, 3), np.float32)
 
 
 def _conflicts(launch):
