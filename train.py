@@ -1093,6 +1093,25 @@ def make_schedule(cfg, steps_per_epoch, peak_lr):
     return nn.schedules.Cosine(peak_lr, total, warm)
 
 
+def finished_run(folder, arrays, goal):
+    """The exit code of a run that has nothing left to do (its checkpoint is past the target
+    accuracy, or at the end of its epochs), after saying so; None when a resume has work to do.
+    goal: the target_accuracy and epochs the resume would run to (the saved ones, or the flags)."""
+    epoch, batch = int(arrays["extra/epoch"]), int(arrays["extra/batch"])
+    best = float(arrays["extra/best_top1"])
+    if batch != 0:
+        return None
+    if best >= goal["target_accuracy"]:
+        _say(f"{folder} already reached its target: top-1 {best:.4f} >= {goal['target_accuracy']} by epoch {epoch}; "
+             f"nothing to resume (a higher --target-accuracy would continue it)")
+        return EXIT_OK
+    if epoch >= goal["epochs"]:
+        _say(f"{folder} finished its {epoch} epochs without reaching top-1 {goal['target_accuracy']} (best "
+             f"{best:.4f}); nothing to resume (--epochs N with N > {epoch} trains further)")
+        return EXIT_NOT_REACHED
+    return None
+
+
 def run(cfg, resume=None):
     """Train as configured; returns the exit code."""
     given = cfg.pop("_explicit", {})
@@ -1100,7 +1119,12 @@ def run(cfg, resume=None):
     resume_arrays = ckpt = None
     if resume is not None:
         ckpt_folder, ckpt, resume_arrays = open_resume_checkpoint(resume)
-        cfg = resume_config(cfg, given, json.loads(str(resume_arrays["extra/config"])))
+        saved = json.loads(str(resume_arrays["extra/config"]))
+        finished = finished_run(ckpt_folder, resume_arrays, {k: cfg[k] if k in given else saved[k]
+                                                             for k in ("target_accuracy", "epochs")})
+        if finished is not None:
+            return finished
+        cfg = resume_config(cfg, given, saved)
         # --resume DIR continues in DIR, wherever it was copied or moved; --out forks the run elsewhere
         cfg["out"] = cfg["out"] if "out" in given else str(ckpt_folder)
     run_dir = Path(cfg["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

@@ -345,3 +345,31 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tiny_data, tm
     assert (out / "checkpoint_last.npz").read_bytes() == before
     monkeypatch.setattr(nn.checkpoint, "save", real_save)
     assert main("--resume", out) == 1
+
+
+# ----------------------------------------------------------------------------- finished runs
+def test_resuming_a_finished_run_does_nothing_and_says_so(two_epochs, tiny_data, tmp_path, capsys):
+    """A run at the end of its epochs, or past its target, has nothing to resume: one line, its
+    exit code, no file touched (it used to train one more epoch and log a second success)."""
+    out = tmp_path / "run"
+    shutil.copytree(two_epochs, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main("--resume", out) == 1
+    assert "finished its 2 epochs without reaching top-1 1.0" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    reached = tmp_path / "reached"
+    assert main("--data", tiny_data, *TINY, "--epochs", 3, "--target-accuracy", 0.01, "--out", reached) == 0
+    with np.load(reached / "checkpoint_last.npz") as f:
+        assert int(f["extra/epoch"]) == 1 and float(f["extra/best_top1"]) >= 0.01
+    files = sorted(p.name for p in reached.iterdir())
+    capsys.readouterr()
+    assert main("--resume", reached) == 0
+    assert "already reached its target" in capsys.readouterr().out
+    assert sorted(p.name for p in reached.iterdir()) == files
+    # a higher target continues it
+    assert main("--resume", reached, "--target-accuracy", 1.0) == 1
+    with np.load(reached / "checkpoint_last.npz") as f:
+        assert int(f["extra/epoch"]) == 3
+    assert len(list(reached.glob("mlperf-resumed-*.log"))) == 1
