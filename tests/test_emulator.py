@@ -751,6 +751,33 @@ def test_ftz_option_parsing():
     assert emulator.flush_denormals(("-DX=1", "--ftz=False")) is False
 
 
+
+MULTIPLY_ADD = r"""
+extern "C" __global__ void multiply_add(const float* a, const float* b, const float* c, float* y, float* z, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        y[i] = a[i] * b[i] + c[i];     // two roundings: never fused by the emulator
+        z[i] = fmaf(a[i], b[i], c[i]); // one rounding
+    }
+}
+"""
+
+
+def test_multiply_add_is_fused_only_where_the_kernel_says_fmaf():
+    """The emulator builds kernels with -ffp-contract=off (and -mfma where an x86-64 CPU has it):
+    a*b + c rounds twice on every CPU, as NumPy's float32 does; fmaf rounds once."""
+    n = 4096
+    a, b = (rng.uniform(1, 2, n).astype(np.float32) for _ in range(2))
+    c = -(a.astype(np.float64) * b).astype(np.float32)          # a*b + c is the product's rounding error
+    y, z = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    module(MULTIPLY_ADD).get_function("multiply_add")((n // 256,), (256,), (a, b, c, y, z, np.int32(n)))
+    np.testing.assert_array_equal(y, a * b + c)                  # NumPy: rounded product, then the sum
+    exact = (a.astype(np.float64) * b + c).astype(np.float32)   # the product is exact in float64
+    np.testing.assert_array_equal(z, exact)
+    assert np.count_nonzero(y != z) > n // 2                      # so the two really differ
+    assert "-ffp-contract=off" in emulator._float_flags()
+
+
 # ------------------------------------------------------------------------------ Ctrl-C
 SIGINT_CHILD = r'''
 import signal, sys, time
