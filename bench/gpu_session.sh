@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One GPU session's check, ready to run on the device machine (see bench/gpu_wheels.sh first):
+# One GPU session's check, ready to run on an offline GPU machine (see bench/gpu_wheels.sh first):
 #     bash bench/gpu_session.sh OUTDIR
 # installs the carried wheels (.whl/) into /tmp/site, then runs `python -m bench.gpu_check`
 # (every stage with its own time limit, 480 s in all) and leaves in OUTDIR: gpu_check.log (the
 # console, summary table last), summary.json and gpu_check.tar.gz (every log and JSON): few
-# files, since the device tool brings back at most 8.
+# files, easy to copy back from a machine you reach only through a job queue or a shell.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu_session.sh OUTDIR}
