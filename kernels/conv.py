@@ -100,6 +100,13 @@ def _geometry(op, x_shape, w_shape, stride, padding):
     return N, H, W, C, K, R, S, P, Q, stride, padding
 
 
+def _check_dy(op, dy, g, given):
+    """dy must have the output shape (N, P, Q, K) of geometry g; given: the shapes g came from."""
+    N, _, _, _, K, _, _, P, Q, _, _ = g
+    if tuple(dy.shape) != (N, P, Q, K):
+        raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for {given}, got {tuple(dy.shape)}")
+
+
 def _shape_args(g):
     return tuple(np.int32(v) for v in g)
 
@@ -268,9 +275,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     xp = array_module(dy, w)
     g = _geometry(op, x_shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
-    if tuple(dy.shape) != (N, P, Q, K):
-        raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x_shape {x_shape} and w {tuple(w.shape)}, "
-                         f"got {tuple(dy.shape)}")
+    _check_dy(op, dy, g, f"x_shape {x_shape} and w {tuple(w.shape)}")
     dx = empty(xp, x_shape, dtype=np.float32)
     mod = _module(xp)
     if version == 1:
@@ -287,14 +292,15 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     return dx
 
 
-def _split_k(xp, tiles, reduction, split_k):
-    """How many slices the backward-weight reduction is split into (gridDim.z)."""
-    steps = -(-reduction // _IG_BK)
+def _split_k(xp, tiles, reduction, split_k, step=_IG_BK, min_steps=32):
+    """(splits, chunk): the backward-weight reduction over `reduction` indices cut into `splits`
+    slices of `chunk` indices (gridDim.z), chunk a multiple of the kernel's reduction `step`.
+    split_k None: on a GPU ~1024 blocks in all, each still walking >= min_steps steps; emulator 1."""
+    steps = -(-reduction // step)
     if split_k is None:
-        # GPU: aim for ~1024 blocks in all, each still walking >= 32 steps of 16; emulator: 1.
-        split_k = 1 if xp is np else max(1, min(-(-1024 // tiles), steps // 32))
+        split_k = 1 if xp is np else max(1, min(-(-1024 // tiles), steps // min_steps))
     split_k = max(1, min(int(split_k), steps))
-    chunk = -(-steps // split_k) * _IG_BK
+    chunk = -(-steps // split_k) * step
     return -(-reduction // chunk), chunk
 
 
@@ -323,9 +329,7 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_
     xp = array_module(x, dy)
     g = _geometry(op, x.shape, w_shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
-    if tuple(dy.shape) != (N, P, Q, K):
-        raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x {tuple(x.shape)} and w_shape {w_shape}, "
-                         f"got {tuple(dy.shape)}")
+    _check_dy(op, dy, g, f"x {tuple(x.shape)} and w_shape {w_shape}")
     dw = empty(xp, w_shape, dtype=np.float32)
     mod = _module(xp)
     if version == 1:
@@ -370,9 +374,7 @@ def _backward_data_f16(op, dy, w, x_shape, stride, padding, version):
     wk = _krsc_f16(op, w, xp)
     g = _geometry(op, x_shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
-    if tuple(dy.shape) != (N, P, Q, K):
-        raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x_shape {x_shape} and w {tuple(w.shape)}, "
-                         f"got {tuple(dy.shape)}")
+    _check_dy(op, dy, g, f"x_shape {x_shape} and w {tuple(w.shape)}")
     dx = empty(xp, x_shape, dtype=np.float16)
     stride = g[9]
     if version == 4:   # every input pixel, every tap
@@ -385,17 +387,6 @@ def _backward_data_f16(op, dy, w, x_shape, stride, padding, version):
     return dx
 
 
-def _tc_split_k(xp, tiles, reduction, split_k):
-    """(splits, chunk) of the tensor-core backward weight: chunk a multiple of its 64-step."""
-    steps = -(-reduction // _TC_TILE)
-    if split_k is None:
-        # GPU: aim for ~1024 blocks in all, each still walking >= 16 steps of 64; emulator: 1
-        split_k = 1 if xp is np else max(1, min(-(-1024 // tiles), steps // 16))
-    split_k = max(1, min(int(split_k), steps))
-    chunk = -(-steps // split_k) * _TC_TILE
-    return -(-reduction // chunk), chunk
-
-
 def _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, dtype):
     check_array(op, "x", x, dtype=np.float16, ndim=4)
     check_array(op, "dy", dy, dtype=np.float16, ndim=4)
@@ -406,12 +397,10 @@ def _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, 
     xp = array_module(x, dy)
     g = _geometry(op, x.shape, w_shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
-    if tuple(dy.shape) != (N, P, Q, K):
-        raise ValueError(f"{op}: dy must have shape {(N, P, Q, K)} for x {tuple(x.shape)} and w_shape {w_shape}, "
-                         f"got {tuple(dy.shape)}")
+    _check_dy(op, dy, g, f"x {tuple(x.shape)} and w_shape {w_shape}")
     dw = empty(xp, w_shape, dtype=dtype)
     tiles = -(-K // _TC_TILE) * -(-(R * S * C) // _TC_TILE)
-    splits, chunk = _tc_split_k(xp, tiles, N * P * Q, split_k)
+    splits, chunk = _split_k(xp, tiles, N * P * Q, split_k, step=_TC_TILE, min_steps=16)
     # one split writes dw itself; several write float slices of ws, summed by the reduce kernel
     ws = empty(xp, (splits, K, R * S * C) if splits > 1 else (1,), dtype=np.float32)
     mod = _module(xp)

@@ -89,15 +89,12 @@ def test_backward_weight_split_k(backend, split_k):
     assert _rel_err(backend.to_host(dw), want) < 1e-5
 
 
-@pytest.mark.parametrize("case", [((1, 5, 5, 3), (2, 3, 3, 3), 1, 1), ((2, 5, 4, 2), (3, 2, 3, 3), 2, 2),
-                                  ((1, 4, 4, 3), (2, 3, 1, 1), 2, 0)])
-def test_backward_matches_finite_differences(backend, case):
-    """Gradients of L = sum(conv2d_forward(x, w) * g): central differences of the float64
-    reference forward, against every version of the kernels' backward passes."""
-    x, w, g, stride, pad = _problem(case, seed=7)
-    x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
+def _finite_difference_gradients(x, w, g, stride, pad, eps=1e-6):
+    """(dL/dx, dL/dw) of L = sum(conv2d_forward(x, w) * g): central differences of the float64
+    reference forward, at the values of x, w and g (any dtype) in float64."""
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
 
-    def numeric(arr, eps=1e-6):
+    def numeric(arr):
         grad = np.zeros_like(arr)
         for i in np.ndindex(arr.shape):
             old = arr[i]
@@ -109,7 +106,16 @@ def test_backward_matches_finite_differences(backend, case):
             grad[i] = (up - down) / (2 * eps)
         return grad
 
-    num_dx, num_dw = numeric(x64), numeric(w64)
+    return numeric(x64), numeric(w64)
+
+
+@pytest.mark.parametrize("case", [((1, 5, 5, 3), (2, 3, 3, 3), 1, 1), ((2, 5, 4, 2), (3, 2, 3, 3), 2, 2),
+                                  ((1, 4, 4, 3), (2, 3, 1, 1), 2, 0)])
+def test_backward_matches_finite_differences(backend, case):
+    """Gradients of L = sum(conv2d_forward(x, w) * g): central differences of the float64
+    reference forward, against every version of the kernels' backward passes."""
+    x, w, g, stride, pad = _problem(case, seed=7)
+    num_dx, num_dw = _finite_difference_gradients(x, w, g, stride, pad)
     d = backend.to_device
     for version in F32_VERSIONS:
         dx = backend.to_host(CV.conv2d_backward_data(d(g), d(w), x.shape, stride, pad, version=version))
@@ -215,21 +221,7 @@ def test_f16_backward_matches_finite_differences(backend, case):
     """Gradients of L = sum(conv2d_forward(x, w) * g) for the float16-rounded x, w and g: central
     differences of the float64 reference forward, against the float16 versions' backward passes."""
     x, w32, g, stride, pad = _problem16(case, seed=7)
-    x64, w64, g64 = x.astype(np.float64), w32.astype(np.float16).astype(np.float64), g.astype(np.float64)
-
-    def numeric(arr, eps=1e-6):
-        grad = np.zeros_like(arr)
-        for i in np.ndindex(arr.shape):
-            old = arr[i]
-            arr[i] = old + eps
-            up = np.sum(ref.conv2d_forward(x64, w64, stride, pad) * g64)
-            arr[i] = old - eps
-            down = np.sum(ref.conv2d_forward(x64, w64, stride, pad) * g64)
-            arr[i] = old
-            grad[i] = (up - down) / (2 * eps)
-        return grad
-
-    num_dx, num_dw = numeric(x64), numeric(w64)
+    num_dx, num_dw = _finite_difference_gradients(x, w32.astype(np.float16), g, stride, pad)
     d = backend.to_device
     wk = CV.conv_weight(d(w32), np.float16)
     for version in CV.F16_VERSIONS:
