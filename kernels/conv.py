@@ -125,33 +125,23 @@ def _aligned(*arrays):
     return np.int32(all(_data_ptr(a) % 16 == 0 for a in arrays))
 
 
-def _krsc_f16(op, w, xp):
-    """The float16 weight [K, C, R, S] as the C-contiguous [K, R, S, C] array the tensor-core kernels
-    read: w's own memory when it is a channels-last view (conv_weight), else a transposed copy."""
-    check_array(op, "w", w, dtype=np.float16, ndim=4, contiguous=False)
+def _krsc(op, w, dtype):
+    """w [K, C, R, S] as the C-contiguous [K, R, S, C] array of `dtype` the kernels read (float16:
+    the tensor-core versions; float32: versions 2 and 3): w's own memory when it already is one (a
+    channels-last view from conv_weight; a 1x1 filter always is), else one kernel's copy: float16
+    by conv_weight_*_to_krsc_f16 (casting a float32 w), float32 by permute4_f32."""
     wk = w.transpose(0, 2, 3, 1)
-    if wk.flags.c_contiguous:
+    if w.dtype == dtype and wk.flags.c_contiguous:
         return wk
     _require_oihw(op, w)
-    return _to_krsc(w, xp)
-
-
-def _krsc_f32(op, w):
-    """The float32 weight [K, C, R, S] as the C-contiguous [K, R, S, C] array versions 2 and 3 read:
-    w's own memory when it is a channels-last view (conv_weight; a 1x1 filter always is), else a
-    permuted copy (permute4_f32)."""
-    check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
-    wk = w.transpose(0, 2, 3, 1)
-    if wk.flags.c_contiguous:
-        return wk
-    _require_oihw(op, w)
-    return permute_weight(w, (0, 2, 3, 1))
+    if dtype == _F16:
+        return _to_krsc(w, array_module(w))
+    return permute_weight(w if w.dtype == _F32 else w.astype(_F32), (0, 2, 3, 1))
 
 
 def _oihw_f32(op, w):
-    """The float32 weight as C-contiguous OIHW, what version 1 reads: w, or a permuted copy of a
-    channels-last view."""
-    check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
+    """The (checked) float32 weight as C-contiguous OIHW, what version 1 reads: w, or a permuted
+    copy of a channels-last view."""
     if w.flags.c_contiguous:
         return w
     wk = w.transpose(0, 2, 3, 1)
@@ -192,13 +182,8 @@ def conv_weight(w, dtype):
     if dtype not in (_F32, _F16):
         raise TypeError(f"{op}: dtype must be float32 or float16, got {dtype}")
     if w.dtype == dtype and w.transpose(0, 2, 3, 1).flags.c_contiguous:
-        return w
-    _require_oihw(op, w)
-    xp = array_module(w)
-    if dtype == _F32:
-        w = w if w.dtype == _F32 else w.astype(dtype)
-        return permute_weight(w, (0, 2, 3, 1)).transpose(0, 3, 1, 2)
-    return _to_krsc(w, xp).transpose(0, 3, 1, 2)
+        return w                        # already in that form: no launch
+    return _krsc(op, w, dtype).transpose(0, 3, 1, 2)
 
 
 def permute_weight(w, perm):
@@ -247,10 +232,10 @@ def conv2d_forward(x, w, stride, padding, version=None):
     elif version == 2:
         cols = empty(xp, (N * P * Q, R * S * C), dtype=np.float32)
         mod.get_function("im2col_f32")((_blocks(cols.size, xp),), (_BLOCK,), (x, cols) + _shape_args(g))
-        wt = _krsc_f32(op, w).reshape(K, R * S * C)
+        wt = _krsc(op, w, _F32).reshape(K, R * S * C)
         _gemm.gemm(cols, wt, trans_b=True, c=y.reshape(N * P * Q, K))
     else:
-        wt = _krsc_f32(op, w)                                # KRSC
+        wt = _krsc(op, w, _F32)                              # KRSC
         grid = (-(-(N * P * Q) // _IG_TILE), -(-K // _IG_TILE))
         mod.get_function("conv2d_fwd_igemm_f32")(grid, (256,), (x, wt, y) + _shape_args(g))
     return y
@@ -282,11 +267,11 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
         w = _oihw_f32(op, w)
         mod.get_function("conv2d_bwd_data_naive_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dy, w, dx) + _shape_args(g))
     elif version == 2:
-        wt = _krsc_f32(op, w).reshape(K, R * S * C)
+        wt = _krsc(op, w, _F32).reshape(K, R * S * C)
         dcols = _gemm.gemm(dy.reshape(N * P * Q, K), wt)     # [NPQ, RSC]
         mod.get_function("col2im_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dcols, dx) + _shape_args(g))
     else:
-        wt = _krsc_f32(op, w)                                # KRSC, as the forward pass reads it
+        wt = _krsc(op, w, _F32)                              # KRSC, as the forward pass reads it
         grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
         mod.get_function("conv2d_bwd_data_igemm_f32")(grid, (256,), (dy, wt, dx) + _shape_args(g))
     return dx
@@ -357,7 +342,8 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_
 def _forward_f16(op, x, w, stride, padding, version):
     check_array(op, "x", x, dtype=np.float16, ndim=4)
     xp = array_module(x, w)
-    wk = _krsc_f16(op, w, xp)
+    check_array(op, "w", w, dtype=np.float16, ndim=4, contiguous=False)
+    wk = _krsc(op, w, _F16)
     g = _geometry(op, x.shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
     y = empty(xp, (N, P, Q, K), dtype=np.float16)
@@ -371,7 +357,8 @@ def _backward_data_f16(op, dy, w, x_shape, stride, padding, version):
     check_array(op, "dy", dy, dtype=np.float16, ndim=4)
     x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
     xp = array_module(dy, w)
-    wk = _krsc_f16(op, w, xp)
+    check_array(op, "w", w, dtype=np.float16, ndim=4, contiguous=False)
+    wk = _krsc(op, w, _F16)
     g = _geometry(op, x_shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
     _check_dy(op, dy, g, f"x_shape {x_shape} and w {tuple(w.shape)}")
