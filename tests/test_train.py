@@ -112,23 +112,33 @@ def test_killed_run_resumes_to_identical_weights(tiny_data, reference_run, tmp_p
     assert_identical(weights(out), weights(reference_run))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tiny_data, reference_run, tmp_path):
-    out = tmp_path / "run"
-    args = ["--data", tiny_data, *TINY, "--epochs", 3, "--target-accuracy", 1.0, "--out", out]
+def _interrupt_after_the_first_epoch(args, out, whole_group=False):
+    """Start train.py, send SIGINT once an epoch has ended (to the process, or to its whole process
+    group as a terminal's Ctrl-C does), and return (stdout, stderr) of a run that stopped with
+    exit 130; skips when the run finished before the signal arrived."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=whole_group)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # during epoch 2 (or later): wherever it lands
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGINT)   # what the terminal does: every process of the group
+    else:
+        proc.send_signal(signal.SIGINT)      # during epoch 2 (or later): wherever it lands
     stdout, stderr = proc.communicate(timeout=120)
     if proc.returncode == train.EXIT_NOT_REACHED:
         pytest.skip("the run finished before the interrupt arrived")
     assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
+    return stdout, stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(tiny_data, reference_run, tmp_path):
+    out = tmp_path / "run"
+    stdout, stderr = _interrupt_after_the_first_epoch(
+        ["--data", tiny_data, *TINY, "--epochs", 3, "--target-accuracy", 1.0, "--out", out], out)
     assert "checkpoint saved" in stdout + stderr and "--resume" in stdout + stderr
     assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
     assert_identical(weights(out), weights(reference_run))
-
 
 
 def test_ctrl_c_in_a_terminal_with_loader_workers(tiny_data, reference_run, tmp_path):
@@ -136,17 +146,9 @@ def test_ctrl_c_in_a_terminal_with_loader_workers(tiny_data, reference_run, tmp_
     the workers ignore it, the run finishes its step, checkpoints, exits 130 without a traceback,
     and resumes exactly (a worker used to die with KeyboardInterrupt and fail the run with exit 1)."""
     out = tmp_path / "run"
-    args = ["--data", tiny_data, *TINY, "--workers", "2", "--epochs", 3, "--target-accuracy", 1.0, "--out", out]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)   # what the terminal does: every process of the group
-    stdout, stderr = proc.communicate(timeout=120)
-    if proc.returncode == train.EXIT_NOT_REACHED:
-        pytest.skip("the run finished before the interrupt arrived")
-    assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
+    stdout, stderr = _interrupt_after_the_first_epoch(
+        ["--data", tiny_data, *TINY, "--workers", "2", "--epochs", 3, "--target-accuracy", 1.0, "--out", out], out,
+        whole_group=True)
     assert "Traceback" not in stderr, stderr[-2000:]
     assert "checkpoint saved" in stdout and "--resume" in stdout
     assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
