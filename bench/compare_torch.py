@@ -38,6 +38,7 @@ import traceback
 import numpy as np
 
 from bench import train as bt
+from bench import write_json
 
 __all__ = ["torch_or_reason", "torch_resnet50", "check_same_loss", "run", "PAIRS", "TARGETS"]
 
@@ -372,9 +373,7 @@ def run(device=None, size_name=None, rounds=2, steps=None, warmup=None, configs=
     result["pairs"] = rows
     print_tables(result)
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2, default=float)
-        print(f"wrote {out}")
+        write_json(result, out, default=float)
     return result
 
 

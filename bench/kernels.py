@@ -25,14 +25,13 @@ there too and their measured times print beside the predictions.
 
 import argparse
 import importlib
-import json
 import platform
 import sys
 
 import numpy as np
 
 import kernels
-from bench import gpus
+from bench import gpus, write_json
 from bench.kernel_cases import MODULES, Case
 from kernels.lesson import gpu_module, median_time
 
@@ -90,9 +89,7 @@ def run(groups=None, size=None, repeat=None, out=None):
               "cupy": getattr(xp, "__version__", None) if xp is not np else None}
     print_table(result)
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {out}")
+        write_json(result, out)
     return result
 
 
@@ -217,9 +214,7 @@ def run_profile(groups=None, arch="sm_80", gpu=None, size="profile", repeat=None
               "measured_on": _device_name(device) if device is not None else None}
     print_profile_table(result)
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {out}")
+        write_json(result, out, indent=1)
     return result
 
 

@@ -20,7 +20,6 @@ and decode somewhat slower; the ratio between the two pipelines is the figure to
 
 import argparse
 import io
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -29,6 +28,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from bench import write_json
 
 
 def make_jpegs(root, count, sizes, quality, seed=0):
@@ -181,9 +182,7 @@ def main(argv=None):
     print(f"  speed-up {ours / pillow:.2f}x")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {a.json}")
+        write_json(result, a.json)
     return result
 
 

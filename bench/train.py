@@ -44,6 +44,8 @@ import traceback
 
 import numpy as np
 
+from bench import write_json
+
 __all__ = ["SIZES", "CONFIGS", "run", "measure", "build_setup", "converge", "gpu_available", "print_table",
            "sync_check"]
 
@@ -324,9 +326,7 @@ def run(devices=None, configs=None, size=None, cuda_graph=False, optimizer="sgd"
               "sizes": {size: SIZES[size]}, "rows": rows}
     print_table(result)
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2, default=float)
-        print(f"wrote {out}")
+        write_json(result, out, default=float)
     return result
 
 
