@@ -374,10 +374,26 @@ def _interrupt_process_group():
 
 
 def _ignore_sigint():
-    # Pool workers: Ctrl-C in a terminal signals the whole process group; the packing process
-    # handles it (the pool is terminated, what was committed stays), so a worker ignores it rather
-    # than print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool_without_ctrl_c(workers):
+    """A pool of `workers` spawned processes that ignore SIGINT.  Ctrl-C in a terminal signals the
+    whole process group; the packing process handles it (the pool is terminated, what was committed
+    stays), so a worker must not die of it with a traceback, not even while it is still importing
+    NumPy.  An ignored signal stays ignored through the exec of a spawned worker (and Python keeps
+    it so), so the workers are started while this process ignores SIGINT; the initializer does the
+    same for a worker the pool starts later."""
+    import multiprocessing as mp
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()   # only it may set handlers
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        return mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _bounded_map(pool, workers, items, block):
@@ -452,9 +468,7 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
     workers = os.cpu_count() if workers is None else int(workers)
     pool = None
     if workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+        pool = _pool_without_ctrl_c(workers)
         results = _bounded_map(pool, workers, items, block=max(commit_every, 8 * workers))
     else:
         results = map(_prepare_item, items)

@@ -455,3 +455,22 @@ def test_ctrl_c_stops_the_pack_in_one_line_and_it_resumes(packed, tmp_path):
     assert os.path.isdir(os.path.join(dst, "train.lmdb.partial"))
     assert pack_module.main(["--src", root, "--dst", dst, "--splits", "train", "--workers", "2"]) == 0
     assert _records(os.path.join(dst, "train.lmdb")) == _records(paths["train"])
+
+
+def test_pack_workers_ignore_ctrl_c_from_their_first_instruction():
+    """The pool's workers are started while the packer ignores SIGINT (an ignored signal stays
+    ignored through exec), so a Ctrl-C while a worker is still importing NumPy does not kill it
+    with a traceback; the packer's own Ctrl-C handling is back once the pool exists."""
+    import signal
+    from data.pack import _pool_without_ctrl_c
+    before = signal.getsignal(signal.SIGINT)
+    pool = _pool_without_ctrl_c(2)
+    try:
+        for proc in pool._pool:                      # read at once: before any initializer could run
+            with open(f"/proc/{proc.pid}/status") as f:
+                ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+            assert ignored & (1 << (signal.SIGINT - 1)), f"worker {proc.pid} does not ignore SIGINT"
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        pool.terminate()
+        pool.join()
