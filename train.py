@@ -21,7 +21,8 @@ new run refuses a folder holding another run's files unless given --overwrite.
 
 Exit codes: 0 target reached (or the run finished as asked: --max-steps, --dry-run);
 1 all epochs done without reaching the target; 2 bad usage, a missing or damaged dataset or
-checkpoint, or an output that cannot be written (read-only, full disk); 3 diverged (NaN/inf in
+checkpoint, an output that cannot be written (read-only, full disk), or CuPy unable to compile
+our kernels (NVRTC or a CUDA header missing: the one line names the fix); 3 diverged (NaN/inf in
 the loss, the logits or the weights: no checkpoint is ever overwritten with them); 4 out of device
 memory; 130 interrupted by Ctrl-C, 143 stopped by SIGTERM (both: step finished, checkpoint saved).
 """
@@ -48,6 +49,7 @@ import data.records
 from data.device_prefetch import DevicePrefetcher
 import nn
 from nn import data_parallel, distributed
+from kernels.runtime.cuda_env import CudaSetupError
 
 # ----------------------------------------------------------------------------- defaults
 # The MLPerf v0.5 reference recipe (README.md, "Training on ImageNet"), used with --data.
@@ -1309,7 +1311,7 @@ def main(argv=None):
         cfg = resolve_config(args)
         cfg["_explicit"] = {k: True for k, v in vars(args).items() if v is not None and v is not False}
         code = run(cfg, resume=args.resume)
-    except (UsageError, data.records.DatabaseError) as e:
+    except (UsageError, data.records.DatabaseError, CudaSetupError) as e:
         if distributed.is_main():
             print(f"train.py: error: {e}", file=sys.stderr)
         code = EXIT_USAGE

@@ -44,7 +44,8 @@ import traceback
 
 import numpy as np
 
-from bench import write_json
+from bench import progress as _progress, stop_on_setup_error, write_json
+from kernels.runtime.cuda_env import CudaSetupError
 
 __all__ = ["SIZES", "CONFIGS", "run", "measure", "build_setup", "converge", "gpu_available", "print_table",
            "sync_check"]
@@ -198,7 +199,8 @@ class _Memory:
 def measure(name, device, size_name="tiny", cuda_graph=False, optimizer="sgd", seed=0, steps=None,
             warmup=None, profile_steps=None):
     """Benchmark one configuration. Returns a dict (one table row); never raises for a failing
-    configuration: the row then has 'error' (or 'skipped' when it cannot run on this device)."""
+    configuration: the row then has 'error' (or 'skipped' when it cannot run on this device).
+    A CudaSetupError (NVRTC or a CUDA header missing) is raised: every configuration would fail."""
     precision, engine = CONFIGS[name]
     size = dict(SIZES[size_name])
     for key, value in (("steps", steps), ("warmup", warmup), ("profile_steps", profile_steps)):
@@ -248,6 +250,8 @@ def measure(name, device, size_name="tiny", cuda_graph=False, optimizer="sgd", s
         row.update(_profile(s, size["profile_steps"], device, memory) if not cuda_graph else
                    {"phases_ms": None, "phases_note": "one graph launch: no phase boundaries inside"})
         row.update(memory.result())
+    except CudaSetupError:
+        raise
     except Exception as exc:    # reported in the table, the other configurations still run
         row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         row["traceback"] = traceback.format_exc(limit=6)
@@ -316,14 +320,18 @@ def run(devices=None, configs=None, size=None, cuda_graph=False, optimizer="sgd"
     size = size or ("resnet50" if devices == ["cuda"] else "tiny")
     configs = configs or list(CONFIGS)
     rows = []
+    result = {"benchmark": "bench.train", "environment": environment(), "size": size,
+              "sizes": {size: SIZES[size]}, "rows": rows}
     for device in devices:
         for name in configs:
+            if not quiet:
+                _progress("bench.train", f"{device} {name}{' +graph' if cuda_graph else ''}: starting")
             rows.append(measure(name, device, size, cuda_graph, optimizer, steps=steps, warmup=warmup,
                                 profile_steps=profile_steps))
             if not quiet:
                 print(_format_row(rows[-1]), flush=True)
-    result = {"benchmark": "bench.train", "environment": environment(), "size": size,
-              "sizes": {size: SIZES[size]}, "rows": rows}
+            if out:     # the rows so far: a run stopped at its time limit keeps them
+                write_json(dict(result, partial=True), out, default=float, quiet=True)
     print_table(result)
     if out:
         write_json(result, out, default=float)
@@ -508,6 +516,7 @@ def main(argv=None):
     if args.converge:
         device = (args.device or ["cuda" if gpu_available() else "cpu"])[0]
         size = "small" if device == "cuda" and args.size != "tiny" else "tiny"
+        _progress("bench.train", f"convergence, {args.converge} steps on {device} ({size}): starting")
         res = converge(device, args.converge, size, progress=True)
         ok = res["ratio"] < 0.75 and np.isfinite(res["last"])
         print(f"convergence on {device} ({size}): loss {res['first']:.4f} -> {res['last']:.4f} "
@@ -523,4 +532,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stop_on_setup_error("bench.train", main))

@@ -1,10 +1,12 @@
 """A first run on a GPU machine, tested without one: where CuPy finds NVRTC and the CUDA headers
 (kernels/runtime/cuda_env.py), NCCL missing, the GPU each rank takes, why --device auto chose the CPU,
-bf16 refused up front, and the memory arithmetic behind the out-of-memory advice (nn/memory.py).
+bf16 refused up front, the memory arithmetic behind the out-of-memory advice (nn/memory.py), and
+the benchmarks and bench.gpu_check stopping at once, with its one line, on a CudaSetupError.
 
 CuPy is replaced by small stand-in modules where a test needs one.
 """
 
+import json
 import os
 import sys
 import types
@@ -582,3 +584,164 @@ def test_train_out_of_memory_exits_4_with_a_batch_size(monkeypatch, tmp_path, ca
     line = next(x for x in out.splitlines() if "out of GPU memory" in x)
     fit = memory.max_batch_size(0.004 * memory.GiB, 32, 0.0625, 7)
     assert 1 <= fit < 64 and f"try --batch-size {fit} " in line and "0.0 GiB free" not in line
+
+
+# ---- fail fast: a CudaSetupError ends a benchmark and bench.gpu_check at once, with its one line -------------
+
+SETUP = cuda_env.CudaSetupError('kernels/conv.cu: the CUDA header crt/mma.h (which <mma.h> includes) is in none of '
+                                'the places searched for NVRTC 13.0; fix: pip install "nvidia-cuda-crt==13.*" (or '
+                                'set CUDA_PATH to a CUDA 13.x toolkit). Searched: ...')
+
+
+def test_bench_train_stops_at_the_first_setup_error_with_its_line(monkeypatch, capsys, tmp_path):
+    import bench
+    from bench import train as bt
+    tried = []
+
+    def build_setup(*args, **kwargs):
+        tried.append(args[0])
+        raise SETUP
+
+    monkeypatch.setattr(bt, "build_setup", build_setup)
+    code = bench.stop_on_setup_error("bench.train", bt.main, ["--device", "cpu", "--size", "tiny",
+                                                               "--json", str(tmp_path / "train.json")])
+    out, err = capsys.readouterr()
+    assert code == bench.EXIT_SETUP == 2 and tried == ["fp32"]        # the other configurations are not tried
+    assert "[bench.train] cpu fp32-ours: starting" in out
+    assert err.splitlines() == [f"bench.train: stopped: CudaSetupError: {SETUP}"]
+
+
+def test_bench_train_writes_each_row_as_it_goes(monkeypatch, tmp_path):
+    from bench import train as bt
+    seen = []
+    real = bt.measure
+
+    def measure(name, *args, **kwargs):
+        if name == "amp-ours":     # the third configuration: the JSON holds the first two already
+            seen.append([r["config"] for r in json.loads((tmp_path / "t.json").read_text())["rows"]])
+        return real(name, *args, **kwargs) if name != "amp-ours" else {"config": name, "device": "cpu",
+                                                                         "cuda_graph": False, "optimizer": "sgd",
+                                                                         "skipped": "not measured here"}
+
+    monkeypatch.setattr(bt, "measure", measure)
+    monkeypatch.setattr(bt, "build_setup", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not built here")))
+    bt.run(["cpu"], ["fp32-ours", "fp32-cudnn", "amp-ours"], "tiny", out=str(tmp_path / "t.json"), quiet=True)
+    assert seen == [["fp32-ours", "fp32-cudnn"]]
+    assert [r["config"] for r in json.loads((tmp_path / "t.json").read_text())["rows"]] == ["fp32-ours", "fp32-cudnn",
+                                                                                            "amp-ours"]
+
+
+def test_bench_kernels_stops_at_the_first_setup_error(monkeypatch, capsys):
+    import bench
+    from bench import kernels as bk
+    timed = []
+    monkeypatch.setattr(bk, "measure_ceilings", lambda xp, repeat: {"copy_bytes_per_s": 1.0, "matmul_flops_per_s": 1.0,
+                                                                    "matmul_fp16_flops_per_s": None})
+
+    def time_it(fn, xp, repeat, warmup=2):
+        timed.append(fn)
+        raise SETUP
+
+    monkeypatch.setattr(bk, "_time", time_it)
+    code = bench.stop_on_setup_error("bench.kernels", bk.main, ["--size", "tiny", "--groups", "elementwise", "reduce",
+                                                                 "--repeat", "1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and len(timed) == 1
+    assert "[bench.kernels] group elementwise: starting" in out and "group reduce" not in out
+    assert err.splitlines() == [f"bench.kernels: stopped: CudaSetupError: {SETUP}"]
+
+
+def test_bench_compare_torch_stops_at_the_first_setup_error(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    import bench
+    from bench import compare_torch as ct
+    monkeypatch.setattr(ct.bt, "build_setup", lambda *a, **k: (_ for _ in ()).throw(SETUP))
+    monkeypatch.setattr(ct, "check_same_loss", lambda *a, **k: (_ for _ in ()).throw(SETUP))
+    code = bench.stop_on_setup_error("bench.compare_torch", ct.main, ["--device", "cpu", "--size", "tiny"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "[bench.compare_torch] loss check, engine ours: starting" in out
+    assert err.splitlines() == [f"bench.compare_torch: stopped: CudaSetupError: {SETUP}"]
+
+
+_FAILING_STAGE = (
+    "import sys\n"
+    "from bench import stop_on_setup_error\n"
+    "from kernels.runtime.cuda_env import CudaSetupError\n"
+    "def main(argv):\n"
+    "    print('[bench.standin] cuda fp32-ours: starting', flush=True)\n"
+    "    raise CudaSetupError('kernels/conv.cu: crt/mma.h is missing; fix: pip install \"nvidia-cuda-crt==13.*\"')\n"
+    "sys.exit(stop_on_setup_error('bench.standin', main))\n")
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+def test_gpu_check_stops_at_a_setup_error_and_says_its_line(tmp_path, keep_going):
+    """A stage whose benchmark stops on a CudaSetupError (a stand-in that raises it through the real
+    wrapper): gpu_check shows its progress line and the error's line as they come, and runs nothing
+    after it (no 110 s of silence in a stage that cannot work); exit code 2."""
+    from bench import gpu_check
+    ran = tmp_path / "ran"
+    plan = [("first", [sys.executable, "-c", _FAILING_STAGE], 60, None),
+            ("second", [sys.executable, "-c", f"open({str(ran)!r}, 'w').close()"], 60, None)]
+    said = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    results, code = gpu_check.run_plan(plan, tmp_path, env, budget=120, keep_going=keep_going, say=said.append)
+    assert code == 2
+    assert "    [bench.standin] cuda fp32-ours: starting" in said
+    stop = 'bench.standin: stopped: CudaSetupError: kernels/conv.cu: crt/mma.h is missing; fix: pip install "nvidia-cuda-crt==13.*"'
+    assert f"    {stop}" in said
+    assert '[gpu_check] first: stopped: CudaSetupError: kernels/conv.cu: crt/mma.h is missing; fix: pip install ' \
+           '"nvidia-cuda-crt==13.*"' in said
+    assert results[0]["status"] == "failed" and results[0]["rc"] == 2 and results[0]["setup_error"] == stop
+    assert results[0]["summary"].startswith("stopped: CudaSetupError: kernels/conv.cu")
+    assert stop in (tmp_path / "first.log").read_text()
+    if keep_going:
+        assert results[1]["status"] == "ok" and ran.exists()
+    else:
+        assert results[1]["status"] == "skipped" and "first stage stopped on a CudaSetupError" in results[1]["detail"]
+        assert not ran.exists()
+
+
+def test_gpu_check_compile_stage_stops_at_a_setup_error(monkeypatch, tmp_path):
+    """The compile stage's children run the real wrapper; one that stops on a CudaSetupError ends
+    the stage with its line and exit code 2 (the others are killed)."""
+    from bench import gpu_check
+    real_py = gpu_check._py
+    child = _FAILING_STAGE.replace("print('[bench.standin] cuda fp32-ours: starting', flush=True)\n", "")
+    monkeypatch.setattr(gpu_check, "_py", lambda *args: real_py("-c", child) if "--compile-one" in args else
+                        real_py(*args))
+    said = []
+    assert gpu_check.compile_kernels("cuda", 2, say=said.append) == 2
+    assert said[0].startswith("[compile] kernels/") and said[0].endswith("(cuda): starting")
+    assert said[-1] == ('bench.gpu_check compile: stopped: CudaSetupError: kernels/conv.cu: crt/mma.h is missing; '
+                        'fix: pip install "nvidia-cuda-crt==13.*"')
+
+
+def test_gpu_check_plans_compile_then_tests_then_the_timed_stages(monkeypatch, tmp_path):
+    from bench import gpu_check
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: object())   # xdist, pytest-timeout there
+    plan = gpu_check.stage_plan(False, tmp_path, ["tests"], jobs=8)
+    names = [p[0] for p in plan]
+    assert names[:3] == ["env", "compile", "pytest"]
+    assert set(names[3:]) == {"train", "kernels", "compare", "graph", "converge", "launch"}
+    pytest_argv = plan[2][1]
+    assert pytest_argv[pytest_argv.index("-n") + 1] == "8" and "--timeout=120" in pytest_argv
+    assert plan[1][1][-4:] == ["--compile-kernels", "cuda", "--jobs", "8"]
+    assert sum(p[2] for p in plan) <= 9 * 60 + 200       # the limits; the budget (--budget) caps the sum
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
+    assert "-n" not in gpu_check.stage_plan(False, tmp_path, ["tests"])[2][1]
+
+
+def test_train_exits_2_with_the_setup_errors_one_line(monkeypatch, tmp_path, capsys):
+    """A CudaSetupError in the first step (CuPy cannot compile a kernel: a stand-in raises it where
+    the loss is computed) ends train.py with exit code 2 and the error's one line, no traceback."""
+    monkeypatch.setenv("MLPERF_RESNET_CACHE", str(tmp_path / "cache"))
+
+    def setup_error(*args, **kwargs):
+        raise SETUP
+
+    monkeypatch.setattr(nn.functional, "cross_entropy", setup_error)
+    code = train.main(["--synthetic", "tiny", "--device", "cpu", "--workers", "0", "--no-progress", "--batch-size", "8",
+                       "--width", "0.0625", "--image-size", "32", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == train.EXIT_USAGE == 2
+    assert f"train.py: error: {SETUP}" in err.splitlines() and "Traceback" not in err
