@@ -247,10 +247,45 @@ def _archs(nvrtc_major):
     return {11: ("60", "80"), 12: ("60", "90")}.get(nvrtc_major, ("75", "90"))
 
 
-def probe(kernels=None, say=None):
+def _setup_detail(exc, filename):
+    """(False, detail, setup_error) of a failed compile: the CudaSetupError our runtime raises for
+    it, where it is a setup problem, else the compiler's first line."""
+    from kernels.runtime import cuda_env
+    try:
+        cuda_env.raise_with_install_hint(exc, filename)
+    except cuda_env.CudaSetupError as setup:
+        return False, f"CudaSetupError: {setup}", True
+    return False, str(exc).strip().splitlines()[0][:300], False
+
+
+def _compile_job(job):
+    """One NVRTC compile with CuPy's program: -> ((filename, arch), (ok, detail, setup_error))."""
+    from cupy.cuda import compiler
+    filename, arch, source, options = job
+    t0 = time.perf_counter()
+    try:
+        compiler._NVRTCProgram(source, os.path.basename(filename)).compile(options)
+        return (filename, arch), (True, f"{time.perf_counter() - t0:.1f} s", False)
+    except Exception as exc:
+        return (filename, arch), _setup_detail(exc, filename)
+
+
+def _compile_all(jobs, workers):
+    """{(filename, arch): (ok, detail, setup_error)} of every job, `workers` processes at a time."""
+    if workers <= 1 or len(jobs) <= 1:
+        return dict(map(_compile_job, jobs))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(pool.map(_compile_job, jobs))
+
+
+def probe(kernels=None, say=None, workers=None):
     """Run the checks in this interpreter's environment. kernels: file names of kernels/*.cu to
-    compile (default: all). say: called with a line as each compile starts. -> dict (JSON-able)
-    with a 'checks' list of {name, ok, detail} and 'report' (kernels.runtime.cuda_env.report())."""
+    compile (default: all). say: called with a line as each compile is queued. workers: compiling
+    processes (default: the CPU count, at most 2). -> dict (JSON-able) with a 'checks' list of
+    {name, ok, detail} and 'report' (kernels.runtime.cuda_env.report())."""
+    workers = workers or min(2, os.cpu_count() or 1)
     sys.path.insert(0, str(REPO))
     from kernels.runtime import cuda_env
     from kernels.runtime.raw import load_module
@@ -284,7 +319,7 @@ def probe(kernels=None, say=None):
         try:
             from cupy._core import core
             from cupy.cuda import compiler
-            program = compiler._NVRTCProgram       # CuPy's own NVRTC program (no GPU needed)
+            compiler._NVRTCProgram             # CuPy's own NVRTC program (no GPU needed)
         except Exception as exc:
             check("kernels compile", False, f"CuPy's compiler internals are not where expected ({exc!r})")
         else:
@@ -292,28 +327,30 @@ def probe(kernels=None, say=None):
             paths = sorted(glob.glob(str(REPO / "kernels" / "*.cu")))
             if kernels:
                 paths = [p for p in paths if os.path.basename(p) in kernels]
+            jobs, done = [], {}
             for path in paths:
                 mod = load_module(path)
                 source = f'#line 1 "{mod.filename}"\n{mod.code}'
                 for arch in _archs(major):
-                    if say:
-                        say(f"compiling {mod.filename} for sm_{arch}")
-                    t0 = time.perf_counter()
-                    setup_error = False
                     try:
                         # what RawModule does: our -I additions after the module's options, CuPy's around them
                         options = core.assemble_cupy_compiler_options(tuple(mod.options) +
                                                                       cuda_env.extra_include_options())
-                        program(source, os.path.basename(path)).compile(options + ("-ftz=true", f"-arch=sm_{arch}"))
-                        ok, detail = True, f"{time.perf_counter() - t0:.1f} s"
-                    except Exception as exc:
-                        ok = False
-                        try:
-                            cuda_env.raise_with_install_hint(exc, mod.filename)
-                            detail = str(exc).strip().splitlines()[0][:300]
-                        except cuda_env.CudaSetupError as setup:
-                            setup_error, detail = True, f"CudaSetupError: {setup}"
-                    check(f"{mod.filename} compiles for sm_{arch}", ok, detail, setup_error=setup_error)
+                    except Exception as exc:     # CuPy finds no CUDA headers: NVRTC is not even started
+                        done[(mod.filename, arch)] = _setup_detail(exc, mod.filename)
+                        continue
+                    jobs.append((mod.filename, arch, source, options + ("-ftz=true", f"-arch=sm_{arch}")))
+            # the slowest first (conv.cu), in parallel processes: NVRTC holds the GIL
+            jobs.sort(key=lambda j: -len(j[2]))
+            if say:
+                for filename, arch, *_ in jobs:
+                    say(f"compiling {filename} for sm_{arch}")
+            done.update(_compile_all(jobs, workers))
+            for path in paths:
+                filename = f"kernels/{os.path.basename(path)}"
+                for arch in _archs(major):
+                    ok, detail, setup_error = done[(filename, arch)]
+                    check(f"{filename} compiles for sm_{arch}", ok, detail, setup_error=setup_error)
     return {"checks": checks, "report": rep}
 
 
@@ -575,11 +612,12 @@ def main(argv=None):
     p.add_argument("--where", action="store_true", help="say where NVRTC and each CUDA header come from here")
     p.add_argument("--probe", action="store_true", help="run the checks in this environment, print JSON")
     p.add_argument("--kernels", nargs="+", help="with --probe: compile only these kernels/*.cu")
+    p.add_argument("--jobs", type=int, help="with --probe: compiling processes (default: CPU count, at most 2)")
     args = p.parse_args(argv)
     if args.where:
         return where()
     if args.probe:
-        out = probe(args.kernels)
+        out = probe(args.kernels, workers=args.jobs)
         text = json.dumps(out, indent=2)
         if args.json:
             Path(args.json).write_text(text)
