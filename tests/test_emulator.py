@@ -5,7 +5,11 @@ Every test compares with an independent NumPy computation of what the hardware w
 """
 
 import ctypes
+import errno
+import logging
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -450,6 +454,78 @@ def test_invalid_pointer_is_an_exception_not_a_crash():
     assert x[2] == 1.0
 
 
+# ------------------------------------------------------------------------------ what a compiler or libc would hide
+# Bugs that g++ -O2 or the C library would turn into silence or a dead interpreter: each must be
+# a Python exception naming the kernel (one module, so one compile).
+HIDDEN = r"""
+extern "C" __global__ void one_line_barriers(float* x, int split) {
+    if ((int)threadIdx.x < split) { __syncthreads(); } else { __syncthreads(); }
+    x[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void write_through_null(float* out, int how) {
+    if (how == 0) *(float*)0 = 1.0f;                 // undefined behaviour: g++ deletes it and what follows
+    if (how == 1) { float* p = nullptr; p[3] = 1.0f; }
+    if (how == 2) { const float* p = nullptr; out[0] = p[threadIdx.x]; }
+    out[threadIdx.x] = 2.0f;
+}
+extern "C" __global__ void stop(float* out, int how) {
+    out[threadIdx.x] = 2.0f;
+    if (threadIdx.x == 5) {
+        if (how == 0) exit(3);
+        if (how == 1) abort();
+        if (how == 2) std::exit(4);
+        __trap();
+    }
+}
+"""
+
+
+def test_barriers_on_one_line_are_told_apart():
+    k = module(HIDDEN).get_function("one_line_barriers")
+    x = np.zeros(64, np.float32)
+    with pytest.raises(kernels.BarrierDivergenceError,
+                       match=r"thread \(0,0,0\) waits at <kernel source>:3 while .* thread \(16,0,0\) waits at another "
+                             r"__syncthreads\(\) of the same line, <kernel source>:3"):
+        k((1,), (64,), (x, np.int32(16)))
+    k((1,), (64,), (x, np.int32(64)))        # every thread takes the same branch: fine
+    k((1,), (64,), (x, np.int32(0)))
+    assert np.all(x == 1.0)
+
+
+@pytest.mark.parametrize("how", [0, 1, 2])
+def test_a_null_pointer_faults_instead_of_vanishing(how):
+    out = np.zeros(8, np.float32)
+    with pytest.raises(kernels.KernelFault, match=r"in kernel 'write_through_null' at address 0x[0-9a-f]+ "
+                                                  r"\(a null pointer\), block \(0,0,0\) thread \(0,0,0\)"):
+        module(HIDDEN).get_function("write_through_null")((1,), (8,), (out, np.int32(how)))
+    module(HIDDEN).get_function("write_through_null")((1,), (8,), (out, np.int32(-1)))
+    assert np.all(out == 2.0)
+
+
+def test_exit_and_abort_in_a_kernel_raise_instead_of_ending_python():
+    # (in a child process: before the fix, exit() ended the interpreter that ran it)
+    code = textwrap.dedent("""
+        import numpy as np, kernels
+        from tests.test_emulator import HIDDEN
+        k = kernels.RawModule(code=HIDDEN).get_function("stop")
+        for how in range(4):
+            try:
+                k((1,), (32,), (np.zeros(32, np.float32), np.int32(how)))
+                print("no error")
+            except kernels.KernelFault as e:
+                print(type(e).__name__, e)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4, proc.stdout
+    where = r"called in kernel 'stop' \(function stop\), block \(0,0,0\) thread \(5,0,0\)"
+    for line, call, at in zip(lines, ["exit\\(3\\)", "abort\\(\\)", "exit\\(4\\)", "__trap\\(\\)"], [15, 16, 17, 18]):
+        assert re.fullmatch(rf"KernelFault <kernel source>:{at}: {call} {where}; .*", line), line
+    assert "device code has no exit() or abort()" in lines[0] and "the launch fails, as on a GPU" in lines[3]
+
+
 OOB = r"""
 extern "C" __global__ void copy_shifted(const float* x, float* y, int n, int shift) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -628,6 +704,9 @@ extern "C" __global__ void write_two(float* a, float* b, int n) {
     int i = threadIdx.x;
     if (i < n) { a[i] = 1.0f + i; b[i] = -1.0f - i; }
 }
+extern "C" __global__ void write_three(const float* before, float* a, const float* after, int n) {
+    if ((int)threadIdx.x < n) a[threadIdx.x] = 1.0f + threadIdx.x;
+}
 extern "C" __global__ void write_vec(float4* y, int n4) {
     if (threadIdx.x == 0) y[n4] = make_float4(1.2345678f, 2.2345678f, 3.2345678f, 4.2345678f);   // one float4 too far
 }
@@ -649,6 +728,37 @@ def test_write_just_past_the_end_is_reported_naming_the_argument(n):
     # in bounds: no report, and the value is there
     k((1,), (32,), (y, n - 1, np.float32(3.25)))
     assert y[n - 1] == 3.25
+
+
+def test_a_zero_size_array_has_guard_bytes_too():
+    k = module(GUARDED).get_function("write_at")
+    for y in (np.zeros(0, np.float32), np.zeros(8, np.float32)[3:3]):   # own memory, and a view inside a buffer
+        with pytest.raises(kernels.OutOfBoundsError,
+                           match=r"wrote outside argument 0 'y' \(float32\[0\]\): byte 0 past the end "
+                                 r"\(inside element 0 of 0\)"):
+            k((1,), (32,), (y, 0, np.float32(1.2345678)))
+    # empty arrays at either end of another argument: its writes are no false alarm
+    buf = np.zeros(12, np.float32)
+    a, before, after = buf[2:10], buf[2:2], buf[10:10]
+    module(GUARDED).get_function("write_three")((1,), (32,), (before, a, after, np.int32(8)))
+    np.testing.assert_array_equal(buf, np.r_[0, 0, 1.0 + np.arange(8), 0, 0])
+
+
+def test_a_learners_copy_writing_past_the_end_is_named_in_an_op(tmp_path):
+    # What a training run meets (train.py --kernels elementwise=my.cu): a copy of elementwise.cu
+    # whose axpy runs one element too far, called through the op's launcher.
+    from kernels import elementwise, versions
+    src = (kernels.KERNEL_DIR / "elementwise.cu").read_text()
+    loop = "GRID_STRIDE_LOOP(i, n) { y[i] = fmaf(alpha, x[i], y[i]); }"
+    assert loop in src
+    copy = tmp_path / "my_elementwise.cu"
+    copy.write_text(src.replace(loop, loop.replace("(i, n)", "(i, n + 1)")))
+    buf = np.ones(1000 + 8, np.float32)           # own the bytes around x and y: nothing is corrupted
+    x, y = buf[:500], buf[504:1004]               # (y[500] = 2 * 1 + 1 changes the byte past y's end)
+    with versions.use(f"elementwise={copy}"), \
+            pytest.raises(kernels.OutOfBoundsError, match=r"kernel 'axpy_f32' wrote outside argument 1 'y' "
+                                                          r"\(float32\[500\]\): byte \d past the end \(inside element 500 of 500\)"):
+        elementwise.axpy(2.0, x, y)
 
 
 def test_guard_bytes_catch_a_vector_store_past_the_end():

@@ -35,15 +35,19 @@ Always on:
   - Ctrl-C stops a running kernel (a runaway loop included) with KeyboardInterrupt; with a
     SIGINT handler of the program's own (train.py's "finish the step"), the handler runs after
     the launch and a second Ctrl-C stops the kernel.
-  - the guard bytes: a write into the 8 bytes just before or just after an array argument is
-    reported after the launch as OutOfBoundsError naming the argument (KERNELS_EMU_DEBUG=1 then
-    finds the thread).
+  - the guard bytes: a write into the 8 bytes just before or just after an array argument (a
+    0-byte one too) is reported after the launch as OutOfBoundsError naming the argument
+    (KERNELS_EMU_DEBUG=1 then finds the thread).
+  - a null pointer faults (KernelFault) instead of being optimised away with what follows it
+    (-fno-delete-null-pointer-checks); exit(), abort() and __trap() in a kernel stop the launch
+    with a KernelFault instead of ending the process (cuda_emu.h).
   - float32 denormals are flushed to zero (FTZ/DAZ) as CuPy's -ftz=true compiles them, unless the
     module's options say -ftz=false.
 """
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -88,7 +92,7 @@ _PROFILE = _san.PROFILE
 # ---------------------------------------------------------------------------------- errors
 # The exception classes live in kernels/emu/errors.py; emu_launch's error codes map onto them.
 _ERROR_CLASSES = {1: LaunchConfigError, 2: BarrierDivergenceError, 3: DeadlockError, 4: KernelFault,
-                  5: KernelAssertionError, 6: WarpCollectiveError}
+                  5: KernelAssertionError, 6: WarpCollectiveError, 10: KernelFault}
 _SYNC_ERRORS = {2: "divergent barriers", 3: "deadlock", 6: "warp collective mismatch"}
 
 
@@ -468,6 +472,10 @@ class EmuModule:
                     flags[1:1] = ["-fno-tree-sra", "-fno-tree-sink"]
             else:
                 flags = ["-O2"]
+            # A dereference of a null (or other constant) pointer is undefined behaviour, which g++
+            # is free to delete together with everything after it: the kernel would return without
+            # a word.  Kept, it faults (KernelFault) or memcheck reports it.
+            flags.append("-fno-delete-null-pointer-checks")
             flags += [*_float_flags(), f"-D__CUDA_ARCH__={self.arch * 10}", "-D__CUDACC_RTC__=1",
                       "-D__KERNELS_EMULATOR__=1",
                       "-include", "cuda_emu.h", *_translate_options(self.options)]
@@ -673,7 +681,7 @@ class EmuFunction:
         for i, (v, ptr) in enumerate(zip(values, pointers)):
             if self._pointer_params[i]:
                 cells[slots[i]] = ptr or 0
-                if regions is None and ptr and v.size:
+                if regions is None and ptr:   # (a 0-byte array too: a write to its element 0 is outside it)
                     lo, hi = (0, v.nbytes) if v.flags.c_contiguous else _extent(v)
                     k = 2 * len(owners)
                     spans[k] = ptr + lo

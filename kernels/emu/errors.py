@@ -90,11 +90,12 @@ class WarpCollectiveError(EmulatorError):
 
 
 class KernelAssertionError(EmulatorError, AssertionError):
-    """assert() failed or __trap() was called in kernel code."""
+    """assert() failed in kernel code."""
 
 
 class KernelFault(EmulatorError):
-    """The kernel crashed (invalid memory access, integer division by zero, stack overflow)."""
+    """The kernel crashed (invalid memory access, a null pointer included, integer division by zero,
+    stack overflow) or stopped itself (__trap(), or exit() or abort(), which device code does not have)."""
 
 
 class OutOfBoundsError(KernelFault, IndexError):
