@@ -675,6 +675,173 @@ def test_compiled_modules_are_cached(monkeypatch):
     assert calls == [] and np.all(y == 3)
 
 
+def _unwritable(monkeypatch, folder):
+    """Make `folder` read-only, also for root (who writes anyway): its os.mkdir/os.open for
+    writing then fail with EACCES, as they would for a user."""
+    folder.chmod(0o555)
+    monkeypatch.setattr(os, "mkdir", _refuse_under(folder, os.mkdir))
+    if hasattr(pathlib, "_NormalAccessor"):   # Python 3.10: Path.mkdir calls the os.mkdir it bound at import
+        monkeypatch.setattr(pathlib._NormalAccessor, "mkdir", staticmethod(os.mkdir))
+    real_open = os.open
+    refuse = _refuse_under(folder, real_open)
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: (refuse if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+                                                                  else real_open)(path, flags, *a, **k))
+
+
+def _refuse_under(folder, real):
+    def call(path, *args, **kw):
+        if str(os.fspath(path)).startswith(str(folder)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real(path, *args, **kw)
+    return call
+
+
+@pytest.mark.parametrize("case", ["file", "file_above", "read_only", "read_only_home"])
+def test_an_unusable_cache_folder_is_one_line_naming_the_variable(case, monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    if case == "file":
+        (tmp_path / "cache").write_text("")
+        monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path / "cache"))
+    elif case == "file_above":
+        (tmp_path / "cache").write_text("")
+        monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path / "cache" / "emu"))
+    elif case == "read_only":
+        (tmp_path / "cache").mkdir()
+        monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path / "cache"))
+        _unwritable(monkeypatch, tmp_path / "cache")
+    else:
+        monkeypatch.delenv("KERNELS_EMU_CACHE", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        (tmp_path / "home").mkdir()
+        _unwritable(monkeypatch, tmp_path / "home")
+    try:
+        with pytest.raises(emulator.EmulatorCacheError) as err:
+            module(SCALE + f"\n// {case}\n").get_function("scale")(
+                (1,), (32,), (np.zeros(4, np.float32), np.zeros(4, np.float32), np.float32(1), np.int32(4)))
+    finally:
+        for d in (tmp_path / "cache", tmp_path / "home"):
+            if d.is_dir():
+                d.chmod(0o755)
+    message = str(err.value)
+    assert "\n" not in message and "set KERNELS_EMU_CACHE to a writable folder" in message
+    assert str(tmp_path / ("home" if case == "read_only_home" else "cache")) in message
+    assert ("a file is in the way" if case.startswith("file") else "Permission denied") in message
+
+
+def _copy_entry(path, folder):
+    """Copy the cache entry whose library is `path` (and its record) into `folder`."""
+    stem = path.name.rsplit("-", 1)[0]
+    for f in (path, path.with_name(f"{stem}.sha256")):
+        shutil.copy(f, folder / f.name)
+    return folder / path.name, folder / f"{stem}.sha256"
+
+
+def test_cache_entries_are_verified_before_loading(tmp_path):
+    # The runtime's entry, copied: whole, it verifies; damaged in any way, it does not.
+    library, record = _copy_entry(emulator._load_runtime()._path, tmp_path)
+    stem = record.stem
+    assert emulator._cached_entry(tmp_path, stem) == (library, None)
+    good_library, good_record = library.read_bytes(), record.read_text()
+    damages = {"truncated": lambda: library.write_bytes(good_library[: len(good_library) // 2]),
+               "empty": lambda: library.write_bytes(b""),
+               "changed": lambda: library.write_bytes(good_library[:-1] + bytes([good_library[-1] ^ 1])),
+               "missing": library.unlink,
+               "record damaged": lambda: record.write_text("garbage\n"),
+               "record names another file": lambda: record.write_text(good_record.replace(stem, "other"))}
+    for what, damage in damages.items():
+        damage()
+        path, problem = emulator._cached_entry(tmp_path, stem)
+        assert path is None and problem, what
+        library.write_bytes(good_library)
+        record.write_text(good_record)
+    record.unlink()
+    assert emulator._cached_entry(tmp_path, stem) == (None, None)      # no entry: built, nothing to report
+
+
+DAMAGES = ("truncated", "empty", "record")
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tmp_path):
+    # A child process builds three entries, they are damaged, and a second child must rebuild
+    # them (before the fix, loading the truncated library ended it with SIGBUS).
+    _copy_entry(emulator._load_runtime()._path, tmp_path)   # (the runtime: not rebuilt here)
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from kernels.emu.emulator import EmuModule
+        from tests.test_emulator import DAMAGES, SCALE
+        for damage in DAMAGES:
+            x, y = np.arange(40, dtype=np.float32), np.zeros(40, np.float32)
+            EmuModule(SCALE + f"// {damage}\\n").get_function("scale")((2,), (32,), (x, y, np.float32(3), np.int32(40)))
+            assert np.array_equal(y, 3 * x)
+            print(damage, file=sys.stderr)
+    """)
+    env = dict(os.environ, KERNELS_EMU_CACHE=str(tmp_path))
+    env.pop("KERNELS_EMU_UCONTEXT", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def child():
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, (proc.returncode, proc.stderr)
+        return proc.stderr.splitlines()
+
+    assert child() == list(DAMAGES)
+    before = set(tmp_path.glob("kernel_*.so"))
+    entries = sorted(before, key=lambda p: p.stat().st_mtime_ns)   # in the order built: DAMAGES
+    assert len(entries) == 3
+    entries[0].write_bytes(entries[0].read_bytes()[: entries[0].stat().st_size // 2])
+    entries[1].write_bytes(b"")
+    records = [p for p in tmp_path.glob("kernel_*.sha256")]
+    record = next(r for r in records if entries[2].name.startswith(r.stem + "-"))
+    record.write_text("not a record")
+    lines = child()
+    assert lines[1::2] == list(DAMAGES), lines
+    pattern = r"the CPU emulator's cache entry kernel_\w+ is damaged \((.*)\); rebuilding it"
+    reasons = [re.fullmatch(pattern, line) for line in lines[0::2]]
+    assert len(reasons) == 3 and all(reasons), lines
+    assert re.fullmatch(rf"{entries[0].name} is \d+ bytes, \d+ were written", reasons[0].group(1))
+    assert re.fullmatch(rf"{entries[1].name} is 0 bytes, \d+ were written", reasons[1].group(1))
+    assert reasons[2].group(1) == f"its record {record.name} is damaged"
+    assert child() == list(DAMAGES)                     # rebuilt: whole again
+
+
+PTXAS_LOG = """ptxas info    : Compiling entry function 'k' for 'sm_80'
+ptxas info    : Function properties for k
+    8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem, 368 bytes cmem[0]
+"""
+
+
+def test_a_damaged_ptxas_cache_file_is_computed_again(monkeypatch, tmp_path, caplog):
+    from kernels.runtime import nvrtc, ptxas
+    monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path))
+    monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (12, 4))
+    compiles = []
+    monkeypatch.setattr(nvrtc, "compile_cuda", lambda *a, **k: compiles.append(a) or
+                        type("Result", (), {"log": PTXAS_LOG})())
+    monkeypatch.setattr(ptxas, "_memory", {})
+    expect = {"k": ptxas.Resources("k", "sm_80", 40, 0, 0, 8, 4096, 1, 368)}
+    assert ptxas.module_resources("// damaged ptxas cache") == expect and len(compiles) == 1
+    [cached] = (tmp_path / "ptxas").glob("*.json")
+    good = cached.read_text()
+    damages = ["", "{not json", "[]", '{"k": 3}', '{"k": {"kernel": "k", "arch": "sm_80", "registers": "40"}}',
+               '{"k": {"kernel": "k", "arch": "sm_80"}}', '{"k": {"kernel": "k", "arch": "sm_80", "registers": 40, '
+               '"colour": 1}}', '{"k": {"kernel": "other", "arch": "sm_80", "registers": 40}}', b"\xff\xfe"]
+    for n, damage in enumerate(damages, start=2):
+        (cached.write_bytes if isinstance(damage, bytes) else cached.write_text)(damage)
+        ptxas._memory.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kernels.runtime.ptxas"):
+            assert ptxas.module_resources("// damaged ptxas cache") == expect, damage
+        assert len(compiles) == n and cached.read_text() == good, damage
+        [record] = caplog.records
+        assert re.fullmatch(rf"the ptxas cache entry {re.escape(str(cached))} is damaged \(.+\); computing it again",
+                            record.getMessage()), damage
+    ptxas._memory.clear()
+    assert ptxas.module_resources("// damaged ptxas cache") == expect and len(compiles) == len(damages) + 1
+
+
 def test_ucontext_fallback_runs_the_same_kernels(tmp_path):
     # The portable fiber implementation (used where the x86-64 switch is not available) is
     # exercised in a fresh process, since a process loads one runtime.

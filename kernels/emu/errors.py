@@ -12,9 +12,9 @@ one per tool of NVIDIA's compute-sanitizer, are the findings of KERNELS_EMU_SANI
 
 import re
 
-__all__ = ["CompileError", "first_error_line", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
-           "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
-           "SanitizerError", "MemcheckError", "RacecheckError", "InitcheckError", "SynccheckError"]
+__all__ = ["CompileError", "first_error_line", "EmulatorError", "EmulatorCacheError", "LaunchConfigError",
+           "BarrierDivergenceError", "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault",
+           "OutOfBoundsError", "SanitizerError", "MemcheckError", "RacecheckError", "InitcheckError", "SynccheckError"]
 
 # "kernel.cu(12): error: ..."          NVRTC / nvcc front end (EDG)
 # "kernel.cu:12:5: error: ..."         g++ / clang
@@ -71,6 +71,11 @@ class CompileError(RuntimeError):
 # ---------------------------------------------------------------------------------- the emulator
 class EmulatorError(RuntimeError):
     """A kernel launch on the CPU emulator failed; the message names the kernel."""
+
+
+class EmulatorCacheError(EmulatorError):
+    """The emulator's cache folder cannot be created or written (a file in the way, a read-only
+    folder or home); the one-line message names the folder and KERNELS_EMU_CACHE, the variable to set."""
 
 
 class LaunchConfigError(EmulatorError, ValueError):
