@@ -12,9 +12,9 @@ one per tool of NVIDIA's compute-sanitizer, are the findings of KERNELS_EMU_SANI
 
 import re
 
-__all__ = ["CompileError", "first_error_line", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
-           "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
-           "SanitizerError", "MemcheckError", "RacecheckError", "InitcheckError", "SynccheckError"]
+__all__ = ["CompileError", "first_error_line", "EmulatorError", "EmulatorCacheError", "LaunchConfigError",
+           "BarrierDivergenceError", "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault",
+           "OutOfBoundsError", "SanitizerError", "MemcheckError", "RacecheckError", "InitcheckError", "SynccheckError"]
 
 # "kernel.cu(12): error: ..."          NVRTC / nvcc front end (EDG)
 # "kernel.cu:12:5: error: ..."         g++ / clang
@@ -73,6 +73,11 @@ class EmulatorError(RuntimeError):
     """A kernel launch on the CPU emulator failed; the message names the kernel."""
 
 
+class EmulatorCacheError(EmulatorError):
+    """The emulator's cache folder cannot be created or written (a file in the way, a read-only
+    folder or home); the one-line message names the folder and KERNELS_EMU_CACHE, the variable to set."""
+
+
 class LaunchConfigError(EmulatorError, ValueError):
     """Grid, block or shared-memory size that a GPU would refuse."""
 
@@ -90,11 +95,12 @@ class WarpCollectiveError(EmulatorError):
 
 
 class KernelAssertionError(EmulatorError, AssertionError):
-    """assert() failed or __trap() was called in kernel code."""
+    """assert() failed in kernel code."""
 
 
 class KernelFault(EmulatorError):
-    """The kernel crashed (invalid memory access, integer division by zero, stack overflow)."""
+    """The kernel crashed (invalid memory access, a null pointer included, integer division by zero,
+    stack overflow) or stopped itself (__trap(), or exit() or abort(), which device code does not have)."""
 
 
 class OutOfBoundsError(KernelFault, IndexError):
