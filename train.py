@@ -1597,13 +1597,12 @@ def _bar(**kw):
 def _kernel_failure(e, cfg):
     """One line for a kernel that failed during training (the emulator's EmulatorError: an access
     out of bounds, a fault, a divergent barrier...; a CompileError), naming the kernel and the
-    run's own kernel files; None for any other exception. (Recognised by class name, as _is_oom
-    does: train.py reaches kernels/ only through nn/.)"""
-    kinds = {c.__name__ for c in type(e).__mro__ if c.__module__.startswith("kernels.")}
-    if "CompileError" in kinds:
-        first = next((line.strip() for line in getattr(e, "log", "").splitlines() if "error" in line), "")
-        what = f"{getattr(e, 'message', str(e))}{': ' + first if first else ''}"
-    elif "EmulatorError" in kinds:
+    run's own kernel files; None for any other exception."""
+    compile_error, emulator_error = nn.device.kernel_errors()
+    if isinstance(e, compile_error):
+        first = next((line.strip() for line in e.log.splitlines() if "error" in line), "")
+        what = f"{e.message}{': ' + first if first else ''}"
+    elif isinstance(e, emulator_error):
         what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     else:
         return None

@@ -23,7 +23,7 @@ import numpy as np
 
 __all__ = ["Device", "get_device", "cpu", "emu", "cuda", "default_device_for", "is_array", "to_numpy", "host_reads",
            "set_conv_engine", "use_kernels", "select_kernels", "restore_kernels", "kernel_table",
-           "cuda_unavailable_reason", "auto_device", "free_device_memory"]
+           "cuda_unavailable_reason", "auto_device", "free_device_memory", "kernel_errors"]
 
 _host_reads = 0
 
@@ -152,6 +152,13 @@ def select_kernels(spec, device=None):
                        and str(c.source) in e.message), "<family>")
         raise ValueError(f"{e.message}{': ' + first if first else ''} (python -m kernels.{family} --emulator "
                          f"--source FILE shows the compiler's whole message)") from None
+
+
+def kernel_errors():
+    """The exception classes of a kernel that failed: (CompileError, EmulatorError), so that
+    train.py can tell a broken kernel (exit 2, one line) from a bug without importing kernels/."""
+    errors = importlib.import_module("kernels.emu.errors")
+    return errors.CompileError, errors.EmulatorError
 
 
 def restore_kernels(previous):
