@@ -169,3 +169,11 @@ def test_a_cascade_of_errors_shows_the_first_ones(tmp_path):
     assert 1 <= len(located) <= MAX_ERRORS
     assert re.search(r"\(and \d+ more errors, not shown: the first is usually the cause\)", shown)
     assert "emu_entry.h" not in shown and "<emulator entry points>" not in shown
+
+
+def test_a_log_in_another_format_is_shown_as_the_compiler_wrote_it():
+    from kernels.emu.errors import trim_log
+    nvrtc_log = ('In file included from my_conv.cu(3):\ncommon.cuh(10): warning: x\n'
+                 'my_conv.cu(212): error: expected a ";"\n\n1 error detected in the compilation of "my_conv.cu".\n')
+    assert trim_log(nvrtc_log) == nvrtc_log.strip()
+    assert trim_log("") == "" and trim_log(None) == ""

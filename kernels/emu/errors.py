@@ -2,8 +2,9 @@
 
 `CompileError` is raised for a failed build of a kernel source, whichever compiler ran: NVRTC
 (the GPU compiler, see kernels/runtime/nvrtc.py, which raises its subclass `NVRTCError`) or the system
-C++ compiler used by the CPU emulator. It carries the compiler's full message, so a learner sees
-exactly what the compiler said, with the kernel's file name and line number.
+C++ compiler used by the CPU emulator. It carries the compiler's full message (`log`) and shows it
+trimmed of the emulator's own machinery (`trim_log`), so a learner sees what the compiler said
+about the kernel, with its file name, line and column.
 
 `EmulatorError` and its subclasses are what a kernel launch on the CPU emulator raises when the
 kernel breaks a rule of the GPU (kernels/emu/emulator.py); `SanitizerError` and its four subclasses,
@@ -13,8 +14,8 @@ one per tool of NVIDIA's compute-sanitizer, are the findings of KERNELS_EMU_SANI
 import re
 from pathlib import Path
 
-__all__ = ["CompileError", "first_error_line", "trim_log", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
-           "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
+__all__ = ["CompileError", "first_error_line", "trim_log", "EmulatorError", "LaunchConfigError",
+           "BarrierDivergenceError", "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
            "SanitizerError", "MemcheckError", "RacecheckError", "InitcheckError", "SynccheckError"]
 
 # "kernel.cu(12): error: ..."          NVRTC / nvcc front end (EDG)
