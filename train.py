@@ -1018,8 +1018,6 @@ class Trainer:
             except ValueError as e:
                 raise UsageError(f"--kernels: {e}") from None
             cfg["kernels"] = nn.device.kernel_table()
-        act_dtype = {"fp32": None, "fp16": np.float16, "bf16": "bfloat16"}[cfg["precision"]]
-        self.in_dtype = np.float32 if act_dtype is None else act_dtype
 
         local_batch = cfg["batch_size"] // self.world
         workers = cfg["workers"]
@@ -1044,21 +1042,9 @@ class Trainer:
             raise UsageError(f"batch size {cfg['batch_size']} exceeds the {self.train_loader.num_samples} "
                              f"training images")
 
-        self.model = nn.resnet50(num_classes=self.num_classes, width=cfg["width"],
-                                 zero_init_residual=cfg["zero_init_residual"], seed=cfg["seed"],
-                                 activation_dtype=act_dtype).to(self.device)
-        if cfg["sync_bn"] and self.world > 1:
-            data_parallel.convert_sync_batchnorm(self.model, comm)
+        self._build_step(self.num_classes)
         self.peak_lr = cfg["base_lr"] * cfg["batch_size"] / cfg["lr_per"]
-        Opt = nn.optim.SGD if cfg["optimizer"] == "sgd" else nn.optim.LARS
-        self.opt = Opt(self.model.named_parameters(), lr=0.0, momentum=cfg["momentum"],
-                       weight_decay=cfg["weight_decay"])
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.peak_lr)
-        self.scaler = None
-        if cfg["precision"] == "fp16":  # fp32 master weights; the loss scaled so fp16 gradients do not underflow
-            dynamic = cfg["loss_scale"] == "dynamic"
-            self.scaler = nn.amp.LossScaler(init_scale=2.0 ** 15 if dynamic else float(cfg["loss_scale"]),
-                                            dynamic=dynamic)
         self.pos = Position()
         self.last_checkpoint = None   # (epoch, batch, step) of the finite checkpoint_last in the folder
         self.resumed_from = None      # the checkpoint a resumed run started from
@@ -1070,9 +1056,7 @@ class Trainer:
             if self.scaler is not None and extras.get("scaler"):
                 self.scaler.load_state_dict(json.loads(extras["scaler"]))
         data_parallel.broadcast_parameters(self.model, comm)  # every rank starts from the same weights
-        self.ddp = data_parallel.DataParallel(self.model, comm) if self.world > 1 else None
         self.stop = StopSignals()
-        self.phases = Phases(cfg["profile"], self.device.xp)
         # on cuda the next batch goes to the GPU on a second stream while this step runs
         self.prefetcher = DevicePrefetcher(self.train_loader, self.device.name)
         self.after_step = None        # a test hook: called with the step number after each step
@@ -1080,8 +1064,6 @@ class Trainer:
         self.skipped_in_a_row = 0     # fp16: consecutive steps the loss scaler skipped (gradients overflowed)
         self.skips_seen = self.scaler.skipped_steps if self.scaler is not None else 0   # at the last read
         self.step_at_read = self.pos.step
-        # the running loss of the steps since the last read: [sum, finite steps, NaN/inf steps]
-        self.loss_window = self.device.xp.zeros(3, dtype=np.float64)
         self.graphed = None
         if cfg["cuda_graph"]:   # static input buffers; the step is captured after 3 eager ones
             from nn.cuda_graph import GraphedStep
@@ -1090,6 +1072,49 @@ class Trainer:
             self.static_labels = xp.zeros(local_batch, dtype=np.int32)
             self.graphed = GraphedStep(lambda: self.step(self.static_images, self.static_labels), warmup=3,
                                        keep_alive=(self.static_images, self.static_labels))
+
+    def _build_step(self, num_classes):
+        """What `step` uses: the model, the optimizer (learning rate 0 until the schedule sets it),
+        the loss scaler (fp16), the gradient all-reduce (several ranks), the phase clock and the
+        device-side running loss. Needs self.cfg, self.comm, self.world and self.device."""
+        cfg = self.cfg
+        act_dtype = {"fp32": None, "fp16": np.float16, "bf16": "bfloat16"}[cfg["precision"]]
+        self.in_dtype = np.float32 if act_dtype is None else act_dtype
+        self.model = nn.resnet50(num_classes=num_classes, width=cfg["width"],
+                                 zero_init_residual=cfg["zero_init_residual"], seed=cfg["seed"],
+                                 activation_dtype=act_dtype).to(self.device)
+        if cfg["sync_bn"] and self.world > 1:
+            data_parallel.convert_sync_batchnorm(self.model, self.comm)
+        Opt = nn.optim.SGD if cfg["optimizer"] == "sgd" else nn.optim.LARS
+        self.opt = Opt(self.model.named_parameters(), lr=0.0, momentum=cfg["momentum"],
+                       weight_decay=cfg["weight_decay"])
+        self.scaler = None
+        if cfg["precision"] == "fp16":  # fp32 master weights; the loss scaled so fp16 gradients do not underflow
+            dynamic = cfg["loss_scale"] == "dynamic"
+            self.scaler = nn.amp.LossScaler(init_scale=2.0 ** 15 if dynamic else float(cfg["loss_scale"]),
+                                            dynamic=dynamic)
+        # made after the optimizer: each gradient bucket is then a slice of its flat gradient buffer
+        self.ddp = data_parallel.DataParallel(self.model, self.comm) if self.world > 1 else None
+        self.phases = Phases(cfg["profile"], self.device.xp)
+        # the running loss of the steps since the last read: [sum, finite steps, NaN/inf steps]
+        self.loss_window = self.device.xp.zeros(3, dtype=np.float64)
+
+    @classmethod
+    def for_step(cls, cfg, num_classes, comm=None):
+        """A Trainer holding only what `step` needs (see _build_step), built as a run builds it,
+        with no data, run folder or log: bench.train times and counts this step. cfg needs
+        device, precision, loss_scale, width, zero_init_residual, seed, sync_bn, optimizer,
+        momentum, weight_decay, label_smoothing and profile; comm: several ranks (default: one).
+        The learning rate is 0 until set (trainer.opt.lr = ...)."""
+        self = cls.__new__(cls)
+        self.train_loader = self.val_loader = self.kernels_before = None
+        self.cfg = cfg
+        self.comm = comm if comm is not None else distributed.Communicator()
+        self.world, self.rank = self.comm.world_size, self.comm.rank
+        self.device = nn.get_device(cfg["device"])
+        self._build_step(num_classes)
+        data_parallel.broadcast_parameters(self.model, self.comm)
+        return self
 
     def close(self):
         for loader in (self.train_loader, self.val_loader):
