@@ -733,7 +733,8 @@ def test_gpu_check_plans_compile_then_tests_then_the_timed_stages(monkeypatch, t
 
 def test_train_exits_2_with_the_setup_errors_one_line(monkeypatch, tmp_path, capsys):
     """A CudaSetupError in the first step (CuPy cannot compile a kernel: a stand-in raises it where
-    the loss is computed) ends train.py with exit code 2 and the error's one line, no traceback."""
+    the loss is computed) ends train.py with exit code 2 and the error's one line, no traceback;
+    so does one raised before training starts (--kernels compiles the chosen versions up front)."""
     monkeypatch.setenv("MLPERF_RESNET_CACHE", str(tmp_path / "cache"))
 
     def setup_error(*args, **kwargs):
@@ -742,6 +743,16 @@ def test_train_exits_2_with_the_setup_errors_one_line(monkeypatch, tmp_path, cap
     monkeypatch.setattr(nn.functional, "cross_entropy", setup_error)
     code = train.main(["--synthetic", "tiny", "--device", "cpu", "--workers", "0", "--no-progress", "--batch-size", "8",
                        "--width", "0.0625", "--image-size", "32", "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code == train.EXIT_USAGE == 2
-    assert f"train.py: error: {SETUP}" in err.splitlines() and "Traceback" not in err
+    assert any(line.endswith(f"error: {SETUP}") for line in (out + err).splitlines()) and "Traceback" not in out + err
+
+
+def test_train_exits_2_on_a_setup_error_before_training(monkeypatch, capsys):
+    def setup_error(*args, **kwargs):
+        raise SETUP
+
+    monkeypatch.setattr(train, "run", setup_error)
+    code = train.main(["--synthetic", "tiny", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [f"train.py: error: {SETUP}"]
