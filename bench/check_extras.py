@@ -48,7 +48,8 @@ does (with cuBLAS, cuFFT, ... and cuDNN: 4.5-5.5 GB). Light also compiles every 
 first layout of an environment and gemm.cu (which includes <mma.h>) in the others. Wheels are
 kept in ~/.cache/mlperf-resnet-cupy/wheels ($MLPERF_WHEEL_CACHE) and each resolution for a day,
 so a second run installs with no download. Exit code 0 when every required check passes, 1
-otherwise, 2 on bad usage (and for --where: a header missing); 3 when PyPI cannot be reached.
+otherwise, 2 on bad usage; 3 when PyPI cannot be reached. --where: 0 every header found, 2 one
+missing (the fix is printed), 1 CuPy not importable.
 """
 
 import argparse
@@ -355,13 +356,16 @@ def probe(kernels=None, say=None, workers=None):
 
 
 def where(say=print):
-    """Print where NVRTC and each CUDA header come from in this environment. -> exit code."""
+    """Print where NVRTC and each CUDA header come from in this environment. -> exit code: 0 every
+    header found, 2 one missing (the fix is printed), 1 CuPy not importable."""
     sys.path.insert(0, str(REPO))
     from kernels.runtime import cuda_env
     rep = cuda_env.report()
     for line in cuda_env.format_report(rep):
         say(line)
-    return EXIT_OK if rep["cupy"] is not None and rep["headers"] and all(rep["headers"].values()) else EXIT_USAGE
+    if rep["cupy"] is None:
+        return EXIT_FAILED
+    return EXIT_OK if rep["headers"] and all(rep["headers"].values()) else EXIT_USAGE
 
 
 # ---- outside: fresh environments -------------------------------------------------------------------------

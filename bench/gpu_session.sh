@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED=1
 } > "$OUT/setup.txt"
 python3 -m bench.check_extras --where >> "$OUT/setup.txt" 2>&1
 headers=$?
-if [ "$headers" -ne 0 ] && ls .whl/fallback/*.whl >/dev/null 2>&1; then
+if [ "$headers" -eq 2 ] && ls .whl/fallback/*.whl >/dev/null 2>&1; then
     echo "a CUDA header is missing: installing the carried wheel(s) of .whl/fallback" >> "$OUT/setup.txt"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         .whl/fallback/*.whl >> "$OUT/setup.txt" 2>&1
