@@ -1309,7 +1309,7 @@ def main(argv=None):
         cfg = resolve_config(args)
         cfg["_explicit"] = {k: True for k, v in vars(args).items() if v is not None and v is not False}
         code = run(cfg, resume=args.resume)
-    except (UsageError, data.records.DatabaseError) as e:
+    except (UsageError, data.records.DataError) as e:   # bad input or environment, the loader's too
         if distributed.is_main():
             print(f"train.py: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
