@@ -275,20 +275,38 @@ def cache_root():
 
 
 def prepare_synthetic(name, progress=True):
-    """Generate (once) and pack (once) a synthetic dataset; return the folder with the LMDBs."""
+    """Generate (once) and pack (once) a synthetic dataset; return the folder with the LMDBs.
+    Runs that start together (or the ranks of one run) take turns on a lock file beside the
+    dataset's folder: one builds it, the others say that they wait and then use it."""
+    import fcntl
+
     from data import pack, synthetic
 
     spec = SYNTHETIC[name]
     key = hashlib.sha256(json.dumps([synthetic.VERSION, spec], sort_keys=True).encode()).hexdigest()[:10]
     root = cache_root() / "synthetic" / f"{name}-{key}"
     lmdb_dir = root / "lmdb"
-    if (lmdb_dir / "train.lmdb").is_dir() and (lmdb_dir / "val.lmdb").is_dir():
+
+    def ready():
+        return (lmdb_dir / "train.lmdb").is_dir() and (lmdb_dir / "val.lmdb").is_dir()
+
+    if ready():
         return lmdb_dir
-    _say(f"preparing the synthetic dataset '{name}' under {root} (once; cached)")
     try:
-        synthetic.make_dataset(str(root / "images"), seed=0, progress=progress, **spec)
-        pack.pack_folder(str(root / "images"), str(lmdb_dir), workers=min(4, os.cpu_count() or 1),
-                         progress=progress)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(root.parent / f"{root.name}.lock", "a")
+        with lock:  # closing the file releases the lock, also when this process is killed
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say(f"waiting for another run that is preparing the synthetic dataset '{name}' under {root}")
+                fcntl.flock(lock, fcntl.LOCK_EX)  # a signal ends the wait (KeyboardInterrupt, SIGTERM)
+            if ready():
+                return lmdb_dir
+            _say(f"preparing the synthetic dataset '{name}' under {root} (once; cached)")
+            synthetic.make_dataset(str(root / "images"), seed=0, progress=progress, **spec)
+            pack.pack_folder(str(root / "images"), str(lmdb_dir), workers=min(4, os.cpu_count() or 1),
+                             progress=progress)
     except OSError as e:
         if e.errno not in OUTPUT_ERRNOS:
             raise
