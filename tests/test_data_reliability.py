@@ -202,6 +202,32 @@ def test_a_killed_worker_is_one_error_naming_it(tiny_data, when):
         assert images.shape == (8, 16, 16, 3)
 
 
+@HANG
+def test_one_ctrl_c_ends_a_wait_for_a_stuck_worker(tiny_data):
+    # A worker that never answers (stopped here; a hung filesystem alike): one KeyboardInterrupt
+    # ends the wait, and the workers are gone afterwards, the stopped one included (SIGKILL).
+    import threading
+
+    with Loader(tiny_data / "train.lmdb", 8, train=True, image_size=16, workers=1, prefetch=2) as loader:
+        batches = iter(loader)
+        next(batches)
+        worker = loader._procs[0]
+        os.kill(worker.pid, signal.SIGSTOP)
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                for _ in batches:
+                    pass
+        finally:
+            timer.cancel()
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGKILL)
+        assert time.monotonic() - t0 < 10
+        assert not loader._procs and worker.exitcode == -signal.SIGKILL
+
+
 def test_slots_too_large_for_dev_shm_are_refused_up_front(tiny_data):
     with pytest.raises(LoaderError) as info:
         Loader(tiny_data / "train.lmdb", 8, train=True, image_size=100_000, workers=1)
