@@ -8,7 +8,7 @@ and with no GPU (none of this needs one):
 
   1. imports CuPy;
   2. loads NVRTC the way CuPy does, and checks it came from the environment, not a system toolkit;
-  3. resolves every header our kernels need on CuPy's include path (plus what kernels/cuda_env.py
+  3. resolves every header our kernels need on CuPy's include path (plus what kernels/runtime/cuda_env.py
      adds), each inside the environment;
   4. compiles every kernels/*.cu with CuPy's own NVRTC program and CuPy's options (-ftz=true,
      its include path) for two GPU architectures;
@@ -58,10 +58,10 @@ def _archs(nvrtc_major):
 
 def probe():
     """Run the checks in this interpreter's environment. -> dict (JSON-able) with a 'checks' list of
-    {name, ok, detail} and 'report' (kernels.cuda_env.report())."""
+    {name, ok, detail} and 'report' (kernels.runtime.cuda_env.report())."""
     sys.path.insert(0, str(REPO))
-    from kernels import cuda_env
-    from kernels.runtime import load_module
+    from kernels.runtime import cuda_env
+    from kernels.runtime.raw import load_module
 
     prefix = os.path.realpath(sys.prefix)
     inside = lambda path: bool(path) and os.path.realpath(path).startswith(prefix + os.sep)

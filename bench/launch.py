@@ -163,7 +163,7 @@ def measure_standin(count=20000, repeat=5):
     """
     rows = []
     with standin_cupy():
-        from kernels import _launch
+        from kernels.runtime import launch as _launch
         for filename, kernel in CASES:
             grid, block, args = _case_args(kernel, lambda shape, dt: StandInArray(np.zeros(shape, dt)))
             get = _launch.module
@@ -196,7 +196,7 @@ def measure_gpu(count=20000, repeat=5):
             return None
     except Exception:
         return None
-    from kernels import _launch
+    from kernels.runtime import launch as _launch
     rows = []
     for filename, kernel in CASES:
         grid, block, args = _case_args(kernel, lambda shape, dt: cupy.zeros(shape, dt))

@@ -1,15 +1,15 @@
 """kernels: hand-written CUDA C kernels and the machinery that runs them.
 
-- `RawKernel` / `RawModule` (kernels/runtime.py): the cupy.RawKernel interface; CuPy arrays
-  launch on the GPU, NumPy arrays run on the CPU emulator (kernels/emulator.py).
+- `RawKernel` / `RawModule` (kernels/runtime/raw.py): the cupy.RawKernel interface; CuPy arrays
+  launch on the GPU, NumPy arrays run on the CPU emulator (kernels/emu/emulator.py).
 - `load_module("relu.cu")`: a .cu file of this folder as a RawModule.
 - `sanitize("all")`: memcheck, racecheck, initcheck and synccheck for the emulator launches in a
   `with` block (or KERNELS_EMU_SANITIZE=all for all of them); findings are `SanitizerError`s.
 - `profile()`: Nsight Compute's memory metrics (requests, sectors, shared-memory wavefronts and
-  bank conflicts) of the emulator launches in a `with` block (kernels/profiler.py).
+  bank conflicts) of the emulator launches in a `with` block (kernels/emu/profiler.py).
 - `resources(kernel, arch)`: registers, spills, stack and shared memory from ptxas (NVRTC,
-  kernels/ptxas.py); `occupancy(arch, block, registers, shared)`: the CUDA Occupancy
-  Calculator's resident blocks and warps per SM (kernels/occupancy_calculator.py).
+  kernels/runtime/ptxas.py); `occupancy(arch, block, registers, shared)`: the CUDA Occupancy
+  Calculator's resident blocks and warps per SM (kernels/emu/occupancy_calculator.py).
 - `reference` (kernels/reference.py): NumPy implementations of every op, the `cpu` device.
 - `ops` (kernels/ops.py): one launcher per op, shapes and dtypes checked, same signatures.
 - `versions` (kernels/versions.py): each op family's numbered versions and which one runs;
@@ -19,15 +19,15 @@ See kernels/README.md for how a kernel goes from source to a launch.
 Nothing here imports nn/ or data/.
 """
 
-from .errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorError, InitcheckError,
+from .emu.errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorError, InitcheckError,
                      KernelAssertionError, KernelFault, LaunchConfigError, MemcheckError, OutOfBoundsError,
                      RacecheckError, SanitizerError, SynccheckError, WarpCollectiveError)
-from .runtime import KERNEL_DIR, RawKernel, RawModule, launch_count, load_module
-from .sanitizer import mark_uninitialized, sanitize
-from .profiler import profile
-from .occupancy_calculator import occupancy
-from .ptxas import resources
-from . import trace
+from .runtime.raw import KERNEL_DIR, RawKernel, RawModule, launch_count, load_module
+from .emu.sanitizer import mark_uninitialized, sanitize
+from .emu.profiler import profile
+from .emu.occupancy_calculator import occupancy
+from .runtime.ptxas import resources
+from .runtime import trace
 
 __all__ = ["RawKernel", "RawModule", "load_module", "launch_count", "trace", "KERNEL_DIR", "CompileError", "EmulatorError",
            "LaunchConfigError", "BarrierDivergenceError", "DeadlockError", "WarpCollectiveError",

@@ -20,7 +20,7 @@ contract's functions take no version argument.
 import numpy as np
 
 from . import versions
-from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, empty, empty_like, module
+from .runtime.launch import FLOAT_DTYPES, array_module, blocks_for, check_array, empty, empty_like, module
 
 __all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward",
@@ -343,6 +343,8 @@ def batchnorm_backward_elemt(dy, x, gamma, saved_mean, saved_invstd, sums, count
     return dx
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("batchnorm"))
+if __name__ == "__main__":   # `python -m kernels.batchnorm ARGS` is `python -m kernels batchnorm ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["batchnorm"]
+    runpy.run_module("kernels", run_name="__main__")

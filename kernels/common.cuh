@@ -193,7 +193,7 @@ __device__ __forceinline__ float column_sum(float v, float (*tile)[COLS]) {
  *     KERNEL_ENTRY(relu_forward_f32, relu_forward<float>)
  *     KERNEL_ENTRY(relu_forward_f16, relu_forward<__half>)
  *
- * The kernel loader (kernels.load_module, RawModule; kernels/signature.py expand_entry_points)
+ * The kernel loader (kernels.load_module, RawModule; kernels/emu/signature.py expand_entry_points)
  * writes each such line out, on the same line, as the extern "C" kernel it stands for:
  *
  *     extern "C" __global__ void relu_forward_f32(const float* __restrict__ x, float* __restrict__ y,
@@ -205,6 +205,6 @@ __device__ __forceinline__ float column_sum(float v, float (*tile)[COLS]) {
  * (the file compiled without the loader) stops with this message:
  */
 #define KERNEL_ENTRY(...) \
-    static_assert(false, "KERNEL_ENTRY lines are written out by kernels.load_module (kernels/signature.py)");
+    static_assert(false, "KERNEL_ENTRY lines are written out by kernels.load_module (kernels/emu/signature.py)");
 
 #endif /* KERNELS_COMMON_CUH */

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import gemm as _gemm
 from . import versions
-from ._launch import array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
+from .runtime.launch import array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_output_size",
            "permute_weight", "conv_weight", "F16_VERSIONS", "emulate_arch"]
@@ -402,6 +402,8 @@ def _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, 
     return dw
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("conv"))
+if __name__ == "__main__":   # `python -m kernels.conv ARGS` is `python -m kernels conv ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["conv"]
+    runpy.run_module("kernels", run_name="__main__")

@@ -15,7 +15,7 @@ and times them): 1 one thread per row, 2 (the default) one block per row with an
 import numpy as np
 
 from . import versions
-from ._launch import array_module, check_array, empty, empty_like, is_cupy, module
+from .runtime.launch import array_module, check_array, empty, empty_like, is_cupy, module
 
 __all__ = ["softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss"]
 
@@ -147,6 +147,8 @@ def topk_correct(logits, labels, ks=(1, 5)):
     return counts
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("cross_entropy"))
+if __name__ == "__main__":   # `python -m kernels.cross_entropy ARGS` is `python -m kernels cross_entropy ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["cross_entropy"]
+    runpy.run_module("kernels", run_name="__main__")

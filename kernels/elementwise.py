@@ -7,7 +7,7 @@ float32 and float16 are supported where the network needs both.
 
 import numpy as np
 
-from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, empty, empty_like, module
+from .runtime.launch import FLOAT_DTYPES, array_module, blocks_for, check_array, empty, empty_like, module
 
 __all__ = ["relu_forward", "relu_backward", "add", "add_relu_forward", "scale", "axpy", "fill", "cast",
            "cast_from_bf16"]
@@ -136,6 +136,8 @@ def cast_from_bf16(bits):
     return y
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("elementwise"))
+if __name__ == "__main__":   # `python -m kernels.elementwise ARGS` is `python -m kernels elementwise ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["elementwise"]
+    runpy.run_module("kernels", run_name="__main__")

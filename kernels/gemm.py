@@ -19,7 +19,7 @@ and float16 inputs), 2 shared-memory tiles, 3 register blocking (the default for
 import numpy as np
 
 from . import versions
-from ._launch import array_module, blocks_for, check_array, empty, module
+from .runtime.launch import array_module, blocks_for, check_array, empty, module
 
 __all__ = ["gemm", "gemm_f16", "linear_forward", "linear_backward", "column_sum", "F32_VERSIONS", "F16_VERSIONS"]
 
@@ -210,6 +210,8 @@ def linear_backward(dy, x, w, need_bias_grad=True, version=None, dtype=None):
     return dx, dw, db
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("gemm"))
+if __name__ == "__main__":   # `python -m kernels.gemm ARGS` is `python -m kernels gemm ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["gemm"]
+    runpy.run_module("kernels", run_name="__main__")

@@ -13,7 +13,7 @@ aligned buffers; otherwise version 1 runs).
 import numpy as np
 
 from . import versions
-from ._launch import array_module, blocks_for, check_array, empty, module
+from .runtime.launch import array_module, blocks_for, check_array, empty, module
 
 __all__ = ["input_normalize"]
 
@@ -76,6 +76,8 @@ def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype
     return x
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("input"))
+if __name__ == "__main__":   # `python -m kernels.input ARGS` is `python -m kernels input ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["input"]
+    runpy.run_module("kernels", run_name="__main__")

@@ -126,7 +126,7 @@ def _source(family, path):
     if path is None:
         yield None
         return
-    from . import _launch
+    from .runtime import launch as _launch
     resolved = versions.check_source(family, path)
     f = versions.FAMILIES[family]
     _launch.replace_source(f.source, resolved)

@@ -26,7 +26,7 @@ Mixed precision on the device:
 
 import numpy as np
 
-from ._launch import array_module, blocks_for, check_array, empty, is_cupy, module
+from .runtime.launch import array_module, blocks_for, check_array, empty, is_cupy, module
 
 __all__ = ["sgd_momentum_update", "momentum_update_flat", "ParamSegments", "lars_trust_ratio",
            "lars_trust_ratio_flat", "global_grad_norm", "nonfinite_flag", "loss_scale_update"]
@@ -319,6 +319,8 @@ def global_grad_norm(list_of_grads):
     return float(out[0])
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("optimizer"))
+if __name__ == "__main__":   # `python -m kernels.optimizer ARGS` is `python -m kernels optimizer ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["optimizer"]
+    runpy.run_module("kernels", run_name="__main__")

@@ -12,7 +12,7 @@ max-pool backward: 1 scatters with atomicAdd, 2 (the default) gathers, determini
 import numpy as np
 
 from . import versions
-from ._launch import FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
+from .runtime.launch import FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
 __all__ = ["maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward"]
 
@@ -135,6 +135,8 @@ def global_avgpool_backward(dy, x_shape):
     return dx
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("pool"))
+if __name__ == "__main__":   # `python -m kernels.pool ARGS` is `python -m kernels pool ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["pool"]
+    runpy.run_module("kernels", run_name="__main__")

@@ -11,7 +11,7 @@ the header of reduce.cu; `python -m kernels.reduce` checks and times every one o
 import numpy as np
 
 from . import versions
-from ._launch import array_module, blocks_for, check_array, empty, module
+from .runtime.launch import array_module, blocks_for, check_array, empty, module
 
 __all__ = ["sum"]
 
@@ -48,6 +48,8 @@ def sum(x, version=None):  # noqa: A001  (the op is called sum)
     return out
 
 
-if __name__ == "__main__":
-    from kernels.lesson import main
-    raise SystemExit(main("reduce"))
+if __name__ == "__main__":   # `python -m kernels.reduce ARGS` is `python -m kernels reduce ARGS` (the lesson)
+    import runpy
+    import sys
+    sys.argv[1:1] = ["reduce"]
+    runpy.run_module("kernels", run_name="__main__")

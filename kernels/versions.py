@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _launch
-from .runtime import KERNEL_DIR, load_module
+from .runtime import launch as _launch
+from .runtime.raw import KERNEL_DIR, load_module
 
 __all__ = ["Family", "FAMILIES", "TRAINING", "numbers", "version", "describe", "parse", "select", "restore", "use",
            "running", "in_use", "in_use_f16", "table", "check_source", "check_precision"]

@@ -69,7 +69,7 @@ class Device:
         """End a training step for the kernels' launch trace (KERNELS_TRACE prints a summary of the
         step's launches); nothing on cpu, or when no trace is on."""
         if self._ops_module_name == "kernels.ops":
-            from kernels import trace
+            from kernels.runtime import trace
             if trace.enabled():
                 trace.mark_step()
 
@@ -143,7 +143,7 @@ def select_kernels(spec, device=None):
     every learner's copy for it now, so that a compile error shows before any work.  Raises
     ValueError with one line that says what is wrong.  Returns what restore_kernels takes."""
     versions = importlib.import_module("kernels.versions")
-    from kernels.errors import CompileError
+    from kernels.emu.errors import CompileError
     try:
         return versions.select(spec, compile_for=device if device in ("emu", "cuda") else None)
     except CompileError as e:

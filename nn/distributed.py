@@ -406,7 +406,7 @@ def nccl_module():
 
 
 def _nccl_install_hint():
-    from kernels.cuda_env import cupy_wheel_cuda_major, gpu_extra_for
+    from kernels.runtime.cuda_env import cupy_wheel_cuda_major, gpu_extra_for
     major = cupy_wheel_cuda_major()
     if major is None:
         return ('pip install nvidia-nccl-cu12 (or -cu13, -cu11: the CUDA of your CuPy wheel; '

@@ -4,7 +4,7 @@ tests/test_kernel_choice.py and the exercises' checks (tests/test_learn.py) comp
 import numpy as np
 
 import nn
-from kernels import trace
+from kernels.runtime import trace
 from nn import functional as F
 
 

@@ -16,8 +16,8 @@ import re
 
 import pytest
 
-from kernels import nvrtc
-from kernels.errors import CompileError, first_error_line
+from kernels.runtime import nvrtc
+from kernels.emu.errors import CompileError, first_error_line
 
 ARCHS = ("sm_60", "sm_70", "sm_80", "sm_90")
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import emulator
+from kernels.emu import emulator
 
 rng = np.random.default_rng(1234)
 

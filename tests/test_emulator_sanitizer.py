@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import sanitizer
+from kernels.emu import sanitizer
 
 CUDA = Path(__file__).resolve().parent / "cuda"
 ROOT = Path(__file__).resolve().parents[1]
@@ -427,10 +427,10 @@ def test_uninitialized_bytes_become_initialized_when_written():
 
 
 def test_launcher_outputs_start_uninitialised_under_initcheck():
-    """The launchers allocate their outputs and workspaces with kernels._launch.empty: under
+    """The launchers allocate their outputs and workspaces with kernels.runtime.launch.empty: under
     initcheck those start uninitialised (as cupy.empty memory does), so a kernel reading output
     bytes no launch wrote is found, whatever NumPy's fresh pages held; host-made arrays are trusted."""
-    from kernels import _launch
+    from kernels.runtime import launch as _launch
     src = textwrap.dedent(r"""
     extern "C" __global__ void bump(float* y, int n) { if (threadIdx.x < n) y[threadIdx.x] += 1.0f; }
     extern "C" __global__ void put(float* y, int n) { if (threadIdx.x < n) y[threadIdx.x] = 1.0f; }

@@ -1,4 +1,4 @@
-"""KERNEL_ENTRY instantiation lists (kernels/common.cuh, kernels/signature.py expand_entry_points):
+"""KERNEL_ENTRY instantiation lists (kernels/common.cuh, kernels/emu/signature.py expand_entry_points):
 each line becomes an extern "C" kernel with the template's parameters, on the same line, that runs
 on the emulator, is checked like any other kernel, and is refused with the file and line when the
 line is wrong."""
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kernels import CompileError, RawModule, load_module, nvrtc
-from kernels.runtime import KERNEL_DIR
-from kernels.signature import expand_entry_points, find_kernels
+from kernels.runtime.raw import KERNEL_DIR
+from kernels.emu.signature import expand_entry_points, find_kernels
 
 SOURCE = r'''#include "common.cuh"
 

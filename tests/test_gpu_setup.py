@@ -1,5 +1,5 @@
 """A first run on a GPU machine, tested without one: where CuPy finds NVRTC and the CUDA headers
-(kernels/cuda_env.py), NCCL missing, the GPU each rank takes, why --device auto chose the CPU,
+(kernels/runtime/cuda_env.py), NCCL missing, the GPU each rank takes, why --device auto chose the CPU,
 bf16 refused up front, and the memory arithmetic behind the out-of-memory advice (nn/memory.py).
 
 CuPy is replaced by small stand-in modules where a test needs one.
@@ -18,7 +18,7 @@ from nn import distributed
 from nn import functional as F
 from nn import memory
 from nn.resnet import Bottleneck, ResNet
-from kernels import cuda_env
+from kernels.runtime import cuda_env
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,7 +67,7 @@ def install_fake_cupy(monkeypatch, device_count=1, count_error=None, nccl_availa
     return record
 
 
-# ---- kernels/cuda_env.py: the headers CuPy must find -----------------------------------------------
+# ---- kernels/runtime/cuda_env.py: the headers CuPy must find -----------------------------------------------
 
 def test_the_headers_our_kernels_need():
     assert cuda_env.kernel_headers() == ["cuda_bf16.h", "cuda_fp16.h", "cuda_pipeline.h", "mma.h"]

@@ -14,7 +14,7 @@ import pytest
 
 import nn
 from kernels import versions
-from kernels.runtime import KERNEL_DIR
+from kernels.runtime.raw import KERNEL_DIR
 from tests._tiny_training import train_tiny as _train_tiny
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import pytest
 from kernels import conv as CV
 from kernels import reference as ref
 from kernels import versions
-from kernels.runtime import RawKernel
+from kernels.runtime.raw import RawKernel
 
 F32_VERSIONS = tuple(v for v in versions.numbers("conv") if v not in CV.F16_VERSIONS)
 
@@ -327,7 +327,7 @@ def test_fast_division_by_an_invariant_divisor():
             fast_divmod(n[i % count], f, q[i], r[i]);
         }
     }"""
-    from kernels.runtime import KERNEL_DIR
+    from kernels.runtime.raw import KERNEL_DIR
     kernel = RawKernel(src, "divide", options=("-I", str(KERNEL_DIR)))
     rng = np.random.default_rng(0)
     n = np.concatenate([np.arange(300), rng.integers(0, 2**31 - 1, 700), [2**31 - 1, 2**31 - 2, 2**30]]).astype(np.int32)

@@ -10,7 +10,7 @@ import pytest
 
 from kernels import gemm as G
 from kernels import reference as ref
-from kernels.runtime import load_module
+from kernels.runtime.raw import load_module
 
 SHAPES = [(1, 1, 1), (1, 17, 33), (17, 33, 65), (65, 1, 17), (33, 65, 1), (130, 129, 20), (7, 5, 128)]
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
@@ -278,8 +278,8 @@ extern "C" __global__ void wmma_32x8x16(const __half* a, const __half* b, const 
 
 
 def test_emulated_wmma_shape_layouts_and_checks():
-    from kernels.emulator import EmulatorError
-    from kernels.runtime import RawKernel
+    from kernels.emu.emulator import EmulatorError
+    from kernels.runtime.raw import RawKernel
     k = RawKernel(_WMMA_TEST_KERNEL, "wmma_32x8x16")
     rng = np.random.default_rng(13)
     A = rng.standard_normal((32, 16)).astype(np.float16)
@@ -328,8 +328,8 @@ extern "C" __global__ void wmma_per_warp(const __half* a, const __half* b, float
 def test_emulated_wmma_spreads_each_warps_tile_over_its_lanes():
     """Every warp of a block multiplies its own tiles (the emulator's per-warp scratch area), and a
     warp of fewer than 32 threads is refused: WMMA needs all of a warp's lanes."""
-    from kernels.emulator import EmulatorError
-    from kernels.runtime import RawKernel
+    from kernels.emu.emulator import EmulatorError
+    from kernels.runtime.raw import RawKernel
     k = RawKernel(_WMMA_PER_WARP_KERNEL, "wmma_per_warp")
     rng = np.random.default_rng(14)
     warps = 3

@@ -14,9 +14,9 @@ import pytest
 
 from bench import launch as bench_launch
 from bench.launch import StandInArray, standin_cupy
-from kernels import _launch
-from kernels.runtime import KERNEL_DIR, RawKernel, load_module
-from kernels.signature import _check_args_slowly, compiled_check
+from kernels.runtime import launch as _launch
+from kernels.runtime.raw import KERNEL_DIR, RawKernel, load_module
+from kernels.emu.signature import _check_args_slowly, compiled_check
 
 RELU = r'''
 extern "C" __global__ void relu_copy(const float* x, float* y, long long n) {
@@ -163,7 +163,7 @@ def test_cupy_path_hands_the_checked_values_to_one_cached_function():
 
 def test_cuda_options_include_the_header_folders_cupy_misses(monkeypatch):
     from bench.launch import StandInRawModule
-    from kernels import cuda_env
+    from kernels.runtime import cuda_env
     monkeypatch.setattr(cuda_env, "extra_include_options", lambda: ("-I/wheels/cuda_nvcc/include",))
     with standin_cupy():
         StandInRawModule.made.clear()

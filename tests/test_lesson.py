@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kernels import cases, lesson, versions
-from kernels.runtime import KERNEL_DIR
+from kernels.runtime.raw import KERNEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = list(versions.FAMILIES)

@@ -14,7 +14,7 @@ import pytest
 
 import kernels
 from kernels import occupancy, resources
-from kernels.ptxas import Resources, module_resources, parse_ptxas_log
+from kernels.runtime.ptxas import Resources, module_resources, parse_ptxas_log
 
 CUDA = Path(__file__).resolve().parent / "cuda"
 SCHEDULES = ["forward", "reverse", "random:3"]

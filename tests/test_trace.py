@@ -1,4 +1,4 @@
-"""The launch trace (kernels/trace.py): every launch with its kernel, geometry, arguments and time;
+"""The launch trace (kernels/runtime/trace.py): every launch with its kernel, geometry, arguments and time;
 one summary per training step; from Python or through KERNELS_TRACE."""
 
 import json

@@ -1,7 +1,7 @@
 /*
  * sanitizer.cpp: the four checks of KERNELS_EMU_SANITIZE, NVIDIA compute-sanitizer's tools
  * under the same names.  Compiled into the runtime's translation unit right after runtime.cpp
- * (kernels/emulator.py joins the two files), so it sees the scheduler's state.
+ * (kernels/emu/emulator.py joins the two files), so it sees the scheduler's state.
  *
  * Where the accesses come from
  *   A sanitized module is compiled with g++ -fsanitize=thread, but linked without libtsan: the

@@ -50,7 +50,7 @@
  * __shared__ array lands in no variable and memcheck can name it.  The pads also mark the
  * __shared__ variables g++ leaves out of the section: it ignores the section attribute of a
  * static local in a function template (before g++ 14), which then lands in .bss right after its
- * pad (kernels/sanitizer.py, ModuleSymbols.shared_variables, finds them there). */
+ * pad (kernels/emu/sanitizer.py, ModuleSymbols.shared_variables, finds them there). */
 #if defined(__KERNELS_EMU_SANITIZE__) || defined(__KERNELS_EMU_DEBUG__)
 #define EMU_CAT2(a, b) a##b
 #define EMU_CAT(a, b) EMU_CAT2(a, b)

@@ -1,7 +1,7 @@
 /*
  * emu_abi.h: the binary interface between the CPU emulator's runtime (emu/runtime.cpp, built
  * once into a shared library) and each compiled kernel module (your .cu file compiled with g++
- * against cuda_emu.h).  Python talks to both through ctypes; see kernels/emulator.py.
+ * against cuda_emu.h).  Python talks to both through ctypes; see kernels/emu/emulator.py.
  *
  * A kernel module exports, for every extern "C" __global__ function NAME:
  *   void        __emu_entry_NAME(void** args)   runs NAME for the current emulated thread,
@@ -39,7 +39,7 @@ struct emu_array_span {
     unsigned long long end;
 };
 
-/* What Python passes to emu_launch().  Keep in sync with _LaunchParams in kernels/emulator.py. */
+/* What Python passes to emu_launch().  Keep in sync with _LaunchParams in kernels/emu/emulator.py. */
 struct emu_launch_params {
     unsigned int grid[3];
     unsigned int block[3];

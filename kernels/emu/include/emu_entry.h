@@ -1,5 +1,5 @@
 /*
- * emu_entry.h: appended (by kernels/emulator.py) after a kernel source, to export each
+ * emu_entry.h: appended (by kernels/emu/emulator.py) after a kernel source, to export each
  * extern "C" __global__ function to the runtime.
  *
  * For a kernel `void scale(float* x, float a, int n)` it generates

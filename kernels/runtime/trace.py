@@ -25,7 +25,7 @@ import sys
 import time
 from collections import Counter
 
-from . import runtime
+from . import raw
 
 __all__ = ["collect", "mark_step", "enabled", "Trace"]
 
@@ -98,7 +98,7 @@ _TRACER = _Tracer()
 
 
 def _install():
-    runtime._tracer = _TRACER if _TRACER.traces else None
+    raw._tracer = _TRACER if _TRACER.traces else None
 
 
 def _printer(stream):
@@ -154,7 +154,7 @@ class collect:
 
 def enabled():
     """True while a trace (KERNELS_TRACE or collect()) is recording."""
-    return runtime._tracer is not None
+    return raw._tracer is not None
 
 
 def mark_step():

@@ -8,7 +8,7 @@
                                       and the order of the blocks
 
 The checks run in kernels/emu/sanitizer.cpp, on a module compiled with -fsanitize=thread
-instrumentation (kernels/emulator.py builds it on demand, beside the plain one). This file says
+instrumentation (kernels/emu/emulator.py builds it on demand, beside the plain one). This file says
 which checks and which order a launch gets, lists the memory a finding can name (argument arrays,
 __shared__ variables read from the module's symbol table with `nm`), turns a machine-code address
 into a source line (`addr2line`, from binutils, which every g++ installation has) and writes the
@@ -31,7 +31,7 @@ __all__ = ["CHECKS", "sanitize", "mark_uninitialized", "launch_config", "parse_c
 CHECKS = {"memcheck": 1, "racecheck": 2, "initcheck": 4, "synccheck": 8}
 ALL_CHECKS = 15
 MEMORY_CHECKS = 7          # the ones that need the instrumented module
-PROFILE = 16               # not a check: kernels.profile() (kernels/profiler.py), same module
+PROFILE = 16               # not a check: kernels.profile() (kernels/emu/profiler.py), same module
 INSTRUMENTED = MEMORY_CHECKS | PROFILE
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
 
@@ -301,7 +301,7 @@ def _display_variable(name):
     return f"'{var}' (in {head})"
 
 
-_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
 _HEADER_FILES = re.compile(r"(^|/)(emu/include/|<emulator entry points>)")
 
 

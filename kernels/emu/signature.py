@@ -17,7 +17,7 @@ is exported per type by an instantiation list of lines `KERNEL_ENTRY(f_f32, f<fl
 function it stands for, the template's own parameter list with the template arguments put in:
     extern "C" __global__ void f_f32(const float* __restrict__ x, ...) { f<float>(x, ...); }
 so both compilers, the argument check and a reader of `RawModule.code` see ordinary kernels.
-`RawModule` (and kernels/nvrtc.py's `compile_file`) do it before compiling.
+`RawModule` (and kernels/runtime/nvrtc.py's `compile_file`) do it before compiling.
 
 Two checks, one verdict.  `check_args` is the reference: it walks the parameters and, on a
 mismatch, says what to pass.  A launch is on the hot path (a training step is ~800 of them), so

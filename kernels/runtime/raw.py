@@ -6,8 +6,8 @@
 
 The constructor and the call have the same shape as `cupy.RawKernel`.  The backend is chosen by
 the arrays: CuPy arrays launch on the GPU (CuPy compiles with NVRTC), NumPy arrays run on the
-CPU emulator (kernels/emulator.py).  On both, the arguments are first checked against the
-kernel's parameter list (kernels/signature.py): a float64 array passed as `float*`, a strided
+CPU emulator (kernels/emu/emulator.py).  On both, the arguments are first checked against the
+kernel's parameter list (kernels/emu/signature.py): a float64 array passed as `float*`, a strided
 view, or a Python int passed where the kernel wants a 32-bit `int`, is refused with a message
 saying what to pass.
 
@@ -22,20 +22,20 @@ import sys
 from pathlib import Path
 
 from . import cuda_env
-from .emulator import EmuModule
-from .signature import check_args, compiled_check, expand_entry_points, find_kernels
+from ..emu.emulator import EmuModule
+from ..emu.signature import check_args, compiled_check, expand_entry_points, find_kernels
 
 __all__ = ["RawKernel", "RawModule", "load_module", "KERNEL_DIR", "launch_count"]
 
 _launches = 0
-_tracer = None        # kernels/trace.py installs one while a launch trace is on
+_tracer = None        # kernels/runtime/trace.py installs one while a launch trace is on
 
 
 def launch_count():
     """How many kernels this process has launched through RawKernel (both backends) so far."""
     return _launches
 
-KERNEL_DIR = Path(__file__).resolve().parent
+KERNEL_DIR = Path(__file__).resolve().parent.parent
 
 
 def _array_kind(args):

@@ -24,7 +24,7 @@ Environment variables:
   KERNELS_EMU_SANITIZE=all (or a comma list of memcheck, racecheck, initcheck, synccheck)
                          the four checks of NVIDIA's compute-sanitizer on every launch, with a
                          SanitizerError naming the line(s), thread(s) and memory of a finding
-                         (kernels/sanitizer.py, emu/sanitizer.cpp; `kernels.sanitize()` for a block).
+                         (kernels/emu/sanitizer.py, emu/sanitizer.cpp; `kernels.sanitize()` for a block).
   KERNELS_EMU_SCHEDULE=forward|reverse|random[:seed]
                          the order of a block's threads between barriers, and of the blocks.
   KERNELS_EMU_CACHE=DIR  where compiled kernels are kept (default ~/.cache/mlperf-resnet-cupy/emu).
@@ -68,10 +68,10 @@ __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "Ba
            "debug_enabled", "debug_mode", "cache_dir", "emulated_arch"]
 
 _HERE = Path(__file__).resolve().parent
-_INCLUDE = _HERE / "emu" / "include"
+_INCLUDE = _HERE / "include"
 # one translation unit: the scheduler, the sanitizer (which uses its state), the profiler (fed by
 # the sanitizer's access hook)
-_RUNTIME_SOURCES = (_HERE / "emu" / "runtime.cpp", _HERE / "emu" / "sanitizer.cpp", _HERE / "emu" / "profiler.cpp")
+_RUNTIME_SOURCES = (_HERE / "runtime.cpp", _HERE / "sanitizer.cpp", _HERE / "profiler.cpp")
 _MAX_THREADS_PER_BLOCK = 1024
 _MAX_BLOCK = (1024, 1024, 64)
 _MAX_GRID = (2**31 - 1, 65535, 65535)
@@ -86,7 +86,7 @@ _PROFILE = _san.PROFILE
 
 
 # ---------------------------------------------------------------------------------- errors
-# The exception classes live in kernels/errors.py; emu_launch's error codes map onto them.
+# The exception classes live in kernels/emu/errors.py; emu_launch's error codes map onto them.
 _ERROR_CLASSES = {1: LaunchConfigError, 2: BarrierDivergenceError, 3: DeadlockError, 4: KernelFault,
                   5: KernelAssertionError, 6: WarpCollectiveError}
 _SYNC_ERRORS = {2: "divergent barriers", 3: "deadlock", 6: "warp collective mismatch"}
@@ -378,7 +378,7 @@ def _source_file(name):
     """The absolute path of source file `name` (absolute, or relative to the working directory
     or to the repository), or None."""
     p = Path(name)
-    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, _HERE.parent / p]):
+    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, _HERE.parent.parent / p]):
         if candidate.is_file():
             return str(candidate.resolve())
     return None

@@ -9,7 +9,7 @@ writes what each entry function uses into the program log:
     ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
     ptxas info    : Used 40 registers, used 1 barriers, 8192 bytes smem, 400 bytes cmem[0]
 
-which is all we read (no GPU needed: NVRTC is a library, see kernels/nvrtc.py).  The module is
+which is all we read (no GPU needed: NVRTC is a library, see kernels/runtime/nvrtc.py).  The module is
 compiled with the options it was loaded with and CuPy's `-ftz=true`, once per architecture;
 the results are cached in memory and on disk (beside the emulator's builds, keyed by the source,
 the options and the NVRTC version).
@@ -27,7 +27,7 @@ import threading
 from dataclasses import asdict, dataclass
 
 from . import cuda_env, nvrtc
-from .occupancy_calculator import architecture, occupancy
+from ..emu.occupancy_calculator import architecture, occupancy
 
 __all__ = ["resources", "module_resources", "Resources"]
 
@@ -116,7 +116,7 @@ _memory = {}
 
 
 def _cache_file(key):
-    from .emulator import cache_dir
+    from ..emu.emulator import cache_dir
     folder = cache_dir() / "ptxas"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.json"
@@ -126,7 +126,7 @@ def module_resources(code, arch="sm_80", options=(), filename="kernel.cu"):
     """{kernel name: Resources} of every entry function of a CUDA C source on `arch`."""
     a = architecture(arch).name
     opts, dirs = _nvrtc_options(options)
-    from .emulator import _digest
+    from ..emu.emulator import _digest
     key = _digest("ptxas", code, opts, a, nvrtc.nvrtc_version())
     with _lock:
         hit = _memory.get(key)
@@ -151,7 +151,7 @@ def resources(kernel, arch="sm_80"):
     """Resources of one kernel (a kernels.RawKernel, e.g. load_module("gemm.cu").get_function(...))
     on arch 'sm_60', 'sm_70', 'sm_80' or 'sm_90', from NVRTC's ptxas report (cached).
 
-    Raises kernels.nvrtc.NVRTCUnavailableError without libnvrtc, kernels.CompileError when the
+    Raises kernels.runtime.nvrtc.NVRTCUnavailableError without libnvrtc, kernels.CompileError when the
     source does not compile for that architecture.
     """
     module = getattr(kernel, "module", None)

@@ -7,8 +7,8 @@ array is a TypeError/ValueError naming the argument, never a wrong answer or a c
 
 import numpy as np
 
-from . import sanitizer as _sanitizer
-from .runtime import load_module
+from ..emu import sanitizer as _sanitizer
+from .raw import load_module
 
 __all__ = ["array_module", "is_cupy", "check_array", "check_shape_tuple", "blocks_for", "module", "replace_source",
            "empty_like", "empty", "FLOAT_DTYPES"]

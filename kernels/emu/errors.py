@@ -1,12 +1,12 @@
 """Exceptions of kernels/: compiling CUDA C source, and running it on the CPU emulator.
 
 `CompileError` is raised for a failed build of a kernel source, whichever compiler ran: NVRTC
-(the GPU compiler, see kernels/nvrtc.py, which raises its subclass `NVRTCError`) or the system
+(the GPU compiler, see kernels/runtime/nvrtc.py, which raises its subclass `NVRTCError`) or the system
 C++ compiler used by the CPU emulator. It carries the compiler's full message, so a learner sees
 exactly what the compiler said, with the kernel's file name and line number.
 
 `EmulatorError` and its subclasses are what a kernel launch on the CPU emulator raises when the
-kernel breaks a rule of the GPU (kernels/emulator.py); `SanitizerError` and its four subclasses,
+kernel breaks a rule of the GPU (kernels/emu/emulator.py); `SanitizerError` and its four subclasses,
 one per tool of NVIDIA's compute-sanitizer, are the findings of KERNELS_EMU_SANITIZE.
 """
 

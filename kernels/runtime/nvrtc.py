@@ -24,7 +24,7 @@ found in the `nvidia-cuda-runtime-cu12` wheel (site-packages/nvidia/cuda_runtime
 toolkit's include/ directory and passed with -I automatically.
 
 Example:
-    >>> from kernels.nvrtc import compile_cuda
+    >>> from kernels.runtime.nvrtc import compile_cuda
     >>> r = compile_cuda('extern "C" __global__ void k(float* x) { x[threadIdx.x] = 1.0f; }',
     ...                  arch="sm_90")
     >>> len(r.cubin) > 0
@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .errors import CompileError, first_error_line
+from ..emu.errors import CompileError, first_error_line
 
 __all__ = [
     "CompileResult",
@@ -348,7 +348,7 @@ def compile_cuda(source, arch="sm_80", options=(), filename="kernel.cu", include
         CompileResult with `cubin` (non-empty for sm_XX), `ptx`, `log`, `arch`, `seconds`.
 
     Raises:
-        NVRTCError (a kernels.errors.CompileError) with the compiler's log when compilation
+        NVRTCError (a kernels.CompileError) with the compiler's log when compilation
         fails; NVRTCUnavailableError when libnvrtc cannot be found; TypeError/ValueError for
         bad arguments.
     """
@@ -417,8 +417,8 @@ def compile_file(path, arch="sm_80", options=(), include_dirs=(), filename=None)
     `filename` (default: `path` as given) is the name shown in compiler messages.
     Same return value and errors as `compile_cuda`.
     """
-    from .runtime import expand_local_includes
-    from .signature import expand_entry_points
+    from .raw import expand_local_includes
+    from ..emu.signature import expand_entry_points
     with open(path, encoding="utf-8") as f:
         source = f.read()
     dirs = [os.path.dirname(os.path.abspath(path))] + list(include_dirs)

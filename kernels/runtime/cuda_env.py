@@ -37,7 +37,7 @@ __all__ = ["KERNEL_DIR", "include_dirs", "kernel_headers", "needed_headers", "cu
            "install_hint", "raise_with_install_hint", "CudaSetupError", "gpu_extra_for", "cupy_wheel_cuda_major",
            "report"]
 
-KERNEL_DIR = Path(__file__).resolve().parent
+KERNEL_DIR = Path(__file__).resolve().parent.parent
 
 # Headers that a header of the toolkit includes and that may sit in another wheel than itself.
 _NESTED = {"mma.h": ("crt/mma.h", "crt/mma.hpp")}
