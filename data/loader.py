@@ -437,14 +437,14 @@ class Loader:
         if st.f_bavail * st.f_frsize < size:
             raise self._room_error(f"{directory} has {_size_text(st.f_bavail * st.f_frsize)} free")
 
-    def _room_error(self, what):
+    def _room_error(self, what, remedy=None):
         directory = _slots_dir()
         size = _slot_bytes(self.num_slots, self.batch_size, self.image_size)
+        remedy = remedy or f"give {directory} more room (docker run --shm-size)"
         return LoaderError(
             f"{what}, but the loader's {self.num_slots} batch slots ({self.batch_size} images of "
             f"{self.image_size}x{self.image_size}x3 each) need {_size_text(size)} there: lower --batch-size, "
-            f"--image-size or --workers (2 slots per worker; Loader: batch_size, image_size, prefetch) or give "
-            f"{directory} more room (docker run --shm-size)")
+            f"--image-size or --workers (2 slots per worker; Loader: batch_size, image_size, prefetch) or {remedy}")
 
     def _make_slot_file(self):
         # The shared slots: a file in /dev/shm whose pages are all reserved now, so that a full
@@ -466,8 +466,8 @@ class Loader:
             os.close(fd)
             os.unlink(path)
             if e.errno == errno.EFBIG:
-                raise self._room_error(f"a file-size limit (ulimit -f) refuses a file this large in {directory} "
-                                       f"({e.strerror})") from None
+                raise self._room_error(f"a file-size limit refuses a file this large in {directory} ({e.strerror})",
+                                       "raise the limit (ulimit -f)") from None
             if e.errno == errno.ENOSPC:
                 raise self._room_error(f"{directory} is full ({e.strerror})") from None
             raise LoaderError(f"cannot make the loader's batch slots in {directory}: {e.strerror or e}") from None

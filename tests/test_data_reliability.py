@@ -248,7 +248,9 @@ def test_a_file_size_limit_on_the_slots_is_one_error(tiny_data, workers):
             next(iter(loader))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert "a file-size limit (ulimit -f) refuses a file this large in " in _one_line(info.value)
+    message = _one_line(info.value)
+    assert message.startswith("a file-size limit refuses a file this large in ") and "File too large" in message
+    assert message.endswith("or raise the limit (ulimit -f)")
     assert not loader._procs
     next(iter(loader))  # without the limit it works
     loader.close()
