@@ -441,10 +441,11 @@ class Loader:
         directory = _slots_dir()
         size = _slot_bytes(self.num_slots, self.batch_size, self.image_size)
         remedy = remedy or f"give {directory} more room (docker run --shm-size)"
+        slots = f"{self.num_slots} slot{'s' if self.num_slots > 1 else ''}"
         return LoaderError(
-            f"{what}, but the loader's {self.num_slots} batch slots ({self.batch_size} images of "
-            f"{self.image_size}x{self.image_size}x3 each) need {_size_text(size)} there: lower --batch-size, "
-            f"--image-size or --workers (2 slots per worker; Loader: batch_size, image_size, prefetch) or {remedy}")
+            f"{what}, but the loader's batch slots need {_size_text(size)} there ({slots} of {self.batch_size} "
+            f"images of {self.image_size}x{self.image_size}x3): lower --batch-size, --image-size or --workers "
+            f"(2 slots per worker; Loader: batch_size, image_size, prefetch) or {remedy}")
 
     def _make_slot_file(self):
         # The shared slots: a file in /dev/shm whose pages are all reserved now, so that a full
