@@ -31,6 +31,7 @@ against the model before reading it.
 """
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
@@ -967,8 +968,23 @@ class StopSignals:
 
     CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 
+    class WaitInterrupted(Exception):
+        """The first signal came while the run waited for a training batch: stop before the step."""
+
     def __init__(self):
         self.signum = None
+        self._waiting = False
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Around a wait for the next training batch: the first signal ends the wait at once (it
+        raises WaitInterrupted), so that a loader worker that never answers (stopped, or on a hung
+        file system) cannot make a Ctrl-C wait for a batch that may never come."""
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in self.CODES}
@@ -982,6 +998,9 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if self._waiting:
+            _say(f"{signal.Signals(signum).name}: saving a checkpoint (send it again to abort at once)")
+            raise self.WaitInterrupted
         _say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
              f"(send it again to abort at once)")
 
@@ -1235,7 +1254,17 @@ class Trainer:
         bar = _bar(total=self.steps_per_epoch, initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{cfg['epochs']}",
                    disable=cfg["no_progress"])
         self.phases.reset_clock()
-        for images, labels in self.prefetcher:
+        batches = iter(self.prefetcher)
+        while True:
+            try:  # one rank alone: a signal during the wait for a batch stops before the step
+                with self.stop.waiting() if self.world == 1 else contextlib.nullcontext():
+                    images, labels = next(batches)
+            except StopIteration:
+                break
+            except StopSignals.WaitInterrupted:
+                total, finite, _ = self.read_losses()
+                pos.loss_sum, pos.loss_steps = pos.loss_sum + total, pos.loss_steps + finite
+                break
             self.phases.mark("data")
             lr = self.schedule(pos.step)
             self.train_step(images, labels, lr)
