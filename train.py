@@ -32,6 +32,7 @@ against the model before reading it.
 """
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
@@ -351,20 +352,38 @@ def cache_root():
 
 
 def prepare_synthetic(name, progress=True):
-    """Generate (once) and pack (once) a synthetic dataset; return the folder with the LMDBs."""
+    """Generate (once) and pack (once) a synthetic dataset; return the folder with the LMDBs.
+    Runs that start together (or the ranks of one run) take turns on a lock file beside the
+    dataset's folder: one builds it, the others say that they wait and then use it."""
+    import fcntl
+
     from data import pack, synthetic
 
     spec = SYNTHETIC[name]
     key = hashlib.sha256(json.dumps([synthetic.VERSION, spec], sort_keys=True).encode()).hexdigest()[:10]
     root = cache_root() / "synthetic" / f"{name}-{key}"
     lmdb_dir = root / "lmdb"
-    if (lmdb_dir / "train.lmdb").is_dir() and (lmdb_dir / "val.lmdb").is_dir():
+
+    def ready():
+        return (lmdb_dir / "train.lmdb").is_dir() and (lmdb_dir / "val.lmdb").is_dir()
+
+    if ready():
         return lmdb_dir
-    _say(f"preparing the synthetic dataset '{name}' under {root} (once; cached)")
     try:
-        synthetic.make_dataset(str(root / "images"), seed=0, progress=progress, **spec)
-        pack.pack_folder(str(root / "images"), str(lmdb_dir), workers=min(4, os.cpu_count() or 1),
-                         progress=progress)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(root.parent / f"{root.name}.lock", "a")
+        with lock:  # closing the file releases the lock, also when this process is killed
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say(f"waiting for another run that is preparing the synthetic dataset '{name}' under {root}")
+                fcntl.flock(lock, fcntl.LOCK_EX)  # a signal ends the wait (KeyboardInterrupt, SIGTERM)
+            if ready():
+                return lmdb_dir
+            _say(f"preparing the synthetic dataset '{name}' under {root} (once; cached)")
+            synthetic.make_dataset(str(root / "images"), seed=0, progress=progress, **spec)
+            pack.pack_folder(str(root / "images"), str(lmdb_dir), workers=min(4, os.cpu_count() or 1),
+                             progress=progress)
     except OSError as e:
         if e.errno not in OUTPUT_ERRNOS:
             raise
@@ -950,8 +969,23 @@ class StopSignals:
 
     CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 
+    class WaitInterrupted(Exception):
+        """The first signal came while the run waited for a training batch: stop before the step."""
+
     def __init__(self):
         self.signum = None
+        self._waiting = False
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Around a wait for the next training batch: the first signal ends the wait at once (it
+        raises WaitInterrupted), so that a loader worker that never answers (stopped, or on a hung
+        file system) cannot make a Ctrl-C wait for a batch that may never come."""
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in self.CODES}
@@ -965,6 +999,9 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if self._waiting:
+            _say(f"{signal.Signals(signum).name}: saving a checkpoint (send it again to abort at once)")
+            raise self.WaitInterrupted
         _say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
              f"(send it again to abort at once)")
 
@@ -1218,7 +1255,17 @@ class Trainer:
         bar = _bar(total=self.steps_per_epoch, initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{cfg['epochs']}",
                    disable=cfg["no_progress"])
         self.phases.reset_clock()
-        for images, labels in self.prefetcher:
+        batches = iter(self.prefetcher)
+        while True:
+            try:  # one rank alone: a signal during the wait for a batch stops before the step
+                with self.stop.waiting() if self.world == 1 else contextlib.nullcontext():
+                    images, labels = next(batches)
+            except StopIteration:
+                break
+            except StopSignals.WaitInterrupted:
+                total, finite, _ = self.read_losses()
+                pos.loss_sum, pos.loss_steps = pos.loss_sum + total, pos.loss_steps + finite
+                break
             self.phases.mark("data")
             lr = self.schedule(pos.step)
             self.train_step(images, labels, lr)
@@ -1692,7 +1739,7 @@ def main(argv=None):
         cfg = resolve_config(args)
         cfg["_explicit"] = {k: True for k, v in vars(args).items() if v is not None and v is not False}
         code = run(cfg, resume=args.resume)
-    except (UsageError, data.records.DatabaseError, nn.device.cuda_setup_error()) as e:
+    except (UsageError, data.records.DataError, nn.device.cuda_setup_error()) as e:   # bad input or environment
         if distributed.is_main():
             print(f"train.py: error: {e}", file=sys.stderr)
         code = EXIT_USAGE

@@ -158,6 +158,73 @@ def test_ctrl_c_in_a_terminal_with_loader_workers(tiny_data, reference_run, tmp_
     assert_identical(weights(out), weights(reference_run))
 
 
+def _children(pid):
+    """The pids of the processes `pid` started, from /proc."""
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _wait_until_idle(pid, quiet=0.5, limit=60):
+    """Until process `pid` has used no CPU time for `quiet` seconds (it waits for something)."""
+    def cpu():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])      # utime + stime, in clock ticks
+    deadline, last, since = time.time() + limit, cpu(), time.time()
+    while time.time() < deadline:
+        time.sleep(0.1)
+        now = cpu()
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= quiet:
+            return
+    raise AssertionError(f"process {pid} kept running for {limit} s")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_one_ctrl_c_ends_the_wait_for_a_worker_that_never_answers(tiny_data, reference_run, tmp_path):
+    """Loader workers that are alive but never answer (stopped here; a hung file system alike):
+    the first SIGINT ends the wait for its batch at once, the run checkpoints before the step it
+    could not take and exits 130, and the resumed run is the uninterrupted one bit for bit (the
+    first signal used to wait for the step to finish, so the run waited for the batch forever)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *map(str, ["--data", tiny_data, *TINY, "--workers", "1", "--epochs", 3,
+                                        "--target-accuracy", 1.0, "--out", out])],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = []
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        # the workers: the children of the forkserver, itself a child of the run
+        stopped = [w for server in _children(proc.pid) for w in _children(server)]
+        assert stopped, "no loader worker found"
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        if proc.poll() is not None:
+            pytest.skip("the run finished before its workers could be stopped")
+        _wait_until_idle(proc.pid)           # the batches made before the stop are used up: it waits
+        proc.send_signal(signal.SIGINT)      # once
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == train.EXIT_NOT_REACHED:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert "checkpoint saved" in stdout
+    assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
+    assert_identical(weights(out), weights(reference_run))
+
+
 def test_corrupt_record_is_logged_replaced_and_the_run_goes_on(tiny_data, tmp_path):
     import lmdb
     import shutil
