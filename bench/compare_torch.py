@@ -8,8 +8,9 @@ memory format, `torch.backends.cudnn.benchmark = True`, torch.optim.SGD (momentu
     amp:  torch.autocast(float16) + torch.amp.GradScaler (init scale 128).
 Our side: bench.train's configurations (fp32-ours, fp32-cudnn, amp-ours, amp-cudnn).
 
-Method: both sides train on the same synthetic batch, already on the device (NHWC for us; the
-same memory seen by torch as an NCHW tensor in channels_last strides). After a warm-up, rounds
+Method: both sides train on a synthetic batch of the same shape, already on the device (ours:
+uint8 NHWC images that train.py's Trainer.step normalises with its input kernel, one launch a
+step; torch: a float NHWC batch seen as an NCHW tensor in channels_last strides). After a warm-up, rounds
 alternate: ours N steps, torch N steps, ours, torch ... (so clock and thermal drift hit both);
 throughput is the median over rounds. Peak memory is what each configuration adds at its peak:
 CuPy's pool high-water (reserved) minus the bytes in use before the model was built, and

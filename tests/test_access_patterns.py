@@ -114,8 +114,9 @@ TILE_CONFLICTS = {
     ("conv", (1, 8, 8, 128, 64, 1, 1, 0), "conv2d_forward", 3): {"conv2d_fwd_igemm_f32": (0, 512)},
     ("conv", (1, 16, 16, 3, 64, 7, 2, 3), "conv2d_forward", 3): {"conv2d_fwd_igemm_f32": (0, 640)},
     ("conv", (1, 16, 16, 3, 64, 7, 2, 3), "conv2d_backward_data", 3): {"conv2d_bwd_data_igemm_f32": (0, 25088)},
-    # gemm.cu: version 2's Bs[16][17] padding puts rows ty and ty + 1 of a warp's fill in one bank
-    ("gemm", (64, 64, 64, 0, 0), "gemm", 2): {"gemm_tiled_f32": (0, 512)},
+    # gemm.cu: version 2's unpadded 16 x 16 tiles: a warp fills 32 consecutive floats (512 with
+    # Bs[16][17], whose padding put rows ty and ty + 1 of a warp's fill in one bank)
+    ("gemm", (64, 64, 64, 0, 0), "gemm", 2): {"gemm_tiled_f32": (0, 0)},
     ("gemm", (64, 64, 64, 0, 0), "gemm", 3): {"gemm_regblock_f32": (0, 256)},
     ("gemm", (64, 64, 64, 1, 1), "gemm", 3): {"gemm_regblock_f32": (0, 256)},
     ("gemm", (64, 64, 64, 0, 0), "gemm_f16", 4): {"gemm_wmma_f16": (0, 0)},

@@ -95,8 +95,11 @@ def test_step_limit_then_resume_gives_identical_weights(tiny_data, reference_run
         assert int(f["extra/step"]) == stop_at
     assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
     assert_identical(weights(out), weights(reference_run))
-    # the resumed run's metrics continue the same history
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # the resumed run's metrics continue the same history; the interrupted epoch's training loss
+    # covers all its steps, those before the stop too (the checkpoint keeps its running sum)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in records] == pytest.approx([r["train_loss"] for r in reference], rel=1e-9)
 
 
 def test_killed_run_resumes_to_identical_weights(tiny_data, reference_run, tmp_path):
@@ -197,10 +200,27 @@ def test_missing_dataset_says_how_to_build_one(tmp_path):
     (["--batch-size", "0", "--device", "cpu"], "--batch-size must be >= 1"),
     (["--target-accuracy", "1.5", "--device", "cpu"], "--target-accuracy"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
+    # an unset variable in a script must not mean the built-in synthetic set
+    (["--data", "", "--device", "cpu"], "--data is empty (an unset variable in a script?)"),
+    (["--out", " ", "--device", "cpu"], "--out is empty"),
+    (["--resume", ""], "--resume is empty"),
+    (["--seed", "-1", "--device", "cpu"], "--seed must be a number in 0..2**63-1, got -1"),
+    (["--warmup-epochs", "inf", "--device", "cpu"], "--warmup-epochs must be a finite number >= 0, got inf"),
+    (["--lr", "inf", "--device", "cpu"], "--lr must be a finite number > 0"),
+    (["--lr", "nan", "--device", "cpu"], "--lr must be a finite number > 0"),
+    (["--weight-decay", "inf", "--device", "cpu"], "--weight-decay must be a finite number"),
+    (["--image-size", "100000", "--device", "cpu"], "--image-size must be in 16..1024, got 100000 (one batch of 32 "
+                                                    "such images is 894.1 GiB of shared memory)"),
+    (["--width", "1000", "--device", "cpu"], "--width must be in (0, 8]"),
+    (["--batch-size", "1", "--image-size", "32", "--device", "cpu"],
+     "--batch-size 1 at --image-size 32: batch norm in the last stage would see one value per channel"),
 ])
-def test_bad_flag_combinations_are_refused_up_front(flags, message, capsys):
+def test_bad_flag_combinations_are_refused_up_front(flags, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPERF_RESNET_CACHE", str(tmp_path / "cache"))   # nothing is prepared
     assert run_main(flags) == train.EXIT_USAGE
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_finished_run_directory_is_not_overwritten(reference_run, tiny_data, capsys):
