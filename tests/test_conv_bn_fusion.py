@@ -57,8 +57,11 @@ def test_emu_trains_to_the_same_losses_with_and_without_the_fusion(dtype):
     rtol = 1e-5 if dtype is None else 5e-4      # (measured: 0 and 6e-5)
     np.testing.assert_allclose(fused, plain, rtol=rtol)
     np.testing.assert_allclose(logits, plain_logits, rtol=rtol * 10, atol=rtol * 10)
+    # running statistics alike: in float16, the variance of activations a few of which moved by an ulp
+    # (measured: 8e-4)
+    buffer_tol = 1e-5 if dtype is None else 4e-3
     for (name, a), (_, b) in zip(model.named_buffers(), plain_model.named_buffers()):
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol, err_msg=name)   # running statistics alike
+        np.testing.assert_allclose(a, b, rtol=buffer_tol, atol=buffer_tol, err_msg=name)
 
 
 def test_cpu_trains_to_the_same_numbers_bit_for_bit():
