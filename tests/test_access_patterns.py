@@ -45,7 +45,7 @@ def profile(family, shape, op, version):
 # (family, shape, versions): every op of these cases, every version
 MEMORY_BOUND = [
     ("elementwise", (1 << 16,), (1,)),
-    ("batchnorm", (2, 8, 8, 64), (1, 2)),
+    ("batchnorm", (2, 8, 8, 64), (1, 2, 3)),
     ("pool", (1, 16, 16, 64, 3, 2, 1), (1, 2)),        # max pool 3x3/2 on 64 channels
     ("pool", (2, 7, 7, 256, 1, 1, 0), (2,)),          # (the global average pool's shape)
     ("optimizer", (24, 4), (1, 2)),                   # ResNet-50's first 24 tensors at a quarter size

@@ -39,7 +39,8 @@ def test_non_default_versions_train_to_the_same_losses(default_run):
                  "batchnorm_stats_naive_f32", "batchnorm_relu_backward_sums_naive_f32",
                  "maxpool2d_backward_scatter_f32", "softmax_cross_entropy_forward_naive", "gemm_naive_f32"}
     assert version_1 <= ran and not version_1 & ran_default
-    assert "conv2d_fwd_igemm_f32" in ran_default and "conv2d_fwd_igemm_f32" not in ran
+    assert "conv2d_fwd_igemm_stats_f32" in ran_default
+    assert not {"conv2d_fwd_igemm_f32", "conv2d_fwd_igemm_stats_f32"} & ran
     assert versions.in_use() == {name: f.default for name, f in versions.FAMILIES.items()}   # restored
     im2col, t_im2col = _train_tiny(conv=2)
     np.testing.assert_allclose(im2col, default, rtol=1e-5)

@@ -39,7 +39,9 @@ def test_every_configuration_steps_without_a_host_read():
     assert fp16["launches_per_step"] <= sgd["launches_per_step"], fp16["kernels_per_step"]
     casts = {k: n for k, n in fp16["kernels_per_step"].items() if k.startswith("cast_")}
     assert sum(casts.values()) <= 3, casts
-    assert fp16["kernels_per_step"]["conv2d_fwd_wmma_async_f16"] == sgd["kernels_per_step"]["conv2d_fwd_igemm_f32"]
+    # (in training each convolution also gives the batch norm after it its statistics: *_stats_*)
+    per_step16, per_step32 = fp16["kernels_per_step"], sgd["kernels_per_step"]
+    assert per_step16["conv2d_fwd_wmma_async_stats_f16"] == per_step32["conv2d_fwd_igemm_stats_f32"]
 
 
 def test_the_door_counts_reads_and_the_counter_counts_launches():
