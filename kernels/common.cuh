@@ -23,6 +23,8 @@
  *                               instruction instead of four
  *   load_half8(p, f), store_half8(p, f)   8 consecutive halves (one 16-byte vector, p 16-byte
  *                               aligned) to or from 8 floats f[0..7]: one instruction instead of 8
+ *   VEC16(T), load_vec16(p, f), store_vec16(p, f)   the same for either storage type: one 16-byte
+ *                               vector is VEC16(T) = 4 floats or 8 halves (overloaded on T)
  * Reductions (1-D blocks whose size is a multiple of 32; every thread of the block must call them,
  * since they hold barriers)
  *   warp_sum(v)                 sum over the 32 lanes of a warp by __shfl_down_sync; valid in lane 0
@@ -144,6 +146,22 @@ __device__ __forceinline__ void store_half8(__half* p, const float* f) {
     memcpy(&raw, h, sizeof(raw));
     *reinterpret_cast<uint4*>(p) = raw;
 }
+
+/* One 16-byte vector of the storage type T: 4 floats or 8 halves, to or from VEC16<T> floats. */
+template <typename T>
+struct Vec16Size { static constexpr int value = 16 / (int)sizeof(T); };
+#define VEC16(T) (Vec16Size<T>::value)
+
+__device__ __forceinline__ void load_vec16(const float* p, float* f) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+    f[0] = v.x;
+    f[1] = v.y;
+    f[2] = v.z;
+    f[3] = v.w;
+}
+__device__ __forceinline__ void load_vec16(const __half* p, float* f) { load_half8(p, f); }
+__device__ __forceinline__ void store_vec16(float* p, const float* f) { store_float4(p, f); }
+__device__ __forceinline__ void store_vec16(__half* p, const float* f) { store_half8(p, f); }
 
 /* ------------------------------------------------------------------------------- reductions */
 /* Five shuffle steps: lane l adds lane l + 16, then l + 8, ... l + 1; lane 0 ends with the sum. */

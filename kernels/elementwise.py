@@ -3,10 +3,17 @@
 Every launcher takes NumPy arrays (-> the CPU emulator) or CuPy arrays (-> the GPU), checks
 dtypes and shapes, and returns a new array on the same device (axpy and fill work in place).
 float32 and float16 are supported where the network needs both.
+
+Versions (the header of elementwise.cu; `python -m kernels.elementwise` checks and times them):
+1, one element per loop iteration; 2, 16-byte vectors (8 halves or 4 floats per load and store)
+for ReLU forward/backward, add, add + ReLU and the float32 <-> float16 casts, where every array
+starts on a 16-byte boundary (otherwise version 1 runs).  The launchers run the version in use
+(kernels.versions: `with versions.use(elementwise=1): ...`); the two give the same numbers.
 """
 
 import numpy as np
 
+from . import versions
 from .runtime.launch import FLOAT_DTYPES, array_module, blocks_for, check_array, empty, empty_like, module
 
 __all__ = ["relu_forward", "relu_backward", "add", "add_relu_forward", "scale", "axpy", "fill", "cast",
@@ -19,6 +26,24 @@ _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 def _run(name, n, args, xp):
     kernel = module("elementwise.cu").get_function(name)
     kernel((blocks_for(n, _BLOCK, xp),), (_BLOCK,), tuple(args) + (np.int64(n),))
+
+
+def _data_ptr(a):
+    return int(a.data.ptr) if type(a).__module__.split(".")[0] == "cupy" else int(a.__array_interface__["data"][0])
+
+
+def _run_versioned(name, vec_name, n, arrays, xp, per_vector):
+    """Launch `name` (version 1) or `vec_name`, its 16-byte-vector form (version 2 in use, and
+    every array starting on a 16-byte boundary).  per_vector: elements per vector (one thread each)."""
+    if versions.version("elementwise") >= 2 and all(_data_ptr(a) % 16 == 0 for a in arrays):
+        kernel = module("elementwise.cu").get_function(vec_name)
+        kernel((blocks_for(max(1, n // per_vector), _BLOCK, xp),), (_BLOCK,), tuple(arrays) + (np.int64(n),))
+    else:
+        _run(name, n, arrays, xp)
+
+
+def _per_vector(dtype):
+    return 16 // np.dtype(dtype).itemsize
 
 
 def _same(op, names, arrays):
@@ -36,7 +61,9 @@ def relu_forward(x):
     xp = array_module(x)
     y = empty_like(x)
     if x.size:
-        _run(f"relu_forward_{_SUFFIX[x.dtype]}", x.size, (x, y), xp)
+        sfx = _SUFFIX[x.dtype]
+        _run_versioned(f"relu_forward_{sfx}", f"relu_forward_vec_{sfx}", x.size, (x, y), xp,
+                       _per_vector(x.dtype))
     return y
 
 
@@ -46,7 +73,9 @@ def relu_backward(dy, y):
     xp = array_module(dy, y)
     dx = empty_like(dy)
     if dy.size:
-        _run(f"relu_backward_{_SUFFIX[dy.dtype]}", dy.size, (dy, y, dx), xp)
+        sfx = _SUFFIX[dy.dtype]
+        _run_versioned(f"relu_backward_{sfx}", f"relu_backward_vec_{sfx}", dy.size, (dy, y, dx), xp,
+                       _per_vector(dy.dtype))
     return dx
 
 
@@ -56,7 +85,8 @@ def add(a, b):
     xp = array_module(a, b)
     c = empty_like(a)
     if a.size:
-        _run(f"add_{_SUFFIX[a.dtype]}", a.size, (a, b, c), xp)
+        sfx = _SUFFIX[a.dtype]
+        _run_versioned(f"add_{sfx}", f"add_vec_{sfx}", a.size, (a, b, c), xp, _per_vector(a.dtype))
     return c
 
 
@@ -66,7 +96,9 @@ def add_relu_forward(a, b):
     xp = array_module(a, b)
     y = empty_like(a)
     if a.size:
-        _run(f"add_relu_forward_{_SUFFIX[a.dtype]}", a.size, (a, b, y), xp)
+        sfx = _SUFFIX[a.dtype]
+        _run_versioned(f"add_relu_forward_{sfx}", f"add_relu_forward_vec_{sfx}", a.size, (a, b, y),
+                       xp, _per_vector(a.dtype))
     return y
 
 
@@ -121,7 +153,9 @@ def cast(x, dtype):
     xp = array_module(x)
     out_dtype = np.uint16 if target == "bfloat16" else target
     y = empty(xp, x.shape, dtype=out_dtype)
-    if x.size:
+    if x.size and "bfloat16" not in key:
+        _run_versioned(_CASTS[key], _CASTS[key] + "_vec", x.size, (x, y), xp, 8)
+    elif x.size:
         _run(_CASTS[key], x.size, (x, y), xp)
     return y
 

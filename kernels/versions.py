@@ -67,7 +67,7 @@ FAMILIES = {f.name: f for f in (
     Family("reduce", "reduce.cu", 4, 3, (),
            "nothing in training sums an array with reduce.cu: its versions are the lesson behind the reductions "
            "of the other kernels (python -m kernels.reduce)"),
-    Family("elementwise", "elementwise.cu", 1, 1, (1,)),
+    Family("elementwise", "elementwise.cu", 2, 1, (1, 2)),
     Family("gemm", "gemm.cu", 4, 3, (1, 2, 3),
            "version 4 multiplies float16 matrices on tensor cores; the linear layer and the im2col convolution "
            "multiply float32 ones"),

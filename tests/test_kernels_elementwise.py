@@ -1,12 +1,15 @@
 """The first kernels (kernels/elementwise.cu, kernels/reduce.cu) against NumPy, on the emulator and,
 where there is one, on the GPU: random data at awkward sizes (1 element, not multiples of the
-block size, a 10-million-element reduction)."""
+block size or of a 16-byte vector, a 10-million-element reduction), both versions of elementwise.cu
+(version 2: 16-byte vectors and a scalar tail; arrays off a 16-byte boundary run version 1)."""
 
 import numpy as np
 import pytest
 
 from kernels import elementwise as ew
 from kernels import reduce as rd
+from kernels import versions
+from kernels.runtime import trace
 
 SIZES = [1, 31, 257, 1000, 65537]
 rng = np.random.default_rng(7)
@@ -16,10 +19,17 @@ def rand(shape, dtype=np.float32):
     return rng.standard_normal(shape).astype(dtype)
 
 
-@pytest.mark.parametrize("n", SIZES)
+@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+def version(request):
+    with versions.use(elementwise=request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("n", SIZES + [8, 4103])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_relu_add_and_fused_add_relu(backend, n, dtype):
+def test_relu_add_and_fused_add_relu(backend, n, dtype, version):
     a, b, dy = rand(n, dtype), rand(n, dtype), rand(n, dtype)
+    a[::7] = 0.0          # ReLU's boundary: y = 0 passes no gradient
     A, B, DY = map(backend.to_device, (a, b, dy))
     y = backend.to_host(ew.relu_forward(A))
     np.testing.assert_array_equal(y, np.maximum(a, 0))
@@ -54,7 +64,7 @@ def test_scale_axpy_fill(backend, n):
 
 
 @pytest.mark.parametrize("n", [1, 1000, 4097])
-def test_casts_round_to_nearest_even(backend, n):
+def test_casts_round_to_nearest_even(backend, n, version):
     x = (rand(n) * np.float32(10.0) ** rng.integers(-8, 5, n).astype(np.float32)).astype(np.float32)
     h = backend.to_host(ew.cast(backend.to_device(x), np.float16))
     assert h.dtype == np.float16
@@ -66,6 +76,22 @@ def test_casts_round_to_nearest_even(backend, n):
     np.testing.assert_array_equal(bits, ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16))
     np.testing.assert_array_equal(backend.to_host(ew.cast_from_bf16(backend.to_device(bits))),
                                   (bits.astype(np.uint32) << 16).view(np.float32))
+
+
+def test_version_2_moves_16_byte_vectors_and_falls_back_off_alignment(backend):
+    """Version 2 launches the *_vec kernels where every array starts on a 16-byte boundary; a view
+    one element in runs version 1's kernel, with the same numbers."""
+    a, b = rand(1003, np.float16), rand(1003, np.float16)
+    A, B = backend.to_device(a), backend.to_device(b)
+    with versions.use(elementwise=2), trace.collect() as t:
+        whole = backend.to_host(ew.add_relu_forward(A, B))
+        shifted = backend.to_host(ew.add_relu_forward(A[1:], B[1:]))
+        h = backend.to_host(ew.cast(backend.to_device(rand(1003)[1:]), np.float16))
+    assert {"add_relu_forward_vec_f16", "add_relu_forward_f16", "cast_f32_to_f16"} <= set(t.by_kernel())
+    assert "cast_f32_to_f16_vec" not in t.by_kernel()
+    np.testing.assert_array_equal(whole, np.maximum(a + b, 0))
+    np.testing.assert_array_equal(shifted, np.maximum(a[1:] + b[1:], 0))
+    assert h.shape == (1002,)
 
 
 @pytest.mark.parametrize("version", [1, 2, 3, 4])
