@@ -288,6 +288,8 @@ def _backward(op, mode, dy, y, x, gamma, saved_mean, saved_invstd):
     relu = "relu_" if mode != "plain" else ""
     dgamma = empty(xp, C, dtype=np.float32)
     dbeta = empty(xp, C, dtype=np.float32)
+    if versions.version("batchnorm") >= 4:
+        return _backward_rows(mode, dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, M, C, xp)
     if versions.version("batchnorm") == 1:   # one thread per channel
         _kernel(f"batchnorm_{relu}backward_sums_naive_{sfx}")(
             (-(-C // 128),), (128,), (dy, y, x, saved_mean, saved_invstd, dgamma, dbeta, np.int64(M), np.int32(C)))
@@ -308,6 +310,57 @@ def _backward(op, mode, dy, y, x, gamma, saved_mean, saved_invstd):
         _kernel(f"{name}_f16x8")(*_x8_grid(M, C, xp), args)
     else:
         _kernel(f"{name}_{sfx}")(_grid(M, C, xp, reduction=False), _BLOCK, args)
+    return dx, dresidual, dgamma, dbeta
+
+
+_ROW_THREADS = 256     # BN_VEC_THREADS in the .cu: threads of a version 4 backward block
+
+
+def _rows_layout(C, *arrays):
+    """Version 4's thread layout: (V, GX, TY) = channels per thread (a 16-byte vector where C is a
+    multiple of it and every array starts on a 16-byte boundary, else 1), channel groups side by
+    side in a block, rows of threads in a block."""
+    V = 16 // arrays[0].dtype.itemsize
+    if C % V or any(_data_ptr(a) % 16 for a in arrays if a is not None):
+        V = 1
+    GX = min(C // V, _ROW_THREADS)
+    return V, GX, _ROW_THREADS // GX
+
+
+def _rows_grid(M, C, V, GX, TY, xp, reduction):
+    """(tiles of GX channel groups, slices of rows).  On the GPU the reduction gets about 2048 blocks
+    (at least 8 rows a thread), several waves of blocks on any GPU, and the elementwise pass about 4
+    rows a thread; the emulator, which runs blocks one after another, gets at most 4 slices."""
+    tiles = -(-(C // V) // GX)
+    if xp is np:
+        slices = min(4, -(-M // TY))
+    elif reduction:
+        slices = min(max(1, 2048 // tiles), -(-M // (TY * 8)), 65535)
+    else:
+        slices = min(-(-M // (TY * 4)), 65535)
+    return tiles, max(1, slices)
+
+
+def _backward_rows(mode, dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, M, C, xp):
+    """Version 4's backward (batchnorm.cu, "version 4"): the reduction (and, with add + ReLU,
+    dresidual), its finalize, and dx, in 16-byte vectors."""
+    dx = empty_like(x)
+    dresidual = empty_like(x) if mode == "add_relu" else None
+    V, GX, TY = _rows_layout(C, x, dy, y, dx, dresidual)
+    form = f"{_SUFFIX[x.dtype]}x{V}"
+    prefix = {"plain": "batchnorm", "relu": "batchnorm_relu", "add_relu": "batchnorm_add_relu"}[mode]
+    tiles, G = _rows_grid(M, C, V, GX, TY, xp, reduction=True)
+    part = empty(xp, (2, G, C), dtype=np.float32)   # sum dz, sum dz * (x - mean) per (row slice, channel)
+    _kernel(f"{prefix}_backward_reduce_{form}")(
+        (tiles, G), (GX, TY), (dy, y, x, saved_mean, dresidual, part, np.int64(M), np.int32(C)))
+    _kernel("batchnorm_backward_reduce_finalize")((-(-C // _TILE_C),), (_TILE_C, 32),
+                                                  (part, np.int32(G), np.int32(C), saved_invstd, dgamma, dbeta))
+    # dx from dz: the add + ReLU form's dresidual is dz; the ReLU form masks dy by y itself
+    dz, mask = (dresidual, None) if mode == "add_relu" else (dy, y if mode == "relu" else None)
+    name = "batchnorm_relu_backward_dx_rows" if mask is not None else "batchnorm_backward_dx_rows"
+    _kernel(f"{name}_{form}")(_rows_grid(M, C, V, GX, TY, xp, reduction=False), (GX, TY),
+                              (dz, mask, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, np.int64(M),
+                               np.int32(C)))
     return dx, dresidual, dgamma, dbeta
 
 

@@ -355,7 +355,8 @@ class BatchnormCase(OpCase):
     FORWARD = ["batchnorm_forward_train", "batchnorm_relu_forward_train", "batchnorm_add_relu_forward_train"]
     BACKWARD = ["batchnorm_backward", "batchnorm_relu_backward", "batchnorm_add_relu_backward"]
     # version 3: the same forwards with the statistics from the convolution's partials (made once,
-    # on the host, as conv.cu's epilogue writes them: one block per 64 rows); its backward is version 2's
+    # on the host, as conv.cu's epilogue writes them: one block per 64 rows); its backward is version
+    # 2's; version 4: version 3's forwards, its own backward
     FROM_STATS = [f + " from conv stats" for f in FORWARD]
 
     def build(self, N, H, W, C):
@@ -385,7 +386,9 @@ class BatchnormCase(OpCase):
         return self._stats
 
     def ops(self, version):
-        return self.FROM_STATS if version == versions.BN_FROM_CONV else self.FORWARD + self.BACKWARD
+        if version == versions.BN_FROM_CONV:
+            return self.FROM_STATS
+        return self.BACKWARD if version == 4 else self.FORWARD + self.BACKWARD   # 4: version 3's forward
 
     def shared_ops(self):
         return ["batchnorm_forward_inference"]

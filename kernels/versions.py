@@ -72,7 +72,7 @@ FAMILIES = {f.name: f for f in (
            "version 4 multiplies float16 matrices on tensor cores; the linear layer and the im2col convolution "
            "multiply float32 ones"),
     Family("conv", "conv.cu", 5, 3, (1, 2, 3, 4, 5), f16=(4, 5), default_f16=5),
-    Family("batchnorm", "batchnorm.cu", 3, 3, (1, 2, 3)),
+    Family("batchnorm", "batchnorm.cu", 4, 3, (1, 2, 3, 4)),
     Family("pool", "pool.cu", 2, 2, (1, 2)),
     Family("cross_entropy", "cross_entropy.cu", 2, 2, (1, 2)),
     Family("optimizer", "optimizer.cu", 2, 2, (2,),
