@@ -472,46 +472,60 @@ class PoolCase(OpCase):
         self.x = self.randn((N, H, W, C))
         self.dy = self.randn((N, P, Q, C))
         self.dyavg = self.randn((N, C))
-        self._argmax = None
+        self.x16, self.dy16, self.dyavg16 = (a.astype(np.float16) for a in (self.x, self.dy, self.dyavg))
+        self._argmax = {}
 
     def ops(self, version):
-        return ["maxpool2d_backward"]
+        # float16: version 1 adds with float32 atomics only
+        f16 = ["maxpool2d_backward f16"] if version >= 2 else []
+        return ["maxpool2d_backward"] + f16 + ["global_avgpool_backward", "global_avgpool_backward f16"]
 
     def shared_ops(self):
-        return ["maxpool2d_forward", "global_avgpool_forward", "global_avgpool_backward"]
+        return ["maxpool2d_forward", "global_avgpool_forward"]
 
     def _geometry(self):
         return self.shape["kernel"], self.shape["stride"], self.shape["padding"]
 
-    def argmax(self):
+    def argmax(self, f16=False):
         """The forward's argmax, which every backward (and the reference's) receives."""
-        if self._argmax is None:
-            self._argmax = pool.maxpool2d_forward(self.x, *self._geometry())[1]
-        return self._argmax
+        if f16 not in self._argmax:
+            self._argmax[f16] = pool.maxpool2d_forward(self.x16 if f16 else self.x, *self._geometry())[1]
+        return self._argmax[f16]
 
     def run(self, op, version, state):
+        f16 = op.endswith(" f16")
         if op == "maxpool2d_forward":
             return pool.maxpool2d_forward(self.x, *self._geometry())
-        if op == "maxpool2d_backward":
-            return (pool.maxpool2d_backward(self.dy, self.argmax(), self.x.shape, *self._geometry(), version=version),)
+        if op.startswith("maxpool2d_backward"):
+            return (pool.maxpool2d_backward(self.dy16 if f16 else self.dy, self.argmax(f16), self.x.shape,
+                                            *self._geometry(), version=version),)
         if op == "global_avgpool_forward":
             return (pool.global_avgpool_forward(self.x),)
-        return (pool.global_avgpool_backward(self.dyavg, self.x.shape),)
+        with versions.running("pool", version or versions.FAMILIES["pool"].default):
+            return (pool.global_avgpool_backward(self.dyavg16 if f16 else self.dyavg, self.x.shape),)
 
     def expect(self, op):
+        f16 = op.endswith(" f16")
         if op == "maxpool2d_forward":
             return ref.maxpool2d_forward(self.host(self.x), *self._geometry())
-        if op == "maxpool2d_backward":
-            argmax = self.host(self.argmax(), np.int64)
-            return (ref.maxpool2d_backward(self.host(self.dy), argmax, self.x.shape, *self._geometry()),)
+        if op.startswith("maxpool2d_backward"):
+            argmax = self.host(self.argmax(f16), np.int64)
+            dy = self.host(self.dy16 if f16 else self.dy)
+            return (ref.maxpool2d_backward(dy, argmax, self.x.shape, *self._geometry()),)
         if op == "global_avgpool_forward":
             return (ref.global_avgpool_forward(self.host(self.x)),)
-        return (ref.global_avgpool_backward(self.host(self.dyavg), self.x.shape),)
+        return (ref.global_avgpool_backward(self.host(self.dyavg16 if f16 else self.dyavg), self.x.shape),)
+
+    def tolerance(self, op, version):
+        # float16: a few adds rounded to float16, or one division (2^-11 each)
+        return 2e-3 if op.endswith(" f16") else self.TOLERANCE
 
     def work(self, op):
         nx, ny, nc = self.x.size, self.dy.size, self.dyavg.size
-        return {"maxpool2d_forward": 4 * nx + 8 * ny, "maxpool2d_backward": 8 * ny + 4 * nx,
-                "global_avgpool_forward": 4 * nx + 4 * nc, "global_avgpool_backward": 4 * nx + 4 * nc}[op], 0
+        item = 2 if op.endswith(" f16") else 4
+        return {"maxpool2d_forward": 4 * nx + 8 * ny, "maxpool2d_backward": (item + 4) * ny + item * nx,
+                "global_avgpool_forward": 4 * nx + 4 * nc, "global_avgpool_backward": item * (nx + nc)}[
+                    op.removesuffix(" f16")], 0
 
 
 class CrossEntropyCase(OpCase):

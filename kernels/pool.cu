@@ -18,7 +18,8 @@
  * kernel and the KERNEL_ENTRY instantiation lists (common.cuh).
  *
  * Versions of the max-pool backward (`python -m kernels.pool` checks and times each; the forward
- * and the average pool are the same in both; the launchers are kernels/pool.py):
+ * and the average pool are the same in all three, except version 3's average-pool backward; the
+ * launchers are kernels/pool.py):
  *   version 1  maxpool2d_backward_scatter: one thread per OUTPUT adds its dy into dx[argmax] with
  *              atomicAdd (dx zeroed first).  Short, but windows overlap (stride < k), so several
  *              threads may add into one pixel: atomics serialise them and the order of the float
@@ -29,6 +30,17 @@
  *              visits the few outputs whose window covers it (p from ceil((h + pad - k + 1) /
  *              stride) to floor((h + pad) / stride), q alike) and adds dy where their argmax
  *              names it.
+ *   version 3  maxpool2d_backward_blocks (stride 2, ResNet's): one thread per 2x2 block of input
+ *              pixels and 16-byte vector of channels gathers from the outputs whose windows cover
+ *              the block (2 x 2 of them for a 3x3 window), reading each one's argmax and dy once,
+ *              as vectors, where version 2 read each output 9 times, one channel at a time; its
+ *              index arithmetic is a few multiplications once per thread (FastDiv), where version
+ *              2 spent seven integer divisions per pixel.  Version 2's order of adds: the same bits,
+ *              deterministic, no atomics and no zeroing pass (version 1 writes dx twice, once to
+ *              zero it and once by atomics).  Other strides run version 2.  The global-average-pool
+ *              backward, a pure write stream, writes 16-byte vectors, each thread dividing its dy
+ *              once for all its pixels.  Where C is not a multiple of 8 halves or 4 floats, or an
+ *              array is not 16-byte aligned, one channel per thread.
  */
 #include <cuda_fp16.h>
 #include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, to_float, from_float, KERNEL_ENTRY
@@ -133,3 +145,117 @@ KERNEL_ENTRY(global_avgpool_forward_f32, avgpool_forward<float>)
 KERNEL_ENTRY(global_avgpool_forward_f16, avgpool_forward<__half>)
 KERNEL_ENTRY(global_avgpool_backward_f32, avgpool_backward<float>)
 KERNEL_ENTRY(global_avgpool_backward_f16, avgpool_backward<__half>)
+
+/* ============================================================== version 3: blocks of pixels, 16-byte vectors */
+/* V consecutive channels, moved as one 16-byte vector (V = VEC16(T): 4 floats, 8 halves) or, V = 1, one
+ * value; argmax's V int32 as V / 4 int4 vectors. */
+template <int V>
+struct ChannelVector {
+    template <typename T>
+    static __device__ __forceinline__ void load(const T* p, float* f) { load_vec16(p, f); }
+    template <typename T>
+    static __device__ __forceinline__ void store(T* p, const float* f) { store_vec16(p, f); }
+    static __device__ __forceinline__ void load_int(const int* p, int* a) {
+#pragma unroll
+        for (int j = 0; j < V; j += 4) {
+            const int4 v = __ldg(reinterpret_cast<const int4*>(p + j));
+            a[j] = v.x;
+            a[j + 1] = v.y;
+            a[j + 2] = v.z;
+            a[j + 3] = v.w;
+        }
+    }
+};
+template <>
+struct ChannelVector<1> {
+    template <typename T>
+    static __device__ __forceinline__ void load(const T* p, float* f) { f[0] = to_float(*p); }
+    template <typename T>
+    static __device__ __forceinline__ void store(T* p, const float* f) { *p = from_float<T>(f[0]); }
+    static __device__ __forceinline__ void load_int(const int* p, int* a) { a[0] = *p; }
+};
+
+/* Max-pool backward for stride 2 (ResNet's 3x3/2/1; any window k and padding pad < k).  One thread per
+ * 2x2 block of input pixels (rows 2t, 2t+1, columns 2u, 2u+1; the last row or column alone where H or W is
+ * odd) and V channels: the outputs whose window covers any of its four pixels are rows
+ * p = ceil((2t + pad - k + 1) / 2) .. floor((2t + 1 + pad) / 2) and columns alike, 2 x 2 of them for a
+ * 3x3 window (the gather of version 2 visits 1, 2 or 4 per pixel, 9 per output in all: here 4 per
+ * output).  It reads each one's argmax and dy once, as vectors, and adds dy into the pixel its argmax
+ * names, in order of p then q: version 2's order, so the same bits.  Index arithmetic once per thread,
+ * by multiplications (FastDiv); every dx pixel written once, no atomics: deterministic.
+ * Thread v = ((n * T2 + t) * U2 + u) * groups + g with T2 = ceil(H / 2), U2 = ceil(W / 2), groups = C / V:
+ * a warp takes consecutive channel vectors of neighbouring blocks, so its stores are runs of whole rows
+ * of channels.  The launcher keeps N * T2 * U2 * groups below 2^31 (else version 2 runs). */
+template <typename T, int V>
+__device__ void maxpool_backward_blocks(const T* __restrict__ dy, const int* __restrict__ argmax,
+                                        T* __restrict__ dx, int N, int H, int W, int C, int P, int Q, int k,
+                                        int pad) {
+    const int groups = C / V, T2 = (H + 1) / 2, U2 = (W + 1) / 2;
+    const FastDiv by_groups = make_fastdiv(groups), by_u2 = make_fastdiv(U2), by_t2 = make_fastdiv(T2);
+    const int total = N * T2 * U2 * groups;
+    for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += blockDim.x * gridDim.x) {
+        int rest, g, u, t, n;
+        fast_divmod(v, by_groups, rest, g);
+        fast_divmod(rest, by_u2, rest, u);
+        fast_divmod(rest, by_t2, n, t);
+        const int h0 = 2 * t, w0 = 2 * u;
+        // ceil(a / 2) = (a + 1) >> 1 also for a < 0 (an arithmetic shift rounds down)
+        const int p_lo = max(0, (h0 + pad - k + 2) >> 1), p_hi = min(P - 1, (h0 + 1 + pad) >> 1);
+        const int q_lo = max(0, (w0 + pad - k + 2) >> 1), q_hi = min(Q - 1, (w0 + 1 + pad) >> 1);
+        const bool right = w0 + 1 < W, below = h0 + 1 < H;
+        const int base = h0 * W + w0;   // argmax of pixel (h0, w0); its neighbours: + 1, + W, + W + 1
+        float acc[4][V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.0f;
+        for (int p = p_lo; p <= p_hi; ++p)
+            for (int q = q_lo; q <= q_hi; ++q) {
+                const long long o = (((long long)n * P + p) * Q + q) * C + g * V;
+                int a[V];
+                float d[V];
+                ChannelVector<V>::load_int(argmax + o, a);
+                ChannelVector<V>::load(dy + o, d);
+#pragma unroll
+                for (int j = 0; j < V; ++j) {
+                    const int at = a[j] - base;
+                    acc[0][j] += at == 0 ? d[j] : 0.0f;
+                    acc[1][j] += (at == 1 && right) ? d[j] : 0.0f;
+                    acc[2][j] += (at == W && below) ? d[j] : 0.0f;
+                    acc[3][j] += (at == W + 1 && right && below) ? d[j] : 0.0f;
+                }
+            }
+        const long long pixel = ((long long)n * H + h0) * W + w0;   // dx's pixel (h0, w0)
+        T* out = dx + pixel * C + g * V;
+        ChannelVector<V>::store(out, acc[0]);
+        if (right) ChannelVector<V>::store(out + C, acc[1]);
+        if (below) ChannelVector<V>::store(out + (long long)W * C, acc[2]);
+        if (right && below) ChannelVector<V>::store(out + (long long)(W + 1) * C, acc[3]);
+    }
+}
+
+KERNEL_ENTRY(maxpool2d_backward_blocks_f32x1, maxpool_backward_blocks<float, 1>)
+KERNEL_ENTRY(maxpool2d_backward_blocks_f16x1, maxpool_backward_blocks<__half, 1>)
+KERNEL_ENTRY(maxpool2d_backward_blocks_f32x4, maxpool_backward_blocks<float, 4>)
+KERNEL_ENTRY(maxpool2d_backward_blocks_f16x8, maxpool_backward_blocks<__half, 8>)
+
+/* Global-average-pool backward, dx[n, h, w, c] = dy[n, c] / HW: a pure write stream.  Thread (tx, ty) of
+ * block (blockIdx.x, n = blockIdx.y, blockIdx.z) owns channel group g = blockIdx.x * blockDim.x + tx of
+ * image n: it divides its V values of dy once and writes them to pixels ty + blockDim.y * blockIdx.z,
+ * then + blockDim.y * gridDim.z, ...  A warp stores 32 consecutive 16-byte vectors (or whole pixels, when
+ * a pixel has fewer): 512 contiguous bytes. */
+template <typename T, int V>
+__device__ void avgpool_backward_vec(const T* __restrict__ dy, T* __restrict__ dx, int N, int HW, int C) {
+    const int g = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+    if (g * V >= C) return;   // no barriers in this kernel
+    float d[V];
+    ChannelVector<V>::load(dy + (long long)n * C + g * V, d);
+#pragma unroll
+    for (int j = 0; j < V; ++j) d[j] = d[j] / (float)HW;   // as version 1 divides: the same bits
+    T* plane = dx + (long long)n * HW * C + g * V;
+    for (int pixel = blockIdx.z * blockDim.y + threadIdx.y; pixel < HW; pixel += blockDim.y * gridDim.z)
+        ChannelVector<V>::store(plane + (long long)pixel * C, d);
+}
+
+KERNEL_ENTRY(global_avgpool_backward_f32x1, avgpool_backward_vec<float, 1>)
+KERNEL_ENTRY(global_avgpool_backward_f16x1, avgpool_backward_vec<__half, 1>)
+KERNEL_ENTRY(global_avgpool_backward_f32x4, avgpool_backward_vec<float, 4>)
+KERNEL_ENTRY(global_avgpool_backward_f16x8, avgpool_backward_vec<__half, 8>)

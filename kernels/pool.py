@@ -6,7 +6,9 @@ average pooling, forward and backward, on NHWC activations (float32 or float16, 
     y = global_avgpool_forward(x);  dx = global_avgpool_backward(dy, x.shape)
 
 Versions (the header of pool.cu; `python -m kernels.pool` checks and times them) are those of the
-max-pool backward: 1 scatters with atomicAdd, 2 (the default) gathers, deterministically.
+max-pool backward: 1 scatters with atomicAdd, 2 (the default) gathers, deterministically, 3 gathers
+per 2x2 block of pixels in 16-byte vectors (stride 2; other strides run version 2), the same bits
+as 2; version 3 also writes the global-average-pool backward in 16-byte vectors.
 """
 
 import numpy as np
@@ -26,6 +28,17 @@ def _kernel(name):
 
 def _launch(name, n, args, xp):
     _kernel(name)((blocks_for(n, _BLOCK, xp),), (_BLOCK,), args)
+
+
+def _data_ptr(a):
+    return int(a.data.ptr) if is_cupy(a) else int(a.__array_interface__["data"][0])
+
+
+def _vector(C, *arrays):
+    """Version 3's channels per thread: a 16-byte vector (4 floats, 8 halves) where C is a multiple of
+    it and every array starts on a 16-byte boundary, else 1."""
+    V = 16 // arrays[0].dtype.itemsize
+    return 1 if C % V or any(_data_ptr(a) % 16 for a in arrays) else V
 
 
 def _positive_int(op, name, v, minimum):
@@ -76,7 +89,9 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, versio
     windows covering a pixel from them; always passed, never guessed from the shapes: a 4/2/1
     pooling of an 8x8 input has the shapes of a 3/2/1 one).
     version: 2 (one thread per input pixel gathers, deterministic), 1 (one thread per output
-    scatters with atomicAdd; float32 only) or None: the version in use (2 unless chosen otherwise).
+    scatters with atomicAdd; float32 only), 3 (one thread per 2x2 block of input pixels and 16-byte
+    vector of channels gathers, for stride 2, version 2 otherwise; version 2's bits) or None: the
+    version in use (2 unless chosen otherwise).
     ->  dx [N, H, W, C] like dy.
     """
     op = "maxpool2d_backward"
@@ -100,6 +115,12 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, versio
                 (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q)), xp)
         return dx
     dx = empty(xp, (N, H, W, C), dtype=dy.dtype)
+    blocks = N * (-(-H // 2)) * (-(-W // 2)) * C   # version 3's threads, at one channel each
+    if version >= 3 and s == 2 and blocks < 2 ** 31:
+        V = _vector(C, dy, argmax, dx)
+        _launch(f"maxpool2d_backward_blocks_{_SUFFIX[dy.dtype]}x{V}", blocks // V,
+                (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q, k, pad)), xp)
+        return dx
     _launch(f"maxpool2d_backward_gather_{_SUFFIX[dy.dtype]}", dx.size,
             (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q, k, s, pad)), xp)
     return dx
@@ -121,7 +142,8 @@ def global_avgpool_forward(x):
 
 
 def global_avgpool_backward(dy, x_shape):
-    """dx[n, h, w, c] = dy[n, c] / (H*W).  dy: float32/float16 [N, C]; x_shape (N, H, W, C) -> dx."""
+    """dx[n, h, w, c] = dy[n, c] / (H*W).  dy: float32/float16 [N, C]; x_shape (N, H, W, C) -> dx.
+    Pool version 3 in use: 16-byte vectors (the same bits)."""
     op = "global_avgpool_backward"
     check_array(op, "dy", dy, dtype=FLOAT_DTYPES, ndim=2)
     N, H, W, C = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
@@ -130,6 +152,14 @@ def global_avgpool_backward(dy, x_shape):
                          f"(expected {(N, C)})")
     xp = array_module(dy)
     dx = empty(xp, (N, H, W, C), dtype=dy.dtype)
+    if versions.version("pool") >= 3 and N <= 65535:   # each thread divides V values once, writes them to its pixels
+        V = _vector(C, dy, dx)
+        GX = min(C // V, _BLOCK)
+        TY = _BLOCK // GX
+        slices = 1 if xp is np else max(1, min(-(-(H * W) // (TY * 4)), 65535))   # ~4 pixels a thread on a GPU
+        _kernel(f"global_avgpool_backward_{_SUFFIX[dy.dtype]}x{V}")(
+            (-(-(C // V) // GX), N, slices), (GX, TY), (dy, dx, np.int32(N), np.int32(H * W), np.int32(C)))
+        return dx
     _launch(f"global_avgpool_backward_{_SUFFIX[dy.dtype]}", dx.size,
             (dy, dx, np.int32(N), np.int32(H * W), np.int32(C)), xp)
     return dx
