@@ -7,7 +7,9 @@ input, mean subtracted (and optionally divided by std), in one pass on the devic
 
 Versions (the header of input.cu; `python -m kernels.input` checks and times them): 1, one value
 per thread; 2 (the default), four pixels per thread with 16-byte stores (float32 output and
-aligned buffers; otherwise version 1 runs).
+aligned buffers; otherwise version 1 runs); 3, tiles of 4096 image bytes loaded as 16-byte vectors
+into shared memory and written as 16-byte vectors (float32 and float16; 16-byte aligned buffers,
+otherwise version 1 runs).
 """
 
 import numpy as np
@@ -18,6 +20,7 @@ from .runtime.launch import array_module, blocks_for, check_array, empty, module
 __all__ = ["input_normalize"]
 
 _BLOCK = 256
+_TILE = 4096        # INPUT_TILE in input.cu: image bytes a version 3 block stages at a time (256 x 16)
 
 
 def _three(op, name, value):
@@ -41,7 +44,9 @@ def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype
 
     images_uint8: uint8 [N, H, W, 3] (NHWC, RGB), C-contiguous, NumPy (emulator) or CuPy (GPU).
     dtype: float32 or float16.  version: 2 (4 pixels per thread, wide loads and stores; float32
-    with aligned buffers, else version 1 runs), 1 (one value per thread), None: the version in use.
+    with aligned buffers, else version 1 runs), 1 (one value per thread), 3 (16-byte loads staged in
+    shared memory, 16-byte stores; 16-byte aligned buffers, else version 1 runs), None: the version
+    in use.
     -> x: dtype [N, H, W, 3] on the device of the images.
     """
     op = "input_normalize"
@@ -64,7 +69,11 @@ def input_normalize(images_uint8, mean=(123.68, 116.78, 103.94), std=None, dtype
         return x
     consts = tuple(np.float32(v) for v in m + s)
     aligned = _data_ptr(images_uint8) % 4 == 0 and _data_ptr(x) % 16 == 0
-    if version == 2 and dtype == np.float32 and aligned:
+    if version == 3 and _data_ptr(images_uint8) % 16 == 0 and _data_ptr(x) % 16 == 0:
+        tiles = n // _TILE
+        module("input.cu").get_function(f"input_normalize_tiles_{'f32' if dtype == np.float32 else 'f16'}")(
+            (blocks_for(max(1, tiles), 1, xp),), (_BLOCK,), (images_uint8, x, np.int64(n)) + consts)
+    elif version == 2 and dtype == np.float32 and aligned:
         pixels = n // 3
         blocks = blocks_for(max(1, pixels // 4), _BLOCK, xp)
         module("input.cu").get_function("input_normalize_vec4_f32")(
