@@ -612,19 +612,17 @@ class OptimizerCase(OpCase):
         self.lr = self.xp.asarray(np.array([self.LR], np.float32))   # in device memory, as nn.optim keeps it
 
     def ops(self, version):
-        return ["momentum update"]
-
-    def shared_ops(self):
-        return ["lars_trust_ratio_flat", "global_grad_norm"]
+        return ["momentum update", "lars_trust_ratio_flat", "global_grad_norm"]   # the norms: 1 and 2 alike
 
     def prepare(self, op):
         return {"p": self.p.copy(), "v": self.v.copy()} if op == "momentum update" else {}
 
     def run(self, op, version, state):
-        if op == "lars_trust_ratio_flat":
-            return (opt.lars_trust_ratio_flat(self.p, self.g, self.segments),)
-        if op == "global_grad_norm":
-            return (opt.global_grad_norm([self.g]),)
+        with versions.running("optimizer", version or versions.FAMILIES["optimizer"].default):
+            if op == "lars_trust_ratio_flat":
+                return (opt.lars_trust_ratio_flat(self.p, self.g, self.segments),)
+            if op == "global_grad_norm":
+                return (opt.global_grad_norm([self.g]),)
         p, v = state["p"], state["v"]
         if version == 1:      # one launch per tensor
             for ps, gs, vs, wd in zip(self.segments.split(p), self.segments.split(self.g), self.segments.split(v),

@@ -26,6 +26,7 @@ Mixed precision on the device:
 
 import numpy as np
 
+from . import versions
 from .runtime.launch import array_module, blocks_for, check_array, empty, is_cupy, module
 
 __all__ = ["sgd_momentum_update", "momentum_update_flat", "ParamSegments", "lars_trust_ratio",
@@ -36,6 +37,11 @@ _BLOCK = 256
 
 def _kernel(name):
     return module("optimizer.cu").get_function(name)
+
+
+def _aligned(*arrays):
+    """Every array starts on a 16-byte boundary (version 3's float4 loads)."""
+    return all((int(a.data.ptr) if is_cupy(a) else int(a.__array_interface__["data"][0])) % 16 == 0 for a in arrays)
 
 
 def _finite(op, name, value):
@@ -266,11 +272,16 @@ def lars_trust_ratio_flat(params_flat, grads_flat, segments, eta=0.001, eps=1e-9
     if grad_scale is not None:
         grad_scale = _scalar_on_device(op, "grad_scale", grad_scale, xp)
     S = segments.num_segments
-    partial = xp.zeros((2, max(segments.num_chunks, 1)), dtype=np.float32)
+    if versions.version("optimizer") >= 3 and _aligned(params_flat, grads_flat):   # float4 vectors
+        partial = empty(xp, (2, max(segments.num_chunks, 1)), dtype=np.float32)     # every chunk writes its own
+        kernel = "chunk_sum_squares_vec_f32"
+    else:
+        partial = xp.zeros((2, max(segments.num_chunks, 1)), dtype=np.float32)
+        kernel = "chunk_sum_squares_f32"
     if segments.num_chunks:
-        _kernel("chunk_sum_squares_f32")(segments._grid(), (_BLOCK,),
-                                         (params_flat, grads_flat, segments.chunk_start,
-                                          np.int32(segments.num_chunks), partial[0], partial[1]))
+        _kernel(kernel)(segments._grid(), (_BLOCK,),
+                        (params_flat, grads_flat, segments.chunk_start, np.int32(segments.num_chunks), partial[0],
+                         partial[1]))
     ratios = empty(xp, S, dtype=np.float32)
     norms = empty(xp, (2, S), dtype=np.float32) if return_norms else None
     _kernel("lars_segment_ratios")((-(-S // 128),), (128,),
@@ -307,12 +318,20 @@ def global_grad_norm(list_of_grads):
     if not grads:
         return 0.0
     xp = array_module(*grads)
-    blocks = [blocks_for(g.size, _BLOCK, xp, per_thread=4) if g.size else 0 for g in grads]
-    partial = xp.zeros(max(1, sum(blocks)), dtype=np.float32)
+    if versions.version("optimizer") >= 3:   # float4 vectors, at most 1024 partial sums an array
+        blocks = [min(blocks_for(g.size, _BLOCK, xp, per_thread=16), 1024) if g.size else 0 for g in grads]
+        partial = empty(xp, max(1, sum(blocks)), dtype=np.float32)
+        if not sum(blocks):
+            partial[...] = 0
+    else:
+        blocks = [blocks_for(g.size, _BLOCK, xp, per_thread=4) if g.size else 0 for g in grads]
+        partial = xp.zeros(max(1, sum(blocks)), dtype=np.float32)
     start = 0
     for g, nb in zip(grads, blocks):
         if nb:
-            _kernel("sum_squares_blocks_f32")((nb,), (_BLOCK,), (g.reshape(-1), np.int64(g.size), partial[start:start + nb]))
+            kernel = "sum_squares_vec_f32" if versions.version("optimizer") >= 3 and _aligned(g) else \
+                "sum_squares_blocks_f32"
+            _kernel(kernel)((nb,), (_BLOCK,), (g.reshape(-1), np.int64(g.size), partial[start:start + nb]))
         start += nb
     out = empty(xp, 1, dtype=np.float32)
     _kernel("sqrt_of_sum_f32")((1,), (_BLOCK,), (partial, np.int32(partial.size), out))

@@ -75,9 +75,9 @@ FAMILIES = {f.name: f for f in (
     Family("batchnorm", "batchnorm.cu", 4, 3, (1, 2, 3, 4)),
     Family("pool", "pool.cu", 3, 2, (1, 2, 3)),
     Family("cross_entropy", "cross_entropy.cu", 2, 2, (1, 2)),
-    Family("optimizer", "optimizer.cu", 2, 2, (2,),
+    Family("optimizer", "optimizer.cu", 3, 2, (2, 3),
            "version 1 is one launch per tensor with the learning rate as a kernel argument; nn.optim keeps every "
-           "parameter in one flat buffer and the learning rate in device memory, which version 2 updates"),
+           "parameter in one flat buffer and the learning rate in device memory, which versions 2 and 3 update"),
     Family("input", "input.cu", 3, 2, (1, 2, 3)),
 )}
 

@@ -7,6 +7,15 @@ import pytest
 
 from kernels import optimizer as opt
 from kernels import reference as ref
+from kernels import versions
+from kernels.runtime import trace
+
+
+@pytest.fixture(params=[2, 3], ids=["v2", "v3"])
+def norms_version(request):
+    """Versions 2 (scalar loops) and 3 (float4 vectors) of the norms."""
+    with versions.use(optimizer=request.param):
+        yield request.param
 
 
 def rel_err(got, want):
@@ -41,7 +50,7 @@ def make_flat(rng, backend, sizes, chunk_size):
 
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("use_lars", [False, True])
-def test_flat_update_and_lars_match_per_tensor_reference(backend, nesterov, use_lars):
+def test_flat_update_and_lars_match_per_tensor_reference(backend, nesterov, use_lars, norms_version):
     rng = np.random.default_rng(3)
     sizes = [64, 0, 3 * 3 * 7 * 5, 1, 2000, 33]   # an empty tensor and several chunks per tensor
     seg, wd, p, g, v = make_flat(rng, backend, sizes, chunk_size=500)
@@ -178,7 +187,7 @@ def test_loss_scale_update_follows_the_reference(backend):
             assert state[0] == 2.0 ** 15
 
 
-def test_lars_trust_ratio_single_tensor(backend):
+def test_lars_trust_ratio_single_tensor(backend, norms_version):
     rng = np.random.default_rng(4)
     w, g = randn(rng, 5, 7, 3, 3), randn(rng, 5, 7, 3, 3) * 0.01
     got = opt.lars_trust_ratio(backend.to_device(w), backend.to_device(g), 5e-5)
@@ -190,7 +199,7 @@ def test_lars_trust_ratio_single_tensor(backend):
     assert opt.lars_trust_ratio(backend.to_device(w), backend.to_device(zero), 5e-5) == 1.0
 
 
-def test_global_grad_norm(backend):
+def test_global_grad_norm(backend, norms_version):
     rng = np.random.default_rng(5)
     grads = [randn(rng, 64, 3, 7, 7), randn(rng, 1), randn(rng, 2048), np.zeros((0,), np.float32), randn(rng, 5, 5)]
     got = opt.global_grad_norm([backend.to_device(a) for a in grads])
@@ -202,6 +211,32 @@ def test_global_grad_norm(backend):
     assert opt.global_grad_norm([backend.to_device(grads[0]), backend.to_device(bad)]) == np.inf
     bad[17] = np.nan
     assert np.isnan(opt.global_grad_norm([backend.to_device(bad)]))
+
+
+def test_version_3_norms_load_vectors_and_fall_back_off_alignment(backend):
+    """Version 3 launches the float4 kernels; chunks starting and ending off a multiple of 4 floats
+    (tensors of 1, 33, 315 floats) add their odd floats one per thread; a buffer one float into its
+    allocation runs the scalar kernels; both give the reference's numbers.  A 100,003-float gradient
+    runs on more than one block with a tail of 3."""
+    rng = np.random.default_rng(8)
+    sizes = [64, 1, 3 * 3 * 7 * 5, 2000, 33]
+    seg, wd, p, g, _ = make_flat(rng, backend, sizes, chunk_size=500)
+    want = [ref.lars_trust_ratio(w.astype(np.float64), gr.astype(np.float64), d)
+            for w, gr, d in zip(seg.split(p), seg.split(g), wd)]
+    big = randn(rng, 100_003)
+    with versions.use(optimizer=3):
+        for offset, kernels_ran in ((0, {"chunk_sum_squares_vec_f32", "sum_squares_vec_f32"}),
+                                    (1, {"chunk_sum_squares_f32", "sum_squares_blocks_f32"})):
+            pd, gd, bd = (backend.to_device(np.concatenate([np.zeros(offset, np.float32), a]))[offset:]
+                          for a in (p, g, big))
+            with trace.collect() as t:
+                ratios = opt.lars_trust_ratio_flat(pd, gd, seg)
+                norm = opt.global_grad_norm([bd, gd])
+            assert kernels_ran <= set(t.by_kernel()), (offset, set(t.by_kernel()))
+            assert rel_err(backend.to_host(ratios), want) < 1e-5
+            want_norm = ref.global_grad_norm([big.astype(np.float64), g.astype(np.float64)])
+            assert abs(norm - want_norm) < 1e-5 * want_norm
+            assert ratios.shape == (len(sizes),)
 
 
 def test_param_segments_split_views_the_buffer():
