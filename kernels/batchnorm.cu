@@ -60,17 +60,19 @@
  *              double, below) and the normalising pass follows.  The layer code chooses it for a
  *              convolution followed by batch norm in training (nn.layers.conv_bn); a batch norm
  *              with no convolution before it, and the backward, run version 2.
- *   version 4  version 3's forward, and the backward in 16-byte vectors (8 halves or 4 floats per
- *              load; one value where C is not a multiple of that) with its reduction split over
- *              slices of rows: about 2048 blocks of 256 threads whatever C is, where version 2's
- *              reduction gave each block one 32-channel column and 2-byte loads.  Its add + ReLU
- *              form writes dresidual (= dz, which it returns anyway) during the reduction, and dx
- *              then reads dz instead of dy and y: 7 passes over the activation instead of 8 (a
- *              ReLU form 7, the plain one 5: the two reads the reduction needs before any dx can
- *              be known, then dx).  The partial sums are added in double, in a fixed order, by a
- *              second small launch: deterministic.  (The last section of this file.)
- * The normalising passes of the forward (y) are the same in every version; the backward's dx
- * pass is version 4's own.
+ *   version 4  16-byte vectors in every pass: version 3's statistics, and the normalising passes
+ *              and the backward moving 8 halves or 4 floats per load and store, in one thread layout
+ *              (a thread keeps its channels and walks rows; the last section of this file).  The
+ *              backward's reduction is split over slices of rows, about 2048 blocks of 256 threads
+ *              whatever C is, where version 2's gave each block one 32-channel column and 2-byte
+ *              loads; its partial sums are added in double, in a fixed order, by a second small
+ *              launch (deterministic).  Its add + ReLU form writes dresidual (= dz, which it returns
+ *              anyway) during the reduction, and dx then reads dz instead of dy and y: 7 passes over
+ *              the activation instead of 8 (the ReLU form 7, the plain one 5: the two reads the
+ *              reduction needs before any dx can be known, then dx).  The normalising passes give each
+ *              thread about 8 rows and load its per-channel numbers once, as vectors.  The same
+ *              numbers as version 3 in the forward; the backward's sums in another order.
+ * Versions 1 to 3 share the normalising passes (*_apply_*, *_inference_*, *_backward_dx_*).
  *
  * float (f32) and __half (f16) activations, from one template per kernel and the KERNEL_ENTRY
  * instantiation lists (common.cuh); statistics, gamma, beta and running statistics are always
@@ -559,31 +561,43 @@ KERNEL_ENTRY(batchnorm_backward_dx_f16x8, backward_dx_x8<false, false>)
 KERNEL_ENTRY(batchnorm_relu_backward_dx_f16x8, backward_dx_x8<true, false>)
 KERNEL_ENTRY(batchnorm_add_relu_backward_dx_f16x8, backward_dx_x8<true, true>)
 
-/* ============================================================== version 4: the backward at the bandwidth */
-/* The backward in three launches, each streaming its arrays as 16-byte vectors:
- *   1. batchnorm_*backward_reduce_*: per (slice of rows, channel) partial sums of dz and dz * (x - mean),
- *      one read of dy and x (and y behind a ReLU).  The add + ReLU form writes dresidual = dz here, which it
- *      returns anyway, so that the last pass reads dz (one array) instead of dy and y (two).
- *   2. batchnorm_backward_reduce_finalize: the G partials of each channel added in order, in double, by a
- *      block of 32 x 32 threads per 32 channels: dbeta, dgamma.
- *   3. batchnorm_*backward_dx_rows_*: dx from dz (or dy and y) and x.
- * Thread layout of 1 and 3: blockDim (GX, TY), GX * TY <= 256.  Thread (tx, ty) owns channel group
+/* ============================================================== version 4: every pass at the bandwidth */
+/* The normalising passes and the backward in 16-byte vectors, in one thread layout:
+ *   forward    batchnorm_*apply_rows_* (training: version 3's statistics) and batchnorm_inference_rows_*:
+ *              y from x (and the residual), one read and one write.
+ *   backward   1. batchnorm_*backward_reduce_*: per (slice of rows, channel) partial sums of dz and
+ *                 dz * (x - mean), one read of dy and x (and y behind a ReLU).  The add + ReLU form writes
+ *                 dresidual = dz here, which it returns anyway, so that the last pass reads dz (one
+ *                 array) instead of dy and y (two).
+ *              2. batchnorm_backward_reduce_finalize: the G partials of each channel added in order, in
+ *                 double, by a block of 32 x 32 threads per 32 channels: dbeta, dgamma, and the per-channel
+ *                 constants of pass 3.
+ *              3. batchnorm_*backward_dx_rows_*: dx from dz (or dy and y) and x.
+ * Thread layout: blockDim (GX, TY), GX * TY <= 256.  Thread (tx, ty) owns channel group
  * g = blockIdx.x * GX + tx, channels g*V .. g*V + V-1, for its whole life (its per-channel numbers stay in
  * registers), and walks rows ty + TY * blockIdx.y, then + TY * gridDim.y, ...  V = VEC16(T) (4 floats, 8
  * halves: one 16-byte vector) where C % V == 0 and the arrays are 16-byte aligned, else V = 1.  A warp
  * covers 32 consecutive groups: with GX >= 32, 32 vectors of one row (512 contiguous bytes); with
  * GX = C / V < 32, whole rows one after the other, contiguous too.  gridDim.y slices of rows make enough
- * blocks to fill every SM whatever C is: the version 2 kernels had one 32-channel tile per block column and
- * 2-byte loads. */
+ * blocks to fill every SM whatever C is (the version 2 reductions had one 32-channel tile per block
+ * column and 2-byte loads), and the elementwise passes give each thread about 8 rows, so that its
+ * per-channel numbers, loaded once as float4 vectors too, cost little beside the rows it streams (the
+ * *_f16x8 passes of versions 1-3 give a thread one or two vectors, after 24 scalar loads of constants
+ * whose lanes sit 32 bytes apart: 32 sectors per load). */
 #define BN_VEC_THREADS 256
 
-/* V channels of one row, to or from floats: one 16-byte vector, or (V = 1) one value. */
+/* V channels of one row, to or from floats: one 16-byte vector, or (V = 1) one value; and V per-channel
+ * floats (float32 [C] arrays, 16-byte aligned) as V / 4 float4 vectors. */
 template <int V>
 struct RowVector {
     template <typename T>
     static __device__ __forceinline__ void load(const T* p, float* f) { load_vec16(p, f); }
     template <typename T>
     static __device__ __forceinline__ void store(T* p, const float* f) { store_vec16(p, f); }
+    static __device__ __forceinline__ void channels(const float* p, float* f) {
+#pragma unroll
+        for (int j = 0; j < V; j += 4) load_vec16(p + j, f + j);
+    }
 };
 template <>
 struct RowVector<1> {
@@ -591,10 +605,85 @@ struct RowVector<1> {
     static __device__ __forceinline__ void load(const T* p, float* f) { f[0] = to_float(*p); }
     template <typename T>
     static __device__ __forceinline__ void store(T* p, const float* f) { *p = from_float<T>(f[0]); }
+    static __device__ __forceinline__ void channels(const float* p, float* f) { f[0] = *p; }
 };
 
-/* Pass 1.  part is float32 [2, gridDim.y, C]: part[0] = sum dz, part[1] = sum dz * (x - mean) over this
- * block's rows.  dz_out (add + ReLU only; null otherwise) receives dz = dy * (y > 0).  The block's TY
+/* Forward, training: y = (x - mean) * (gamma * invstd) + beta [+ residual] [then ReLU], as
+ * normalize_rows computes it. */
+template <typename T, int V, bool RELU, bool ADD>
+__device__ void apply_rows(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
+                           const float* __restrict__ gamma, const float* __restrict__ beta,
+                           const float* __restrict__ saved_mean, const float* __restrict__ saved_invstd, long long M,
+                           int C) {
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g * V >= C) return;   // no barriers in this kernel
+    float mean[V], scale[V], shift[V], invstd[V];
+    RowVector<V>::channels(saved_mean + g * V, mean);
+    RowVector<V>::channels(gamma + g * V, scale);
+    RowVector<V>::channels(saved_invstd + g * V, invstd);
+    RowVector<V>::channels(beta + g * V, shift);
+#pragma unroll
+    for (int j = 0; j < V; ++j) scale[j] *= invstd[j];
+    GRID_STRIDE_LOOP_Y(r, M) {
+        const long long i = r * C + (long long)g * V;
+        float f[V], res[V];
+        RowVector<V>::load(x + i, f);
+        if (ADD) RowVector<V>::load(residual + i, res);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            float o = (f[j] - mean[j]) * scale[j] + shift[j];
+            if (ADD) o += res[j];
+            if (RELU) o = o > 0.0f ? o : 0.0f;
+            f[j] = o;
+        }
+        RowVector<V>::store(y + i, f);
+    }
+}
+
+KERNEL_ENTRY(batchnorm_apply_rows_f32x1, apply_rows<float, 1, false, false>)
+KERNEL_ENTRY(batchnorm_apply_rows_f16x1, apply_rows<__half, 1, false, false>)
+KERNEL_ENTRY(batchnorm_apply_rows_f32x4, apply_rows<float, 4, false, false>)
+KERNEL_ENTRY(batchnorm_apply_rows_f16x8, apply_rows<__half, 8, false, false>)
+KERNEL_ENTRY(batchnorm_relu_apply_rows_f32x1, apply_rows<float, 1, true, false>)
+KERNEL_ENTRY(batchnorm_relu_apply_rows_f16x1, apply_rows<__half, 1, true, false>)
+KERNEL_ENTRY(batchnorm_relu_apply_rows_f32x4, apply_rows<float, 4, true, false>)
+KERNEL_ENTRY(batchnorm_relu_apply_rows_f16x8, apply_rows<__half, 8, true, false>)
+KERNEL_ENTRY(batchnorm_add_relu_apply_rows_f32x1, apply_rows<float, 1, true, true>)
+KERNEL_ENTRY(batchnorm_add_relu_apply_rows_f16x1, apply_rows<__half, 1, true, true>)
+KERNEL_ENTRY(batchnorm_add_relu_apply_rows_f32x4, apply_rows<float, 4, true, true>)
+KERNEL_ENTRY(batchnorm_add_relu_apply_rows_f16x8, apply_rows<__half, 8, true, true>)
+
+/* Inference: the constants from the running statistics. */
+template <typename T, int V>
+__device__ void inference_rows(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ gamma,
+                               const float* __restrict__ beta, const float* __restrict__ running_mean,
+                               const float* __restrict__ running_var, float eps, long long M, int C) {
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    if (g * V >= C) return;
+    float mean[V], scale[V], shift[V], var[V];
+    RowVector<V>::channels(running_mean + g * V, mean);
+    RowVector<V>::channels(gamma + g * V, scale);
+    RowVector<V>::channels(running_var + g * V, var);
+    RowVector<V>::channels(beta + g * V, shift);
+#pragma unroll
+    for (int j = 0; j < V; ++j) scale[j] = scale[j] / sqrtf(var[j] + eps);
+    GRID_STRIDE_LOOP_Y(r, M) {
+        const long long i = r * C + (long long)g * V;
+        float f[V];
+        RowVector<V>::load(x + i, f);
+#pragma unroll
+        for (int j = 0; j < V; ++j) f[j] = (f[j] - mean[j]) * scale[j] + shift[j];
+        RowVector<V>::store(y + i, f);
+    }
+}
+
+KERNEL_ENTRY(batchnorm_inference_rows_f32x1, inference_rows<float, 1>)
+KERNEL_ENTRY(batchnorm_inference_rows_f16x1, inference_rows<__half, 1>)
+KERNEL_ENTRY(batchnorm_inference_rows_f32x4, inference_rows<float, 4>)
+KERNEL_ENTRY(batchnorm_inference_rows_f16x8, inference_rows<__half, 8>)
+
+/* Backward pass 1.  part is float32 [2, gridDim.y, C]: part[0] = sum dz, part[1] = sum dz * (x - mean) over
+ * this block's rows.  dz_out (add + ReLU only; null otherwise) receives dz = dy * (y > 0).  The block's TY
  * partial sums per channel are added in order of ty through shared memory (deterministic), by threads
  * that each own one (sum, channel) of the block: consecutive threads, consecutive channels. */
 template <typename T, int V, bool RELU, bool ADD>
@@ -608,8 +697,7 @@ __device__ void backward_reduce_rows(const T* __restrict__ dy, const T* __restri
 #pragma unroll
     for (int j = 0; j < V; ++j) sum_dz[j] = sum_dz_xc[j] = 0.0f;
     if (g * V < C) {   // no early return: every thread reaches the barrier
-#pragma unroll
-        for (int j = 0; j < V; ++j) mean[j] = saved_mean[g * V + j];
+        RowVector<V>::channels(saved_mean + g * V, mean);
         GRID_STRIDE_LOOP_Y(r, M) {
             const long long i = r * C + (long long)g * V;
             float gv[V], xv[V];
@@ -659,13 +747,17 @@ KERNEL_ENTRY(batchnorm_add_relu_backward_reduce_f16x1, backward_reduce_rows<__ha
 KERNEL_ENTRY(batchnorm_add_relu_backward_reduce_f32x4, backward_reduce_rows<float, 4, true, true>)
 KERNEL_ENTRY(batchnorm_add_relu_backward_reduce_f16x8, backward_reduce_rows<__half, 8, true, true>)
 
-/* Pass 2.  dbeta[c] = sum_g part[0][g][c], dgamma[c] = invstd[c] * sum_g part[1][g][c]: 32 threads down
- * the G partials of each channel (a warp reads 32 consecutive channels of a row of partials), in double,
- * then the 32 in order of ty.  grid = ceil(C / 32), block = (32, 32). */
+/* Backward pass 2.  dbeta[c] = sum_g part[0][g][c], dgamma[c] = invstd[c] * sum_g part[1][g][c]: 32 threads
+ * down the G partials of each channel (a warp reads 32 consecutive channels of a row of partials), in
+ * double, then the 32 in order of ty.  It also writes pass 3's per-channel constants, float32 [3, C]:
+ * coef[0] = gamma * invstd, coef[1] = dbeta / M, coef[2] = dgamma / M * invstd (the float operations of
+ * backward_dx).  grid = ceil(C / 32), block = (32, 32). */
 #define BN_FIN_ROWS 32
 extern "C" __global__ void batchnorm_backward_reduce_finalize(const float* __restrict__ part, int G, int C,
+                                                              long long M, const float* __restrict__ gamma,
                                                               const float* __restrict__ saved_invstd,
-                                                              float* __restrict__ dgamma, float* __restrict__ dbeta) {
+                                                              float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                                              float* __restrict__ coef) {
     __shared__ double sh[2][BN_FIN_ROWS][BN_TILE_C];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int c = blockIdx.x * BN_TILE_C + tx;
@@ -679,33 +771,36 @@ extern "C" __global__ void batchnorm_backward_reduce_finalize(const float* __res
     sh[0][ty][tx] = a;
     sh[1][ty][tx] = b;
     __syncthreads();
-    if (ty < 2 && c < C) {   // two threads per channel, one per sum, its 32 rows in order
-        double v = 0.0;
-        for (int r = 0; r < BN_FIN_ROWS; ++r) v += sh[ty][r][tx];
-        if (ty == 0) dbeta[c] = (float)v;
-        else dgamma[c] = (float)(v * (double)saved_invstd[c]);
+    if (ty == 0 && c < C) {   // one thread per channel adds the 32 rows of both sums in order
+        double sum_dz = 0.0, sum_dz_xc = 0.0;
+        for (int r = 0; r < BN_FIN_ROWS; ++r) {
+            sum_dz += sh[0][r][tx];
+            sum_dz_xc += sh[1][r][tx];
+        }
+        const float invstd = saved_invstd[c];
+        const float db = (float)sum_dz, dg = (float)(sum_dz_xc * (double)invstd);
+        dbeta[c] = db;
+        dgamma[c] = dg;
+        coef[c] = gamma[c] * invstd;
+        coef[C + c] = db / (float)M;
+        coef[2 * C + c] = dg / (float)M * invstd;
     }
 }
 
-/* Pass 3.  dx = gamma * invstd * (dz - dbeta / M - (x - mean) * invstd * dgamma / M), with dz = dy
- * (plain; the add + ReLU form passes its dresidual as dy) or dy * (y > 0) (RELU).  Same layout as pass 1. */
+/* Backward pass 3.  dx = gamma * invstd * (dz - dbeta / M - (x - mean) * invstd * dgamma / M), with dz = dy
+ * (plain; the add + ReLU form passes its dresidual as dy) or dy * (y > 0) (RELU); coef from pass 2.  Same
+ * layout as pass 1. */
 template <typename T, int V, bool RELU>
 __device__ void backward_dx_rows(const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
-                                 const float* __restrict__ gamma, const float* __restrict__ saved_mean,
-                                 const float* __restrict__ saved_invstd, const float* __restrict__ dgamma,
-                                 const float* __restrict__ dbeta, T* __restrict__ dx, long long M, int C) {
+                                 const float* __restrict__ saved_mean, const float* __restrict__ coef,
+                                 T* __restrict__ dx, long long M, int C) {
     const int g = blockIdx.x * blockDim.x + threadIdx.x;
     if (g * V >= C) return;   // no barriers in this kernel
     float mean[V], k[V], dbeta_mean[V], dgamma_mean_invstd[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-        const int c = g * V + j;
-        const float invstd = saved_invstd[c];
-        mean[j] = saved_mean[c];
-        k[j] = gamma[c] * invstd;
-        dbeta_mean[j] = dbeta[c] / (float)M;
-        dgamma_mean_invstd[j] = dgamma[c] / (float)M * invstd;
-    }
+    RowVector<V>::channels(saved_mean + g * V, mean);
+    RowVector<V>::channels(coef + g * V, k);
+    RowVector<V>::channels(coef + C + g * V, dbeta_mean);
+    RowVector<V>::channels(coef + 2 * C + g * V, dgamma_mean_invstd);
     GRID_STRIDE_LOOP_Y(r, M) {
         const long long i = r * C + (long long)g * V;
         float gv[V], xv[V];

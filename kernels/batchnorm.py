@@ -151,7 +151,11 @@ def _apply(mode, x, residual, gamma, beta, mean, invstd):
     y = empty_like(x)
     name = {"plain": "batchnorm_apply", "relu": "batchnorm_relu_apply", "add_relu": "batchnorm_add_relu_apply"}[mode]
     args = (x, residual, y, gamma, beta, mean, invstd, np.int64(M), np.int32(C))
-    if _x8(x, C, residual, y):   # float16, 8 channels per thread as 16-byte vectors
+    if versions.version("batchnorm") >= 4 and M:   # rows of 16-byte vectors, constants loaded once a thread
+        V, GX, TY = _rows_layout(C, x, residual, y, gamma, beta, mean, invstd)
+        _kernel(f"{name}_rows_{_SUFFIX[x.dtype]}x{V}")(_rows_grid(M, C, V, GX, TY, xp, reduction=False), (GX, TY),
+                                                      args)
+    elif _x8(x, C, residual, y):   # float16, 8 channels per thread as 16-byte vectors
         _kernel(f"{name}_f16x8")(*_x8_grid(M, C, xp), args)
     else:
         _kernel(f"{name}_{_SUFFIX[x.dtype]}")(_grid(M, C, xp, reduction=False), _BLOCK, args)
@@ -266,7 +270,11 @@ def batchnorm_forward_inference(x, gamma, beta, running_mean, running_var, eps=1
     M = x.size // C if C else 0
     if M:
         args = (x, y, gamma, beta, running_mean, running_var, np.float32(eps), np.int64(M), np.int32(C))
-        if _x8(x, C, y):
+        if versions.version("batchnorm") >= 4:
+            V, GX, TY = _rows_layout(C, x, y, gamma, beta, running_mean, running_var)
+            _kernel(f"batchnorm_inference_rows_{_SUFFIX[x.dtype]}x{V}")(
+                _rows_grid(M, C, V, GX, TY, xp, reduction=False), (GX, TY), args)
+        elif _x8(x, C, y):
             _kernel("batchnorm_inference_f16x8")(*_x8_grid(M, C, xp), args)
         else:
             _kernel(f"batchnorm_inference_{_SUFFIX[x.dtype]}")(_grid(M, C, xp, reduction=False), _BLOCK, args)
@@ -313,13 +321,13 @@ def _backward(op, mode, dy, y, x, gamma, saved_mean, saved_invstd):
     return dx, dresidual, dgamma, dbeta
 
 
-_ROW_THREADS = 256     # BN_VEC_THREADS in the .cu: threads of a version 4 backward block
+_ROW_THREADS = 256     # BN_VEC_THREADS in the .cu: threads of a version 4 block
 
 
 def _rows_layout(C, *arrays):
     """Version 4's thread layout: (V, GX, TY) = channels per thread (a 16-byte vector where C is a
-    multiple of it and every array starts on a 16-byte boundary, else 1), channel groups side by
-    side in a block, rows of threads in a block."""
+    multiple of it and every array, activations and per-channel float32 vectors, starts on a
+    16-byte boundary, else 1), channel groups side by side in a block, rows of threads in a block."""
     V = 16 // arrays[0].dtype.itemsize
     if C % V or any(_data_ptr(a) % 16 for a in arrays if a is not None):
         V = 1
@@ -329,15 +337,13 @@ def _rows_layout(C, *arrays):
 
 def _rows_grid(M, C, V, GX, TY, xp, reduction):
     """(tiles of GX channel groups, slices of rows).  On the GPU the reduction gets about 2048 blocks
-    (at least 8 rows a thread), several waves of blocks on any GPU, and the elementwise pass about 4
-    rows a thread; the emulator, which runs blocks one after another, gets at most 4 slices."""
+    (at least 8 rows a thread), several waves of blocks on any GPU, and the elementwise passes 8 rows
+    a thread; the emulator, which runs blocks one after another, gets at most 4 slices."""
     tiles = -(-(C // V) // GX)
     if xp is np:
         slices = min(4, -(-M // TY))
-    elif reduction:
-        slices = min(max(1, 2048 // tiles), -(-M // (TY * 8)), 65535)
-    else:
-        slices = min(-(-M // (TY * 4)), 65535)
+    else:   # about 2048 blocks for a reduction, 8 rows a thread for an elementwise pass
+        slices = min(max(1, 2048 // tiles) if reduction else 65535, -(-M // (TY * 8)), 65535)
     return tiles, max(1, slices)
 
 
@@ -346,7 +352,8 @@ def _backward_rows(mode, dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbet
     dresidual), its finalize, and dx, in 16-byte vectors."""
     dx = empty_like(x)
     dresidual = empty_like(x) if mode == "add_relu" else None
-    V, GX, TY = _rows_layout(C, x, dy, y, dx, dresidual)
+    coef = empty(xp, (3, C), dtype=np.float32)   # pass 3's per-channel constants
+    V, GX, TY = _rows_layout(C, x, dy, y, dx, dresidual, saved_mean, coef)
     form = f"{_SUFFIX[x.dtype]}x{V}"
     prefix = {"plain": "batchnorm", "relu": "batchnorm_relu", "add_relu": "batchnorm_add_relu"}[mode]
     tiles, G = _rows_grid(M, C, V, GX, TY, xp, reduction=True)
@@ -354,13 +361,13 @@ def _backward_rows(mode, dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbet
     _kernel(f"{prefix}_backward_reduce_{form}")(
         (tiles, G), (GX, TY), (dy, y, x, saved_mean, dresidual, part, np.int64(M), np.int32(C)))
     _kernel("batchnorm_backward_reduce_finalize")((-(-C // _TILE_C),), (_TILE_C, 32),
-                                                  (part, np.int32(G), np.int32(C), saved_invstd, dgamma, dbeta))
+                                                  (part, np.int32(G), np.int32(C), np.int64(M), gamma, saved_invstd,
+                                                   dgamma, dbeta, coef))
     # dx from dz: the add + ReLU form's dresidual is dz; the ReLU form masks dy by y itself
     dz, mask = (dresidual, None) if mode == "add_relu" else (dy, y if mode == "relu" else None)
     name = "batchnorm_relu_backward_dx_rows" if mask is not None else "batchnorm_backward_dx_rows"
     _kernel(f"{name}_{form}")(_rows_grid(M, C, V, GX, TY, xp, reduction=False), (GX, TY),
-                              (dz, mask, x, gamma, saved_mean, saved_invstd, dgamma, dbeta, dx, np.int64(M),
-                               np.int32(C)))
+                              (dz, mask, x, saved_mean, coef, dx, np.int64(M), np.int32(C)))
     return dx, dresidual, dgamma, dbeta
 
 

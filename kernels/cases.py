@@ -356,7 +356,7 @@ class BatchnormCase(OpCase):
     BACKWARD = ["batchnorm_backward", "batchnorm_relu_backward", "batchnorm_add_relu_backward"]
     # version 3: the same forwards with the statistics from the convolution's partials (made once,
     # on the host, as conv.cu's epilogue writes them: one block per 64 rows); its backward is version
-    # 2's; version 4: version 3's forwards, its own backward
+    # 2's; version 4: version 3's statistics, its own normalising passes and backward
     FROM_STATS = [f + " from conv stats" for f in FORWARD]
 
     def build(self, N, H, W, C):
@@ -386,12 +386,12 @@ class BatchnormCase(OpCase):
         return self._stats
 
     def ops(self, version):
+        # the inference pass: versions 1 to 3 share it, version 4 has its own
         if version == versions.BN_FROM_CONV:
-            return self.FROM_STATS
-        return self.BACKWARD if version == 4 else self.FORWARD + self.BACKWARD   # 4: version 3's forward
-
-    def shared_ops(self):
-        return ["batchnorm_forward_inference"]
+            return self.FROM_STATS + ["batchnorm_forward_inference"]
+        if version == 4:   # version 3's statistics, its own normalising passes and backward
+            return self.FROM_STATS + self.BACKWARD + ["batchnorm_forward_inference"]
+        return self.FORWARD + self.BACKWARD + ["batchnorm_forward_inference"]
 
     def prepare(self, op):
         return {"rm": self.rm.copy(), "rv": self.rv.copy()} if op in self.FORWARD + self.FROM_STATS else {}

@@ -297,6 +297,50 @@ def test_version_4_backward_in_vectors(backend, shape, mode, dtype):
             np.testing.assert_array_equal(h(got[1]), np.where(y > 0, dy, 0).astype(dtype))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("shape", [(2, 7, 7, 5), (2, 3, 5, 64), (21, 8), (1, 3, 3, 2048)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_version_4_normalising_passes_in_vectors(backend, shape, mode, dtype):
+    """Version 4's forward (statistics from partials, as version 3) and inference normalise in rows
+    of 16-byte vectors (*_rows_f16x8 / _f32x4), one value a thread where C is not a multiple or an
+    array is off a 16-byte boundary: the reference's numbers either way, and version 3's bits."""
+    import kernels
+    rng = np.random.default_rng(zlib.crc32(repr((shape, mode, "rows", np.dtype(dtype).name)).encode()))
+    x, gamma, beta, rm, rv = make_inputs(shape, rng, dtype=dtype)
+    residual = rng.standard_normal(shape).astype(dtype) if mode == "add_relu" else None
+    d, h = backend.to_device, backend.to_host
+    C = shape[-1]
+    stats = bn.batchnorm_chan_partials(d(x))
+    y_ref, mean_ref, invstd_ref = ref_forward(mode, *f64(x, x if residual is None else residual, gamma, beta, rm, rv))
+    vector = 16 // np.dtype(dtype).itemsize
+    sfx = "f32" if dtype == np.float32 else "f16"
+    name = {"plain": "batchnorm_apply_rows", "relu": "batchnorm_relu_apply_rows",
+            "add_relu": "batchnorm_add_relu_apply_rows"}[mode]
+    for aligned in (True, False):
+        if aligned:
+            xs, rs = d(x), None if residual is None else d(residual)
+        else:   # one element into a larger buffer: never 16-byte aligned
+            xs, rs = (None if a is None else d(np.concatenate([[0], a.ravel()]).astype(dtype))[1:].reshape(shape)
+                      for a in (x, residual))
+        outs = {}
+        for version in (3, 4):
+            with versions.use(batchnorm=version), kernels.trace.collect() as t:
+                outs[version] = [h(a) for a in bn.batchnorm_forward_train_from_stats(
+                    xs, stats, d(gamma), d(beta), d(rm.copy()), d(rv.copy()), relu=mode != "plain", residual=rs)]
+                outs[version].append(h(bn.batchnorm_forward_inference(xs, d(gamma), d(beta), d(rm), d(rv))))
+            if version == 4:
+                V = vector if aligned and C % vector == 0 else 1
+                assert {f"{name}_{sfx}x{V}", f"batchnorm_inference_rows_{sfx}x{V}"} <= set(t.by_kernel())
+        for a, b in zip(outs[3], outs[4]):
+            np.testing.assert_array_equal(a, b)
+        y, mean, invstd, y_inf = outs[4]
+        assert rel_err(y, y_ref) < (1e-5 if dtype == np.float32 else 2e-3)
+        assert rel_err(mean, mean_ref) < 1e-5 and rel_err(invstd, invstd_ref) < 1e-5
+        want_inf = ref.batchnorm_forward_inference(*f64(x, gamma, beta, rm, rv))
+        assert rel_err(y_inf, want_inf) < (1e-5 if dtype == np.float32 else 2e-3)
+
+
 def test_version_4_backward_is_deterministic_and_close_to_version_2(backend):
     rng = np.random.default_rng(11)
     shape = (3, 6, 6, 64)
