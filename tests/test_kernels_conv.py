@@ -140,7 +140,7 @@ def test_resnet_like_layers_on_gpu(backend):
         x, w, dy, stride, pad = _problem(case, seed=9)
         x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
         d = backend.to_device
-        for version in ("implicit_gemm", "im2col"):
+        for version in F32_VERSIONS:
             y = backend.to_host(CV.conv2d_forward(d(x), d(w), stride, pad, version=version))
             assert _rel_err(y, ref.conv2d_forward(x64, w64, stride, pad)) < 1e-5
             dx = backend.to_host(CV.conv2d_backward_data(d(dy), d(w), x.shape, stride, pad, version=version))
