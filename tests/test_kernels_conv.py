@@ -17,6 +17,7 @@ from kernels import conv as CV
 from kernels import reference as ref
 from kernels import versions
 from kernels.runtime.raw import RawKernel
+from tests.conftest import Backend
 
 F32_VERSIONS = tuple(v for v in versions.numbers("conv") if v not in CV.F16_VERSIONS)
 
@@ -132,9 +133,8 @@ def test_permute_weight(backend):
 
 
 @pytest.mark.gpu
-def test_resnet_like_layers_on_gpu(backend):
-    if backend.name != "cuda":
-        pytest.skip("larger shapes only on the GPU")
+def test_resnet_like_layers_on_gpu():
+    backend = Backend("cuda")     # larger shapes: the GPU only
     for case in [((8, 28, 28, 64), (128, 64, 3, 3), 2, 1), ((4, 56, 56, 64), (256, 64, 1, 1), 1, 0),
                  ((2, 64, 64, 3), (64, 3, 7, 7), 2, 3)]:
         x, w, dy, stride, pad = _problem(case, seed=9)
