@@ -1,6 +1,10 @@
 """Speed: per-kernel microbenchmarks, training throughput, the loader, PyTorch comparison, the GPU check."""
 
 import json
+import os
+
+if os.environ.get("KERNELS_CUDASIM", "").strip() not in ("", "0"):
+    import kernels  # noqa: F401  (the simulated GPU becomes `cupy` before a benchmark imports CuPy)
 
 
 def write_json(result, path, indent=2, default=None):
