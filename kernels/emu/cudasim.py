@@ -194,13 +194,16 @@ class Stream:
             self._nodes.append(work)
             return
         if self.ptr == 0 and _capturing:
-            for s in list(_capturing):
-                if not s.non_blocking:
-                    s._invalidate("the legacy default stream was used while a blocking stream was capturing")
-                    raise CUDARuntimeError("cudaErrorStreamCaptureImplicit",
-                                           "operation would make the legacy stream depend on a capturing blocking "
-                                           "stream")
+            self._check_legacy()
         work()
+
+    def _check_legacy(self):
+        """Work on the legacy default stream waits for every blocking stream: not while one captures."""
+        for s in list(_capturing):
+            if not s.non_blocking:
+                s._invalidate("the legacy default stream was used while a blocking stream was capturing")
+                raise CUDARuntimeError("cudaErrorStreamCaptureImplicit",
+                                       "operation would make the legacy stream depend on a capturing blocking stream")
 
     def _host_read(self):
         """Called before the host reads device memory through this stream (or waits for it)."""
@@ -693,6 +696,8 @@ def _compute(f, *sources):
         _storages(s, inputs)
     stream = _current_stream()
     if stream._nodes is None:
+        if stream.ptr == 0 and _capturing:
+            stream._check_legacy()
         return _adopt(f(), inputs, False, [])
     with np.errstate(all="ignore"):
         r = f()
@@ -881,9 +886,11 @@ class ndarray:
     # -- methods that write
     def fill(self, value):
         dst = self._a
-        value = _raw(value)
-        if type(value) is np.ndarray:
-            _write(lambda: dst.fill(value.item()) if value.ndim == 0 else None)
+        if type(value) is ndarray:           # a 0-d device array: its value when the fill runs
+            if value.ndim != 0:
+                raise ValueError("fill() takes a scalar or a 0-d array")
+            src = value._a
+            _write(lambda: np.copyto(dst, src, casting="unsafe"))
         else:
             _write(lambda: dst.fill(value))
 
@@ -989,9 +996,7 @@ def _asarray(a, dtype=None, order=None, *, blocking=False):
     if type(a) is ndarray:
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
     host = np.asarray(a, dtype=dtype, order=order)
-    if isinstance(a, np.ndarray) and host is a:
-        host = host.copy()      # the copy to the GPU is taken now (a capture's replay copies it again)
-    return _compute(lambda: np.array(host, copy=True, order=order or "K"))
+    return _compute(lambda: host)     # copied into device memory (a capture's replay copies it again)
 
 
 def _array(obj, dtype=None, copy=True, order="K", ndmin=0, **kwargs):
