@@ -221,6 +221,22 @@ def test_fresh_memory_holds_garbage_until_written():
     assert (cp.zeros(5, np.int32).get() == 0).all()
 
 
+def test_a_pool_limit_is_an_out_of_memory_error_as_cupys(monkeypatch):
+    cp = cudasim.module()
+    pool = cp.cuda.MemoryPool()
+    pool.set_limit(size=8192)
+    with cp.cuda.using_allocator(pool.malloc):
+        a = cp.empty(1024, np.float32)
+        with pytest.raises(cp.cuda.memory.OutOfMemoryError,
+                           match=r"allocating 8,192 bytes \(allocated so far: 4,096 bytes, limit set to: 8,192"):
+            cp.empty(2048, np.float32)
+        del a
+        b = cp.empty(2048, np.float32)       # the cached block went back to the device to make room
+    assert pool.used_bytes() == pool.total_bytes() == 8192 and b.size == 2048
+    monkeypatch.setenv("CUPY_GPU_MEMORY_LIMIT", "50%")
+    assert cp.cuda.MemoryPool().get_limit() == cudasim.declared_gpu().memory // 2
+
+
 def test_out_of_place_results_of_a_capture_are_garbage_until_replayed():
     cp = cudasim.module()
     stream = cp.cuda.Stream(non_blocking=True)

@@ -273,3 +273,16 @@ def test_conv_engine_cudnn_without_cudnn_is_one_line(tiny_data, tmp_path):
                      "--no-progress", "--epochs", "1", "--out", tmp_path / "run"])
     assert proc.returncode == train.EXIT_USAGE, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "--conv-engine cudnn: the cuDNN engine is not available" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_out_of_gpu_memory_is_exit_4_with_a_batch_size_that_fits(tiny_data, tmp_path):
+    """CuPy's pool limited to 2 MB (CUPY_GPU_MEMORY_LIMIT, which the simulated GPU honours too): the
+    model and its optimizer (~1 MB at width 1/16) fit, a step at batch 64 (8 MiB of activations)
+    does not. Exit 4 and one line naming a smaller --batch-size, no traceback."""
+    proc = run_proc(["--data", tiny_data, "--device", "cuda", "--workers", "0", "--no-progress", "--batch-size", "64",
+                     "--width", "0.0625", "--image-size", "32", "--max-steps", "1", "--out", tmp_path / "run"],
+                    env={"CUPY_GPU_MEMORY_LIMIT": "2000000"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == train.EXIT_OOM, out[-3000:]
+    assert "out of GPU memory at batch size 64" in out and "try --batch-size 32" in out and "Traceback" not in out

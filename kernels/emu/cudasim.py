@@ -412,7 +412,7 @@ class MemoryPool:
     def __init__(self, allocator=None):
         self._used = 0
         self._free = collections.Counter()     # rounded size -> cached blocks
-        self._limit = 0
+        self._limit = _limit_from_environment()
         self._lock = threading.Lock()
         _pools.add(self)
 
@@ -475,6 +475,19 @@ class MemoryPool:
 
 
 MemoryPool.__module__ = "cupy.cuda.memory"
+
+
+def _limit_from_environment():
+    """CuPy's CUPY_GPU_MEMORY_LIMIT: bytes ("1073741824") or a share of the GPU ("50%"); 0: none."""
+    value = os.environ.get("CUPY_GPU_MEMORY_LIMIT", "").strip()
+    if not value:
+        return 0
+    try:
+        if value.endswith("%"):
+            return int(declared_gpu().memory * float(value[:-1]) / 100)
+        return int(value)
+    except ValueError:
+        raise ValueError(f"CUPY_GPU_MEMORY_LIMIT={value!r}: give bytes or a percentage such as 50%") from None
 
 
 def _device_bytes_in_use():
