@@ -848,15 +848,6 @@ class ndarray:
             return format(self._a.item(), spec)
         return format(str(self), spec)
 
-    def __reduce__(self):
-        return (_from_host, (self.get(),))
-
-    def __copy__(self):
-        return self.copy()
-
-    def __deepcopy__(self, memo):
-        return self.copy()
-
     # -- NumPy's protocols: np.add(x, y), np.sum(x) on device arrays run here, as with CuPy
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         _reject_host_arrays(f"numpy.{ufunc.__name__}", inputs)
@@ -869,9 +860,7 @@ class ndarray:
             _write(lambda: getattr(ufunc, method)(*raw_inputs, **raw_kwargs))
             return outs[0] if len(outs) == 1 else outs
         if method == "at":
-            raw_inputs, raw_kwargs = _raw(inputs), _raw(kwargs)
-            _write(lambda: ufunc.at(*raw_inputs, **raw_kwargs))
-            return None
+            raise TypeError(f"numpy.{ufunc.__name__}.at on device arrays: not simulated (the project does not use it)")
         return _compute(lambda: getattr(ufunc, method)(*_raw(inputs), **_raw(kwargs)), inputs, kwargs)
 
     def __array_function__(self, func, types, args, kwargs):
@@ -907,10 +896,6 @@ class ndarray:
         else:
             _write(lambda: dst.fill(value))
 
-    def sort(self, axis=-1):
-        dst = self._a
-        _write(lambda: dst.sort(axis=axis))
-
     # -- methods that make arrays or views
     def astype(self, dtype, order="K", casting=None, subok=None, copy=True):
         if not copy and np.dtype(dtype) == self.dtype:
@@ -922,13 +907,6 @@ class ndarray:
 
     def view(self, *args, **kwargs):
         return _compute(lambda: self._a.view(*args, **kwargs), self)
-
-    def get_array_module(self):
-        return _cupy
-
-
-def _from_host(a):
-    return _module_functions["asarray"](a)
 
 
 def _view_key(key):
@@ -1085,10 +1063,6 @@ def _broadcast_to(a, shape):
     return _wrap(np.lib.stride_tricks.as_strided(a._a, r.shape, r.strides))
 
 
-def _get_array_module(*args):
-    return _cupy if any(type(a) is ndarray for a in args) else np
-
-
 _CREATION = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange", "linspace", "eye",
              "identity")
 _FUNCTIONS = (
@@ -1103,7 +1077,7 @@ _FUNCTIONS = (
     # reductions and searches
     "sum", "prod", "mean", "var", "std", "max", "min", "amax", "amin", "argmax", "argmin", "any", "all",
     "cumsum", "cumprod", "count_nonzero", "nansum", "nanmax", "nanmin", "nanmean", "allclose", "array_equal",
-    "sort", "argsort", "unique", "nonzero", "argwhere", "flatnonzero", "searchsorted", "bincount", "diff",
+    "argsort", "unique", "nonzero", "argwhere", "flatnonzero", "searchsorted", "bincount", "diff",
     "dot", "vdot", "matmul", "tensordot", "einsum", "inner", "outer",
     # shapes and copies
     "reshape", "ravel", "transpose", "moveaxis", "swapaxes", "squeeze", "expand_dims", "concatenate", "stack",
@@ -1114,7 +1088,7 @@ _module_functions = {name: _creation(name) for name in _CREATION}
 _module_functions.update({name: _function(name) for name in _FUNCTIONS})
 _module_functions.update(asarray=_asarray, array=_array, asanyarray=_asarray, ascontiguousarray=_ascontiguousarray,
                          asnumpy=_asnumpy, empty=_empty, empty_like=_empty_like, copyto=_copyto,
-                         broadcast_to=_broadcast_to, get_array_module=_get_array_module)
+                         broadcast_to=_broadcast_to)
 
 
 class _RandomState:
@@ -1126,31 +1100,11 @@ class _RandomState:
     def seed(self, seed=None):
         self._rs.seed(seed)
 
-    def _put(self, values, dtype=None):
-        return _asarray(values if dtype is None else np.asarray(values).astype(dtype, copy=False))
-
     def standard_normal(self, size=None, dtype=float):
-        return self._put(self._rs.standard_normal(size), dtype)
-
-    def randn(self, *shape, dtype=float):
-        return self._put(self._rs.standard_normal(shape), dtype)
-
-    def normal(self, loc=0.0, scale=1.0, size=None, dtype=float):
-        return self._put(self._rs.normal(loc, scale, size), dtype)
-
-    def uniform(self, low=0.0, high=1.0, size=None, dtype=float):
-        return self._put(self._rs.uniform(low, high, size), dtype)
-
-    def random(self, size=None, dtype=float):
-        return self._put(self._rs.random_sample(size), dtype)
-
-    random_sample = random
-
-    def rand(self, *shape, dtype=float):
-        return self._put(self._rs.random_sample(shape), dtype)
+        return _asarray(self._rs.standard_normal(size).astype(dtype, copy=False))
 
     def randint(self, low, high=None, size=None, dtype=int):
-        return self._put(self._rs.randint(low, high, size), dtype)
+        return _asarray(self._rs.randint(low, high, size).astype(dtype, copy=False))
 
 
 # ---------------------------------------------------------------------------------- kernels
@@ -1222,12 +1176,6 @@ class Function:
 
 
 Function.__module__ = "cupy.cuda.function"
-
-
-def RawKernel(code, name, options=(), backend="nvrtc", translate_cucomplex=False, enable_cooperative_groups=False,
-              jitify=False):
-    """cupy.RawKernel: RawModule(code).get_function(name)."""
-    return RawModule(code=code, options=options).get_function(name)
 
 
 # ---------------------------------------------------------------------------------- the device
@@ -1365,7 +1313,7 @@ def _build():
     cupy.__cudasim__ = True
     cupy.__file__ = __file__
     cupy.ndarray = ndarray
-    cupy.RawModule, cupy.RawKernel = RawModule, RawKernel
+    cupy.RawModule = RawModule
     cupy.cuda, cupy.random, cupy.linalg = cuda, random, linalg
     cupy.get_default_memory_pool = get_default_memory_pool
     cupy.get_default_pinned_memory_pool = get_default_pinned_memory_pool
@@ -1396,13 +1344,11 @@ def _build():
     runtime.is_hip = False
 
     memory.OutOfMemoryError, memory.MemoryPool, memory.MemoryPointer = OutOfMemoryError, MemoryPool, MemoryPointer
-    memory.Memory, memory.alloc = Memory, lambda size: get_allocator()(size)
+    memory.Memory = Memory
 
     state = _RandomState()
-    for name in ("seed", "standard_normal", "randn", "normal", "uniform", "random", "random_sample", "rand",
-                 "randint"):
+    for name in ("seed", "standard_normal", "randint"):
         setattr(random, name, getattr(state, name))
-    random.RandomState = _RandomState
 
     linalg.norm = _function_from(np.linalg.norm, "linalg.norm")
 
