@@ -11,7 +11,7 @@ launched through `cupy.RawModule`, streams, events, the memory pool, CUDA graphs
 
 - arrays: `ndarray` holds a NumPy array in memory handed out by a `MemoryPool` (256-byte aligned,
   sizes rounded to 512 bytes as CuPy's pool does; `used_bytes`/`total_bytes` count live and
-  cached blocks).  Arithmetic, indexing, reductions and the NumPy functions CuPy has run in NumPy
+  cached blocks; `set_limit` and CUPY_GPU_MEMORY_LIMIT give CuPy's OutOfMemoryError).  Arithmetic, indexing, reductions and the NumPy functions CuPy has run in NumPy
   and give device arrays (a reduction gives a 0-d array, as CuPy's do).  What needs the host
   says so, as on a GPU: `np.asarray(x)` is a TypeError (use `.get()`), mixing a NumPy array into
   a device operation is a TypeError, and `cupy.empty` memory holds garbage (bytes 0xFF: NaN, -1)
@@ -56,19 +56,14 @@ import numpy as np
 from . import sanitizer as _sanitizer
 from .emulator import EmuModule
 
-__all__ = ["ENV", "GPU_ENV", "requested", "active", "install", "module", "declared_gpu", "SimulatedGPU", "GPUS",
-           "NotSimulatedError", "ndarray"]
+__all__ = ["ENV", "GPU_ENV", "active", "install", "module", "declared_gpu", "SimulatedGPU", "GPUS",
+           "NotSimulatedError", "not_simulated", "ndarray"]
 
 ENV = "KERNELS_CUDASIM"
 GPU_ENV = "KERNELS_CUDASIM_GPU"
 VERSION = "14.2.0+cudasim"       # the CuPy this stand-in imitates, marked as simulated
 RUNTIME_VERSION = 13020          # CUDA 13.2 runtime, 13.0 driver: what the H100 run of 2026-12-06 reported
 DRIVER_VERSION = 13000
-
-
-def requested():
-    """True when KERNELS_CUDASIM asks for the simulated GPU (set, and not '' or '0')."""
-    return os.environ.get(ENV, "").strip() not in ("", "0")
 
 
 def active():
