@@ -201,7 +201,8 @@ def resolve_config(args):
                          f"(install the gpu extra that matches your CUDA: README.md)")
     cfg = dict(RECIPE)
     if not args.data:
-        cfg.update(DEFAULT_GPU if device == "cuda" else DEFAULT_CPU)
+        # the simulated GPU (KERNELS_CUDASIM=1) runs every kernel on the emulator: the CPU's shapes
+        cfg.update(DEFAULT_GPU if device == "cuda" and not nn.device.cuda_is_simulated() else DEFAULT_CPU)
         cfg["synthetic"] = args.synthetic or "default"
     else:
         cfg["synthetic"] = None
@@ -1048,7 +1049,10 @@ class Trainer:
         data_dir = dataset_dir(cfg)
         self.device = nn.get_device(cfg["device"])
         if cfg["conv_engine"] == "cudnn":
-            nn.device.set_conv_engine("cudnn")
+            try:
+                nn.device.set_conv_engine("cudnn")
+            except RuntimeError as e:   # no cuDNN here (not installed, or the GPU is simulated): one line
+                raise UsageError(f"--conv-engine cudnn: {e}") from None
         self.kernels_before = None
         if self.device.name != "cpu":   # the kernel versions of the run (a resumed run: the saved ones)
             try:
@@ -1172,6 +1176,8 @@ class Trainer:
         else:                                 # the step is a CUDA graph reading static buffers
             self.static_images[...] = images
             self.static_labels[...] = labels
+            if self.graphed.graph is not None:   # a replay runs no Python: count the optimizer's step here
+                self.opt.step_count += 1
             self.graphed()
 
     def step(self, images, labels):

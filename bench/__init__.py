@@ -8,6 +8,9 @@ EXIT_SETUP = 2
 # The line a benchmark ends with when CuPy cannot compile our kernels (bench.gpu_check looks for it)
 SETUP_STOP = "stopped: CudaSetupError: "
 
+if os.environ.get("KERNELS_CUDASIM", "").strip() not in ("", "0"):
+    import kernels  # noqa: F401  (the simulated GPU becomes `cupy` before a benchmark imports CuPy)
+
 
 def write_json(result, path, indent=2, default=None, quiet=False):
     """A benchmark's result dict as JSON at `path` (written whole or not at all), and the line that

@@ -16,8 +16,17 @@
   `python -m kernels.<op>` checks and times every version (kernels/lesson.py, kernels/cases.py).
 See kernels/README.md for how a kernel goes from source to a launch.
 
+With KERNELS_CUDASIM=1, importing this package makes `import cupy` give the simulated GPU
+(kernels/emu/cudasim.py): the cuda device's code runs on the CPU, its kernels on the emulator.
+
 Nothing here imports nn/ or data/.
 """
+
+import os as _os
+
+if _os.environ.get("KERNELS_CUDASIM", "").strip() not in ("", "0"):
+    from .emu import cudasim as _cudasim
+    _cudasim.install()      # before anything imports the real CuPy (refused if something already has)
 
 from .emu.errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorError, InitcheckError,
                      KernelAssertionError, KernelFault, LaunchConfigError, MemcheckError, OutOfBoundsError,

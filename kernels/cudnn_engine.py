@@ -193,6 +193,9 @@ def _import_cupy():
 
 
 def _import_cudnn():
+    from .emu import cudasim
+    if cudasim.active():      # the simulated GPU's "device pointers" are host memory: cuDNN must not see them
+        raise CudnnUnavailableError(str(cudasim.not_simulated("the cuDNN engine")))
     try:
         import cudnn
     except Exception as exc:

@@ -18,12 +18,17 @@ proves a step sync-free without a GPU.
 """
 
 import importlib
+import os
+import sys
 
 import numpy as np
 
+if os.environ.get("KERNELS_CUDASIM", "").strip() not in ("", "0"):
+    import kernels  # noqa: F401  (the simulated GPU becomes `cupy` before anything imports CuPy)
+
 __all__ = ["Device", "get_device", "cpu", "emu", "cuda", "default_device_for", "is_array", "to_numpy", "host_reads",
            "set_conv_engine", "use_kernels", "select_kernels", "restore_kernels", "kernel_table",
-           "cuda_unavailable_reason", "auto_device", "free_device_memory", "kernel_errors",
+           "cuda_unavailable_reason", "cuda_is_simulated", "auto_device", "free_device_memory", "kernel_errors",
            "cuda_setup_error"]
 
 _host_reads = 0
@@ -190,13 +195,18 @@ _cuda_probe = {}   # id(the cupy module probed) -> (that module, its reason): pr
 _reasons_said = set()
 
 
+def cuda_is_simulated():
+    """True when `cupy` is the simulated GPU (KERNELS_CUDASIM=1, kernels/emu/cudasim.py): the cuda
+    device's code runs on the CPU, its kernels on the emulator."""
+    return getattr(sys.modules.get("cupy"), "__cudasim__", False) is True
+
+
 def cuda_unavailable_reason():
     """None when CuPy imports and sees a GPU. Otherwise why the cuda device cannot be used, in one
     line; "" when CuPy is simply not installed (a CPU machine: nothing to explain).
 
     Any failure counts: a CuPy wheel for another CUDA than the driver's, no driver, a broken
     install, no visible device (CUDA_VISIBLE_DEVICES="")."""
-    import sys
     before = sys.modules.get("cupy")
     known = _cuda_probe.get(id(before))
     if known is not None and known[0] is before:

@@ -398,6 +398,8 @@ def nccl_module():
     try:
         from cupy.cuda import nccl
     except ImportError as e:
+        if getattr(sys.modules.get("cupy"), "__cudasim__", False):    # KERNELS_CUDASIM=1: the error says so
+            raise RuntimeError(f"the nccl backend (several GPUs): {e}") from e
         raise RuntimeError(f"the nccl backend (several GPUs) needs CuPy: {_nccl_install_hint()} ({e})") from e
     if not getattr(nccl, "available", True) or not hasattr(nccl, "NcclCommunicator"):
         raise RuntimeError(f"the nccl backend (several GPUs) needs the NCCL library, which CuPy could not "

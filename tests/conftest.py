@@ -3,6 +3,12 @@
 Without one they are skipped with the reason (CuPy missing, no device, driver error), so the
 same command runs everything on a GPU machine and the rest everywhere else. Other test files
 may call `gpu_available()` directly (e.g. to parametrize a backend list).
+
+The simulated GPU: `KERNELS_CUDASIM=1 python -m pytest -m gpu` runs the GPU tests on a CPU
+(kernels/emu/cudasim.py: `import cupy` gives a CuPy-shaped stand-in whose kernels run on the
+emulator). `CUDASIM` tells a test it is there, so that a shape only a GPU can afford may
+shrink; `real_gpu_only(reason)` marks what only real hardware can show (timings, cuDNN,
+NCCL, NVRTC's code), skipped under the simulator with the reason.
 """
 
 import functools
@@ -14,6 +20,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+CUDASIM = os.environ.get("KERNELS_CUDASIM", "").strip() not in ("", "0")
+if CUDASIM:
+    import kernels  # noqa: F401  (installs the simulated GPU as `cupy` before any test imports CuPy)
+
+
+def real_gpu_only(reason):
+    """Mark a test (or a parameter) that needs real GPU hardware for `reason`: skipped under the
+    simulated GPU, which runs the same Python but has no timings, cuDNN, NCCL or NVRTC."""
+    return pytest.mark.skipif(CUDASIM, reason=f"needs a real GPU ({reason}); the GPU is simulated (KERNELS_CUDASIM=1)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,6 +49,9 @@ def gpu_available():
         return False, f"CuPy finds no usable CUDA device ({type(exc).__name__}: {exc})"
     if count <= 0:
         return False, "CuPy finds no CUDA device"
+    if getattr(cupy, "__cudasim__", False):
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        return True, f"{count} simulated CUDA device ({name}, KERNELS_CUDASIM=1)"
     return True, f"{count} CUDA device(s)"
 
 

@@ -256,3 +256,18 @@ def test_gpu_check_kills_a_stage_at_its_limit(tmp_path):
     assert "killed after its limit" in (tmp_path / "sleepy.log").read_text()
     ok = gpu_check.run_stage("quick", [sys.executable, "-c", "raise SystemExit(3)"], 30, tmp_path, None)
     assert ok["status"] == "failed" and ok["rc"] == 3
+
+
+@pytest.mark.gpu
+def test_train_bench_on_the_gpu_accounts_memory_eager_and_graphed():
+    """bench.train's cuda path: the memory pool's high-water marks (the default pool, plus a graph's
+    private pool) and a graphed configuration, at the tiny size."""
+    from bench import train as bt
+    eager = bt.measure("fp32-ours", "cuda", "tiny", steps=2, warmup=1, profile_steps=1)
+    graphed = bt.measure("amp-ours", "cuda", "tiny", cuda_graph=True, steps=2, warmup=1)
+    for row in (eager, graphed):
+        assert "error" not in row, row.get("traceback", row)
+        assert row["peak_reserved_bytes"] >= row["peak_used_bytes_sampled"] > 0 and row["device_used_bytes"] > 0
+        assert np.isfinite(row["loss"]) and row["images_per_s"] > 0
+    assert set(eager["phases_ms"]) == {"forward", "backward", "optimizer"} and graphed["phases_ms"] is None
+    assert graphed["cuda_graph"] and graphed["loss_scale"] > 0

@@ -147,3 +147,19 @@ def test_graph_replays_train_exactly_like_eager_steps(precision):
         np.testing.assert_allclose(nn.device.to_numpy(q.data), nn.device.to_numpy(p.data), rtol=1e-5, atol=1e-7,
                                    err_msg=name)
     np.testing.assert_allclose(nn.device.to_numpy(b.loss_totals), nn.device.to_numpy(a.loss_totals), rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_host_read_inside_the_captured_step_is_a_capture_error_on_the_gpu():
+    """The real stream API: a step that reads a device value works eagerly, and its capture fails
+    with CaptureError; the abandoned capture is ended, so the stream is usable again."""
+    import cupy
+    x = cupy.arange(8, dtype=np.float32)
+    cupy.cuda.get_current_stream().synchronize()
+    graphed = GraphedStep(lambda: float((x * 2).sum()), warmup=1)
+    assert graphed() == 56.0
+    with pytest.raises(CaptureError, match="host synchronisation"):
+        graphed()
+    assert not graphed.stream.is_capturing() and graphed.graph is None
+    with graphed.stream:
+        assert float((x + 1).sum()) == 36.0

@@ -17,6 +17,9 @@ import pytest
 
 from kernels import cudnn_engine as ce
 from kernels import reference as ref
+from tests.conftest import real_gpu_only
+
+needs_cudnn = real_gpu_only("the cuDNN library")
 
 # (x_shape NHWC, w_shape OIHW, stride, padding): batch 1, odd channels, 7x7 and 1x1 images,
 # stride 2 on odd sizes, padding larger than the kernel's half-width, the ResNet stem's 7x7/2.
@@ -156,6 +159,7 @@ def _to_f64(cp, array):
 
 
 @pytest.mark.gpu
+@needs_cudnn
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", CASES, ids=CASE_IDS)
 def test_cudnn_matches_reference(cp, x_shape, w_shape, stride, padding, dtype_name):
@@ -180,6 +184,7 @@ def test_cudnn_matches_reference(cp, x_shape, w_shape, stride, padding, dtype_na
 
 
 @pytest.mark.gpu
+@needs_cudnn
 def test_plans_are_cached_per_problem(cp):
     ce.clear_cache()
     x = cp.asarray(np.random.default_rng(1).standard_normal((2, 7, 7, 3), dtype=np.float32))
@@ -195,6 +200,7 @@ def test_plans_are_cached_per_problem(cp):
 
 
 @pytest.mark.gpu
+@needs_cudnn
 def test_runs_on_cupys_current_stream(cp):
     rng = np.random.default_rng(3)
     x_host = rng.standard_normal((4, 16, 16, 8), dtype=np.float32)
@@ -209,6 +215,7 @@ def test_runs_on_cupys_current_stream(cp):
 
 
 @pytest.mark.gpu
+@needs_cudnn
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding", CASES[:3], ids=CASE_IDS[:3])
 def test_cudnn_matches_our_kernels(cp, x_shape, w_shape, stride, padding):
     ops = pytest.importorskip("kernels.ops", reason="kernels/ops.py (our convolution kernels) not written yet")

@@ -18,6 +18,7 @@ from kernels import conv as CV
 from kernels import reference as ref
 from kernels import versions
 from kernels.runtime.raw import RawKernel
+from tests.conftest import Backend
 
 F32_VERSIONS = tuple(v for v in versions.numbers("conv") if v not in CV.F16_VERSIONS)
 
@@ -133,15 +134,14 @@ def test_permute_weight(backend):
 
 
 @pytest.mark.gpu
-def test_resnet_like_layers_on_gpu(backend):
-    if backend.name != "cuda":
-        pytest.skip("larger shapes only on the GPU")
+def test_resnet_like_layers_on_gpu():
+    backend = Backend("cuda")     # larger shapes: the GPU only
     for case in [((8, 28, 28, 64), (128, 64, 3, 3), 2, 1), ((4, 56, 56, 64), (256, 64, 1, 1), 1, 0),
                  ((2, 64, 64, 3), (64, 3, 7, 7), 2, 3)]:
         x, w, dy, stride, pad = _problem(case, seed=9)
         x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
         d = backend.to_device
-        for version in ("implicit_gemm", "im2col"):
+        for version in F32_VERSIONS:
             y = backend.to_host(CV.conv2d_forward(d(x), d(w), stride, pad, version=version))
             assert _rel_err(y, ref.conv2d_forward(x64, w64, stride, pad)) < 1e-5
             dx = backend.to_host(CV.conv2d_backward_data(d(dy), d(w), x.shape, stride, pad, version=version))

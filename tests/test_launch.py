@@ -204,3 +204,20 @@ def test_bench_launch_cases_are_real_launches():
     grid, block, (x, y, n) = bench_launch._case_args("relu_forward_f32", make)
     _launch.module("elementwise.cu").get_function("relu_forward_f32")(grid, block, (x, y, n))
     np.testing.assert_array_equal(y, np.maximum(x, 0))
+
+
+@pytest.mark.gpu
+def test_launches_reach_cupy_again_after_the_bench_stand_in():
+    """bench.launch measures our Python against a stand-in for CuPy, then the same kernels on the GPU:
+    the kernel handles bound while the stand-in was `cupy` must not be used once it is gone (they
+    launch nothing: the H100 run's 'CuPy launch 0.16 us' was the stand-in's own call)."""
+    import cupy
+    from kernels import elementwise
+    x = cupy.asarray(np.linspace(-2, 2, 4096, dtype=np.float32))
+    elementwise.relu_forward(x)                       # handles bound with the real CuPy first
+    bench_launch.measure_standin(count=2, repeat=1)   # ... then with the stand-in
+    np.testing.assert_array_equal(elementwise.relu_forward(x).get(), np.maximum(x.get(), 0))
+    rows = bench_launch.measure_gpu(count=2, repeat=1)
+    assert [r["kernel"] for r in rows] == [k for _, k in bench_launch.CASES]
+    for filename, _ in bench_launch.CASES:
+        assert isinstance(_launch.module(filename)._cupy_module(), cupy.RawModule)

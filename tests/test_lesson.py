@@ -113,6 +113,14 @@ def test_a_nan_or_a_wrong_shape_never_passes():
     assert cases.max_rel_error([np.zeros(0)], [np.zeros(0)]) == 0.0
 
 
+@pytest.mark.gpu
+def test_the_command_on_the_gpu_checks_and_times_with_events(capsys):
+    """The GPU side of `python -m kernels.<op>`: CuPy arrays, the device's name, CUDA-event timing."""
+    assert lesson.main("pool", ["--shape", "N=2,H=9,W=9,C=8", "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "on the GPU (" in out and "CUDA events" in out and "all versions match the reference" in out
+
+
 # ---- a compile error of a learner's copy: the compiler's whole message ----------------------------
 
 def _conv_copy(folder, old, new, name="my_conv.cu"):

@@ -329,3 +329,47 @@ def test_cuda_graph_run_trains_like_the_eager_run(tiny_data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.gpu
+def test_synthetic_tiny_on_the_gpu_and_a_few_graphed_steps(tiny_data, tmp_path):
+    """The GPU's own commands, as a user types them: `train.py --device cuda --synthetic tiny
+    --epochs 1` (exit 0 or 1, one epoch logged) and the same with --cuda-graph for a few steps
+    (3 eager, the capture, replays). Under the simulated GPU the defaults are the CPU's shapes."""
+    cache = {"MLPERF_RESNET_CACHE": str(Path(tiny_data).parents[2])}     # the session's packed tiny set
+    base = ["--device", "cuda", "--synthetic", "tiny", "--no-progress", "--workers", "0"]
+    proc = run_proc([*base, "--epochs", "1", "--out", tmp_path / "eager"], env=cache, timeout=600)
+    assert proc.returncode in (train.EXIT_OK, train.EXIT_NOT_REACHED), proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len((tmp_path / "eager" / "metrics.jsonl").read_text().splitlines()) == 1
+    proc = run_proc([*base, "--epochs", "1", "--batch-size", "16", "--cuda-graph", "--max-steps", "5",
+                     "--out", tmp_path / "graph"], env=cache, timeout=600)
+    assert proc.returncode == train.EXIT_OK, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with np.load(tmp_path / "graph" / "checkpoint_last.npz") as f:
+        assert int(f["optim/step_count"]) == int(f["extra/step"]) == 5    # replays counted too
+
+
+@pytest.mark.gpu
+def test_conv_engine_cudnn_without_cudnn_is_one_line(tiny_data, tmp_path):
+    """--conv-engine cudnn where the cuDNN engine cannot run (not installed, or the GPU is simulated):
+    exit 2 and one line saying why, no traceback."""
+    from kernels import cudnn_engine
+    ok, _ = cudnn_engine.cudnn_available()
+    if ok:
+        pytest.skip("cuDNN is available here: the engine runs")
+    proc = run_proc(["--data", tiny_data, "--device", "cuda", "--conv-engine", "cudnn", "--workers", "0",
+                     "--no-progress", "--epochs", "1", "--out", tmp_path / "run"])
+    assert proc.returncode == train.EXIT_USAGE, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "--conv-engine cudnn: the cuDNN engine is not available" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_out_of_gpu_memory_is_exit_4_with_a_batch_size_that_fits(tiny_data, tmp_path):
+    """CuPy's pool limited to 2 MB (CUPY_GPU_MEMORY_LIMIT, which the simulated GPU honours too): the
+    model and its optimizer (~1 MB at width 1/16) fit, a step at batch 64 (8 MiB of activations)
+    does not. Exit 4 and one line naming a smaller --batch-size, no traceback."""
+    proc = run_proc(["--data", tiny_data, "--device", "cuda", "--workers", "0", "--no-progress", "--batch-size", "64",
+                     "--width", "0.0625", "--image-size", "32", "--max-steps", "1", "--out", tmp_path / "run"],
+                    env={"CUPY_GPU_MEMORY_LIMIT": "2000000"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == train.EXIT_OOM, out[-3000:]
+    assert "out of GPU memory at batch size 64" in out and "try --batch-size 32" in out and "Traceback" not in out

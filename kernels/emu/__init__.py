@@ -11,6 +11,9 @@
 - signature.py             a kernel's parameter list read from its source, and the argument
                            check both backends run before a launch.
 - errors.py                CompileError (raised by either compiler) and the emulator's errors.
+- cudasim.py               the simulated GPU (KERNELS_CUDASIM=1): a CuPy-shaped module over NumPy
+                           memory whose RawModule kernels run on the emulator, installed as
+                           `cupy` by kernels/__init__.py.
 
 This is the bottom of kernels/: nothing here imports kernels/runtime/ or the ops.  This file
 imports nothing, so that importing one module of the package never loads the others.

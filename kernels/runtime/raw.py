@@ -19,6 +19,7 @@ function handle is looked up once per kernel and kept.
 import os
 import re
 import sys
+import weakref
 from pathlib import Path
 
 from . import cuda_env
@@ -48,6 +49,7 @@ def _array_kind(args):
 
 
 _device_query = (None, None)   # (the cupy module, its function telling the current device)
+_bound = weakref.WeakSet()     # RawKernels holding CuPy function handles
 
 
 def _cupy_device(_loaded=sys.modules):
@@ -61,6 +63,12 @@ def _cupy_device(_loaded=sys.modules):
 def _new_device_query():
     global _device_query
     import cupy
+    if _device_query[0] is not None:
+        # another `cupy` than the one the handles came from (bench.launch's stand-in put in or taken
+        # out): a handle launches only the arrays of its own CuPy, so every kernel binds again
+        for kernel in list(_bound):
+            kernel._cupy_functions.clear()
+            kernel.module._cupy = None
     _device_query = (cupy, cupy.cuda.runtime.getDevice)
     return _device_query[1]()
 
@@ -288,6 +296,7 @@ class RawKernel:
         if self._max_dynamic_shared is not None:
             fn.max_dynamic_shared_size_bytes = self._max_dynamic_shared
         self._cupy_functions[device] = fn
+        _bound.add(self)
         return fn
 
 
