@@ -86,7 +86,7 @@ def test_version_2_moves_16_byte_vectors_and_falls_back_off_alignment(backend):
     with versions.use(elementwise=2), trace.collect() as t:
         whole = backend.to_host(ew.add_relu_forward(A, B))
         shifted = backend.to_host(ew.add_relu_forward(A[1:], B[1:]))
-        h = backend.to_host(ew.cast(backend.to_device(rand(1003)[1:]), np.float16))
+        h = backend.to_host(ew.cast(backend.to_device(rand(1003))[1:], np.float16))
     assert {"add_relu_forward_vec_f16", "add_relu_forward_f16", "cast_f32_to_f16"} <= set(t.by_kernel())
     assert "cast_f32_to_f16_vec" not in t.by_kernel()
     np.testing.assert_array_equal(whole, np.maximum(a + b, 0))
