@@ -358,16 +358,19 @@ def _backward_rows(mode, dy, y, x, gamma, saved_mean, saved_invstd, dgamma, dbet
     prefix = {"plain": "batchnorm", "relu": "batchnorm_relu", "add_relu": "batchnorm_add_relu"}[mode]
     tiles, G = _rows_grid(M, C, V, GX, TY, xp, reduction=True)
     part = empty(xp, (2, G, C), dtype=np.float32)   # sum dz, sum dz * (x - mean) per (row slice, channel)
+    # the ReLU form in vectors: y > 0 as one byte of bits per row and vector, for dx
+    mask = empty(xp, M * C // V, dtype=np.uint8) if mode == "relu" and V > 1 else None
     _kernel(f"{prefix}_backward_reduce_{form}")(
-        (tiles, G), (GX, TY), (dy, y, x, saved_mean, dresidual, part, np.int64(M), np.int32(C)))
+        (tiles, G), (GX, TY), (dy, y, x, saved_mean, dresidual, mask, part, np.int64(M), np.int32(C)))
     _kernel("batchnorm_backward_reduce_finalize")((-(-C // _TILE_C),), (_TILE_C, 32),
                                                   (part, np.int32(G), np.int32(C), np.int64(M), gamma, saved_invstd,
                                                    dgamma, dbeta, coef))
-    # dx from dz: the add + ReLU form's dresidual is dz; the ReLU form masks dy by y itself
-    dz, mask = (dresidual, None) if mode == "add_relu" else (dy, y if mode == "relu" else None)
-    name = "batchnorm_relu_backward_dx_rows" if mask is not None else "batchnorm_backward_dx_rows"
+    # dx from dz: the add + ReLU form's dresidual is dz; the ReLU form masks dy by the bits (or y itself)
+    dz = dresidual if mode == "add_relu" else dy
+    name = "batchnorm_relu_backward_dx_rows" if mode == "relu" else "batchnorm_backward_dx_rows"
     _kernel(f"{name}_{form}")(_rows_grid(M, C, V, GX, TY, xp, reduction=False), (GX, TY),
-                              (dz, mask, x, saved_mean, coef, dx, np.int64(M), np.int32(C)))
+                              (dz, y if mode == "relu" else None, mask, x, saved_mean, coef, dx, np.int64(M),
+                               np.int32(C)))
     return dx, dresidual, dgamma, dbeta
 
 
