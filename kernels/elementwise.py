@@ -6,7 +6,8 @@ float32 and float16 are supported where the network needs both.
 
 Versions (the header of elementwise.cu; `python -m kernels.elementwise` checks and times them):
 1, one element per loop iteration; 2, 16-byte vectors (8 halves or 4 floats per load and store)
-for ReLU forward/backward, add, add + ReLU and the float32 <-> float16 casts, where every array
+for ReLU forward/backward, add, add + ReLU, and 4 values a thread for the float32 <-> float16
+casts (a float4 and 8 bytes of halves), where every array
 starts on a 16-byte boundary (otherwise version 1 runs).  The launchers run the version in use
 (kernels.versions: `with versions.use(elementwise=1): ...`); the two give the same numbers.
 """
@@ -154,7 +155,7 @@ def cast(x, dtype):
     out_dtype = np.uint16 if target == "bfloat16" else target
     y = empty(xp, x.shape, dtype=out_dtype)
     if x.size and "bfloat16" not in key:
-        _run_versioned(_CASTS[key], _CASTS[key] + "_vec", x.size, (x, y), xp, 8)
+        _run_versioned(_CASTS[key], _CASTS[key] + "_vec", x.size, (x, y), xp, 4)
     elif x.size:
         _run(_CASTS[key], x.size, (x, y), xp)
     return y
