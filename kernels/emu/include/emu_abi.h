@@ -207,6 +207,8 @@ int emu_code_range(const void* address, const void** begin, const void** end);
 void emu_last_finding(struct emu_finding* out);
 void emu_last_profile(struct emu_profile* out);
 int emu_profile_sites(struct emu_profile_site* out, int capacity);
+int emu_profile_spans(unsigned long long* out, int capacity);   /* (lo, hi, sectors read, written) */
+void emu_profile_atomics(unsigned long long* out);              /* lane atomics, addresses, most on one */
 
 /* Called by kernel code (through the macros of cuda_emu.h). */
 void __emu_syncthreads(const char* file, int line);

@@ -1,0 +1,235 @@
+"""Predict a GPU time from the emulator: the counts of a small shape, the launches of the real one.
+
+    from kernels.runtime import predict
+    twin = predict.profile_of(lambda: small_case.run(op, version, state))      # emulator, counted
+    ops = predict.plan_of(lambda: real_case.run(op, version, state))          # real shape, not run
+    p = predict.predict(ops, twin, "H100")                                     # a CasePrediction
+    p.seconds, p.limit
+
+`profile_of` runs a call twice on the emulator (the first builds what it caches, e.g. a backward's
+forward) and profiles the second (kernels.profile()); `plan_of` runs the same call twice on
+kernels/runtime/plan.py's stand-in arrays at the real shape and records the second run's
+launches.  `predict` matches each planned launch with the profiled launch of the same kernel, in
+order, and scales that launch's counts to the real shape:
+
+  by its data  the ratio of the bytes its arguments touch at the two shapes (an argument the
+               small launch touched mostly counts with its real size, one it touched in a few
+               places, a row of a matrix, with what it touched): grid-stride loops, reductions,
+               the loops over the data.  A matrix product's tiles each run the whole reduction:
+               with `work_ratio` (the ratio of FLOPs) those grow with their work instead.
+  by its warps the code outside the loops, and loops over shared memory only (a block's tree
+               reduction): once per warp or block of the real launch.
+
+Instructions and the time a warp waits per loop trip come from the PTX (kernels/runtime/ptx.py;
+without NVRTC the model keeps the memory sides only); registers and shared memory give the
+resident blocks per SM (kernels.resources, kernels.occupancy).
+"""
+
+import math
+
+import numpy as np
+
+from . import plan as _plan
+from . import ptx as _ptx
+from .ptxas import resources
+from ..emu import perfmodel
+from ..emu import profiler as _profiler
+from ..emu.occupancy_calculator import occupancy
+
+__all__ = ["profile_of", "plan_of", "predict", "launch_work", "gpu"]
+
+
+def gpu(name_or_gpu):
+    """A perfmodel.GPU from its name ('H100') or itself."""
+    if isinstance(name_or_gpu, perfmodel.GPU):
+        return name_or_gpu
+    try:
+        return perfmodel.GPUS[name_or_gpu]
+    except KeyError:
+        raise ValueError(f"unknown GPU {name_or_gpu!r}; known: {', '.join(perfmodel.GPUS)}") from None
+
+
+def profile_of(run):
+    """The LaunchProfiles of the second of two calls of run() on the emulator."""
+    run()
+    with _profiler.profile() as prof:
+        run()
+    return prof.launches
+
+
+def plan_of(run):
+    """The plan.Operations of the second of two calls of run() on stand-in arrays (run() must
+    build its inputs with kernels.runtime.plan.cupy, e.g. a kernels.cases case made with it)."""
+    with _plan.planning() as p:
+        run()
+        first = len(p.operations)
+        run()
+    return p.operations[first:]
+
+
+def _prod(t):
+    return int(np.prod([max(1, int(x)) for x in t]))
+
+
+def _touched(op, twin):
+    """(bytes the real launch reads, writes; bytes the profiled one touched) (see the module
+    docstring)."""
+    real_sizes = {i: a.nbytes for i, a in enumerate(op.args) if isinstance(a, _plan.PlanArray)}
+    small = read = written = 0.0
+    for a in twin.arguments:
+        r, w = min(a["read_bytes"], a["bytes"]), min(a["written_bytes"], a["bytes"])
+        size_real = real_sizes.get(a["index"], a["bytes"])
+        grow = size_real / a["bytes"] if max(r, w) >= 0.5 * a["bytes"] else 1.0
+        small += r + w
+        read += r * grow
+        written += w * grow
+    return read, written, small
+
+
+def _data_keys(code):
+    """The (file, line, space, op) keys of the loops over global memory: their counts grow with
+    the data; the rest (code outside loops, shared-memory-only loops) with the warps."""
+    keys = set()
+    for loop in code.loops:
+        if any(k[2] == "global" for k in loop.keys):
+            keys.update(loop.keys)
+    keys.update(code.remainder_keys)
+    return keys
+
+
+def launch_work(op, twin, arch, g, work_ratio=None):
+    """perfmodel.LaunchWork of one planned launch `op` from its profiled twin (a LaunchProfile,
+    or None: then only the bytes of its arguments are known)."""
+    kernel = op.kernel
+    blocks, threads = _prod(op.grid), _prod(op.block)
+    warps = blocks * math.ceil(threads / 32)
+    notes = []
+    try:
+        r = resources(kernel, arch)
+        resident = r.occupancy(threads, op.shared_mem).blocks_per_sm
+    except Exception as exc:   # no NVRTC: 32 registers assumed
+        resident = occupancy(arch, threads, 32, op.shared_mem).blocks_per_sm
+        notes.append(f"registers unknown ({type(exc).__name__}): 32 assumed")
+    if twin is None:
+        nbytes = sum(a.nbytes for a in op.args if isinstance(a, _plan.PlanArray))
+        notes.append("not profiled: its arguments' bytes once")
+        return perfmodel.LaunchWork(kernel.name, blocks, threads, resident, float(nbytes), 0.0, notes=notes)
+    read, written, small = _touched(op, twin)
+    real = read + written
+    s = real / small if small else 1.0
+    if work_ratio and s > 1.01:
+        s = work_ratio
+    small_warps = _prod(twin.grid) * math.ceil(_prod(twin.block) / 32)
+    per_warp = warps / small_warps
+    try:
+        code = _ptx.kernel_code(kernel, arch)
+    except Exception as exc:
+        code = None
+        notes.append(f"no PTX ({type(exc).__name__}): no instruction counts")
+    data = _data_keys(code) if code else None
+    sites = {(x["file"], x["line"], x["space"], x["op"]): x for x in twin.sites()}
+
+    def scale(key):
+        return s if data is None or _nearest(key, data) is not None else per_warp
+
+    l2_sectors = sum(x["sectors"] * scale(k) for k, x in sites.items() if x["space"] == "global")
+    wavefronts = sum((x["wavefronts"] if x["op"] != "atom" else x["requests"]) * scale(k)
+                     for k, x in sites.items() if x["space"] == "shared")
+    l1 = l2_sectors / perfmodel.L1_SECTORS_PER_CLOCK + wavefronts / perfmodel.SHARED_WAVEFRONTS_PER_CLOCK
+    at = twin.atomics
+    hot = at["ops"] > 32 * max(1, at["addresses"])        # a few accumulators: they grow with the data
+    most = at["most"] * (s if hot else 1.0)
+    work = perfmodel.LaunchWork(kernel.name, blocks, threads, resident, read, written, l2_sectors, l1,
+                                atomic_most=most, notes=notes)
+    if code is not None:
+        big = real > g.l2_bytes / 2
+        latency = (g.dram_latency_s if big else g.l2_latency_s) * g.clock_hz
+        work.instructions, work.warp_cycles = _instructions(code, sites, scale, warps, latency)
+    return work
+
+
+def _instructions(code, sites, scale, warps, latency):
+    """({unit: warp-instructions}, cycles one warp needs) of a launch of `warps` warps."""
+    instructions = {u: c * warps for u, c in code.outside.cost.items()}
+    cycles = _ptx.trip_cycles(code.outside.instrs, latency)
+    trips = {}                                       # PTX loop index -> trips per warp
+    order = sorted(range(len(code.source_loops)), key=lambda i: _depth(code, code.source_loops[i].main))
+    for i in order:
+        sl = code.source_loops[i]
+        main = code.loops[sl.main]
+        rem = code.loops[sl.remainder] if sl.remainder >= 0 else None
+        counted = _anchor_iterations(sl.anchors, sites, scale)
+        if counted is not None:
+            iterations = counted / warps
+        else:   # no memory line of its own was counted: once per trip of the loop around it
+            iterations = trips.get(main.parent, 1.0) if main.parent >= 0 else 1.0
+        if rem is not None:
+            main_trips = math.floor(iterations / sl.unroll)
+            rem_trips = iterations - sl.unroll * main_trips
+        else:
+            main_trips, rem_trips = iterations, 0.0
+        trips[sl.main] = main_trips
+        for unit, c in main.cost.items():
+            instructions[unit] = instructions.get(unit, 0.0) + c * main_trips * warps
+        cycles += main_trips * _ptx.trip_cycles(main.instrs, latency)
+        if rem is not None:
+            trips[sl.remainder] = rem_trips
+            for unit, c in rem.cost.items():
+                instructions[unit] = instructions.get(unit, 0.0) + c * rem_trips * warps
+            cycles += rem_trips * _ptx.trip_cycles(rem.instrs, latency)
+    return instructions, cycles
+
+
+def _nearest(key, keys):
+    """`key` or the key of `keys` one or two lines away in the same file, space and op (the
+    emulator's debug information and the PTX's can name neighbouring lines of one statement)."""
+    if key in keys:
+        return key
+    near = [k for k in keys if k[0] == key[0] and k[2:] == key[2:] and abs(k[1] - key[1]) <= 2]
+    return min(near, key=lambda k: abs(k[1] - key[1])) if near else None
+
+
+def _anchor_iterations(anchors, sites, scale):
+    """Source iterations (warp-level, all warps) of a loop: the most any of its memory lines
+    says (requests / copies per iteration; a line under a condition says fewer).  A line the
+    emulator's debug information put one or two lines away (inlined conversions) still counts."""
+    best = None
+    for key, copies in anchors.items():
+        found = _nearest(key, sites)
+        site = sites[found] if found else None
+        if site is None or not site["requests"]:
+            continue
+        n = site["requests"] * scale(key) / copies
+        best = n if best is None else max(best, n)
+    return best
+
+
+def _depth(code, loop):
+    d = 0
+    while loop >= 0:
+        loop = code.loops[loop].parent
+        d += 1
+    return d
+
+
+def predict(operations, twin_launches, gpu_name="H100", arch=None, work_ratio=None):
+    """CasePrediction of planned `operations` (plan_of) from the profiled `twin_launches`
+    (profile_of) on a GPU (a name of perfmodel.GPUS).  work_ratio: the real shape's FLOPs over the
+    profiled one's, for matrix products (see the module docstring)."""
+    g = gpu(gpu_name)
+    arch = arch or g.arch
+    pool = list(twin_launches)
+    used = [False] * len(pool)
+    ops = []
+    for op in operations:
+        if op.kind != "launch":
+            ops.append({"kind": op.kind if op.kind != "copy" else "copy", "nbytes": op.nbytes})
+            continue
+        twin = None
+        for k, t in enumerate(pool):
+            if not used[k] and t.kernel == op.kernel.name:
+                used[k] = True
+                twin = t
+                break
+        ops.append({"kind": "launch", "work": launch_work(op, twin, arch, g, work_ratio)})
+    return perfmodel.predict_operations(g, ops)

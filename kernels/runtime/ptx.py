@@ -1,0 +1,510 @@
+"""What NVRTC's PTX says about a kernel's instructions, for the performance model.
+
+The emulator counts memory accesses exactly, but it runs the kernel as C++ on the CPU: it cannot
+say how many instructions a GPU executes, whether a loop was unrolled, or how many loads a warp
+has in flight.  The PTX that NVRTC makes for the GPU says all three.  `kernel_code(kernel, arch)`
+compiles the kernel's module (cached like kernels.resources) and reads, for every loop of the
+kernel (and for the code outside loops):
+
+  cost      issue slots per trip of the loop, split by the unit that executes them ('fp32',
+            'int', 'mufu', 'conv', 'shfl', 'mem', 'tensor', 'other'): one PTX instruction is one
+            machine instruction, except the few that expand (a 64-bit integer add is two, a
+            32-bit integer division about 20: "below 20 instructions", NVIDIA's Nsight
+            documentation on integer division; an IEEE float division or square root a reciprocal
+            and a few FMAs).  A 64-bit division that LLVM guards with a 32-bit fast path (the
+            `and.b64 x, -4294967296` test) is counted as the fast path: ResNet-50's indices fit.
+  period    cycles one warp needs per trip when it runs alone (`trip_cycles(...)`): the
+            instructions issue in order, one per cycle, each waiting for its operands (4 cycles
+            per arithmetic result, a shared-memory load ~30, a global load the memory latency the
+            caller gives); loads may issue ahead of earlier stalled instructions, as ptxas
+            schedules them (a non-`.nc` global load not ahead of an earlier store).  So a loop
+            body with four independent loads (an unrolled loop) waits one latency for all four,
+            one whose loads feed each other waits twice.
+  keys      the (file, line, space, op) of its memory instructions and how many copies of each
+            one trip holds: how the loop's trips are counted from the emulator's per-line
+            requests (kernels.profile(): `LaunchProfile.sites()`).
+
+Loops are found from the branches (a branch to an earlier label closes a loop, its blocks are
+the ones between); the loops that hold copies of the same memory lines are one source loop as
+LLVM unrolled it (a main loop of k copies and a remainder loop of one: `SourceLoop`).
+"""
+
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+from . import nvrtc
+from .raw import display_path
+from ..emu.occupancy_calculator import architecture
+
+__all__ = ["kernel_code", "module_code", "KernelCode", "PtxLoop", "SourceLoop", "UNITS"]
+
+UNITS = ("fp32", "int", "mufu", "conv", "shfl", "mem", "tensor", "other")
+ALU_LATENCY = 4           # cycles from issue to result of a dependent arithmetic instruction
+SHARED_LATENCY = 30       # cycles of a shared-memory load
+MUFU_LATENCY = 20         # special-function unit (reciprocal, square root estimate, exp2)
+SHFL_LATENCY = 24         # a warp shuffle
+BARRIER_CYCLES = 20       # __syncthreads() with every warp arriving together
+
+
+# ------------------------------------------------------------------------------------- parsing
+@dataclass
+class Instr:
+    text: str
+    opcode: str                       # "ld.global.nc.f32"
+    parts: tuple                      # ("ld", "global", "nc", "f32")
+    dests: tuple
+    srcs: tuple
+    guard: str = ""                   # "%p1" of "@%p1 bra ..."
+    target: str = ""                  # branch label
+    loc: tuple = None                 # (file, line) or None
+    slow_path: bool = False           # inside LLVM's 64-bit division slow path
+
+
+@dataclass
+class _Block:
+    label: str
+    instrs: list = field(default_factory=list)
+
+
+_REG = re.compile(r"%[A-Za-z_][\w]*")
+_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
+_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+\d+")
+_LABEL = re.compile(r"^\s*(\$?[\w$]+):\s*$")
+_ENTRY = re.compile(r"\.entry\s+([\w$]+)\s*\(")
+_STORE_LIKE = {"st", "red", "bar", "cp", "membar", "fence", "wmma_store"}
+
+
+def _split_operands(s):
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def _parse_instr(text, loc):
+    s = text.strip().rstrip(";").strip()
+    guard = ""
+    m = re.match(r"@(!?%\w+)\s+(.*)", s)
+    if m:
+        guard, s = m.group(1).lstrip("!"), m.group(2)
+    head, _, rest = s.partition(" ")
+    rest = rest.strip()
+    parts = tuple(head.split("."))
+    ops = _split_operands(rest) if rest else []
+    base = parts[0]
+    target = ""
+    if base == "bra":
+        target = ops[0] if ops else ""
+        return Instr(text, head, parts, (), (guard,) if guard else (), guard, target, loc)
+    stores = base in ("st", "red") or (base == "wmma" and len(parts) > 1 and parts[1] == "store") or \
+        (base == "cp" and "async" in parts and "shared" in parts)
+    no_dest = stores or base in ("bar", "ret", "exit", "membar", "fence") or \
+        (base == "cp" and "async" in parts)
+    if no_dest or not ops:
+        dests, src_ops = (), ops
+    else:
+        dests = tuple(_REG.findall(ops[0].split("|")[0])) + tuple(
+            r for extra in ops[0].split("|")[1:] for r in _REG.findall(extra))
+        src_ops = ops[1:]
+    srcs = tuple(r for op in src_ops for r in _REG.findall(op))
+    if guard:
+        srcs += (guard,)
+    return Instr(text, head, parts, dests, srcs, guard, target, loc)
+
+
+def _parse_module(ptx):
+    """{entry name: [ _Block ]} of a PTX module; locations as (display path, line)."""
+    files = {}
+    for line in ptx.splitlines():
+        m = _FILE.match(line)
+        if m:
+            files[m.group(1)] = display_path(m.group(2))
+    entries = {}
+    lines = ptx.splitlines()
+    i = 0
+    while i < len(lines):
+        m = _ENTRY.search(lines[i])
+        if not m:
+            i += 1
+            continue
+        name = m.group(1)
+        while i < len(lines) and lines[i].strip() != "{":
+            i += 1
+        i += 1
+        blocks = [_Block("entry")]
+        loc = None
+        depth = 0
+        while i < len(lines):
+            raw_line = lines[i]
+            line = raw_line.split("//")[0].rstrip()
+            i += 1
+            stripped = line.strip()
+            if depth == 0 and stripped == "}":
+                break
+            if not stripped:
+                continue
+            lm = _LOC.match(line)
+            if lm:
+                ln = int(lm.group(2))
+                loc = (files.get(lm.group(1), lm.group(1)), ln) if ln else None
+                continue
+            lab = _LABEL.match(line)
+            if lab:
+                blocks.append(_Block(lab.group(1)))
+                continue
+            if stripped.startswith("."):        # .reg, .shared, .pragma, ...
+                continue
+            # inline asm: "{  cvt.f32.f16 %f1, %rs1;}" or a braced group over lines
+            body = stripped
+            if body.startswith("{"):
+                depth += 1
+                body = body[1:]
+            closing = body.endswith("}")
+            if closing:
+                depth = max(0, depth - 1)
+                body = body[:-1]
+            for piece in body.split(";"):
+                piece = piece.strip()
+                if not piece or piece.startswith(".reg") or piece.startswith("."):
+                    continue
+                ins = _parse_instr(piece, loc)
+                blocks[-1].instrs.append(ins)
+                if ins.parts[0] in ("bra", "ret", "exit"):
+                    blocks.append(_Block(f"_after{len(blocks)}"))
+        entries[name] = [b for b in blocks if b.instrs or not b.label.startswith("_after")]
+    return entries
+
+
+def _mark_division_slow_paths(blocks):
+    """LLVM guards a 64-bit division with `or; and.b64 x, -4294967296; setp.eq; @p bra FAST`: the
+    block right after that branch is the 64-bit slow path, taken only for operands >= 2^32."""
+    for k, b in enumerate(blocks):
+        ins = b.instrs
+        if len(ins) >= 3 and ins[-1].parts[0] == "bra" and ins[-1].guard and \
+                any(x.parts[0] == "and" and x.text.rstrip(";").endswith("-4294967296") for x in ins[-4:]):
+            if k + 1 < len(blocks):
+                for x in blocks[k + 1].instrs:
+                    x.slow_path = True
+
+
+# --------------------------------------------------------------------------------- costs
+def _type(parts):
+    for p in reversed(parts):
+        if p[:1] in "subf" and p[1:].isdigit() or p in ("pred", "f16x2", "bf16x2"):
+            return p
+    return ""
+
+
+def instruction_cost(ins):
+    """(issue slots, unit, result latency in cycles, kind) of one PTX instruction; kind is
+    'load-global', 'load-shared', 'store', 'barrier' or ''."""
+    p, base = ins.parts, ins.parts[0]
+    t = _type(p)
+    wide = t in ("s64", "u64", "b64")
+    if ins.slow_path:
+        return 0, "int", 0, ""
+    if base == "ld":
+        if "param" in p:
+            return 0, "other", 0, ""          # a constant-bank operand in machine code
+        if "shared" in p:
+            return 1, "mem", SHARED_LATENCY, "load-shared"
+        if "global" in p or "local" in p or len(p) >= 2 and p[1] not in ("param", "const"):
+            return 1, "mem", None, "load-global"
+        return 1, "mem", ALU_LATENCY, ""
+    if base in ("st", "red"):
+        return 1, "mem", 0, "store"
+    if base == "atom":
+        return 1, "mem", None, "load-global"  # returns the old value: a round trip to L2
+    if base == "cp":
+        if "async" in p and len(p) > 2 and p[2] in ("shared",):
+            return 1, "mem", 0, "store"
+        return 1, "mem", 0, "barrier" if "wait_group" in p or "wait_all" in p else ""
+    if base == "wmma":
+        if "mma" in p:
+            return 1, "tensor", 16, ""
+        return 4, "mem", SHARED_LATENCY, "load-shared" if "load" in p else "store"
+    if base == "mma":
+        return 1, "tensor", 16, ""
+    if base == "ldmatrix":
+        return 1, "mem", SHARED_LATENCY, "load-shared"
+    if base == "bar" or base == "barrier":
+        return 1, "other", BARRIER_CYCLES, "barrier"
+    if base in ("membar", "fence"):
+        return 1, "other", 0, "barrier"
+    if base in ("bra", "ret", "exit"):
+        return 1, "other", 0, ""
+    if base == "mov":
+        if any(s in ins.text for s in ("%tid", "%ctaid", "%ntid", "%nctaid", "%laneid", "%warpid", "%clock")):
+            return 1, "int", 24, ""           # S2R: a special register read
+        return 0, "int", 0, ""                # register moves vanish in ptxas's allocation
+    if base == "cvta":
+        return 0, "int", 0, ""
+    if base == "shfl":
+        return 1, "shfl", SHFL_LATENCY, ""
+    if base in ("vote", "activemask", "match", "redux"):
+        return 1, "int", SHFL_LATENCY, ""
+    if base in ("div", "rem"):
+        if t.startswith("f"):
+            if "approx" in p or "full" in p:
+                return 2, "mufu", MUFU_LATENCY + ALU_LATENCY, ""
+            return 9, "fp32", MUFU_LATENCY + 6 * ALU_LATENCY, ""   # rcp estimate + Newton steps + fix-up
+        n = 20 if not wide else 70
+        return n, "int", n * ALU_LATENCY // 2, ""
+    if base in ("sqrt", "rcp", "rsqrt"):
+        if "approx" in p:
+            return 1, "mufu", MUFU_LATENCY, ""
+        if t == "f64":
+            return 20, "other", 80, ""
+        return 7, "fp32", MUFU_LATENCY + 5 * ALU_LATENCY, ""
+    if base in ("ex2", "lg2", "sin", "cos", "tanh"):
+        return 1, "mufu", MUFU_LATENCY, ""
+    if base == "cvt":
+        types = [x for x in p[1:] if x[:1] in "subf" and x[1:].isdigit()]
+        if len(types) == 2 and all(x[0] in "subf" and x[0] != "f" for x in types):
+            return 1, "int", ALU_LATENCY, ""  # integer widening / narrowing
+        if any(x in ("f64", "s64", "u64") for x in types):
+            return 1, "conv", ALU_LATENCY, ""
+        if "f16" in types or "bf16" in types:
+            return 1, "conv", ALU_LATENCY, ""
+        return 1, "conv", ALU_LATENCY, ""
+    if t == "f64":
+        return 1, "other", 8, ""
+    if t.startswith("f") or t in ("f16x2", "bf16x2"):
+        return 1, "fp32", ALU_LATENCY, ""
+    if base == "mul" and wide and "lo" in p:
+        return 3, "int", 3 * ALU_LATENCY, ""
+    if base == "mad" and wide:
+        return 3, "int", 3 * ALU_LATENCY, ""
+    if base == "mul" and "hi" in p and wide:
+        return 4, "int", 4 * ALU_LATENCY, ""
+    if wide and base in ("add", "sub", "and", "or", "xor", "not", "neg", "shl", "shr", "min", "max", "setp",
+                         "selp", "abs"):
+        return 2, "int", 2 * ALU_LATENCY, ""
+    return 1, "int", ALU_LATENCY, ""
+
+
+# --------------------------------------------------------------------------------- loops
+@dataclass
+class PtxLoop:
+    """One loop of the PTX: blocks [first, last] in layout order."""
+    first: int
+    last: int
+    parent: int = -1                  # index of the enclosing loop, -1: none
+    cost: dict = field(default_factory=dict)        # unit -> issue slots per trip (own blocks)
+    keys: dict = field(default_factory=dict)        # (file, line, space, op) -> copies per trip
+    global_loads: int = 0             # global loads per trip (own blocks)
+    instrs: list = field(default_factory=list)      # own instructions, in order
+
+
+@dataclass
+class SourceLoop:
+    """The PTX loops that are copies of one source loop: `main` unrolled `unroll` times, and
+    a remainder loop (one source iteration per trip) or None."""
+    main: int
+    remainder: int = -1
+    unroll: int = 1
+    anchors: dict = field(default_factory=dict)   # (file, line, space, op) -> copies one source
+                                                  # iteration executes: how its trips are counted
+
+
+@dataclass
+class KernelCode:
+    """The static figures of one kernel's PTX (see the module docstring)."""
+    kernel: str
+    arch: str
+    loops: list                       # [PtxLoop]
+    source_loops: list                # [SourceLoop]
+    outside: PtxLoop                  # the code outside every loop (cost, keys, instrs)
+    remainder_keys: dict              # keys of straight-line remainder copies (outside loops)
+
+    def to_dict(self):
+        return {"kernel": self.kernel, "arch": self.arch,
+                "loops": [{"first": l.first, "last": l.last, "parent": l.parent, "cost": l.cost,
+                           "keys": [list(k) + [v] for k, v in l.keys.items()], "global_loads": l.global_loads}
+                          for l in self.loops],
+                "outside_cost": self.outside.cost}
+
+
+def _key(ins):
+    p = ins.parts
+    base = p[0]
+    if base == "ld" and "param" in p:
+        return None
+    space = "shared" if "shared" in p else "global" if ("global" in p or base in ("red", "atom")) else None
+    if base == "wmma":
+        space = "shared" if "shared" in p else "global"
+        op = "ld" if "load" in p else "st" if "store" in p else None
+    elif base == "cp" and "async" in p and len(p) > 2 and p[2] == "shared":
+        space, op = "global", "ld"     # the emulator counts an async copy's global side as a load
+    else:
+        op = {"ld": "ld", "st": "st", "atom": "atom", "red": "atom"}.get(base)
+    if space is None or op is None or ins.loc is None:
+        return None
+    return (ins.loc[0], ins.loc[1], space, op)
+
+
+def _analyze(name, arch, blocks):
+    _mark_division_slow_paths(blocks)
+    index = {b.label: k for k, b in enumerate(blocks)}
+    spans = []
+    for k, b in enumerate(blocks):
+        for ins in b.instrs:
+            if ins.parts[0] == "bra" and ins.target in index and index[ins.target] <= k:
+                spans.append((index[ins.target], k))
+    spans = sorted(set(spans), key=lambda s: (s[0], -s[1]))
+    loops = [PtxLoop(a, b) for a, b in spans]
+    for i, l in enumerate(loops):       # the innermost enclosing loop
+        best = -1
+        for j, o in enumerate(loops):
+            if j != i and o.first <= l.first and l.last <= o.last and (o.first, o.last) != (l.first, l.last):
+                if best < 0 or (o.last - o.first) < (loops[best].last - loops[best].first):
+                    best = j
+        l.parent = best
+    owner = []
+    for k in range(len(blocks)):
+        inner = -1
+        for i, l in enumerate(loops):
+            if l.first <= k <= l.last and (inner < 0 or (l.last - l.first) < (loops[inner].last - loops[inner].first)):
+                inner = i
+        owner.append(inner)
+    outside = PtxLoop(0, len(blocks) - 1)
+    for k, b in enumerate(blocks):
+        region = loops[owner[k]] if owner[k] >= 0 else outside
+        for ins in b.instrs:
+            n, unit, _lat, kind = instruction_cost(ins)
+            region.cost[unit] = region.cost.get(unit, 0) + n
+            region.instrs.append(ins)
+            key = _key(ins)
+            if key is not None and not ins.slow_path:
+                region.keys[key] = region.keys.get(key, 0) + (4 if ins.parts[0] == "wmma" else 1)
+            if kind == "load-global":
+                region.global_loads += 1
+    # loops holding copies of the same memory lines: one source loop (main + remainder)
+    source, used = [], set()
+    for i, l in enumerate(loops):
+        if i in used:
+            continue
+        twin = -1
+        for j, o in enumerate(loops):
+            if j != i and j not in used and o.parent == l.parent and set(o.keys) & set(l.keys):
+                twin = j
+                break
+        if twin >= 0:
+            used.update((i, twin))
+            a, b = (i, twin)
+            shared = set(loops[a].keys) & set(loops[b].keys)
+            ka = max(loops[a].keys[k] for k in shared)
+            kb = max(loops[b].keys[k] for k in shared)
+            main, rem = (a, b) if ka >= kb else (b, a)
+            anchor = max(shared, key=lambda k: loops[rem].keys[k])
+            unroll = max(1, loops[main].keys[anchor] // max(1, loops[rem].keys[anchor]))
+            source.append(SourceLoop(main, rem, unroll, {k: loops[rem].keys[k] for k in shared}))
+        else:
+            used.add(i)
+            source.append(SourceLoop(i, -1, 1, dict(l.keys)))
+    loop_keys = {k for l in loops for k in l.keys}
+    remainder_keys = {k: v for k, v in outside.keys.items() if k in loop_keys}
+    return KernelCode(name, arch, loops, source, outside, remainder_keys)
+
+
+def trip_cycles(instrs, global_latency):
+    """Cycles one warp alone needs for `instrs` (one trip of a loop, or straight-line code), as
+    ptxas schedules them: each instruction as early as its operands allow (4 cycles per
+    arithmetic result, a load's latency for a loaded value), no earlier than a conditional branch
+    before it (code after a branch cannot move above it), a plain (not `.nc`) global load no
+    earlier than a store before it, everything after a barrier after the barrier; and at least one
+    cycle per issue slot.  The warp's next trip waits for the last instruction of this one, so a
+    value used in the same trip costs its load's full latency, and independent loads (an unrolled
+    loop) wait for it together.  `global_latency`: cycles of a global load."""
+    ready = {}
+    t_store = 0.0
+    t_fence = 0.0        # conditional branches and barriers: nothing after them starts earlier
+    end = 0.0
+    slots = 0.0
+    for ins in instrs:
+        n, unit, lat, kind = instruction_cost(ins)
+        operands = max((ready.get(s, 0.0) for s in ins.srcs), default=0.0)
+        if n == 0 and not lat:
+            for d in ins.dests:
+                ready[d] = operands
+            continue
+        if lat is None:
+            lat = global_latency
+        start = max(operands, t_fence)
+        if kind == "load-global" and "nc" not in ins.parts:
+            start = max(start, t_store)
+        if kind == "store":
+            t_store = max(t_store, start)
+        if kind == "barrier":
+            t_fence = max(t_fence, start + lat)
+        if ins.parts[0] == "bra" and ins.guard:
+            t_fence = max(t_fence, start)
+        for d in ins.dests:
+            ready[d] = start + (lat if lat else n)
+        slots += n
+        end = max(end, start + n)
+    return max(end, slots)
+
+
+# --------------------------------------------------------------------------------- compile
+_lock = threading.Lock()
+_memory = {}
+
+
+def _nvrtc_options(options):
+    from .ptxas import _nvrtc_options as opts
+    o, dirs = opts(options)
+    return [x for x in o if x not in ("-Xptxas", "-v")] + ["-lineinfo"], dirs
+
+
+def module_code(code, arch="sm_90", options=(), filename="kernel.cu"):
+    """{kernel name: KernelCode} of every entry of a CUDA C source on `arch` (PTX by NVRTC;
+    the PTX is cached on disk beside kernels.resources' reports)."""
+    a = architecture(arch).name
+    opts, dirs = _nvrtc_options(options)
+    from ..emu.emulator import _digest, cache_dir
+    key = _digest("ptx", code, opts, a, nvrtc.nvrtc_version())
+    with _lock:
+        hit = _memory.get(key)
+        if hit is not None:
+            return hit
+        folder = cache_dir() / "ptx"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{key}.ptx"
+        try:
+            ptx = path.read_text()
+        except OSError:
+            result = nvrtc.compile_cuda(code, arch=a, options=opts, filename=filename, include_dirs=dirs)
+            ptx = result.ptx.decode() if isinstance(result.ptx, bytes) else result.ptx
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(ptx)
+            os.replace(tmp, path)
+        found = {name: _analyze(name, a, blocks) for name, blocks in _parse_module(ptx).items()}
+        _memory[key] = found
+        return found
+
+
+def kernel_code(kernel, arch="sm_90"):
+    """KernelCode of one kernel (a kernels.RawKernel) on `arch`.  Raises
+    kernels.runtime.nvrtc.NVRTCUnavailableError without libnvrtc."""
+    module = getattr(kernel, "module", None)
+    if module is None or not hasattr(kernel, "name"):
+        raise TypeError(f"kernel_code: pass a kernel (kernels.RawKernel), got {type(kernel).__name__}")
+    found = module_code(module.code, arch, module.options, module.filename)
+    if kernel.name not in found:
+        raise KeyError(f"kernel_code: no PTX entry '{kernel.name}' (found: {', '.join(sorted(found))})")
+    return found[kernel.name]
