@@ -13,9 +13,10 @@ below, with the side that limits:
             min(reads, writes) x (2 / copy - 2 / peak) is added; reads alone stream at the peak
   l2        32-byte sectors every request moves through L2 / L2 bandwidth
   issue     instructions of the busiest SM / what its 4 schedulers and units issue per clock
-            (FP32 4 warp-instructions per clock, integer and compare 2, conversions and the
-            special-function unit 0.5, shuffles 1, loads and stores 1: the CUDA Programming
-            Guide's throughput table for compute capability 9.0, per 32 lanes)
+            (UNIT_RATES: 4 warp-instructions per clock in all; FP32 4 on its two FMA pipes,
+            integer multiply-add 2 (on one of them), integer add/logic/compare 2, conversions and
+            the special-function unit 0.5, shuffles 1, loads and stores 1: the CUDA Programming
+            Guide's throughput table, per 32 lanes)
   l1        sectors / 4 per clock and shared-memory wavefronts / 1 per clock, on the busiest SM
   latency   the busiest SM's rounds of resident blocks x the time one warp needs for its own trips
             (kernels/runtime/ptx.py: each trip waits for its loads): Little's law, the parallelism
@@ -107,8 +108,8 @@ two small kernels, taking 49 us of CPU time; numba issue #3003 measured CuPy's l
 # "throughput of native arithmetic instructions" for compute capability 8.0/9.0 (FP32 128 lanes,
 # 32-bit integer and compare 64, conversions 16, special functions 16, shuffles 32), loads/stores
 # 32 lanes per clock per SM; 'other' (branches, barriers, 64-bit float) counted at the issue rate.
-UNIT_RATES = {"fp32": 4.0, "int": 2.0, "conv": 0.5, "mufu": 0.5, "shfl": 1.0, "mem": 1.0, "other": 4.0,
-              "tensor": None}
+UNIT_RATES = {"fp32": 4.0, "imad": 2.0, "alu": 2.0, "conv": 0.5, "mufu": 0.5, "shfl": 1.0, "mem": 1.0,
+              "other": 4.0, "tensor": None}
 ISSUE_PER_CLOCK = 4.0           # 4 schedulers per SM, one warp-instruction each per clock
 L1_SECTORS_PER_CLOCK = 4        # 128 bytes of global data per SM per clock
 SHARED_WAVEFRONTS_PER_CLOCK = 1
@@ -168,7 +169,9 @@ def _issue_cycles(instructions):
         rate = UNIT_RATES.get(unit)
         if rate:
             cycles = max(cycles, n / rate)
-    return cycles
+    # integer multiply-adds share the FMA pipes with FP32 (4 warp-instructions per clock together)
+    fma = instructions.get("fp32", 0.0) + instructions.get("imad", 0.0)
+    return max(cycles, fma / UNIT_RATES["fp32"])
 
 
 def dram_seconds(gpu, read, written):

@@ -149,7 +149,12 @@ def launch_work(op, twin, arch, g, work_ratio=None):
 
 
 def _instructions(code, sites, scale, warps, latency):
-    """({unit: warp-instructions}, cycles one warp needs) of a launch of `warps` warps."""
+    """({unit: warp-instructions}, cycles one warp needs) of a launch of `warps` warps.
+
+    Every source loop's iterations come from the emulator's count of one of its memory lines
+    (the largest: a line under a condition runs less); a loop of no counted line runs once per
+    trip of the loop around it.  An unrolled loop runs floor(iterations per entry / unroll)
+    trips, its remainder the rest."""
     instructions = {u: c * warps for u, c in code.outside.cost.items()}
     cycles = _ptx.trip_cycles(code.outside.instrs, latency)
     trips = {}                                       # PTX loop index -> trips per warp
@@ -158,17 +163,20 @@ def _instructions(code, sites, scale, warps, latency):
         sl = code.source_loops[i]
         main = code.loops[sl.main]
         rem = code.loops[sl.remainder] if sl.remainder >= 0 else None
+        entries = trips.get(main.parent, 0.0) if main.parent >= 0 else 1.0
         counted = _anchor_iterations(sl.anchors, sites, scale)
-        if counted is not None:
-            iterations = counted / warps
-        else:   # no memory line of its own was counted: once per trip of the loop around it
-            iterations = trips.get(main.parent, 1.0) if main.parent >= 0 else 1.0
-        if rem is not None:
-            main_trips = math.floor(iterations / sl.unroll)
+        iterations = counted / warps if counted is not None else entries
+        if main.parent >= 0 and entries == 0:
+            iterations = 0.0          # inside a version of an outer loop that does not run
+        if rem is not None or sl.inline_remainder:
+            per_entry = iterations / entries if entries else 0.0
+            main_trips = math.floor(per_entry / sl.unroll) * entries
             rem_trips = iterations - sl.unroll * main_trips
         else:
             main_trips, rem_trips = iterations, 0.0
         trips[sl.main] = main_trips
+        for other in sl.versions:
+            trips[other] = 0.0
         for unit, c in main.cost.items():
             instructions[unit] = instructions.get(unit, 0.0) + c * main_trips * warps
         cycles += main_trips * _ptx.trip_cycles(main.instrs, latency)

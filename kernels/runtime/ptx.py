@@ -6,12 +6,12 @@ has in flight.  The PTX that NVRTC makes for the GPU says all three.  `kernel_co
 compiles the kernel's module (cached like kernels.resources) and reads, for every loop of the
 kernel (and for the code outside loops):
 
-  cost      issue slots per trip of the loop, split by the unit that executes them ('fp32',
-            'int', 'mufu', 'conv', 'shfl', 'mem', 'tensor', 'other'): one PTX instruction is one
-            machine instruction, except the few that expand (a 64-bit integer add is two, a
-            32-bit integer division about 20: "below 20 instructions", NVIDIA's Nsight
-            documentation on integer division; an IEEE float division or square root a reciprocal
-            and a few FMAs).  A 64-bit division that LLVM guards with a 32-bit fast path (the
+  cost      issue slots per trip of the loop, split by the unit that executes them (UNITS; see
+            instruction_cost): one PTX instruction is one machine instruction, except the few
+            that expand (a 64-bit integer add is two, a 32-bit integer division about 14: "below
+            20 instructions", NVIDIA's Nsight documentation on integer division; an IEEE float
+            division or square root a reciprocal estimate, a few FMAs and a check that branches to
+            a slow path).  A 64-bit division that LLVM guards with a 32-bit fast path (the
             `and.b64 x, -4294967296` test) is counted as the fast path: ResNet-50's indices fit.
   period    cycles one warp needs per trip when it runs alone (`trip_cycles(...)`): the
             instructions issue in order, one per cycle, each waiting for its operands (4 cycles
@@ -41,7 +41,7 @@ from ..emu.occupancy_calculator import architecture
 
 __all__ = ["kernel_code", "module_code", "KernelCode", "PtxLoop", "SourceLoop", "UNITS"]
 
-UNITS = ("fp32", "int", "mufu", "conv", "shfl", "mem", "tensor", "other")
+UNITS = ("fp32", "imad", "alu", "mufu", "conv", "shfl", "mem", "tensor", "other")
 ALU_LATENCY = 4           # cycles from issue to result of a dependent arithmetic instruction
 SHARED_LATENCY = 30       # cycles of a shared-memory load
 MUFU_LATENCY = 20         # special-function unit (reciprocal, square root estimate, exp2)
@@ -61,6 +61,7 @@ class Instr:
     target: str = ""                  # branch label
     loc: tuple = None                 # (file, line) or None
     slow_path: bool = False           # inside LLVM's 64-bit division slow path
+    predicated: bool = False          # a branch over a few instructions: ptxas predicates them
 
 
 @dataclass
@@ -188,6 +189,26 @@ def _parse_module(ptx):
     return entries
 
 
+IF_CONVERSION_LIMIT = 7
+"""A conditional branch over at most this many instructions becomes predicated instructions (no
+branch): the CUDA C++ Programming Guide on branch predication ("only if the number of
+instructions controlled by the branch condition is less or equal to a certain threshold")."""
+
+
+def _mark_predicated_branches(blocks):
+    index = {b.label: k for k, b in enumerate(blocks)}
+    for k, b in enumerate(blocks):
+        if not b.instrs:
+            continue
+        br = b.instrs[-1]
+        if br.parts[0] != "bra" or not br.guard or br.target not in index or index[br.target] <= k:
+            continue
+        skipped = [x for blk in blocks[k + 1:index[br.target]] for x in blk.instrs]
+        if len(skipped) <= IF_CONVERSION_LIMIT and not any(
+                x.parts[0] in ("bra", "bar", "ret", "exit", "call") for x in skipped):
+            br.predicated = True
+
+
 def _mark_division_slow_paths(blocks):
     """LLVM guards a 64-bit division with `or; and.b64 x, -4294967296; setp.eq; @p bra FAST`: the
     block right after that branch is the 64-bit slow path, taken only for operands >= 2^32."""
@@ -208,92 +229,112 @@ def _type(parts):
     return ""
 
 
+def _u(**units):
+    return {k: v for k, v in units.items() if v}
+
+
+# What one PTX instruction becomes in machine code, by unit: 'fp32' the FMA pipes (FP32 add,
+# multiply, FMA), 'imad' integer multiply(-add) (on Volta to Hopper it runs on the FMA pipe
+# that also does FP32: the "FMA heavy" pipe), 'alu' integer add, logic, shift, compare, select
+# and moves, 'conv' conversions to and from integers (16 results per clock per SM), 'mufu' the
+# special-function unit (reciprocal, square-root estimate, exp2), 'mem' loads and stores, 'shfl'
+# shuffles, 'tensor' matrix products, 'other' branches and barriers.  (NVIDIA engineers on the
+# developer forums describe the pipes: "FMA pipe executes FP32 instructions and IMAD", "ALU pipe
+# executes INT32 (not IMAD), logical operations"; on GH100 "FMAheavy pipe handles IMAD, IDP, and
+# FP32 operations, FMAlite handles FP32".)
+_DIV32 = _u(mufu=1, conv=2, imad=5, alu=6)     # an integer division: "below 20 instructions"
+_DIVF = _u(mufu=1, fp32=5, alu=1, other=1)     # IEEE x / y: reciprocal estimate, Newton, check + branch
+_SQRTF = _u(mufu=1, fp32=5, alu=1, other=1)
+
+
 def instruction_cost(ins):
-    """(issue slots, unit, result latency in cycles, kind) of one PTX instruction; kind is
-    'load-global', 'load-shared', 'store', 'barrier' or ''."""
+    """({unit: issue slots}, result latency in cycles or None for a global load, kind, fence) of
+    one PTX instruction.  kind: 'load-global', 'load-shared', 'store', 'barrier' or ''; fence:
+    True when the machine code holds a conditional branch (an IEEE division's slow path): ptxas
+    schedules within the basic blocks such a branch ends, so nothing after it moves above it."""
     p, base = ins.parts, ins.parts[0]
     t = _type(p)
     wide = t in ("s64", "u64", "b64")
     if ins.slow_path:
-        return 0, "int", 0, ""
+        return {}, 0, "", False
     if base == "ld":
         if "param" in p:
-            return 0, "other", 0, ""          # a constant-bank operand in machine code
+            return {}, 0, "", False          # a constant-bank operand in machine code
         if "shared" in p:
-            return 1, "mem", SHARED_LATENCY, "load-shared"
-        if "global" in p or "local" in p or len(p) >= 2 and p[1] not in ("param", "const"):
-            return 1, "mem", None, "load-global"
-        return 1, "mem", ALU_LATENCY, ""
+            return _u(mem=1), SHARED_LATENCY, "load-shared", False
+        return _u(mem=1), None, "load-global", False
     if base in ("st", "red"):
-        return 1, "mem", 0, "store"
+        return _u(mem=1), 0, "store", False
     if base == "atom":
-        return 1, "mem", None, "load-global"  # returns the old value: a round trip to L2
+        return _u(mem=1), None, "load-global", False   # returns the old value: a round trip to L2
     if base == "cp":
-        if "async" in p and len(p) > 2 and p[2] in ("shared",):
-            return 1, "mem", 0, "store"
-        return 1, "mem", 0, "barrier" if "wait_group" in p or "wait_all" in p else ""
+        if "async" in p and len(p) > 2 and p[2] == "shared":
+            return _u(mem=1), 0, "store", False
+        return _u(mem=1), 0, "barrier" if ("wait_group" in p or "wait_all" in p) else "", False
     if base == "wmma":
         if "mma" in p:
-            return 1, "tensor", 16, ""
-        return 4, "mem", SHARED_LATENCY, "load-shared" if "load" in p else "store"
+            return _u(tensor=1), 16, "", False
+        return _u(mem=4), SHARED_LATENCY, ("load-shared" if "load" in p else "store"), False
     if base == "mma":
-        return 1, "tensor", 16, ""
+        return _u(tensor=1), 16, "", False
     if base == "ldmatrix":
-        return 1, "mem", SHARED_LATENCY, "load-shared"
-    if base == "bar" or base == "barrier":
-        return 1, "other", BARRIER_CYCLES, "barrier"
+        return _u(mem=1), SHARED_LATENCY, "load-shared", False
+    if base in ("bar", "barrier"):
+        return _u(other=1), BARRIER_CYCLES, "barrier", False
     if base in ("membar", "fence"):
-        return 1, "other", 0, "barrier"
+        return _u(other=1), 0, "barrier", False
     if base in ("bra", "ret", "exit"):
-        return 1, "other", 0, ""
+        return _u(other=1), 0, "", False
     if base == "mov":
-        if any(s in ins.text for s in ("%tid", "%ctaid", "%ntid", "%nctaid", "%laneid", "%warpid", "%clock")):
-            return 1, "int", 24, ""           # S2R: a special register read
-        return 0, "int", 0, ""                # register moves vanish in ptxas's allocation
+        if any(x in ins.text for x in ("%tid", "%ctaid", "%ntid", "%nctaid", "%laneid", "%warpid", "%clock")):
+            return _u(alu=1), 24, "", False   # S2R: a special register read
+        return {}, 0, "", False               # register moves vanish in ptxas's allocation
     if base == "cvta":
-        return 0, "int", 0, ""
+        return {}, 0, "", False
     if base == "shfl":
-        return 1, "shfl", SHFL_LATENCY, ""
+        return _u(shfl=1), SHFL_LATENCY, "", False
     if base in ("vote", "activemask", "match", "redux"):
-        return 1, "int", SHFL_LATENCY, ""
+        return _u(alu=1), SHFL_LATENCY, "", False
     if base in ("div", "rem"):
         if t.startswith("f"):
             if "approx" in p or "full" in p:
-                return 2, "mufu", MUFU_LATENCY + ALU_LATENCY, ""
-            return 9, "fp32", MUFU_LATENCY + 6 * ALU_LATENCY, ""   # rcp estimate + Newton steps + fix-up
-        n = 20 if not wide else 70
-        return n, "int", n * ALU_LATENCY // 2, ""
+                return _u(mufu=1, fp32=1), MUFU_LATENCY + ALU_LATENCY, "", False
+            return dict(_DIVF), MUFU_LATENCY + 5 * ALU_LATENCY, "", True
+        cost = dict(_DIV32) if not wide else {k: 3 * v for k, v in _DIV32.items()}
+        return cost, 8 * ALU_LATENCY + MUFU_LATENCY, "", False
     if base in ("sqrt", "rcp", "rsqrt"):
         if "approx" in p:
-            return 1, "mufu", MUFU_LATENCY, ""
+            return _u(mufu=1), MUFU_LATENCY, "", False
         if t == "f64":
-            return 20, "other", 80, ""
-        return 7, "fp32", MUFU_LATENCY + 5 * ALU_LATENCY, ""
+            return _u(other=20), 80, "", True
+        return dict(_SQRTF), MUFU_LATENCY + 5 * ALU_LATENCY, "", True
     if base in ("ex2", "lg2", "sin", "cos", "tanh"):
-        return 1, "mufu", MUFU_LATENCY, ""
+        return _u(mufu=1), MUFU_LATENCY, "", False
     if base == "cvt":
         types = [x for x in p[1:] if x[:1] in "subf" and x[1:].isdigit()]
-        if len(types) == 2 and all(x[0] in "subf" and x[0] != "f" for x in types):
-            return 1, "int", ALU_LATENCY, ""  # integer widening / narrowing
-        if any(x in ("f64", "s64", "u64") for x in types):
-            return 1, "conv", ALU_LATENCY, ""
-        if "f16" in types or "bf16" in types:
-            return 1, "conv", ALU_LATENCY, ""
-        return 1, "conv", ALU_LATENCY, ""
+        if len(types) == 2 and all(x[0] != "f" for x in types):
+            return _u(alu=1), ALU_LATENCY, "", False      # integer widening / narrowing
+        if all(x in ("f16", "bf16", "f32") for x in types):
+            return _u(alu=1), ALU_LATENCY, "", False      # float <-> half
+        return _u(conv=1), ALU_LATENCY, "", False         # integer <-> float, 64-bit floats
     if t == "f64":
-        return 1, "other", 8, ""
+        return _u(other=1), 8, "", False
     if t.startswith("f") or t in ("f16x2", "bf16x2"):
-        return 1, "fp32", ALU_LATENCY, ""
-    if base == "mul" and wide and "lo" in p:
-        return 3, "int", 3 * ALU_LATENCY, ""
-    if base == "mad" and wide:
-        return 3, "int", 3 * ALU_LATENCY, ""
-    if base == "mul" and "hi" in p and wide:
-        return 4, "int", 4 * ALU_LATENCY, ""
+        if base in ("selp", "mov"):
+            return _u(alu=1), ALU_LATENCY, "", False
+        return _u(fp32=1), ALU_LATENCY, "", False
+    if base in ("mul", "mad"):
+        if wide and ("lo" in p or base == "mad"):
+            return _u(imad=3), 3 * ALU_LATENCY, "", False
+        if wide and "hi" in p:
+            return _u(imad=4), 4 * ALU_LATENCY, "", False
+        return _u(imad=1), ALU_LATENCY, "", False
+    if base in ("popc", "clz", "brev", "bfind"):
+        return _u(conv=1), ALU_LATENCY, "", False
     if wide and base in ("add", "sub", "and", "or", "xor", "not", "neg", "shl", "shr", "min", "max", "setp",
                          "selp", "abs"):
-        return 2, "int", 2 * ALU_LATENCY, ""
-    return 1, "int", ALU_LATENCY, ""
+        return _u(alu=2), 2 * ALU_LATENCY, "", False
+    return _u(alu=1), ALU_LATENCY, "", False
 
 
 # --------------------------------------------------------------------------------- loops
@@ -311,13 +352,19 @@ class PtxLoop:
 
 @dataclass
 class SourceLoop:
-    """The PTX loops that are copies of one source loop: `main` unrolled `unroll` times, and
-    a remainder loop (one source iteration per trip) or None."""
+    """The PTX loops that are copies of one source loop: `main` unrolled `unroll` times, and a
+    remainder: a loop of one source iteration per trip (`remainder`), or up to unroll - 1
+    iterations written out in the enclosing loop's body (`inline_remainder`: LLVM's remainder
+    of a short inner loop; a 3-wide window never reaches the main loop).  `versions`: other
+    loops of the family, specialised on a condition, that do not run (the costliest one is
+    assumed to)."""
     main: int
     remainder: int = -1
     unroll: int = 1
     anchors: dict = field(default_factory=dict)   # (file, line, space, op) -> copies one source
                                                   # iteration executes: how its trips are counted
+    inline_remainder: bool = False
+    versions: tuple = ()
 
 
 @dataclass
@@ -358,6 +405,7 @@ def _key(ins):
 
 def _analyze(name, arch, blocks):
     _mark_division_slow_paths(blocks)
+    _mark_predicated_branches(blocks)
     index = {b.label: k for k, b in enumerate(blocks)}
     spans = []
     for k, b in enumerate(blocks):
@@ -384,40 +432,100 @@ def _analyze(name, arch, blocks):
     for k, b in enumerate(blocks):
         region = loops[owner[k]] if owner[k] >= 0 else outside
         for ins in b.instrs:
-            n, unit, _lat, kind = instruction_cost(ins)
-            region.cost[unit] = region.cost.get(unit, 0) + n
+            units, _lat, kind, _fence = instruction_cost(ins)
+            for unit, n in units.items():
+                region.cost[unit] = region.cost.get(unit, 0) + n
             region.instrs.append(ins)
             key = _key(ins)
             if key is not None and not ins.slow_path:
                 region.keys[key] = region.keys.get(key, 0) + (4 if ins.parts[0] == "wmma" else 1)
             if kind == "load-global":
                 region.global_loads += 1
-    # loops holding copies of the same memory lines: one source loop (main + remainder)
-    source, used = [], set()
-    for i, l in enumerate(loops):
-        if i in used:
-            continue
-        twin = -1
-        for j, o in enumerate(loops):
-            if j != i and j not in used and o.parent == l.parent and set(o.keys) & set(l.keys):
-                twin = j
-                break
-        if twin >= 0:
-            used.update((i, twin))
-            a, b = (i, twin)
-            shared = set(loops[a].keys) & set(loops[b].keys)
-            ka = max(loops[a].keys[k] for k in shared)
-            kb = max(loops[b].keys[k] for k in shared)
-            main, rem = (a, b) if ka >= kb else (b, a)
-            anchor = max(shared, key=lambda k: loops[rem].keys[k])
-            unroll = max(1, loops[main].keys[anchor] // max(1, loops[rem].keys[anchor]))
-            source.append(SourceLoop(main, rem, unroll, {k: loops[rem].keys[k] for k in shared}))
-        else:
-            used.add(i)
-            source.append(SourceLoop(i, -1, 1, dict(l.keys)))
+    # Loops side by side (the same loop around them) holding copies of the same memory lines
+    # are one source loop: LLVM's unrolled main loop and its remainder loop, or versions of one
+    # loop specialised on a condition ("unswitched": one of them runs).  A main loop and its
+    # remainder hold the same code per copy of a line; versions differ.
+    weight = _subtree_weights(loops)
+    family = list(range(len(loops)))
+
+    def root(i):
+        while family[i] != i:
+            family[i] = family[family[i]]
+            i = family[i]
+        return i
+
+    for i, a in enumerate(loops):
+        for j in range(i + 1, len(loops)):
+            if a.parent == loops[j].parent and set(a.keys) & set(loops[j].keys):
+                family[root(j)] = root(i)
+    groups = {}
+    for i in range(len(loops)):
+        groups.setdefault(root(i), []).append(i)
+    source = []
+    for members in groups.values():
+        shared = set.intersection(*(set(loops[m].keys) for m in members)) or set(loops[members[0]].keys)
+        copies = {m: max((loops[m].keys.get(k, 0) for k in shared), default=0) or 1 for m in members}
+        # pair unrolled loops with the remainder holding the same code per copy
+        pairs, paired = [], set()
+        for m in sorted(members, key=lambda m: -copies[m]):
+            if m in paired:
+                continue
+            match = [r for r in members if r not in paired and r != m and copies[r] < copies[m]
+                     and not _children(loops, r) and not _children(loops, m)
+                     and 0.5 <= (weight[m] / copies[m]) / (weight[r] / copies[r]) <= 2.0]
+            if match:
+                r = min(match, key=lambda r: copies[r])
+                pairs.append((m, r))
+                paired.update((m, r))
+            else:
+                pairs.append((m, -1))
+                paired.add(m)
+        # the version that runs: the most work per source iteration
+        main, rem = max(pairs, key=lambda p: weight[p[0]] / copies[p[0]])
+        per = loops[rem].keys if rem >= 0 else loops[main].keys
+        anchors = {k: per[k] for k in shared if per.get(k)} or dict(loops[main].keys)
+        unroll = max(1, copies[main] // copies[rem]) if rem >= 0 else 1
+        versions = tuple(x for p in pairs if p != (main, rem) for x in p if x >= 0)
+        sl = SourceLoop(main, rem, unroll, anchors, versions=versions)
+        if rem < 0 and loops[main].parent >= 0:
+            _inline_remainder(sl, loops[main], loops[loops[main].parent])
+        source.append(sl)
     loop_keys = {k for l in loops for k in l.keys}
     remainder_keys = {k: v for k, v in outside.keys.items() if k in loop_keys}
     return KernelCode(name, arch, loops, source, outside, remainder_keys)
+
+
+def _children(loops, i):
+    return [j for j, l in enumerate(loops) if l.parent == i]
+
+
+def _subtree_weights(loops):
+    """Issue slots per trip of each loop with the loops inside it (one trip each)."""
+    out = {}
+
+    def w(i):
+        if i not in out:
+            out[i] = sum(loops[i].cost.values()) + sum(w(j) for j in _children(loops, i))
+        return out[i]
+
+    for i in range(len(loops)):
+        w(i)
+    return out
+
+
+def _inline_remainder(sl, child, parent):
+    """A child loop of c copies of a line whose parent's own body holds r copies of it: LLVM
+    unrolled it u times and wrote its remainder (u - 1 iterations) into the parent, so one
+    iteration holds p = c - r copies and u = c / p."""
+    for key, c in child.keys.items():
+        r = parent.keys.get(key, 0)
+        p = c - r
+        if r and p > 0 and c % p == 0 and c // p >= 2 and r == (c // p - 1) * p:
+            sl.unroll = c // p
+            sl.anchors = {k: max(1, v // sl.unroll) for k, v in child.keys.items()}
+            sl.anchors[key] = p
+            sl.inline_remainder = True
+            return
 
 
 def trip_cycles(instrs, global_latency):
@@ -431,11 +539,13 @@ def trip_cycles(instrs, global_latency):
     loop) wait for it together.  `global_latency`: cycles of a global load."""
     ready = {}
     t_store = 0.0
-    t_fence = 0.0        # conditional branches and barriers: nothing after them starts earlier
+    t_fence = 0.0        # conditional branches (not predicated ones) and barriers: nothing after
+                         # them starts earlier
     end = 0.0
     slots = 0.0
     for ins in instrs:
-        n, unit, lat, kind = instruction_cost(ins)
+        units, lat, kind, fence = instruction_cost(ins)
+        n = sum(units.values())
         operands = max((ready.get(s, 0.0) for s in ins.srcs), default=0.0)
         if n == 0 and not lat:
             for d in ins.dests:
@@ -450,8 +560,8 @@ def trip_cycles(instrs, global_latency):
             t_store = max(t_store, start)
         if kind == "barrier":
             t_fence = max(t_fence, start + lat)
-        if ins.parts[0] == "bra" and ins.guard:
-            t_fence = max(t_fence, start)
+        if (ins.parts[0] == "bra" and ins.guard and not ins.predicated) or fence:
+            t_fence = max(t_fence, start + (ALU_LATENCY if fence else 0))
         for d in ins.dests:
             ready[d] = start + (lat if lat else n)
         slots += n
