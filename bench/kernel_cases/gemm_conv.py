@@ -18,9 +18,10 @@ stem's 7x7/2 on 3 channels, 1x1, 3x3, 3x3/2, the 1x1/2 projection) at 1/8 of the
 7x7 or 16x16 image, with both float16 versions: seconds on the CPU emulator.
 size="profile": every version of three of ResNet-50's convolutions (the 7x7/2 stem, stage 1's 3x3
 and its 1x1 reduce) at batch 1 and a quarter of their height and width, the fully connected
-layer's forward GEMM at batch 256 with an eighth of its features and a quarter of its classes
-(1/32 of its work),
-and a 256^3 GEMM: what the emulator profiles in a few seconds each.
+layer's forward GEMM at a quarter of its batch and an eighth of its classes with all 2048
+features (1/32 of its work; each tile's reduction as long as at full size), and a 256^3 GEMM:
+what the emulator profiles in a few seconds each (the twins `python -m bench.kernels --profile`
+predicts the ResNet-50 cases from).
 Versions are numbered as in the headers of conv.cu (1 naive, 2 im2col + GEMM, 3 implicit GEMM,
 4 tensor cores, 5 tensor cores with asynchronous copies) and gemm.cu (1 naive, 2 tiled, 3 register
 blocking, 4 tensor cores).
@@ -94,15 +95,17 @@ def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", scale=None):
     for v in conv_versions:
         for op in c.ops(v):
             case = lesson_case(c, op, v, f"{op} v{v} {label}", baselines[op] if cudnn else None,
-                               "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if cudnn else "")
+                               "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if cudnn else "",
+                               key=("R", R, "stride", stride))
             case.notes["tensor_cores"] = v in CV.F16_VERSIONS   # against the fp16 matrix peak
+            case.notes["tiled"] = True      # blocks of output tiles, each over the whole reduction
             if scale:
                 case.notes["scale"] = scale
             out.append(case)
     return out
 
 
-def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, version=None):
+def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, version=None, key=()):
     c = lesson.make("gemm", xp, (M, N, K, int(trans_a), int(trans_b)))
     op = "gemm_f16" if half else "gemm"
     version = version or (4 if half else 3)
@@ -112,8 +115,9 @@ def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, vers
         opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
         baseline = lambda: xp.matmul(opa, opb)
     case = lesson_case(c, op, version, f"{name} v{version} {M}x{K} @ {K}x{N}{' fp16->fp32' if half else ''}",
-                       baseline, "cuBLAS (cupy.matmul)" if baseline else "")
+                       baseline, "cuBLAS (cupy.matmul)" if baseline else "", key=key)
     case.notes["tensor_cores"] = half and version == 4
+    case.notes["tiled"] = True
     return case
 
 
@@ -123,8 +127,8 @@ def _profile_cases(xp):
                         ((14, 14, 256, 64, 1, 1, 0), " stage1 reduce/4")]:   # /4: a quarter of H and W
         out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, scale=BATCH * 16)
     for version in G.F32_VERSIONS:
-        out.append(_gemm_case(xp, "fc forward/32", BATCH, 250, 256, trans_b=True, version=version))
-        out[-1].notes["scale"] = (1000 * 2048) / (250 * 256)
+        out.append(_gemm_case(xp, "fc forward/32", BATCH // 4, 125, 2048, trans_b=True, version=version, key=("fc",)))
+        out[-1].notes["scale"] = 32
         out.append(_gemm_case(xp, "gemm", 256, 256, 256, version=version))
     out.append(_gemm_case(xp, "gemm", 256, 256, 256, half=True))
     return out
@@ -155,8 +159,11 @@ def cases(xp, size):
         out += _conv_cases(xp, BATCH, shape, (4,), cudnn)        # tensor cores without the async copies
     for shape in [(56, 56, 64, 64, 3, 1, 1), (28, 28, 128, 128, 3, 1, 1)]:
         out += _conv_cases(xp, BATCH, shape, (2,), cudnn)
-    # fully connected layer: y = x @ w^T, dx = dy @ w, dw = dy^T @ x
-    out.append(_gemm_case(xp, "fc forward", BATCH, 1000, 2048, trans_b=True))
+    # fully connected layer: y = x @ w^T, dx = dy @ w, dw = dy^T @ x; the forward in every float32
+    # version (the naive one and the shared-memory tiles beside the default register blocking)
+    for version in G.F32_VERSIONS[:-1]:
+        out.append(_gemm_case(xp, "fc forward", BATCH, 1000, 2048, trans_b=True, version=version, key=("fc",)))
+    out.append(_gemm_case(xp, "fc forward", BATCH, 1000, 2048, trans_b=True, key=("fc",)))
     out.append(_gemm_case(xp, "fc backward data", BATCH, 2048, 1000))
     out.append(_gemm_case(xp, "fc backward weight", 1000, 2048, BATCH, trans_a=True))
     for version in (2, 3):

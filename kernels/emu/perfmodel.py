@@ -23,8 +23,11 @@ below, with the side that limits:
             in flight.  A one-block grid, a loop that waits for every load, too few warps: slow.
   atomics   the most atomics on one address x one L2 clock each (they are applied in turn)
 
-  launch    = max(the above), the waves of blocks over the SMs included (the busiest SM holds
-              ceil(blocks / SMs) blocks, ceil(that / resident blocks) rounds)
+  launch    = max(latency, max(the others) + ramp), the waves of blocks over the SMs included
+              (the busiest SM holds ceil(blocks / SMs) blocks, ceil(that / resident blocks) rounds);
+              ramp: one warp's work outside its loops over global memory (the start before its
+              loads stream, a block's tree reduction and store after them): the pipeline fills
+              and drains once even when a throughput limits the rest
   case      = the launches in order, each starting when both the GPU is free and the host has
               issued it (HOST_SECONDS_PER_OPERATION of Python and CuPy per launch, memset or copy):
               a tiny kernel costs its host time, a long one hides the next launch's.
@@ -124,7 +127,7 @@ class LaunchWork:
     l2_sectors (32-byte sectors of every global request, loads, stores and atomics); l1_cycles
     (SM-cycles of L1 traffic, summed over SMs); instructions ({unit: warp-instructions}, None when
     the PTX could not be read); warp_cycles (cycles one warp needs for its own work, alone; None:
-    unknown); atomic_most (atomics on the busiest address); flops, tensor_cores: for the
+    unknown); ramp_cycles (the part of them outside its loops over global memory); atomic_most (atomics on the busiest address); flops, tensor_cores: for the
     compute bound when there are no instruction counts; notes: what was estimated how."""
     kernel: str
     blocks: int
@@ -136,6 +139,7 @@ class LaunchWork:
     l1_cycles: float = 0.0
     instructions: Optional[dict] = None
     warp_cycles: Optional[float] = None
+    ramp_cycles: float = 0.0
     atomic_most: float = 0.0
     flops: float = 0.0
     tensor_cores: bool = False
@@ -201,12 +205,15 @@ def predict_launch(gpu: GPU, w: LaunchWork) -> LaunchPrediction:
     elif w.flops:
         peak = gpu.fp16_matrix_flops if w.tensor_cores else gpu.fp32_flops
         parts["compute"] = w.flops / peak
-    if w.warp_cycles is not None:
-        parts["latency"] = rounds * w.warp_cycles / clock
     if w.atomic_most:
         parts["atomics"] = w.atomic_most / clock
     limit = max(parts, key=parts.get)
-    return LaunchPrediction(w.kernel, parts[limit], limit, parts, rounds, w)
+    seconds = parts[limit] + w.ramp_cycles / clock
+    if w.warp_cycles is not None:
+        parts["latency"] = rounds * w.warp_cycles / clock
+        if parts["latency"] > seconds:
+            limit, seconds = "latency", parts["latency"]
+    return LaunchPrediction(w.kernel, seconds, limit, parts, rounds, w)
 
 
 def predict_operations(gpu: GPU, operations, host_seconds=HOST_SECONDS_PER_OPERATION):

@@ -114,6 +114,8 @@ struct Profiler {
     uint32_t hash_key[kSiteHash];     // pc offset + 1, 0: empty
     uint16_t hash_site[kSiteHash];
     emu_profile_site sites[kMaxSites][2];
+    uint32_t site_block[kMaxSites][2];   // the block (+ 1) whose warps site_warps holds
+    uint32_t site_warps[kMaxSites][2];   // a bit per warp of that block that used the site
     unsigned nsites = 0;
     std::vector<ProfSpan> spans;      // parallel to Z.spans
     unsigned char* marks = nullptr;
@@ -186,6 +188,8 @@ unsigned site_of(uintptr_t pc) {
     P.hash_key[h] = off + 1;
     P.hash_site[h] = (uint16_t)s;
     memset(P.sites[s], 0, sizeof P.sites[s]);
+    memset(P.site_block[s], 0, sizeof P.site_block[s]);
+    memset(P.site_warps[s], 0, sizeof P.site_warps[s]);
     for (int space = 0; space < 2; ++space) {
         P.sites[s][space].pc = pc;
         P.sites[s][space].space = space;
@@ -311,7 +315,14 @@ void prof_request(const ProfRecord* const* r, int n) {
         size = std::max(size, r[i]->size);
     }
     const uint64_t bytes = union_length(lo, hi, n);
-    emu_profile_site& site = P.sites[(r[0]->key >> 47) & 0xfff][space];
+    const unsigned site_index = (unsigned)((r[0]->key >> 47) & 0xfff);
+    emu_profile_site& site = P.sites[site_index][space];
+    if (P.site_block[site_index][space] != Z.block + 1) {   // blocks run one after another
+        site.warps += (unsigned)__builtin_popcount(P.site_warps[site_index][space]);
+        P.site_block[site_index][space] = Z.block + 1;
+        P.site_warps[site_index][space] = 0;
+    }
+    P.site_warps[site_index][space] |= 1u << ((r[0]->key >> 59) & 31);
     site.kind = k;
     site.size = std::max<int>(site.size, (int)size);
     site.requests += 1;
@@ -431,6 +442,12 @@ void prof_flush() {
 void prof_launch_end() {
     if (!P.on) return;
     prof_flush();
+    for (unsigned s = 0; s < P.nsites; ++s)
+        for (int space = 0; space < 2; ++space) {
+            P.sites[s][space].warps += (unsigned)__builtin_popcount(P.site_warps[s][space]);
+            P.site_warps[s][space] = 0;
+            P.site_block[s][space] = 0;
+        }
     for (ProfSpan& ps : P.spans) {
         ps.read = ps.written = 0;
         for (uint64_t i = 0; ps.marks && i < ps.nsectors; ++i) {

@@ -75,7 +75,8 @@ class _Totals(ctypes.Structure):     # emu_profile in emu/include/emu_abi.h
 class _Site(ctypes.Structure):       # emu_profile_site
     _fields_ = [("pc", ctypes.c_ulonglong), ("space", ctypes.c_int), ("kind", ctypes.c_int), ("size", ctypes.c_int),
                 ("pad", ctypes.c_int), ("requests", ctypes.c_ulonglong), ("units", ctypes.c_ulonglong),
-                ("ideal", ctypes.c_ulonglong), ("bytes", ctypes.c_ulonglong), ("lanes", ctypes.c_ulonglong)]
+                ("ideal", ctypes.c_ulonglong), ("bytes", ctypes.c_ulonglong), ("lanes", ctypes.c_ulonglong),
+                ("warps", ctypes.c_ulonglong)]
 
 
 def _ratio(a, b):
@@ -147,6 +148,7 @@ class LaunchProfile:
         summing the machine instructions of that line (`buf[i] += buf[i + s]` loads twice):
         file, line, function, space ('global'/'shared'), op ('ld'/'st'/'atom'), size (bytes per
         lane, the largest), instructions (static sites), requests, lanes (active lanes, summed),
+        warps (distinct warps of the launch that ran it; the most of the line's instructions),
         sectors (global) or wavefronts, ideal and conflicts (shared), bytes (distinct bytes
         asked for), per_request, efficiency (global, %).  Sorted by file and line."""
         if self._resolved is None:
@@ -164,6 +166,7 @@ class LaunchProfile:
                 for k in ("requests", "lanes", "bytes", "sectors", "wavefronts", "ideal"):
                     if k in s:
                         m[k] = m.get(k, 0) + s[k]
+                m["warps"] = max(m.get("warps", 0), s.get("warps", 0))
             out = [_site_figures(m) for m in merged.values()]
             out.sort(key=lambda s: (s["file"], s["line"], s["space"], s["op"]))
             self._resolved = out
@@ -183,7 +186,7 @@ def _site_dict(s):
     space = "global" if s.space == 0 else "shared"
     op = _OPS[s.kind] if 0 <= s.kind < 3 else "ld"
     d = {"pc": int(s.pc), "space": space, "op": op, "size": int(s.size), "requests": int(s.requests),
-         "lanes": int(s.lanes), "bytes": int(s.bytes)}
+         "lanes": int(s.lanes), "bytes": int(s.bytes), "warps": int(s.warps)}
     if space == "global":
         d["sectors"] = int(s.units)
     else:

@@ -20,6 +20,10 @@ order, and scales that launch's counts to the real shape:
   by its warps the code outside the loops, and loops over shared memory only (a block's tree
                reduction): once per warp or block of the real launch.
 
+A launch's loads wait for DRAM when it streams more than half the L2, or when the launch before
+it streamed more than the L2 holds (what it wrote for this one, a reduction's partial sums, has
+been pushed out by then); for L2 otherwise.
+
 Instructions and the time a warp waits per loop trip come from the PTX (kernels/runtime/ptx.py;
 without NVRTC the model keeps the memory sides only); registers and shared memory give the
 resident blocks per SM (kernels.resources, kernels.occupancy).
@@ -97,9 +101,11 @@ def _data_keys(code):
     return keys
 
 
-def launch_work(op, twin, arch, g, work_ratio=None):
+def launch_work(op, twin, arch, g, work_ratio=None, evicted=False):
     """perfmodel.LaunchWork of one planned launch `op` from its profiled twin (a LaunchProfile,
-    or None: then only the bytes of its arguments are known)."""
+    or None: then only the bytes of its arguments are known).  Its loads wait for DRAM when it
+    streams more than half the L2 or when `evicted` (the launch before it streamed more than the
+    L2 holds, so what it left there is gone), for L2 otherwise."""
     kernel = op.kernel
     blocks, threads = _prod(op.grid), _prod(op.block)
     warps = blocks * math.ceil(threads / 32)
@@ -142,21 +148,27 @@ def launch_work(op, twin, arch, g, work_ratio=None):
     work = perfmodel.LaunchWork(kernel.name, blocks, threads, resident, read, written, l2_sectors, l1,
                                 atomic_most=most, notes=notes)
     if code is not None:
-        big = real > g.l2_bytes / 2
-        latency = (g.dram_latency_s if big else g.l2_latency_s) * g.clock_hz
-        work.instructions, work.warp_cycles = _instructions(code, sites, scale, warps, latency)
+        from_dram = evicted or real > g.l2_bytes / 2
+        latency = (g.dram_latency_s if from_dram else g.l2_latency_s) * g.clock_hz
+        if from_dram and real <= g.l2_bytes / 2:
+            notes.append("its inputs came from an earlier launch that streamed more than the L2 holds: DRAM latency")
+        work.instructions, work.warp_cycles, work.ramp_cycles = _instructions(code, sites, scale, warps, latency,
+                                                                              small_warps)
     return work
 
 
-def _instructions(code, sites, scale, warps, latency):
-    """({unit: warp-instructions}, cycles one warp needs) of a launch of `warps` warps.
+def _instructions(code, sites, scale, warps, latency, small_warps):
+    """({unit: warp-instructions}, cycles the busiest warp needs, the part of them outside the
+    loops over global memory) of a launch of `warps` warps.
 
     Every source loop's iterations come from the emulator's count of one of its memory lines
-    (the largest: a line under a condition runs less); a loop of no counted line runs once per
-    trip of the loop around it.  An unrolled loop runs floor(iterations per entry / unroll)
-    trips, its remainder the rest."""
+    (the largest: a line under a condition runs less), shared by the warps that ran it (the
+    same share of the warps as in the profiled launch: a kernel whose warps past the last
+    channel return at once keeps them idle); a loop of no counted line runs once per trip of
+    the loop around it.  An unrolled loop runs floor(iterations per entry / unroll) trips, its
+    remainder the rest."""
     instructions = {u: c * warps for u, c in code.outside.cost.items()}
-    cycles = _ptx.trip_cycles(code.outside.instrs, latency)
+    cycles = ramp = _ptx.trip_cycles(code.outside.instrs, latency)
     trips = {}                                       # PTX loop index -> trips per warp
     order = sorted(range(len(code.source_loops)), key=lambda i: _depth(code, code.source_loops[i].main))
     for i in order:
@@ -165,7 +177,18 @@ def _instructions(code, sites, scale, warps, latency):
         rem = code.loops[sl.remainder] if sl.remainder >= 0 else None
         entries = trips.get(main.parent, 0.0) if main.parent >= 0 else 1.0
         counted = _anchor_iterations(sl.anchors, sites, scale)
-        iterations = counted / warps if counted is not None else entries
+        if counted is not None:
+            small_total, grow, active = counted
+            total = small_total * grow
+            if not active or small_total <= 1.5 * active:
+                # every warp that ran it did about one iteration: the data, not the code, left the
+                # other warps idle, and a larger shape gives them work
+                busy = min(warps, max(1.0, total))
+            else:     # warps idle by the code (past the last channel): as many in proportion
+                busy = warps * min(1.0, active / small_warps)
+            iterations = total / max(1.0, busy)
+        else:
+            busy, iterations = warps, entries
         if main.parent >= 0 and entries == 0:
             iterations = 0.0          # inside a version of an outer loop that does not run
         if rem is not None or sl.inline_remainder:
@@ -178,14 +201,17 @@ def _instructions(code, sites, scale, warps, latency):
         for other in sl.versions:
             trips[other] = 0.0
         for unit, c in main.cost.items():
-            instructions[unit] = instructions.get(unit, 0.0) + c * main_trips * warps
-        cycles += main_trips * _ptx.trip_cycles(main.instrs, latency)
+            instructions[unit] = instructions.get(unit, 0.0) + c * main_trips * busy
+        spent = main_trips * _ptx.trip_cycles(main.instrs, latency)
         if rem is not None:
             trips[sl.remainder] = rem_trips
             for unit, c in rem.cost.items():
-                instructions[unit] = instructions.get(unit, 0.0) + c * rem_trips * warps
-            cycles += rem_trips * _ptx.trip_cycles(rem.instrs, latency)
-    return instructions, cycles
+                instructions[unit] = instructions.get(unit, 0.0) + c * rem_trips * busy
+            spent += rem_trips * _ptx.trip_cycles(rem.instrs, latency)
+        cycles += spent
+        if not any(k[2] == "global" for k in main.keys):
+            ramp += spent                 # a block-level loop (a tree over shared memory)
+    return instructions, cycles, ramp
 
 
 def _nearest(key, keys):
@@ -198,17 +224,20 @@ def _nearest(key, keys):
 
 
 def _anchor_iterations(anchors, sites, scale):
-    """Source iterations (warp-level, all warps) of a loop: the most any of its memory lines
-    says (requests / copies per iteration; a line under a condition says fewer).  A line the
-    emulator's debug information put one or two lines away (inlined conversions) still counts."""
+    """(source iterations of a loop in the profiled launch, warp-level, all warps; the factor to
+    the real shape; the profiled launch's warps that ran it), or None: what the memory line
+    saying the most says (requests / copies per iteration; a line under a condition says fewer).
+    A line the emulator's debug information put one or two lines away (inlined conversions)
+    still counts."""
     best = None
     for key, copies in anchors.items():
         found = _nearest(key, sites)
         site = sites[found] if found else None
         if site is None or not site["requests"]:
             continue
-        n = site["requests"] * scale(key) / copies
-        best = n if best is None else max(best, n)
+        n = site["requests"] / copies
+        if best is None or n * scale(key) > best[0] * best[1]:
+            best = (n, scale(key), site.get("warps", 0))
     return best
 
 
@@ -228,16 +257,30 @@ def predict(operations, twin_launches, gpu_name="H100", arch=None, work_ratio=No
     arch = arch or g.arch
     pool = list(twin_launches)
     used = [False] * len(pool)
-    ops = []
+    twins = []
     for op in operations:
-        if op.kind != "launch":
-            ops.append({"kind": op.kind if op.kind != "copy" else "copy", "nbytes": op.nbytes})
-            continue
         twin = None
-        for k, t in enumerate(pool):
-            if not used[k] and t.kernel == op.kernel.name:
-                used[k] = True
-                twin = t
-                break
-        ops.append({"kind": "launch", "work": launch_work(op, twin, arch, g, work_ratio)})
+        if op.kind == "launch":
+            for k, t in enumerate(pool):
+                if not used[k] and t.kernel == op.kernel.name:
+                    used[k] = True
+                    twin = t
+                    break
+        twins.append(twin)
+    # the bytes each operation streams through L2 (a timing loop repeats the case: the last
+    # operation comes before the first)
+    streamed = []
+    for op, twin in zip(operations, twins):
+        if op.kind == "launch":
+            streamed.append(sum(_touched(op, twin)[:2]) if twin is not None else
+                            sum(a.nbytes for a in op.args if isinstance(a, _plan.PlanArray)))
+        else:
+            streamed.append(op.nbytes)
+    ops = []
+    for i, (op, twin) in enumerate(zip(operations, twins)):
+        if op.kind != "launch":
+            ops.append({"kind": op.kind, "nbytes": op.nbytes})
+            continue
+        evicted = streamed[i - 1] > g.l2_bytes if operations else False
+        ops.append({"kind": "launch", "work": launch_work(op, twin, arch, g, work_ratio, evicted)})
     return perfmodel.predict_operations(g, ops)

@@ -160,6 +160,7 @@ struct emu_profile_site {
     unsigned long long ideal;     /* shared: wavefronts without conflicts                      */
     unsigned long long bytes;     /* distinct bytes asked for, summed over requests            */
     unsigned long long lanes;     /* active lanes, summed over requests                        */
+    unsigned long long warps;     /* distinct warps (of all blocks) that made a request         */
 };
 
 /* SIGINT (Ctrl-C) during a launch, as Python's handler for it would have it: */
