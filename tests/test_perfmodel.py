@@ -60,3 +60,154 @@ def test_every_prediction_carries_its_share_of_the_copy_bandwidth(h100_predictio
         assert c["predicted_s"] > 0 and c["limit"]
         if c["bytes"]:
             assert c["predicted_pct_copy_bw"] == pytest.approx(100 * c["bytes"] / c["predicted_s"] / g.copy_bytes_per_s)
+
+
+# ------------------------------------------------------------------------------ the model's arithmetic
+def _work(**kw):
+    base = dict(kernel="k", blocks=1, threads_per_block=256, blocks_per_sm=8, dram_read_bytes=0.0,
+                dram_written_bytes=0.0)
+    base.update(kw)
+    return perfmodel.LaunchWork(**base)
+
+
+def test_a_copy_takes_what_the_measured_copy_bandwidth_says_and_reads_alone_stream_at_the_peak():
+    g = perfmodel.GPUS["H100"]
+    n = 1 << 30
+    assert perfmodel.dram_seconds(g, n, n) == pytest.approx(2 * n / g.copy_bytes_per_s)
+    assert perfmodel.dram_seconds(g, n, 0) == pytest.approx(n / g.dram_bytes_per_s)
+    assert perfmodel.dram_seconds(g, 0, n) == pytest.approx(n / g.dram_bytes_per_s)
+
+
+def test_waves_rounds_and_the_busiest_sm():
+    g = perfmodel.GPUS["H100"]
+    # 132 SMs x 8 resident blocks = 1056 per round; 3 full rounds and one more block: the busiest
+    # SM holds ceil(3169 / 132) = 25 blocks, 4 rounds of its 8 slots
+    w = _work(blocks=3 * 1056 + 1, warp_cycles=1000.0)
+    p = perfmodel.predict_launch(g, w)
+    assert p.rounds == 4 and p.limit == "latency"
+    assert p.seconds == pytest.approx(4 * 1000 / g.clock_hz)
+
+
+def test_one_block_is_as_slow_as_one_warp_and_a_full_grid_is_limited_by_bandwidth():
+    g = perfmodel.GPUS["H100"]
+    nbytes = 64 << 20
+    # the same bytes, read by one block (each warp's loads one after another) or by 1024 blocks
+    one = perfmodel.predict_launch(g, _work(blocks=1, dram_read_bytes=nbytes, warp_cycles=2e6))
+    many = perfmodel.predict_launch(g, _work(blocks=1024, dram_read_bytes=nbytes, warp_cycles=2e6 / 1024))
+    assert one.limit == "latency" and one.seconds == pytest.approx(2e6 / g.clock_hz)
+    assert many.limit == "dram" and many.seconds == pytest.approx(nbytes / g.dram_bytes_per_s, rel=1e-3)
+
+
+def test_issue_counts_every_unit_at_its_own_rate():
+    g = perfmodel.GPUS["H100"]
+    # one block on one SM: 4000 FP32 warp-instructions take 1000 cycles (4 per clock), 4000 integer
+    # adds 2000 (2 per clock), 1000 conversions 2000 (0.5 per clock)
+    for instructions, cycles in (({"fp32": 4000}, 1000), ({"alu": 4000}, 2000), ({"conv": 1000}, 2000),
+                                 ({"fp32": 4000, "imad": 4000}, 2000), ({"fp32": 2000, "alu": 2000}, 1000)):
+        p = perfmodel.predict_launch(g, _work(instructions=instructions))
+        assert p.parts["issue"] == pytest.approx(cycles / g.clock_hz), instructions
+
+
+def test_atomics_on_one_address_serialise():
+    g = perfmodel.GPUS["H100"]
+    p = perfmodel.predict_launch(g, _work(blocks=1000, atomic_most=1e6))
+    assert p.limit == "atomics" and p.seconds == pytest.approx(1e6 / g.clock_hz)
+
+
+def test_the_host_issues_every_operation_and_hides_behind_long_kernels():
+    g = perfmodel.GPUS["H100"]
+    h = perfmodel.HOST_SECONDS_PER_OPERATION
+    tiny = {"kind": "launch", "work": _work(warp_cycles=g.clock_hz * 1e-6)}           # 1 us
+    long = {"kind": "launch", "work": _work(warp_cycles=g.clock_hz * 1e-3)}           # 1 ms
+    p = perfmodel.predict_operations(g, [tiny, tiny, tiny])
+    assert p.limit == "host" and p.seconds == pytest.approx(3 * h + 1e-6)
+    p = perfmodel.predict_operations(g, [long, tiny])      # the second launch is issued meanwhile
+    assert p.seconds == pytest.approx(h + 1e-3 + 1e-6)
+    p = perfmodel.predict_operations(g, [long, {"kind": "read", "nbytes": 4}])   # the host waits for it
+    assert p.seconds == pytest.approx(h + 1e-3 + 2e-6 + 4 / 25e9)
+
+
+def test_every_gpu_parameter_says_where_it_comes_from():
+    fields = ("sms", "clock_hz", "dram_bytes_per_s", "copy_bytes_per_s", "l2_bytes", "l2_bytes_per_s",
+              "dram_latency_s", "l2_latency_s", "fp32_flops", "fp16_matrix_flops")
+    for name, g in perfmodel.GPUS.items():
+        assert set(fields) <= set(g.sources), name
+        assert g.copy_bytes_per_s <= g.dram_bytes_per_s
+    assert "measured by this project" in perfmodel.GPUS["H100"].sources["copy_bytes_per_s"]
+    assert perfmodel.GPUS["H100"].copy_bytes_per_s == pytest.approx(2.983e12, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ the launches of a real shape
+def test_planning_records_the_gpu_launch_of_a_real_shape_without_running_it():
+    import sys
+    from kernels import elementwise, pool
+    from kernels.runtime import plan
+    before = sys.modules.get("cupy")
+    with plan.planning() as p:
+        x = plan.cupy.empty((256, 112, 112, 64), np.float32)          # 822 MB that do not exist
+        y = elementwise.relu_forward(x)
+        dy, argmax = plan.cupy.empty((256, 56, 56, 64), np.float32), plan.cupy.empty((256, 56, 56, 64), np.int32)
+        pool.maxpool2d_backward(dy, argmax, x.shape, 3, 2, 1, version=1)
+        float(plan.cupy.zeros(1, np.float32)[0])
+    assert sys.modules.get("cupy") is before                           # the real one (or none) is back
+    assert isinstance(y, plan.PlanArray) and y.shape == x.shape
+    kinds = [(o.kind, o.name) for o in p.operations]
+    assert kinds == [("launch", "relu_forward_f32"), ("memset", "memset"),
+                     ("launch", "maxpool2d_backward_scatter_f32"), ("memset", "memset"), ("read", "read")]
+    relu = p.operations[0]
+    # a GPU's grid: blocks_for caps a grid-stride launch at 65535 blocks of 256 (the emulator's at 64)
+    assert relu.grid == (65535, 1, 1) and relu.block == (256, 1, 1)
+    assert p.operations[1].nbytes == x.nbytes                           # dx zeroed for the scatter
+    assert relu.kernel._cupy_functions == {}                            # nothing reached a backend
+
+
+# ------------------------------------------------------------------------------ reading the PTX
+_PTX_KERNELS = r'''
+extern "C" __global__ void scale_loop(const float* __restrict__ x, float* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)blockDim.x * gridDim.x)
+        y[i] = 2.0f * x[i];
+}
+extern "C" __global__ void divide_loop(const float* __restrict__ x, float* __restrict__ y, int n, int step) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += step) s += 1.0f / x[i];
+    y[threadIdx.x] = s;
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def ptx_code():
+    from kernels.runtime import nvrtc, ptx
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC is not installed")
+    import kernels
+    m = kernels.RawModule(code=_PTX_KERNELS, filename="ptx_kernels.cu")
+    return ptx.module_code(m.code, "sm_90", m.options, m.filename)
+
+
+def test_an_unrolled_loop_waits_for_its_loads_together(ptx_code):
+    from kernels.runtime import ptx
+    code = ptx_code["scale_loop"]
+    (sl,) = code.source_loops
+    # LLVM unrolls the grid-stride loop 4 times and keeps a remainder loop of one iteration
+    assert sl.unroll == 4 and sl.remainder >= 0
+    main, rem = code.loops[sl.main], code.loops[sl.remainder]
+    assert main.global_loads == 4 and rem.global_loads == 1
+    latency = 1000
+    # four independent loads in flight: one latency per trip of four, not four latencies
+    assert latency < ptx.trip_cycles(main.instrs, latency) < 1.2 * latency
+    assert latency < ptx.trip_cycles(rem.instrs, latency) < 1.1 * latency
+
+
+def test_an_ieee_division_keeps_the_next_load_behind_it(ptx_code):
+    from kernels.runtime import ptx
+    code = ptx_code["divide_loop"]
+    main = code.loops[code.source_loops[0].main]
+    loads = main.global_loads
+    assert loads >= 2
+    # 1 / x[i] (IEEE): a reciprocal, Newton steps and a branch to a slow path: each load waits for
+    # the division before it, so a trip costs a latency per load
+    assert ptx.trip_cycles(main.instrs, 1000) > loads * 1000
+    division = next(i for i in main.instrs if i.parts[0] in ("div", "rcp"))     # 1 / x: rcp.rn.f32
+    units, _latency, _kind, fence = ptx.instruction_cost(division)
+    assert units["mufu"] == 1 and units["fp32"] >= 4 and fence

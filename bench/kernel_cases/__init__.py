@@ -40,7 +40,6 @@ class Case:
     baseline_name: str = ""        # "cuDNN", "cuBLAS", "cupy.maximum", ...
     group: str = ""                # filled in by bench.kernels from the module name
     notes: dict = field(default_factory=dict)   # "tensor_cores": True for float16 matrix math;
-                                                # "scale": the full ResNet-50 shape's work / this one's;
                                                 # "not_timed": why a GPU run skips it (predicted only);
                                                 # "tiled": a matrix product's tiles, whose counts
                                                 # grow with the FLOPs (bench.kernels --profile)

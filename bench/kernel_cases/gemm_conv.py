@@ -16,10 +16,10 @@ TFLOP/s are compared with the measured float16 matmul peak.
 size="tiny": a few small shapes with every version, and the kinds of layer of ResNet-50 (the
 stem's 7x7/2 on 3 channels, 1x1, 3x3, 3x3/2, the 1x1/2 projection) at 1/8 of the channels and a
 7x7 or 16x16 image, with both float16 versions: seconds on the CPU emulator.
-size="profile": every version of three of ResNet-50's convolutions (the 7x7/2 stem, stage 1's 3x3
-and its 1x1 reduce) at batch 1 and a quarter of their height and width, the fully connected
-layer's forward GEMM at a quarter of its batch and an eighth of its classes with all 2048
-features (1/32 of its work; each tile's reduction as long as at full size), and a 256^3 GEMM:
+size="profile": every version of three of ResNet-50's convolutions (the 7x7/2 stem at batch 1 and
+a quarter of its height and width, stage 1's 3x3 and its 1x1 reduce at batch 1 on 16x16), the fully connected
+layer's forward GEMM at 128 of its 256 rows and 128 of its 1000 classes with all 2048 features
+(each tile's reduction as long as at full size, the tiles full), and a 256^3 GEMM:
 what the emulator profiles in a few seconds each (the twins `python -m bench.kernels --profile`
 predicts the ResNet-50 cases from).
 Versions are numbered as in the headers of conv.cu (1 naive, 2 im2col + GEMM, 3 implicit GEMM,
@@ -78,7 +78,7 @@ def resnet50_conv_kinds_scaled():
             (7, 7, 32, 64, 1, 2, 0)]
 
 
-def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", scale=None):
+def _conv_cases(xp, n, shape, conv_versions, cudnn, note=""):
     H, W, C, K, R, stride, pad = shape
     c = lesson.make("conv", xp, (n, H, W, C, K, R, stride, pad))
     label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}{note}"
@@ -99,8 +99,6 @@ def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", scale=None):
                                key=("R", R, "stride", stride))
             case.notes["tensor_cores"] = v in CV.F16_VERSIONS   # against the fp16 matrix peak
             case.notes["tiled"] = True      # blocks of output tiles, each over the whole reduction
-            if scale:
-                case.notes["scale"] = scale
             out.append(case)
     return out
 
@@ -123,12 +121,14 @@ def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, vers
 
 def _profile_cases(xp):
     out = []
-    for shape, note in [((56, 56, 3, 64, 7, 2, 3), " stem/4"), ((14, 14, 64, 64, 3, 1, 1), " stage1/4"),
-                        ((14, 14, 256, 64, 1, 1, 0), " stage1 reduce/4")]:   # /4: a quarter of H and W
-        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, scale=BATCH * 16)
+    # a quarter of H and W (the stem), 16x16 images (stage 1: whole 64-row tiles, so that the real
+    # layer's tiles each do a profiled tile's work)
+    for shape, note in [((56, 56, 3, 64, 7, 2, 3), " stem/4"), ((16, 16, 64, 64, 3, 1, 1), " stage1 16x16"),
+                        ((16, 16, 256, 64, 1, 1, 0), " stage1 reduce 16x16")]:
+        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note)
     for version in G.F32_VERSIONS:
-        out.append(_gemm_case(xp, "fc forward/32", BATCH // 4, 125, 2048, trans_b=True, version=version, key=("fc",)))
-        out[-1].notes["scale"] = 32
+        out.append(_gemm_case(xp, "fc forward 128 of 256x1000", 128, 128, 2048, trans_b=True, version=version,
+                              key=("fc",)))
         out.append(_gemm_case(xp, "gemm", 256, 256, 256, version=version))
     out.append(_gemm_case(xp, "gemm", 256, 256, 256, half=True))
     return out

@@ -171,20 +171,8 @@ def cases(xp, size):
     out = []
     for shape in {"resnet50": _BN_RESNET50, "profile": _BN_PROFILE}.get(size, _BN_TINY):
         out += _bn_cases(xp, shape)
-    pool = _pool_cases(xp, size)
-    if size == "profile":   # max pool at batch 1, the average pool at batch 8
-        for case in pool:
-            case.notes["scale"] = 32 if case.name.startswith("global") else 256
-    out += pool
+    out += _pool_cases(xp, size)
     out += _loss_cases(xp, size)
-    optimizer = _optimizer_cases(xp, size)
-    if size == "profile":   # every tensor at 1/16 of its size
-        for case in optimizer:
-            case.notes["scale"] = 16
-    out += optimizer
-    inputs = _input_cases(xp, size)
-    if size == "profile":
-        for case in inputs:
-            case.notes["scale"] = 128
-    out += inputs
+    out += _optimizer_cases(xp, size)
+    out += _input_cases(xp, size)
     return out

@@ -50,9 +50,11 @@
  *   atomics there were, on how many distinct addresses, and the most on any one of them
  *   (emu_profile_atomics).  A GPU applies the atomics of one address one after another in L2.
  *
+ * An async copy (cp.async) counts twice: its global side as a load, its shared side as a shared
+ * store (the banks see the same wavefronts as for a thread's st.shared).
+ *
  * Not counted: local memory (each fiber's stack: what ptxas keeps in registers, the C++
- * compiler may keep on the stack), __constant__ and module variables, the shared-memory side
- * of an async copy (its global side counts as a load).
+ * compiler may keep on the stack), __constant__ and module variables.
  */
 
 namespace {
@@ -228,7 +230,10 @@ void prof_atomic(uint64_t addr) {
 
 /* One access of the running thread; sp: the sanitizer's span holding it (or none). */
 void prof_access(const Span* sp, uintptr_t a, unsigned size, int kind, uintptr_t pc) {
-    if (kind == EMU_ACCESS_ASYNC_COPY || !size) return;   // the shared side of cp.async: not an LSU store
+    if (!size) return;
+    // the shared side of an async copy (cp.async, LDGSTS) writes the banks as a store does: counted
+    // as one (Nsight Compute reports it on the LDGSTS pipe; the wavefronts are the same)
+    if (kind == EMU_ACCESS_ASYNC_COPY) kind = EMU_ACCESS_WRITE;
     uint64_t addr;
     uint8_t space;
     if (sp && sp->kind == EMU_REGION_ARGUMENT) {

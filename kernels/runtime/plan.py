@@ -127,6 +127,12 @@ class PlanArray:
     def T(self):
         return PlanArray(self.shape[::-1], self.dtype, self.data.ptr, self.strides[::-1], base=self)
 
+    def transpose(self, *axes):
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+        axes = tuple(axes) or tuple(reversed(range(self.ndim)))
+        return PlanArray(tuple(self.shape[a] for a in axes), self.dtype, self.data.ptr,
+                         tuple(self.strides[a] for a in axes), base=self)
+
     # new arrays (what CuPy would compute; nothing is)
     def copy(self):
         return PlanArray(self.shape, self.dtype)

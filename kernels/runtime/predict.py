@@ -16,7 +16,8 @@ order, and scales that launch's counts to the real shape:
                small launch touched mostly counts with its real size, one it touched in a few
                places, a row of a matrix, with what it touched): grid-stride loops, reductions,
                the loops over the data.  A matrix product's tiles each run the whole reduction:
-               with `work_ratio` (the ratio of FLOPs) those grow with their work instead.
+               with `work_ratio` (the ratio of FLOPs) those grow with their work instead (the
+               small shape must fill its tiles: a partly empty tile does a full tile's work).
   by its warps the code outside the loops, and loops over shared memory only (a block's tree
                reduction): once per warp or block of the real launch.
 
@@ -29,7 +30,12 @@ without NVRTC the model keeps the memory sides only); registers and shared memor
 resident blocks per SM (kernels.resources, kernels.occupancy).
 """
 
+import hashlib
+import json
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +46,7 @@ from ..emu import perfmodel
 from ..emu import profiler as _profiler
 from ..emu.occupancy_calculator import occupancy
 
-__all__ = ["profile_of", "plan_of", "predict", "launch_work", "gpu"]
+__all__ = ["profile_of", "profile_cached", "plan_of", "predict", "launch_work", "gpu", "TwinLaunch"]
 
 
 def gpu(name_or_gpu):
@@ -59,6 +65,68 @@ def profile_of(run):
     with _profiler.profile() as prof:
         run()
     return prof.launches
+
+
+class TwinLaunch:
+    """What the predictions need of a LaunchProfile (kernel, grid, block, shared_mem, arguments,
+    atomics, sites()), as profile_cached keeps it on disk."""
+
+    def __init__(self, kernel, grid, block, shared_mem, arguments, atomics, sites):
+        self.kernel, self.grid, self.block, self.shared_mem = kernel, tuple(grid), tuple(block), shared_mem
+        self.arguments, self.atomics, self._sites = arguments, atomics, sites
+
+    def sites(self):
+        return self._sites
+
+    @classmethod
+    def of(cls, p):
+        keep = ("file", "line", "space", "op", "requests", "lanes", "warps", "sectors", "wavefronts", "ideal")
+        return cls(p.kernel, p.grid, p.block, p.shared_mem, p.arguments, p.atomics,
+                   [{k: x[k] for k in keep if k in x} for x in p.sites()])
+
+    def to_dict(self):
+        return {"kernel": self.kernel, "grid": list(self.grid), "block": list(self.block),
+                "shared_mem": self.shared_mem, "arguments": self.arguments, "atomics": self.atomics,
+                "sites": self._sites}
+
+
+_sources = None
+
+
+def _sources_digest():
+    """A digest of everything a profile depends on: the kernels, their headers, the launchers,
+    the emulator and profiler (any change makes the cached profiles stale)."""
+    global _sources
+    if _sources is None:
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha256()
+        for pattern in ("*.cu", "*.cuh", "*.py", "emu/*.cpp", "emu/*.py", "emu/include/*.h", "runtime/*.py"):
+            for path in sorted(root.glob(pattern)):
+                h.update(path.name.encode())
+                h.update(path.read_bytes())
+        _sources = h.hexdigest()[:24]
+    return _sources
+
+
+def profile_cached(key, run):
+    """profile_of(run) as TwinLaunches, kept on disk (beside the emulator's builds) under `key`
+    (a JSON-able description of what run() does: family, shape, op, version) and the digest of
+    the kernel sources: a lesson's predictions cost the emulator once."""
+    from ..emu.emulator import cache_dir
+    name = hashlib.sha256(json.dumps([key, _sources_digest()], default=str).encode()).hexdigest()[:32]
+    folder = cache_dir() / "twins"
+    path = folder / f"{name}.json"
+    try:
+        return [TwinLaunch(**d) for d in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):
+        pass
+    launches = [TwinLaunch.of(p) for p in profile_of(run)]
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump([t.to_dict() for t in launches], f)
+    os.replace(tmp, path)
+    return launches
 
 
 def plan_of(run):
@@ -123,10 +191,10 @@ def launch_work(op, twin, arch, g, work_ratio=None, evicted=False):
     read, written, small = _touched(op, twin)
     real = read + written
     s = real / small if small else 1.0
-    if work_ratio and s > 1.01:
-        s = work_ratio
     small_warps = _prod(twin.grid) * math.ceil(_prod(twin.block) / 32)
     per_warp = warps / small_warps
+    if work_ratio and s > 1.01:
+        s = work_ratio
     try:
         code = _ptx.kernel_code(kernel, arch)
     except Exception as exc:

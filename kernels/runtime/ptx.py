@@ -439,6 +439,9 @@ def _analyze(name, arch, blocks):
             key = _key(ins)
             if key is not None and not ins.slow_path:
                 region.keys[key] = region.keys.get(key, 0) + (4 if ins.parts[0] == "wmma" else 1)
+                if ins.parts[0] == "cp":   # an async copy's shared side: the profiler counts a store
+                    side = (key[0], key[1], "shared", "st")
+                    region.keys[side] = region.keys.get(side, 0) + 1
             if kind == "load-global":
                 region.global_loads += 1
     # Loops side by side (the same loop around them) holding copies of the same memory lines
@@ -536,11 +539,15 @@ def trip_cycles(instrs, global_latency):
     earlier than a store before it, everything after a barrier after the barrier; and at least one
     cycle per issue slot.  The warp's next trip waits for the last instruction of this one, so a
     value used in the same trip costs its load's full latency, and independent loads (an unrolled
-    loop) wait for it together.  `global_latency`: cycles of a global load."""
+    loop) wait for it together.  Async copies (cp.async) are waited for a trip after they were
+    issued (the pipeline's next stage): a trip holding them lasts at least one latency, however
+    little it computes.  `global_latency`: cycles of a global load."""
     ready = {}
     t_store = 0.0
     t_fence = 0.0        # conditional branches (not predicated ones) and barriers: nothing after
                          # them starts earlier
+    pipelined = False    # async copies waited for a trip later (cp.async.wait_group): the trip
+                         # lasts at least one latency, the copies of the next stage landing meanwhile
     end = 0.0
     slots = 0.0
     for ins in instrs:
@@ -562,11 +569,13 @@ def trip_cycles(instrs, global_latency):
             t_fence = max(t_fence, start + lat)
         if (ins.parts[0] == "bra" and ins.guard and not ins.predicated) or fence:
             t_fence = max(t_fence, start + (ALU_LATENCY if fence else 0))
+        if ins.parts[0] == "cp" and "async" in ins.parts and "shared" in ins.parts:
+            pipelined = True
         for d in ins.dests:
             ready[d] = start + (lat if lat else n)
         slots += n
         end = max(end, start + n)
-    return max(end, slots)
+    return max(end, slots, global_latency if pipelined else 0)
 
 
 # --------------------------------------------------------------------------------- compile
