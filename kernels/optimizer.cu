@@ -46,6 +46,11 @@
  *   version 2  momentum_update_flat_f32: every tensor in one launch over the flat buffers (the
  *              multi-tensor update), so the cost of 160 launches is gone; the learning rate and the
  *              loss scale are read from device memory, so a step never waits for the host.
+ * On a GPU, at ResNet-50's 25.6 M parameters (`python -m kernels.optimizer` prints the performance
+ * model's prediction; measured on an H100 by bench.kernels): version 1 4.0 ms predicted, 4.65 ms
+ * measured: 161 launches of ~25 us of host time each, the kernels themselves idle in between;
+ * version 2 270 us predicted, 264 us measured (65 % of copy bandwidth; each block's chunk is a
+ * loop of one load at a time per thread, latency rather than bandwidth limits it).
  */
 #include "common.cuh"   // GRID_STRIDE_LOOP, FULL_MASK, block_sum, block_sum_of
 

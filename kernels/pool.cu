@@ -34,6 +34,9 @@
  *              them costs seven integer divisions and some 300 instructions per pixel, four times as
  *              many pixels as version 1 has outputs: the GPU is busy issuing instructions, not
  *              moving bytes (ResNet-50's stem, 256x112x112x64, H100: 2.39 ms against 1.14 ms).
+ * The performance model (`python -m kernels.pool` prints it; bench/NOTES.md) predicts 0.80 ms for
+ * version 1 (the zeroing pass and the bytes: DRAM) and 2.20 ms for version 2 (instruction issue),
+ * and 1.26 ms for the forward (1.12 ms measured: also issue, its index arithmetic in 64 bits).
  */
 #include <cuda_fp16.h>
 #include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, to_float, from_float, KERNEL_ENTRY
