@@ -222,7 +222,7 @@ def predict_case(case: Case, twin_row, gpu, arch):
     return row
 
 
-_BASELINE_VERSION = re.compile(r"^our (v\d+ .*)$")
+_BASELINE_VERSION = re.compile(r"^our (v\d+\b.*)$")
 _NAMED_VERSION = re.compile(r"^(.*?) v\d+ [^\[]*(\[.*)$")
 
 
@@ -236,7 +236,7 @@ def measured_times(data):
             out[r["name"]] = r["seconds"]
         m, n = _BASELINE_VERSION.match(r.get("baseline_name") or ""), _NAMED_VERSION.match(r["name"])
         if m and n and r.get("baseline_seconds"):
-            out.setdefault(f"{n.group(1)} {m.group(1)} {n.group(2)}", r["baseline_seconds"])
+            out.setdefault(f"{n.group(1)} {m.group(1).strip()} {n.group(2)}", r["baseline_seconds"])
     return out
 
 

@@ -24,11 +24,19 @@ H100_RUN = Path(__file__).resolve().parent / "data" / "h100-2026-12-06-kernels.j
 
 # Version pairs the model orders differently from the GPU, and why (bench/NOTES.md, "Predicted
 # beside measured").  The test fails when this set changes either way.
-WRONG_ORDER = {}
+WRONG_ORDER = {
+    # the model: version 2 moves the same bytes with a quarter of the instructions, so DRAM limits
+    # it (85 us) where instruction issue limits version 1 (132 us); the H100: 178 us against 153.
+    # Not explained by anything the emulator counts (bench/NOTES.md).
+    ("input_normalize u8->f32 v2 vec4 [256x224x224x3]", "input_normalize u8->f32 v1 scalar [256x224x224x3]"):
+        "float4 stores 48 bytes apart: the GPU's cost is not in the model",
+}
 
 
 @pytest.fixture(scope="module")
 def h100_prediction():
+    # about a minute on 2 cores the first time (the emulator profiles every twin); the profiles
+    # are kept on disk (kernels.runtime.predict.profile_cached), a second run takes seconds
     pytest.importorskip("kernels.runtime.nvrtc")
     from kernels.runtime import nvrtc
     if not nvrtc.nvrtc_available():
@@ -37,6 +45,7 @@ def h100_prediction():
     return bk.run_profile(None, "sm_90", "H100", measured=str(H100_RUN), only_measured=True, quiet=True)
 
 
+@pytest.mark.slow
 def test_the_model_explains_the_h100_run(h100_prediction):
     s = h100_prediction["summary"]
     measured = json.loads(H100_RUN.read_text())
@@ -53,6 +62,7 @@ def test_the_model_explains_the_h100_run(h100_prediction):
             ("input_normalize u8->f32 v2 vec4", "input_normalize u8->f32 v1 scalar")} <= pairs
 
 
+@pytest.mark.slow
 def test_every_prediction_carries_its_share_of_the_copy_bandwidth(h100_prediction):
     g = perfmodel.GPUS["H100"]
     for c in h100_prediction["cases"]:
@@ -211,3 +221,107 @@ def test_an_ieee_division_keeps_the_next_load_behind_it(ptx_code):
     division = next(i for i in main.instrs if i.parts[0] in ("div", "rcp"))     # 1 / x: rcp.rn.f32
     units, _latency, _kind, fence = ptx.instruction_cost(division)
     assert units["mufu"] == 1 and units["fp32"] >= 4 and fence
+
+
+def _hand_ptx(body, files):
+    """A PTX module of one entry `k` with `body` as its code; files: {number: path}."""
+    head = ".version 8.0\n.target sm_90\n.address_size 64\n"
+    head += "".join(f'.file {n} "{p}"\n' for n, p in files.items())
+    return head + ".visible .entry k(\n.param .u64 k_param_0\n)\n{\n" + body + "\n}\n"
+
+
+def _project_file(name):
+    import kernels
+    return str(Path(kernels.__file__).resolve().parent / name)
+
+
+def _analyzed(body, files):
+    from kernels.runtime import ptx
+    return ptx._analyze("k", "sm_90", ptx._parse_module(_hand_ptx(body, files))["k"])
+
+
+def test_a_cold_block_placed_before_its_loop_is_part_of_it_not_a_loop():
+    # LLVM lays a loop's rarely taken block out before the loop; it branches back into the body
+    # (backwards in the text) without being a loop: one loop, the cold block's load in it
+    code = _analyzed("""
+        .loc 1 10 1
+        mov.u32 %r1, 0;
+        bra.uni $L__BB0_2;
+    $L__BB0_1:
+        .loc 1 12 1
+        ld.global.f32 %f1, [%rd1];
+        bra.uni $L__BB0_3;
+    $L__BB0_2:
+        .loc 1 11 1
+        setp.lt.s32 %p1, %r1, 5;
+        @%p1 bra $L__BB0_1;
+    $L__BB0_3:
+        .loc 1 13 1
+        add.s32 %r1, %r1, 1;
+        setp.lt.s32 %p2, %r1, 100;
+        @%p2 bra $L__BB0_2;
+        ret;""", {1: _project_file("t.cu")})
+    assert len(code.loops) == 1
+    assert ("kernels/t.cu", 12, "global", "ld") in code.loops[0].keys
+
+
+def test_a_cuda_header_function_inlined_into_ours_counts_at_our_line():
+    # wmma::load_matrix_sync's PTX names crt/mma.hpp; the emulator counts the access at the line
+    # of ours that called it (inlined_at); a 16x16 tile of halves is one request, of floats two
+    from kernels.runtime import ptx
+    code = _analyzed("""
+        .loc 2 91 3, function_name $L__info_string0, inlined_at 1 620 5
+        wmma.load.a.sync.aligned.row.m16n16k16.shared.f16 {%r1, %r2, %r3, %r4, %r5, %r6, %r7, %r8}, [%rd1], %r9;
+        .loc 1 700 3
+        wmma.store.d.sync.aligned.row.m16n16k16.shared.f32 [%rd2], {%f1, %f2, %f3, %f4, %f5, %f6, %f7, %f8}, %r9;
+        ret;""", {1: _project_file("t.cu"), 2: "/usr/local/cuda/include/crt/mma.hpp"})
+    keys = code.outside.keys
+    assert keys[("kernels/t.cu", 620, "shared", "ld")] == 1
+    assert keys[("kernels/t.cu", 700, "shared", "st")] == 2
+    load = next(i for i in code.outside.instrs if "load" in i.parts)
+    assert ptx.instruction_cost(load)[0] == {"mem": 1}          # one ldmatrix.x4
+
+
+_IF_ELSE_LOOP = """
+        .loc 1 10 1
+        mov.u32 %r1, 0;
+    $L__BB0_1:
+        .loc 1 11 1
+        setp.eq.s32 %p1, %r2, 0;
+        @%p1 bra $L__BB0_3;
+        bra.uni $L__BB0_2;
+    $L__BB0_2:
+        .loc 1 20 1
+        ld.global.f32 %f1, [%rd1];
+        bra.uni $L__BB0_4;
+    $L__BB0_3:
+        .loc 1 21 1
+        ld.global.f32 %f1, [%rd2];
+    $L__BB0_4:
+        .loc 1 22 1
+        st.global.f32 [%rd3], %f1;
+        add.s32 %r1, %r1, 1;
+        setp.lt.s32 %p2, %r1, 100;
+        @%p2 bra $L__BB0_1;
+        ret;"""
+
+
+def test_an_if_else_of_one_instruction_a_side_has_no_branches_left():
+    from kernels.runtime import ptx
+    code = _analyzed(_IF_ELSE_LOOP, {1: _project_file("t.cu")})
+    (loop,) = code.loops
+    branches = [i for i in loop.instrs if i.parts[0] == "bra"]
+    # the two sides become predicated instructions; only the loop's own branch back stays
+    assert [b.predicated for b in branches] == [True, True, True, False]
+    assert sum(sum(ptx.instruction_cost(b)[0].values()) for b in branches) == 1
+
+
+def test_the_side_of_an_if_the_profiled_launch_never_ran_costs_nothing():
+    code = _analyzed(_IF_ELSE_LOOP, {1: _project_file("t.cu")})
+    (loop,) = code.loops
+    lines = {("kernels/t.cu", 20, "global", "ld"), ("kernels/t.cu", 22, "global", "st")}   # line 21 never ran
+    cost, instrs = code.live_part(0, lambda key: key in lines)
+    assert [i.loc[1] for i in instrs if i.parts[0] == "ld"] == [20]
+    assert cost["mem"] == loop.cost["mem"] - 1
+    # a loop none of whose lines ran keeps all of its code (its trips are 0 elsewhere)
+    assert code.live_part(0, lambda key: False) == (loop.cost, loop.instrs)

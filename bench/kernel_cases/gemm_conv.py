@@ -121,10 +121,12 @@ def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, vers
 
 def _profile_cases(xp):
     out = []
-    # a quarter of H and W (the stem), 16x16 images (stage 1: whole 64-row tiles, so that the real
-    # layer's tiles each do a profiled tile's work)
+    # a quarter of H and W (the stem), 16x16 images (whole 64-row tiles, so that the real layer's
+    # tiles each do a profiled tile's work): one twin per filter size and stride
     for shape, note in [((56, 56, 3, 64, 7, 2, 3), " stem/4"), ((16, 16, 64, 64, 3, 1, 1), " stage1 16x16"),
-                        ((16, 16, 256, 64, 1, 1, 0), " stage1 reduce 16x16")]:
+                        ((16, 16, 256, 64, 1, 1, 0), " stage1 reduce 16x16"),
+                        ((16, 16, 64, 64, 3, 2, 1), " strided 16x16"),
+                        ((16, 16, 256, 64, 1, 2, 0), " projection 16x16")]:
         out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note)
     for version in G.F32_VERSIONS:
         out.append(_gemm_case(xp, "fc forward 128 of 256x1000", 128, 128, 2048, trans_b=True, version=version,

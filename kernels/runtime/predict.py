@@ -173,7 +173,8 @@ def launch_work(op, twin, arch, g, work_ratio=None, evicted=False):
     """perfmodel.LaunchWork of one planned launch `op` from its profiled twin (a LaunchProfile,
     or None: then only the bytes of its arguments are known).  Its loads wait for DRAM when it
     streams more than half the L2 or when `evicted` (the launch before it streamed more than the
-    L2 holds, so what it left there is gone), for L2 otherwise."""
+    L2 holds, so what it left there is gone), for L2 otherwise; a tiled matrix product's loads
+    (work_ratio given) for DRAM once per byte and for the L2 on every other read."""
     kernel = op.kernel
     blocks, threads = _prod(op.grid), _prod(op.block)
     warps = blocks * math.ceil(threads / 32)
@@ -217,7 +218,14 @@ def launch_work(op, twin, arch, g, work_ratio=None, evicted=False):
                                 atomic_most=most, notes=notes)
     if code is not None:
         from_dram = evicted or real > g.l2_bytes / 2
-        latency = (g.dram_latency_s if from_dram else g.l2_latency_s) * g.clock_hz
+        # a matrix product's tiles are read by many blocks: a load waits for DRAM at most once
+        # per byte read, the L2 serves the rest, so its latency is the mix of the two.  (A
+        # streaming kernel's loads of a few per-channel values hit too, but in the same trip as
+        # a load from DRAM: they do not shorten its wait.)
+        loaded = 32 * sum(x["sectors"] * scale(k) for k, x in sites.items() if x["space"] == "global" and x["op"] == "ld")
+        share = min(1.0, read / loaded) if loaded and work_ratio else 1.0
+        seconds = g.l2_latency_s + share * (g.dram_latency_s - g.l2_latency_s) if from_dram else g.l2_latency_s
+        latency = seconds * g.clock_hz
         if from_dram and real <= g.l2_bytes / 2:
             notes.append("its inputs came from an earlier launch that streamed more than the L2 holds: DRAM latency")
         work.instructions, work.warp_cycles, work.ramp_cycles = _instructions(code, sites, scale, warps, latency,
@@ -233,8 +241,13 @@ def _instructions(code, sites, scale, warps, latency, small_warps):
     (the largest: a line under a condition runs less), shared by the warps that ran it (the
     same share of the warps as in the profiled launch: a kernel whose warps past the last
     channel return at once keeps them idle); a loop of no counted line runs once per trip of
-    the loop around it.  An unrolled loop runs floor(iterations per entry / unroll) trips, its
-    remainder the rest."""
+    the loop around it, a loop whose lines the emulator never counted does not run, and blocks
+    that did not run in the profiled launch are left out (KernelCode.live_part).  An unrolled
+    loop runs floor(iterations per entry / unroll) trips, its remainder the rest."""
+    def ran(key):
+        found = _nearest(key, sites)
+        return found is not None and sites[found]["requests"] > 0
+
     instructions = {u: c * warps for u, c in code.outside.cost.items()}
     cycles = ramp = _ptx.trip_cycles(code.outside.instrs, latency)
     trips = {}                                       # PTX loop index -> trips per warp
@@ -255,6 +268,8 @@ def _instructions(code, sites, scale, warps, latency, small_warps):
             else:     # warps idle by the code (past the last channel): as many in proportion
                 busy = warps * min(1.0, active / small_warps)
             iterations = total / max(1.0, busy)
+        elif sl.anchors:
+            busy, iterations = warps, 0.0   # memory lines the profiled launch never ran: nor does it
         else:
             busy, iterations = warps, entries
         if main.parent >= 0 and entries == 0:
@@ -268,14 +283,16 @@ def _instructions(code, sites, scale, warps, latency, small_warps):
         trips[sl.main] = main_trips
         for other in sl.versions:
             trips[other] = 0.0
-        for unit, c in main.cost.items():
+        cost, instrs = code.live_part(sl.main, ran)
+        for unit, c in cost.items():
             instructions[unit] = instructions.get(unit, 0.0) + c * main_trips * busy
-        spent = main_trips * _ptx.trip_cycles(main.instrs, latency)
+        spent = main_trips * _ptx.trip_cycles(instrs, latency)
         if rem is not None:
             trips[sl.remainder] = rem_trips
-            for unit, c in rem.cost.items():
+            cost, instrs = code.live_part(sl.remainder, ran)
+            for unit, c in cost.items():
                 instructions[unit] = instructions.get(unit, 0.0) + c * rem_trips * busy
-            spent += rem_trips * _ptx.trip_cycles(rem.instrs, latency)
+            spent += rem_trips * _ptx.trip_cycles(instrs, latency)
         cycles += spent
         if not any(k[2] == "global" for k in main.keys):
             ramp += spent                 # a block-level loop (a tree over shared memory)

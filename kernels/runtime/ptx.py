@@ -73,6 +73,7 @@ class _Block:
 _REG = re.compile(r"%[A-Za-z_][\w]*")
 _FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
 _LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+\d+")
+_INLINED_AT = re.compile(r"inlined_at\s+(\d+)\s+(\d+)\s+\d+")
 _LABEL = re.compile(r"^\s*(\$?[\w$]+):\s*$")
 _ENTRY = re.compile(r"\.entry\s+([\w$]+)\s*\(")
 _STORE_LIKE = {"st", "red", "bar", "cp", "membar", "fence", "wmma_store"}
@@ -159,8 +160,13 @@ def _parse_module(ptx):
                 continue
             lm = _LOC.match(line)
             if lm:
-                ln = int(lm.group(2))
-                loc = (files.get(lm.group(1), lm.group(1)), ln) if ln else None
+                f, ln = files.get(lm.group(1), lm.group(1)), int(lm.group(2))
+                at = _INLINED_AT.search(raw_line)
+                if at and os.path.isabs(f):
+                    # a CUDA header's function (wmma::load_matrix_sync, __float2half) inlined
+                    # into ours: the emulator counts its accesses at our line that called it
+                    f, ln = files.get(at.group(1), at.group(1)), int(at.group(2))
+                loc = (f, ln) if ln else None
                 continue
             lab = _LABEL.match(line)
             if lab:
@@ -196,17 +202,26 @@ instructions controlled by the branch condition is less or equal to a certain th
 
 
 def _mark_predicated_branches(blocks):
+    """Mark the forward branches over at most IF_CONVERSION_LIMIT instructions: ptxas predicates
+    what they skip and drops the branch (an if-else's two sides: a conditional branch over the
+    `else`, whose unconditional branch over the `then` goes too)."""
     index = {b.label: k for k, b in enumerate(blocks)}
-    for k, b in enumerate(blocks):
-        if not b.instrs:
-            continue
-        br = b.instrs[-1]
-        if br.parts[0] != "bra" or not br.guard or br.target not in index or index[br.target] <= k:
-            continue
-        skipped = [x for blk in blocks[k + 1:index[br.target]] for x in blk.instrs]
-        if len(skipped) <= IF_CONVERSION_LIMIT and not any(
-                x.parts[0] in ("bra", "bar", "ret", "exit", "call") for x in skipped):
-            br.predicated = True
+
+    def skipped(k, br):
+        return [x for blk in blocks[k + 1:index[br.target]] for x in blk.instrs]
+
+    for guarded in (False, True):
+        for k, b in enumerate(blocks):
+            if not b.instrs:
+                continue
+            br = b.instrs[-1]
+            if br.parts[0] != "bra" or bool(br.guard) != guarded or br.target not in index or index[br.target] <= k:
+                continue
+            over = skipped(k, br)
+            work = [x for x in over if not (x.parts[0] == "bra" and x.predicated)]
+            if len(work) <= IF_CONVERSION_LIMIT and not any(
+                    x.parts[0] in ("bra", "bar", "ret", "exit", "call") for x in work):
+                br.predicated = True
 
 
 def _mark_division_slow_paths(blocks):
@@ -274,7 +289,9 @@ def instruction_cost(ins):
     if base == "wmma":
         if "mma" in p:
             return _u(tensor=1), 16, "", False
-        return _u(mem=4), SHARED_LATENCY, ("load-shared" if "load" in p else "store"), False
+        # a 16x16 tile of halves: one ldmatrix/stmatrix (.x4); of floats: four 8-byte accesses
+        wide_tile = any(x in ("f32", "s32") for x in p)
+        return _u(mem=4 if wide_tile else 1), SHARED_LATENCY, ("load-shared" if "load" in p else "store"), False
     if base == "mma":
         return _u(tensor=1), 16, "", False
     if base == "ldmatrix":
@@ -283,6 +300,8 @@ def instruction_cost(ins):
         return _u(other=1), BARRIER_CYCLES, "barrier", False
     if base in ("membar", "fence"):
         return _u(other=1), 0, "barrier", False
+    if base == "bra" and ins.predicated:
+        return {}, 0, "", False              # if-converted: no branch in the machine code
     if base in ("bra", "ret", "exit"):
         return _u(other=1), 0, "", False
     if base == "mov":
@@ -313,7 +332,9 @@ def instruction_cost(ins):
     if base == "cvt":
         types = [x for x in p[1:] if x[:1] in "subf" and x[1:].isdigit()]
         if len(types) == 2 and all(x[0] != "f" for x in types):
-            return _u(alu=1), ALU_LATENCY, "", False      # integer widening / narrowing
+            if int(types[0][1:]) < int(types[1][1:]):
+                return {}, 0, "", False                   # narrowing: the low register of the pair
+            return _u(alu=1), ALU_LATENCY, "", False      # widening: the high word
         if all(x in ("f16", "bf16", "f32") for x in types):
             return _u(alu=1), ALU_LATENCY, "", False      # float <-> half
         return _u(conv=1), ALU_LATENCY, "", False         # integer <-> float, 64-bit floats
@@ -340,14 +361,27 @@ def instruction_cost(ins):
 # --------------------------------------------------------------------------------- loops
 @dataclass
 class PtxLoop:
-    """One loop of the PTX: blocks [first, last] in layout order."""
+    """One loop of the PTX: its blocks `body`, the first and last of them in layout order."""
     first: int
     last: int
+    body: frozenset = frozenset()     # its blocks (indices in layout order)
+    header: int = -1                  # the block its back edges go to
+    latches: tuple = ()               # the blocks that branch back to the header
+    own: list = field(default_factory=list)         # its blocks not in an inner loop
     parent: int = -1                  # index of the enclosing loop, -1: none
     cost: dict = field(default_factory=dict)        # unit -> issue slots per trip (own blocks)
     keys: dict = field(default_factory=dict)        # (file, line, space, op) -> copies per trip
     global_loads: int = 0             # global loads per trip (own blocks)
     instrs: list = field(default_factory=list)      # own instructions, in order
+
+
+@dataclass
+class BlockInfo:
+    """One block of the PTX: where it can go next, its issue slots, its memory lines."""
+    succ: list
+    cost: dict = field(default_factory=dict)
+    instrs: list = field(default_factory=list)
+    keys: set = field(default_factory=set)
 
 
 @dataclass
@@ -376,6 +410,51 @@ class KernelCode:
     source_loops: list                # [SourceLoop]
     outside: PtxLoop                  # the code outside every loop (cost, keys, instrs)
     remainder_keys: dict              # keys of straight-line remainder copies (outside loops)
+    blocks: list = field(default_factory=list)      # [BlockInfo], in layout order
+
+    def live_part(self, loop, counted):
+        """(cost, instrs) of one trip of loop `loop` (an index of `loops`) without its blocks that
+        did not run in the profiled launch: `counted(key)` says whether the emulator counted a
+        memory line; a block of memory lines none of which it counted did not run, nor did the
+        blocks that lead only to it or that only it leads to (the other side of an `if` whose
+        condition is the same for the whole launch: a vector path, a stride).  All of it when
+        the loop ran no counted line (its trips come from elsewhere, or there are none)."""
+        l = self.loops[loop]
+        everything = (l.cost, l.instrs)
+        if not self.blocks or l.header < 0:
+            return everything
+        keyed = {b for b in l.body if self.blocks[b].keys}
+        dead = {b for b in keyed if not any(counted(k) for k in self.blocks[b].keys)}
+        if not dead or dead == keyed or l.header in dead:
+            return everything
+        ahead, work = {l.header}, [l.header]
+        while work:
+            for v in self.blocks[work.pop()].succ:
+                if v in l.body and v not in dead and v not in ahead and v != l.header:
+                    ahead.add(v)
+                    work.append(v)
+        pred = {b: [] for b in l.body}
+        for u in l.body:
+            for v in self.blocks[u].succ:
+                if v in l.body and v != l.header:
+                    pred[v].append(u)
+        behind = {b for b in l.latches if b not in dead}
+        work = list(behind)
+        while work:
+            for u in pred[work.pop()]:
+                if u not in dead and u not in behind:
+                    behind.add(u)
+                    work.append(u)
+        live = ahead & behind
+        if not any(b in live for b in l.latches):
+            return everything
+        cost, instrs = {}, []
+        for b in l.own:
+            if b in live:
+                for unit, n in self.blocks[b].cost.items():
+                    cost[unit] = cost.get(unit, 0) + n
+                instrs += self.blocks[b].instrs
+        return cost, instrs
 
     def to_dict(self):
         return {"kernel": self.kernel, "arch": self.arch,
@@ -403,42 +482,53 @@ def _key(ins):
     return (ins.loc[0], ins.loc[1], space, op)
 
 
+def _requests(ins):
+    """Requests the emulator counts for one execution of a memory instruction by a warp: one,
+    but a 16x16 WMMA tile of 4-byte elements (1 KB) moves as 64 16-byte pieces, two per lane
+    (kernels/emu/include/mma.h); a tile of halves is one piece per lane."""
+    if ins.parts[0] == "wmma" and any(p in ("f32", "s32") for p in ins.parts):
+        return 2
+    return 1
+
+
 def _analyze(name, arch, blocks):
     _mark_division_slow_paths(blocks)
     _mark_predicated_branches(blocks)
-    index = {b.label: k for k, b in enumerate(blocks)}
-    spans = []
-    for k, b in enumerate(blocks):
-        for ins in b.instrs:
-            if ins.parts[0] == "bra" and ins.target in index and index[ins.target] <= k:
-                spans.append((index[ins.target], k))
-    spans = sorted(set(spans), key=lambda s: (s[0], -s[1]))
-    loops = [PtxLoop(a, b) for a, b in spans]
+    found, succ = _natural_loops(blocks)
+    loops = [PtxLoop(min(body), max(body), body=body, header=h,
+                     latches=tuple(u for u in sorted(body) if h in succ[u])) for h, body in found]
     for i, l in enumerate(loops):       # the innermost enclosing loop
         best = -1
         for j, o in enumerate(loops):
-            if j != i and o.first <= l.first and l.last <= o.last and (o.first, o.last) != (l.first, l.last):
-                if best < 0 or (o.last - o.first) < (loops[best].last - loops[best].first):
-                    best = j
+            if j != i and l.body < o.body and (best < 0 or len(o.body) < len(loops[best].body)):
+                best = j
         l.parent = best
     owner = []
     for k in range(len(blocks)):
         inner = -1
         for i, l in enumerate(loops):
-            if l.first <= k <= l.last and (inner < 0 or (l.last - l.first) < (loops[inner].last - loops[inner].first)):
+            if k in l.body and (inner < 0 or len(l.body) < len(loops[inner].body)):
                 inner = i
         owner.append(inner)
     outside = PtxLoop(0, len(blocks) - 1)
+    infos = []
     for k, b in enumerate(blocks):
         region = loops[owner[k]] if owner[k] >= 0 else outside
+        region.own.append(k)
+        info = BlockInfo(succ[k])
+        infos.append(info)
         for ins in b.instrs:
             units, _lat, kind, _fence = instruction_cost(ins)
             for unit, n in units.items():
                 region.cost[unit] = region.cost.get(unit, 0) + n
+                info.cost[unit] = info.cost.get(unit, 0) + n
             region.instrs.append(ins)
+            info.instrs.append(ins)
             key = _key(ins)
             if key is not None and not ins.slow_path:
-                region.keys[key] = region.keys.get(key, 0) + (4 if ins.parts[0] == "wmma" else 1)
+                region.keys[key] = region.keys.get(key, 0) + _requests(ins)
+                if not (ins.parts[0] == "wmma" and "store" in ins.parts):   # the emulator names no line
+                    info.keys.add(key)
                 if ins.parts[0] == "cp":   # an async copy's shared side: the profiler counts a store
                     side = (key[0], key[1], "shared", "st")
                     region.keys[side] = region.keys.get(side, 0) + 1
@@ -486,7 +576,12 @@ def _analyze(name, arch, blocks):
         # the version that runs: the most work per source iteration
         main, rem = max(pairs, key=lambda p: weight[p[0]] / copies[p[0]])
         per = loops[rem].keys if rem >= 0 else loops[main].keys
-        anchors = {k: per[k] for k in shared if per.get(k)} or dict(loops[main].keys)
+        # lines of an inner loop copied into this one (its peeled first iteration) count the
+        # inner loop's iterations: the loop's own lines count its own
+        inner = {k for d in _descendants(loops, main) for k in loops[d].keys}
+        lines = (shared - inner) or (set(loops[main].keys) - inner) or shared
+        anchors = {k: per.get(k) or loops[main].keys[k] for k in lines if per.get(k) or loops[main].keys.get(k)} \
+            or dict(loops[main].keys)
         unroll = max(1, copies[main] // copies[rem]) if rem >= 0 else 1
         versions = tuple(x for p in pairs if p != (main, rem) for x in p if x >= 0)
         sl = SourceLoop(main, rem, unroll, anchors, versions=versions)
@@ -495,7 +590,100 @@ def _analyze(name, arch, blocks):
         source.append(sl)
     loop_keys = {k for l in loops for k in l.keys}
     remainder_keys = {k: v for k, v in outside.keys.items() if k in loop_keys}
-    return KernelCode(name, arch, loops, source, outside, remainder_keys)
+    return KernelCode(name, arch, loops, source, outside, remainder_keys, infos)
+
+
+def _successors(blocks):
+    """The control-flow graph: for each block, the blocks it can go to next."""
+    index = {b.label: k for k, b in enumerate(blocks)}
+    out = []
+    for k, b in enumerate(blocks):
+        last = b.instrs[-1] if b.instrs else None
+        nxt = [k + 1] if k + 1 < len(blocks) else []
+        if last is None:
+            out.append(nxt)
+        elif last.parts[0] in ("ret", "exit"):
+            out.append([])
+        elif last.parts[0] == "bra" and last.target in index:
+            out.append([index[last.target]] + (nxt if last.guard else []))
+        else:
+            out.append(nxt)
+    return out
+
+
+def _natural_loops(blocks):
+    """([(header, body)], successors) of the loops of the control-flow graph (a body: a
+    frozenset of block indices): for
+    every edge u -> h where h dominates u, h and the blocks that reach u without passing h
+    (edges to one header make one loop).  Not the layout: LLVM places cold blocks of a loop's
+    body before it, and they branch back into it without being loops."""
+    succ = _successors(blocks)
+    n = len(blocks)
+    pred = [[] for _ in range(n)]
+    for u, vs in enumerate(succ):
+        for v in vs:
+            pred[v].append(u)
+    order, seen, stack = [], {0}, [(0, iter(succ[0]))]       # reverse post-order from the entry
+    while stack:
+        node, it = stack[-1]
+        for v in it:
+            if v not in seen:
+                seen.add(v)
+                stack.append((v, iter(succ[v])))
+                break
+        else:
+            order.append(node)
+            stack.pop()
+    order.reverse()
+    rpo = {v: i for i, v in enumerate(order)}
+    idom = {0: 0}                    # Cooper, Harvey and Kennedy's iterative dominators
+    changed = True
+    while changed:
+        changed = False
+        for v in order[1:]:
+            ps = [p for p in pred[v] if p in idom]
+            if not ps:
+                continue
+            new = ps[0]
+            for p in ps[1:]:
+                a, b = p, new
+                while a != b:
+                    while rpo[a] > rpo[b]:
+                        a = idom[a]
+                    while rpo[b] > rpo[a]:
+                        b = idom[b]
+                new = a
+            if idom.get(v) != new:
+                idom[v] = new
+                changed = True
+
+    def dominates(h, u):
+        while True:
+            if u == h:
+                return True
+            if u == 0:
+                return False
+            u = idom[u]
+
+    bodies = {}
+    for u in order:
+        for h in succ[u]:
+            if h in idom and dominates(h, u):
+                body = bodies.setdefault(h, {h})
+                work = [u]
+                while work:
+                    x = work.pop()
+                    if x not in body:
+                        body.add(x)
+                        work.extend(p for p in pred[x] if p in idom)
+    return [(h, frozenset(b)) for h, b in sorted(bodies.items())], succ
+
+
+def _descendants(loops, i):
+    out = []
+    for j in _children(loops, i):
+        out += [j] + _descendants(loops, j)
+    return out
 
 
 def _children(loops, i):
