@@ -21,12 +21,18 @@ new run refuses a folder holding another run's files unless given --overwrite.
 
 Exit codes: 0 target reached (or the run finished as asked: --max-steps, --dry-run);
 1 all epochs done without reaching the target; 2 bad usage, a missing or damaged dataset or
-checkpoint, or an output that cannot be written (read-only, full disk); 3 diverged (NaN/inf in
-the loss, the logits or the weights: no checkpoint is ever overwritten with them); 4 out of device
-memory; 130 interrupted by Ctrl-C, 143 stopped by SIGTERM (both: step finished, checkpoint saved).
+checkpoint, an output that cannot be written (read-only, full disk), a kernel that failed, or
+CuPy unable to compile our kernels (NVRTC or a CUDA header missing: the one line names the fix);
+3 diverged (NaN/inf in the loss, the logits or the weights: no checkpoint is ever overwritten
+with them; fp16: 50 steps in a row skipped by the loss scaler); 4 out of device memory;
+130 interrupted by Ctrl-C, 143 stopped by SIGTERM (both: step finished, checkpoint saved).
+A run folder is data: --resume compiles nothing it names (a kernel file of yours is used again
+only when --kernels names it with the recorded SHA-256) and checks every checkpoint array
+against the model before reading it.
 """
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
@@ -143,7 +149,8 @@ def build_parser():
                    help="let a new run replace the files of an earlier run in --out (refused without it)")
     r.add_argument("--resume", help="a run directory (or checkpoint .npz) to continue exactly, wherever it was "
                                     "moved; --lr, --data (the same dataset at a new place) and the run flags may "
-                                    "be given, other flags must match the saved run")
+                                    "be given, other flags must match the saved run; a kernel file of yours the "
+                                    "run used must be named again (--kernels FAMILY=FILE.cu:V, unchanged)")
     r.add_argument("--max-steps", type=int, help="stop after this many training steps (checkpoint kept)")
     r.add_argument("--dry-run", action="store_true", help="check the configuration, build everything, do not train")
     r.add_argument("--profile", action="store_true", help="print a per-phase time breakdown every epoch "
@@ -164,9 +171,26 @@ RESUMABLE_OVERRIDES = {"epochs", "target_accuracy", "max_steps", "workers", "pro
                        "out", "dry_run", "device", "base_lr", "overwrite", "log_every", "cuda_graph"}
 
 
+# Text flags whose empty value would otherwise quietly mean something else, and what to give instead.
+EMPTY_FLAG_ADVICE = {
+    "data": "give the folder holding train.lmdb and val.lmdb, or leave --data out to train on the built-in "
+            "synthetic set",
+    "out": "give a folder, or leave --out out for runs/<date-time>",
+    "resume": "give the run folder (or checkpoint) to continue",
+    "kernels": "give FAMILY=VERSION,... or leave --kernels out",
+    "loss_scale": "give 'dynamic' or a number",
+}
+MAX_IMAGE_SIZE = 1024   # ResNet-50 trains at 224 px; 1024 px is already 21x the pixels of a 224 px crop
+MAX_WIDTH = 8           # 8x ResNet-50's channels: 64x its 25.6 M parameters
+
+
 def resolve_config(args):
     """Defaults + flags -> a plain dict; refuses bad combinations with UsageError."""
     given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    for flag, advice in EMPTY_FLAG_ADVICE.items():   # "--data $DATA" with DATA unset must not mean the default
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise UsageError(f"--{flag.replace('_', '-')} is empty (an unset variable in a script?): {advice}")
     if args.data and args.synthetic:
         raise UsageError("--data and --synthetic are exclusive: train on one dataset")
     device = args.device or "auto"
@@ -208,7 +232,7 @@ def _resolve_kernels(cfg, args):
         cfg["kernels"] = nn.device.kernel_table(args.kernels or {})
     except ValueError as e:
         raise UsageError(f"--kernels: {e}") from None
-    if args.kernels and cfg["precision"] in ("fp32", "fp16"):
+    if args.kernels and cfg["precision"] in ("fp32", "fp16") and not args.resume:   # a resume: the saved precision
         try:   # conv=4 (a float16 version) in an fp32 run, or conv=1 in an fp16 one, would change nothing
             nn.device.check_kernel_precision(args.kernels, "float16" if cfg["precision"] == "fp16" else "float32")
         except ValueError as e:
@@ -224,17 +248,25 @@ def _validate(cfg):
         if not cond:
             raise UsageError(msg)
 
+    finite = math.isfinite
     need(cfg["batch_size"] >= 1, f"--batch-size must be >= 1, got {cfg['batch_size']}")
     need(cfg["epochs"] >= 1, f"--epochs must be >= 1, got {cfg['epochs']}")
     need(cfg["eval_every"] >= 1, f"--eval-every must be >= 1, got {cfg['eval_every']}")
     need(0 < cfg["target_accuracy"] <= 1, f"--target-accuracy must be in (0, 1], got {cfg['target_accuracy']}")
-    need(cfg["width"] > 0, f"--width must be > 0, got {cfg['width']}")
-    need(cfg["image_size"] >= 16, f"--image-size must be >= 16, got {cfg['image_size']}")
-    need(cfg["base_lr"] > 0 and cfg["lr_per"] >= 1, "--lr must be > 0 and --lr-per >= 1")
-    need(cfg["warmup_epochs"] >= 0, "--warmup-epochs must be >= 0")
+    need(0 < cfg["width"] <= MAX_WIDTH, f"--width must be in (0, {MAX_WIDTH}], got {cfg['width']}")
+    need(0 <= cfg["seed"] < 2 ** 63, f"--seed must be a number in 0..2**63-1, got {cfg['seed']}")
+    need(16 <= cfg["image_size"] <= MAX_IMAGE_SIZE,
+         f"--image-size must be in 16..{MAX_IMAGE_SIZE}, got {cfg['image_size']} (one batch of {cfg['batch_size']} "
+         f"such images is {_bytes_text(cfg['batch_size'] * 3 * cfg['image_size'] ** 2)} of shared memory)")
+    need(finite(cfg["base_lr"]) and cfg["base_lr"] > 0 and cfg["lr_per"] >= 1,
+         f"--lr must be a finite number > 0 and --lr-per >= 1, got --lr {cfg['base_lr']}")
+    need(finite(cfg["warmup_epochs"]) and cfg["warmup_epochs"] >= 0,
+         f"--warmup-epochs must be a finite number >= 0, got {cfg['warmup_epochs']}")
+    need(all(finite(e) and e >= 0 for e in cfg["decay_epochs"]), "--decay-epochs must be finite numbers >= 0")
     need(0 < cfg["min_crop_area"] <= 1, "--min-crop-area must be in (0, 1]")
     need(0 <= cfg["label_smoothing"] < 1, "--label-smoothing must be in [0, 1)")
-    need(cfg["weight_decay"] >= 0 and 0 <= cfg["momentum"] < 1, "--weight-decay >= 0 and 0 <= --momentum < 1")
+    need(finite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0 and 0 <= cfg["momentum"] < 1,
+         "--weight-decay must be a finite number >= 0 and --momentum in [0, 1)")
     need(cfg["workers"] is None or cfg["workers"] >= 0, "--workers must be >= 0")
     need(cfg["max_steps"] is None or cfg["max_steps"] >= 1, "--max-steps must be >= 1")
     need(cfg["log_every"] >= 1, "--log-every must be >= 1")
@@ -253,12 +285,57 @@ def _validate(cfg):
         need(cfg["device"] == "cuda", "--cuda-graph needs --device cuda")
         need(world == 1, "--cuda-graph runs one rank (the data-parallel all-reduce is not captured)")
         need(not cfg["profile"], "--cuda-graph and --profile are exclusive (profiling synchronises inside the step)")
+    _check_batch_norm_span(cfg, world)
     if cfg["loss_scale"] != "dynamic":
         try:
             ok = float(cfg["loss_scale"]) > 0
         except ValueError:
             ok = False
         need(ok, f"--loss-scale must be 'dynamic' or a positive number, got {cfg['loss_scale']!r}")
+
+
+def _bytes_text(n):
+    """'1.8 TiB': a byte count for messages."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _check_shared_memory(loaders):
+    """The loaders' workers write batches into slots in shared memory (/dev/shm), which every rank
+    of the node fills at once: refuse up front, before a worker starts, what it cannot hold."""
+    import tempfile
+
+    directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    need = sum(data.loader._slot_bytes(loader.num_slots, loader.batch_size, loader.image_size) for loader in loaders)
+    need *= _comm().local_size
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise UsageError(f"{directory} has {_bytes_text(free)} free, the data loaders' batch slots need "
+                         f"{_bytes_text(need)}: lower --batch-size, --image-size or --workers, or give it more room "
+                         f"(docker run --shm-size)")
+
+
+def _check_batch_norm_span(cfg, world):
+    """Refuse a batch whose smallest feature map leaves batch norm one value per channel (a batch of
+    1 at 32 px: the last stage is 1x1): its variance would be 0 and training undefined."""
+    per_rank = cfg["batch_size"] if cfg["sync_bn"] else cfg["batch_size"] // world
+    smallest = min(shape[0] * shape[1] for kind, _, shape, _ in
+                   nn.memory.resnet_layer_shapes(cfg["image_size"], cfg["width"]) if kind == "conv")
+    if per_rank * smallest > 1:
+        return
+    size = cfg["image_size"]
+    while min(shape[0] * shape[1] for kind, _, shape, _ in nn.memory.resnet_layer_shapes(size) if kind == "conv") < 2:
+        size += 1
+    raise UsageError(f"--batch-size {cfg['batch_size']} at --image-size {cfg['image_size']}: batch norm in the "
+                     f"last stage would see one value per channel ({per_rank} image of 1x1 per rank), which has no "
+                     f"variance; use at least 2 images per rank or --image-size {size} or more")
 
 
 def _gpu_available():
@@ -275,20 +352,38 @@ def cache_root():
 
 
 def prepare_synthetic(name, progress=True):
-    """Generate (once) and pack (once) a synthetic dataset; return the folder with the LMDBs."""
+    """Generate (once) and pack (once) a synthetic dataset; return the folder with the LMDBs.
+    Runs that start together (or the ranks of one run) take turns on a lock file beside the
+    dataset's folder: one builds it, the others say that they wait and then use it."""
+    import fcntl
+
     from data import pack, synthetic
 
     spec = SYNTHETIC[name]
     key = hashlib.sha256(json.dumps([synthetic.VERSION, spec], sort_keys=True).encode()).hexdigest()[:10]
     root = cache_root() / "synthetic" / f"{name}-{key}"
     lmdb_dir = root / "lmdb"
-    if (lmdb_dir / "train.lmdb").is_dir() and (lmdb_dir / "val.lmdb").is_dir():
+
+    def ready():
+        return (lmdb_dir / "train.lmdb").is_dir() and (lmdb_dir / "val.lmdb").is_dir()
+
+    if ready():
         return lmdb_dir
-    _say(f"preparing the synthetic dataset '{name}' under {root} (once; cached)")
     try:
-        synthetic.make_dataset(str(root / "images"), seed=0, progress=progress, **spec)
-        pack.pack_folder(str(root / "images"), str(lmdb_dir), workers=min(4, os.cpu_count() or 1),
-                         progress=progress)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(root.parent / f"{root.name}.lock", "a")
+        with lock:  # closing the file releases the lock, also when this process is killed
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say(f"waiting for another run that is preparing the synthetic dataset '{name}' under {root}")
+                fcntl.flock(lock, fcntl.LOCK_EX)  # a signal ends the wait (KeyboardInterrupt, SIGTERM)
+            if ready():
+                return lmdb_dir
+            _say(f"preparing the synthetic dataset '{name}' under {root} (once; cached)")
+            synthetic.make_dataset(str(root / "images"), seed=0, progress=progress, **spec)
+            pack.pack_folder(str(root / "images"), str(lmdb_dir), workers=min(4, os.cpu_count() or 1),
+                             progress=progress)
     except OSError as e:
         if e.errno not in OUTPUT_ERRNOS:
             raise
@@ -360,13 +455,16 @@ class RunFolder:
     def __init__(self, path):
         self.path = Path(path)
         self._lock_fd = None
+        self.created = False     # claim() made the folder (release(discard_empty=True) may remove it)
 
     def claim(self, new_run, overwrite=False):
         try:
+            self.created = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise output_error(self.path, e, "create the run folder", "choose another --out") from None
         self._lock()
+        self.remove_temporaries()
         if new_run:
             found = self.run_files()
             if found and not overwrite:
@@ -402,10 +500,33 @@ class RunFolder:
                   .encode(), 0)
         self._lock_fd = fd
 
-    def release(self):
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
-            self._lock_fd = None
+    def release(self, discard_empty=False):
+        """Drop the lock. discard_empty: also remove the folder if claim() created it and nothing
+        but the lock is in it (a run that failed before writing anything)."""
+        if self._lock_fd is None:
+            return
+        if discard_empty and self.created:
+            try:
+                if [p.name for p in self.path.iterdir()] == [self.LOCK]:
+                    (self.path / self.LOCK).unlink()
+                    self.path.rmdir()
+            except OSError:
+                pass
+        os.close(self._lock_fd)  # closing the descriptor drops the flock
+        self._lock_fd = None
+
+    def remove_temporaries(self):
+        """Delete what a killed run left half-written: a checkpoint's temporary file (0 bytes after a
+        SIGKILL during the write) and the temporaries of the files written atomically. Only our own
+        names, and only while this process holds the lock."""
+        try:
+            nn.checkpoint.remove_stale_temporaries(self.path)
+            for name in self.RUN_FILES:
+                for tmp in (self.path / f"{name}.tmp", self.path / f"{name}.tmp{Path(name).suffix}"):
+                    if tmp.is_file() and not tmp.is_symlink():
+                        tmp.unlink()
+        except OSError as e:
+            raise output_error(self.path, e, "clean up the run folder", "choose another --out") from None
 
     def run_files(self):
         """The files of a run present in the folder."""
@@ -589,12 +710,107 @@ class Phases:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def open_resume_checkpoint(resume):
+# The extra/ entries of a checkpoint and their dtype kinds ('i' int, 'f' float, 'U' string); the
+# last two (the running loss of an unfinished epoch) are absent from older checkpoints.
+CHECKPOINT_EXTRAS = {"epoch": "i", "batch": "i", "step": "i", "best_top1": "f", "history": "U", "config": "U",
+                     "scaler": "U", "epoch_loss_sum": "f", "epoch_loss_steps": "i"}
+REQUIRED_EXTRAS = ("epoch", "batch", "step", "best_top1", "history", "config")
+
+
+def checkpoint_layout(width, num_classes, optimizer):
+    """What a checkpoint of this run's model and optimizer holds, {key: (dtype, shape, required)}
+    as nn.checkpoint.layout gives it for the built objects, worked out from the architecture
+    alone (nothing allocated), so that a checkpoint is checked before the model exists."""
+    f32, i64 = np.dtype(np.float32), np.dtype(np.int64)
+    buffers, params = {}, []
+    for kind, name, _, weight in nn.memory.resnet_layer_shapes(224, width, num_classes):
+        if kind == "conv":
+            bn = "bn1" if name == "conv1" else (name[:-1] + "1" if name.endswith("downsample.0")
+                                                 else name.replace(".conv", ".bn"))
+            params += [(f"{name}.weight", weight), (f"{bn}.weight", weight[:1]), (f"{bn}.bias", weight[:1])]
+            buffers.update({f"{bn}.running_mean": (f32, weight[:1]), f"{bn}.running_var": (f32, weight[:1]),
+                            f"{bn}.num_batches_tracked": (i64, ())})
+        elif kind == "fc":
+            params += [("fc.weight", weight), ("fc.bias", weight[:1])]
+    out = {f"model/{k}": (f32, tuple(shape), True) for k, shape in params}
+    out.update({f"model/{k}": (dtype, tuple(shape), True) for k, (dtype, shape) in buffers.items()})
+    Opt = nn.optim.SGD if optimizer == "sgd" else nn.optim.LARS
+    one = nn.Parameter(np.zeros(1, np.float32))
+    for k, v in Opt([("p", one)], lr=0.0).state_dict().items():   # the optimizer's scalars
+        if not k.startswith("momentum_buffer."):
+            out[f"optim/{k}"] = (np.asarray(v).dtype, (), True)
+    out.update({f"optim/momentum_buffer.{k}": (f32, tuple(shape), False) for k, shape in params})
+    return out
+
+
+def _saved_run(arrays, path):
+    """The saved configuration and history of a checkpoint's extras, checked: CheckpointError if
+    they are not what train.py writes."""
+    missing = [k for k in REQUIRED_EXTRAS if f"extra/{k}" not in arrays]
+    if missing:
+        raise nn.checkpoint.CheckpointError(f"{path} was not written by train.py (no extra/{missing[0]})")
+    try:
+        saved = json.loads(str(arrays["extra/config"]))
+        history = json.loads(str(arrays["extra/history"]))
+        scaler = str(arrays.get("extra/scaler", ""))
+        scaler = json.loads(scaler) if scaler else {}
+    except ValueError:
+        saved = history = scaler = None
+    number = (int, float)
+    if not (isinstance(saved, dict) and isinstance(history, list)
+            and all(isinstance(h, dict) and isinstance(h.get("epoch"), int)
+                    and all(isinstance(h.get(k), number) for k in ("train_loss", "lr_end", "target"))
+                    and all(h.get(k) is None or isinstance(h.get(k), number) for k in ("top1", "top5"))
+                    for h in history)
+            and isinstance(scaler, dict) and (not scaler or isinstance(scaler.get("scale"), number)
+                                              and scaler["scale"] > 0)):
+        raise nn.checkpoint.CheckpointError(f"{path}: its saved run (configuration, history, loss scale) is not "
+                                            f"what train.py writes")
+    if min(int(arrays[f"extra/{k}"]) for k in ("epoch", "batch", "step")) < 0:
+        raise nn.checkpoint.CheckpointError(f"{path}: its position (epoch, batch, step) is negative")
+    return saved
+
+
+def _resume_layout(cfg, given, path):
+    """For nn.checkpoint.read of the checkpoint at `path`: the layout it must have, from its own
+    extras (the saved configuration: width, optimizer) and the dataset the resumed run trains on
+    (its classes)."""
+    def layout(extras):
+        saved = _saved_run(extras, path)
+        width, optimizer = saved.get("width"), saved.get("optimizer")
+        if not (type(width) in (int, float) and 0 < width <= MAX_WIDTH and optimizer in ("sgd", "lars")):
+            raise nn.checkpoint.CheckpointError(f"{path}: its saved configuration (width {width!r}, optimizer "
+                                                f"{optimizer!r}) is not one train.py runs")
+        return checkpoint_layout(width, _resume_num_classes(cfg, given, saved, path), optimizer)
+    return layout
+
+
+def _resume_num_classes(cfg, given, saved, path):
+    """The number of classes of the dataset a resumed run will train on, read without preparing
+    it: the --data given, else the run's own (its synthetic set, or its folder)."""
+    if "data" in given:
+        folder = dataset_dir(dict(cfg, synthetic=None))
+    elif saved.get("synthetic"):
+        if not isinstance(saved["synthetic"], str) or saved["synthetic"] not in SYNTHETIC:
+            raise nn.checkpoint.CheckpointError(f"{path}: its saved configuration names a synthetic dataset "
+                                                f"{saved['synthetic']!r} that train.py does not have")
+        return SYNTHETIC[saved["synthetic"]]["num_classes"]
+    else:
+        folder = Path(str(saved.get("data")))
+        if not (folder / "train.lmdb").exists():
+            raise UsageError(f"the dataset of this run is no longer at {saved.get('data')}; if it moved, give its "
+                             f"new place with --data")
+    return len(data.records.read_meta(str(folder / "train.lmdb"))["classes"])
+
+
+def open_resume_checkpoint(resume, layout_for=None):
     """The checkpoint a --resume continues from: (run folder, path, arrays).
 
     RESUME is a run folder (its checkpoint_last.npz, or checkpoint_best.npz when the last one is
-    damaged or holds NaN/inf, saying so) or a checkpoint file. Raises UsageError with what to do
-    when no intact checkpoint is there."""
+    damaged or holds NaN/inf, saying so) or a checkpoint file. Every array is checked against
+    its layout (see nn.checkpoint.read; _resume_layout) before it is read. Raises UsageError with
+    what to do when no intact checkpoint is there. layout_for(path): the layout for the file at
+    path (None: no layout, any model)."""
     p = Path(resume)
     if p.is_dir():
         folder, candidates = p, [p / "checkpoint_last.npz", p / "checkpoint_best.npz"]
@@ -608,9 +824,8 @@ def open_resume_checkpoint(resume):
             problems.append(f"{path.name} is missing")
             continue
         try:
-            arrays = nn.checkpoint.read(str(path))
-            if "extra/config" not in arrays:
-                raise nn.checkpoint.CheckpointError(f"{path} was not written by train.py (no run configuration)")
+            arrays = nn.checkpoint.read(str(path), layout=layout_for and layout_for(path), extras=CHECKPOINT_EXTRAS)
+            _saved_run(arrays, path)
         except nn.checkpoint.CheckpointError as e:
             problems.append(str(e))
             continue
@@ -637,7 +852,7 @@ def resume_config(cfg, given, saved):
     Flags repeated with their saved value are accepted; others that differ are refused. --data may
     name the run's dataset at a new place (checked by dataset_identity, not by path)."""
     changed = sorted(k for k in given
-                     if k not in RESUMABLE_OVERRIDES | {"resume", "data", "synthetic"}
+                     if k not in RESUMABLE_OVERRIDES | {"resume", "data", "synthetic", "kernels"}
                      and not _same_value(cfg[k], saved.get(k)))
     if "synthetic" in given and cfg["synthetic"] != saved.get("synthetic"):
         changed.append("synthetic")
@@ -645,6 +860,8 @@ def resume_config(cfg, given, saved):
         raise UsageError(f"--resume continues the saved configuration; these flags differ from it and cannot "
                          f"change: {', '.join('--' + k.replace('_', '-') for k in changed)}")
     new = dict(saved, **{k: cfg[k] for k in given if k in RESUMABLE_OVERRIDES})
+    new["kernels"] = _resume_kernels(cfg["kernels"] if "kernels" in given else None, saved, new["device"])
+    _check_saved_types(new, cfg)
     if "max_steps" not in given:
         new["max_steps"] = None  # a step limit applies to the run that was given it
     if "data" in given:
@@ -661,9 +878,88 @@ def resume_config(cfg, given, saved):
     return new
 
 
+def _resume_kernels(named, saved, device):
+    """The kernel table of a resumed run. A run folder is data: the kernel files its configuration
+    names are never compiled on its word. A learner's copy is used again only when the command line
+    names it (--kernels FAMILY=FILE.cu:V, `named` is that table) and its sha256 equals the recorded
+    one; the versions must be those the run used. (On the cpu device no kernel runs: the recorded
+    table is kept as it is.)"""
+    recorded = saved.get("kernels")
+    if recorded is None and named is None:
+        return None
+    if recorded is None or not isinstance(recorded, dict) or not all(
+            isinstance(e, dict) and set(e) <= {"version", "f16_version", "file", "sha256"} for e in recorded.values()):
+        if recorded is None:
+            raise UsageError("--resume continues the saved configuration; these flags differ from it and cannot "
+                             "change: --kernels")
+        raise UsageError("--resume: the run's saved kernel choice is not what train.py records; start a new run")
+    if device == "cpu" and named is None:
+        return recorded
+    named = named or {}
+    for family, entry in recorded.items():
+        if "file" not in entry:
+            continue
+        sha = entry.get("sha256")
+        version = entry.get("f16_version" if saved.get("precision") == "fp16" and "f16_version" in entry else "version")
+        spec = f"--kernels {family}=FILE.cu:{version}"
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise UsageError(f"--resume: the run's configuration names a kernel file for {family} "
+                             f"({entry['file']}) without its sha256; a run folder's files are never compiled on "
+                             f"its word: start a new run with {spec}")
+        mine = named.get(family, {})
+        if "file" not in mine:
+            raise UsageError(f"--resume: this run trained with its own copy of the {family} kernels ({entry['file']}, "
+                             f"sha256 {sha[:12]}...), which is compiled again only when you name it: pass {spec} "
+                             f"with that file")
+        if mine["sha256"] != sha:
+            raise UsageError(f"--kernels {family}={mine['file']} is not the file this run trained with (sha256 "
+                             f"{mine['sha256'][:12]}..., recorded {sha[:12]}...): it changed since it was recorded, "
+                             f"or is another file; pass the same file, or start a new run")
+    strip = {"file", "sha256"}
+    same = (set(named) == set(recorded) and
+            all({k: v for k, v in named[f].items() if k not in strip} == {k: v for k, v in e.items() if k not in strip}
+                and ("file" in named[f]) == ("file" in e) for f, e in recorded.items()))
+    if named and not same:
+        raise UsageError("--resume continues the saved configuration; these flags differ from it and cannot change: "
+                         "--kernels")
+    # the files as the command line names them (the same contents, perhaps at a new place)
+    return {family: named.get(family, entry) if "file" in entry else entry for family, entry in recorded.items()}
+
+
+def _check_saved_types(cfg, defaults):
+    """Check a resumed configuration as flags are checked: each value of the type its flag parses
+    to and among its choices, then _validate (a run folder may come from anywhere). Keys an older
+    train.py did not save take their defaults."""
+    rules = {"decay": ((int, float), None), "zero_init_residual": ((bool,), None)}   # not flags
+    for action in build_parser()._actions:
+        kinds = ((bool,) if action.nargs == 0 else (int,) if action.type is int
+                 else (int, float) if action.type is float else (str,))
+        rules.setdefault(action.dest, (kinds, action.choices))
+    for key, default in defaults.items():
+        cfg.setdefault(key, default)
+        value = cfg[key]
+        if value is None or key not in rules or key == "kernels":   # kernels: _resume_kernels
+            continue
+        kinds, choices = rules[key]
+        items = list(value) if key == "decay_epochs" and isinstance(value, (list, tuple)) else [value]
+        ok = all(isinstance(v, kinds) and (bool in kinds or not isinstance(v, bool)) for v in items)
+        if not ok or (choices is not None and value not in choices) or (key == "decay_epochs" and items == [value]):
+            raise UsageError(f"--resume: the run's saved configuration holds {key} = {value!r}, which no "
+                             f"--{key.replace('_', '-')} gives: start a new run")
+    try:
+        _validate(cfg)
+    except UsageError as e:
+        raise UsageError(f"--resume: {e}") from None
+
+
 # ----------------------------------------------------------------------------- the run
 class Diverged(Exception):
-    """NaN/inf in the loss, the logits or the weights: exit 3; no checkpoint is written with them."""
+    """NaN/inf in the loss, the logits or the weights, or no step trains: exit 3; no checkpoint is
+    written with them. `advice`: what to change, when a lower learning rate is not it."""
+
+    def __init__(self, message, advice=None):
+        super().__init__(message)
+        self.advice = advice
 
 
 class StopSignals:
@@ -673,8 +969,23 @@ class StopSignals:
 
     CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 
+    class WaitInterrupted(Exception):
+        """The first signal came while the run waited for a training batch: stop before the step."""
+
     def __init__(self):
         self.signum = None
+        self._waiting = False
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Around a wait for the next training batch: the first signal ends the wait at once (it
+        raises WaitInterrupted), so that a loader worker that never answers (stopped, or on a hung
+        file system) cannot make a Ctrl-C wait for a batch that may never come."""
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in self.CODES}
@@ -688,6 +999,9 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
+        if self._waiting:
+            _say(f"{signal.Signals(signum).name}: saving a checkpoint (send it again to abort at once)")
+            raise self.WaitInterrupted
         _say(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
              f"(send it again to abort at once)")
 
@@ -711,6 +1025,8 @@ class Position:
     step: int = 0           # optimizer steps in all
     best: float = 0.0       # best top-1 so far
     history: list = field(default_factory=list)   # one record per completed epoch (metrics.jsonl)
+    loss_sum: float = 0.0   # the current epoch's training loss so far: sum over its finite steps,
+    loss_steps: int = 0     # and their number (kept in checkpoints: a resumed epoch reports all of it)
 
 
 class Trainer:
@@ -740,8 +1056,6 @@ class Trainer:
             except ValueError as e:
                 raise UsageError(f"--kernels: {e}") from None
             cfg["kernels"] = nn.device.kernel_table()
-        act_dtype = {"fp32": None, "fp16": np.float16, "bf16": "bfloat16"}[cfg["precision"]]
-        self.in_dtype = np.float32 if act_dtype is None else act_dtype
 
         local_batch = cfg["batch_size"] // self.world
         workers = cfg["workers"]
@@ -757,6 +1071,7 @@ class Trainer:
         self.val_loader = data.loader.Loader(data_dir / "val.lmdb", max(local_batch, 64), train=False,
                                              image_size=cfg["image_size"], seed=cfg["seed"], workers=workers,
                                              rank=self.rank, world_size=self.world)
+        _check_shared_memory((self.train_loader, self.val_loader))
         self.num_classes = len(self.train_loader.classes)
         if list(self.val_loader.classes) != list(self.train_loader.classes):
             raise UsageError(f"{data_dir}: train.lmdb and val.lmdb have different class lists; pack them together")
@@ -765,39 +1080,28 @@ class Trainer:
             raise UsageError(f"batch size {cfg['batch_size']} exceeds the {self.train_loader.num_samples} "
                              f"training images")
 
-        self.model = nn.resnet50(num_classes=self.num_classes, width=cfg["width"],
-                                 zero_init_residual=cfg["zero_init_residual"], seed=cfg["seed"],
-                                 activation_dtype=act_dtype).to(self.device)
-        if cfg["sync_bn"] and self.world > 1:
-            data_parallel.convert_sync_batchnorm(self.model, comm)
+        self._build_step(self.num_classes)
         self.peak_lr = cfg["base_lr"] * cfg["batch_size"] / cfg["lr_per"]
-        Opt = nn.optim.SGD if cfg["optimizer"] == "sgd" else nn.optim.LARS
-        self.opt = Opt(self.model.named_parameters(), lr=0.0, momentum=cfg["momentum"],
-                       weight_decay=cfg["weight_decay"])
         self.schedule = make_schedule(cfg, self.steps_per_epoch, self.peak_lr)
-        self.scaler = None
-        if cfg["precision"] == "fp16":  # fp32 master weights; the loss scaled so fp16 gradients do not underflow
-            dynamic = cfg["loss_scale"] == "dynamic"
-            self.scaler = nn.amp.LossScaler(init_scale=2.0 ** 15 if dynamic else float(cfg["loss_scale"]),
-                                            dynamic=dynamic)
         self.pos = Position()
         self.last_checkpoint = None   # (epoch, batch, step) of the finite checkpoint_last in the folder
+        self.resumed_from = None      # the checkpoint a resumed run started from
         if resume_arrays is not None:
             extras = nn.checkpoint.restore(resume_arrays, self.model, self.opt)
             self.pos = Position(int(extras["epoch"]), int(extras["batch"]), int(extras["step"]),
-                                float(extras["best_top1"]), json.loads(extras["history"]))
+                                float(extras["best_top1"]), json.loads(extras["history"]),
+                                float(extras.get("epoch_loss_sum", 0.0)), int(extras.get("epoch_loss_steps", 0)))
             if self.scaler is not None and extras.get("scaler"):
                 self.scaler.load_state_dict(json.loads(extras["scaler"]))
         data_parallel.broadcast_parameters(self.model, comm)  # every rank starts from the same weights
-        self.ddp = data_parallel.DataParallel(self.model, comm) if self.world > 1 else None
         self.stop = StopSignals()
-        self.phases = Phases(cfg["profile"], self.device.xp)
         # on cuda the next batch goes to the GPU on a second stream while this step runs
         self.prefetcher = DevicePrefetcher(self.train_loader, self.device.name)
         self.after_step = None        # a test hook: called with the step number after each step
         self.nonfinite_steps = 0      # fp16: consecutive steps skipped for a NaN/inf loss
-        # the running loss of the steps since the last read: [sum, finite steps, NaN/inf steps]
-        self.loss_window = self.device.xp.zeros(3, dtype=np.float64)
+        self.skipped_in_a_row = 0     # fp16: consecutive steps the loss scaler skipped (gradients overflowed)
+        self.skips_seen = self.scaler.skipped_steps if self.scaler is not None else 0   # at the last read
+        self.step_at_read = self.pos.step
         self.graphed = None
         if cfg["cuda_graph"]:   # static input buffers; the step is captured after 3 eager ones
             from nn.cuda_graph import GraphedStep
@@ -806,6 +1110,49 @@ class Trainer:
             self.static_labels = xp.zeros(local_batch, dtype=np.int32)
             self.graphed = GraphedStep(lambda: self.step(self.static_images, self.static_labels), warmup=3,
                                        keep_alive=(self.static_images, self.static_labels))
+
+    def _build_step(self, num_classes):
+        """What `step` uses: the model, the optimizer (learning rate 0 until the schedule sets it),
+        the loss scaler (fp16), the gradient all-reduce (several ranks), the phase clock and the
+        device-side running loss. Needs self.cfg, self.comm, self.world and self.device."""
+        cfg = self.cfg
+        act_dtype = {"fp32": None, "fp16": np.float16, "bf16": "bfloat16"}[cfg["precision"]]
+        self.in_dtype = np.float32 if act_dtype is None else act_dtype
+        self.model = nn.resnet50(num_classes=num_classes, width=cfg["width"],
+                                 zero_init_residual=cfg["zero_init_residual"], seed=cfg["seed"],
+                                 activation_dtype=act_dtype).to(self.device)
+        if cfg["sync_bn"] and self.world > 1:
+            data_parallel.convert_sync_batchnorm(self.model, self.comm)
+        Opt = nn.optim.SGD if cfg["optimizer"] == "sgd" else nn.optim.LARS
+        self.opt = Opt(self.model.named_parameters(), lr=0.0, momentum=cfg["momentum"],
+                       weight_decay=cfg["weight_decay"])
+        self.scaler = None
+        if cfg["precision"] == "fp16":  # fp32 master weights; the loss scaled so fp16 gradients do not underflow
+            dynamic = cfg["loss_scale"] == "dynamic"
+            self.scaler = nn.amp.LossScaler(init_scale=2.0 ** 15 if dynamic else float(cfg["loss_scale"]),
+                                            dynamic=dynamic)
+        # made after the optimizer: each gradient bucket is then a slice of its flat gradient buffer
+        self.ddp = data_parallel.DataParallel(self.model, self.comm) if self.world > 1 else None
+        self.phases = Phases(cfg["profile"], self.device.xp)
+        # the running loss of the steps since the last read: [sum, finite steps, NaN/inf steps]
+        self.loss_window = self.device.xp.zeros(3, dtype=np.float64)
+
+    @classmethod
+    def for_step(cls, cfg, num_classes, comm=None):
+        """A Trainer holding only what `step` needs (see _build_step), built as a run builds it,
+        with no data, run folder or log: bench.train times and counts this step. cfg needs
+        device, precision, loss_scale, width, zero_init_residual, seed, sync_bn, optimizer,
+        momentum, weight_decay, label_smoothing and profile; comm: several ranks (default: one).
+        The learning rate is 0 until set (trainer.opt.lr = ...)."""
+        self = cls.__new__(cls)
+        self.train_loader = self.val_loader = self.kernels_before = None
+        self.cfg = cfg
+        self.comm = comm if comm is not None else distributed.Communicator()
+        self.world, self.rank = self.comm.world_size, self.comm.rank
+        self.device = nn.get_device(cfg["device"])
+        self._build_step(num_classes)
+        data_parallel.broadcast_parameters(self.model, self.comm)
+        return self
 
     def close(self):
         for loader in (self.train_loader, self.val_loader):
@@ -856,7 +1203,8 @@ class Trainer:
         """Read the device-side loss totals of the steps since the last read (the one host read
         of the training loop), sum them over the ranks with the stop requests, reset them.
         Returns (sum of finite losses, finite steps, NaN/inf steps) over all ranks; raises
-        Diverged on a NaN/inf loss (fp16: after MAX_NONFINITE_FP16_STEPS skipped steps in a row)."""
+        Diverged on a NaN/inf loss (fp16: after MAX_NONFINITE_FP16_STEPS skipped steps in a row,
+        whether the loss or only the gradients overflowed)."""
         totals = nn.device.to_numpy(self.loss_window).astype(np.float64)
         self.loss_window.fill(0)
         if self.world > 1:   # one decision for all ranks: the losses, and whether anyone stops
@@ -867,13 +1215,32 @@ class Trainer:
                 self.stop.request()
         total, finite, bad = float(totals[0]), int(totals[1]), int(totals[2])
         if bad:
-            if self.scaler is None or (finite == 0 and self.nonfinite_steps + bad > MAX_NONFINITE_FP16_STEPS):
+            if self.scaler is None or (finite == 0 and self.nonfinite_steps + bad >= MAX_NONFINITE_FP16_STEPS):
                 raise Diverged(f"the loss is NaN/inf in {bad} of the {finite + bad} step(s) up to step "
                                f"{self.pos.step} (epoch {self.pos.epoch + 1}, learning rate {self.opt.lr:.4g})")
             self.nonfinite_steps = self.nonfinite_steps + bad if finite == 0 else bad
         else:
             self.nonfinite_steps = 0
+        if self.scaler is not None:
+            self._count_skipped_steps()
         return total, finite, bad
+
+    def _count_skipped_steps(self):
+        """fp16: how many steps in a row the loss scaler skipped (its counter is read with the loss,
+        never inside a step). A window of reads in which every step was skipped extends the streak,
+        any other ends it, so a streak is counted in whole windows: it is never overstated."""
+        skipped = self.scaler.skipped_steps     # the same on every rank: the gradients were all-reduced
+        window = self.pos.step - self.step_at_read
+        all_skipped = window > 0 and skipped - self.skips_seen >= window
+        self.skips_seen, self.step_at_read = skipped, self.pos.step
+        self.skipped_in_a_row = self.skipped_in_a_row + window if all_skipped else 0
+        if self.skipped_in_a_row >= MAX_NONFINITE_FP16_STEPS:
+            fixed = self.cfg["loss_scale"] != "dynamic"
+            raise Diverged(f"the loss scaler skipped all of the last {self.skipped_in_a_row} steps, up to step "
+                           f"{self.pos.step} (epoch {self.pos.epoch + 1}): their gradients overflow float16 at loss "
+                           f"scale {self.scaler.scale:g}{' (fixed by --loss-scale)' if fixed else ''}, so nothing "
+                           f"trains", advice=("use --loss-scale dynamic or a smaller fixed scale (128 as the "
+                                              "reference)") if fixed else None)
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self):
@@ -882,11 +1249,23 @@ class Trainer:
         cfg, pos = self.cfg, self.pos
         self.train_loader.set_epoch(pos.epoch, pos.batch)
         t0 = time.time()
-        loss_sum, loss_n, seen, shown = 0.0, 0, 0, float("nan")
+        if pos.batch == 0:
+            pos.loss_sum, pos.loss_steps = 0.0, 0
+        seen, shown = 0, float("nan")
         bar = _bar(total=self.steps_per_epoch, initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{cfg['epochs']}",
                    disable=cfg["no_progress"])
         self.phases.reset_clock()
-        for images, labels in self.prefetcher:
+        batches = iter(self.prefetcher)
+        while True:
+            try:  # one rank alone: a signal during the wait for a batch stops before the step
+                with self.stop.waiting() if self.world == 1 else contextlib.nullcontext():
+                    images, labels = next(batches)
+            except StopIteration:
+                break
+            except StopSignals.WaitInterrupted:
+                total, finite, _ = self.read_losses()
+                pos.loss_sum, pos.loss_steps = pos.loss_sum + total, pos.loss_steps + finite
+                break
             self.phases.mark("data")
             lr = self.schedule(pos.step)
             self.train_step(images, labels, lr)
@@ -901,7 +1280,7 @@ class Trainer:
                     or self._step_limit_reached() or (self.world == 1 and self.stop.requested))
             if read:
                 total, finite, _ = self.read_losses()
-                loss_sum, loss_n = loss_sum + total, loss_n + finite
+                pos.loss_sum, pos.loss_steps = pos.loss_sum + total, pos.loss_steps + finite
                 shown = total / finite if finite else shown
                 bar.set_postfix(loss=f"{shown:.3f}", lr=f"{lr:.3g}",
                                 img_s=f"{seen / max(time.time() - t0, 1e-9):.0f}")
@@ -909,7 +1288,7 @@ class Trainer:
             if read and (self.stop.requested or self._step_limit_reached()):
                 break
         bar.close()
-        return loss_sum / max(loss_n, 1), seen, time.time() - t0, pos.batch >= self.steps_per_epoch
+        return pos.loss_sum / max(pos.loss_steps, 1), seen, time.time() - t0, pos.batch >= self.steps_per_epoch
 
     def _step_limit_reached(self):
         return bool(self.cfg["max_steps"]) and self.pos.step >= self.cfg["max_steps"]
@@ -976,20 +1355,30 @@ class Trainer:
                 nn.checkpoint.save(str(path), self.model, self.opt, require_finite=True, epoch=pos.epoch,
                                    batch=pos.batch, step=pos.step, best_top1=pos.best,
                                    history=json.dumps(pos.history), config=json.dumps(self.cfg, default=str),
-                                   scaler=json.dumps(self.scaler.state_dict()) if self.scaler else "")
+                                   scaler=json.dumps(self.scaler.state_dict()) if self.scaler else "",
+                                   epoch_loss_sum=float(pos.loss_sum), epoch_loss_steps=int(pos.loss_steps))
             except nn.checkpoint.NonFiniteError as e:
                 problem = ("diverged", f"the weights hold NaN/inf at epoch {pos.epoch + (pos.batch > 0)}, step "
                                        f"{pos.step} ({e}); {name} was not written")
             except OSError as e:
-                problem = ("output", str(output_error(path, e, advice=(
-                    "the previous checkpoint is intact; free some space, then continue with --resume "
-                    f"{self.folder.path}"))))
+                problem = ("output", str(output_error(path, e, advice=self._save_failed_advice())))
         if self.world > 1:
             problem = self.comm.allgather_object(problem)[0]
         if problem is not None:
             raise (Diverged if problem[0] == "diverged" else OutputError)(problem[1])
         if name == "checkpoint_last.npz":
             self.last_checkpoint = (pos.epoch, pos.batch, pos.step)
+
+    def _save_failed_advice(self):
+        """What to do when a checkpoint could not be written: continue from the one before, or,
+        when there is none in this folder yet, start again."""
+        if self.last_checkpoint is not None:
+            return f"the previous checkpoint is intact; free some space, then continue with --resume {self.folder.path}"
+        if self.resumed_from is not None:
+            return (f"no checkpoint of this run is in {self.folder.path} yet; free some space, then resume again "
+                    f"from {self.resumed_from}")
+        return (f"no checkpoint was written yet (this was the first); free some space, then start the run again "
+                f"(the same command with --overwrite)")
 
     # ------------------------------------------------------------------ the loop
     def train(self):
@@ -1077,7 +1466,8 @@ def _chosen_kernels(table):
     return ", ".join(parts)
 
 
-# fp16 with dynamic loss scaling skips a step whose loss is NaN/inf; this many in a row is divergence.
+# fp16: the loss scaler skips a step whose gradients overflow (a NaN/inf loss among them); this many
+# in a row is divergence (README.md, exit code 3).
 MAX_NONFINITE_FP16_STEPS = 50
 
 
@@ -1118,9 +1508,11 @@ def run(cfg, resume=None):
     comm = _comm()
     resume_arrays = ckpt = None
     if resume is not None:
-        ckpt_folder, ckpt, resume_arrays = open_resume_checkpoint(resume)
+        ckpt_folder, ckpt, resume_arrays = open_resume_checkpoint(resume, lambda path: _resume_layout(cfg, given, path))
         saved = json.loads(str(resume_arrays["extra/config"]))
-        finished = finished_run(ckpt_folder, resume_arrays, {k: cfg[k] if k in given else saved[k]
+        checked = dict(saved)
+        _check_saved_types(checked, cfg)   # before any of it is used
+        finished = finished_run(ckpt_folder, resume_arrays, {k: cfg[k] if k in given else checked[k]
                                                              for k in ("target_accuracy", "epochs")})
         if finished is not None:
             return finished
@@ -1141,12 +1533,15 @@ def run(cfg, resume=None):
     if errors[0] is not None:
         raise error if error is not None else UsageError(errors[0][1])
     try:
-        return _run_in(folder, cfg, resume_arrays, continuing and ckpt.name == "checkpoint_last.npz")
+        return _run_in(folder, cfg, resume_arrays, continuing and ckpt.name == "checkpoint_last.npz", ckpt)
     finally:
-        folder.release()
+        folder.release(discard_empty=True)
 
 
-def _run_in(folder, cfg, resume_arrays, continues_last):
+def _run_in(folder, cfg, resume_arrays, continues_last, resumed_from=None):
+    """The run in its claimed folder. Until training starts (setup: the dataset, the model, the
+    loaders), a failure removes the files this run wrote (its MLPerf log; a new run's config.json),
+    so that a run that never trained does not hold the folder against the next one."""
     comm = _comm()
     run_dir = folder.path
     cfg["out"] = str(run_dir)
@@ -1166,7 +1561,7 @@ def _run_in(folder, cfg, resume_arrays, continues_last):
     # built-in synthetic run keeps its console to progress bars and one line per epoch.
     mlog = MLPerfLog(str(run_dir / log_name), echo=not cfg["synthetic"]) if distributed.is_main() else _NoLog()
     c = mlog.c
-    status, code, trainer = c.ABORTED, EXIT_NOT_REACHED, None
+    status, code, trainer, set_up = c.ABORTED, EXIT_NOT_REACHED, None, False
     try:
         mlog.event(c.CACHE_CLEAR, True)
         mlog.start(c.INIT_START)
@@ -1176,6 +1571,7 @@ def _run_in(folder, cfg, resume_arrays, continues_last):
         mlog.event(c.SUBMISSION_STATUS, c.RESEARCH)
         mlog.event(c.SUBMISSION_PLATFORM, _platform(cfg))
         trainer = Trainer(cfg, folder, mlog, resume_arrays)
+        trainer.resumed_from = resumed_from
         if continues_last:  # the folder's checkpoint_last.npz is the one resumed from: finite
             trainer.last_checkpoint = (trainer.pos.epoch, trainer.pos.batch, trainer.pos.step)
         if _CRASH_AT_STEP:
@@ -1194,9 +1590,11 @@ def _run_in(folder, cfg, resume_arrays, continues_last):
             _say(f"dry run: learning rate {lrs[0]:.4g} at step 0, {lrs[1]:.4g} after epoch 1, {lrs[2]:.4g} at "
                  f"the last step; data in {dataset_dir(cfg)}; outputs would go to {run_dir}")
             mlog.end(c.INIT_STOP)
+            set_up = True
             return EXIT_OK
         mlog.end(c.INIT_STOP)
         mlog.start(c.RUN_START)
+        set_up = True
         trainer.t_run = time.time()
         try:
             # NaN/inf are detected where they matter (the loss read, the evaluation, the checkpoint):
@@ -1204,7 +1602,7 @@ def _run_in(folder, cfg, resume_arrays, continues_last):
             with trainer.stop, np.errstate(all="ignore"):
                 code, status = trainer.train()
         except Diverged as e:
-            _say(f"error: diverged: {e}; {trainer.divergence_advice()}")
+            _say(f"error: diverged: {e}; {e.advice or trainer.divergence_advice()}")
             code = EXIT_DIVERGED
         except KeyboardInterrupt:
             _say("aborted at once (second signal); the last checkpoint is intact")
@@ -1213,11 +1611,20 @@ def _run_in(folder, cfg, resume_arrays, continues_last):
             _say(f"error: {e}")
             code = EXIT_USAGE
         except Exception as e:
-            if not _is_oom(e):
+            broken = _kernel_failure(e, cfg)
+            if isinstance(e, nn.device.cuda_setup_error()):    # CuPy cannot compile our kernels: the line says why
+                _say(f"error: {e}")
+                code = EXIT_USAGE
+            elif broken is not None:   # a kernel broke a rule of the GPU (a learner's copy, most likely)
+                _say(f"error: {broken}" + (f"; {run_dir / 'checkpoint_last.npz'} is intact: fix the kernel, then "
+                                          f"continue with --resume {run_dir}" if trainer.last_checkpoint else ""))
+                code = EXIT_USAGE
+            elif _is_oom(e):
+                _say("error: " + nn.memory.oom_message(e, cfg["batch_size"], trainer.world, cfg["image_size"],
+                                                      cfg["width"], trainer.num_classes, cfg["precision"]))
+                code = EXIT_OOM
+            else:
                 raise
-            _say("error: " + nn.memory.oom_message(e, cfg["batch_size"], trainer.world, cfg["image_size"], cfg["width"],
-                                                  trainer.num_classes, cfg["precision"]))
-            code = EXIT_OOM
         try:
             mlog.end(c.RUN_STOP, status=status)
         except OSError as e:
@@ -1230,6 +1637,12 @@ def _run_in(folder, cfg, resume_arrays, continues_last):
         if trainer is not None:
             trainer.close()
         mlog.close()
+        if not set_up and distributed.is_main():
+            for name in [log_name] + (["config.json"] if resume_arrays is None else []):
+                try:
+                    (run_dir / name).unlink(missing_ok=True)
+                except OSError:
+                    pass
 
 
 def _crash_at(step_to_die):
@@ -1255,6 +1668,23 @@ def _bar(**kw):
     # bars only on a terminal (a log file would fill with redraws) and only on rank 0
     kw["disable"] = kw.get("disable") or not sys.stderr.isatty() or not distributed.is_main()
     return tqdm(unit="step", dynamic_ncols=True, leave=False, **kw)
+
+
+def _kernel_failure(e, cfg):
+    """One line for a kernel that failed during training (the emulator's EmulatorError: an access
+    out of bounds, a fault, a divergent barrier...; a CompileError), naming the kernel and the
+    run's own kernel files; None for any other exception."""
+    compile_error, emulator_error = nn.device.kernel_errors()
+    if isinstance(e, compile_error):
+        first = next((line.strip() for line in e.log.splitlines() if "error" in line), "")
+        what = f"{e.message}{': ' + first if first else ''}"
+    elif isinstance(e, emulator_error):
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    else:
+        return None
+    files = [f"{family}={entry['file']}" for family, entry in (cfg.get("kernels") or {}).items()
+             if isinstance(entry, dict) and "file" in entry]
+    return f"{what}{' (this run uses your kernel file ' + ', '.join(files) + ')' if files else ''}"
 
 
 def _is_oom(e):
@@ -1309,7 +1739,7 @@ def main(argv=None):
         cfg = resolve_config(args)
         cfg["_explicit"] = {k: True for k, v in vars(args).items() if v is not None and v is not False}
         code = run(cfg, resume=args.resume)
-    except (UsageError, data.records.DatabaseError) as e:
+    except (UsageError, data.records.DataError, nn.device.cuda_setup_error()) as e:   # bad input or environment
         if distributed.is_main():
             print(f"train.py: error: {e}", file=sys.stderr)
         code = EXIT_USAGE

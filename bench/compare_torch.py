@@ -8,8 +8,9 @@ memory format, `torch.backends.cudnn.benchmark = True`, torch.optim.SGD (momentu
     amp:  torch.autocast(float16) + torch.amp.GradScaler (init scale 128).
 Our side: bench.train's configurations (fp32-ours, fp32-cudnn, amp-ours, amp-cudnn).
 
-Method: both sides train on the same synthetic batch, already on the device (NHWC for us; the
-same memory seen by torch as an NCHW tensor in channels_last strides). After a warm-up, rounds
+Method: both sides train on a synthetic batch of the same shape, already on the device (ours:
+uint8 NHWC images that train.py's Trainer.step normalises with its input kernel, one launch a
+step; torch: a float NHWC batch seen as an NCHW tensor in channels_last strides). After a warm-up, rounds
 alternate: ours N steps, torch N steps, ours, torch ... (so clock and thermal drift hit both);
 throughput is the median over rounds. Peak memory is what each configuration adds at its peak:
 CuPy's pool high-water (reserved) minus the bytes in use before the model was built, and
@@ -38,7 +39,8 @@ import traceback
 import numpy as np
 
 from bench import train as bt
-from bench import write_json
+from bench import progress, stop_on_setup_error, write_json
+from kernels.runtime.cuda_env import CudaSetupError
 
 __all__ = ["torch_or_reason", "torch_resnet50", "check_same_loss", "run", "PAIRS", "TARGETS"]
 
@@ -182,6 +184,8 @@ def check_same_loss(torch, device, size_name, engine="ours", seed=0):
                                                  tparams[name].grad.detach().cpu().numpy())
         grads_ok = all(v < 1e-2 for k, v in out.items() if k.startswith("grad_rel_diff"))
         out["passed"] = bool(out["loss_rel_diff"] < 1e-4 and grads_ok)
+    except CudaSetupError:
+        raise                       # every check and configuration would fail the same way
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         out["traceback"] = traceback.format_exc(limit=6)
@@ -223,6 +227,8 @@ class _Ours:
             if first and self.device == "cuda":
                 import cupy
                 self.peak_bytes = int(cupy.get_default_memory_pool().total_bytes()) - base
+        except CudaSetupError:
+            raise
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             self.setup = None
@@ -337,7 +343,10 @@ def run(device=None, size_name=None, rounds=2, steps=None, warmup=None, configs=
               "warmup": warmup, "tf32": False}
     # 1. the same loss from the same weights and batch
     engines = ["ours"] + (["cudnn"] if device == "cuda" and _cudnn_ok() else [])
-    result["loss_checks"] = [check_same_loss(torch, device, size_name, e) for e in engines]
+    result["loss_checks"] = []
+    for e in engines:
+        progress("bench.compare_torch", f"loss check, engine {e}: starting")
+        result["loss_checks"].append(check_same_loss(torch, device, size_name, e))
     # 2. throughput and memory, interleaved
     pairs = [(o, t) for o, t in PAIRS if configs is None or o in configs]
     if device != "cuda":
@@ -346,8 +355,21 @@ def run(device=None, size_name=None, rounds=2, steps=None, warmup=None, configs=
     theirs = {t: _Torch(torch, t, device, size) for _, t in pairs}
     for r in range(rounds):
         for o, t in pairs:
+            progress("bench.compare_torch", f"round {r + 1}/{rounds}: ours {o}, then torch {t}")
             ours[o].run(steps, warmup)
             theirs[t].run(steps, warmup)
+        result["pairs"] = _rows(pairs, ours, theirs)
+        if out:         # the rounds so far: a run stopped at its time limit keeps them
+            write_json(dict(result, partial=True), out, default=float, quiet=True)
+    result["pairs"] = _rows(pairs, ours, theirs)
+    print_tables(result)
+    if out:
+        write_json(result, out, default=float)
+    return result
+
+
+def _rows(pairs, ours, theirs):
+    """One result row per (ours, torch) pair from the rounds measured so far."""
     rows = []
     for o, t in pairs:
         a, b = ours[o], theirs[t]
@@ -370,11 +392,7 @@ def run(device=None, size_name=None, rounds=2, steps=None, warmup=None, configs=
                 met.append(row["memory_ratio"] <= row["target_memory_ratio"])
             row["target_met"] = all(met) if met else None
         rows.append(row)
-    result["pairs"] = rows
-    print_tables(result)
-    if out:
-        write_json(result, out, default=float)
-    return result
+    return rows
 
 
 def _cudnn_ok():
@@ -434,4 +452,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stop_on_setup_error("bench.compare_torch", main))

@@ -1,18 +1,29 @@
 """One command that checks a GPU machine end to end: `python -m bench.gpu_check --out DIR`.
 
-Stages, each a subprocess with its own time limit (a stage that runs out is killed with its
-children, reported as "timeout", and the next stage still runs); all within --budget seconds
-(480 = 8 minutes by default), everything written under DIR:
+Stages, one at a time, each a subprocess with its own time limit (a stage that runs out is killed
+with its children, reported as "timeout", and the next stage still runs); all within --budget
+seconds (480 = 8 minutes by default), everything written under DIR:
 
-    env         GPU, driver, CUDA, CuPy / NumPy / PyTorch versions        env.json
-    pytest      the GPU test suite: pytest -m gpu                          pytest.log
+    env         GPU, driver, CUDA, CuPy / NumPy / PyTorch versions, where each CUDA header
+                comes from (kernels/runtime/cuda_env.py)                   env.json
+    compile     every kernels/*.cu compiled once, in parallel processes (fills CuPy's kernel
+                cache, so no later stage pays NVRTC; the emulator's cache in --cpu mode)
+    pytest      the GPU test suite: pytest -m gpu (-n 8 with pytest-xdist, where installed;
+                nothing is timed while it runs)                            pytest.log
+    train       throughput + per-phase breakdown + peak memory (bench.train)   train.json
     kernels     per-kernel microbenchmarks: python -m bench.kernels        kernels.json
     compare     our training step beside PyTorch's (bench.compare_torch)   compare_torch.json
-    converge    200 steps on synthetic textures; the loss must fall        converge.json
-    train       throughput + per-phase breakdown + peak memory (bench.train)   train.json
     graph       the step captured as a CUDA graph                          train_graph.json
+    converge    200 steps on synthetic textures; the loss must fall        converge.json
     launch      host time per kernel launch, ours beside CuPy's (bench.launch)   launch.json
-and prints one summary table last (also in summary.json). Every stage's output is in DIR/<stage>.log.
+and prints one summary table last (also in summary.json). Every stage's output is in
+DIR/<stage>.log; the lines a benchmark prints as it starts each configuration ("[bench.train]
+cuda fp32-ours: starting") are shown on the console as they come.
+
+Fail fast: when a stage ends with a CudaSetupError (NVRTC or a CUDA header missing: the line
+"...: stopped: CudaSetupError: ..." that every benchmark ends with, exit code 2), that line is
+printed and the stages after it are not run (they would fail the same way); exit code 2.
+--keep-going runs them anyway.
 
 It installs nothing: it needs CuPy (for your CUDA version: pip install -e ".[gpu]" or
 ".[gpu-cuda13]"); PyTorch is optional (the compare stage then says "skipped").
@@ -21,20 +32,32 @@ It installs nothing: it needs CuPy (for your CUDA version: pip install -e ".[gpu
     python -m bench.gpu_check --cpu --out /tmp/check       # no GPU: the same stages at tiny sizes
                                                            # on the emulator and the cpu device
 
-Exit code 0 when every stage that ran passed (skipped stages do not count), 1 otherwise.
+Exit code 0 when every stage that ran passed (skipped stages do not count), 2 after a setup
+error, 1 otherwise.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+from bench import EXIT_SETUP, SETUP_STOP, stop_on_setup_error
+
+# The time limit of each stage on a GPU, in seconds (bench/NOTES.md, "A GPU session": where
+# each figure comes from). The first GPU run (an H100) took: pytest -m gpu -n 8 22 s with
+# conv/gemm failing fast; kernels under 80 s with 100 cases timed; compare over 110 s (killed;
+# PyTorch's side alone); launch under 40 s. Compile: NVRTC, the slowest file (conv.cu) ~10 s
+# per architecture on one core of a 2-core CPU.
+GPU_LIMITS = {"env": 30, "compile": 90, "pytest": 150, "train": 90, "kernels": 90, "compare": 130, "graph": 60,
+              "converge": 60, "launch": 30}
 
 
 def _py(*args):
@@ -43,71 +66,169 @@ def _py(*args):
 
 def _per_test_timeout():
     """--timeout=120 when pytest-timeout is installed (one stuck GPU test must not eat the stage)."""
-    import importlib.util
     return ["--timeout=120"] if importlib.util.find_spec("pytest_timeout") else []
 
 
-def stage_plan(cpu, out, pytest_args):
-    """[(name, argv, time limit in seconds, json file or None)] for GPU or CPU mode."""
+def _xdist(workers):
+    """-n WORKERS when pytest-xdist is installed (the GPU tests in parallel processes), else nothing."""
+    return ["-n", str(workers)] if importlib.util.find_spec("xdist") else []
+
+
+def stage_plan(cpu, out, pytest_args, jobs=None):
+    """[(name, argv, time limit in seconds, json file or None)] for GPU or CPU mode, in the order
+    they run. jobs: processes for the compile stage (default: the CPU count, at most 8)."""
     j = lambda name: str(Path(out) / name)
+    jobs = jobs or min(8, os.cpu_count() or 1)
     if cpu:
         return [
             ("env", _py("-m", "bench.gpu_check", "--print-env"), 30, "env.json"),
+            ("compile", _py("-m", "bench.gpu_check", "--compile-kernels", "emu", "--jobs", str(jobs)), 240, None),
             ("pytest", _py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *pytest_args), 60, None),
+            ("train", _py("-m", "bench.train", "--size", "tiny", "--device", "cpu", "emu", "--json",
+                          j("train.json")), 60, "train.json"),
             ("kernels", _py("-m", "bench.kernels", "--size", "tiny", "--groups", "elementwise", "reduce",
                             "--repeat", "1", "--json", j("kernels.json")), 60, "kernels.json"),
             ("compare", _py("-m", "bench.compare_torch", "--size", "tiny", "--device", "cpu", "--rounds", "2",
                             "--json", j("compare_torch.json")), 60, "compare_torch.json"),
-            ("converge", _py("-m", "bench.train", "--converge", "30", "--device", "cpu", "--size", "tiny",
-                             "--json", j("converge.json")), 60, "converge.json"),
-            ("train", _py("-m", "bench.train", "--size", "tiny", "--device", "cpu", "emu", "--json",
-                          j("train.json")), 60, "train.json"),
             ("graph", _py("-m", "bench.train", "--size", "tiny", "--device", "emu", "--configs", "fp32-ours",
                           "--json", j("train_graph.json")), 60, "train_graph.json"),
+            ("converge", _py("-m", "bench.train", "--converge", "30", "--device", "cpu", "--size", "tiny",
+                             "--json", j("converge.json")), 60, "converge.json"),
             ("launch", _py("-m", "bench.launch", "--no-gpu", "--count", "1000", "--repeat", "2", "--json",
                            j("launch.json")), 30, "launch.json"),
         ]
+    L = GPU_LIMITS
     return [
-        ("env", _py("-m", "bench.gpu_check", "--print-env"), 30, "env.json"),
+        ("env", _py("-m", "bench.gpu_check", "--print-env"), L["env"], "env.json"),
+        ("compile", _py("-m", "bench.gpu_check", "--compile-kernels", "cuda", "--jobs", str(jobs)), L["compile"], None),
         ("pytest", _py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *_per_test_timeout(),
-                       *pytest_args), 150, None),
-        ("kernels", _py("-m", "bench.kernels", "--repeat", "10", "--json", j("kernels.json")), 80, "kernels.json"),
-        ("compare", _py("-m", "bench.compare_torch", "--rounds", "2", "--steps", "8", "--warmup", "3",
-                        "--json", j("compare_torch.json")), 110, "compare_torch.json"),
-        ("converge", _py("-m", "bench.train", "--converge", "200", "--device", "cuda", "--json", j("converge.json")),
-         60, "converge.json"),
+                       *_xdist(8), *pytest_args), L["pytest"], None),
         ("train", _py("-m", "bench.train", "--device", "cuda", "--steps", "8", "--warmup", "3", "--profile-steps", "3",
-                      "--json", j("train.json")), 90, "train.json"),
+                      "--json", j("train.json")), L["train"], "train.json"),
+        ("kernels", _py("-m", "bench.kernels", "--repeat", "10", "--json", j("kernels.json")), L["kernels"],
+         "kernels.json"),
+        ("compare", _py("-m", "bench.compare_torch", "--rounds", "2", "--steps", "8", "--warmup", "3",
+                        "--json", j("compare_torch.json")), L["compare"], "compare_torch.json"),
         ("graph", _py("-m", "bench.train", "--device", "cuda", "--configs", "amp-cudnn", "fp32-cudnn", "--cuda-graph",
-                      "--steps", "8", "--warmup", "3", "--json", j("train_graph.json")),
-         60, "train_graph.json"),
-        ("launch", _py("-m", "bench.launch", "--count", "5000", "--repeat", "3", "--json", j("launch.json")), 40,
-         "launch.json"),
+                      "--steps", "8", "--warmup", "3", "--json", j("train_graph.json")), L["graph"],
+         "train_graph.json"),
+        ("converge", _py("-m", "bench.train", "--converge", "200", "--device", "cuda", "--json", j("converge.json")),
+         L["converge"], "converge.json"),
+        ("launch", _py("-m", "bench.launch", "--count", "5000", "--repeat", "3", "--json", j("launch.json")),
+         L["launch"], "launch.json"),
     ]
 
 
-def run_stage(name, argv, limit, out, env):
+# ---- the compile stage ---------------------------------------------------------------------------------
+
+def compile_kernels(backend, jobs, say=print):
+    """Compile every kernels/*.cu once for `backend` ('cuda': NVRTC through CuPy, which caches the
+    binary for this GPU; 'emu': the emulator's C++ build), `jobs` files at a time, each in its own
+    process. The first CudaSetupError stops it: its line, the others killed, exit code 2."""
+    paths = sorted(str(p.relative_to(REPO)) for p in (REPO / "kernels").glob("*.cu"))
+    waiting, running, failed = list(paths), {}, []
+    while waiting or running:
+        while waiting and len(running) < max(1, jobs):
+            path = waiting.pop(0)
+            say(f"[compile] {path} ({backend}): starting")
+            proc = subprocess.Popen(_py("-m", "bench.gpu_check", "--compile-one", path, backend), cwd=REPO,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            running[proc] = (path, time.monotonic())
+        time.sleep(0.05)
+        for proc in [p for p in running if p.poll() is not None]:
+            path, t0 = running.pop(proc)
+            output = proc.stdout.read()
+            proc.stdout.close()
+            stop = next((line for line in output.splitlines() if SETUP_STOP in line), None)
+            if stop is not None:
+                for other in running:
+                    other.kill()
+                    other.wait()
+                say(f"bench.gpu_check compile: {stop[stop.index(SETUP_STOP):]}")
+                return EXIT_SETUP
+            if proc.returncode == 0:
+                say(f"[compile] {path}: ok in {time.monotonic() - t0:.1f} s")
+            else:
+                failed.append(path)
+                say(f"[compile] {path}: FAILED (exit {proc.returncode}) in {time.monotonic() - t0:.1f} s\n"
+                    + "\n".join(output.strip().splitlines()[-15:]))
+    say(f"[compile] {len(paths) - len(failed)} of {len(paths)} kernel files compiled for {backend}")
+    return 1 if failed else 0
+
+
+def _compile_one(path, backend):
+    from kernels.runtime.raw import load_module
+    load_module(str(REPO / path)).compile(backend)
+    return 0
+
+
+def run_stage(name, argv, limit, out, env, say=print):
     """Run one stage with its output in out/<name>.log; kill its whole process group at `limit`.
-    Returns {'stage', 'status' ('ok', 'failed', 'timeout', 'skipped'), 'rc', 'seconds', 'log'}."""
+    Lines that start with '[' (a benchmark starting a configuration) and a CudaSetupError's stop
+    line are also passed to `say` as they come. Returns {'stage', 'status' ('ok', 'failed',
+    'timeout', 'skipped'), 'rc', 'seconds', 'log', 'setup_error' (the stop line or None)}."""
     log_path = Path(out) / f"{name}.log"
     t0 = time.monotonic()
     if limit < 5:
         return {"stage": name, "status": "skipped", "detail": "no time left in the budget", "seconds": 0.0,
-                "log": str(log_path)}
+                "log": str(log_path), "setup_error": None}
+    stop = []
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(argv) + "\n")
         log.flush()
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+
+        def copy():
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if SETUP_STOP in line and not stop:
+                    stop.append(line.strip())
+                    say(f"    {line.rstrip()}")
+                elif line.startswith("["):
+                    say(f"    {line.rstrip()}")
+
+        reader = threading.Thread(target=copy, daemon=True)
+        reader.start()
         try:
             rc = proc.wait(timeout=limit)
             status = "ok" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             rc, status = None, "timeout"
+        reader.join(timeout=10)
+        if status == "timeout":
             log.write(f"\n[gpu_check] stage '{name}' killed after its limit of {limit:.0f} s\n")
     return {"stage": name, "status": status, "rc": rc, "seconds": time.monotonic() - t0, "limit_s": limit,
-            "log": str(log_path)}
+            "log": str(log_path), "setup_error": stop[0] if stop else None}
+
+
+def run_plan(plan, out, env, budget, stage_limit=None, keep_going=False, say=print):
+    """Run the stages of `plan` (stage_plan's list) one at a time within `budget` seconds.
+    After a stage that stopped on a CudaSetupError the rest are skipped (unless keep_going).
+    -> (results, exit code)."""
+    t_start = time.monotonic()
+    results, setup_error = [], None
+    for name, argv_, limit, _json in plan:
+        if setup_error and not keep_going:
+            results.append({"stage": name, "status": "skipped", "seconds": 0.0, "rc": None,
+                            "detail": f"not run: the {setup_error[0]} stage stopped on a CudaSetupError"})
+            continue
+        if stage_limit:
+            limit = min(limit, stage_limit)
+        left = budget - (time.monotonic() - t_start)
+        say(f"[gpu_check] {name}: up to {min(limit, left):.0f} s ...")
+        res = run_stage(name, argv_, min(limit, left), out, env, say=say)
+        res["summary"] = summarize(res, out)
+        results.append(res)
+        say(f"[gpu_check] {name}: {res['status']} in {res['seconds']:.1f} s")
+        if res.get("setup_error") and setup_error is None:
+            setup_error = (name, res["setup_error"])
+            say(f"[gpu_check] {name}: {res['setup_error'][res['setup_error'].index(SETUP_STOP):]}")
+    if setup_error:
+        return results, EXIT_SETUP
+    return results, 0 if all(r["status"] in ("ok", "skipped") for r in results) else 1
 
 
 def _kill_group(proc):
@@ -138,8 +259,13 @@ def _load(out, name):
 def summarize(stage, out):
     """One line of findings for the summary table (and a pass/fail verdict where one applies)."""
     name, log = stage["stage"], stage.get("log")
+    if stage.get("setup_error"):
+        return stage["setup_error"][stage["setup_error"].index(SETUP_STOP):][:300]
     if stage["status"] in ("timeout", "skipped"):
         return stage.get("detail", "")
+    if name == "compile":
+        done = re.findall(r"\[compile\] (\d+ of \d+ kernel files compiled for \w+)", _tail(log))
+        return done[-1] if done else _tail(log)[-120:].strip()
     if name == "env":
         e = _load(out, "env.json") or {}
         return f"{e.get('gpu', 'no GPU')}; cupy {e.get('cupy')}; torch {e.get('torch')}; python {e.get('python')}"
@@ -239,6 +365,16 @@ def print_env():
     except Exception:
         env["torch"] = "not installed"
     try:
+        from kernels.runtime import cuda_env
+        rep = cuda_env.report()
+        env["nvrtc"] = rep["nvrtc"]
+        env["cuda_headers"] = {h: f"{folder} [{rep['header_sources'][h]}]" if folder else None
+                               for h, folder in rep["headers"].items()}
+        if rep.get("fix"):
+            env["cuda_headers_fix"] = rep["fix"]
+    except Exception as exc:
+        env["cuda_headers"] = f"{type(exc).__name__}: {exc}"
+    try:
         from kernels import cudnn_engine
         env["cudnn_engine"] = cudnn_engine.cudnn_available()[1] if not cudnn_engine.cudnn_available()[0] else "available"
     except Exception as exc:
@@ -266,14 +402,23 @@ def main(argv=None):
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the emulator and the cpu device "
                                                       "(automatic when no GPU is seen)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages together (480)")
-    p.add_argument("--stages", nargs="+", help="run only these stages (env pytest kernels compare converge train graph)")
+    p.add_argument("--stages", nargs="+", help="run only these stages (env compile pytest train kernels compare "
+                                               "graph converge launch)")
     p.add_argument("--stage-limit", type=float, help="cap every stage's limit at this many seconds")
+    p.add_argument("--keep-going", action="store_true", help="run the later stages after a CudaSetupError too")
+    p.add_argument("--jobs", type=int, help="processes of the compile stage (default: the CPU count, at most 8)")
     p.add_argument("--pytest-args", nargs="*", default=["tests"], help="what pytest collects (default: tests)")
     p.add_argument("--print-env", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile-kernels", choices=["cuda", "emu"], help=argparse.SUPPRESS)   # the compile stage
+    p.add_argument("--compile-one", nargs=2, metavar=("PATH", "BACKEND"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.print_env:
         print_env()
         return 0
+    if args.compile_kernels:
+        return compile_kernels(args.compile_kernels, args.jobs or min(8, os.cpu_count() or 1))
+    if args.compile_one:
+        return stop_on_setup_error("bench.gpu_check compile", lambda _: _compile_one(*args.compile_one))
     if args.budget <= 0:
         p.error(f"--budget must be positive, got {args.budget}")
     t_start = time.monotonic()
@@ -288,30 +433,22 @@ def main(argv=None):
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["GPU_CHECK_ENV_JSON"] = str(out / "env.json")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    plan = stage_plan(cpu, out, args.pytest_args)
+    plan = stage_plan(cpu, out, args.pytest_args, args.jobs)
     known = [name for name, *_ in plan]
     if args.stages:
         bad = [s for s in args.stages if s not in known]
         if bad:
             p.error(f"unknown stage(s) {bad}; stages are {known}")
         plan = [s for s in plan if s[0] in args.stages]
-    results = []
-    for name, argv_, limit, _json in plan:
-        if args.stage_limit:
-            limit = min(limit, args.stage_limit)
-        left = args.budget - (time.monotonic() - t_start)
-        print(f"[gpu_check] {name}: up to {min(limit, left):.0f} s ...", flush=True)
-        res = run_stage(name, argv_, min(limit, left), out, env)
-        res["summary"] = summarize(res, out)
-        results.append(res)
-        print(f"[gpu_check] {name}: {res['status']} in {res['seconds']:.1f} s", flush=True)
+    say = lambda line: print(line, flush=True)
+    results, code = run_plan(plan, out, env, args.budget, args.stage_limit, args.keep_going, say)
     total = time.monotonic() - t_start
     summary = {"mode": "cpu" if cpu else "gpu", "out": str(out), "seconds": total, "budget_s": args.budget,
                "stages": results}
     with open(out / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     print_summary(summary)
-    return 0 if all(r["status"] in ("ok", "skipped") for r in results) else 1
+    return code
 
 
 def print_summary(summary):

@@ -36,10 +36,11 @@ import numpy as np
 
 import kernels
 import kernels.emu.profiler
-from bench import gpus, write_json
+from bench import gpus, progress, stop_on_setup_error, write_json
 from bench.kernel_cases import MODULES, Case, twin_of
 from kernels.lesson import gpu_module, median_time
 from kernels.runtime import plan, predict
+from kernels.runtime.cuda_env import CudaSetupError
 
 
 def _gpu():
@@ -77,6 +78,7 @@ def run(groups=None, size=None, repeat=None, out=None):
     xp = _gpu() or np
     size = size or ("resnet50" if xp is not np else "tiny")
     repeat = repeat or (20 if xp is not np else 3)
+    progress("bench.kernels", "the copy and matmul ceilings: starting")
     ceilings = measure_ceilings(xp, repeat)
     rows = []
     for name in MODULES:
@@ -87,6 +89,7 @@ def run(groups=None, size=None, repeat=None, out=None):
         except ImportError as exc:
             rows.append({"group": name, "name": "(not available)", "error": f"{type(exc).__name__}: {exc}"})
             continue
+        progress("bench.kernels", f"group {name}: starting")
         for case in mod.cases(xp, size):
             case.group = name
             rows.append(_run_case(case, xp, repeat, ceilings))
@@ -129,6 +132,8 @@ def _run_case(case: Case, xp, repeat, ceilings):
             row["ours_over_baseline_time"] = t / tb
             if case.flops:
                 row["baseline_flops_per_s"] = case.flops / tb
+    except CudaSetupError:
+        raise                 # every case that needs the missing header would fail the same way
     except Exception as exc:  # a failing case is reported, the others still run
         row["error"] = f"{type(exc).__name__}: {exc}"
     return row
@@ -467,7 +472,8 @@ def main(argv=None):
                     only_measured=bool(args.measured))
     else:
         run(args.groups, args.size, args.repeat, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(stop_on_setup_error("bench.kernels", main))

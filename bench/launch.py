@@ -199,6 +199,7 @@ def measure_gpu(count=20000, repeat=5):
     from kernels.runtime import launch as _launch
     rows = []
     for filename, kernel in CASES:
+        print(f"[bench.launch] {kernel} on the GPU: starting", flush=True)
         grid, block, args = _case_args(kernel, lambda shape, dt: cupy.zeros(shape, dt))
         ours = _launch.module(filename).get_function(kernel)
         ours(grid, block, args)                                   # compiles (NVRTC), builds caches
@@ -257,4 +258,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench import stop_on_setup_error
+    sys.exit(stop_on_setup_error("bench.launch", main))

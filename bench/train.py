@@ -1,6 +1,9 @@
 """Training throughput of ResNet-50 v1.5: `python -m bench.train`.
 
-Synthetic input already on the device (no loader: bench.loader measures that), one model per
+The step measured is train.py's own: Trainer.step, on a Trainer built for its step alone
+(Trainer.for_step: the model, optimizer, loss scaler and all-reduce a run builds, without data,
+run folder or log). Synthetic input already on the device (uint8 images as after the prefetcher,
+normalised by the step's input kernel; no loader: bench.loader measures that), one model per
 configuration:
 
     fp32-ours    float32, our convolution kernels
@@ -10,10 +13,11 @@ configuration:
 
 For each: a warm-up (excluded), a throughput pass of asynchronous steps timed end to end
 (images/s), and a separate profiled pass that synchronises the device at the phase boundaries
-(forward incl. the loss, backward incl. zero_grad, optimizer incl. the loss scaler) to give the
-per-phase breakdown, plus peak device memory: the high-water mark of CuPy's memory pool (bytes
-reserved from the device, the analogue of PyTorch's max_memory_reserved; the pool is emptied
-before each configuration) and the largest bytes in use seen at the phase boundaries.
+Trainer.step marks (forward incl. the input kernel and the loss, backward incl. zero_grad,
+optimizer incl. the loss scaler) to give the per-phase breakdown, plus peak device memory: the
+high-water mark of CuPy's memory pool (bytes reserved from the device, the analogue of PyTorch's
+max_memory_reserved; the pool is emptied before each configuration) and the largest bytes in use
+seen at the phase boundaries. The loss shown is the mean over the timed steps, read once after them.
 
     python -m bench.train                                  # GPU: batch 256, 224 px, all four
     python -m bench.train --size tiny --device cpu emu     # CPU: width 1/16, 32 px, batch 4
@@ -21,14 +25,15 @@ before each configuration) and the largest bytes in use seen at the phase bounda
     python -m bench.train --optimizer lars                 # LARS instead of SGD
     python -m bench.train --size tiny --device emu --sync-check     # host reads and launches per step
 
-The step timed is train.py's own (nn.optim over flat buffers: one update launch; the loss added
-to a device-side total, never read inside the step; the loss scaler on the device), so
---cuda-graph captures exactly that step (nn/cuda_graph.py) and times replays.
+Trainer.step (nn.optim over flat buffers: one update launch; the loss added to a device-side
+total, never read inside the step; the loss scaler on the device) is what --cuda-graph captures
+(nn/cuda_graph.py) before timing replays, as train.py --cuda-graph does.
 
---sync-check runs steady-state steps and counts what each one does: host syncs per step (reads
-through nn.device.to_numpy, the only door from device to host; 0 is the goal) and kernel launches
-per step, for SGD fp32, SGD fp16 with dynamic loss scaling, LARS, and (under `mpiexec -n 2`, CPU
-MPI) synchronised BN over 2 ranks. Exit 1 if any configuration makes a host read.
+--sync-check runs steady-state steps of Trainer.step and counts what each one does: host syncs
+per step (reads through nn.device.to_numpy, the only door from device to host; 0 is the goal; a
+read added to Trainer.step shows here) and kernel launches per step, for SGD fp32, SGD fp16
+with dynamic loss scaling, LARS, and (under `mpiexec -n 2`, CPU MPI) synchronised BN over 2
+ranks. Exit 1 if any configuration makes a host read.
 
 A configuration that fails (e.g. fp16 activations where a kernel is float32-only) is reported in
 the table with its error; the others still run. The exit code is 0 unless every run failed.
@@ -44,7 +49,8 @@ import traceback
 
 import numpy as np
 
-from bench import write_json
+from bench import progress as _progress, stop_on_setup_error, write_json
+from kernels.runtime.cuda_env import CudaSetupError
 
 __all__ = ["SIZES", "CONFIGS", "run", "measure", "build_setup", "converge", "gpu_available", "print_table",
            "sync_check"]
@@ -85,83 +91,57 @@ def _sync(device):
 
 
 class Setup:
-    """Everything one configuration trains with: model, optimizer, scaler, static input buffers,
-    and the device-side running loss [sum, finite steps, NaN/inf steps]."""
+    """One configuration: train.py's Trainer built for its step alone (Trainer.for_step: model,
+    optimizer, loss scaler, all-reduce, the device-side running loss [sum, finite steps, NaN/inf
+    steps]) and one synthetic batch kept on the device (x: uint8 images [B, S, S, 3] NHWC, y:
+    int32 labels [B]), as after the prefetcher."""
 
-    def __init__(self, model, opt, scaler, x, y, device, precision, ddp=None):
-        self.model, self.opt, self.scaler, self.ddp = model, opt, scaler, ddp
-        self.x, self.y = x, y
+    def __init__(self, trainer, x, y, device, precision):
+        self.trainer, self.x, self.y = trainer, x, y
         self.device, self.precision = device, precision
-        self.loss_totals = model.device.xp.zeros(3, dtype=np.float64)
+
+    model = property(lambda self: self.trainer.model)
+    opt = property(lambda self: self.trainer.opt)
+    scaler = property(lambda self: self.trainer.scaler)
+    loss_totals = property(lambda self: self.trainer.loss_window)
+
+
+LR = 0.01   # small: a benchmark must not diverge on a fixed batch
 
 
 def build_setup(precision, device, size, seed=0, optimizer="sgd", dynamic_scale=False, comm=None, sync_bn=False):
-    """Model, optimizer and one synthetic batch on `device`.
+    """train.py's Trainer (Trainer.for_step) and one synthetic batch on `device`.
 
-    precision: 'fp32' or 'amp'; size: a SIZES entry (dict); optimizer: 'sgd' or 'lars' (nn.optim);
-    dynamic_scale: dynamic loss scaling for amp (default: the reference's static 128); comm: a
-    communicator of several ranks (data parallel, optionally synchronised BN).
-    x: float [B, S, S, 3] NHWC (fp16 for amp), y: int32 [B].
+    precision: 'fp32' or 'amp' (train.py's --precision fp16); size: a SIZES entry (dict);
+    optimizer: 'sgd' or 'lars' (nn.optim); dynamic_scale: dynamic loss scaling for amp (default:
+    the reference's static 128); comm: a communicator of several ranks (data parallel,
+    optionally synchronised BN). Learning rate LR, momentum 0.9, weight decay 5e-5, no label
+    smoothing.
     """
     import nn
-    from nn import data_parallel
-    amp = precision == "amp"
-    model = nn.resnet50(num_classes=size["classes"], width=size["width"], seed=seed,
-                        activation_dtype=np.float16 if amp else None).to(device)
-    if comm is not None and sync_bn:
-        data_parallel.convert_sync_batchnorm(model, comm)
-    lr = 0.01   # small: a benchmark must not diverge on a fixed batch
+    import train
     if optimizer not in ("sgd", "lars"):
         raise ValueError(f"optimizer must be 'sgd' or 'lars', got {optimizer!r}")
-    Opt = nn.optim.SGD if optimizer == "sgd" else nn.optim.LARS
-    opt = Opt(model.named_parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
-    ddp = data_parallel.DataParallel(model, comm) if comm is not None and comm.world_size > 1 else None
-    scaler = None
-    if amp:
-        scaler = nn.amp.LossScaler(2.0 ** 15, dynamic=True) if dynamic_scale else nn.amp.LossScaler(LOSS_SCALE)
+    amp = precision == "amp"
+    cfg = dict(device=device, precision="fp16" if amp else "fp32",
+               loss_scale="dynamic" if dynamic_scale else LOSS_SCALE, width=size["width"],
+               zero_init_residual=False, seed=seed, sync_bn=sync_bn and comm is not None, optimizer=optimizer,
+               momentum=0.9, weight_decay=5e-5, label_smoothing=0.0, profile=False)
+    trainer = train.Trainer.for_step(cfg, size["classes"], comm)
+    trainer.opt.lr = LR
     rng = np.random.default_rng(seed)
     B, S = size["batch"], size["image"]
-    x_host = rng.standard_normal((B, S, S, 3), dtype=np.float32)
-    y_host = rng.integers(0, size["classes"], B).astype(np.int32)
     dev = nn.device.get_device(device)
     # made once and kept: the input is "already on the device", as after a prefetcher
-    x = dev.asarray(x_host.astype(np.float16) if amp else x_host)
-    y = dev.asarray(y_host)
-    return Setup(model, opt, scaler, x, y, device, precision, ddp)
-
-
-def _forward(s):
-    from nn import functional as F
-    logits = s.model(s.x, layout="NHWC")
-    loss = F.cross_entropy(logits, s.y)
-    s.model.device.ops.accumulate_loss(loss.data, s.loss_totals)     # on the device, not read
-    return loss
-
-
-def _backward(s, loss):
-    s.opt.zero_grad()
-    if s.scaler is not None:
-        s.scaler.backward(loss)
-    else:
-        loss.backward()
-    if s.ddp is not None:
-        s.ddp.finish()
-
-
-def _optimize(s):
-    if s.scaler is not None:
-        s.scaler.step(s.opt)          # overflow check, unscale, step (or skip): all on the device
-    else:
-        s.opt.step()
+    x = dev.asarray(rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8))
+    y = dev.asarray(rng.integers(0, size["classes"], B).astype(np.int32))
+    return Setup(trainer, x, y, device, precision)
 
 
 def eager_step(s):
-    """One training step as train.py does it, with no host read: what --cuda-graph captures.
-    Returns the loss (a device array, not read)."""
-    loss = _forward(s)
-    _backward(s, loss)
-    _optimize(s)
-    return loss.data
+    """One training step: train.py's Trainer.step on the setup's batch (no host read; what
+    --cuda-graph captures). The loss goes to s.loss_totals on the device, unread."""
+    s.trainer.step(s.x, s.y)
 
 
 class _Memory:
@@ -198,7 +178,8 @@ class _Memory:
 def measure(name, device, size_name="tiny", cuda_graph=False, optimizer="sgd", seed=0, steps=None,
             warmup=None, profile_steps=None):
     """Benchmark one configuration. Returns a dict (one table row); never raises for a failing
-    configuration: the row then has 'error' (or 'skipped' when it cannot run on this device)."""
+    configuration: the row then has 'error' (or 'skipped' when it cannot run on this device).
+    A CudaSetupError (NVRTC or a CUDA header missing) is raised: every configuration would fail."""
     precision, engine = CONFIGS[name]
     size = dict(SIZES[size_name])
     for key, value in (("steps", steps), ("warmup", warmup), ("profile_steps", profile_steps)):
@@ -232,22 +213,26 @@ def measure(name, device, size_name="tiny", cuda_graph=False, optimizer="sgd", s
             run_step = lambda: eager_step(s)
         _sync(device)
         memory.sample()
+        s.loss_totals.fill(0)        # from here: the timed steps' losses only
         # throughput: asynchronous steps, one sync at the end
         t0 = time.perf_counter()
         for _ in range(size["steps"]):
-            loss = run_step()
+            run_step()
         _sync(device)
         elapsed = time.perf_counter() - t0
         memory.sample()
         row["step_ms"] = 1e3 * elapsed / size["steps"]
         row["images_per_s"] = size["batch"] * size["steps"] / elapsed
-        row["loss"] = float(np.asarray(nn.device.to_numpy(loss)))      # eager and graph steps return arrays
+        total, finite, _ = (float(v) for v in nn.device.to_numpy(s.loss_totals))   # read once, after them
+        row["loss"] = total / finite if finite else float("nan")     # the mean loss of the timed steps
         if s.scaler is not None:
             row["loss_scale"] = s.scaler.scale
             row["skipped_steps"] = s.scaler.skipped_steps
         row.update(_profile(s, size["profile_steps"], device, memory) if not cuda_graph else
                    {"phases_ms": None, "phases_note": "one graph launch: no phase boundaries inside"})
         row.update(memory.result())
+    except CudaSetupError:
+        raise
     except Exception as exc:    # reported in the table, the other configurations still run
         row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         row["traceback"] = traceback.format_exc(limit=6)
@@ -260,27 +245,46 @@ def measure(name, device, size_name="tiny", cuda_graph=False, optimizer="sgd", s
     return row
 
 
+class _PhaseTimer:
+    """Takes the place of train.py's Phases clock (trainer.phases) for the profiled pass: at each
+    phase boundary Trainer.step marks (input, forward, backward, optimizer) it synchronises the
+    device, records the phase's seconds and samples the memory pool."""
+
+    def __init__(self, device, memory):
+        self.device, self.memory = device, memory
+        self.times = {}
+
+    def start(self):
+        _sync(self.device)
+        self.step, self.t = {}, time.perf_counter()
+
+    def mark(self, name):
+        _sync(self.device)
+        now = time.perf_counter()
+        self.step[name] = now - self.t
+        self.t = now
+        self.memory.sample()
+
+    def end(self):
+        for name, seconds in self.step.items():
+            self.times.setdefault(name, []).append(seconds)
+
+
 def _profile(s, steps, device, memory):
-    """Median milliseconds of each phase, with a device sync at every boundary."""
-    phases = {"forward": [], "backward": [], "optimizer": []}
-    for _ in range(max(1, steps)):
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = _forward(s)
-        _sync(device)
-        t1 = time.perf_counter()
-        memory.sample()
-        _backward(s, loss)
-        _sync(device)
-        t2 = time.perf_counter()
-        memory.sample()
-        _optimize(s)
-        _sync(device)
-        t3 = time.perf_counter()
-        memory.sample()
-        phases["forward"].append(t1 - t0)
-        phases["backward"].append(t2 - t1)
-        phases["optimizer"].append(t3 - t2)
+    """Median milliseconds of each phase of Trainer.step, with a device sync at every boundary.
+    forward includes the input kernel (uint8 -> normalised float) and the loss."""
+    timer, kept = _PhaseTimer(device, memory), s.trainer.phases
+    s.trainer.phases = timer
+    try:
+        for _ in range(max(1, steps)):
+            timer.start()
+            eager_step(s)
+            timer.end()
+    finally:
+        s.trainer.phases = kept
+    t = timer.times
+    phases = {"forward": [a + b for a, b in zip(t["input"], t["forward"])], "backward": t["backward"],
+              "optimizer": t["optimizer"]}
     return {"phases_ms": {k: 1e3 * statistics.median(v) for k, v in phases.items()}}
 
 
@@ -316,14 +320,20 @@ def run(devices=None, configs=None, size=None, cuda_graph=False, optimizer="sgd"
     size = size or ("resnet50" if devices == ["cuda"] else "tiny")
     configs = configs or list(CONFIGS)
     rows = []
+    counts = {"steps": steps, "warmup": warmup, "profile_steps": profile_steps}
+    used = dict(SIZES[size], **{k: v for k, v in counts.items() if v is not None})
+    result = {"benchmark": "bench.train", "environment": environment(), "size": size,
+              "sizes": {size: used}, "rows": rows}
     for device in devices:
         for name in configs:
+            if not quiet:
+                _progress("bench.train", f"{device} {name}{' +graph' if cuda_graph else ''}: starting")
             rows.append(measure(name, device, size, cuda_graph, optimizer, steps=steps, warmup=warmup,
                                 profile_steps=profile_steps))
             if not quiet:
                 print(_format_row(rows[-1]), flush=True)
-    result = {"benchmark": "bench.train", "environment": environment(), "size": size,
-              "sizes": {size: SIZES[size]}, "rows": rows}
+            if out:     # the rows so far: a run stopped at its time limit keeps them
+                write_json(dict(result, partial=True), out, default=float, quiet=True)
     print_table(result)
     if out:
         write_json(result, out, default=float)
@@ -508,6 +518,7 @@ def main(argv=None):
     if args.converge:
         device = (args.device or ["cuda" if gpu_available() else "cpu"])[0]
         size = "small" if device == "cuda" and args.size != "tiny" else "tiny"
+        _progress("bench.train", f"convergence, {args.converge} steps on {device} ({size}): starting")
         res = converge(device, args.converge, size, progress=True)
         ok = res["ratio"] < 0.75 and np.isfinite(res["last"])
         print(f"convergence on {device} ({size}): loss {res['first']:.4f} -> {res['last']:.4f} "
@@ -523,4 +534,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stop_on_setup_error("bench.train", main))

@@ -23,10 +23,25 @@ also says whether libjpeg-turbo warned. It decodes with TurboJPEG's stop-on-warn
 clean file costs one decode, exactly as before. JPEG has no checksum: damage that keeps the
 entropy-coded data consistent (a flipped bit that still reads as valid Huffman codes) decodes
 to a garbled image with no warning, and no decoder can tell.
+
+Decompression bombs: a file whose header claims more than ``MAX_PIXELS`` pixels (Pillow's
+default limit, ~89 M) is refused with ValueError before anything is allocated.
 """
 
 import numpy as np
 import simplejpeg
+
+# The most pixels a file may have before it is decoded. A JPEG's header can claim 65500 x 65500
+# in a few hundred bytes, and the decoder would allocate 12 GiB for it (a "decompression bomb");
+# the limit is Pillow's default Image.MAX_IMAGE_PIXELS.
+MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+
+def check_pixels(height, width):
+    """Raise ValueError if an image of height x width pixels is over ``MAX_PIXELS``."""
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"the header says {width}x{height} pixels, over the limit of {MAX_PIXELS} "
+                         f"(data.decode.MAX_PIXELS): refused before decoding (a decompression bomb?)")
 
 
 def jpeg_header(buf):
@@ -56,12 +71,14 @@ def decode_jpeg(buf, min_height=0, min_width=0, strict=False):
     strict: also raise ValueError (libjpeg-turbo's message) for damage libjpeg-turbo can
         recover from, i.e. for any warning it gives.
     Returns a C-contiguous uint8 array [H, W, 3], RGB.
-    Raises ValueError for data that is not a decodable JPEG. Without ``strict``, recoverable
-    damage (e.g. a truncated scan, which libjpeg fills with grey) is decoded, as Pillow does.
+    Raises ValueError for data that is not a decodable JPEG, and for a header over
+    ``MAX_PIXELS`` (before anything is allocated). Without ``strict``, recoverable damage
+    (e.g. a truncated scan, which libjpeg fills with grey) is decoded, as Pillow does.
     """
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise TypeError(f"buf must be bytes-like, got {type(buf).__name__}")
-    _, _, colorspace = jpeg_header(buf)
+    height, width, colorspace = jpeg_header(buf)
+    check_pixels(height, width)
     kwargs = dict(min_height=int(min_height), min_width=int(min_width), strict=bool(strict))
     try:
         if colorspace in ("CMYK", "YCCK"):

@@ -20,16 +20,25 @@ How it works
   the contiguous block ``[r*N//W, (r+1)*N//W)`` and yields ceil(size / B) batches, the
   last one possibly short: every image is counted exactly once over all ranks.
 - Worker processes (started once, by ``forkserver``: safe after CUDA initialised in the
-  parent) each open the LMDB themselves (read-only, no lock, no readahead). Batches
-  are written by the workers straight into shared-memory slots (a file in /dev/shm,
-  unlinked as soon as every worker has mapped it, so nothing leaks if we crash);
-  at most ``prefetch`` batches are in flight, and they come out in order.
+  parent; the server is started in the standard library's folder, so it imports nothing from
+  the current one) each open the LMDB themselves (read-only, no lock, no readahead). Batches
+  are written by the workers straight into shared-memory slots (a file in /dev/shm whose
+  pages are reserved up front, unlinked as soon as every worker has mapped it, so nothing
+  leaks if we crash); at most ``prefetch`` batches are in flight, and they come out in order.
+  Each worker has a pipe for its tasks and one for its results (no multiprocessing.Queue,
+  whose named semaphores a SIGKILL would leave in /dev/shm).
 - A record that fails to decode, or whose label is not a class of the database
   (outside [0, len(classes))), is logged once and replaced, every time it comes up, by
   record ``default_rng([seed, epoch, 2, index, attempt]).integers(N)``
   (``loader.corrupt_records``); the epoch goes on. A record that decodes with a
   libjpeg-turbo warning (truncated, damaged entropy-coded data) is used as decoded and
-  logged once (``loader.damaged_records``).
+  logged once (``loader.damaged_records``). When a record and the 10 drawn to replace it
+  all cannot be used, the loader raises DatabaseError naming the record.
+- Nothing is waited for that cannot come: the loader waits on the workers' pipes and their
+  process sentinels together, so a worker's error (DatabaseError, or LoaderError for anything
+  else) or death (LoaderError naming the worker) ends the wait at once; the other workers are
+  then stopped and the next iteration starts new ones. A signal whose handler raises (Ctrl-C)
+  ends any wait. All of these are DataError (data.records): one line, exit 2 in train.py.
 - Workers end with the process that started them, however it ends (kill -9 included):
   each watches it through a pidfd (Linux >= 5.3; elsewhere it polls) and exits when it
   is gone. The forkserver and multiprocessing's resource tracker exit by themselves once
@@ -39,11 +48,11 @@ The arrays yielded are views into the shared slots and stay valid until the next
 batch is requested; pass ``copy=True`` to get private copies.
 """
 
+import errno
 import logging
 import math
 import multiprocessing as mp
 import os
-import queue
 import select
 import signal
 import tempfile
@@ -51,14 +60,20 @@ import threading
 import time
 import traceback
 from collections import deque
+from multiprocessing import connection as mp_connection
 
 import numpy as np
 
-from .records import close_database, decode_record, open_database, record_key
+from .records import HOW_TO_BUILD, DatabaseError, DataError, close_database, decode_record, open_database, record_key
 
 log = logging.getLogger("data.loader")
 
 MAX_REPLACEMENTS = 10
+
+
+class LoaderError(DataError):
+    """The loader cannot go on: a worker died or failed, or there is no room for the batch slots.
+    (A badly damaged database raises DatabaseError.) The message is one line."""
 
 
 def default_eval_resize(image_size):
@@ -86,6 +101,9 @@ class _BatchMaker:
     """The per-process work: fill slot ``slot`` with the samples of one batch."""
 
     def __init__(self, lmdb_path, images, labels, cfg):
+        import lmdb
+
+        self.path, self._lmdb_error = os.fspath(lmdb_path), lmdb.Error
         self.env, self.meta = open_database(lmdb_path)
         self.num_samples, self.num_classes = self.meta["count"], len(self.meta["classes"])
         self.images, self.labels, self.cfg = images, labels, cfg
@@ -124,14 +142,18 @@ class _BatchMaker:
                     if warning is not None:
                         damaged.append((index, warning))
                     break
-                except (ValueError, OSError) as e:  # decode errors are ValueError
+                except (ValueError, OSError, self._lmdb_error) as e:  # decode errors are ValueError
+                    reason = str(e) if isinstance(e, (ValueError, OSError)) else f"LMDB: {type(e).__name__}: {e}"
                     tried += 1
                     if tried > MAX_REPLACEMENTS:
-                        raise RuntimeError(f"{MAX_REPLACEMENTS} replacements for a corrupt record failed too; "
-                                           f"the database looks badly damaged: {e}") from e
+                        first, first_reason = corrupt[-MAX_REPLACEMENTS][0], corrupt[-MAX_REPLACEMENTS][2]
+                        raise DatabaseError(f"database {self.path!r} is badly damaged: record {first} cannot be "
+                                            f"used ({first_reason}), nor can the {MAX_REPLACEMENTS} records drawn "
+                                            f"to replace it (the last, record {index}: {reason}); rebuild it; "
+                                            f"{HOW_TO_BUILD}") from None
                     replacement = int(np.random.default_rng([self.cfg["seed"], epoch, 2, index, tried])
                                       .integers(self.num_samples))
-                    corrupt.append((index, replacement, str(e)))
+                    corrupt.append((index, replacement, reason))
                     index = replacement
         return corrupt, damaged
 
@@ -188,7 +210,11 @@ def _exit_with_owner(pid, start_time):
 
 def _worker_main(worker_id, lmdb_path, buffer_path, batch_size, image_size, num_slots, cfg, tasks, results,
                  owner=None):
-    # Runs in a worker process: map the slots, open the database, serve tasks until None.
+    # Runs in a worker process: map the slots, open the database, then make the batches that
+    # arrive on ``tasks`` (our end of a pipe from the loader) until the loader closes it, and
+    # report each on ``results``. Messages: ("ready", None, None), ("done", batch id, (slot, count,
+    # corrupt, damaged)), ("error", batch id or None, (kind, one-line message)); after an error
+    # the worker stops (the loader stops every worker then).
     # owner: (pid, start time) of the process that started the loader; we exit when it does.
     # Ctrl-C in a terminal signals every process of the foreground group, workers included: the
     # owner decides what it means (finish the step, checkpoint, close the loader, which stops us),
@@ -199,24 +225,52 @@ def _worker_main(worker_id, lmdb_path, buffer_path, batch_size, image_size, num_
     try:
         images, labels = _map_slots(buffer_path, num_slots, batch_size, image_size)
         maker = _BatchMaker(lmdb_path, images, labels, cfg)
-    except BaseException:
-        results.put(("error", None, traceback.format_exc()))
+    except BaseException as e:
+        _send_error(results, None, e)
         return
-    results.put(("ready", worker_id, None))
-    while True:
-        task = tasks.get()
-        if task is None:
-            break
-        batch_id, slot, indices, epoch = task
-        try:
-            results.put(("done", batch_id, (slot, len(indices), *maker.make(slot, indices, epoch))))
-        except BaseException:
-            results.put(("error", batch_id, traceback.format_exc()))
-    maker.close()
+    try:
+        results.send(("ready", None, None))
+        while True:
+            try:
+                batch_id, slot, indices, epoch = tasks.recv()
+            except EOFError:  # the loader closed our task pipe, or its process is gone
+                break
+            try:
+                made = maker.make(slot, indices, epoch)
+            except BaseException as e:
+                _send_error(results, batch_id, e)
+                break
+            results.send(("done", batch_id, (slot, len(indices), *made)))
+    except OSError:  # the loader's end of a pipe is closed: it is gone, nothing to report to
+        pass
+    finally:
+        maker.close()
+
+
+def _send_error(results, batch_id, error):
+    # One line for the loader to raise: a DataError's own message; for anything else (a bug) its
+    # type, message and the line that raised it.
+    if isinstance(error, DataError):
+        message = str(error)
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+        message = f"{type(error).__name__}: {error}{where}"
+    try:
+        results.send(("error", batch_id, ("database" if isinstance(error, DatabaseError) else "other", message)))
+    except OSError:
+        pass
 
 
 def _slot_bytes(num_slots, batch_size, image_size):
     return num_slots * batch_size * (image_size * image_size * 3 + 4)
+
+
+def _size_text(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _map_slots(path, num_slots, batch_size, image_size):
@@ -226,6 +280,48 @@ def _map_slots(path, num_slots, batch_size, image_size):
     images = mm[:n_img].reshape(num_slots, batch_size, image_size, image_size, 3)
     labels = mm[n_img:].view(np.int32).reshape(num_slots, batch_size)
     return images, labels
+
+
+_forkserver_lock = threading.Lock()
+
+
+def _context(start_method):
+    """The multiprocessing context for the workers; for forkserver, with its server started in
+    the standard library's folder and nothing preloaded. Why: the server (and multiprocessing's
+    resource tracker, started with it) runs as `python -c ...`, so the first entry of its
+    sys.path is '', the current folder, on every Python up to 3.13 (it ignores the sys.path it is
+    sent): started where a run starts, it would import a numba.py lying there (preloading NumPy
+    and Numba), or a socket.py (its own imports), and so would every worker forked from it. In
+    the standard library's folder, '' names a folder already on its path. (An empty temporary
+    folder removed right after the start would do on Python 3.10-3.12; 3.13 fails to import
+    when its current folder is gone.) Nothing is preloaded because the server could only find
+    our modules through its own sys.path, which need not be the loader's: each worker imports
+    them itself with the loader's own sys.path, as multiprocessing sets it up in every child,
+    i.e. the code the loader's process would import. That costs each worker ~0.3 s of imports
+    at its start (python -X importtime): a 2-worker loader on the tiny synthetic set took
+    1.7-2.1 s from construction to its first batch, against 0.9-1.1 s with a preloading server
+    (2-core development machine, 3 runs each)."""
+    ctx = mp.get_context(start_method)
+    if start_method != "forkserver":
+        return ctx
+    import sysconfig
+    from multiprocessing import forkserver
+
+    stdlib = sysconfig.get_path("stdlib")
+    with _forkserver_lock:
+        here = os.open(".", os.O_RDONLY)  # a descriptor: the folder's path may have changed meanwhile
+        try:
+            if stdlib and os.path.isdir(stdlib):
+                os.chdir(stdlib)
+            forkserver.ensure_running()  # nothing to do when it runs already
+        finally:
+            os.fchdir(here)
+            os.close(here)
+    return ctx
+
+
+def _slots_dir():
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 class Loader:
@@ -251,6 +347,12 @@ class Loader:
     (list of (epoch, index, replacement, reason), one entry per replacement made: records
     that do not decode or whose label is out of range), damaged_records ({index: libjpeg-turbo
     warning} of records used although they decoded with a warning).
+
+    Raises (all data.records.DataError, one line each): DatabaseError for a database that is
+    missing, unfinished, truncated or damaged (when it is opened, or while iterating when a
+    record and the 10 records drawn to replace it cannot be used); LoaderError when /dev/shm
+    cannot hold the batch slots (checked here and when they are made) and when a worker dies or
+    fails. ValueError for bad arguments.
     """
 
     def __init__(self, lmdb_path, batch_size, train, image_size=224, eval_resize=None, seed=0, epoch=0,
@@ -286,8 +388,12 @@ class Loader:
         self.corrupt_records = []  # (epoch, index, replacement, reason)
         self.damaged_records = {}  # index -> warning
         self._logged_corrupt = set()
-        self._procs, self._maker, self._tasks, self._results = [], None, None, None
+        self._procs, self._maker, self._task_conns, self._result_conns = [], None, [], []
+        self._images = self._labels = None
         self._batch_counter = 0
+        self._generation = 0  # counts worker sets: an abandoned iteration leaves a newer set alone
+        self._next_worker = 0
+        self._check_room()
         self.set_epoch(epoch, start_batch)
         if self.train and len(self) == 0:
             raise ValueError(f"batch_size {batch_size} exceeds the {self.num_samples // world_size} training "
@@ -323,72 +429,163 @@ class Loader:
 
     # -- workers ------------------------------------------------------------------------
 
+    def _check_room(self):
+        # Up front, before anything is built: /dev/shm (64 MiB in a default docker container)
+        # must hold the batch slots; the workers would otherwise die of SIGBUS mid-run.
+        directory, size = _slots_dir(), _slot_bytes(self.num_slots, self.batch_size, self.image_size)
+        st = os.statvfs(directory)
+        if st.f_bavail * st.f_frsize < size:
+            raise self._room_error(f"{directory} has {_size_text(st.f_bavail * st.f_frsize)} free")
+
+    def _room_error(self, what, remedy=None):
+        directory = _slots_dir()
+        size = _slot_bytes(self.num_slots, self.batch_size, self.image_size)
+        remedy = remedy or f"give {directory} more room (docker run --shm-size)"
+        slots = f"{self.num_slots} slot{'s' if self.num_slots > 1 else ''}"
+        return LoaderError(
+            f"{what}, but the loader's batch slots need {_size_text(size)} there ({slots} of {self.batch_size} "
+            f"images of {self.image_size}x{self.image_size}x3): lower --batch-size, --image-size or --workers "
+            f"(2 slots per worker; Loader: batch_size, image_size, prefetch) or {remedy}")
+
+    def _make_slot_file(self):
+        # The shared slots: a file in /dev/shm whose pages are all reserved now, so that a full
+        # /dev/shm is this one line and never a SIGBUS in a worker writing into a slot later.
+        directory = _slots_dir()
+        size = _slot_bytes(self.num_slots, self.batch_size, self.image_size)
+        try:
+            fd, path = tempfile.mkstemp(prefix="rn50-loader-", dir=directory)
+        except OSError as e:
+            raise LoaderError(f"cannot create the loader's batch slots in {directory}: {e.strerror or e}") from None
+        try:
+            os.ftruncate(fd, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem without it
+                    raise
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            if e.errno == errno.EFBIG:
+                raise self._room_error(f"a file-size limit refuses a file this large in {directory} ({e.strerror})",
+                                       "raise the limit (ulimit -f)") from None
+            if e.errno == errno.ENOSPC:
+                raise self._room_error(f"{directory} is full ({e.strerror})") from None
+            raise LoaderError(f"cannot make the loader's batch slots in {directory}: {e.strerror or e}") from None
+        os.close(fd)
+        return path
+
     def _start(self):
         if self._maker is not None or self._procs:
             return
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        size = _slot_bytes(self.num_slots, self.batch_size, self.image_size)
-        st = os.statvfs(directory)
-        if st.f_bavail * st.f_frsize < size:
-            raise RuntimeError(f"{directory} has {st.f_bavail * st.f_frsize >> 20} MiB free, the loader's "
-                               f"{self.num_slots} batch slots need {size >> 20} MiB: lower prefetch/batch_size "
-                               f"or enlarge it (docker: --shm-size)")
-        fd, path = tempfile.mkstemp(prefix="rn50-loader-", dir=directory)
+        path = self._make_slot_file()
         try:
-            os.ftruncate(fd, size)
-            os.close(fd)
             self._images, self._labels = _map_slots(path, self.num_slots, self.batch_size, self.image_size)
             if self.workers == 0:
                 self._maker = _BatchMaker(self.lmdb_path, self._images, self._labels, self._cfg)
                 return
-            ctx = mp.get_context(self.start_method)
-            if self.start_method == "forkserver":
-                ctx.set_forkserver_preload(["data.loader", "data.augment", "data.decode"])
-            self._tasks, self._results = ctx.Queue(), ctx.Queue()
+            ctx = _context(self.start_method)
             owner = (os.getpid(), _process_start_time(os.getpid()))
+            # One pipe each way per worker, no multiprocessing.Queue: a queue holds named
+            # semaphores (files in /dev/shm) that a SIGKILL of the whole process group leaves behind.
             for w in range(self.workers):
-                p = ctx.Process(target=_worker_main, daemon=True,
-                                args=(w, self.lmdb_path, path, self.batch_size, self.image_size,
-                                      self.num_slots, self._cfg, self._tasks, self._results, owner))
-                p.start()
-                self._procs.append(p)
-            for _ in range(self.workers):
-                kind, _, payload = self._get_result()
-                if kind == "error":
-                    raise RuntimeError(f"a loader worker failed to start:\n{payload}")
+                task_r, task_w = ctx.Pipe(duplex=False)
+                result_r, result_w = ctx.Pipe(duplex=False)
+                self._task_conns.append(task_w)
+                self._result_conns.append(result_r)
+                try:
+                    p = ctx.Process(target=_worker_main, daemon=True, name=f"rn50-loader-{w}",
+                                    args=(w, self.lmdb_path, path, self.batch_size, self.image_size,
+                                          self.num_slots, self._cfg, task_r, result_w, owner))
+                    p.start()
+                    self._procs.append(p)
+                finally:  # the worker has its own copies: ours would hide its death (no EOF)
+                    task_r.close()
+                    result_w.close()
+            ready = 0
+            while ready < self.workers:
+                self._receive()  # raises for a worker that failed to start
+                ready += 1
+            self._next_worker = 0
         except BaseException:
-            self.close()
+            self._stop_workers(0.0)
             raise
         finally:
             os.unlink(path)  # every process has it mapped now; the memory lives until they exit
 
-    def _get_result(self):
-        while True:
+    def _worker_died(self, w):
+        p = self._procs[w]
+        p.join(timeout=1.0)
+        code = p.exitcode
+        if code is not None and code < 0:
             try:
-                return self._results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in self._procs if p.exitcode is not None]
-                if dead:
-                    raise RuntimeError(f"loader worker pid {dead[0].pid} died (exit code {dead[0].exitcode})")
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+            if code == -signal.SIGKILL:
+                how += ": out of memory? see dmesg"
+        else:
+            how = "still running but its pipe is closed" if code is None else f"exit code {code}"
+        return LoaderError(f"loader worker {w} (pid {p.pid}) died ({how}) while making batches of "
+                           f"{self.lmdb_path!r}; the batches it had cannot come")
+
+    def _receive(self):
+        """The next message of any worker -> (kind, batch id, payload), waiting as long as it takes
+        but never for a worker that is gone. Raises LoaderError when a worker has died and the
+        error a worker reports (DatabaseError for a badly damaged database, else LoaderError)."""
+        conns = self._result_conns
+        while True:
+            # a worker's death makes its sentinel ready, and its pipe (EOF); a signal handler that
+            # raises (KeyboardInterrupt) ends the wait
+            ready = mp_connection.wait(conns + [p.sentinel for p in self._procs])
+            for w, conn in enumerate(conns):  # messages first: a worker may have sent its last one and exited
+                if conn in ready or conn.poll():
+                    try:
+                        kind, batch_id, payload = conn.recv()
+                    except (EOFError, OSError):
+                        raise self._worker_died(w) from None
+                    if kind == "error":
+                        origin, message = payload
+                        if origin == "database":
+                            raise DatabaseError(message)
+                        raise LoaderError(f"loader worker {w} (pid {self._procs[w].pid}) failed on "
+                                          f"{self.lmdb_path!r}: {message}")
+                    return kind, batch_id, payload
+            for w, p in enumerate(self._procs):
+                if p.sentinel in ready:
+                    raise self._worker_died(w)
+
+    def _submit(self, batch_id, slot, indices, epoch):
+        w = self._next_worker
+        self._next_worker = (w + 1) % len(self._task_conns)
+        try:
+            self._task_conns[w].send((batch_id, slot, indices, epoch))
+        except OSError:  # BrokenPipeError: the worker is gone
+            raise self._worker_died(w) from None
+
+    def _stop_workers(self, wait):
+        # Close the task pipes (a worker exits after the batch it is making), give the workers
+        # ``wait`` seconds, then kill what is left.
+        self._generation += 1
+        for conn in self._task_conns:
+            conn.close()
+        deadline = time.monotonic() + wait
+        for p in self._procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():  # SIGKILL: a worker has nothing to save, and a stopped one ignores SIGTERM
+                p.kill()
+        for p in self._procs:
+            p.join()
+        for conn in self._result_conns:
+            conn.close()
+        self._procs, self._task_conns, self._result_conns = [], [], []
 
     def close(self):
         """Stop the workers and release the shared slots. Safe to call twice."""
-        if self._tasks is not None:
-            for _ in self._procs:
-                try:
-                    self._tasks.put(None)
-                except (OSError, ValueError):
-                    pass
-        for p in self._procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join()
-        self._procs = []
+        self._stop_workers(5.0)
         if self._maker is not None:
             self._maker.close()
             self._maker = None
-        self._tasks = self._results = None
         self._images = self._labels = None
 
     def __enter__(self):
@@ -444,19 +641,18 @@ class Loader:
         # iteration can never be mistaken for this one's.
         base = self._batch_counter
         self._batch_counter += len(batches)
+        generation = self._generation
         free = deque(range(self.num_slots))
         done, outstanding = {}, 0
         next_submit = next_yield = self.start_batch
         try:
             while next_yield < len(batches):
                 while free and next_submit < len(batches):
-                    self._tasks.put((base + next_submit, free.popleft(), batches[next_submit], epoch))
+                    self._submit(base + next_submit, free.popleft(), batches[next_submit], epoch)
                     next_submit += 1
                     outstanding += 1
                 while base + next_yield not in done:
-                    kind, batch_id, payload = self._get_result()
-                    if kind == "error":
-                        raise RuntimeError(f"loader worker failed on a batch:\n{payload}")
+                    _, batch_id, payload = self._receive()
                     done[batch_id] = payload
                     outstanding -= 1
                 slot, count, corrupt, damaged = done.pop(base + next_yield)
@@ -466,12 +662,23 @@ class Loader:
                 yield self._output(slot, count)
                 free.append(slot)
             self.set_epoch(epoch + 1)
-        finally:
-            # Abandoned mid-epoch (break, exception): wait for the batches still being
-            # written so that no worker writes into a slot the next iteration reuses.
-            while outstanding > 0 and self._procs:
+        except GeneratorExit:
+            # Abandoned mid-epoch (break, the iterator dropped): let the batches in flight be
+            # written, so that no worker writes into a slot the next iteration reuses.
+            if generation == self._generation:
                 try:
-                    kind, _, _ = self._get_result()
-                except RuntimeError:
-                    break
-                outstanding -= 1
+                    while outstanding > 0:
+                        self._receive()
+                        outstanding -= 1
+                except Exception:  # a worker died or failed meanwhile: the next iteration starts afresh
+                    self._stop_workers(0.0)
+                except BaseException:  # Ctrl-C
+                    self._stop_workers(0.0)
+                    raise
+            raise
+        except BaseException:
+            # A worker failed or died, or Ctrl-C: the batches in flight may never come, so nobody
+            # waits for them; the workers are stopped and the next iteration starts new ones.
+            if generation == self._generation:
+                self._stop_workers(0.0)
+            raise

@@ -23,7 +23,11 @@ A damaged JPEG that libjpeg-turbo decodes only with a warning (a truncated file,
 corrupt entropy-coded data) is re-encoded the same way from its best-effort decode
 and listed in the metadata as ``damaged``. A file that neither decodes as JPEG nor
 opens in Pillow is skipped and listed in the metadata (``--strict`` makes it fail the
-pack instead). ``--verify`` also reports stored JPEGs that decode with a warning.
+pack instead); so is a file whose header claims more than ``data.decode.MAX_PIXELS``
+pixels (refused before anything is allocated) and anything that is not a regular file (a
+FIFO named x.jpg would block the read forever). A box file that is not usable XML is
+logged and its image stored without boxes (``--strict``: the pack fails). ``--verify``
+also reports stored JPEGs that decode with a warning.
 
 Safety: the database is built in ``<name>.partial`` and renamed when finished; each
 transaction commits a run of records together with a progress record, so a killed
@@ -39,12 +43,15 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import signal
+import stat
 import sys
 import tarfile
 import time
+import warnings
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -83,15 +90,20 @@ def prepare_image(data):
     warning is libjpeg-turbo's message for a damaged JPEG that decodes only with a warning
     (truncated, corrupt entropy-coded data): such a file is re-encoded from that decode,
     so that the stored record decodes cleanly.
-    Raises ValueError if the content is neither a decodable JPEG nor an image Pillow reads.
+    Raises ValueError if the content is neither a decodable JPEG nor an image Pillow reads,
+    or if its header claims more than ``data.decode.MAX_PIXELS`` pixels.
     Detection is by content (magic bytes, JPEG colour space, decoder warnings), never by
     file name. Cost: one decode per clean JPEG, as a plain check would take.
     """
-    from .decode import decode_jpeg_checked, jpeg_header
+    from .decode import check_pixels, decode_jpeg_checked, jpeg_header
 
     if data[:3] == b"\xff\xd8\xff":
         try:
-            _, _, colorspace = jpeg_header(data)
+            height, width, colorspace = jpeg_header(data)
+        except ValueError as e:
+            raise ValueError(f"undecodable JPEG: {e}") from None
+        check_pixels(height, width)  # a decompression bomb is refused before anything is allocated
+        try:
             rgb, warning = decode_jpeg_checked(data)  # proves it decodes; a clean file is kept as it is
         except ValueError as e:
             raise ValueError(f"undecodable JPEG: {e}") from None
@@ -101,41 +113,98 @@ def prepare_image(data):
             return data, False, None
     from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            rgb = img.convert("RGB")
-    except Exception as e:  # Pillow raises many types for bad input
+    def unreadable(e):
         # (no str(e): Pillow's messages hold object addresses, and the metadata must be reproducible)
-        raise ValueError(f"neither a JPEG nor an image Pillow can read ({type(e).__name__})") from None
+        return ValueError(f"neither a JPEG nor an image Pillow can read ({type(e).__name__})")
+
+    try:
+        with warnings.catch_warnings():  # Pillow's warning about a large image: check_pixels decides below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # Pillow's own limit (2x its warning limit)
+        raise ValueError(f"refused before decoding by Pillow: {e}") from None
+    except Exception as e:  # Pillow raises many types for bad input
+        raise unreadable(e) from None
+    with img:
+        check_pixels(img.height, img.width)  # before Pillow allocates the image
+        try:
+            rgb = img.convert("RGB")
+        except Exception as e:
+            raise unreadable(e) from None
     return _encode_rgb(rgb), True, None
 
 
 def parse_box_xml(path):
     """Bounding boxes of a PASCAL-VOC XML file -> float32 [n, 4] (ymin, xmin, ymax, xmax)
-    as fractions of the image size, clipped to [0, 1]."""
-    root = ET.parse(path).getroot()
-    width = float(root.findtext("size/width"))
-    height = float(root.findtext("size/height"))
+    as fractions of the image size, clipped to [0, 1].
+
+    Raises ValueError saying what is wrong for a file that is not such XML: not well-formed,
+    no ``<size>`` or a width or height that is not a positive number, a coordinate that is
+    missing or not a finite number, a box whose max is below its min.
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise ValueError(f"not well-formed XML ({e})") from None
+
+    def number(node, tag, where):
+        text = node.findtext(tag)
+        if text is None:
+            raise ValueError(f"{where} has no <{tag}>")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: <{tag}> {text.strip()[:20]!r} is not a finite number")
+        return value
+
+    size = root.find("size")
+    if size is None:
+        raise ValueError("no <size> (the image's width and height, which the boxes are relative to)")
+    width, height = number(size, "width", "<size>"), number(size, "height", "<size>")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"<size> says {width:g}x{height:g}: a width and height must be > 0")
     boxes = []
-    for box in root.iter("bndbox"):
-        xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+    for k, box in enumerate(root.iter("bndbox")):
+        xmin, ymin, xmax, ymax = (number(box, t, f"<bndbox> {k}") for t in ("xmin", "ymin", "xmax", "ymax"))
+        if xmax < xmin or ymax < ymin:
+            raise ValueError(f"<bndbox> {k} has its max below its min")
         boxes.append((ymin / height, xmin / width, ymax / height, xmax / width))
     return np.clip(np.array(boxes, np.float32).reshape(-1, 4), 0.0, 1.0)
 
 
+def _read_regular_file(path):
+    # Only a regular file is read: a FIFO named x.jpg would block the pack forever, and a
+    # device (a link to /dev/zero) would never end. O_NONBLOCK lets us open a FIFO to look at it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "special")
+            raise ValueError(f"not a regular file ({kind})")
+        return f.read()
+
+
 def _prepare_item(item):
     # item = (name, label, path or None, bytes or None, box xml path or None)
+    # -> (name, record value or None, reencoded, why it is unreadable, libjpeg-turbo warning, box file problem)
     name, label, path, data, box_path = item
     try:
         if data is None:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read_regular_file(path)
         jpeg, reencoded, warning = prepare_image(data)
-        boxes = parse_box_xml(box_path) if box_path else None
-        value = encode_record(jpeg, label, boxes, FLAG_REENCODED if reencoded else 0)
-        return name, value, reencoded, None, warning
-    except (OSError, ValueError, ET.ParseError) as e:
-        return name, None, False, str(e), None
+    except (OSError, ValueError) as e:
+        return name, None, False, str(e), None, None
+    boxes, box_problem = None, None
+    if box_path:  # a bad box file is the box file's fault: the image is kept, without boxes
+        try:
+            boxes = parse_box_xml(box_path)
+        except (OSError, ValueError) as e:
+            box_problem = f"{box_path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+    return name, encode_record(jpeg, label, boxes, FLAG_REENCODED if reencoded else 0), reencoded, None, warning, \
+        box_problem
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,7 +490,7 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
     dst: the database directory to create (e.g. ``out/train.lmdb``); built as
         ``dst + ".partial"`` and renamed at the end; an existing ``.partial`` of the same
         plan is resumed. workers: processes (None = all cores; <= 1 packs in-process).
-    strict: fail on an unreadable file instead of skipping it. commit_every: records
+    strict: fail on an unreadable file or box file instead of skipping it. commit_every: records
     per transaction. map_size: initial LMDB map size in bytes (grows as needed).
     Returns the metadata dict written (see data/records.py).
     """
@@ -476,8 +545,12 @@ def pack(source, dst, split="train", workers=None, strict=False, commit_every=25
                disable=not progress, dynamic_ncols=True)
     pending, commits = [], 0
     try:
-        for name, value, reencoded, error, warning in results:
+        for name, value, reencoded, error, warning, box_problem in results:
             state["source_done"] += 1
+            if box_problem is not None:
+                if strict:
+                    raise PackError(f"bad box file for {name!r}: {box_problem}")
+                log.warning("ignoring the box file %s; %s is stored without boxes", box_problem, name)
             if value is None:
                 if strict:
                     raise PackError(f"cannot read {name!r}: {error}")
@@ -637,7 +710,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--val-labels", default=None, help="label file for a flat val folder/tar")
     p.add_argument("--boxes", default=None, help="folder of bounding-box XML files (optional)")
-    p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on an unreadable file or box file instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="rebuild existing databases")
     p.add_argument("--verify", action="store_true", help="check existing databases against the source")
     args = p.parse_args(argv)

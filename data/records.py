@@ -51,8 +51,14 @@ HOW_TO_BUILD = ("build one with: python -m data.pack --src <imagenet folder or t
                 "(or data.synthetic.make_dataset + data.pack.pack_folder for a small synthetic set)")
 
 
-class DatabaseError(RuntimeError):
-    """A database that is missing, incomplete, truncated or of an unknown format."""
+class DataError(RuntimeError):
+    """Input data that cannot be used, or an environment the data pipeline cannot work in (a
+    loader worker that died, no room for the batch slots). The message is one line; train.py
+    prints it and exits 2."""
+
+
+class DatabaseError(DataError):
+    """A database that is missing, incomplete, truncated, damaged or of an unknown format."""
 
 
 def record_key(index):
@@ -117,8 +123,11 @@ def open_database(path):
 
     Each process opens its own handle (LMDB handles do not survive fork); within a
     process, handles are shared and counted: release each with ``close_database(env)``.
-    Raises DatabaseError with a one-line explanation for missing, unfinished,
-    truncated or foreign databases.
+    Raises DatabaseError with a one-line explanation for missing, unfinished, truncated,
+    damaged or foreign databases: the metadata must be a JSON object of this format with an
+    int ``count`` >= 1 and a non-empty ``classes`` list, and the database must hold at least
+    ``count`` records besides it (LMDB errors such as ``CorruptedError`` while checking this
+    are reported the same way).
     """
     import lmdb
 
@@ -140,18 +149,48 @@ def open_database(path):
         env.close()
         raise DatabaseError(f"database {path!r} is truncated: data.mdb has {have} bytes, LMDB needs {needed}; "
                             f"copy it again or rebuild it; {HOW_TO_BUILD}")
-    with env.begin() as txn:
-        raw = txn.get(META_KEY)
-    if raw is None:
+    try:
+        meta = _read_checked_meta(env, path)
+    except BaseException:
         env.close()
-        raise DatabaseError(f"database {path!r} has no metadata record: it is unfinished or not ours; {HOW_TO_BUILD}")
-    meta = json.loads(bytes(raw))
-    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-        env.close()
-        raise DatabaseError(f"database {path!r} has format {meta.get('format')!r} v{meta.get('version')}, "
-                            f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}; {HOW_TO_BUILD}")
+        raise
     _OPEN[key] = [env, meta, 1]
     return env, meta
+
+
+def _read_checked_meta(env, path):
+    # The metadata record, checked as far as the loader relies on it: a dict of our format with
+    # an int count >= 1, a non-empty list of class names, and as many records as it says.
+    import lmdb
+
+    def damaged(what):
+        return DatabaseError(f"database {path!r} is damaged: {what}; rebuild it; {HOW_TO_BUILD}")
+
+    try:
+        with env.begin() as txn:
+            raw = txn.get(META_KEY)
+        entries = env.stat()["entries"]
+    except lmdb.Error as e:  # e.g. lmdb.CorruptedError from a damaged page
+        raise damaged(f"LMDB cannot read it ({type(e).__name__}: {e})") from None
+    if raw is None:
+        raise DatabaseError(f"database {path!r} has no metadata record: it is unfinished or not ours; {HOW_TO_BUILD}")
+    try:
+        meta = json.loads(bytes(raw))
+    except ValueError:  # not UTF-8 or not JSON
+        raise damaged("its metadata record is not JSON") from None
+    if not isinstance(meta, dict):
+        raise damaged(f"its metadata record is a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        raise DatabaseError(f"database {path!r} has format {meta.get('format')!r} v{meta.get('version')}, "
+                            f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}; {HOW_TO_BUILD}")
+    count, classes = meta.get("count"), meta.get("classes")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise damaged(f"its metadata count {count!r} is not a whole number >= 1")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise damaged(f"its metadata classes {str(classes)[:60]} is not a non-empty list of class names")
+    if entries < count + 1:  # the records 0 .. count-1 and the metadata record
+        raise damaged(f"its metadata says {count} records but it holds {entries - 1}")
+    return meta
 
 
 def close_database(env):

@@ -41,7 +41,8 @@
  *   backward:    partial kernel (read dy, x, [y]) -> [G, C] sums -> finalize -> dgamma, dbeta;
  *                then a second elementwise pass (read dy, x, [y]; write dx, [dresidual]).
  * Total traffic of a training step of BN: forward 3 passes over M*C (x twice, y once), backward
- * 5 (dy, x twice each, dx once), plus one more read of y in each pass behind a ReLU.
+ * 5 (dy, x twice each, dx once), plus one more read of y in each pass behind a ReLU.  Version 3's
+ * forward: 2 passes (x once, y once) and the partials, 16 bytes per 64 rows and channel.
  *
  * Versions (`python -m kernels.batchnorm` checks and times each; the launchers are kernels/batchnorm.py):
  *   version 1  one thread per channel walks all M rows for every reduction: the statistics as
@@ -52,7 +53,14 @@
  *   version 2  32 x 8 threads per block over slices of rows, per-thread Welford summaries merged by
  *              Chan's formula: thousands of threads keep the GPU busy, and the variance is stable.
  *              The partial summaries are merged in a fixed order by a second kernel (above).
- * The normalising passes (forward y, backward dx) are the same in both versions.
+ *   version 3  the statistics come from the convolution that produced x, so the training forward
+ *              reads x once instead of twice.  The convolution's epilogue already holds each
+ *              64 x 64 output tile and writes per-(tile, channel) partials (count, shift, offset of
+ *              the mean, M2; conv.cu, "Batch-norm statistics"); two tiny kernels merge them (in
+ *              double, below) and the normalising pass follows.  The layer code chooses it for a
+ *              convolution followed by batch norm in training (nn.layers.conv_bn); a batch norm
+ *              with no convolution before it, and the backward, run version 2.
+ * The normalising passes (forward y, backward dx) are the same in every version.
  *
  * On a GPU, at ResNet-50's shape (256x56x56x256; `python -m kernels.batchnorm` prints the performance
  * model's prediction; measured on an H100 by bench.kernels for version 2, bench/NOTES.md):
@@ -156,17 +164,19 @@ __device__ __forceinline__ void welford_merge(float& n, float& mean, float& m2, 
     n = n_total;
 }
 
-/* Pass 1: summary (count, mean, M2) of (x - x[0, c]) over this block's rows, per channel.
- * Writes part_*[blockIdx.y * C + c].  grid = (ceil(C / 32), G), block = (32, 8). */
+/* The summary (count n, mean, M2) of (x - shift) over this block's rows of channel c, shift =
+ * x[0, c], left in the thread with threadIdx.y == 0 (every thread of the block must call it: it
+ * has barriers).  Returns the shift.  grid = (ceil(C / 32), G), block = (32, 8). */
 template <typename T>
-__device__ void stats_partial(const T* __restrict__ x, float* __restrict__ part_n, float* __restrict__ part_mean,
-                              float* __restrict__ part_m2, long long M, int C) {
+__device__ __forceinline__ float slice_summary(const T* __restrict__ x, long long M, int C, float& n, float& mean,
+                                               float& m2) {
     __shared__ float sh_n[BN_ROWS][BN_TILE_C], sh_mean[BN_ROWS][BN_TILE_C], sh_m2[BN_ROWS][BN_TILE_C];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int c = blockIdx.x * BN_TILE_C + tx;
-    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    float shift = 0.0f;
+    n = 0.0f, mean = 0.0f, m2 = 0.0f;
     if (c < C) {  // no early return: every thread must reach the barriers below
-        const float shift = to_float(x[c]);
+        shift = to_float(x[c]);
         GRID_STRIDE_LOOP_Y(r, M) {
             float v = to_float(x[r * C + c]) - shift;
             n += 1.0f;
@@ -189,7 +199,18 @@ __device__ void stats_partial(const T* __restrict__ x, float* __restrict__ part_
         }
         __syncthreads();
     }
-    if (ty == 0 && c < C) {
+    return shift;
+}
+
+/* Pass 1: summary (count, mean, M2) of (x - x[0, c]) over this block's rows, per channel.
+ * Writes part_*[blockIdx.y * C + c].  grid = (ceil(C / 32), G), block = (32, 8). */
+template <typename T>
+__device__ void stats_partial(const T* __restrict__ x, float* __restrict__ part_n, float* __restrict__ part_mean,
+                              float* __restrict__ part_m2, long long M, int C) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    float n, mean, m2;
+    slice_summary(x, M, C, n, mean, m2);
+    if (threadIdx.y == 0 && c < C) {
         part_n[(long long)blockIdx.y * C + c] = n;
         part_mean[(long long)blockIdx.y * C + c] = mean;
         part_m2[(long long)blockIdx.y * C + c] = m2;
@@ -225,6 +246,89 @@ __device__ void stats_finalize(const T* __restrict__ x, const float* __restrict_
 
 KERNEL_ENTRY(batchnorm_stats_finalize_f32, stats_finalize<float>)
 KERNEL_ENTRY(batchnorm_stats_finalize_f16, stats_finalize<__half>)
+
+/* ============================================================== version 3: statistics from the convolution */
+/* Partials are float32 [4, P, C]: for each block p of rows and channel c, the count n_p, a shift
+ * a_p, the offset d_p of the block's mean from it (mean_p = a_p + d_p) and M2_p, the sum of squared
+ * deviations from mean_p.  conv.cu's *_stats kernels write them in their epilogue (a block is a
+ * 64-row output tile, a_p its first row); chan_partials below writes them from x itself where no
+ * convolution did (its blocks are version 2's row slices, a_p = x[0, c]).  Any split of the rows
+ * into blocks, in any order, gives the same statistics. */
+template <typename T>
+__device__ void chan_partials(const T* __restrict__ x, float* __restrict__ stats, long long M, int C) {
+    const int c = blockIdx.x * BN_TILE_C + threadIdx.x;
+    float n, mean, m2;
+    const float shift = slice_summary(x, M, C, n, mean, m2);
+    if (threadIdx.y == 0 && c < C) {
+        const long long slice = (long long)gridDim.y * C, i = (long long)blockIdx.y * C + c;
+        stats[i] = n;
+        stats[slice + i] = shift;
+        stats[2 * slice + i] = mean;   // the mean of x - shift
+        stats[3 * slice + i] = m2;
+    }
+}
+
+KERNEL_ENTRY(batchnorm_chan_partials_f32, chan_partials<float>)
+KERNEL_ENTRY(batchnorm_chan_partials_f16, chan_partials<__half>)
+
+/* Step 1: the P partials of each channel merged over slices of them, in double: with the mean of
+ * block 0 as the channel's common shift g = a_0 + d_0 and e_p = (a_p - a_0) + (d_p - d_0) = mean_p - g,
+ *     N = sum n_p,   S = sum n_p e_p,   Q = sum (M2_p + n_p e_p^2)
+ * (Chan's formula for many parts at once: sum (x - g)^2 = Q, so M2 = Q - S^2 / N).  Writes
+ * sums[k][blockIdx.y][c] for k = N, S, Q.  grid = (ceil(C / 32), G), block = (32, 8): 32 channels
+ * side by side (a warp reads 32 consecutive floats of a row of partials), 8 x G slices of blocks. */
+extern "C" __global__ void batchnorm_partials_reduce(const float* __restrict__ stats, int P, int C,
+                                                     double* __restrict__ sums) {
+    __shared__ double sh[3][BN_ROWS][BN_TILE_C];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int c = blockIdx.x * BN_TILE_C + tx;
+    const long long slice = (long long)P * C;
+    double n = 0.0, s = 0.0, q = 0.0;
+    if (c < C) {  // no early return: every thread reaches the barrier
+        const double a0 = stats[slice + c], d0 = stats[2 * slice + c];
+        GRID_STRIDE_LOOP_Y(p, P) {
+            const long long i = p * C + c;
+            const double np = stats[i], e = ((double)stats[slice + i] - a0) + ((double)stats[2 * slice + i] - d0);
+            n += np;
+            s += np * e;
+            q += (double)stats[3 * slice + i] + np * e * e;
+        }
+    }
+    sh[0][ty][tx] = n;
+    sh[1][ty][tx] = s;
+    sh[2][ty][tx] = q;
+    __syncthreads();
+    if (ty < 3 && c < C) {   // three threads per channel: one per sum, its 8 rows in order
+        double v = 0.0;
+        for (int r = 0; r < BN_ROWS; ++r) v += sh[ty][r][tx];
+        sums[((long long)ty * gridDim.y + blockIdx.y) * C + c] = v;
+    }
+}
+
+/* Step 2: one thread per channel adds the G slices' sums in order and writes what version 2's
+ * finalize writes: saved_mean = g + S / N, saved_invstd = 1 / sqrt(var + eps) with the biased
+ * var = M2 / N, and the running statistics (unbiased M2 / (N - 1)), in place.  grid = ceil(C / 128). */
+extern "C" __global__ void batchnorm_partials_finalize(const float* __restrict__ stats, const double* __restrict__ sums,
+                                                       int G, int P, int C, float eps, float momentum,
+                                                       float* __restrict__ saved_mean, float* __restrict__ saved_invstd,
+                                                       float* __restrict__ running_mean,
+                                                       float* __restrict__ running_var) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double n = 0.0, s = 0.0, q = 0.0;
+    for (int g = 0; g < G; ++g) {
+        n += sums[(long long)g * C + c];
+        s += sums[((long long)G + g) * C + c];
+        q += sums[((long long)2 * G + g) * C + c];
+    }
+    const long long slice = (long long)P * C;
+    const double shift = (double)stats[slice + c] + (double)stats[2 * slice + c];   // the mean of block 0
+    const double d = s / n, m2 = fmax(q - s * d, 0.0);   // the rounding of a constant channel may leave -0
+    const float mu = (float)(shift + d), var = (float)(m2 / n);
+    saved_mean[c] = mu;
+    saved_invstd[c] = 1.0f / sqrtf(var + eps);
+    if (running_mean) update_running(running_mean, running_var, c, mu, (float)(m2 / (n - 1.0)), momentum);
+}
 
 /* Backward pass 1: per (row slice, channel) sums of dz and dz * (x - mean), added over the block's
  * 8 rows of threads by column_sum.  (invstd multiplies the second sum once, in the finalize,

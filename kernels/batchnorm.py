@@ -10,11 +10,19 @@ IN PLACE, as the op contract (kernels/reference.py) says.
     dx, dgamma, dbeta = batchnorm_backward(dy, x, gamma, mean, invstd)
 
 Versions (the header of batchnorm.cu; `python -m kernels.batchnorm` checks and times them): the
-reductions run as version 1 (one thread per channel over all rows) or version 2 (the default:
-blocks of 32 x 8 threads, blockIdx.x a tile of 32 channels, blockIdx.y a slice of rows, partial
-summaries [G, C] merged in order by a second launch, so results are deterministic on the GPU
-too).  Which one runs is the version in use (kernels.versions.use(batchnorm=1)); the op
+reductions run as version 1 (one thread per channel over all rows) or version 2 (blocks of 32 x 8
+threads, blockIdx.x a tile of 32 channels, blockIdx.y a slice of rows, partial summaries [G, C]
+merged in order by a second launch, so results are deterministic on the GPU too).  Version 3 (the
+default) is version 2 with one more way in: batchnorm_forward_train_from_stats takes the
+statistics as partials from the convolution that produced x (kernels/conv.py,
+conv2d_forward_bn_stats) and reads x only to normalise; nn.layers.conv_bn chooses it for a
+convolution and its batch norm in training.  The others, called directly under version 3, run
+version 2.  Which version runs is the version in use (kernels.versions.use(batchnorm=1)); the op
 contract's functions take no version argument.
+
+    y, stats = conv2d_forward_bn_stats(x, w, stride, padding)          # kernels/conv.py
+    y, mean, invstd = batchnorm_forward_train_from_stats(y, stats, gamma, beta, running_mean, running_var,
+                                                         relu=True)
 """
 
 import numpy as np
@@ -25,6 +33,7 @@ from .runtime.launch import FLOAT_DTYPES, array_module, blocks_for, check_array,
 __all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward",
            "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward", "batchnorm_batch_stats",
+           "batchnorm_forward_train_from_stats", "batchnorm_chan_partials",
            "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt"]
 
 _TILE_C, _ROWS = 32, 8          # blockDim = (32, 8): must match BN_TILE_C, BN_ROWS in the .cu
@@ -129,8 +138,15 @@ def _forward_train(op, mode, x, residual, gamma, beta, running_mean, running_var
                            running_mean=running_mean, running_var=running_var)
     _check_scalars(op, eps, momentum)
     array_module(x, residual, gamma, beta, running_mean, running_var)   # refuses mixed devices
-    xp = array_module(x)
     mean, invstd, _ = _batch_stats(op, x, eps, momentum, running_mean, running_var)
+    return _apply(mode, x, residual, gamma, beta, mean, invstd), mean, invstd
+
+
+def _apply(mode, x, residual, gamma, beta, mean, invstd):
+    """The normalising pass of the training forward: y = (x - mean) * invstd * gamma + beta, then
+    the ReLU or the residual add and ReLU of `mode`."""
+    xp = array_module(x)
+    C = x.shape[-1]
     M = x.size // C
     y = empty_like(x)
     name = {"plain": "batchnorm_apply", "relu": "batchnorm_relu_apply", "add_relu": "batchnorm_add_relu_apply"}[mode]
@@ -139,7 +155,7 @@ def _forward_train(op, mode, x, residual, gamma, beta, running_mean, running_var
         _kernel(f"{name}_f16x8")(*_x8_grid(M, C, xp), args)
     else:
         _kernel(f"{name}_{_SUFFIX[x.dtype]}")(_grid(M, C, xp, reduction=False), _BLOCK, args)
-    return y, mean, invstd
+    return y
 
 
 def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1):
@@ -171,6 +187,68 @@ def batchnorm_add_relu_forward_train(x, residual, gamma, beta, running_mean, run
     """
     return _forward_train("batchnorm_add_relu_forward_train", "add_relu", x, residual, gamma, beta,
                           running_mean, running_var, eps, momentum)
+
+
+def batchnorm_chan_partials(x):
+    """Batch-norm partials of x [N, H, W, C] or [M, C] (float32/float16), as version 3 takes them:
+    float32 [4, G, C], rows (count, shift, mean - shift, M2) per slice of rows and channel
+    (batchnorm_chan_partials_*: version 2's row slices, shift x[0, c]).  What the convolutions that
+    cannot write them in their epilogue (conv.cu versions 1 and 2, cuDNN) give batch norm instead:
+    the same statistics, for one more read of x."""
+    op = "batchnorm_chan_partials"
+    C = _check_x(op, "x", x)
+    xp = array_module(x)
+    M = x.size // C if C else 0
+    if M < 1 or C < 1:
+        raise ValueError(f"{op}: x has no values (shape {tuple(x.shape)})")
+    tiles, G = _grid(M, C, xp, reduction=True)
+    stats = empty(xp, (4, G, C), dtype=np.float32)
+    _kernel(f"batchnorm_chan_partials_{_SUFFIX[x.dtype]}")((tiles, G), _BLOCK, (x, stats, np.int64(M), np.int32(C)))
+    return stats
+
+
+def batchnorm_forward_train_from_stats(x, stats, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1,
+                                       relu=False, residual=None):
+    """Batch norm in training mode with its statistics given as partials (version 3): what
+    batchnorm_forward_train (relu: _relu_, residual: _add_relu_) returns and updates, for one read
+    of x instead of two.
+
+    stats: float32 [4, P, C], rows (count, shift, mean - shift, M2) per block of x's rows and
+    channel, as conv2d_forward_bn_stats (kernels/conv.py) or batchnorm_chan_partials give them; they
+    must be x's (nothing reads x to check).  Two launches merge them (batchnorm_partials_reduce over
+    slices of blocks, in double; batchnorm_partials_finalize: saved mean and invstd, running
+    statistics IN PLACE), one normalises.  residual (same shape and dtype as x) needs relu=True.
+    -> (y like x, saved_mean float32 [C], saved_invstd float32 [C]).
+    """
+    op = "batchnorm_forward_train_from_stats"
+    C = _check_x(op, "x", x)
+    if residual is not None:
+        if not relu:
+            raise ValueError(f"{op}: residual is only supported together with relu=True")
+        _check_like(op, "residual", residual, x)
+    check_array(op, "stats", stats, dtype=np.float32, ndim=3)
+    if stats.shape[0] != 4 or stats.shape[2] != C or stats.shape[1] < 1:
+        raise ValueError(f"{op}: stats must be [4, P, {C}] (count, shift, offset, M2 per block of rows), got shape "
+                         f"{tuple(stats.shape)}")
+    _check_channel_vectors(op, C, ("running_mean", "running_var"), gamma=gamma, beta=beta,
+                           running_mean=running_mean, running_var=running_var)
+    _check_scalars(op, eps, momentum)
+    array_module(x, stats, residual, gamma, beta, running_mean, running_var)   # refuses mixed devices
+    xp = array_module(x)
+    M = x.size // C if C else 0
+    if M < 2:
+        raise ValueError(f"{op}: needs more than one value per channel (M = N*H*W >= 2), got x shape {tuple(x.shape)}")
+    P = stats.shape[1]
+    tiles, G = _grid(P, C, xp, reduction=True)
+    sums = empty(xp, (3, G, C), dtype=np.float64)     # N, S, Q per (slice of blocks, channel)
+    _kernel("batchnorm_partials_reduce")((tiles, G), _BLOCK, (stats, np.int32(P), np.int32(C), sums))
+    mean = empty(xp, C, dtype=np.float32)
+    invstd = empty(xp, C, dtype=np.float32)
+    _kernel("batchnorm_partials_finalize")(
+        (-(-C // 128),), (128,), (stats, sums, np.int32(G), np.int32(P), np.int32(C), np.float32(eps),
+                                  np.float32(momentum), mean, invstd, running_mean, running_var))
+    mode = "add_relu" if residual is not None else "relu" if relu else "plain"
+    return _apply(mode, x, residual, gamma, beta, mean, invstd), mean, invstd
 
 
 def batchnorm_forward_inference(x, gamma, beta, running_mean, running_var, eps=1e-5):

@@ -261,11 +261,14 @@ class ConvCase(OpCase):
     SHAPE = ("N", "H", "W", "C", "K", "R", "stride", "padding")
     SHAPES = {"emu": (2, 9, 9, 8, 16, 3, 1, 1), "gpu": (16, 56, 56, 64, 64, 3, 1, 1),
               "resnet50": (256, 56, 56, 64, 64, 3, 1, 1), "twin": (1, 16, 16, 64, 64, 3, 1, 1)}
-    OPS = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight"]
+    # "+ bn stats": the forward that also gives batch norm the partial statistics of y
+    # (conv2d_forward_bn_stats), checked by the mean and variance they merge to (float64, on the host)
+    STATS = "conv2d_forward + bn stats"
+    OPS = ["conv2d_forward", STATS, "conv2d_backward_data", "conv2d_backward_weight"]
     # float16 versions: activations and weights in float16, the weight gradient in float32 (as a
     # mixed-precision step asks for its float32 master weight); the weight arrives as conv_weight
     # gives it (channels-last memory), made once, outside the timed calls
-    OPS_F16 = ["conv2d_forward f16", "conv2d_backward_data f16", "conv2d_backward_weight f16->f32"]
+    OPS_F16 = ["conv2d_forward f16", STATS + " f16", "conv2d_backward_data f16", "conv2d_backward_weight f16->f32"]
 
     def build(self, N, H, W, C, K, R, stride, padding):
         P, Q = cv.conv_output_size(H, R, stride, padding), cv.conv_output_size(W, R, stride, padding)
@@ -294,6 +297,8 @@ class ConvCase(OpCase):
             x, w, dy = self.x16, self.wk16(), self.dy16
         else:
             x, w, dy = self.x, self.w, self.dy
+        if op.startswith(self.STATS):
+            return cv.conv2d_forward_bn_stats(x, w, s, p, version=version)   # (y, stats)
         if op.startswith("conv2d_forward"):
             return (cv.conv2d_forward(x, w, s, p, version=version),)
         if op.startswith("conv2d_backward_data"):
@@ -301,11 +306,22 @@ class ConvCase(OpCase):
         dtype = np.float32 if op.endswith("f32") else None
         return (cv.conv2d_backward_weight(x, dy, w.shape, s, p, version=version, dtype=dtype),)
 
+    def check(self, op, version, got):
+        if op.startswith(self.STATS):   # (y, stats) -> (y, mean, variance): any split into blocks merges alike
+            y, stats = got
+            _, mean, var = ref.merge_bn_partials(_to_host(stats))
+            got = (y, mean, var)
+        return super().check(op, version, got)
+
     def expect(self, op):
         s, p = self.shape["stride"], self.shape["padding"]
         half = op.endswith("f16") or op.endswith("f32")
         x, dy = (self.host(self.x16), self.host(self.dy16)) if half else (self.host(self.x), self.host(self.dy))
         w = self.host(self.host(self.w, np.float32).astype(np.float16)) if half else self.host(self.w)
+        if op.startswith(self.STATS):
+            y = ref.conv2d_forward(x, w, s, p)
+            rows = y.reshape(-1, y.shape[-1])
+            return y, rows.mean(axis=0), rows.var(axis=0)
         if op.startswith("conv2d_forward"):
             return (ref.conv2d_forward(x, w, s, p),)
         if op.startswith("conv2d_backward_data"):
@@ -319,7 +335,8 @@ class ConvCase(OpCase):
     def work(self, op):
         N, C, K, R = self.shape["N"], self.shape["C"], self.shape["K"], self.shape["R"]
         item = 2 if op.endswith("f16") or op.endswith("f32") else F32
-        return item * (self.x.size + self.w.size + self.dy.size), 2 * N * self.P * self.Q * K * C * R * R
+        partials = 4 * F32 * -(-(N * self.P * self.Q) // 64) * K if op.startswith(self.STATS) else 0
+        return item * (self.x.size + self.w.size + self.dy.size) + partials, 2 * N * self.P * self.Q * K * C * R * R
 
 
 class BatchnormCase(OpCase):
@@ -328,6 +345,9 @@ class BatchnormCase(OpCase):
     SHAPES = {"emu": (4, 7, 7, 40), "gpu": (32, 56, 56, 256), "resnet50": (256, 56, 56, 256), "twin": (1, 16, 16, 256)}
     FORWARD = ["batchnorm_forward_train", "batchnorm_relu_forward_train", "batchnorm_add_relu_forward_train"]
     BACKWARD = ["batchnorm_backward", "batchnorm_relu_backward", "batchnorm_add_relu_backward"]
+    # version 3: the same forwards with the statistics from the convolution's partials (made once,
+    # on the host, as conv.cu's epilogue writes them: one block per 64 rows); its backward is version 2's
+    FROM_STATS = [f + " from conv stats" for f in FORWARD]
 
     def build(self, N, H, W, C):
         shape = (N, H, W, C)
@@ -339,17 +359,37 @@ class BatchnormCase(OpCase):
         self.gamma, self.beta = self.randn(C, scale=0.5) + np.float32(1.0), self.randn(C)
         self.rm, self.rv = self.randn(C), self.ints(0, 1000, C, np.float32) / np.float32(1000) + np.float32(0.5)
         self._saved = {}
+        self._stats = None
+
+    def conv_stats(self):
+        """Batch-norm partials of x [4, ceil(M / 64), C] as a convolution's epilogue gives them:
+        per 64-row block the count, its first row as the shift, the mean's offset from it, and M2."""
+        if self._stats is None:
+            rows = self.host(self.x).reshape(-1, self.shape["C"])
+            blocks = [rows[i:i + 64] for i in range(0, rows.shape[0], 64)]
+            stats = np.empty((4, len(blocks), rows.shape[1]))
+            for p, b in enumerate(blocks):
+                shift = self.host(self.host(b[0], np.float32))
+                stats[0, p], stats[1, p] = len(b), shift
+                stats[2, p], stats[3, p] = (b - shift).mean(axis=0), ((b - b.mean(axis=0)) ** 2).sum(axis=0)
+            self._stats = self.xp.asarray(stats.astype(np.float32))
+        return self._stats
 
     def ops(self, version):
-        return self.FORWARD + self.BACKWARD
+        return self.FROM_STATS if version == versions.BN_FROM_CONV else self.FORWARD + self.BACKWARD
 
     def shared_ops(self):
         return ["batchnorm_forward_inference"]
 
     def prepare(self, op):
-        return {"rm": self.rm.copy(), "rv": self.rv.copy()} if op in self.FORWARD else {}
+        return {"rm": self.rm.copy(), "rv": self.rv.copy()} if op in self.FORWARD + self.FROM_STATS else {}
 
     def _forward(self, op, rm, rv):
+        if op in self.FROM_STATS:
+            mode = self.FORWARD[self.FROM_STATS.index(op)]
+            residual = self.residual if mode == "batchnorm_add_relu_forward_train" else None
+            return bn.batchnorm_forward_train_from_stats(self.x, self.conv_stats(), self.gamma, self.beta, rm, rv,
+                                                         relu=mode != "batchnorm_forward_train", residual=residual)
         if op == "batchnorm_add_relu_forward_train":
             return bn.batchnorm_add_relu_forward_train(self.x, self.residual, self.gamma, self.beta, rm, rv)
         return getattr(bn, op)(self.x, self.gamma, self.beta, rm, rv)
@@ -367,7 +407,7 @@ class BatchnormCase(OpCase):
         with versions.running("batchnorm", version or versions.FAMILIES["batchnorm"].default):
             if op == "batchnorm_forward_inference":
                 return (bn.batchnorm_forward_inference(self.x, self.gamma, self.beta, self.rm, self.rv),)
-            if op in self.FORWARD:
+            if op in self.FORWARD + self.FROM_STATS:
                 return self._forward(op, state["rm"], state["rv"]) + (state["rm"], state["rv"])
             y, mean, invstd = self.saved(op)
             if op == "batchnorm_backward":
@@ -378,6 +418,8 @@ class BatchnormCase(OpCase):
         x, g, b, rm, rv = (self.host(a) for a in (self.x, self.gamma, self.beta, self.rm, self.rv))
         if op == "batchnorm_forward_inference":
             return (ref.batchnorm_forward_inference(x, g, b, rm, rv),)
+        if op in self.FROM_STATS:    # the same numbers as the forward with its own statistics
+            op = self.FORWARD[self.FROM_STATS.index(op)]
         if op in self.FORWARD:       # the reference updates rm, rv (host copies) in place
             if op == "batchnorm_add_relu_forward_train":
                 out = ref.batchnorm_add_relu_forward_train(x, self.host(self.residual), g, b, rm, rv)
@@ -394,10 +436,14 @@ class BatchnormCase(OpCase):
         return 1e-4 if version == 1 else 1e-5   # version 1: E[x^2] - E[x]^2 and long float32 sums
 
     def work(self, op):
+        partials = 0
+        if op in self.FROM_STATS:      # the same passes, and the partials read once
+            op = self.FORWARD[self.FROM_STATS.index(op)]
+            partials = 4 * F32 * self.conv_stats().shape[1] * self.shape["C"]
         passes = {"batchnorm_forward_train": 2, "batchnorm_relu_forward_train": 2,
                   "batchnorm_add_relu_forward_train": 3, "batchnorm_forward_inference": 2,
                   "batchnorm_backward": 3, "batchnorm_relu_backward": 4, "batchnorm_add_relu_backward": 5}[op]
-        return passes * F32 * self.x.size, 0
+        return passes * F32 * self.x.size + partials, 0
 
 
 class PoolCase(OpCase):

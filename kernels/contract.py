@@ -27,6 +27,15 @@ def conv2d_forward(x, w, stride, padding):
     (zero padding; no bias, dilation 1, groups 1).  x [N, H, W, C], w [K, C, R, S] -> y [N, P, Q, K]."""
 
 
+def conv2d_forward_bn_stats(x, w, stride, padding):
+    """(y, stats): y = conv2d_forward(x, w, stride, padding) and the batch-norm partials of y for
+    batchnorm_forward_train_from_stats: stats [4, P, K] (float32, or wider), for each block of y's
+    rows (pixels) and channel the count n, a shift a, the offset d of the block's mean from it and
+    M2, the block's sum of squared deviations from its mean a + d.  How the rows are split into
+    blocks is the implementation's (our kernels: 64-row output tiles, from the convolution's
+    epilogue; the reference: one block)."""
+
+
 def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx of conv2d_forward: dy [N, P, Q, K], w [K, C, R, S] -> dx of shape x_shape (N, H, W, C)."""
 
@@ -60,6 +69,16 @@ def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, eps=1e-5,
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's per-channel mean and biased
     variance; running_mean/var updated IN PLACE with momentum (unbiased variance).
     -> (y, saved_mean, saved_invstd)."""
+
+
+def batchnorm_forward_train_from_stats(x, stats, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1,
+                                       relu=False, residual=None):
+    """batchnorm_forward_train with the statistics of x given as partials (stats [4, P, C] of
+    conv2d_forward_bn_stats, merged by Chan's formula: mean = sum n (a + d) / N, var = (sum M2 + sum
+    n (a + d - mean)^2) / N) instead of computed from x: one read of x fewer.  relu: relu(bn(x));
+    residual (with relu): relu(bn(x) + residual).  Running statistics IN PLACE, as
+    batchnorm_forward_train. -> (y, saved_mean, saved_invstd); the backward is that of the
+    unfused op of the same mode."""
 
 
 def batchnorm_forward_inference(x, gamma, beta, running_mean, running_var, eps=1e-5):

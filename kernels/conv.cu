@@ -35,6 +35,10 @@
  *              are multiplied (asynchronous copies, sm_80+), and backward data as one
  *              sub-convolution per stride phase, so stride 2 no longer multiplies the 3 in 4 taps
  *              that reach no output pixel.  The default for float16.
+ * Versions 3 to 5 have a second forward kernel, *_stats (conv2d_fwd_igemm_stats_f32,
+ * conv2d_fwd_wmma_stats_f16, conv2d_fwd_wmma_async_stats_f16), that also writes the batch-norm
+ * statistics of its output from the tile it already holds: batch norm version 3 then reads the
+ * activation once instead of twice ("Batch-norm statistics in the epilogue", at the end).
  *
  * On a GPU, at ResNet-50's shape (stage 1's 3x3, 256x56x56x64 -> 64; `python -m kernels.conv` prints the
  * performance model's prediction for every pass; not yet measured: conv.cu did not compile on the
@@ -164,6 +168,56 @@
  *     tap.  blockIdx.z is the phase.  At stride 2 a 3x3 filter becomes four sub-convolutions of
  *     2x2, 2x1, 1x2 and 1x1 taps: an input pixel visits 2.25 taps on average instead of 9; a 1x1
  *     filter reaches only phase (0, 0), and the other three phases' tiles are the zeros they should be.
+ *
+ * Batch-norm statistics in the epilogue (the *_stats kernels of versions 3 to 5).
+ *
+ *     In training every convolution of ResNet-50 is followed by batch norm, which needs the mean
+ *     and variance of each output channel over the batch before it can normalise: done separately,
+ *     that is a whole read of y for the statistics, then the normalising read.  But the forward
+ *     kernel holds each 64 x 64 tile of y (64 output pixels, 64 channels) before it writes it, so
+ *     it can summarise each channel's 64 values on the spot: one partial per (row tile p, channel k),
+ *     four floats, stats[q][p][k] for q = count, shift, offset, M2:
+ *         n_p       the tile's rows that exist (64, fewer in the last tile)
+ *         a_p       the channel's value in the tile's first row: the shift
+ *         d_p       mean over the tile of (v - a_p): the tile's mean is a_p + d_p
+ *         M2_p      sum over the tile of (v - a_p - d_p)^2, the squared deviations from that mean
+ *     where v is y as stored (rounded to half by the float16 kernels).  Two passes over the tile in
+ *     shared memory (v4/5: two threads per column, 32 rows each, from the float tile Cs; v3: the
+ *     4 x 4 register blocks, column sums through the freed As/Bs tiles, 16 threads per column).
+ *     Deterministic: fixed orders, no atomics.  Batch norm merges the partials (batchnorm.cu,
+ *     version 3: in double, Chan's formula for P parts about block 0's mean).
+ *
+ *     Why a shift per tile: E[y^2] - E[y]^2 in float32 loses everything when |mean| >> std
+ *     (batchnorm.cu, "Numerics"); sums of v - a_p are as large as the channel's spread, not its
+ *     mean, and keeping a_p beside d_p lets the merge see each tile's mean exactly (a float32 mean
+ *     alone would carry an error of u |mean|, which the merge turns into u |mean| R of variance).
+ *     The bound, proved by the usual rounding-error analysis to first order in u = 2^-24, for a
+ *     channel of M values with exact (float64) mean mu, biased variance s2 and spread R =
+ *     max |v - mu|, of the mean and variance batch norm computes from these partials:
+ *         |mean - mu| <= u |mu| + 73 u R        (each d_p: at most 34 roundings of numbers below
+ *                                                2R, and its division; then mean's own rounding)
+ *         |var - s2|  <= 36 u s2 + 162 u R^2    (each M2_p: 35 roundings of its sum, each deviation
+ *                                                off by at most 4uR; the tiles' mean errors, 73uR
+ *                                                each, through the merge; var's own rounding)
+ *     (the merge in double adds less than 2^-30 of these).
+ *     It does not grow with |mu| / std: at a mean 3000 times the spread the variance is still within
+ *     it, where float32 sum and sum of squares are off by far more (tests/test_kernels_conv.py,
+ *     test_bn_stats_bound_holds_at_a_large_mean_offset; measured, the errors of both signs cancel to
+ *     within u (var + R^2)).  R^2 <= M var always, and R is a few standard deviations for the
+ *     activations of a network.
+ *
+ *     What it saves, per batch-norm layer with M = N*P*Q rows of K channels of `b`-byte values:
+ *         before:  batch norm reads y for its statistics (b M K), then reads it again to normalise
+ *         after:   the convolution writes 16 bytes per (tile, channel), 16 ceil(M / 64) K, and batch
+ *                  norm reads them once: one read of y fewer, for 32 ceil(M / 64) K bytes of partials
+ *         saved:   b M K - 32 ceil(M / 64) K  =  (b - 0.5) M K bytes  (M a multiple of 64)
+ *     ResNet-50 v1.5 at batch 256, 224 px: 53 batch norms, sum of M K = 2.85e9 values: float16
+ *     saves 5.69 GB - 1.42 GB = 4.27 GB of memory traffic per training step (about 1.4 ms at the
+ *     3 TB/s an H100 copies at), float32 11.4 - 1.4 = 10.0 GB.  The convolution's own cost: the
+ *     epilogue's two passes over a tile it already holds, and 16 bytes per 64 values of y written
+ *     (1/8 more than y's 128 bytes in float16); no more registers or shared memory (ptxas: the
+ *     same occupancy on sm_70 to sm_90).  Versions 1 and 2, and cuDNN, have no such epilogue: there
+ *     batchnorm.cu's batchnorm_chan_partials reads y for the same partials (kernels/conv.py).
  */
 
 #include <cuda_fp16.h>
@@ -382,10 +436,71 @@ __device__ __forceinline__ void igemm_tile(int k_begin, int k_end, TileA* As, Ti
     }
 }
 
+// The statistics of a 64 x 64 tile of y, one (count, shift, offset, M2) per column (see "Batch-norm
+// statistics" in the header): stats[q][p][k] for q = 0..3, p = blockIdx.x (the tile's row block,
+// P = gridDim.x of them), k = n0 + column.  Written for the columns k < K only.
+__device__ __forceinline__ void store_tile_partial(float* __restrict__ stats, int K, int k, float count, float shift,
+                                                   float offset, float m2) {
+    const long long slice = (long long)gridDim.x * K, i = (long long)blockIdx.x * K + k;
+    stats[i] = count;
+    stats[slice + i] = shift;
+    stats[2 * slice + i] = offset;
+    stats[3 * slice + i] = m2;
+}
+
+// Version 3's statistics epilogue: the tile is in registers, thread (ty, tx) holding rows ty*4..
+// and columns tx*4.. (acc, as igemm_tile returns it); rows / cols: how many of the tile's rows and
+// columns exist.  The shared tiles As and Bs are free again (igemm_tile ended with a barrier):
+// As[0] holds each column's shift (its value in row 0), As[1] its offset, Bs[ty] the 16 threads'
+// partial sums of a column, added in a fixed order by the column's one thread among the first 64.
+__device__ __forceinline__ void igemm_column_stats(const float acc[4][4], int rows, int cols, int n0, int K,
+                                                   TileA* As, TileB* Bs, float* __restrict__ stats) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, c = threadIdx.x;   // c: a column, for threads < 64
+    if (ty == 0) store_float4(&As[0][tx * 4], acc[0]);
+    __syncthreads();
+    float shift[4], offset[4], part[4];
+    load_float4(&As[0][tx * 4], shift);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {   // pass 1: sum of (v - shift) over this thread's rows
+        part[j] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (ty * 4 + i < rows) part[j] += acc[i][j] - shift[j];
+    }
+    store_float4(&Bs[ty][tx * 4], part);
+    __syncthreads();
+    if (c < IG_BN) {
+        float s = 0.0f;
+        for (int r = 0; r < 16; ++r) s += Bs[r][c];
+        As[1][c] = s / (float)rows;   // the column's mean, less its shift
+    }
+    __syncthreads();
+    load_float4(&As[1][tx * 4], offset);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {   // pass 2: sum of squared deviations from the column's mean
+        part[j] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float e = (acc[i][j] - shift[j]) - offset[j];
+            if (ty * 4 + i < rows) part[j] += e * e;
+        }
+    }
+    store_float4(&Bs[ty][tx * 4], part);   // every read of pass 1's sums was before the last barrier
+    __syncthreads();
+    if (c < cols) {
+        float m2 = 0.0f;
+        for (int r = 0; r < 16; ++r) m2 += Bs[r][c];
+        store_tile_partial(stats, K, n0 + c, (float)rows, As[0][c], As[1][c], m2);
+    }
+}
+
 // Forward.  grid (ceil(N*P*Q / 64), ceil(K / 64)), block 256.  wt is the weight in KRSC order.
-extern "C" __global__ void __launch_bounds__(256)
-conv2d_fwd_igemm_f32(const float* __restrict__ x, const float* __restrict__ wt, float* __restrict__ y,
-                     int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad) {
+// STATS: also the batch-norm partials of y (stats [4][gridDim.x][K]; conv2d_fwd_igemm_stats_f32).
+template <bool STATS>
+__device__ __forceinline__ void fwd_igemm_f32(const float* __restrict__ x, const float* __restrict__ wt,
+                                              float* __restrict__ y, float* __restrict__ stats, int N, int H, int W,
+                                              int C, int K, int R, int S, int P, int Q, int stride, int pad,
+                                              TileA* As, TileB* Bs) {
     const int M = N * P * Q, Kd = R * S * C;
     const int m0 = blockIdx.x * IG_BM, n0 = blockIdx.y * IG_BN;
     // A loader: thread reads column kk = tid % 16 of rows tid / 16 + 16 i (consecutive threads,
@@ -395,8 +510,6 @@ conv2d_fwd_igemm_f32(const float* __restrict__ x, const float* __restrict__ wt, 
     const TileRows a = decode_tile_rows(m0, lr, M, P, Q, (long long)H * W * C, stride, -pad);   // y, x: window corner
 
     float acc[4][4] = {};
-    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
     igemm_tile(0, Kd, As, Bs, [&](int k0, TileA* As, TileB* Bs) {
         const int kk = k0 + lk;
         const int c = kk % C, rs = kk / C, s = rs % S, r = rs / S;   // kk = (r * S + s) * C + c
@@ -415,6 +528,24 @@ conv2d_fwd_igemm_f32(const float* __restrict__ x, const float* __restrict__ wt, 
     }, acc);
     // y[n, p, q, k] is row m of a [M, K] matrix
     store_block_4x4(y, acc, m0 + threadIdx.x / 16 * 4, n0 + threadIdx.x % 16 * 4, M, K);
+    if (STATS) igemm_column_stats(acc, min(IG_BM, M - m0), min(IG_BN, K - n0), n0, K, As, Bs, stats);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_fwd_igemm_f32(const float* __restrict__ x, const float* __restrict__ wt, float* __restrict__ y,
+                     int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile (declared here, not
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];   // in the template)
+    fwd_igemm_f32<false>(x, wt, y, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad, As, Bs);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_fwd_igemm_stats_f32(const float* __restrict__ x, const float* __restrict__ wt, float* __restrict__ y,
+                           float* __restrict__ stats, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
+                           int stride, int pad) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    fwd_igemm_f32<true>(x, wt, y, stats, N, H, W, C, K, R, S, P, Q, stride, pad, As, Bs);
 }
 
 // Backward data.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 256.  wt is the weight in KRSC order,
@@ -735,6 +866,39 @@ __device__ __forceinline__ void tc_store_tile_f16(__half* __restrict__ out, cons
     }
 }
 
+// The statistics epilogue of the tensor-core forward (the *_stats_f16 kernels): Cs (the float tile
+// as tc_gemm leaves it) has rows of TC_LDC floats, of which the first `rows` and `cols` exist.  Each
+// value counts as it is stored, rounded to half.  Two threads per column, each over 32 rows (a
+// warp's 32 lanes read 32 consecutive words of one row: no bank conflict); scratch: 2 * TC_BN
+// floats of shared memory for the two halves' sums.  Partials as store_tile_partial.
+__device__ __forceinline__ float as_stored_half(float v) { return __half2float(__float2half_rn(v)); }
+
+__device__ __forceinline__ void tc_column_stats(const float* Cs, int rows, int cols, int n0, int K, float* scratch,
+                                                float* __restrict__ stats) {
+    static_assert(TC_THREADS == 2 * TC_BN, "two threads per column of the tile");
+    const int col = threadIdx.x % TC_BN, half = threadIdx.x / TC_BN;
+    const int r_begin = half * (TC_BM / 2), r_end = min(r_begin + TC_BM / 2, rows);
+    const bool mine = col < cols;
+    const float shift = mine ? as_stored_half(Cs[col]) : 0.0f;   // the column's value in row 0
+    float s = 0.0f;
+    if (mine)
+        for (int r = r_begin; r < r_end; ++r) s += as_stored_half(Cs[r * TC_LDC + col]) - shift;
+    scratch[half * TC_BN + col] = s;
+    __syncthreads();
+    const float offset = (scratch[col] + scratch[TC_BN + col]) / (float)rows;   // the column's mean, less its shift
+    float m2 = 0.0f;
+    if (mine)
+        for (int r = r_begin; r < r_end; ++r) {
+            const float e = (as_stored_half(Cs[r * TC_LDC + col]) - shift) - offset;
+            m2 += e * e;
+        }
+    __syncthreads();   // both halves have read the sums
+    scratch[half * TC_BN + col] = m2;
+    __syncthreads();
+    if (half == 0 && mine)
+        store_tile_partial(stats, K, n0 + col, (float)rows, shift, offset, scratch[col] + scratch[TC_BN + col]);
+}
+
 // The loaders' thread mapping, the same in every pass: 8 threads per 64-element row of a tile, each
 // one group of 8 consecutive elements (one 16-byte vector, g8 = 0, 8, ..., 56); rows
 // row0 + 16 i, i < 4.  A quarter-warp stores 8 consecutive units of one row: no bank conflict;
@@ -753,11 +917,12 @@ __device__ __forceinline__ bool tap_output(int h_pad_r, const FastDiv& div_strid
 // Forward, versions 4 (!ASYNC) and 5.  grid (ceil(N*P*Q / 64), ceil(K / 64)), block 128.  wk: the
 // weight in KRSC order.  aligned: 1 when x, wk and y start on 16-byte boundaries; channels move as
 // 16-byte vectors when also C % 8 == 0, element by element otherwise (the stem's 3 channels).
-template <bool ASYNC>
+// STATS: also the batch-norm partials of y (the *_stats_f16 kernels; stats [4][gridDim.x][K]).
+template <bool ASYNC, bool STATS>
 __device__ __forceinline__ void conv_fwd_f16(const __half* __restrict__ x, const __half* __restrict__ wk,
-                                             __half* __restrict__ y, int N, int H, int W, int C, int K, int R,
-                                             int S, int P, int Q, int stride, int pad, int aligned, __half* tiles,
-                                             int* pixels) {
+                                             __half* __restrict__ y, float* __restrict__ stats, int N, int H, int W,
+                                             int C, int K, int R, int S, int P, int Q, int stride, int pad,
+                                             int aligned, __half* tiles, int* pixels) {
     const int M = N * P * Q, Kd = R * S * C;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const bool vec = aligned && C % 8 == 0;
@@ -825,6 +990,11 @@ __device__ __forceinline__ void conv_fwd_f16(const __half* __restrict__ x, const
     // y[n, p, q, k]: row m of [M, K]
     tc_store_tile_f16(y, reinterpret_cast<const float*>(tiles), m0, n0, M, K, aligned && K % 4 == 0,
                       [](int m) { return m; });
+    // The pixel table is not read after the GEMM (tc_gemm ended with a barrier): its 768 bytes hold
+    // the column sums of the statistics.
+    if (STATS)
+        tc_column_stats(reinterpret_cast<const float*>(tiles), min(TC_BM, M - m0), min(TC_BN, K - n0), n0, K,
+                        reinterpret_cast<float*>(pixels), stats);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
@@ -832,7 +1002,7 @@ conv2d_fwd_wmma_f16(const __half* __restrict__ x, const __half* __restrict__ wk,
                     int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];   // declared here, not in the template
     __shared__ int pixels[3 * TC_BM];   // the tile's output pixels: image offset, window corner
-    conv_fwd_f16<false>(x, wk, y, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles, pixels);
+    conv_fwd_f16<false, false>(x, wk, y, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles, pixels);
 }
 
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
@@ -840,7 +1010,26 @@ conv2d_fwd_wmma_async_f16(const __half* __restrict__ x, const __half* __restrict
                           int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];
     __shared__ int pixels[3 * TC_BM];   // the tile's output pixels: image offset, window corner
-    conv_fwd_f16<true>(x, wk, y, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles, pixels);
+    conv_fwd_f16<true, false>(x, wk, y, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles, pixels);
+}
+
+// Versions 4 and 5 with the batch-norm partials of y in the epilogue (stats [4][gridDim.x][K]).
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_fwd_wmma_stats_f16(const __half* __restrict__ x, const __half* __restrict__ wk, __half* __restrict__ y,
+                          float* __restrict__ stats, int N, int H, int W, int C, int K, int R, int S, int P, int Q,
+                          int stride, int pad, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];
+    __shared__ int pixels[3 * TC_BM];   // the tile's output pixels, then the statistics' column sums
+    conv_fwd_f16<false, true>(x, wk, y, stats, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles, pixels);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_fwd_wmma_async_stats_f16(const __half* __restrict__ x, const __half* __restrict__ wk, __half* __restrict__ y,
+                                float* __restrict__ stats, int N, int H, int W, int C, int K, int R, int S, int P,
+                                int Q, int stride, int pad, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];
+    __shared__ int pixels[3 * TC_BM];   // the tile's output pixels, then the statistics' column sums
+    conv_fwd_f16<true, true>(x, wk, y, stats, N, H, W, C, K, R, S, P, Q, stride, pad, aligned, tiles, pixels);
 }
 
 // Backward data, version 4.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 128.  wk: the weight in

@@ -5,6 +5,7 @@
     dw = conv2d_backward_weight(x, dy, w.shape, stride, padding, version=2) # im2col + GEMM
     wk = conv_weight(w32, np.float16)                                  # fp32 master -> fp16, channels last
     y16 = conv2d_forward(x16, wk, stride, padding)                     # tensor cores (version 5)
+    y, stats = conv2d_forward_bn_stats(x, w, stride, padding)          # + batch norm's partials of y
     dw32 = conv2d_backward_weight(x16, dy16, w.shape, stride, padding, dtype=np.float32)
 
 Layouts: x [N, H, W, C] and y / dy [N, P, Q, K] (NHWC), w [K, C, R, S] (OIHW, as torchvision),
@@ -28,11 +29,13 @@ import contextlib
 
 import numpy as np
 
+from . import batchnorm as _bn
 from . import gemm as _gemm
 from . import versions
 from .runtime.launch import array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
-__all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_output_size",
+__all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_weight",
+           "conv_output_size",
            "permute_weight", "conv_weight", "F16_VERSIONS", "emulate_arch"]
 
 _BLOCK = 256
@@ -241,6 +244,37 @@ def conv2d_forward(x, w, stride, padding, version=None):
     return y
 
 
+def conv2d_forward_bn_stats(x, w, stride, padding, version=None):
+    """(y, stats): conv2d_forward's y and the batch-norm partials of y, for
+    batchnorm.batchnorm_forward_train_from_stats (batch norm version 3).
+
+    stats: float32 [4, P, K], rows (count, shift, mean - shift, M2) per block of y's rows (output
+    pixels) and channel.  Versions 3, 4 and 5 write them in the epilogue of the forward kernel
+    (conv2d_fwd_igemm_stats_f32, conv2d_fwd_wmma_stats_f16, conv2d_fwd_wmma_async_stats_f16: a block
+    is a 64-row output tile, P = ceil(N*P*Q / 64)), from y as stored (rounded to half for float16);
+    versions 1 and 2 compute y, then read it once more (batchnorm_chan_partials).  Arguments as
+    conv2d_forward.
+    """
+    op = "conv2d_forward_bn_stats"
+    version = versions.version("conv", version, op, getattr(x, "dtype", None))
+    if version in (1, 2):
+        y = conv2d_forward(x, w, stride, padding, version=version)
+        return y, _bn.batchnorm_chan_partials(y)
+    if version in F16_VERSIONS:
+        return _forward_f16(op, x, w, stride, padding, version, stats=True)
+    check_array(op, "x", x, dtype=np.float32, ndim=4)
+    check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
+    xp = array_module(x, w)
+    g = _geometry(op, x.shape, w.shape, stride, padding)
+    N, H, W, C, K, R, S, P, Q, _, _ = g
+    y = empty(xp, (N, P, Q, K), dtype=np.float32)
+    grid = (-(-(N * P * Q) // _IG_TILE), -(-K // _IG_TILE))
+    stats = empty(xp, (4, grid[0], K), dtype=np.float32)
+    _module(xp).get_function("conv2d_fwd_igemm_stats_f32")(grid, (256,), (x, _krsc(op, w, _F32), y, stats)
+                                                           + _shape_args(g))
+    return y, stats
+
+
 def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     """dx = gradient of conv2d_forward with respect to x.
 
@@ -339,7 +373,8 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_
 # ---- versions 4 (and up): float16 on tensor cores --------------------------------------------------
 
 
-def _forward_f16(op, x, w, stride, padding, version):
+def _forward_f16(op, x, w, stride, padding, version, stats=False):
+    """y (stats=False) or (y, the batch-norm partials of y) (stats=True: the *_stats_f16 kernels)."""
     check_array(op, "x", x, dtype=np.float16, ndim=4)
     xp = array_module(x, w)
     check_array(op, "w", w, dtype=np.float16, ndim=4, contiguous=False)
@@ -348,9 +383,14 @@ def _forward_f16(op, x, w, stride, padding, version):
     N, H, W, C, K, R, S, P, Q, _, _ = g
     y = empty(xp, (N, P, Q, K), dtype=np.float16)
     grid = (-(-(N * P * Q) // _TC_TILE), -(-K // _TC_TILE))
-    _module(xp).get_function(_TC_NAMES[version] % "conv2d_fwd")(grid, (_TC_THREADS,), (x, wk, y) + _shape_args(g)
-                                                                + (_aligned(x, wk, y),))
-    return y
+    name = _TC_NAMES[version] % "conv2d_fwd"
+    if not stats:
+        _module(xp).get_function(name)(grid, (_TC_THREADS,), (x, wk, y) + _shape_args(g) + (_aligned(x, wk, y),))
+        return y
+    part = empty(xp, (4, grid[0], K), dtype=np.float32)   # count, shift, offset, M2 per (row tile, channel)
+    _module(xp).get_function(name.replace("_f16", "_stats_f16"))(
+        grid, (_TC_THREADS,), (x, wk, y, part) + _shape_args(g) + (_aligned(x, wk, y),))
+    return y, part
 
 
 def _backward_data_f16(op, dy, w, x_shape, stride, padding, version):

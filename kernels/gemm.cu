@@ -89,8 +89,13 @@ KERNEL_ENTRY(gemm_naive_f16, gemm_naive<__half>)
 extern "C" __global__ void gemm_tiled_f32(const float* __restrict__ A, const float* __restrict__ B, float* C,
                                           int M, int N, int K, int lda, int ldb, int ldc,
                                           int trans_a, int trans_b, float alpha, float beta) {
-    __shared__ float As[TILE][TILE];       // As[row][k]
-    __shared__ float Bs[TILE][TILE + 1];   // Bs[k][col]; +1 breaks bank conflicts of the transposed fill
+    // No padding: a warp (rows ty and ty + 1 of the block) writes As[ty][0..15], As[ty + 1][0..15],
+    // 32 consecutive floats, one per bank, and Bs alike; its reads are broadcasts (As[ty][k]) or
+    // 16 consecutive floats (Bs[k][tx]).  Padding Bs to [TILE][TILE + 1] would shift row ty + 1 by
+    // one bank, so that its last lane meets the first lane of row ty: a 2-way conflict in every
+    // fill of Bs (kernels.profile(): 4,096 store-conflict wavefronts at 128 x 128 x 128, 0 without).
+    __shared__ float As[TILE][TILE];   // As[row][k]
+    __shared__ float Bs[TILE][TILE];   // Bs[k][col]
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int row = blockIdx.x * TILE + ty, col = blockIdx.y * TILE + tx;
     float acc = 0.0f;

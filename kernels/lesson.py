@@ -11,7 +11,9 @@ On a GPU (CuPy sees one) the kernels run there, timed with CUDA events (median o
 warm-up), with the bandwidth or FLOP rate they reach.  Otherwise they run on the CPU emulator at
 a small shape: the check is the same, but the times are the emulator's, not a GPU's (blocks run
 one after another on one core; a naive kernel can be the fastest there).  Every result is
-compared with kernels/reference.py in float64; the command exits 1 if any version fails.
+compared with kernels/reference.py in float64; the command exits 1 if any version fails.  A
+copy that does not compile shows the compiler's message: its errors at `FILE:LINE:COLUMN` (FILE
+as given to --source) with the source lines they mean, without the emulator's own machinery.
 The ops are those of kernels/<op>.py: the ones whose kernel changes with the version are listed
 under each version, the ones every version shares once, after them.
 """
@@ -27,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from . import cases, versions
+from .emu.errors import CompileError
+from .runtime.raw import display_path
 
 __all__ = ["main", "median_time", "gpu_module"]
 
@@ -136,14 +140,39 @@ def _source(family, path):
         _launch.replace_source(f.source, None)
 
 
-def _one(case, op, version, xp, repeat, out):
+class _Errors:
+    """How the ops of one run report their exceptions: one line each, except a compile error,
+    which shows the compiler's whole message (kernels.CompileError: file:line:col, the
+    compiler's text and the source lines) once, naming the learner's copy as they gave it; the
+    ops after it that fail to compile the same way say so in one line."""
+
+    def __init__(self, copy=None, typed=None):
+        self.names = {}
+        if copy is not None and typed is not None:
+            self.names[display_path(copy)] = typed
+        self.compile_errors = set()
+
+    def text(self, e):
+        message = str(e)
+        if not isinstance(e, CompileError):
+            return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
+        for shown, typed in self.names.items():      # as the compiler named it -> as the learner typed it
+            message = message.replace(f"{shown}:", f"{typed}:").replace(f"{shown}(", f"{typed}(")
+        if message in self.compile_errors:
+            return f"{type(e).__name__}: the same compile error as above"
+        self.compile_errors.add(message)
+        first, *rest = message.splitlines()
+        return "\n".join([f"{type(e).__name__}: {first}", *(f"      {line}" for line in rest)])
+
+
+def _one(case, op, version, xp, repeat, out, errors=None):
     """Check and time one op of one version; True when it passes."""
     label = f"    {op:<34}"
     try:
         got = case.run(op, version, case.prepare(op))
         error, tolerance = case.check(op, version, got)
     except Exception as e:   # a failing kernel is reported, the other versions still run
-        print(f"{label} ERROR {type(e).__name__}: {str(e).splitlines()[0]}", file=out)
+        print(f"{label} ERROR {(errors or _Errors()).text(e)}", file=out)
         return False
     ok = error <= tolerance
     verdict = "ok  " if ok else "FAIL"
@@ -173,6 +202,7 @@ def run(family, version=None, shape=None, repeat=None, emulator=False, source=No
     case_class = cases.CASES[family]
     f = versions.FAMILIES[family]
     with _source(family, source) as copy:
+        errors = _Errors(copy, source)
         case = case_class(xp, shape, device)
         where = (f"on the CPU emulator ({platform.machine()}): results are checked as on a GPU, but the times are "
                  f"the emulator's, not a GPU's (it runs one block after another on one core, so a naive kernel "
@@ -187,12 +217,12 @@ def run(family, version=None, shape=None, repeat=None, emulator=False, source=No
             print(f"  version {n}  {summaries.get(n, '(not listed in the header)')}", file=out)
             with versions.running(family, n):
                 for op in case.ops(n):
-                    ok &= _one(case, op, n, xp, repeat, out)
+                    ok &= _one(case, op, n, xp, repeat, out, errors)
         shared = case.shared_ops()
         if shared:
             print(f"  the same in every version (run with version {versions.in_use()[family]}):", file=out)
             for op in shared:
-                ok &= _one(case, op, None, xp, repeat, out)
+                ok &= _one(case, op, None, xp, repeat, out, errors)
         if predict_on and ok:
             predictions(family, [version] if version else list(versions.numbers(family)), predict_on, xp, repeat, out)
     print("all versions match the reference" if ok else "FAILED: a version does not match the reference", file=out)

@@ -16,10 +16,11 @@ engine runs the convolutions:
 import numpy as np
 
 from . import conv as _conv
+from . import batchnorm as _bn
 from .batchnorm import (batchnorm_add_relu_backward, batchnorm_add_relu_forward_train, batchnorm_backward,
                         batchnorm_backward_elemt, batchnorm_backward_reduce, batchnorm_forward_inference,
-                        batchnorm_forward_train, batchnorm_partial_stats, batchnorm_relu_backward,
-                        batchnorm_relu_forward_train)
+                        batchnorm_forward_train, batchnorm_forward_train_from_stats, batchnorm_partial_stats,
+                        batchnorm_relu_backward, batchnorm_relu_forward_train)
 from . import cross_entropy as _ce
 from .cross_entropy import accumulate_loss, softmax_cross_entropy_backward, topk_correct
 from .elementwise import add, add_relu_forward, relu_backward, relu_forward
@@ -31,9 +32,10 @@ from .optimizer import (ParamSegments, global_grad_norm, lars_trust_ratio, lars_
 from . import pool as _pool
 from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_forward
 
-__all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_weight", "linear_forward",
-           "linear_backward",
-           "batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
+__all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_weight",
+           "conv_weight", "linear_forward", "linear_backward",
+           "batchnorm_forward_train", "batchnorm_forward_train_from_stats", "batchnorm_forward_inference",
+           "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward", "batchnorm_add_relu_forward_train",
            "batchnorm_add_relu_backward", "batchnorm_partial_stats", "batchnorm_backward_reduce",
            "batchnorm_backward_elemt", "relu_forward", "relu_backward", "add", "add_relu_forward",
@@ -83,6 +85,17 @@ def _impl(x):
 def conv2d_forward(x, w, stride, padding):
     """y[N, P, Q, K] = conv(x[N, H, W, C], w[K, C, R, S]) (NHWC activations, OIHW weights)."""
     return _impl(x).conv2d_forward(x, w, stride, padding)   # cuDNN: fp16 on tensor cores
+
+
+def conv2d_forward_bn_stats(x, w, stride, padding):
+    """(y, the batch-norm partials of y [4, P, K]) for batchnorm_forward_train_from_stats: written by
+    the forward kernel's epilogue (conv.cu versions 3 to 5); cuDNN's y (and versions 1 and 2) is read
+    once more for them (batchnorm_chan_partials)."""
+    impl = _impl(x)
+    if impl is not _conv:
+        y = impl.conv2d_forward(x, w, stride, padding)
+        return y, _bn.batchnorm_chan_partials(y)
+    return _conv.conv2d_forward_bn_stats(x, w, stride, padding)
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding):

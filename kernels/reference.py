@@ -28,9 +28,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .optimizer import ParamSegments
 
 __all__ = [
-    "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weight", "conv_weight",
+    "conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_weight", "conv_weight",
     "linear_forward", "linear_backward",
-    "batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_backward",
+    "batchnorm_forward_train", "batchnorm_forward_train_from_stats", "batchnorm_forward_inference",
+    "batchnorm_backward",
     "batchnorm_relu_forward_train", "batchnorm_relu_backward",
     "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward",
     "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt",
@@ -259,16 +260,28 @@ def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, eps=1e-5,
     x: [N, H, W, C] or [M, C]; gamma, beta, running_mean, running_var: [C]
     ->  (y like x, saved_mean [C], saved_invstd [C]); saved stats in float32 (float64 for float64 x).
     """
-    _check_float("x", x)
-    _check_channels(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
-    rows = _as_rows(x)
-    M = rows.shape[0]
-    if M < 2:
-        raise ValueError(f"batchnorm_forward_train: needs more than one value per channel, got x shape {x.shape}")
+    rows = _bn_train_rows("batchnorm_forward_train", x, gamma, beta, running_mean, running_var)
     sd = _stat_dtype(x.dtype)
     mean = rows.mean(axis=0, dtype=sd)
     centred = rows.astype(sd, copy=False) - mean
-    var = np.einsum("mc,mc->c", centred, centred) / M
+    var = np.einsum("mc,mc->c", centred, centred) / rows.shape[0]
+    return _bn_train_normalise(x, centred, mean, var, gamma, beta, running_mean, running_var, eps, momentum)
+
+
+def _bn_train_rows(op, x, gamma, beta, running_mean, running_var):
+    _check_float("x", x)
+    _check_channels(x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    rows = _as_rows(x)
+    if rows.shape[0] < 2:
+        raise ValueError(f"{op}: needs more than one value per channel, got x shape {x.shape}")
+    return rows
+
+
+def _bn_train_normalise(x, centred, mean, var, gamma, beta, running_mean, running_var, eps, momentum):
+    """The rest of a training forward once the batch statistics are known: y, the running
+    statistics (IN PLACE), and what the backward keeps.  centred = rows of x - mean."""
+    M = centred.shape[0]
+    sd = centred.dtype
     invstd = 1.0 / np.sqrt(var + eps)
     y = centred * (invstd * gamma.astype(sd, copy=False)) + beta.astype(sd, copy=False)
     running_mean *= 1.0 - momentum
@@ -276,6 +289,74 @@ def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, eps=1e-5,
     running_var *= 1.0 - momentum
     running_var += (momentum * var * (M / (M - 1))).astype(running_var.dtype)
     return y.astype(x.dtype, copy=False).reshape(x.shape), mean, invstd
+
+
+def batchnorm_partials(x):
+    """Batch-norm partials of x [N, H, W, C] or [M, C] as one block of all its rows: [4, 1, C], rows
+    (count M, shift = the mean, offset 0, M2 = sum of squared deviations), in the statistics dtype.
+    What conv2d_forward_bn_stats returns here (the kernels split the rows into 64-row blocks)."""
+    _check_float("x", x)
+    rows = _as_rows(x)
+    sd = _stat_dtype(x.dtype)
+    mean = rows.mean(axis=0, dtype=sd)             # as batchnorm_forward_train computes them, so that
+    centred = rows.astype(sd, copy=False) - mean   # its statistics from these are the same numbers
+    stats = np.zeros((4, 1, x.shape[-1]), dtype=sd)
+    stats[0] = rows.shape[0]
+    stats[1] = mean
+    stats[3] = np.einsum("mc,mc->c", centred, centred)
+    return stats
+
+
+def merge_bn_partials(stats):
+    """(count, mean, biased variance) per channel, float64 [C] each, of batch-norm partials
+    stats [4, P, C] (rows count n_p, shift a_p, offset d_p, M2_p per block p of rows: block p's mean is
+    a_p + d_p, M2_p its sum of squared deviations from that mean).  Chan's formula for P parts at
+    once, about block 0's mean g = a_0 + d_0, with e_p = (a_p - a_0) + (d_p - d_0):
+        N = sum n_p,  S = sum n_p e_p,  Q = sum (M2_p + n_p e_p^2);  mean = g + S/N,  var = (Q - S^2/N) / N
+    in float64 (batchnorm.cu's batchnorm_partials_reduce and _finalize do the same)."""
+    s = np.asarray(stats, dtype=np.float64)
+    if s.ndim != 3 or s.shape[0] != 4 or s.shape[1] < 1:
+        raise ValueError(f"batch-norm partials must be [4, P, C] (count, shift, offset, M2), got shape {s.shape}")
+    n, a, d, m2 = s
+    e = (a - a[0]) + (d - d[0])
+    N, S = n.sum(axis=0), (n * e).sum(axis=0)
+    Q = (m2 + n * e * e).sum(axis=0)
+    return N, (a[0] + d[0]) + S / N, np.maximum(Q - S * (S / N), 0.0) / N
+
+
+def conv2d_forward_bn_stats(x, w, stride, padding):
+    """(y, stats): y = conv2d_forward(x, w, stride, padding) and batchnorm_partials(y), the
+    statistics batchnorm_forward_train_from_stats takes (the kernels write them in the convolution's
+    epilogue, per 64-row output tile; here they are one block of all of y's rows)."""
+    y = conv2d_forward(x, w, stride, padding)
+    return y, batchnorm_partials(y)
+
+
+def batchnorm_forward_train_from_stats(x, stats, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1,
+                                       relu=False, residual=None):
+    """batchnorm_forward_train (relu=True: batchnorm_relu_forward_train; residual: the add + ReLU of
+    batchnorm_add_relu_forward_train) with the batch's statistics from partials of x (stats
+    [4, P, C], see merge_bn_partials) instead of from x: the same returns and IN PLACE updates.
+    With batchnorm_partials(x) (P = 1) the numbers are exactly batchnorm_forward_train's."""
+    op = "batchnorm_forward_train_from_stats"
+    if residual is not None and not relu:
+        raise ValueError(f"{op}: residual is only supported together with relu=True")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual shape {residual.shape} differs from x shape {x.shape}")
+    rows = _bn_train_rows(op, x, gamma, beta, running_mean, running_var)
+    if stats.ndim != 3 or stats.shape[0] != 4 or stats.shape[2] != x.shape[-1]:
+        raise ValueError(f"{op}: stats must be [4, P, {x.shape[-1]}], got shape {stats.shape}")
+    sd = _stat_dtype(x.dtype)
+    _, mean, var = merge_bn_partials(stats)
+    mean, var = mean.astype(sd), var.astype(sd)
+    centred = rows.astype(sd, copy=False) - mean
+    y, mean, invstd = _bn_train_normalise(x, centred, mean, var, gamma, beta, running_mean, running_var, eps,
+                                          momentum)
+    if residual is not None:
+        y += residual
+    if relu:
+        np.maximum(y, 0, out=y)
+    return y, mean, invstd
 
 
 def batchnorm_forward_inference(x, gamma, beta, running_mean, running_var, eps=1e-5):

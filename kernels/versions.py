@@ -40,7 +40,8 @@ from .runtime import launch as _launch
 from .runtime.raw import KERNEL_DIR, load_module
 
 __all__ = ["Family", "FAMILIES", "TRAINING", "numbers", "version", "describe", "parse", "select", "restore", "use",
-           "running", "in_use", "in_use_f16", "table", "check_source", "check_precision"]
+           "running", "in_use", "in_use_f16", "table", "check_source", "check_precision", "BN_FROM_CONV",
+           "bn_statistics_from_conv"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ FAMILIES = {f.name: f for f in (
            "version 4 multiplies float16 matrices on tensor cores; the linear layer and the im2col convolution "
            "multiply float32 ones"),
     Family("conv", "conv.cu", 5, 3, (1, 2, 3, 4, 5), f16=(4, 5), default_f16=5),
-    Family("batchnorm", "batchnorm.cu", 2, 2, (1, 2)),
+    Family("batchnorm", "batchnorm.cu", 3, 3, (1, 2, 3)),
     Family("pool", "pool.cu", 2, 1, (1, 2)),   # version 1 (atomics) measured 2.1x faster on an H100
     Family("cross_entropy", "cross_entropy.cu", 2, 2, (1, 2)),
     Family("optimizer", "optimizer.cu", 2, 2, (2,),
@@ -337,6 +338,18 @@ def running(family, number):
         yield
     finally:
         slot[family] = previous
+
+
+BN_FROM_CONV = 3
+"""The batch-norm version whose statistics come from the convolution before it (conv.cu's epilogue)."""
+
+
+def bn_statistics_from_conv():
+    """True when the batch norm in use takes its training statistics from the convolution that
+    produced its input (version 3): the layer code (nn.layers.conv_bn) then runs a convolution and
+    the batch norm after it as conv2d_forward_bn_stats + batchnorm_forward_train_from_stats.  On
+    the cpu device too, where both ways give the same numbers."""
+    return _in_use["batchnorm"] >= BN_FROM_CONV
 
 
 def in_use():

@@ -23,7 +23,8 @@ import numpy as np
 
 __all__ = ["Device", "get_device", "cpu", "emu", "cuda", "default_device_for", "is_array", "to_numpy", "host_reads",
            "set_conv_engine", "use_kernels", "select_kernels", "restore_kernels", "kernel_table",
-           "cuda_unavailable_reason", "auto_device", "free_device_memory"]
+           "cuda_unavailable_reason", "auto_device", "free_device_memory", "kernel_errors",
+           "cuda_setup_error"]
 
 _host_reads = 0
 
@@ -141,17 +142,29 @@ def select_kernels(spec, device=None):
     """The versions `spec` chooses (a spec as for use_kernels, or a run's recorded table; None: the
     defaults) for everything from now on, as a training run does.  device 'emu' or 'cuda' compiles
     every learner's copy for it now, so that a compile error shows before any work.  Raises
-    ValueError with one line that says what is wrong.  Returns what restore_kernels takes."""
+    ValueError with one line that says what is wrong (for a copy that does not compile: that line,
+    then the compiler's message).  Returns what restore_kernels takes."""
     versions = importlib.import_module("kernels.versions")
     from kernels.emu.errors import CompileError
     try:
         return versions.select(spec, compile_for=device if device in ("emu", "cuda") else None)
     except CompileError as e:
-        first = next((line.strip() for line in e.log.splitlines() if "error" in line), "")
-        family = next((f for f, c in versions.parse(spec).items() if c.source is not None
-                       and str(c.source) in e.message), "<family>")
-        raise ValueError(f"{e.message}{': ' + first if first else ''} (python -m kernels.{family} --emulator "
-                         f"--source FILE shows the compiler's whole message)") from None
+        # the compiler's whole message (trimmed of the emulator's machinery), as python -m
+        # kernels.<family> --source FILE prints it: the learner's file:line:col first
+        raise ValueError(str(e)) from None
+
+
+def kernel_errors():
+    """The exception classes of a kernel that failed: (CompileError, EmulatorError), so that
+    train.py can tell a broken kernel (exit 2, one line) from a bug without importing kernels/."""
+    errors = importlib.import_module("kernels.emu.errors")
+    return errors.CompileError, errors.EmulatorError
+
+
+def cuda_setup_error():
+    """The exception class of CuPy unable to compile our kernels (NVRTC or a CUDA header missing;
+    kernels/runtime/cuda_env.py): its message is one line naming the fix, for train.py's exit 2."""
+    return importlib.import_module("kernels.runtime.cuda_env").CudaSetupError
 
 
 def restore_kernels(previous):

@@ -17,7 +17,7 @@ import numpy as np
 
 from nn.tensor import Tensor
 
-__all__ = ["conv2d", "linear", "batch_norm", "relu", "add", "add_relu", "max_pool2d", "transpose",
+__all__ = ["conv2d", "conv2d_bn_stats", "linear", "batch_norm", "relu", "add", "add_relu", "max_pool2d", "transpose",
            "normalize_images",
            "global_avg_pool", "cross_entropy", "cast"]
 
@@ -48,10 +48,25 @@ def conv2d(x, weight, stride=1, padding=0):
     read, for the forward and the backward-data pass together: on emu and cuda channels-last (one
     launch per step, none for a 1x1 filter), cast to float16 for float16 x (mixed precision: the
     float32 master's gradient comes back in float32)."""
+    return _conv2d(x, weight, stride, padding, bn_stats=False)
+
+
+def conv2d_bn_stats(x, weight, stride=1, padding=0):
+    """(y, stats): conv2d's y (a Tensor, with conv2d's backward) and the batch-norm partials of y
+    (an array [4, P, K], ops.conv2d_forward_bn_stats: on emu and cuda written by the convolution's
+    epilogue), for batch_norm(y, ..., stats=stats) in training: batch norm then reads y once, not
+    twice."""
+    return _conv2d(x, weight, stride, padding, bn_stats=True)
+
+
+def _conv2d(x, weight, stride, padding, bn_stats):
     ops = _ops(x, weight)
     x_data = x.data
     w_data = ops.conv_weight(weight.data, x_data.dtype)
-    y = ops.conv2d_forward(x_data, w_data, stride, padding)
+    if bn_stats:
+        y, stats = ops.conv2d_forward_bn_stats(x_data, w_data, stride, padding)
+    else:
+        y = ops.conv2d_forward(x_data, w_data, stride, padding)
     w_shape, w_dtype = weight.shape, weight.dtype
 
     def backward(dy):
@@ -60,7 +75,8 @@ def conv2d(x, weight, stride=1, padding=0):
               if weight.requires_grad else None)
         return dx, dw
 
-    return Tensor._from_op(y, (x, weight), backward)
+    out = Tensor._from_op(y, (x, weight), backward)
+    return (out, stats) if bn_stats else out
 
 
 # ---- fully connected ----------------------------------------------------------------------------
@@ -90,7 +106,7 @@ def linear(x, weight, bias=None):
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, momentum=0.1,
-               relu=False, residual=None, sync=None):
+               relu=False, residual=None, sync=None, stats=None):
     """Batch normalisation over (N, H, W) per channel, optionally fused with what follows it:
 
         relu=False, residual=None:  y = bn(x)
@@ -103,6 +119,9 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
     sync: None (statistics of this process's batch), or a communicator (nn.distributed) whose
     ranks each hold part of one batch: training then uses the statistics of the whole batch
     (synchronised BN, see _batch_norm_synchronised).
+    stats: None, or the batch-norm partials of x from the convolution that produced it
+    (conv2d_bn_stats): training without sync then takes the batch statistics from them
+    (ops.batchnorm_forward_train_from_stats, one read of x fewer); the backward is the same.
     """
     if residual is not None and not relu:
         raise ValueError("batch_norm: residual is only supported together with relu=True")
@@ -116,23 +135,28 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
         return _batch_norm_synchronised(ops, x, weight, bias, running_mean, running_var, eps, momentum,
                                         relu, residual, sync)
 
-    if residual is not None:
+    if stats is not None:     # the statistics from the convolution: the normalising pass only
+        y, mean, invstd = ops.batchnorm_forward_train_from_stats(
+            x_data, stats, gamma, bias.data, running_mean, running_var, eps, momentum, relu,
+            None if residual is None else residual.data)
+    elif residual is not None:
         y, mean, invstd = ops.batchnorm_add_relu_forward_train(
             x_data, residual.data, gamma, bias.data, running_mean, running_var, eps, momentum)
-
-        def backward(dy):
-            dx, dres, dgamma, dbeta = ops.batchnorm_add_relu_backward(dy, y, x_data, gamma, mean, invstd)
-            return dx, dgamma, dbeta, dres
     elif relu:
         y, mean, invstd = ops.batchnorm_relu_forward_train(
             x_data, gamma, bias.data, running_mean, running_var, eps, momentum)
-
-        def backward(dy):
-            return ops.batchnorm_relu_backward(dy, y, x_data, gamma, mean, invstd)
     else:
         y, mean, invstd = ops.batchnorm_forward_train(
             x_data, gamma, bias.data, running_mean, running_var, eps, momentum)
 
+    if residual is not None:
+        def backward(dy):
+            dx, dres, dgamma, dbeta = ops.batchnorm_add_relu_backward(dy, y, x_data, gamma, mean, invstd)
+            return dx, dgamma, dbeta, dres
+    elif relu:
+        def backward(dy):
+            return ops.batchnorm_relu_backward(dy, y, x_data, gamma, mean, invstd)
+    else:
         def backward(dy):
             return ops.batchnorm_backward(dy, x_data, gamma, mean, invstd)
 

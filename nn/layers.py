@@ -18,6 +18,7 @@ draws from this module's generator, seeded by `manual_seed`, default seed 0):
   Linear:      weight normal(0, 0.01), bias 0.
 """
 
+import importlib
 from collections import OrderedDict
 
 import numpy as np
@@ -26,7 +27,7 @@ from nn import functional as F
 from nn.device import get_device, to_numpy
 from nn.tensor import Parameter, Tensor
 
-__all__ = ["Module", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "GlobalAvgPool", "Linear",
+__all__ = ["Module", "Conv2d", "BatchNorm2d", "conv_bn", "ReLU", "MaxPool2d", "GlobalAvgPool", "Linear",
            "Sequential", "manual_seed"]
 
 _default_rng = np.random.default_rng(0)
@@ -266,12 +267,21 @@ class Conv2d(Module):
         self.weight = Parameter(w * np.float32(np.sqrt(2.0 / fan_out)))
 
     def forward(self, x):
+        self._check_channels(x)
+        # fp16 activations: F.conv2d casts the fp32 master weight itself (once for forward and backward)
+        return F.conv2d(x, self.weight, self.stride, self.padding)
+
+    def forward_bn_stats(self, x):
+        """(y, stats): forward(x) and the batch-norm partials of y (F.conv2d_bn_stats), for the
+        BatchNorm2d after this layer (conv_bn)."""
+        self._check_channels(x)
+        return F.conv2d_bn_stats(x, self.weight, self.stride, self.padding)
+
+    def _check_channels(self, x):
         self._check_input(x)
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"{self._label()}: input has {x.shape[-1]} channels (last axis, NHWC), "
                              f"expected {self.in_channels}")
-        # fp16 activations: F.conv2d casts the fp32 master weight itself (once for forward and backward)
-        return F.conv2d(x, self.weight, self.stride, self.padding)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -299,7 +309,9 @@ class BatchNorm2d(Module):
         self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
         self.sync = None
 
-    def forward(self, x, relu=False, residual=None):
+    def forward(self, x, relu=False, residual=None, stats=None):
+        """stats: the batch-norm partials of x from the convolution that produced it (conv_bn), used
+        in training (without sync) instead of computing the statistics from x."""
         self._check_input(x, ndim=x.ndim if isinstance(x, Tensor) and x.ndim in (2, 4) else 4)
         if x.shape[-1] != self.num_features:
             raise ValueError(f"{self._label()}: input has {x.shape[-1]} channels, expected {self.num_features}")
@@ -310,10 +322,28 @@ class BatchNorm2d(Module):
             self._buffers["num_batches_tracked"] += 1
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             self.training, self.eps, self.momentum, relu=relu or residual is not None,
-                            residual=residual, sync=self.sync)
+                            residual=residual, sync=self.sync, stats=stats)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+def conv_bn(conv, bn, x, relu=False, residual=None):
+    """bn(conv(x), relu=relu, residual=residual): a convolution and the batch norm after it.
+
+    In training (bn.training, no sync), when the batch norm in use takes its statistics from the
+    convolution (kernels.versions.bn_statistics_from_conv(): batch norm version 3, the default),
+    the convolution also returns the batch-norm partials of its output and batch norm normalises
+    with them: one read of the activation fewer.  `--kernels batchnorm=2` (use_kernels(batchnorm=2))
+    turns that off; evaluation, synchronised BN and the backward are the same either way."""
+    if bn.training and bn.sync is None and _fuse_conv_bn():
+        y, stats = conv.forward_bn_stats(x)
+        return bn(y, relu=relu, residual=residual, stats=stats)
+    return bn(conv(x), relu=relu, residual=residual)
+
+
+def _fuse_conv_bn():
+    return importlib.import_module("kernels.versions").bn_statistics_from_conv()
 
 
 class ReLU(Module):
@@ -385,8 +415,17 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        for m in self._modules.values():
-            x = m(x)
+        """Each child's output to the next; a Conv2d followed by a BatchNorm2d runs as conv_bn."""
+        children = list(self._modules.values())
+        i = 0
+        while i < len(children):
+            m = children[i]
+            if isinstance(m, Conv2d) and i + 1 < len(children) and isinstance(children[i + 1], BatchNorm2d):
+                x = conv_bn(m, children[i + 1], x)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
         return x
 
 

@@ -22,7 +22,7 @@ transpose) with `model(x, layout="NHWC")`.
 import numpy as np
 
 from nn import functional as F
-from nn.layers import BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Module, ReLU, Sequential
+from nn.layers import BatchNorm2d, Conv2d, GlobalAvgPool, Linear, MaxPool2d, Module, ReLU, Sequential, conv_bn
 from nn.tensor import Tensor
 
 __all__ = ["Bottleneck", "BasicBlock", "ResNet", "resnet50", "resnet18", "resnet34"]
@@ -46,9 +46,9 @@ class Bottleneck(Module):
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.bn1(self.conv1(x), relu=True)
-        out = self.bn2(self.conv2(out), relu=True)
-        return self.bn3(self.conv3(out), residual=shortcut)     # relu(bn3(.) + shortcut)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn(self.conv2, self.bn2, out, relu=True)
+        return conv_bn(self.conv3, self.bn3, out, residual=shortcut)     # relu(bn3(conv3(.)) + shortcut)
 
     def last_bn(self):
         return self.bn3
@@ -70,8 +70,8 @@ class BasicBlock(Module):
 
     def forward(self, x):
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.bn1(self.conv1(x), relu=True)
-        return self.bn2(self.conv2(out), residual=shortcut)
+        out = conv_bn(self.conv1, self.bn1, x, relu=True)
+        return conv_bn(self.conv2, self.bn2, out, residual=shortcut)
 
     def last_bn(self):
         return self.bn2
@@ -129,7 +129,7 @@ class ResNet(Module):
         """x: images as an array or Tensor, float, [N, 3, H, W] (layout='NCHW', the default) or
         [N, H, W, 3] (layout='NHWC', no transpose needed) -> logits Tensor [N, num_classes]."""
         x = self._prepare_input(x, layout)
-        x = self.bn1(self.conv1(x), relu=True)
+        x = conv_bn(self.conv1, self.bn1, x, relu=True)
         x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         logits = self.fc(self.avgpool(x))

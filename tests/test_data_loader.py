@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from data.augment import eval_transform_into
-from data.loader import Loader
+from data.loader import Loader, LoaderError
 from data.pack import pack_folder
 from data.records import close_database, decode_record, encode_record, open_database, record_key
 from data.synthetic import make_dataset
@@ -215,7 +215,7 @@ def test_a_dead_worker_is_reported(colour_db):
         it = iter(loader)
         next(it)
         os.kill(loader._procs[0].pid, signal.SIGKILL)
-        with pytest.raises(RuntimeError, match="died"):
+        with pytest.raises(LoaderError, match=r"loader worker 0 \(pid \d+\) died \(killed by SIGKILL"):
             for _ in it:
                 pass
 

@@ -5,7 +5,11 @@ Every test compares with an independent NumPy computation of what the hardware w
 """
 
 import ctypes
+import errno
+import logging
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -450,6 +454,78 @@ def test_invalid_pointer_is_an_exception_not_a_crash():
     assert x[2] == 1.0
 
 
+# ------------------------------------------------------------------------------ what a compiler or libc would hide
+# Bugs that g++ -O2 or the C library would turn into silence or a dead interpreter: each must be
+# a Python exception naming the kernel (one module, so one compile).
+HIDDEN = r"""
+extern "C" __global__ void one_line_barriers(float* x, int split) {
+    if ((int)threadIdx.x < split) { __syncthreads(); } else { __syncthreads(); }
+    x[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void write_through_null(float* out, int how) {
+    if (how == 0) *(float*)0 = 1.0f;                 // undefined behaviour: g++ deletes it and what follows
+    if (how == 1) { float* p = nullptr; p[3] = 1.0f; }
+    if (how == 2) { const float* p = nullptr; out[0] = p[threadIdx.x]; }
+    out[threadIdx.x] = 2.0f;
+}
+extern "C" __global__ void stop(float* out, int how) {
+    out[threadIdx.x] = 2.0f;
+    if (threadIdx.x == 5) {
+        if (how == 0) exit(3);
+        if (how == 1) abort();
+        if (how == 2) std::exit(4);
+        __trap();
+    }
+}
+"""
+
+
+def test_barriers_on_one_line_are_told_apart():
+    k = module(HIDDEN).get_function("one_line_barriers")
+    x = np.zeros(64, np.float32)
+    with pytest.raises(kernels.BarrierDivergenceError,
+                       match=r"thread \(0,0,0\) waits at <kernel source>:3 while .* thread \(16,0,0\) waits at another "
+                             r"__syncthreads\(\) of the same line, <kernel source>:3"):
+        k((1,), (64,), (x, np.int32(16)))
+    k((1,), (64,), (x, np.int32(64)))        # every thread takes the same branch: fine
+    k((1,), (64,), (x, np.int32(0)))
+    assert np.all(x == 1.0)
+
+
+@pytest.mark.parametrize("how", [0, 1, 2])
+def test_a_null_pointer_faults_instead_of_vanishing(how):
+    out = np.zeros(8, np.float32)
+    with pytest.raises(kernels.KernelFault, match=r"in kernel 'write_through_null' at address 0x[0-9a-f]+ "
+                                                  r"\(a null pointer\), block \(0,0,0\) thread \(0,0,0\)"):
+        module(HIDDEN).get_function("write_through_null")((1,), (8,), (out, np.int32(how)))
+    module(HIDDEN).get_function("write_through_null")((1,), (8,), (out, np.int32(-1)))
+    assert np.all(out == 2.0)
+
+
+def test_exit_and_abort_in_a_kernel_raise_instead_of_ending_python():
+    # (in a child process: before the fix, exit() ended the interpreter that ran it)
+    code = textwrap.dedent("""
+        import numpy as np, kernels
+        from tests.test_emulator import HIDDEN
+        k = kernels.RawModule(code=HIDDEN).get_function("stop")
+        for how in range(4):
+            try:
+                k((1,), (32,), (np.zeros(32, np.float32), np.int32(how)))
+                print("no error")
+            except kernels.KernelFault as e:
+                print(type(e).__name__, e)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4, proc.stdout
+    where = r"called in kernel 'stop' \(function stop\), block \(0,0,0\) thread \(5,0,0\)"
+    for line, call, at in zip(lines, ["exit\\(3\\)", "abort\\(\\)", "exit\\(4\\)", "__trap\\(\\)"], [15, 16, 17, 18]):
+        assert re.fullmatch(rf"KernelFault <kernel source>:{at}: {call} {where}; .*", line), line
+    assert "device code has no exit() or abort()" in lines[0] and "the launch fails, as on a GPU" in lines[3]
+
+
 OOB = r"""
 extern "C" __global__ void copy_shifted(const float* x, float* y, int n, int shift) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -599,6 +675,173 @@ def test_compiled_modules_are_cached(monkeypatch):
     assert calls == [] and np.all(y == 3)
 
 
+def _unwritable(monkeypatch, folder):
+    """Make `folder` read-only, also for root (who writes anyway): its os.mkdir/os.open for
+    writing then fail with EACCES, as they would for a user."""
+    folder.chmod(0o555)
+    monkeypatch.setattr(os, "mkdir", _refuse_under(folder, os.mkdir))
+    if hasattr(pathlib, "_NormalAccessor"):   # Python 3.10: Path.mkdir calls the os.mkdir it bound at import
+        monkeypatch.setattr(pathlib._NormalAccessor, "mkdir", staticmethod(os.mkdir))
+    real_open = os.open
+    refuse = _refuse_under(folder, real_open)
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: (refuse if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+                                                                  else real_open)(path, flags, *a, **k))
+
+
+def _refuse_under(folder, real):
+    def call(path, *args, **kw):
+        if str(os.fspath(path)).startswith(str(folder)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real(path, *args, **kw)
+    return call
+
+
+@pytest.mark.parametrize("case", ["file", "file_above", "read_only", "read_only_home"])
+def test_an_unusable_cache_folder_is_one_line_naming_the_variable(case, monkeypatch, tmp_path):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    if case == "file":
+        (tmp_path / "cache").write_text("")
+        monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path / "cache"))
+    elif case == "file_above":
+        (tmp_path / "cache").write_text("")
+        monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path / "cache" / "emu"))
+    elif case == "read_only":
+        (tmp_path / "cache").mkdir()
+        monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path / "cache"))
+        _unwritable(monkeypatch, tmp_path / "cache")
+    else:
+        monkeypatch.delenv("KERNELS_EMU_CACHE", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        (tmp_path / "home").mkdir()
+        _unwritable(monkeypatch, tmp_path / "home")
+    try:
+        with pytest.raises(emulator.EmulatorCacheError) as err:
+            module(SCALE + f"\n// {case}\n").get_function("scale")(
+                (1,), (32,), (np.zeros(4, np.float32), np.zeros(4, np.float32), np.float32(1), np.int32(4)))
+    finally:
+        for d in (tmp_path / "cache", tmp_path / "home"):
+            if d.is_dir():
+                d.chmod(0o755)
+    message = str(err.value)
+    assert "\n" not in message and "set KERNELS_EMU_CACHE to a writable folder" in message
+    assert str(tmp_path / ("home" if case == "read_only_home" else "cache")) in message
+    assert ("a file is in the way" if case.startswith("file") else "Permission denied") in message
+
+
+def _copy_entry(path, folder):
+    """Copy the cache entry whose library is `path` (and its record) into `folder`."""
+    stem = path.name.rsplit("-", 1)[0]
+    for f in (path, path.with_name(f"{stem}.sha256")):
+        shutil.copy(f, folder / f.name)
+    return folder / path.name, folder / f"{stem}.sha256"
+
+
+def test_cache_entries_are_verified_before_loading(tmp_path):
+    # The runtime's entry, copied: whole, it verifies; damaged in any way, it does not.
+    library, record = _copy_entry(emulator._load_runtime()._path, tmp_path)
+    stem = record.stem
+    assert emulator._cached_entry(tmp_path, stem) == (library, None)
+    good_library, good_record = library.read_bytes(), record.read_text()
+    damages = {"truncated": lambda: library.write_bytes(good_library[: len(good_library) // 2]),
+               "empty": lambda: library.write_bytes(b""),
+               "changed": lambda: library.write_bytes(good_library[:-1] + bytes([good_library[-1] ^ 1])),
+               "missing": library.unlink,
+               "record damaged": lambda: record.write_text("garbage\n"),
+               "record names another file": lambda: record.write_text(good_record.replace(stem, "other"))}
+    for what, damage in damages.items():
+        damage()
+        path, problem = emulator._cached_entry(tmp_path, stem)
+        assert path is None and problem, what
+        library.write_bytes(good_library)
+        record.write_text(good_record)
+    record.unlink()
+    assert emulator._cached_entry(tmp_path, stem) == (None, None)      # no entry: built, nothing to report
+
+
+DAMAGES = ("truncated", "empty", "record")
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tmp_path):
+    # A child process builds three entries, they are damaged, and a second child must rebuild
+    # them (before the fix, loading the truncated library ended it with SIGBUS).
+    _copy_entry(emulator._load_runtime()._path, tmp_path)   # (the runtime: not rebuilt here)
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from kernels.emu.emulator import EmuModule
+        from tests.test_emulator import DAMAGES, SCALE
+        for damage in DAMAGES:
+            x, y = np.arange(40, dtype=np.float32), np.zeros(40, np.float32)
+            EmuModule(SCALE + f"// {damage}\\n").get_function("scale")((2,), (32,), (x, y, np.float32(3), np.int32(40)))
+            assert np.array_equal(y, 3 * x)
+            print(damage, file=sys.stderr)
+    """)
+    env = dict(os.environ, KERNELS_EMU_CACHE=str(tmp_path))
+    env.pop("KERNELS_EMU_UCONTEXT", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def child():
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, (proc.returncode, proc.stderr)
+        return proc.stderr.splitlines()
+
+    assert child() == list(DAMAGES)
+    before = set(tmp_path.glob("kernel_*.so"))
+    entries = sorted(before, key=lambda p: p.stat().st_mtime_ns)   # in the order built: DAMAGES
+    assert len(entries) == 3
+    entries[0].write_bytes(entries[0].read_bytes()[: entries[0].stat().st_size // 2])
+    entries[1].write_bytes(b"")
+    records = [p for p in tmp_path.glob("kernel_*.sha256")]
+    record = next(r for r in records if entries[2].name.startswith(r.stem + "-"))
+    record.write_text("not a record")
+    lines = child()
+    assert lines[1::2] == list(DAMAGES), lines
+    pattern = r"the CPU emulator's cache entry kernel_\w+ is damaged \((.*)\); rebuilding it"
+    reasons = [re.fullmatch(pattern, line) for line in lines[0::2]]
+    assert len(reasons) == 3 and all(reasons), lines
+    assert re.fullmatch(rf"{entries[0].name} is \d+ bytes, \d+ were written", reasons[0].group(1))
+    assert re.fullmatch(rf"{entries[1].name} is 0 bytes, \d+ were written", reasons[1].group(1))
+    assert reasons[2].group(1) == f"its record {record.name} is damaged"
+    assert child() == list(DAMAGES)                     # rebuilt: whole again
+
+
+PTXAS_LOG = """ptxas info    : Compiling entry function 'k' for 'sm_80'
+ptxas info    : Function properties for k
+    8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem, 368 bytes cmem[0]
+"""
+
+
+def test_a_damaged_ptxas_cache_file_is_computed_again(monkeypatch, tmp_path, caplog):
+    from kernels.runtime import nvrtc, ptxas
+    monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path))
+    monkeypatch.setattr(nvrtc, "nvrtc_version", lambda: (12, 4))
+    compiles = []
+    monkeypatch.setattr(nvrtc, "compile_cuda", lambda *a, **k: compiles.append(a) or
+                        type("Result", (), {"log": PTXAS_LOG})())
+    monkeypatch.setattr(ptxas, "_memory", {})
+    expect = {"k": ptxas.Resources("k", "sm_80", 40, 0, 0, 8, 4096, 1, 368)}
+    assert ptxas.module_resources("// damaged ptxas cache") == expect and len(compiles) == 1
+    [cached] = (tmp_path / "ptxas").glob("*.json")
+    good = cached.read_text()
+    damages = ["", "{not json", "[]", '{"k": 3}', '{"k": {"kernel": "k", "arch": "sm_80", "registers": "40"}}',
+               '{"k": {"kernel": "k", "arch": "sm_80"}}', '{"k": {"kernel": "k", "arch": "sm_80", "registers": 40, '
+               '"colour": 1}}', '{"k": {"kernel": "other", "arch": "sm_80", "registers": 40}}', b"\xff\xfe"]
+    for n, damage in enumerate(damages, start=2):
+        (cached.write_bytes if isinstance(damage, bytes) else cached.write_text)(damage)
+        ptxas._memory.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kernels.runtime.ptxas"):
+            assert ptxas.module_resources("// damaged ptxas cache") == expect, damage
+        assert len(compiles) == n and cached.read_text() == good, damage
+        [record] = caplog.records
+        assert re.fullmatch(rf"the ptxas cache entry {re.escape(str(cached))} is damaged \(.+\); computing it again",
+                            record.getMessage()), damage
+    ptxas._memory.clear()
+    assert ptxas.module_resources("// damaged ptxas cache") == expect and len(compiles) == len(damages) + 1
+
+
 def test_ucontext_fallback_runs_the_same_kernels(tmp_path):
     # The portable fiber implementation (used where the x86-64 switch is not available) is
     # exercised in a fresh process, since a process loads one runtime.
@@ -628,6 +871,9 @@ extern "C" __global__ void write_two(float* a, float* b, int n) {
     int i = threadIdx.x;
     if (i < n) { a[i] = 1.0f + i; b[i] = -1.0f - i; }
 }
+extern "C" __global__ void write_three(const float* before, float* a, const float* after, int n) {
+    if ((int)threadIdx.x < n) a[threadIdx.x] = 1.0f + threadIdx.x;
+}
 extern "C" __global__ void write_vec(float4* y, int n4) {
     if (threadIdx.x == 0) y[n4] = make_float4(1.2345678f, 2.2345678f, 3.2345678f, 4.2345678f);   // one float4 too far
 }
@@ -649,6 +895,37 @@ def test_write_just_past_the_end_is_reported_naming_the_argument(n):
     # in bounds: no report, and the value is there
     k((1,), (32,), (y, n - 1, np.float32(3.25)))
     assert y[n - 1] == 3.25
+
+
+def test_a_zero_size_array_has_guard_bytes_too():
+    k = module(GUARDED).get_function("write_at")
+    for y in (np.zeros(0, np.float32), np.zeros(8, np.float32)[3:3]):   # own memory, and a view inside a buffer
+        with pytest.raises(kernels.OutOfBoundsError,
+                           match=r"wrote outside argument 0 'y' \(float32\[0\]\): byte 0 past the end "
+                                 r"\(inside element 0 of 0\)"):
+            k((1,), (32,), (y, 0, np.float32(1.2345678)))
+    # empty arrays at either end of another argument: its writes are no false alarm
+    buf = np.zeros(12, np.float32)
+    a, before, after = buf[2:10], buf[2:2], buf[10:10]
+    module(GUARDED).get_function("write_three")((1,), (32,), (before, a, after, np.int32(8)))
+    np.testing.assert_array_equal(buf, np.r_[0, 0, 1.0 + np.arange(8), 0, 0])
+
+
+def test_a_learners_copy_writing_past_the_end_is_named_in_an_op(tmp_path):
+    # What a training run meets (train.py --kernels elementwise=my.cu): a copy of elementwise.cu
+    # whose axpy runs one element too far, called through the op's launcher.
+    from kernels import elementwise, versions
+    src = (kernels.KERNEL_DIR / "elementwise.cu").read_text()
+    loop = "GRID_STRIDE_LOOP(i, n) { y[i] = fmaf(alpha, x[i], y[i]); }"
+    assert loop in src
+    copy = tmp_path / "my_elementwise.cu"
+    copy.write_text(src.replace(loop, loop.replace("(i, n)", "(i, n + 1)")))
+    buf = np.ones(1000 + 8, np.float32)           # own the bytes around x and y: nothing is corrupted
+    x, y = buf[:500], buf[504:1004]               # (y[500] = 2 * 1 + 1 changes the byte past y's end)
+    with versions.use(f"elementwise={copy}"), \
+            pytest.raises(kernels.OutOfBoundsError, match=r"kernel 'axpy_f32' wrote outside argument 1 'y' "
+                                                          r"\(float32\[500\]\): byte \d past the end \(inside element 500 of 500\)"):
+        elementwise.axpy(2.0, x, y)
 
 
 def test_guard_bytes_catch_a_vector_store_past_the_end():

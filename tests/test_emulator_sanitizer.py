@@ -314,6 +314,39 @@ def test_with_synccheck_every_synchronisation_error_is_a_synccheck_error():
         k((1,), (64,), (np.zeros(64, np.float32),))
 
 
+HIDDEN = textwrap.dedent(r"""
+    extern "C" __global__ void one_line_barriers(float* x) {
+        if (threadIdx.x < 16) { __syncthreads(); } else { __syncthreads(); }
+        x[threadIdx.x] = 1.0f;
+    }
+    extern "C" __global__ void write_through_null(float* out, int how) {
+        if (how == 0) *(float*)0 = 1.0f;       // undefined behaviour: g++ would delete it and what follows
+        if (how == 1) { const float* p = nullptr; out[0] = p[threadIdx.x + 2]; }
+        out[threadIdx.x] = 2.0f;
+    }
+    extern "C" __global__ void write_first(float* y) { y[0] = 1.0f; }
+    """)
+
+
+def test_checks_see_what_the_optimiser_would_hide():
+    m = kernels.RawModule(code=HIDDEN, filename="hidden.cu")
+    x = np.zeros(64, np.float32)
+    with kernels.sanitize("synccheck"), pytest.raises(
+            kernels.SynccheckError, match=r"divergent __syncthreads\(\).*waits at hidden.cu:3 while .* waits at "
+                                          r"another __syncthreads\(\) of the same line, hidden.cu:3"):
+        m.get_function("one_line_barriers")((1,), (64,), (x,))
+    for how, (noun, address, line) in enumerate([("write", 0, 7), ("read", 8, 8)]):
+        with kernels.sanitize("memcheck"), pytest.raises(
+                kernels.MemcheckError, match=rf"memcheck: {noun} of 4 byte\(s\) in kernel 'write_through_null' at "
+                                             rf"hidden.cu:{line}, block \(0, 0, 0\) thread \(0, 0, 0\): address "
+                                             rf"0x{address:x} is a null pointer"):
+            m.get_function("write_through_null")((1,), (32,), (x, np.int32(how)))
+    with kernels.sanitize("memcheck"), pytest.raises(
+            kernels.MemcheckError, match=r"out-of-bounds write .* 0 byte\(s\) past the end of argument 0 'y' "
+                                         r"\(float32\[0\]\)"):
+        m.get_function("write_first")((1,), (1,), (np.zeros(0, np.float32),))
+
+
 def test_the_interpreter_survives_a_finding():
     case = CASES[0]
     args, expect = case.make()

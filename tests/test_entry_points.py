@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from kernels import CompileError, RawModule, load_module, nvrtc
+from kernels import CompileError, RawModule, load_module
+from kernels.runtime import nvrtc
 from kernels.runtime.raw import KERNEL_DIR
 from kernels.emu.signature import expand_entry_points, find_kernels
 

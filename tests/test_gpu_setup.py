@@ -1,10 +1,12 @@
 """A first run on a GPU machine, tested without one: where CuPy finds NVRTC and the CUDA headers
 (kernels/runtime/cuda_env.py), NCCL missing, the GPU each rank takes, why --device auto chose the CPU,
-bf16 refused up front, and the memory arithmetic behind the out-of-memory advice (nn/memory.py).
+bf16 refused up front, the memory arithmetic behind the out-of-memory advice (nn/memory.py), and
+the benchmarks and bench.gpu_check stopping at once, with its one line, on a CudaSetupError.
 
 CuPy is replaced by small stand-in modules where a test needs one.
 """
 
+import json
 import os
 import sys
 import types
@@ -70,33 +72,207 @@ def install_fake_cupy(monkeypatch, device_count=1, count_error=None, nccl_availa
 # ---- kernels/runtime/cuda_env.py: the headers CuPy must find -----------------------------------------------
 
 def test_the_headers_our_kernels_need():
-    assert cuda_env.kernel_headers() == ["cuda_bf16.h", "cuda_fp16.h", "cuda_pipeline.h", "mma.h"]
-    assert cuda_env.needed_headers() == ["cuda_bf16.h", "cuda_fp16.h", "cuda_pipeline.h", "mma.h", "crt/mma.h",
-                                         "crt/mma.hpp"]
+    assert cuda_env.kernel_headers(cuda_env.KERNEL_DIR) == ["cuda_bf16.h", "cuda_fp16.h", "cuda_pipeline.h", "mma.h"]
+    assert cuda_env.needed_headers(cuda_env.KERNEL_DIR) == ["cuda_bf16.h", "cuda_fp16.h", "cuda_pipeline.h", "mma.h",
+                                                            "crt/mma.h", "crt/mma.hpp"]
+    # the repository's test kernels are compiled on a GPU too: their headers are looked for as well
+    assert {"cooperative_groups.h", "crt/mma.h"} <= set(cuda_env.needed_headers())
 
 
-def _headers(folder, names):
+def _headers(folder, names, cudart=None):
+    """Header files under `folder` (created); cudart: a CUDART_VERSION for its cuda_runtime_api.h."""
+    folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("// header\n")
+    if cudart is not None:
+        (folder / "cuda_runtime_api.h").write_text(f"#pragma once\n#define CUDART_VERSION  {cudart}\n")
     return str(folder)
 
 
-@pytest.mark.parametrize("layout", ["cuda12-wheels", "toolkit", "unknown"])
-def test_extra_include_dirs_add_only_what_cupy_misses(monkeypatch, tmp_path, layout):
-    runtime = _headers(tmp_path / "cuda_runtime" / "include", ["cuda_fp16.h", "cuda_bf16.h", "mma.h"])
-    nvcc = _headers(tmp_path / "cuda_nvcc" / "include", ["crt/mma.h", "crt/mma.hpp"])
-    toolkit = _headers(tmp_path / "toolkit" / "include", ["cuda_fp16.h", "cuda_bf16.h", "mma.h", "crt/mma.h",
-                                                          "crt/mma.hpp"])
-    cupy_dirs = {"cuda12-wheels": [str(tmp_path / "cupy"), runtime], "toolkit": [toolkit], "unknown": None}[layout]
+CRT = ["crt/mma.h", "crt/mma.hpp"]
+
+
+@pytest.fixture
+def bare_env(monkeypatch, tmp_path):
+    """CuPy's path = a CUDA 13 wheel folder without crt/; no conda, CUDA_PATH, CUDA_HOME; the
+    loader finds nothing; /usr/local is an empty folder; NVRTC 13.0; no cuda-toolkit installed."""
+    wheel = _headers(tmp_path / "site" / "nvidia" / "cu13" / "include", ["cuda_fp16.h", "cuda_bf16.h",
+                     "cuda_pipeline.h", "mma.h", "cooperative_groups.h", "cooperative_groups/reduce.h"], 13000)
+    for var in ("CONDA_PREFIX", "CUDA_PATH", "CUDA_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "usr_local").mkdir()
+    monkeypatch.setenv(cuda_env.SYSTEM_ROOT_VARIABLE, str(tmp_path / "usr_local"))
     monkeypatch.setattr(cuda_env, "_extra_cache", {})
-    monkeypatch.setattr(cuda_env, "cupy_include_dirs", lambda options=(): cupy_dirs)
-    monkeypatch.setattr(cuda_env, "nvrtc_major", lambda: 12)
-    monkeypatch.setattr(cuda_env, "wheel_include_dirs", lambda major: [runtime, nvcc] if major == 12 else [])
-    want = {"cuda12-wheels": [nvcc], "toolkit": [], "unknown": []}[layout]
-    assert cuda_env.extra_include_dirs() == want
-    assert cuda_env.extra_include_options() == tuple(f"-I{d}" for d in want)
+    monkeypatch.setattr(cuda_env, "cupy_include_dirs", lambda options=(): [str(tmp_path / "cupy"), wheel])
+    monkeypatch.setattr(cuda_env, "nvrtc_version", lambda: (13, 0))
+    monkeypatch.setattr(cuda_env, "_wheel_places", lambda major: [])
+    asked = []
+    monkeypatch.setattr(cuda_env, "loader_resolved_libraries", lambda names: asked.extend(names) or {n: None for n in names})
+    monkeypatch.setattr(cuda_env, "_distribution_version", lambda name: None)
+    return types.SimpleNamespace(root=tmp_path, wheel=wheel, asked=asked)
+
+
+def _lay_out(where, env, monkeypatch, cudart=13000):
+    """A toolkit folder holding crt/ laid out for the search place `where`; -> the folder expected."""
+    root = env.root
+    if where == "conda-targets":
+        monkeypatch.setenv("CONDA_PREFIX", str(root / "conda"))
+        return _headers(root / "conda" / "targets" / "x86_64-linux" / "include", CRT, cudart)
+    if where == "conda-include":      # crt/ in include/, the version in the targets folder of the same prefix
+        monkeypatch.setenv("CONDA_PREFIX", str(root / "conda"))
+        _headers(root / "conda" / "targets" / "x86_64-linux" / "include", [], cudart)
+        return _headers(root / "conda" / "include", CRT)
+    if where in ("CUDA_PATH", "CUDA_HOME"):
+        monkeypatch.setenv(where, str(root / where.lower()))
+        return _headers(root / where.lower() / "include", CRT, cudart)
+    if where in ("loader-cudart", "loader-nvrtc", "loader-targets"):
+        lib = {"loader-targets": root / "tk" / "targets" / "x86_64-linux" / "lib"}.get(where, root / "tk" / "lib64")
+        name = "libnvrtc.so.13" if where == "loader-nvrtc" else "libcudart.so.13"
+        monkeypatch.setattr(cuda_env, "loader_resolved_libraries", lambda names: env.asked.extend(names) or
+                            {n: str(lib / n) if n == name else None for n in names})
+        return _headers(root / "tk" / "include", CRT, cudart)
+    if where == "usr-local-cuda":
+        return _headers(root / "usr_local" / "cuda" / "include", CRT, cudart)
+    if where == "usr-local-cuda-13.x":
+        _headers(root / "usr_local" / "cuda-13.0" / "include", CRT, cudart)
+        return _headers(root / "usr_local" / "cuda-13.2" / "include", CRT, cudart)     # the newest first
+    raise ValueError(where)
+
+
+PLACES = ["conda-targets", "conda-include", "CUDA_PATH", "CUDA_HOME", "loader-cudart", "loader-nvrtc",
+          "loader-targets", "usr-local-cuda", "usr-local-cuda-13.x"]
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_crt_is_found_in_each_search_place_and_appended_after_cupys_path(bare_env, monkeypatch, where):
+    want = _lay_out(where, bare_env, monkeypatch)
+    assert cuda_env.extra_include_dirs() == [want]
+    assert cuda_env.extra_include_options() == (f"-I{want}",)
+    found, searched = cuda_env.locate_headers(["crt/mma.h"], 13)
+    assert found["crt/mma.h"]["folder"] == want and found["crt/mma.h"]["accepted"]
+    assert searched[-1] is found["crt/mma.h"]          # the search stops at the first place that has it
+    # the loader's child process is asked only when nothing before it had the header
+    assert bool(bare_env.asked) == (where not in ("conda-targets", "conda-include", "CUDA_PATH", "CUDA_HOME"))
+
+
+def test_nothing_is_searched_when_cupys_path_has_every_header(bare_env, monkeypatch):
+    _headers(Path(bare_env.wheel), CRT)
+    _lay_out("CUDA_PATH", bare_env, monkeypatch)
+    assert cuda_env.extra_include_dirs() == [] and bare_env.asked == []
+
+
+def test_the_wheels_come_first_then_the_places_in_order(bare_env, monkeypatch):
+    crt_wheel = _headers(bare_env.root / "crt_wheel" / "nvidia" / "cu13" / "include", CRT)
+    _lay_out("CUDA_PATH", bare_env, monkeypatch)
+    system = _lay_out("usr-local-cuda", bare_env, monkeypatch)
+    cuda_path = str(bare_env.root / "cuda_path" / "include")
+    assert cuda_env.extra_include_dirs() == [cuda_path]               # $CUDA_PATH before /usr/local/cuda
+    monkeypatch.setattr(cuda_env, "_extra_cache", {})
+    monkeypatch.delenv("CUDA_PATH")
+    assert cuda_env.extra_include_dirs() == [system]
+    monkeypatch.setattr(cuda_env, "_extra_cache", {})
+    monkeypatch.setattr(cuda_env, "_wheel_places", lambda major: [
+        {"label": "wheel nvidia-cuda-crt 13.0.88", "folder": crt_wheel, "accepted": True}])
+    assert cuda_env.extra_include_dirs() == [crt_wheel]
+
+
+@pytest.mark.parametrize("cudart, accepted", [(12080, False), (13000, True), (13020, True), (None, False)])
+def test_a_toolkit_of_another_major_is_refused(bare_env, monkeypatch, cudart, accepted):
+    """NVRTC 13 with a CUDA 12.8 toolkit (or one whose version cannot be read) at $CUDA_PATH:
+    its crt/ is not taken; mixed headers of two majors compile wrong."""
+    folder = _lay_out("CUDA_PATH", bare_env, monkeypatch, cudart=cudart)
+    assert cuda_env.toolkit_version(folder) == cudart
+    assert cuda_env.extra_include_dirs() == ([folder] if accepted else [])
+    if not accepted:
+        _, searched = cuda_env.locate_headers(["crt/mma.h"], 13)
+        place = next(p for p in searched if p["label"].startswith("$CUDA_PATH"))
+        assert not place["accepted"]
+        assert place["note"] == ("CUDA 12.8, NVRTC is 13.x" if cudart else
+                                 "no cuda_runtime_api.h with CUDART_VERSION: version unknown")
+
+
+def test_a_refused_toolkit_does_not_stop_the_search(bare_env, monkeypatch):
+    _lay_out("CUDA_HOME", bare_env, monkeypatch, cudart=12080)
+    want = _lay_out("usr-local-cuda-13.x", bare_env, monkeypatch)
+    assert cuda_env.extra_include_dirs() == [want]
+
+
+@pytest.mark.parametrize("toolkit, nvrtc, fix", [
+    ("13.0.2", (13, 0), 'pip install "cuda-toolkit[crt]==13.0.2"'),
+    (None, (13, 0), 'pip install "nvidia-cuda-crt==13.*"'),
+    ("12.9.1", (13, 2), 'pip install "nvidia-cuda-crt==13.*"'),             # a cuda-toolkit of another major
+    ("12.9.1", (12, 9), 'pip install "cuda-toolkit[nvcc]==12.9.1"'),
+    (None, (12, 4), 'pip install "nvidia-cuda-nvcc-cu12==12.*"'),
+])
+def test_a_header_found_nowhere_is_one_error_naming_the_fix_and_every_place(bare_env, monkeypatch, toolkit, nvrtc,
+                                                                           fix):
+    monkeypatch.setattr(cuda_env, "_distribution_version", lambda name: toolkit if name == "cuda-toolkit" else None)
+    monkeypatch.setattr(cuda_env, "nvrtc_version", lambda: nvrtc)
+    monkeypatch.setenv("CUDA_PATH", str(bare_env.root / "cuda12"))
+    _headers(bare_env.root / "cuda12" / "include", CRT, 12080 if nvrtc[0] == 13 else 11080)
+    nvrtc_said = (f'{bare_env.wheel}/mma.h(55): catastrophic error: cannot open source file "crt/mma.h"\n'
+                  '  #include "crt/mma.h"\n')
+    with pytest.raises(cuda_env.CudaSetupError) as info:
+        cuda_env.raise_with_install_hint(RuntimeError(nvrtc_said), "kernels/gemm.cu")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("kernels/gemm.cu: the CUDA header crt/mma.h (which <mma.h> includes)")
+    assert f"fix: {fix} (or set CUDA_PATH to a CUDA {nvrtc[0]}.x toolkit)" in msg
+    usr_local = bare_env.root / "usr_local"
+    for place in ("CuPy's include path", bare_env.wheel, "$CONDA_PREFIX (not set)", "$CUDA_HOME (not set)",
+                  f"$CUDA_PATH {bare_env.root / 'cuda12' / 'include'} (CUDA {'12.8' if nvrtc[0] == 13 else '11.8'}, "
+                  f"NVRTC is {nvrtc[0]}.x)", f"toolkit of libcudart.so.{nvrtc[0]} (the OS loader finds none)",
+                  f"toolkit of libnvrtc.so.{nvrtc[0]} (the OS loader finds none)",
+                  f"{usr_local / 'cuda' / 'include'} (no such folder)", f"{usr_local}/cuda-{nvrtc[0]}.*/include (none)",
+                  "CuPy said: "):
+        assert place in msg, place
+
+
+def test_cupy_14_finding_no_cuda_headers_is_a_setup_error(bare_env, monkeypatch):
+    """A runtime-only layout (libraries, no headers): CuPy 14 raises its own RuntimeError before
+    NVRTC runs; it becomes the one CudaSetupError naming the runtime headers and crt/."""
+    monkeypatch.setattr(cuda_env, "nvrtc_version", lambda: (13, 0))
+    cupy14 = RuntimeError("Failed to find CUDA headers. Please install CUDA toolkit headers (e.g., pip install "
+                          "cupy-cuda12x[ctk]) or specify CUDA_PATH environment variable.")
+    with pytest.raises(cuda_env.CudaSetupError, match=r'^kernels/conv.cu: CuPy finds no CUDA headers .*fix: pip install '
+                       r'"nvidia-cuda-runtime==13\.0\.\*" "nvidia-cuda-crt==13\.\*" .*CuPy said: Failed to find CUDA '
+                       r'headers'):
+        cuda_env.raise_with_install_hint(cupy14, "kernels/conv.cu")
+    monkeypatch.setattr(cuda_env, "_distribution_version", lambda name: "13.0.2" if name == "cuda-toolkit" else None)
+    with pytest.raises(cuda_env.CudaSetupError, match=r'fix: pip install "cuda-toolkit\[cudart,crt\]==13\.0\.2"'):
+        cuda_env.raise_with_install_hint(cupy14, "kernels/conv.cu")
+    cupy13 = RuntimeError("Failed to auto-detect CUDA root directory. Please specify `CUDA_PATH` environment variable")
+    monkeypatch.setattr(cuda_env, "nvrtc_version", lambda: (11, 8))
+    with pytest.raises(cuda_env.CudaSetupError, match="install a CUDA 11.x toolkit and set CUDA_PATH"):
+        cuda_env.raise_with_install_hint(cupy13, "kernels/conv.cu")
+
+
+def test_report_says_where_each_header_came_from(bare_env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(__version__="14.2.0"))
+    monkeypatch.setitem(sys.modules, "cupy.cuda", None)        # NVRTC's version and NCCL: not importable here
+    want = _lay_out("loader-cudart", bare_env, monkeypatch)
+    rep = cuda_env.report()
+    assert rep["headers"]["cuda_fp16.h"] == bare_env.wheel and rep["header_sources"]["cuda_fp16.h"] == "CuPy's include path"
+    assert rep["headers"]["crt/mma.h"] == want
+    assert rep["header_sources"]["crt/mma.h"].startswith(f"toolkit of libcudart.so.13 ({bare_env.root}/tk/lib64/")
+    assert rep["extra_include_dirs"] == [want] and "fix" not in rep
+    assert any(line.startswith("  <crt/mma.h>: " + want) for line in cuda_env.format_report(rep))
+    monkeypatch.setattr(cuda_env, "loader_resolved_libraries", lambda names: {n: None for n in names})
+    monkeypatch.setattr(cuda_env, "_extra_cache", {})
+    rep = cuda_env.report()
+    assert rep["headers"]["crt/mma.h"] is None and rep["fix"].startswith('pip install "nvidia-cuda-crt==13.*"')
+    assert "  <crt/mma.h>: NOT FOUND" in cuda_env.format_report(rep)
+
+
+def test_the_loader_is_asked_in_a_child_process():
+    found = cuda_env.loader_resolved_libraries(["libc.so.6", "libnot-a-library-anywhere.so.1"])
+    assert found["libnot-a-library-anywhere.so.1"] is None
+    assert os.path.isabs(found["libc.so.6"]) and os.path.basename(found["libc.so.6"]).startswith("libc")
+    assert cuda_env.toolkit_root("/usr/local/cuda-13.0/lib64/libcudart.so.13") == "/usr/local/cuda-13.0"
+    assert cuda_env.toolkit_root("/opt/conda/targets/x86_64-linux/lib/libcudart.so.13") == "/opt/conda"
+    assert cuda_env.toolkit_root("/site-packages/nvidia/cu13/lib/libcudart.so.13") == "/site-packages/nvidia/cu13"
+    assert cuda_env.toolkit_root("/weird/place/libcudart.so.13") is None
 
 
 def test_wheel_include_dirs_take_only_the_same_cuda_major():
@@ -109,19 +285,20 @@ def test_wheel_include_dirs_take_only_the_same_cuda_major():
     dirs = cuda_env.wheel_include_dirs(12)
     assert cuda_env.find_header("cuda_fp16.h", dirs) is not None
     assert cuda_env.wheel_include_dirs(11) == [] and cuda_env.wheel_include_dirs(None) == []
+    places = cuda_env._wheel_places(13)
+    assert [p["label"] for p in places if not p["accepted"]] == [p["label"] for p in places]
 
 
-def test_install_hints_name_the_extra(monkeypatch):
+def test_install_hints(bare_env, monkeypatch):
     monkeypatch.setattr(cuda_env, "cupy_wheel_cuda_major", lambda: 13)
     hint = cuda_env.install_hint(RuntimeError('Failure finding "libnvrtc.so": libnvrtc.so: cannot open shared '
                                               'object file: No such file or directory'))
     assert "NVRTC" in hint and 'pip install -e ".[gpu-cuda13]"' in hint
     hint = cuda_env.install_hint(Exception('kernels/gemm.cu(47): catastrophic error: cannot open source file '
-                                           '"crt/mma.h"'))
-    assert "crt/mma.h" in hint and "gpu-cuda13" in hint
+                                           '"cuda_bf16.h"'))
+    assert hint.startswith("the CUDA header cuda_bf16.h is in none of the places searched for NVRTC 13.0; fix: "
+                           'pip install "nvidia-cuda-runtime==13.0.*"')
     assert cuda_env.install_hint(ValueError("something else")) is None
-    with pytest.raises(cuda_env.CudaSetupError, match=r'kernels/gemm.cu: the CUDA header cuda_bf16.h .*\[gpu-cuda13\]'):
-        cuda_env.raise_with_install_hint(Exception('cannot open source file "cuda_bf16.h"'), "kernels/gemm.cu")
     cuda_env.raise_with_install_hint(ValueError("a compile error in our code"), "kernels/gemm.cu")  # no hint: returns
     assert [cuda_env.gpu_extra_for(m) for m in (11, 12, 13)] == ["gpu-cuda11", "gpu", "gpu-cuda13"]
 
@@ -407,3 +584,175 @@ def test_train_out_of_memory_exits_4_with_a_batch_size(monkeypatch, tmp_path, ca
     line = next(x for x in out.splitlines() if "out of GPU memory" in x)
     fit = memory.max_batch_size(0.004 * memory.GiB, 32, 0.0625, 7)
     assert 1 <= fit < 64 and f"try --batch-size {fit} " in line and "0.0 GiB free" not in line
+
+
+# ---- fail fast: a CudaSetupError ends a benchmark and bench.gpu_check at once, with its one line -------------
+
+SETUP = cuda_env.CudaSetupError('kernels/conv.cu: the CUDA header crt/mma.h (which <mma.h> includes) is in none of '
+                                'the places searched for NVRTC 13.0; fix: pip install "nvidia-cuda-crt==13.*" (or '
+                                'set CUDA_PATH to a CUDA 13.x toolkit). Searched: ...')
+
+
+def test_bench_train_stops_at_the_first_setup_error_with_its_line(monkeypatch, capsys, tmp_path):
+    import bench
+    from bench import train as bt
+    tried = []
+
+    def build_setup(*args, **kwargs):
+        tried.append(args[0])
+        raise SETUP
+
+    monkeypatch.setattr(bt, "build_setup", build_setup)
+    code = bench.stop_on_setup_error("bench.train", bt.main, ["--device", "cpu", "--size", "tiny",
+                                                               "--json", str(tmp_path / "train.json")])
+    out, err = capsys.readouterr()
+    assert code == bench.EXIT_SETUP == 2 and tried == ["fp32"]        # the other configurations are not tried
+    assert "[bench.train] cpu fp32-ours: starting" in out
+    assert err.splitlines() == [f"bench.train: stopped: CudaSetupError: {SETUP}"]
+
+
+def test_bench_train_writes_each_row_as_it_goes(monkeypatch, tmp_path):
+    from bench import train as bt
+    seen = []
+    real = bt.measure
+
+    def measure(name, *args, **kwargs):
+        if name == "amp-ours":     # the third configuration: the JSON holds the first two already
+            seen.append([r["config"] for r in json.loads((tmp_path / "t.json").read_text())["rows"]])
+        return real(name, *args, **kwargs) if name != "amp-ours" else {"config": name, "device": "cpu",
+                                                                         "cuda_graph": False, "optimizer": "sgd",
+                                                                         "skipped": "not measured here"}
+
+    monkeypatch.setattr(bt, "measure", measure)
+    monkeypatch.setattr(bt, "build_setup", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("not built here")))
+    bt.run(["cpu"], ["fp32-ours", "fp32-cudnn", "amp-ours"], "tiny", out=str(tmp_path / "t.json"), quiet=True)
+    assert seen == [["fp32-ours", "fp32-cudnn"]]
+    assert [r["config"] for r in json.loads((tmp_path / "t.json").read_text())["rows"]] == ["fp32-ours", "fp32-cudnn",
+                                                                                            "amp-ours"]
+
+
+def test_bench_kernels_stops_at_the_first_setup_error(monkeypatch, capsys):
+    import bench
+    from bench import kernels as bk
+    timed = []
+    monkeypatch.setattr(bk, "measure_ceilings", lambda xp, repeat: {"copy_bytes_per_s": 1.0, "matmul_flops_per_s": 1.0,
+                                                                    "matmul_fp16_flops_per_s": None})
+
+    def time_it(fn, xp, repeat, warmup=2):
+        timed.append(fn)
+        raise SETUP
+
+    monkeypatch.setattr(bk, "_time", time_it)
+    code = bench.stop_on_setup_error("bench.kernels", bk.main, ["--size", "tiny", "--groups", "elementwise", "reduce",
+                                                                 "--repeat", "1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and len(timed) == 1
+    assert "[bench.kernels] group elementwise: starting" in out and "group reduce" not in out
+    assert err.splitlines() == [f"bench.kernels: stopped: CudaSetupError: {SETUP}"]
+
+
+def test_bench_compare_torch_stops_at_the_first_setup_error(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    import bench
+    from bench import compare_torch as ct
+    monkeypatch.setattr(ct.bt, "build_setup", lambda *a, **k: (_ for _ in ()).throw(SETUP))
+    monkeypatch.setattr(ct, "check_same_loss", lambda *a, **k: (_ for _ in ()).throw(SETUP))
+    code = bench.stop_on_setup_error("bench.compare_torch", ct.main, ["--device", "cpu", "--size", "tiny"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "[bench.compare_torch] loss check, engine ours: starting" in out
+    assert err.splitlines() == [f"bench.compare_torch: stopped: CudaSetupError: {SETUP}"]
+
+
+_FAILING_STAGE = (
+    "import sys\n"
+    "from bench import stop_on_setup_error\n"
+    "from kernels.runtime.cuda_env import CudaSetupError\n"
+    "def main(argv):\n"
+    "    print('[bench.standin] cuda fp32-ours: starting', flush=True)\n"
+    "    raise CudaSetupError('kernels/conv.cu: crt/mma.h is missing; fix: pip install \"nvidia-cuda-crt==13.*\"')\n"
+    "sys.exit(stop_on_setup_error('bench.standin', main))\n")
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+def test_gpu_check_stops_at_a_setup_error_and_says_its_line(tmp_path, keep_going):
+    """A stage whose benchmark stops on a CudaSetupError (a stand-in that raises it through the real
+    wrapper): gpu_check shows its progress line and the error's line as they come, and runs nothing
+    after it (no 110 s of silence in a stage that cannot work); exit code 2."""
+    from bench import gpu_check
+    ran = tmp_path / "ran"
+    plan = [("first", [sys.executable, "-c", _FAILING_STAGE], 60, None),
+            ("second", [sys.executable, "-c", f"open({str(ran)!r}, 'w').close()"], 60, None)]
+    said = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    results, code = gpu_check.run_plan(plan, tmp_path, env, budget=120, keep_going=keep_going, say=said.append)
+    assert code == 2
+    assert "    [bench.standin] cuda fp32-ours: starting" in said
+    stop = 'bench.standin: stopped: CudaSetupError: kernels/conv.cu: crt/mma.h is missing; fix: pip install "nvidia-cuda-crt==13.*"'
+    assert f"    {stop}" in said
+    assert '[gpu_check] first: stopped: CudaSetupError: kernels/conv.cu: crt/mma.h is missing; fix: pip install ' \
+           '"nvidia-cuda-crt==13.*"' in said
+    assert results[0]["status"] == "failed" and results[0]["rc"] == 2 and results[0]["setup_error"] == stop
+    assert results[0]["summary"].startswith("stopped: CudaSetupError: kernels/conv.cu")
+    assert stop in (tmp_path / "first.log").read_text()
+    if keep_going:
+        assert results[1]["status"] == "ok" and ran.exists()
+    else:
+        assert results[1]["status"] == "skipped" and "first stage stopped on a CudaSetupError" in results[1]["detail"]
+        assert not ran.exists()
+
+
+def test_gpu_check_compile_stage_stops_at_a_setup_error(monkeypatch, tmp_path):
+    """The compile stage's children run the real wrapper; one that stops on a CudaSetupError ends
+    the stage with its line and exit code 2 (the others are killed)."""
+    from bench import gpu_check
+    real_py = gpu_check._py
+    child = _FAILING_STAGE.replace("print('[bench.standin] cuda fp32-ours: starting', flush=True)\n", "")
+    monkeypatch.setattr(gpu_check, "_py", lambda *args: real_py("-c", child) if "--compile-one" in args else
+                        real_py(*args))
+    said = []
+    assert gpu_check.compile_kernels("cuda", 2, say=said.append) == 2
+    assert said[0].startswith("[compile] kernels/") and said[0].endswith("(cuda): starting")
+    assert said[-1] == ('bench.gpu_check compile: stopped: CudaSetupError: kernels/conv.cu: crt/mma.h is missing; '
+                        'fix: pip install "nvidia-cuda-crt==13.*"')
+
+
+def test_gpu_check_plans_compile_then_tests_then_the_timed_stages(monkeypatch, tmp_path):
+    from bench import gpu_check
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: object())   # xdist, pytest-timeout there
+    plan = gpu_check.stage_plan(False, tmp_path, ["tests"], jobs=8)
+    names = [p[0] for p in plan]
+    assert names[:3] == ["env", "compile", "pytest"]
+    assert set(names[3:]) == {"train", "kernels", "compare", "graph", "converge", "launch"}
+    pytest_argv = plan[2][1]
+    assert pytest_argv[pytest_argv.index("-n") + 1] == "8" and "--timeout=120" in pytest_argv
+    assert plan[1][1][-4:] == ["--compile-kernels", "cuda", "--jobs", "8"]
+    assert sum(p[2] for p in plan) <= 9 * 60 + 200       # the limits; the budget (--budget) caps the sum
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
+    assert "-n" not in gpu_check.stage_plan(False, tmp_path, ["tests"])[2][1]
+
+
+def test_train_exits_2_with_the_setup_errors_one_line(monkeypatch, tmp_path, capsys):
+    """A CudaSetupError in the first step (CuPy cannot compile a kernel: a stand-in raises it where
+    the loss is computed) ends train.py with exit code 2 and the error's one line, no traceback;
+    so does one raised before training starts (--kernels compiles the chosen versions up front)."""
+    monkeypatch.setenv("MLPERF_RESNET_CACHE", str(tmp_path / "cache"))
+
+    def setup_error(*args, **kwargs):
+        raise SETUP
+
+    monkeypatch.setattr(nn.functional, "cross_entropy", setup_error)
+    code = train.main(["--synthetic", "tiny", "--device", "cpu", "--workers", "0", "--no-progress", "--batch-size", "8",
+                       "--width", "0.0625", "--image-size", "32", "--out", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == train.EXIT_USAGE == 2
+    assert any(line.endswith(f"error: {SETUP}") for line in (out + err).splitlines()) and "Traceback" not in out + err
+
+
+def test_train_exits_2_on_a_setup_error_before_training(monkeypatch, capsys):
+    def setup_error(*args, **kwargs):
+        raise SETUP
+
+    monkeypatch.setattr(train, "run", setup_error)
+    code = train.main(["--synthetic", "tiny", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines() == [f"train.py: error: {SETUP}"]

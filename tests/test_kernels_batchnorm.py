@@ -291,3 +291,145 @@ def test_bad_inputs_raise_clear_errors():
         bn.batchnorm_backward(y[:1], x, gamma, mean, invstd)
     with pytest.raises(TypeError, match="y must be float32"):
         bn.batchnorm_relu_backward(y, y.astype(np.float16), x, gamma, mean, invstd)
+
+
+# ------------------------------------------------------------------ version 3: statistics from partials
+def tile_partials(x, rows=64, order=None):
+    """Batch-norm partials [4, P, C] of x as conv.cu's epilogue writes them (a block per `rows` rows,
+    shift = its first row), computed in float64 on the host; order: a permutation of the blocks."""
+    C = x.shape[-1]
+    r = np.asarray(x, dtype=np.float64).reshape(-1, C)
+    blocks = [r[i:i + rows] for i in range(0, r.shape[0], rows)]
+    stats = np.empty((4, len(blocks), C))
+    for p, b in enumerate(blocks):
+        stats[0, p], stats[1, p] = len(b), b[0]
+        stats[2, p], stats[3, p] = (b - b[0]).mean(axis=0), ((b - b.mean(axis=0)) ** 2).sum(axis=0)
+    if order is not None:
+        stats = stats[:, order]
+    return np.ascontiguousarray(stats, dtype=np.float32)
+
+
+def from_stats(mode, x, stats, residual, gamma, beta, rm, rv, module=bn, **kw):
+    return module.batchnorm_forward_train_from_stats(x, stats, gamma, beta, rm, rv, relu=mode != "plain",
+                                                     residual=residual if mode == "add_relu" else None, **kw)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(2, 7, 7, 5), (1, 9, 15, 33), (3, 1, 1, 64), (37, 3), (4, 3, 5, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_forward_train_from_stats_matches_reference(backend, shape, mode):
+    """Version 3's forward takes the statistics from partials (the convolution's 64-row tiles, version
+    2's row slices, or one block, in any order): what the reference forward returns and updates."""
+    rng = np.random.default_rng(zlib.crc32(repr((shape, mode, 3)).encode()))
+    x, gamma, beta, rm, rv = make_inputs(shape, rng)
+    residual = rng.standard_normal(shape).astype(np.float32)
+    rm64, rv64 = f64(rm, rv)
+    y_ref, mean_ref, invstd_ref = ref_forward(mode, *f64(x, residual, gamma, beta), rm64, rv64)
+    d, h = backend.to_device, backend.to_host
+    P = -(-x.size // x.shape[-1] // 64)
+    for stats in (tile_partials(x), tile_partials(x, order=np.random.default_rng(1).permutation(P)),
+                  tile_partials(x, rows=7), bn.batchnorm_chan_partials(d(x)), ref.batchnorm_partials(x)):
+        rm_dev, rv_dev = d(rm.copy()), d(rv.copy())     # (on the emulator d() is the array itself)
+        y, mean, invstd = from_stats(mode, d(x), d(stats), d(residual), d(gamma), d(beta), rm_dev, rv_dev)
+        assert y.dtype == np.float32 and y.shape == shape and mean.dtype == invstd.dtype == np.float32
+        for got, want in ((y, y_ref), (mean, mean_ref), (invstd, invstd_ref), (rm_dev, rm64), (rv_dev, rv64)):
+            assert rel_err(h(got), want) < 1e-5
+
+
+def test_from_stats_saves_what_the_backward_needs(backend):
+    """The saved mean and invstd are those of version 2's forward to float32 rounding, so the backward
+    (unchanged) gives the same gradients."""
+    rng = np.random.default_rng(12)
+    shape = (3, 6, 7, 24)
+    x, gamma, beta, rm, rv = map(backend.to_device, make_inputs(shape, rng))
+    dy = backend.to_device(rng.standard_normal(shape).astype(np.float32))
+    y2, mean2, invstd2 = bn.batchnorm_relu_forward_train(x, gamma, beta, rm.copy(), rv.copy())
+    y3, mean3, invstd3 = bn.batchnorm_forward_train_from_stats(x, bn.batchnorm_chan_partials(x), gamma, beta,
+                                                               rm.copy(), rv.copy(), relu=True)
+    h = backend.to_host
+    for a, b in ((y3, y2), (mean3, mean2), (invstd3, invstd2)):
+        assert rel_err(h(a), h(b)) < 1e-6
+    g2 = bn.batchnorm_relu_backward(dy, y2, x, gamma, mean2, invstd2)
+    g3 = bn.batchnorm_relu_backward(dy, y3, x, gamma, mean3, invstd3)
+    for a, b in zip(g3, g2):
+        assert rel_err(h(a), h(b)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 64), (1, 9, 15, 17)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mode", MODES)
+def test_float16_from_stats(backend, shape, mode):
+    """float16 x: with 16-byte vectors where C % 8 == 0, element by element otherwise."""
+    rng = np.random.default_rng(14)
+    x, gamma, beta, rm, rv = make_inputs(shape, rng, dtype=np.float16)
+    residual = rng.standard_normal(shape).astype(np.float16)
+    y_ref, mean_ref, invstd_ref = ref_forward(mode, *f64(x, residual, gamma, beta, rm, rv))
+    d, h = backend.to_device, backend.to_host
+    y, mean, invstd = from_stats(mode, d(x), d(tile_partials(x)), d(residual), d(gamma), d(beta), d(rm), d(rv))
+    assert y.dtype == np.float16
+    assert rel_err(h(y), y_ref) < 2e-3
+    assert rel_err(h(mean), mean_ref) < 1e-5 and rel_err(h(invstd), invstd_ref) < 1e-5
+
+
+def test_from_stats_of_a_constant_channel_and_a_large_offset(backend):
+    """A constant channel has variance 0 exactly (invstd = 1/sqrt(eps), y = beta); a channel at
+    mean 1000, std 0.1 keeps its variance to 1e-4 (the requirement version 2 meets)."""
+    rng = np.random.default_rng(15)
+    x = np.stack([np.full(4096, 3.25), 1000.0 + 0.1 * rng.standard_normal(4096)], axis=1).astype(np.float32)
+    want = x.astype(np.float64).var(axis=0)
+    ones = np.ones(2, np.float32)
+    d, h = backend.to_device, backend.to_host
+    for stats in (tile_partials(x), bn.batchnorm_chan_partials(d(x))):
+        y, mean, invstd = bn.batchnorm_forward_train_from_stats(d(x), d(stats), d(ones), d(ones.copy()),
+                                                                d(ones * 0), d(ones.copy()), eps=1e-5)
+        assert h(mean)[0] == np.float32(3.25) and h(invstd)[0] == np.float32(1 / np.sqrt(np.float32(1e-5)))
+        assert np.all(h(y)[:, 0] == 1.0)
+        var = 1.0 / h(invstd)[1].astype(np.float64) ** 2 - 1e-5
+        assert abs(var - want[1]) / want[1] < 1e-4
+
+
+def test_from_stats_rejects_bad_input():
+    rng = np.random.default_rng(16)
+    x, gamma, beta, rm, rv = make_inputs((2, 3, 3, 4), rng)
+    stats = tile_partials(x)
+    with pytest.raises(ValueError, match=r"stats must be \[4, P, 4\]"):
+        bn.batchnorm_forward_train_from_stats(x, stats[:3], gamma, beta, rm, rv)
+    with pytest.raises(ValueError, match=r"stats must be \[4, P, 4\]"):
+        bn.batchnorm_forward_train_from_stats(x, np.ascontiguousarray(stats[..., :3]), gamma, beta, rm, rv)
+    with pytest.raises(TypeError, match="stats must be float32"):
+        bn.batchnorm_forward_train_from_stats(x, stats.astype(np.float64), gamma, beta, rm, rv)
+    with pytest.raises(ValueError, match="residual is only supported together with relu"):
+        bn.batchnorm_forward_train_from_stats(x, stats, gamma, beta, rm, rv, residual=x)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn.batchnorm_forward_train_from_stats(x[:1, :1, :1], stats, gamma, beta, rm, rv)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_from_its_own_partials_is_the_forward_bit_for_bit(mode):
+    """The cpu device: batch norm from reference.batchnorm_partials (one block) gives exactly what
+    the plain forward gives, so a cpu run trains to the same numbers with and without the fusion."""
+    rng = np.random.default_rng(17)
+    for dtype in (np.float32, np.float64):
+        x, gamma, beta, rm, rv = (a.astype(dtype) for a in make_inputs((3, 5, 5, 7), rng))
+        residual = rng.standard_normal(x.shape).astype(dtype)
+        rm1, rv1, rm2, rv2 = rm.copy(), rv.copy(), rm.copy(), rv.copy()
+        want = ref_forward(mode, x, residual, gamma, beta, rm1, rv1)
+        got = from_stats(mode, x, ref.batchnorm_partials(x), residual, gamma, beta, rm2, rv2, module=ref)
+        for a, b in zip(got + (rm2, rv2), want + (rm1, rv1)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_partials_merge_by_chans_formula():
+    """reference.merge_bn_partials: any split of the rows into blocks, any order, gives the
+    statistics of the whole (float64), the shifts far from the mean or not."""
+    rng = np.random.default_rng(18)
+    x = 50.0 + rng.standard_normal((301, 3))
+    want = x.mean(axis=0), x.var(axis=0)
+    for rows in (1, 7, 64, 301):
+        stats = tile_partials(x, rows).astype(np.float64)
+        stats[2] += stats[1] - 40.0                     # another shift: 40
+        stats[1] = 40.0
+        for order in (None, rng.permutation(stats.shape[1])):
+            n, mean, var = ref.merge_bn_partials(stats if order is None else stats[:, order])
+            assert np.all(n == 301)
+            np.testing.assert_allclose(mean, want[0], rtol=1e-7)
+            np.testing.assert_allclose(var, want[1], rtol=1e-5)

@@ -13,6 +13,7 @@ Each test runs on the CPU emulator and, where a GPU is present, on the GPU (`bac
 import numpy as np
 import pytest
 
+from kernels import batchnorm as BN
 from kernels import conv as CV
 from kernels import reference as ref
 from kernels import versions
@@ -339,6 +340,171 @@ def test_fast_division_by_an_invariant_divisor():
     np.testing.assert_array_equal(r, nn_ % dd)
 
 
+# ------------------------------------------------------------------ batch-norm statistics in the epilogue
+U = 2.0 ** -24     # float32's unit roundoff
+TILE = 64          # output rows per tile, and so per block of the partials (versions 3 to 5)
+
+
+def _stats_bound(y):
+    """(mean, var, mean tolerance, var tolerance) per channel of y as stored, float64: the bound
+    conv.cu's header proves for the statistics of its epilogue (any mean offset: only the spread
+    R = max |y - mean| enters, beside the mean's own rounding):
+        |mean - mean64| <= u |mean64| + 73 u R        |var - var64| <= 36 u var64 + 162 u R^2"""
+    rows = y.astype(np.float64).reshape(-1, y.shape[-1])
+    mean, var = rows.mean(axis=0), rows.var(axis=0)
+    spread = np.abs(rows - mean).max(axis=0)
+    return mean, var, U * np.abs(mean) + 73 * U * spread, 36 * U * var + 162 * U * spread ** 2
+
+
+def _check_bn_stats(y, stats, epilogue):
+    """stats are batch-norm partials of y within the bound; epilogue: laid out as the forward
+    kernels write them (a 64-row tile per block, shift = the tile's first row, exactly)."""
+    K = y.shape[-1]
+    rows = y.reshape(-1, K)
+    M = rows.shape[0]
+    assert stats.dtype == np.float32 and stats.ndim == 3 and stats.shape[0] == 4 and stats.shape[2] == K
+    if epilogue:
+        P = -(-M // TILE)
+        assert stats.shape[1] == P
+        counts = np.minimum(TILE, M - TILE * np.arange(P))
+        np.testing.assert_array_equal(stats[0], np.repeat(counts[:, None], K, axis=1))
+        np.testing.assert_array_equal(stats[1], rows[::TILE].astype(np.float32))
+    else:
+        np.testing.assert_array_equal(stats[0].sum(axis=0), np.full(K, M))
+    _, mean, var = ref.merge_bn_partials(stats)
+    want_mean, want_var, tol_mean, tol_var = _stats_bound(y)
+    assert np.all(np.abs(mean - want_mean) <= tol_mean), np.max(np.abs(mean - want_mean) / tol_mean)
+    assert np.all(np.abs(var - want_var) <= tol_var), np.max(np.abs(var - want_var) / tol_var)
+    if M > 1:   # and as batch norm merges them (batchnorm.cu, version 3), to its float32 saved statistics
+        ones = np.ones(K, np.float32)
+        _, saved_mean, invstd = BN.batchnorm_forward_train_from_stats(y, stats, ones, ones.copy(), ones * 0,
+                                                                      ones.copy(), eps=0.0)
+        var_bn = 1.0 / invstd.astype(np.float64) ** 2          # invstd's own roundings: 3 u var more
+        assert np.all(np.abs(saved_mean - want_mean) <= tol_mean)
+        assert np.all(np.abs(var_bn - want_var) <= tol_var + 3 * U * want_var)
+    return mean, var
+
+
+def _resnet50_kinds():
+    """Every distinct (C, K, R, stride, padding) of ResNet-50 v1.5's convolutions, on small images
+    (N, H, W) whose N*P*Q rows are one ragged tile past a full one where the stride allows."""
+    from bench.kernel_cases.gemm_conv import resnet50_conv_shapes
+    kinds = sorted({s[2:] for s in resnet50_conv_shapes()}, key=lambda k: (k[2], k[0], k[1], k[3]))
+    out = []
+    for C, K, R, stride, pad in kinds:
+        n, hw = {(7, 2): (1, 17), (3, 2): (2, 11), (1, 2): (2, 11)}.get((R, stride), (2, 6))   # 81, 72, 72, 72 rows
+        out.append(((n, hw, hw, C), (K, C, R, R), stride, pad))
+    return out
+
+
+RESNET50_KINDS = _resnet50_kinds()
+KIND_IDS = [f"C{x[3]}-K{w[0]}-{w[2]}x{w[3]}s{s}" for x, w, s, p in RESNET50_KINDS]
+
+
+@pytest.mark.parametrize("version", (3, versions.FAMILIES["conv"].default_f16))
+@pytest.mark.parametrize("case", RESNET50_KINDS, ids=KIND_IDS)
+def test_bn_stats_of_every_resnet50_convolution(backend, case, version):
+    """The forward with batch-norm statistics in its epilogue, at each kind of ResNet-50 layer (its
+    channels, filter and stride; a small batch): the same y as the plain forward, bit for bit, and
+    partials of y within the bound (float32 version 3, float16 version 5)."""
+    x, w, _, stride, pad = _problem(case, seed=RESNET50_KINDS.index(case))
+    w = (w / np.sqrt(w[0].size)).astype(np.float32)
+    x = x + np.float32(0.5)                # a mean per channel beside the spread: the shift has work
+    dtype = np.float32 if version == 3 else np.float16
+    d = backend.to_device
+    xd, wk = d(x.astype(dtype)), CV.conv_weight(d(w), dtype)
+    y, stats = CV.conv2d_forward_bn_stats(xd, wk, stride, pad, version=version)
+    y, stats = backend.to_host(y), backend.to_host(stats)
+    np.testing.assert_array_equal(y, backend.to_host(CV.conv2d_forward(xd, wk, stride, pad, version=version)))
+    _check_bn_stats(y, stats, epilogue=True)
+
+
+# (x shape NHWC, w shape OIHW, stride, padding): awkward rows and channels
+BN_STATS_CASES = [
+    ((2, 11, 11, 3), (67, 3, 7, 7), 2, 3),    # C = 3 (the stem's gather), K = 67: a ragged second column tile
+    ((1, 1, 1, 8), (67, 8, 1, 1), 1, 0),      # one pixel: one row, one partial with count 1 and M2 0
+    ((1, 1, 1, 8), (5, 8, 3, 3), 1, 1),       # one pixel through a 3x3 filter (only the centre tap)
+    ((1, 5, 13, 8), (16, 8, 1, 1), 1, 0),     # 65 rows: a full tile and a tile of one row
+    ((2, 8, 4, 16), (72, 16, 3, 3), 1, 1),    # 64 rows exactly: one tile, no ragged edge
+    ((3, 7, 7, 8), (130, 8, 3, 3), 2, 1),     # 48 rows, three column tiles (130 = 2 * 64 + 2)
+]
+BN_STATS_IDS = [f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{s}-p{p}" for x, w, s, p in BN_STATS_CASES]
+
+
+@pytest.mark.parametrize("version", versions.numbers("conv"))
+@pytest.mark.parametrize("case", BN_STATS_CASES, ids=BN_STATS_IDS)
+def test_bn_stats_at_awkward_shapes(backend, case, version):
+    """Every version: 3 to 5 write the partials in the forward's epilogue, 1 and 2 (and cuDNN, through
+    kernels.ops) read y once more for them (batchnorm_chan_partials); the same statistics either way."""
+    x, w, _, stride, pad = _problem(case, seed=BN_STATS_CASES.index(case))
+    dtype = np.float16 if version in CV.F16_VERSIONS else np.float32
+    d = backend.to_device
+    xd, wk = d(x.astype(dtype)), CV.conv_weight(d((w / np.sqrt(w[0].size)).astype(np.float32)), dtype)
+    y, stats = CV.conv2d_forward_bn_stats(xd, wk, stride, pad, version=version)
+    y, stats = backend.to_host(y), backend.to_host(stats)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, backend.to_host(CV.conv2d_forward(xd, wk, stride, pad, version=version)))
+    _check_bn_stats(y, stats, epilogue=version >= 3)
+
+
+@pytest.mark.parametrize("version", (3, 4, 5))
+def test_bn_stats_bound_holds_at_a_large_mean_offset(backend, version):
+    """Adversarial data for one-pass statistics, through a 1x1 filter: output channels 0-3 have a mean
+    ~3000 times their spread (inputs 1000 + noise, positive weights), channels 4-7 a mean that flips
+    from image to image (inputs at +-1000: tiles straddling two images hold both, the blocks' means
+    are far apart, the batch's mean is not).  The statistics stay within the bound, which does not
+    grow with the offset; float32 sum and sum of squares (E[y^2] - E[y]^2) are off by far more than
+    it on channels 0-3."""
+    rng = np.random.default_rng(5)
+    dtype = np.float32 if version == 3 else np.float16
+    x = 1000.0 + rng.standard_normal((3, 9, 9, 16))          # 243 rows: 4 tiles, images change inside tiles
+    x[1, ..., 8:] -= 2000.0                                   # input channels 8-15 of image 1 at -1000
+    w = np.zeros((8, 16, 1, 1))
+    w[:4, :8] = np.abs(rng.standard_normal((4, 8, 1, 1))) / 4.0
+    w[4:, 8:] = rng.standard_normal((4, 8, 1, 1)) / 4.0
+    x, w = x.astype(dtype), w.astype(np.float32)
+    y, stats = CV.conv2d_forward_bn_stats(backend.to_device(x), CV.conv_weight(backend.to_device(w), dtype), 1, 0,
+                                          version=version)
+    y, stats = backend.to_host(y), backend.to_host(stats)
+    _, got_var = _check_bn_stats(y, stats, epilogue=True)
+    # The bound is the worst case, every rounding error of one sign.  Measured, they cancel: the
+    # variance is within u (var + R^2) (0.45 of it at most over three seeds, every version; tiles
+    # summed without their shift: up to 42 times it, at least 2.9 with this seed)
+    rows = y.reshape(-1, y.shape[-1]).astype(np.float64)
+    want_var, spread = rows.var(axis=0), np.abs(rows - rows.mean(axis=0)).max(axis=0)
+    assert np.all(np.abs(got_var - want_var) <= 2 * U * (want_var + spread ** 2))
+    rows = rows[:, :4].astype(np.float32)
+    naive = (rows * rows).mean(axis=0, dtype=np.float32) - rows.mean(axis=0, dtype=np.float32) ** 2
+    mean, var, _, tol_var = (a[:4] for a in _stats_bound(y))
+    assert np.all(np.abs(mean) > 1000 * np.sqrt(var))        # the offset is there
+    assert np.all(np.abs(naive - var) > 30 * tol_var)        # and defeats E[y^2] - E[y]^2 in float32
+
+
+@pytest.mark.parametrize("arch", ["sm_60", "sm_70"])
+def test_f16_bn_stats_built_for_older_gpus(arch):
+    """The float16 epilogue after the FMA tiles of sm_60 and the synchronous loads of sm_70."""
+    x, w, _, stride, pad = _problem(BN_STATS_CASES[0], seed=13)
+    with CV.emulate_arch(arch):
+        for version in CV.F16_VERSIONS:
+            y, stats = CV.conv2d_forward_bn_stats(x.astype(np.float16), CV.conv_weight(w / 12, np.float16), stride,
+                                                  pad, version=version)
+            _check_bn_stats(y, stats, epilogue=True)
+
+
+def test_bn_stats_kernels_pass_the_sanitizer():
+    """memcheck, racecheck, initcheck and synccheck on the epilogues (ragged rows and columns, the
+    stem's 3 channels) and on the partials of versions 1 and 2."""
+    import kernels
+    with kernels.sanitize("all"):
+        for case in (BN_STATS_CASES[0], BN_STATS_CASES[3]):
+            x, w, _, stride, pad = _problem(case, seed=17)
+            for version in versions.numbers("conv"):
+                dtype = np.float16 if version in CV.F16_VERSIONS else np.float32
+                y, stats = CV.conv2d_forward_bn_stats(x.astype(dtype), CV.conv_weight(w / 12, dtype), stride, pad,
+                                                      version=version)
+                _check_bn_stats(y, stats, epilogue=version >= 3)
+
+
 # ------------------------------------------------------------------ bad input
 def test_f16_conv_rejects_bad_arguments():
     x = np.zeros((1, 5, 5, 8), np.float16)
@@ -408,7 +574,7 @@ def test_bench_cases_cover_resnet50_and_run_tiny():
     assert cases and all(c.flops > 0 and c.bytes > 0 for c in cases)
     for c in cases:
         out = c.run()
-        assert out is not None and np.all(np.isfinite(out))
+        assert out is not None and all(np.all(np.isfinite(o)) for o in out)
     # every float16 version at every kind of ResNet-50 layer, against the float16 matmul peak
     for version in CV.F16_VERSIONS:
         for kind in ("7x7 s2", "1x1 s1", "3x3 s1", "3x3 s2", "1x1 s2"):

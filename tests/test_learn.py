@@ -10,6 +10,7 @@ reference solution: that is how CI runs every check, once.
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,22 @@ def test_exercise_9_an_mlperf_run_with_your_kernels(tmp_path, monkeypatch):
             assert copy in log.read_text()
 
 
+def test_a_check_shows_the_compilers_message_for_the_copy(tmp_path, monkeypatch):
+    """An exercise check on a copy that does not compile fails with the compiler's message:
+    the copy's file:line:col, the compiler's text and the line of source it means."""
+    src = (ROOT / "kernels" / "conv.cu").read_text()
+    at = src.index("float acc = 0.0f;", src.index("void conv2d_bwd_data_naive_f32("))
+    line = src.count("\n", 0, at) + 1
+    (tmp_path / "conv.cu").write_text(src[:at] + "float acc = 0.0f +;" + src[at + len("float acc = 0.0f;"):])
+    monkeypatch.setenv("LEARN_SCRATCH", str(tmp_path))
+    with pytest.raises(AssertionError) as info:
+        check_versions("conv", "conv.cu", 1)
+    shown = str(info.value)
+    copy = str((tmp_path / "conv.cu").resolve())
+    assert re.search(rf"{re.escape(copy)}:{line}:\d+: error: \S", shown), shown
+    assert re.search(rf"^ +{line} \| +float acc = 0\.0f \+;", shown, re.M), shown
+
+
 # Each exercise is well posed: with the function LEARN.md names emptied (what the learner starts
 # from), its check fails; LEARN.md names it.  (exercise, family, file, version, where the body starts)
 EMPTIED = [
@@ -183,8 +200,9 @@ def _emptied(text, start):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("number,family,name,version,start", EMPTIED, ids=[f"exercise_{e[0]}" for e in EMPTIED])
-def test_each_exercise_fails_with_its_function_emptied(tmp_path, number, family, name, version, start):
+# (ids "step_N", never "exercise_N": `-k exercise_N` selects the check of exercise N alone)
+@pytest.mark.parametrize("number,family,name,version,start", EMPTIED, ids=[f"step_{e[0]}" for e in EMPTIED])
+def test_each_check_fails_with_its_function_emptied(tmp_path, number, family, name, version, start):
     from kernels.runtime.raw import KERNEL_DIR
     text = (KERNEL_DIR / name).read_text()
     copy = tmp_path / name
@@ -195,3 +213,16 @@ def test_each_exercise_fails_with_its_function_emptied(tmp_path, number, family,
     section = learn.split(f"**Exercise {number}:", 1)[1].split("**Exercise", 1)[0]
     named = start.split("(")[0].split()[-1] if "(" in start and "for" not in start else None
     assert f"exercise_{number}" in section and (named is None or f"`{named}`" in section), named
+
+
+def test_k_exercise_n_selects_that_check_alone():
+    """LEARN.md's `-k exercise_N` runs exercise N's check and nothing else (pytest's -k matches a
+    substring of any test's name or parameter id, case-insensitively)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           str(Path(__file__).relative_to(ROOT))], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert len(ids) > 9, proc.stdout + proc.stderr
+    for n in range(1, 10):
+        chosen = {i.split("::")[1].split("[")[0] for i in ids if f"exercise_{n}" in i.lower()}
+        assert len(chosen) == 1 and chosen.pop().startswith(f"test_exercise_{n}_"), (n, ids)

@@ -2,6 +2,8 @@
 emulator at its smallest (default) shape, and versions are numbered 1..N the same way in the
 kernel file's header, the launchers, the command and bench/."""
 
+import io
+import os
 import re
 import subprocess
 import sys
@@ -10,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import kernels
 from kernels import cases, lesson, versions
+from kernels.emu.errors import MAX_ERRORS
 from kernels.runtime.raw import KERNEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,3 +111,70 @@ def test_a_nan_or_a_wrong_shape_never_passes():
     assert cases.max_rel_error([np.array([np.nan, 2.0])], want) == float("inf")    # garbage left in memory
     assert cases.max_rel_error([np.array([1.0, 2.0, 3.0])], want) == float("inf")
     assert cases.max_rel_error([np.zeros(0)], [np.zeros(0)]) == 0.0
+
+
+# ---- a compile error of a learner's copy: the compiler's whole message ----------------------------
+
+def _conv_copy(folder, old, new, name="my_conv.cu"):
+    """A copy of conv.cu with `old` (in conv2d_fwd_naive_f32) replaced by `new`; returns (path, line)."""
+    src = (KERNEL_DIR / "conv.cu").read_text()
+    start = src.index("void conv2d_fwd_naive_f32(")
+    at = src.index(old, start)
+    copy = folder / name
+    copy.write_text(src[:at] + new + src[at + len(old):])
+    return copy, src.count("\n", 0, at) + 1
+
+
+def test_a_syntax_error_shows_the_copy_line_and_the_compilers_message(tmp_path):
+    copy, line = _conv_copy(tmp_path, "float acc = 0.0f;", "float acc = 0.0f +;")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "kernels.conv", "--emulator", "--source", copy.name, "--version", "1",
+                           "--repeat", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    # file:line:col as the learner typed the path, the compiler's words, the line of source it means
+    assert re.search(rf"^ +my_conv\.cu:{line}:\d+: error: \S", out, re.M), out
+    assert re.search(rf"^ +{line} \| +float acc = 0\.0f \+;", out, re.M), out
+    assert f"{tmp_path}/my_conv.cu:" not in out          # not the resolved path, nor a cache file
+    assert "In file included from" not in out and "<command-line>" not in out
+    # once: the other ops of the version fail to compile the same way and say so
+    others = len(cases.CASES["conv"].OPS) - 1
+    assert out.count(f"my_conv.cu:{line}:") >= 1 and out.count("the same compile error as above") == others
+
+
+def test_a_compile_error_leaves_out_the_emulators_machinery(tmp_path):
+    # a shuffle with one argument too few: g++ reports it in the emulator's header that maps
+    # __shfl_down_sync onto C++, through its macros, with a note at the learner's line
+    copy, line = _conv_copy(tmp_path, "y[i] = acc;", "y[i] = __shfl_down_sync(0xffffffffu, acc);")
+    out = io.StringIO()
+    assert not lesson.run("conv", 1, None, repeat=1, emulator=True, source=str(copy), out=out)
+    shown = out.getvalue()
+    assert re.search(rf"{re.escape(str(copy))}:{line}:\d+: note: in expansion of macro .__shfl_down_sync", shown)
+    assert "error: no matching function" in shown and "candidate expects" in shown
+    assert "In file included from" not in shown and "in definition of macro" not in shown
+    assert "/kernels/emu/include/" not in shown          # the emulator's headers by their short name
+    with pytest.raises(kernels.CompileError) as info:
+        kernels.load_module(str(copy)).compile("emu")
+    assert "In file included from <command-line>" in info.value.log    # .log keeps every line
+    assert "In file included from" not in str(info.value)
+
+
+def test_a_cascade_of_errors_shows_the_first_ones(tmp_path):
+    # a missing closing brace: every later definition is an error, and so are the emulator's
+    # entry points appended after the file
+    copy, line = _conv_copy(tmp_path, "        y[i] = acc;\n    }\n}\n", "        y[i] = acc;\n    }\n")
+    out = io.StringIO()
+    assert not lesson.run("conv", 1, None, repeat=1, emulator=True, source=str(copy), out=out)
+    shown = out.getvalue()
+    located = re.findall(rf"{re.escape(str(copy))}:\d+:\d+: error:", shown)
+    assert 1 <= len(located) <= MAX_ERRORS
+    assert re.search(r"\(and \d+ more errors, not shown: the first is usually the cause\)", shown)
+    assert "emu_entry.h" not in shown and "<emulator entry points>" not in shown
+
+
+def test_a_log_in_another_format_is_shown_as_the_compiler_wrote_it():
+    from kernels.emu.errors import trim_log
+    nvrtc_log = ('In file included from my_conv.cu(3):\ncommon.cuh(10): warning: x\n'
+                 'my_conv.cu(212): error: expected a ";"\n\n1 error detected in the compilation of "my_conv.cu".\n')
+    assert trim_log(nvrtc_log) == nvrtc_log.strip()
+    assert trim_log("") == "" and trim_log(None) == ""

@@ -39,7 +39,9 @@ def test_every_configuration_steps_without_a_host_read():
     assert fp16["launches_per_step"] <= sgd["launches_per_step"], fp16["kernels_per_step"]
     casts = {k: n for k, n in fp16["kernels_per_step"].items() if k.startswith("cast_")}
     assert sum(casts.values()) <= 3, casts
-    assert fp16["kernels_per_step"]["conv2d_fwd_wmma_async_f16"] == sgd["kernels_per_step"]["conv2d_fwd_igemm_f32"]
+    # (in training each convolution also gives the batch norm after it its statistics: *_stats_*)
+    per_step16, per_step32 = fp16["kernels_per_step"], sgd["kernels_per_step"]
+    assert per_step16["conv2d_fwd_wmma_async_stats_f16"] == per_step32["conv2d_fwd_igemm_stats_f32"]
 
 
 def test_the_door_counts_reads_and_the_counter_counts_launches():
@@ -52,19 +54,42 @@ def test_the_door_counts_reads_and_the_counter_counts_launches():
     assert kernels.launch_count() == launches + 1
 
 
-def test_a_read_inside_the_step_is_counted(monkeypatch):
-    # the check is not blind: put a host read back into the step (what train.py used to do with
-    # float(loss.data) every step) and it is seen
-    real = bt._forward
+def _plant_a_read(Trainer):
+    """Trainer.step with a host read of the running loss planted in it (what train.py used to do
+    with float(loss.data) every step)."""
+    real = Trainer.step
 
-    def reading_forward(s):
-        loss = real(s)
-        float(nn.device.to_numpy(loss.data))
-        return loss
+    def reading_step(self, images, labels):
+        real(self, images, labels)
+        float(nn.device.to_numpy(self.loss_window)[0])
 
-    monkeypatch.setattr(bt, "_forward", reading_forward)
+    return reading_step
+
+
+def test_a_read_planted_in_train_py_step_is_counted(monkeypatch):
+    # the check is not blind, and it checks train.py's own step (not a copy of it in bench/)
+    import train
+    monkeypatch.setattr(train.Trainer, "step", _plant_a_read(train.Trainer))
     rows = bt.sync_check("emu", "tiny", steps=2, warmup=1, quiet=True)
-    assert all(r["host_syncs_per_step"] == 1 for r in rows), rows
+    assert len(rows) == 3 and all(r["host_syncs_per_step"] == 1 for r in rows), rows
+
+
+def test_the_sync_check_command_fails_on_a_read_planted_in_train_py_step():
+    # the command as a user runs it, with the read planted in train.py's step first
+    plant = ("import sys, nn, train\n"
+             "real = train.Trainer.step\n"
+             "def reading_step(self, images, labels):\n"
+             "    real(self, images, labels)\n"
+             "    float(nn.device.to_numpy(self.loss_window)[0])\n"
+             "train.Trainer.step = reading_step\n"
+             "from bench import train as bt\n"
+             "sys.exit(bt.main(['--size', 'tiny', '--device', 'emu', '--sync-check', '--check-steps', '1']))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", plant], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if "host syncs per step:" in line]
+    assert len(lines) == 3 and all("host syncs per step: 1 " in line for line in lines), proc.stdout
 
 
 @pytest.mark.slow

@@ -95,8 +95,11 @@ def test_step_limit_then_resume_gives_identical_weights(tiny_data, reference_run
         assert int(f["extra/step"]) == stop_at
     assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
     assert_identical(weights(out), weights(reference_run))
-    # the resumed run's metrics continue the same history
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # the resumed run's metrics continue the same history; the interrupted epoch's training loss
+    # covers all its steps, those before the stop too (the checkpoint keeps its running sum)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in records] == pytest.approx([r["train_loss"] for r in reference], rel=1e-9)
 
 
 def test_killed_run_resumes_to_identical_weights(tiny_data, reference_run, tmp_path):
@@ -155,6 +158,73 @@ def test_ctrl_c_in_a_terminal_with_loader_workers(tiny_data, reference_run, tmp_
     assert_identical(weights(out), weights(reference_run))
 
 
+def _children(pid):
+    """The pids of the processes `pid` started, from /proc."""
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _wait_until_idle(pid, quiet=0.5, limit=60):
+    """Until process `pid` has used no CPU time for `quiet` seconds (it waits for something)."""
+    def cpu():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])      # utime + stime, in clock ticks
+    deadline, last, since = time.time() + limit, cpu(), time.time()
+    while time.time() < deadline:
+        time.sleep(0.1)
+        now = cpu()
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= quiet:
+            return
+    raise AssertionError(f"process {pid} kept running for {limit} s")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_one_ctrl_c_ends_the_wait_for_a_worker_that_never_answers(tiny_data, reference_run, tmp_path):
+    """Loader workers that are alive but never answer (stopped here; a hung file system alike):
+    the first SIGINT ends the wait for its batch at once, the run checkpoints before the step it
+    could not take and exits 130, and the resumed run is the uninterrupted one bit for bit (the
+    first signal used to wait for the step to finish, so the run waited for the batch forever)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *map(str, ["--data", tiny_data, *TINY, "--workers", "1", "--epochs", 3,
+                                        "--target-accuracy", 1.0, "--out", out])],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = []
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        # the workers: the children of the forkserver, itself a child of the run
+        stopped = [w for server in _children(proc.pid) for w in _children(server)]
+        assert stopped, "no loader worker found"
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        if proc.poll() is not None:
+            pytest.skip("the run finished before its workers could be stopped")
+        _wait_until_idle(proc.pid)           # the batches made before the stop are used up: it waits
+        proc.send_signal(signal.SIGINT)      # once
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == train.EXIT_NOT_REACHED:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert "checkpoint saved" in stdout
+    assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
+    assert_identical(weights(out), weights(reference_run))
+
+
 def test_corrupt_record_is_logged_replaced_and_the_run_goes_on(tiny_data, tmp_path):
     import lmdb
     import shutil
@@ -197,10 +267,27 @@ def test_missing_dataset_says_how_to_build_one(tmp_path):
     (["--batch-size", "0", "--device", "cpu"], "--batch-size must be >= 1"),
     (["--target-accuracy", "1.5", "--device", "cpu"], "--target-accuracy"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
+    # an unset variable in a script must not mean the built-in synthetic set
+    (["--data", "", "--device", "cpu"], "--data is empty (an unset variable in a script?)"),
+    (["--out", " ", "--device", "cpu"], "--out is empty"),
+    (["--resume", ""], "--resume is empty"),
+    (["--seed", "-1", "--device", "cpu"], "--seed must be a number in 0..2**63-1, got -1"),
+    (["--warmup-epochs", "inf", "--device", "cpu"], "--warmup-epochs must be a finite number >= 0, got inf"),
+    (["--lr", "inf", "--device", "cpu"], "--lr must be a finite number > 0"),
+    (["--lr", "nan", "--device", "cpu"], "--lr must be a finite number > 0"),
+    (["--weight-decay", "inf", "--device", "cpu"], "--weight-decay must be a finite number"),
+    (["--image-size", "100000", "--device", "cpu"], "--image-size must be in 16..1024, got 100000 (one batch of 32 "
+                                                    "such images is 894.1 GiB of shared memory)"),
+    (["--width", "1000", "--device", "cpu"], "--width must be in (0, 8]"),
+    (["--batch-size", "1", "--image-size", "32", "--device", "cpu"],
+     "--batch-size 1 at --image-size 32: batch norm in the last stage would see one value per channel"),
 ])
-def test_bad_flag_combinations_are_refused_up_front(flags, message, capsys):
+def test_bad_flag_combinations_are_refused_up_front(flags, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPERF_RESNET_CACHE", str(tmp_path / "cache"))   # nothing is prepared
     assert run_main(flags) == train.EXIT_USAGE
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_finished_run_directory_is_not_overwritten(reference_run, tiny_data, capsys):

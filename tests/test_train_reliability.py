@@ -3,10 +3,15 @@
 A diverging run must never report the target reached (NaN logits used to rank every label
 first) nor overwrite a finite checkpoint with NaN/inf; a run folder belongs to one run; SIGTERM
 is handled like Ctrl-C; --resume survives a damaged checkpoint, a moved run folder and a moved
-dataset; destinations that cannot be written give one line and exit 2. All on the CPU, on the
-tiny synthetic dataset."""
+dataset; destinations that cannot be written give one line and exit 2. A run folder or
+checkpoint from elsewhere is data: nothing it names is compiled, and its arrays are checked
+against the model before they are read (a decompression bomb stays unread). fp16 that never
+trains is divergence; a kernel that breaks during training, or a failed setup, ends in one line.
+On the CPU (the emulator where a kernel must run), on the tiny synthetic dataset."""
 
 import errno
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -14,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +379,242 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(two_epochs, tiny_data,
     with np.load(reached / "checkpoint_last.npz") as f:
         assert int(f["extra/epoch"]) == 3
     assert len(list(reached.glob("mlperf-resumed-*.log"))) == 1
+
+
+# ----------------------------------------------------------------------------- untrusted run folders
+# A run folder or checkpoint may come from anyone: --resume treats it as data (issue 27).
+@pytest.fixture(scope="module")
+def stopped_run(tiny_data, tmp_path_factory):
+    """A run stopped after 3 steps by --max-steps: checkpoint_last.npz only, mid-epoch."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    assert main("--data", tiny_data, *TINY, "--epochs", 2, "--max-steps", 3, "--out", out) == 0
+    return out
+
+
+def rewrite_checkpoint(path, config=None, drop=(), **arrays):
+    """Rewrite the checkpoint at `path` with its saved configuration updated by `config`, the keys
+    `drop` left out and `arrays` ({key with '/' as '__'}: array) added or replaced."""
+    with np.load(path) as f:
+        data = {k: f[k] for k in f.files if k not in drop}
+    if config is not None:
+        data["extra/config"] = np.asarray(json.dumps(dict(json.loads(str(data["extra/config"])), **config)))
+    data.update({k.replace("__", "/"): v for k, v in arrays.items()})
+    np.savez(path, **data)
+
+
+def one_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_resume_never_compiles_a_kernel_file_the_run_folder_names(stopped_run, tmp_path):
+    """The crafted config of issue 27: extra/config names a kernel file in the run folder whose
+    kernel would run a command. --resume refuses it, one line and exit 2, before anything is
+    compiled: with no sha256, with the file's own sha256 but not named on the command line, and
+    named with other contents."""
+    out = tmp_path / "evilrun"
+    shutil.copytree(stopped_run, out)
+    marker = tmp_path / "PWNED"
+    evil = out / "evil.cu"
+    payload = f'#include <cstdlib>\nstatic int pwned = std::system("touch {marker}");\n'
+    evil.write_text(payload + (ROOT / "kernels" / "conv.cu").read_text())
+    sha = hashlib.sha256(evil.read_bytes()).hexdigest()
+    other = tmp_path / "mine.cu"
+    shutil.copy(ROOT / "kernels" / "conv.cu", other)
+    cache = tmp_path / "emu-cache"
+    env = {"KERNELS_EMU_CACHE": str(cache), "MLPERF_RESNET_CACHE": str(tmp_path / "cache")}
+    cases = [({"file": "evilrun/evil.cu", "version": 1}, [], "without its sha256"),   # resolved from the cwd
+             ({"file": str(evil), "version": 1}, [], "without its sha256"),
+             ({"file": str(evil), "version": 1, "sha256": sha}, [], f"pass --kernels conv=FILE.cu:1 with that file"),
+             ({"file": str(evil), "version": 1, "sha256": sha}, ["--kernels", f"conv={other}:1", "--device", "emu"],
+              "is not the file this run trained with")]
+    for entry, flags, message in cases:
+        table = nn.device.kernel_table("conv=1")
+        table["conv"] = entry
+        rewrite_checkpoint(out / "checkpoint_last.npz", config={"device": "emu", "kernels": table})
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(out), *flags],
+                              cwd=tmp_path, env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in one_line(proc.stderr)
+        assert not marker.exists()
+        assert not cache.exists() or not any(cache.rglob("*")), list(cache.rglob("*"))   # nothing compiled
+    assert not list(out.glob("mlperf-resumed-*.log"))
+
+
+def test_resume_refuses_a_saved_configuration_train_py_would_not_write(stopped_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    for config, message in (({"batch_size": "8"}, "batch_size = '8'"),
+                            ({"width": 1e6}, "width 1000000.0"),
+                            ({"device": "gpu0"}, "device = 'gpu0'"),
+                            ({"kernels": "conv=evil.cu"}, "saved kernel choice is not what train.py records"),
+                            ({"lr_per": 0}, "--lr-per >= 1")):
+        shutil.copy(stopped_run / "checkpoint_last.npz", out / "checkpoint_last.npz")
+        rewrite_checkpoint(out / "checkpoint_last.npz", config=config)
+        assert main("--resume", out) == 2, config
+        assert message in one_line(capsys.readouterr().err), config
+    for extra in (dict(extra__history=np.asarray('[{"epoch": "one"}]')), dict(extra__scaler=np.asarray('{"s": 1}')),
+                  dict(extra__config=np.asarray("not json")), dict(extra__step=np.asarray(-1))):
+        shutil.copy(stopped_run / "checkpoint_last.npz", out / "checkpoint_last.npz")
+        rewrite_checkpoint(out / "checkpoint_last.npz", **extra)
+        assert main("--resume", out) == 2, extra
+        assert "no intact checkpoint" in one_line(capsys.readouterr().err), extra
+
+
+def test_checkpoint_arrays_are_checked_before_they_are_read(stopped_run, tmp_path, capsys):
+    """Unknown keys, shapes or dtypes that are not the model's, and a member larger than its own
+    header declares: refused from the zip directory and the .npy headers, one line, exit 2."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    ckpt = out / "checkpoint_last.npz"
+    with np.load(stopped_run / "checkpoint_last.npz") as f:
+        fc = f["model/fc.weight"]
+    cases = [(dict(model__junk=np.zeros(3, np.float32)), "holds model/junk, an array this model has no use for"),
+             (dict(extra__junk=np.asarray(1)), "holds extra/junk, an extra entry it has no use for"),
+             (dict(model__fc__weight=np.zeros((fc.shape[0] + 1, fc.shape[1]), np.float32)),
+              f"model/fc.weight has shape {(fc.shape[0] + 1, fc.shape[1])} (float32), this model needs {fc.shape}"),
+             (dict(model__fc__weight=fc.astype(np.float64)), "(float64), this model needs"),
+             (dict(optim__momentum_buffer__fc__weight=np.zeros(10**6, np.float32)), "this model needs")]
+    for arrays, message in cases:
+        shutil.copy(stopped_run / "checkpoint_last.npz", ckpt)
+        rewrite_checkpoint(ckpt, **{k.replace("fc__", "fc.").replace("buffer__", "buffer."): v
+                                    for k, v in arrays.items()})
+        assert main("--resume", out) == 2
+        line = one_line(capsys.readouterr().err)
+        assert "no intact checkpoint" in line and message in line, line
+    # a member whose header declares 4 GiB but which stores 16 bytes: refused without reading it
+    shutil.copy(stopped_run / "checkpoint_last.npz", ckpt)
+    with zipfile.ZipFile(ckpt) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist() if i.filename != "model/fc.weight.npy"}
+    lying = io.BytesIO()
+    np.lib.format.write_array_header_1_0(lying, {"descr": "<f4", "fortran_order": False, "shape": (2 ** 30,)})
+    with zipfile.ZipFile(ckpt, "w") as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+        zf.writestr("model/fc.weight.npy", lying.getvalue() + bytes(16))
+    assert main("--resume", out) == 2
+    assert "declares a float32 array of shape (1073741824,)" in one_line(capsys.readouterr().err)
+
+
+def test_a_decompression_bomb_in_a_checkpoint_is_refused_unread(stopped_run, tmp_path):
+    """Issue 27: a small checkpoint holding a deflated 512 MiB array under an unknown key used to
+    be read whole (and accepted). It is refused from its header: one line, exit 2, quickly, and
+    the process's peak memory grows by far less than the array."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    ckpt = out / "checkpoint_last.npz"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2 ** 27,)})
+    with zipfile.ZipFile(ckpt, "a", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("model/junk.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            zeros = bytes(1 << 20)
+            for _ in range(512):
+                member.write(zeros)
+    assert ckpt.stat().st_size < 8 << 20
+    script = ("import resource, sys, time; sys.path.insert(0, sys.argv[1]); import train; "
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t = time.time(); "
+              "code = train.main(['--resume', sys.argv[2]]); "
+              "print('RESULT', code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, time.time() - t)")
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT), str(out)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    code, grew_kib, seconds = proc.stdout.split("RESULT ")[1].split()
+    assert int(code) == 2, proc.stderr[-2000:]
+    assert "model/junk, an array this model has no use for" in one_line(proc.stderr)
+    assert int(grew_kib) < 64 << 10 and float(seconds) < 10, (grew_kib, seconds)   # 512 MiB if it were read
+
+
+def test_the_checkpoint_layout_of_the_configuration_is_that_of_the_built_model():
+    # train.checkpoint_layout works the layout out from the architecture (nothing allocated): it
+    # must be exactly what the model and optimizer give
+    for width, classes, optimizer in ((1 / 16, 4, "sgd"), (0.1, 7, "lars"), (1.0, 1000, "sgd")):
+        model = nn.resnet50(num_classes=classes, width=width)
+        Opt = nn.optim.SGD if optimizer == "sgd" else nn.optim.LARS
+        expected = nn.checkpoint.layout(model, Opt(model.named_parameters(), lr=0.1))
+        assert train.checkpoint_layout(width, classes, optimizer) == expected
+
+
+def test_a_stale_temporary_checkpoint_is_removed_on_resume(stopped_run, tmp_path):
+    # a SIGKILL while a checkpoint was being written leaves a 0-byte .tmp-XXXXXXXX.npz; the next
+    # run on the folder removes it, and only names of exactly that form
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    for name in (".tmp-k3j_h5g6.npz", "config.json.tmp", ".tmp-mine.npz", "notes.tmp-abcdefgh.npz"):
+        (out / name).write_bytes(b"")
+    assert main("--resume", out, "--max-steps", 4) == 0
+    names = {p.name for p in out.iterdir()}
+    assert ".tmp-k3j_h5g6.npz" not in names and "config.json.tmp" not in names
+    assert {".tmp-mine.npz", "notes.tmp-abcdefgh.npz"} <= names
+
+
+# ----------------------------------------------------------------------------- setup and save failures
+def test_a_run_that_fails_during_setup_leaves_nothing_in_the_way(tiny_data, tmp_path, monkeypatch, capsys):
+    # /dev/shm too small for the loaders' batch slots: refused before a worker starts, and neither
+    # mlperf.log nor config.json stays to block the same --out
+    real = os.statvfs
+
+    def small_shm(path):
+        st = real(path)
+        if str(path) != "/dev/shm":
+            return st
+        return os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, 10, 10, *st[5:]))
+
+    monkeypatch.setattr(os, "statvfs", small_shm)
+    kept, fresh = tmp_path / "kept", tmp_path / "fresh"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine\n")
+    for out in (kept, fresh):
+        assert main("--data", tiny_data, *TINY, "--epochs", 1, "--out", out) == 2
+        line = one_line(capsys.readouterr().err)
+        assert "batch slots need" in line and "--batch-size" in line and "--shm-size" in line, line
+    assert sorted(p.name for p in kept.iterdir()) == [".lock", "notes.txt"] and not fresh.exists()
+    monkeypatch.setattr(os, "statvfs", real)
+    assert main("--data", tiny_data, *TINY, "--epochs", 1, "--max-steps", 2, "--out", kept) == 0
+
+
+def test_when_the_first_checkpoint_cannot_be_written_no_previous_one_is_promised(tiny_data, tmp_path, monkeypatch,
+                                                                                capsys):
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nn.checkpoint, "save", full_disk)
+    assert main("--data", tiny_data, *TINY, "--epochs", 1, "--max-steps", 2, "--out", tmp_path / "run") == 2
+    text = capsys.readouterr().out
+    assert "No space left on device" in text and "no checkpoint was written yet" in text
+    assert "previous checkpoint is intact" not in text
+
+
+# ----------------------------------------------------------------------------- numerics and kernels
+@pytest.mark.parametrize("scale", ["inf", "1e30"])
+def test_fp16_with_every_step_skipped_stops_as_diverged(tiny_data, tmp_path, monkeypatch, capsys, scale):
+    """--loss-scale inf (or 1e30) overflows every fp16 gradient: every step is skipped, nothing
+    trains. The run stops as diverged, exit 3, one line, after MAX_NONFINITE_FP16_STEPS skipped
+    steps in a row (here 4, read every 2 steps; README says the real number)."""
+    assert f"{train.MAX_NONFINITE_FP16_STEPS} in a row is divergence" in (ROOT / "README.md").read_text()
+    monkeypatch.setattr(train, "MAX_NONFINITE_FP16_STEPS", 4)
+    args = [a if a != "cpu" else "emu" for a in TINY]
+    assert main("--data", tiny_data, *args, "--precision", "fp16", "--loss-scale", scale, "--log-every", 2,
+                "--max-steps", 8, "--out", tmp_path / "run") == 3
+    errors = [x for x in capsys.readouterr().out.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "skipped all of the last 4 steps, up to step 4" in errors[0], errors
+    assert "--loss-scale dynamic" in errors[0]
+
+
+def test_a_kernel_that_writes_out_of_bounds_ends_the_run_in_one_line(tiny_data, tmp_path, capsys):
+    # a learner's copy of kernels/optimizer.cu whose update writes one element past the weights:
+    # the emulator's guard bytes catch it; the run ends with exit 2 and a line naming the kernel
+    source = (ROOT / "kernels" / "optimizer.cu").read_text()
+    end = "            param[i] = w;\n            momentum_buf[i] = v;\n        }\n    }\n"
+    assert source.count(end) == 1
+    bad = tmp_path / "my_optimizer.cu"
+    bad.write_text(source.replace(end, end + "    if (blockIdx.x == 0 && threadIdx.x == 0) "
+                                             "param[chunk_start[num_chunks]] = 1.0f;\n"))
+    args = [a if a != "cpu" else "emu" for a in TINY]
+    assert main("--data", tiny_data, *args, "--kernels", f"optimizer={bad}", "--max-steps", 2,
+                "--out", tmp_path / "run") == 2
+    said = capsys.readouterr()
+    errors = [x for x in said.out.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in said.err, said.err[-2000:]
+    assert "kernel 'momentum_update_flat_f32' wrote outside argument 0 'param'" in errors[0]
+    assert f"optimizer={bad}" in errors[0]

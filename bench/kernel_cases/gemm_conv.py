@@ -94,8 +94,9 @@ def _conv_cases(xp, n, shape, conv_versions, cudnn, note=""):
     out = []
     for v in conv_versions:
         for op in c.ops(v):
-            case = lesson_case(c, op, v, f"{op} v{v} {label}", baselines[op] if cudnn else None,
-                               "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if cudnn else "",
+            baseline = baselines.get(op) if cudnn else None    # (none for the forward with batch-norm statistics)
+            case = lesson_case(c, op, v, f"{op} v{v} {label}", baseline,
+                               "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if baseline else "",
                                key=("R", R, "stride", stride))
             case.notes["tensor_cores"] = v in CV.F16_VERSIONS   # against the fp16 matrix peak
             case.notes["tiled"] = True      # blocks of output tiles, each over the whole reduction

@@ -6,7 +6,8 @@ From source to launch:
      function an exported entry point that unpacks the argument list the way cuLaunchKernel does.
      The header kernels/emu/include/cuda_emu.h is force-included: it maps CUDA C onto C++.
   2. The system C++ compiler builds it into a shared library, cached in the user cache directory
-     under a hash of everything that went into it (source, options, headers, compiler).
+     under a hash of everything that went into it (source, options, headers, compiler), beside a
+     record of its checksum: a damaged library is rebuilt, never loaded (see "the cache" below).
   3. A launch passes the grid, the block, the dynamic shared-memory size and pointers to the
      arguments to the runtime (kernels/emu/runtime.cpp), which runs every block, giving every
      CUDA thread a fiber so that __syncthreads() and warp shuffles really synchronise.
@@ -27,7 +28,9 @@ Environment variables:
                          (kernels/emu/sanitizer.py, emu/sanitizer.cpp; `kernels.sanitize()` for a block).
   KERNELS_EMU_SCHEDULE=forward|reverse|random[:seed]
                          the order of a block's threads between barriers, and of the blocks.
-  KERNELS_EMU_CACHE=DIR  where compiled kernels are kept (default ~/.cache/mlperf-resnet-cupy/emu).
+  KERNELS_EMU_CACHE=DIR  where compiled kernels are kept (default $XDG_CACHE_HOME/mlperf-resnet-cupy/emu,
+                         or ~/.cache/mlperf-resnet-cupy/emu); one that cannot be written is an
+                         EmulatorCacheError naming this variable.
   CXX=...                the C++ compiler (default: c++, then g++, then clang++).
   KERNELS_EMU_UCONTEXT=1 use the portable ucontext fiber switch instead of the x86-64 one.
 
@@ -35,15 +38,19 @@ Always on:
   - Ctrl-C stops a running kernel (a runaway loop included) with KeyboardInterrupt; with a
     SIGINT handler of the program's own (train.py's "finish the step"), the handler runs after
     the launch and a second Ctrl-C stops the kernel.
-  - the guard bytes: a write into the 8 bytes just before or just after an array argument is
-    reported after the launch as OutOfBoundsError naming the argument (KERNELS_EMU_DEBUG=1 then
-    finds the thread).
+  - the guard bytes: a write into the 8 bytes just before or just after an array argument (a
+    0-byte one too) is reported after the launch as OutOfBoundsError naming the argument
+    (KERNELS_EMU_DEBUG=1 then finds the thread).
+  - a null pointer faults (KernelFault) instead of being optimised away with what follows it
+    (-fno-delete-null-pointer-checks); exit(), abort() and __trap() in a kernel stop the launch
+    with a KernelFault instead of ending the process (cuda_emu.h).
   - float32 denormals are flushed to zero (FTZ/DAZ) as CuPy's -ftz=true compiles them, unless the
     module's options say -ftz=false.
 """
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import re
@@ -59,13 +66,14 @@ import numpy as np
 
 from . import profiler as _profiler
 from . import sanitizer as _san
-from .errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorError, KernelAssertionError,
-                     KernelFault, LaunchConfigError, OutOfBoundsError, SynccheckError, WarpCollectiveError)
+from .errors import (BarrierDivergenceError, CompileError, DeadlockError, EmulatorCacheError, EmulatorError,
+                     KernelAssertionError, KernelFault, LaunchConfigError, OutOfBoundsError, SynccheckError,
+                     WarpCollectiveError)
 from .signature import code_size, find_kernels
 
 __all__ = ["EmuModule", "EmuFunction", "EmulatorError", "LaunchConfigError", "BarrierDivergenceError",
            "DeadlockError", "WarpCollectiveError", "KernelAssertionError", "KernelFault", "OutOfBoundsError",
-           "debug_enabled", "debug_mode", "cache_dir", "emulated_arch"]
+           "EmulatorCacheError", "debug_enabled", "debug_mode", "cache_dir", "emulated_arch"]
 
 _HERE = Path(__file__).resolve().parent
 _INCLUDE = _HERE / "include"
@@ -88,7 +96,7 @@ _PROFILE = _san.PROFILE
 # ---------------------------------------------------------------------------------- errors
 # The exception classes live in kernels/emu/errors.py; emu_launch's error codes map onto them.
 _ERROR_CLASSES = {1: LaunchConfigError, 2: BarrierDivergenceError, 3: DeadlockError, 4: KernelFault,
-                  5: KernelAssertionError, 6: WarpCollectiveError}
+                  5: KernelAssertionError, 6: WarpCollectiveError, 10: KernelFault}
 _SYNC_ERRORS = {2: "divergent barriers", 3: "deadlock", 6: "warp collective mismatch"}
 
 
@@ -107,15 +115,31 @@ def debug_enabled():
 
 
 def cache_dir():
-    """Directory of compiled kernel libraries (created on demand)."""
+    """Directory of compiled kernel libraries (created on demand): $KERNELS_EMU_CACHE, else
+    $XDG_CACHE_HOME/mlperf-resnet-cupy/emu, else ~/.cache/mlperf-resnet-cupy/emu.  One that cannot
+    be created raises EmulatorCacheError, a one-line message naming KERNELS_EMU_CACHE."""
     d = os.environ.get("KERNELS_EMU_CACHE")
     if d:
         path = Path(d)
     else:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         path = Path(base) / "mlperf-resnet-cupy" / "emu"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cache_error(path, e) from None
     return path
+
+
+def cache_error(path, error):
+    """The one-line EmulatorCacheError for an OSError met creating or writing `path` in the cache."""
+    reason = error.strerror or str(error)
+    if isinstance(error, FileExistsError) or isinstance(error, NotADirectoryError):
+        reason = "a file is in the way"
+    origin = ("from KERNELS_EMU_CACHE" if os.environ.get("KERNELS_EMU_CACHE") else
+              "from XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else "the default")
+    return EmulatorCacheError(f"the CPU emulator's cache folder cannot be used: {path} ({origin}): {reason}; "
+                              f"set KERNELS_EMU_CACHE to a writable folder")
 
 
 # ---------------------------------------------------------------------------------- compiler
@@ -166,9 +190,9 @@ def _float_flags():
 _float_flags_cache = None
 
 
-def _build(sources_text, extra_flags, out_path, display_name, link_with=None, libs=(), link_flags=(),
+def _build(sources_text, extra_flags, stem, display_name, link_with=None, libs=(), link_flags=(),
            compile_only=(), relative_paths=True):
-    """Compile one translation unit into a shared library at out_path (atomically).
+    """Compile one translation unit into a shared library, the cache entry `stem`; returns its path.
 
     compile_only: flags for the compile step alone, which then runs apart from the link
     (-fsanitize=thread instruments the code, but must not link libtsan: the runtime answers).
@@ -176,11 +200,15 @@ def _build(sources_text, extra_flags, out_path, display_name, link_with=None, li
     files as the #line directives do); False keeps absolute paths for a debugger.
     """
     cxx, _ = _compiler()
-    out_path = Path(out_path)
-    with tempfile.TemporaryDirectory(prefix="emu-build-", dir=out_path.parent) as tmp:
+    folder = cache_dir()
+    try:
+        workspace = tempfile.TemporaryDirectory(prefix="emu-build-", dir=folder)
+    except OSError as e:
+        raise cache_error(folder, e) from None
+    with workspace as tmp:
         src = Path(tmp) / "unit.cpp"
         src.write_text(sources_text)
-        tmp_out = Path(tmp) / out_path.name
+        tmp_out = Path(tmp) / f"{stem}.so"
         common = [cxx, "-std=c++17", "-fPIC", "-fno-strict-aliasing", "-fvisibility=hidden", "-I", str(_INCLUDE),
                   *extra_flags]
         if "-g" in extra_flags and relative_paths:   # file names in the line table as the #line directives give them
@@ -201,7 +229,91 @@ def _build(sources_text, extra_flags, out_path, display_name, link_with=None, li
                 log = proc.stderr.replace(str(src), "<emulator unit>")
                 raise CompileError(f"{display_name}: the CPU emulator's C++ compiler failed", log=log,
                                    filename=display_name)
-        os.replace(tmp_out, out_path)
+        return _store_entry(folder, stem, tmp_out)
+
+
+# ---------------------------------------------------------------------------------- the cache
+# An entry is a library named by its content, `<stem>-<sha256 prefix>.so`, and a record
+# `<stem>.sha256` ("<sha256> <size> <file name>"), written after the library and replaced
+# atomically.  A library is loaded only when its size and checksum match its record, so a
+# 0-byte or truncated file (a full disk, a copy cut short) is rebuilt, never loaded: dlopen of
+# a truncated library ends the process with SIGBUS.  Two processes building one entry at once
+# each write a complete library and a record that matches it.
+_log = logging.getLogger("kernels.emu")
+
+
+def write_cache_file(path, text):
+    """Write a small text file of the cache atomically (a temporary file, then a rename), readable
+    by all as the compiler's libraries are; EmulatorCacheError when the folder is not writable."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise cache_error(path.parent, e) from None
+
+
+def _file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _store_entry(folder, stem, built):
+    """Move the library `built` into the cache as entry `stem`; its path."""
+    digest, size = _file_digest(built), built.stat().st_size
+    path = folder / f"{stem}-{digest[:16]}.so"
+    try:
+        os.replace(built, path)
+    except OSError as e:
+        raise cache_error(folder, e) from None
+    write_cache_file(folder / f"{stem}.sha256", f"{digest} {size} {path.name}\n")
+    return path
+
+
+def _cached_entry(folder, stem):
+    """(path of the library of entry `stem`, None) when it is whole; (None, None) when there is
+    none; (None, what is wrong) when it is damaged."""
+    record = folder / f"{stem}.sha256"
+    try:
+        text = record.read_text()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"its record {record.name} cannot be read ({getattr(e, 'strerror', None) or e})"
+    fields = text.split()
+    if (len(fields) != 3 or not re.fullmatch(r"[0-9a-f]{64}", fields[0]) or not fields[1].isdigit()
+            or fields[2] != f"{stem}-{fields[0][:16]}.so"):
+        return None, f"its record {record.name} is damaged"
+    digest, size, name = fields[0], int(fields[1]), fields[2]
+    path = folder / name
+    try:
+        actual = path.stat().st_size
+        if actual != size:
+            return None, f"{name} is {actual} bytes, {size} were written"
+        if _file_digest(path) != digest:
+            return None, f"{name} does not match its checksum"
+    except OSError as e:
+        return None, f"{name} cannot be read ({e.strerror or e})"
+    return path, None
+
+
+def _cached_library(stem, build):
+    """The path of cache entry `stem`, verified, or built by build(stem) when missing or damaged."""
+    path, damage = _cached_entry(cache_dir(), stem)
+    if path is not None:
+        return path
+    if damage:
+        _log.warning("the CPU emulator's cache entry %s is damaged (%s); rebuilding it", stem, damage)
+    return build(stem)
 
 
 def _digest(*parts):
@@ -293,9 +405,8 @@ def _load_runtime():
         # timer_create, dl_iterate_phdr and pthreads live in libc itself since glibc 2.34
         libs = ["-lrt", "-ldl", "-lpthread"] if sys.platform.startswith("linux") else []
         key = _digest("runtime", src, flags, libs, _header_digest(), version, sys.platform)
-        path = cache_dir() / f"libkernels_emu_runtime_{key}.so"
-        if not path.exists():
-            _build(src, flags, path, "emu/runtime.cpp", libs=libs)
+        path = _cached_library(f"libkernels_emu_runtime_{key}",
+                               lambda stem: _build(src, flags, stem, "emu/runtime.cpp", libs=libs))
         lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         lib.emu_launch.argtypes = [ctypes.POINTER(_LaunchParams)]
         lib.emu_launch.restype = ctypes.c_int
@@ -395,13 +506,14 @@ def _paths_for_debugger(code, filename):
                                    code), own
     text = _ANY_LINE_DIRECTIVE.sub("", code)   # (same line count: the file is the unit's text)
     folder = cache_dir() / "sources"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{_digest('source', text)}.cu"
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        whole = path.is_file() and path.read_bytes() == text.encode()   # (a small file: compared whole)
+    except OSError as e:
+        raise cache_error(folder, e) from None
+    if not whole:
+        write_cache_file(path, text)
     return text, str(path)
 
 
@@ -468,6 +580,10 @@ class EmuModule:
                     flags[1:1] = ["-fno-tree-sra", "-fno-tree-sink"]
             else:
                 flags = ["-O2"]
+            # A dereference of a null (or other constant) pointer is undefined behaviour, which g++
+            # is free to delete together with everything after it: the kernel would return without
+            # a word.  Kept, it faults (KernelFault) or memcheck reports it.
+            flags.append("-fno-delete-null-pointer-checks")
             flags += [*_float_flags(), f"-D__CUDA_ARCH__={self.arch * 10}", "-D__CUDACC_RTC__=1",
                       "-D__KERNELS_EMULATOR__=1",
                       "-include", "cuda_emu.h", *_translate_options(self.options)]
@@ -482,10 +598,9 @@ class EmuModule:
             link_flags = [f"-Wl,--defsym={name}=__emu_dynamic_shared" for name in shared_names]
             key = _digest("module", unit, flags, compile_only, link_flags, _header_digest(), version,
                           runtime._path.name)
-            path = cache_dir() / f"kernel_{key}.so"
-            if not path.exists():
-                _build(unit, flags, path, self.filename, link_with=runtime._path, link_flags=link_flags,
-                       compile_only=compile_only, relative_paths=self.debug_mode != "gdb")
+            path = _cached_library(f"kernel_{key}", lambda stem: _build(
+                unit, flags, stem, self.filename, link_with=runtime._path, link_flags=link_flags,
+                compile_only=compile_only, relative_paths=self.debug_mode != "gdb"))
             lib = ctypes.CDLL(str(path))
             lib._path = path
             self._libs[instrumented] = lib
@@ -673,7 +788,7 @@ class EmuFunction:
         for i, (v, ptr) in enumerate(zip(values, pointers)):
             if self._pointer_params[i]:
                 cells[slots[i]] = ptr or 0
-                if regions is None and ptr and v.size:
+                if regions is None and ptr:   # (a 0-byte array too: a write to its element 0 is outside it)
                     lo, hi = (0, v.nbytes) if v.flags.c_contiguous else _extent(v)
                     k = 2 * len(owners)
                     spans[k] = ptr + lo

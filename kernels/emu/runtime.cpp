@@ -16,13 +16,14 @@
  *
  * What it checks, as a GPU would (or better)
  *   - threads of one block waiting at different __syncthreads() calls: an error naming the
- *     lines, instead of a hang (threads that have returned do not block a barrier);
+ *     lines, instead of a hang (threads that have returned do not block a barrier); each call
+ *     site is one barrier, two on one line included;
  *   - a warp collective that can never complete (a lane named in the mask has returned) or whose
  *     lanes disagree on the operation or the mask: an error;
  *   - SIGSEGV / SIGBUS / SIGFPE inside a kernel: caught (siglongjmp back to the launch), reported
  *     with the faulting address, block and thread; Python then names the argument array that was
  *     overrun when the debug mode put guard pages around every array;
- *   - assert() and __trap() in kernel code;
+ *   - assert(), __trap(), exit() and abort() in kernel code stop the launch with an error;
  *   - synccheck (KERNELS_EMU_SANITIZE): a barrier released while threads of the block have
  *     returned; a collective whose mask names a lane that returned or does not exist;
  *   - the guard bytes: the 8 bytes just before and just after every array argument are copied
@@ -164,6 +165,7 @@ struct Thread {
     // barrier
     const char* bar_file;
     int bar_line;
+    int bar_site;    // the call site among those of the line (cuda_emu.h: __COUNTER__)
     int bar_pred;
     // warp collective
     int w_kind;
@@ -390,12 +392,13 @@ void release_barrier() {
             continue;
         }
         Thread& f = S.threads[first];
-        if (t.bar_line != f.bar_line || strcmp(t.bar_file, f.bar_file) != 0) {
+        const bool same_line = t.bar_line == f.bar_line && strcmp(t.bar_file, f.bar_file) == 0;
+        if (!same_line || t.bar_site != f.bar_site) {
             set_error(EMU_ERR_BARRIER,
-                      "divergent __syncthreads() in kernel '%s': %s waits at %s:%d while %s waits at "
+                      "divergent __syncthreads() in kernel '%s': %s waits at %s:%d while %s waits at %s"
                       "%s:%d; every thread of a block must reach the same __syncthreads() (or return)",
                       S.p->kernel_name, where(first).c_str(), f.bar_file, f.bar_line, where(i).c_str(),
-                      t.bar_file, t.bar_line);
+                      same_line ? "another __syncthreads() of the same line, " : "", t.bar_file, t.bar_line);
             return;
         }
     }
@@ -790,7 +793,7 @@ void snapshot_guards(const emu_launch_params* p) {
         GuardBytes& g = g_guards[i];
         const uintptr_t b = p->arrays[i].begin, e = p->arrays[i].end;
         g.len[0] = g.len[1] = 0;
-        if (e <= b) continue;
+        if (e < b) continue;   // (a 0-byte array has guard bytes too: any write to it is outside)
         uintptr_t room = b % kPage;   // bytes before b on its page
         uintptr_t n = room < kGuardBytes ? room : kGuardBytes;
         g.len[0] = clip_guard(p, i, b - n, b, false);
@@ -836,22 +839,24 @@ const char* signal_name(int sig) {
 /* ------------------------------------------------------------------ called by kernels */
 extern "C" {
 
-__attribute__((visibility("default"))) void __emu_syncthreads(const char* file, int line) {
+__attribute__((visibility("default"))) void __emu_syncthreads(const char* file, int line, int site) {
     Thread& t = S.threads[S.current];
     t.state = WAIT_BARRIER;
     t.bar_file = file;
     t.bar_line = line;
+    t.bar_site = site;
     t.bar_pred = 0;
     ++S.bar_waiting;
     yield_to_scheduler();
 }
 
 __attribute__((visibility("default"))) int __emu_syncthreads_reduce(int op, int predicate, const char* file,
-                                                                   int line) {
+                                                                   int line, int site) {
     Thread& t = S.threads[S.current];
     t.state = WAIT_BARRIER;
     t.bar_file = file;
     t.bar_line = line;
+    t.bar_site = site;
     t.bar_pred = predicate != 0;
     ++S.bar_waiting;
     yield_to_scheduler();
@@ -906,6 +911,29 @@ __attribute__((visibility("default"))) void __emu_kernel_fail(const char* what, 
               S.p->kernel_name, func, where(S.current).c_str());
     yield_to_scheduler();  // the scheduler sees `aborted` and unwinds the launch
     abort();
+}
+
+__attribute__((visibility("default"))) void __emu_kernel_stop(const char* call, const char* file, int line,
+                                                             const char* func) {
+    if (!S.p || S.current < 0) {   // not from a kernel's thread (a static initialiser?): nothing to stop
+        fprintf(stderr, "%s:%d: %s called outside a kernel launch\n", file, line, call);
+        abort();
+    }
+    const bool trap = call[0] == '_';
+    set_error(EMU_ERR_STOPPED, "%s:%d: %s called in kernel '%s' (function %s), %s; %s", file, line, call,
+              S.p->kernel_name, func, where(S.current).c_str(),
+              trap ? "the launch fails, as on a GPU"
+                   : "device code has no exit() or abort(): a thread ends with return, a kernel that must "
+                     "stop the launch calls __trap() (or assert())");
+    yield_to_scheduler();  // the scheduler sees `aborted` and unwinds the launch
+    abort();
+}
+
+__attribute__((visibility("default"))) void __emu_kernel_exit(int status, const char* file, int line,
+                                                             const char* func) {
+    char call[32];
+    snprintf(call, sizeof call, "exit(%d)", status);
+    __emu_kernel_stop(call, file, line, func);
 }
 
 /* A warp-wide operation: every lane named in `mask` (that exists) must call it with the same
@@ -1142,8 +1170,10 @@ __attribute__((visibility("default"))) int emu_launch(const emu_launch_params* p
         const char* what = signal_name(g_fault.signal);
         if (g_fault.in_stack_guard)
             what = "stack overflow (each emulated thread has a 256 KiB stack: large local arrays?)";
-        snprintf(g_error, sizeof g_error, "%s in kernel '%s' at address 0x%llx, block (%u,%u,%u) thread (%u,%u,%u)",
-                 what, p->kernel_name, g_fault.address, g_fault.block[0], g_fault.block[1], g_fault.block[2],
+        snprintf(g_error, sizeof g_error, "%s in kernel '%s' at address 0x%llx%s, block (%u,%u,%u) thread (%u,%u,%u)",
+                 what, p->kernel_name, g_fault.address,
+                 g_fault.signal == SIGSEGV && g_fault.address < kPage ? " (a null pointer)" : "",
+                 g_fault.block[0], g_fault.block[1], g_fault.block[2],
                  g_fault.thread[0], g_fault.thread[1], g_fault.thread[2]);
         rc = EMU_ERR_SIGNAL;
     } else if (jumped == 2) {

@@ -40,6 +40,7 @@ _REGION_ARGUMENT, _REGION_SHARED, _REGION_DYNAMIC_SHARED = 0, 1, 2
 _READ, _WRITE, _ATOMIC, _ASYNC = 0, 1, 2, 3
 (_OUT_OF_BOUNDS, _MISALIGNED, _OTHER_LOCAL, _RAW, _WAR, _WAW, _ASYNC_PENDING, _UNINITIALIZED, _BARRIER_EXITED,
  _MASK_EXITED, _MASK_ABSENT, _BAD_ASYNC_COPY) = range(1, 13)
+_NULL_PAGE = 4096          # an access below this address went through a null pointer
 
 
 # ---------------------------------------------------------------------------------- configuration
@@ -396,7 +397,11 @@ def make_error(kernel, finding, regions, lines, schedule, block_dims):
             details.update(other_file=other_site[0], other_line=other_site[1])
     noun = _NOUNS.get(acc.kind, "access")
 
-    if what == _OUT_OF_BOUNDS:
+    if what == _OUT_OF_BOUNDS and finding.address < _NULL_PAGE:
+        details.update(target=None, offset=None)
+        text = (f"memcheck: {noun} of {acc.size} byte(s) in kernel '{kernel}' at {_at(site)}, {who}: address "
+                f"0x{finding.address:x} is a null pointer (or an offset from one)")
+    elif what == _OUT_OF_BOUNDS:
         text = (f"memcheck: out-of-bounds {noun} of {acc.size} byte(s) in kernel '{kernel}' at {_at(site)}, {who}: "
                 f"{target}" if region else
                 f"memcheck: {noun} of {acc.size} byte(s) in kernel '{kernel}' at {_at(site)}, {who}: address "

@@ -111,9 +111,12 @@ def _sources_digest():
 def profile_cached(key, run):
     """profile_of(run) as TwinLaunches, kept on disk (beside the emulator's builds) under `key`
     (a JSON-able description of what run() does: family, shape, op, version) and the digest of
-    the kernel sources: a lesson's predictions cost the emulator once."""
+    the kernel sources (a learner's copy in use included): a lesson's predictions cost the
+    emulator once."""
     from ..emu.emulator import cache_dir
-    name = hashlib.sha256(json.dumps([key, _sources_digest()], default=str).encode()).hexdigest()[:32]
+    from . import launch
+    copies = {f: hashlib.sha256(Path(p).read_bytes()).hexdigest() for f, p in sorted(launch._sources.items())}
+    name = hashlib.sha256(json.dumps([key, _sources_digest(), copies], default=str).encode()).hexdigest()[:32]
     folder = cache_dir() / "twins"
     path = folder / f"{name}.json"
     try:

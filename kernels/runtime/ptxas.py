@@ -20,11 +20,10 @@ the options and the NVRTC version).
 """
 
 import json
-import os
+import logging
 import re
-import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from . import cuda_env, nvrtc
 from ..emu.occupancy_calculator import architecture, occupancy
@@ -113,13 +112,45 @@ def _nvrtc_options(options):
 
 _lock = threading.Lock()
 _memory = {}
+_log = logging.getLogger("kernels.runtime.ptxas")
+_RESOURCE_FIELDS = {f.name: f.type for f in fields(Resources)}
 
 
 def _cache_file(key):
-    from ..emu.emulator import cache_dir
+    from ..emu.emulator import cache_dir, cache_error
     folder = cache_dir() / "ptxas"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cache_error(folder, e) from None
     return folder / f"{key}.json"
+
+
+def _field_ok(kind, value):
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, str)
+
+
+def _read_cached(path):
+    """{kernel name: Resources} from a cache file, or None when there is none or it is damaged
+    (logged: it is then computed anew and rewritten)."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        found = {}
+        for name, r in data.items():
+            if not (isinstance(r, dict) and set(r) <= set(_RESOURCE_FIELDS) and r.get("kernel") == name
+                    and all(_field_ok(_RESOURCE_FIELDS[k], v) for k, v in r.items())):
+                raise ValueError(f"the entry of {name!r} is not a ptxas report")
+            found[name] = Resources(**r)   # (a missing field: TypeError)
+        return found
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:   # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        _log.warning("the ptxas cache entry %s is damaged (%s); computing it again", path, e)
+        return None
 
 
 def module_resources(code, arch="sm_80", options=(), filename="kernel.cu"):
@@ -133,16 +164,12 @@ def module_resources(code, arch="sm_80", options=(), filename="kernel.cu"):
         if hit is not None:
             return hit
         path = _cache_file(key)
-        try:
-            data = json.loads(path.read_text())
-            found = {name: Resources(**r) for name, r in data.items()}
-        except (OSError, ValueError, TypeError):
+        found = _read_cached(path)
+        if found is None:
             result = nvrtc.compile_cuda(code, arch=a, options=opts, filename=filename, include_dirs=dirs)
             found = parse_ptxas_log(result.log, a)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({name: asdict(r) for name, r in found.items()}, f)
-            os.replace(tmp, path)
+            from ..emu.emulator import write_cache_file
+            write_cache_file(path, json.dumps({name: asdict(r) for name, r in found.items()}))
         _memory[key] = found
         return found
 

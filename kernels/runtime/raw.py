@@ -166,7 +166,7 @@ class RawModule:
             source = self.code
             if self.filename and not self.filename.startswith("<"):
                 source = f'#line 1 "{self.filename}"\n{self.code}'
-            # CUDA headers that CuPy's include path misses (crt/mma.h from CUDA 12 wheels): cuda_env.py
+            # CUDA headers that CuPy's include path misses (crt/mma.h): cuda_env.py finds them
             options = self.options + cuda_env.extra_include_options()
             self._cupy = cupy.RawModule(code=source, options=options, backend="nvrtc")
         return self._cupy

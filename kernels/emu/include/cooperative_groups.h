@@ -37,7 +37,8 @@ static inline unsigned warp_existing() {
 
 class thread_block {
 public:
-    void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) const { __emu_syncthreads(file, line); }
+    /* (one barrier per line: a default argument cannot tell apart two calls on one line) */
+    void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) const { __emu_syncthreads(file, line, -1); }
     unsigned thread_rank() const { return details::block_rank(); }
     unsigned size() const { return details::block_threads(); }
     unsigned num_threads() const { return details::block_threads(); }

@@ -73,10 +73,13 @@
 static constexpr int warpSize = 32;
 
 /* ------------------------------------------------------------------ barriers and fences */
-#define __syncthreads() __emu_syncthreads(__FILE__, __LINE__)
-#define __syncthreads_count(p) __emu_syncthreads_reduce(EMU_BAR_COUNT, (p), __FILE__, __LINE__)
-#define __syncthreads_and(p) __emu_syncthreads_reduce(EMU_BAR_AND, (p), __FILE__, __LINE__)
-#define __syncthreads_or(p) __emu_syncthreads_reduce(EMU_BAR_OR, (p), __FILE__, __LINE__)
+/* Each call site is one barrier: __COUNTER__ numbers them, so that the two of
+ * `if (c) { __syncthreads(); } else { __syncthreads(); }` differ though they share a line (and
+ * the compiler cannot merge them into one call), and threads waiting at both are reported. */
+#define __syncthreads() __emu_syncthreads(__FILE__, __LINE__, __COUNTER__)
+#define __syncthreads_count(p) __emu_syncthreads_reduce(EMU_BAR_COUNT, (p), __FILE__, __LINE__, __COUNTER__)
+#define __syncthreads_and(p) __emu_syncthreads_reduce(EMU_BAR_AND, (p), __FILE__, __LINE__, __COUNTER__)
+#define __syncthreads_or(p) __emu_syncthreads_reduce(EMU_BAR_OR, (p), __FILE__, __LINE__, __COUNTER__)
 /* Fences order nothing here (threads never overlap); racecheck counts __threadfence() as the
  * "release" half of the fence-then-atomic pattern between blocks. */
 #ifdef __KERNELS_EMU_SANITIZE__
@@ -149,10 +152,23 @@ static inline T reduce_sync(int kind_unsigned, int kind_signed, unsigned mask, T
 }
 }  // namespace emu
 
-/* ------------------------------------------------------------------ assert and __trap */
+/* ------------------------------------------------------------------ assert, __trap, exit, abort */
 #include "emu_assert.h"
-static inline void __trap(void) { __emu_kernel_fail("__trap() called", "<kernel>", 0, "__trap"); }
-static inline void __brkpt(void) { __emu_kernel_fail("__brkpt() called", "<kernel>", 0, "__brkpt"); }
+/* __trap() stops the kernel on a GPU (the launch fails); exit() and abort() do not exist in
+ * device code, and here they would end the whole Python process without a word.  All of them
+ * stop the launch with a KernelFault naming the call, the line, the kernel and the thread.
+ * <stdlib.h> is read first, so that its declarations of exit and abort are left alone;
+ * `std::exit(1)` finds the runtime's function through the using-declaration. */
+#include <stdlib.h>
+#include <cstdlib>
+#define __trap() __emu_kernel_stop("__trap()", __FILE__, __LINE__, __func__)
+#define __brkpt() __emu_kernel_stop("__brkpt()", __FILE__, __LINE__, __func__)
+#define abort() __emu_kernel_stop("abort()", __FILE__, __LINE__, __func__)
+#define exit(status) __emu_kernel_exit((int)(status), __FILE__, __LINE__, __func__)
+namespace std {
+using ::__emu_kernel_exit;
+using ::__emu_kernel_stop;
+}  // namespace std
 
 /* ------------------------------------------------------------------ vector types */
 #define EMU_VEC2(T, N, A) struct __attribute__((aligned(A))) N##2 { T x, y; }; \

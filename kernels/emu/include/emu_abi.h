@@ -178,11 +178,12 @@ enum {
     EMU_ERR_BARRIER = 2,      /* threads of a block wait at different __syncthreads()     */
     EMU_ERR_DEADLOCK = 3,     /* no thread can make progress (warp collective misuse ...) */
     EMU_ERR_SIGNAL = 4,       /* SIGSEGV / SIGBUS / SIGFPE inside the kernel              */
-    EMU_ERR_ASSERT = 5,       /* assert() or __trap() in the kernel                       */
+    EMU_ERR_ASSERT = 5,       /* assert() in the kernel                                   */
     EMU_ERR_WARP = 6,         /* inconsistent warp collective                             */
     EMU_ERR_INTERRUPTED = 7,  /* Ctrl-C stopped the kernel                                */
     EMU_ERR_GUARD = 8,        /* bytes just outside an array argument changed             */
-    EMU_ERR_SANITIZER = 9     /* a sanitizer finding: emu_last_finding()                  */
+    EMU_ERR_SANITIZER = 9,    /* a sanitizer finding: emu_last_finding()                  */
+    EMU_ERR_STOPPED = 10      /* __trap(), abort() or exit() in the kernel                */
 };
 
 /* Details of the last EMU_ERR_SIGNAL (or EMU_ERR_GUARD), for Python to name the array. */
@@ -212,12 +213,17 @@ int emu_profile_spans(unsigned long long* out, int capacity);   /* (lo, hi, sect
 void emu_profile_atomics(unsigned long long* out);              /* lane atomics, addresses, most on one */
 
 /* Called by kernel code (through the macros of cuda_emu.h). */
-void __emu_syncthreads(const char* file, int line);
-int __emu_syncthreads_reduce(int op, int predicate, const char* file, int line);
+/* A barrier is one call site: `site` tells apart the call sites of one line (cuda_emu.h passes
+ * __COUNTER__; -1: the line is the site). */
+void __emu_syncthreads(const char* file, int line, int site);
+int __emu_syncthreads_reduce(int op, int predicate, const char* file, int line, int site);
 unsigned long long __emu_warp_collective(int kind, unsigned int mask, unsigned long long value,
                                          int arg, int width, const char* file, int line);
 unsigned int __emu_activemask(void);
 void __emu_kernel_fail(const char* what, const char* file, int line, const char* func);
+/* __trap(), abort(), exit(status) in kernel code: the launch stops with EMU_ERR_STOPPED */
+__attribute__((noreturn)) void __emu_kernel_stop(const char* call, const char* file, int line, const char* func);
+__attribute__((noreturn)) void __emu_kernel_exit(int status, const char* file, int line, const char* func);
 void __emu_pipeline_copy(void* dst, const void* src, unsigned size, unsigned zfill);
 void __emu_pipeline_commit(void);
 void __emu_pipeline_wait_prior(unsigned prior);
@@ -238,7 +244,7 @@ enum {
     EMU_WARP_REDUCE_AND = 13, EMU_WARP_REDUCE_OR = 14, EMU_WARP_REDUCE_XOR = 15
 };
 
-#define EMU_RUNTIME_VERSION 4
+#define EMU_RUNTIME_VERSION 5
 
 #ifdef __cplusplus
 }
