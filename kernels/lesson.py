@@ -276,10 +276,11 @@ def predictions(family, numbers, gpu_name="H100", xp=np, repeat=None, out=None):
                 continue
             rows.append((n, op, p, measured))
     worst = {}
+    width = max([34] + [len(op) + 1 for _n, op, _p, _m in rows])
     for n, op, p, measured in rows:
         nbytes = real.work(op)[0]
         share = f"{100 * nbytes / p.seconds / g.copy_bytes_per_s:5.0f} % of copy bandwidth" if nbytes else ""
-        text = (f"  {'version ' + str(n) if n else 'every version':<13} {op:<34}{_us(p.seconds)}  limited by "
+        text = (f"  {'version ' + str(n) if n else 'every version':<13} {op:<{width}}{_us(p.seconds)}  limited by "
                 f"{p.limit:<8}{share}")
         if measured is not None:
             r = p.seconds / measured
