@@ -271,7 +271,7 @@ def predictions(family, numbers, gpu_name="H100", xp=np, repeat=None, out=None):
                         state = timed.prepare(op)
                         measured = median_time(lambda: timed.run(op, n, state), xp, repeat or 5)
             except Exception as e:   # a prediction that cannot be made is said, the lesson goes on
-                print(f"  {'version ' + str(n) if n else 'every version':<13} {op:<34} no prediction: "
+                print(f"    {'version ' + str(n) if n else 'every version':<13} {op:<34} no prediction: "
                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=out)
                 continue
             rows.append((n, op, p, measured))
@@ -280,7 +280,7 @@ def predictions(family, numbers, gpu_name="H100", xp=np, repeat=None, out=None):
     for n, op, p, measured in rows:
         nbytes = real.work(op)[0]
         share = f"{100 * nbytes / p.seconds / g.copy_bytes_per_s:5.0f} % of copy bandwidth" if nbytes else ""
-        text = (f"  {'version ' + str(n) if n else 'every version':<13} {op:<{width}}{_us(p.seconds)}  limited by "
+        text = (f"    {'version ' + str(n) if n else 'every version':<13} {op:<{width}}{_us(p.seconds)}  limited by "
                 f"{p.limit:<8}{share}")
         if measured is not None:
             r = p.seconds / measured
