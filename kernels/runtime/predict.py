@@ -23,7 +23,8 @@ order, and scales that launch's counts to the real shape:
 
 A launch's loads wait for DRAM when it streams more than half the L2, or when the launch before
 it streamed more than the L2 holds (what it wrote for this one, a reduction's partial sums, has
-been pushed out by then); for L2 otherwise.
+been pushed out by then); for L2 otherwise.  A matrix product's tiles are read by many blocks:
+its loads wait for DRAM once per byte, for the L2 on the other reads.
 
 Instructions and the time a warp waits per loop trip come from the PTX (kernels/runtime/ptx.py;
 without NVRTC the model keeps the memory sides only); registers and shared memory give the

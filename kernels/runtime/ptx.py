@@ -20,13 +20,20 @@ kernel (and for the code outside loops):
             schedules them (a non-`.nc` global load not ahead of an earlier store).  So a loop
             body with four independent loads (an unrolled loop) waits one latency for all four,
             one whose loads feed each other waits twice.
-  keys      the (file, line, space, op) of its memory instructions and how many copies of each
-            one trip holds: how the loop's trips are counted from the emulator's per-line
-            requests (kernels.profile(): `LaunchProfile.sites()`).
+  keys      the (file, line, space, op) of its memory instructions and how many requests of each
+            one trip makes: how the loop's trips are counted from the emulator's per-line
+            requests (kernels.profile(): `LaunchProfile.sites()`).  A CUDA header's function
+            inlined into ours (wmma::load_matrix_sync, from crt/mma.hpp) counts at our line that
+            called it (the PTX's `inlined_at`), as the emulator counts it.
 
-Loops are found from the branches (a branch to an earlier label closes a loop, its blocks are
-the ones between); the loops that hold copies of the same memory lines are one source loop as
-LLVM unrolled it (a main loop of k copies and a remainder loop of one: `SourceLoop`).
+Loops are the natural loops of the control-flow graph (an edge to a block that dominates its
+source closes one; not the layout: LLVM lays a loop's cold blocks out before it, and their
+branches back into the body are not loops).  The loops side by side that hold copies of the same
+memory lines are one source loop as LLVM unrolled it (a main loop of k copies and a remainder
+loop of one: `SourceLoop`).  Short forward branches, and both sides of a short if-else, are
+predicated by ptxas: they cost no branch.  `KernelCode.live_part` leaves out of a loop's trip
+the blocks a profiled launch never ran (a branch on a vector path, a stride), by their memory
+lines the emulator never counted.
 """
 
 import os
