@@ -168,7 +168,11 @@ def test_planning_records_the_gpu_launch_of_a_real_shape_without_running_it():
     # a GPU's grid: blocks_for caps a grid-stride launch at 65535 blocks of 256 (the emulator's at 64)
     assert relu.grid == (65535, 1, 1) and relu.block == (256, 1, 1)
     assert p.operations[1].nbytes == x.nbytes                           # dx zeroed for the scatter
-    assert relu.kernel._cupy_functions == {}                            # nothing reached a backend
+    # nothing reached a backend: planning again compiles, loads and launches nothing
+    known = dict(relu.kernel._cupy_functions)
+    with plan.planning() as again:
+        elementwise.relu_forward(plan.cupy.empty((256, 112, 112, 64), np.float32))
+    assert again.operations[0].kernel is relu.kernel and relu.kernel._cupy_functions == known
 
 
 # ------------------------------------------------------------------------------ reading the PTX
