@@ -25,15 +25,21 @@ there too and their measured times print beside the predictions.
 
 import argparse
 import importlib
+import json
 import platform
+import re
+import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 
 import kernels
+import kernels.emu.profiler
 from bench import gpus, progress, stop_on_setup_error, write_json
-from bench.kernel_cases import MODULES, Case
+from bench.kernel_cases import MODULES, Case, twin_of
 from kernels.lesson import gpu_module, median_time
+from kernels.runtime import plan, predict
 from kernels.runtime.cuda_env import CudaSetupError
 
 
@@ -106,6 +112,9 @@ def _device_name(xp):
 def _run_case(case: Case, xp, repeat, ceilings):
     row = {"group": case.group, "name": case.name, "bytes": case.bytes, "flops": case.flops,
            "baseline_name": case.baseline_name}
+    if case.notes.get("not_timed"):
+        row["skipped"] = case.notes["not_timed"]
+        return row
     try:
         t = _time(case.run, xp, repeat)
         row["seconds"] = t
@@ -143,6 +152,9 @@ def print_table(result):
         if "error" in r:
             print(f"{r['group']:<22}{r['name'][:51]:<52}  ERROR {r['error']}")
             continue
+        if "skipped" in r:
+            print(f"{r['group']:<22}{r['name'][:51]:<52}  not timed: {r['skipped']}")
+            continue
         t = r["seconds"]
         tstr = f"{t * 1e6:.1f}us" if t < 1e-3 else f"{t * 1e3:.2f}ms"
         gbs = f"{r['bytes_per_s'] / 1e9:.1f}" if "bytes_per_s" in r else ""
@@ -158,16 +170,18 @@ def print_table(result):
 
 # ---------------------------------------------------------------------------------- --profile
 def profile_case(case: Case, arch):
-    """Run `case` once on the emulator under kernels.profile(): a row with its metrics summed over
+    """Run `case` once on the emulator under kernels.profile() (after one plain run: it builds the
+    modules and what a case computes once, a backward's forward): a row with its metrics summed over
     its launches, each launch's kernel resources and occupancy on `arch`, its DRAM and L1 traffic,
-    and its bound on every GPU of bench/gpus.py."""
-    case.run()   # once unprofiled: builds the modules, and what a case computes once (a backward's forward)
-    with kernels.profile() as prof:
-        case.run()
+    and its roofline bound on every GPU of bench/gpus.py; row["_launches"] keeps the
+    LaunchProfiles (for the predictions; not written to JSON)."""
+    launches = predict.profile_of(case.run)
+    prof = kernels.emu.profiler.Profile()
+    prof.launches = launches
     metrics, requested, derived = prof.total()
     row = {"group": case.group, "name": case.name, "bytes": case.bytes, "flops": case.flops, "metrics": metrics,
-           "requested_bytes": requested, "derived": derived, "launches": []}
-    for p in prof.launches:
+           "requested_bytes": requested, "derived": derived, "launches": [], "_launches": launches}
+    for p in launches:
         entry = {"kernel": p.kernel, "grid": list(p.grid), "block": list(p.block), "shared_mem": p.shared_mem}
         try:
             r = kernels.resources(p.function, arch)
@@ -181,46 +195,169 @@ def profile_case(case: Case, arch):
     tensor = bool(case.notes.get("tensor_cores"))
     dram = metrics["dram__bytes_read.sum"] + metrics["dram__bytes_write.sum"]
     cycles = gpus.l1_cycles(metrics)
-    row.update(dram_bytes=dram, l1_cycles=cycles, tensor_cores=tensor, scale=case.notes.get("scale", 1),
-               predictions={})
+    row.update(dram_bytes=dram, l1_cycles=cycles, tensor_cores=tensor, predictions={})
     for key, gpu in gpus.GPUS.items():
         b = gpus.bound(gpu, dram, cycles, case.flops, tensor)
         best = gpus.ideal(gpu, case.bytes, case.flops, tensor)
         b["ideal_s"] = best
         b["x_ideal"] = b["bound_s"] / best if best else None
-        b["full_shape_bound_s"] = b["bound_s"] * row["scale"]   # the counts grow with the work
         row["predictions"][key] = b
     return row
 
 
-def run_profile(groups=None, arch="sm_80", gpu=None, size="profile", repeat=None, out=None):
-    """`python -m bench.kernels --profile`: profile_case for every case of `size` (and, with a GPU,
-    its measured time at the same shape).  Returns the result dict (printed as a table)."""
+def predict_case(case: Case, twin_row, gpu, arch):
+    """The model's prediction (kernels/runtime/predict.py) of a ResNet-50 case (made on
+    kernels.runtime.plan.cupy) from its profiled twin's row: a dict."""
+    ops = predict.plan_of(case.run)
+    tiled = case.notes.get("tiled") and case.flops and twin_row.get("flops")
+    work_ratio = case.flops / twin_row["flops"] if tiled else None
+    p = predict.predict(ops, twin_row["_launches"], gpu, arch, work_ratio)
+    g = gpus.GPUS[gpu]
+    row = {"group": case.group, "name": case.name, "twin": twin_row["name"], "bytes": case.bytes,
+           "flops": case.flops, "predicted_s": p.seconds, "limit": p.limit, "host_s": p.host_seconds,
+           "gpu_s": p.gpu_seconds, "launches": []}
+    if case.bytes:
+        row["predicted_pct_copy_bw"] = 100 * case.bytes / p.seconds / g.copy_bytes_per_s
+    for lp in p.launches:
+        e = {"kernel": lp.kernel, "seconds": lp.seconds, "limit": lp.limit, "parts": lp.parts}
+        if lp.work is not None:
+            e.update(blocks=lp.work.blocks, threads_per_block=lp.work.threads_per_block,
+                     blocks_per_sm=lp.work.blocks_per_sm, rounds=lp.rounds, notes=lp.work.notes)
+        row["launches"].append(e)
+    return row
+
+
+_BASELINE_VERSION = re.compile(r"^our (v\d+\b.*)$")
+_NAMED_VERSION = re.compile(r"^(.*?) v\d+ [^\[]*(\[.*)$")
+
+
+def measured_times(data):
+    """{case name: seconds} of a kernels.json that `bench.kernels --json` wrote on a GPU.  A row
+    whose baseline is another version of our own kernel ("our v1 scatter + atomicAdd") gives that
+    version's time too, under the name its own row has now."""
+    out = {}
+    for r in data.get("cases", []):
+        if r.get("seconds"):
+            out[r["name"]] = r["seconds"]
+        m, n = _BASELINE_VERSION.match(r.get("baseline_name") or ""), _NAMED_VERSION.match(r["name"])
+        if m and n and r.get("baseline_seconds"):
+            out.setdefault(f"{n.group(1)} {m.group(1).strip()} {n.group(2)}", r["baseline_seconds"])
+    return out
+
+
+def version_pairs(rows):
+    """Pairs (a, b) of prediction rows of one op at one shape in two versions."""
+    def shape(name):
+        return name[name.find("["):] if "[" in name else ""
+
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            ka, kb = a["key"], b["key"]
+            if (a["group"] == b["group"] and ka[0] == kb[0] and ka[2:] == kb[2:] and ka[1] != kb[1]
+                    and shape(a["name"]) == shape(b["name"])):
+                out.append((a, b))
+    return out
+
+
+def _same_order(a, b):
+    """True when the model orders two cases as the GPU did (a tie in the prediction does not)."""
+    p = a["predicted_s"] - b["predicted_s"]
+    m = a["measured_s"] - b["measured_s"]
+    return p != 0 and (p < 0) == (m < 0)
+
+
+def summarize(rows):
+    """The last line's figures over the rows with a measured time: {'median', 'within', 'count',
+    'pairs_agree', 'pairs'} (None where there is nothing to count)."""
+    both = [r for r in rows if r.get("measured_s") and r.get("predicted_s")]
+    ratios = sorted(r["predicted_s"] / r["measured_s"] for r in both)
+    pairs = [(a, b) for a, b in version_pairs(both)]
+    agree = sum(_same_order(a, b) for a, b in pairs)
+    return {"median": statistics.median(ratios) if ratios else None,
+            "within": sum(1 / 1.5 <= x <= 1.5 for x in ratios), "count": len(ratios),
+            "pairs_agree": agree, "pairs": len(pairs),
+            "pairs_list": [{"a": a["name"], "b": b["name"], "predicted": [a["predicted_s"], b["predicted_s"]],
+                            "measured": [a["measured_s"], b["measured_s"]],
+                            "agrees": _same_order(a, b)}
+                           for a, b in pairs]}
+
+
+def run_profile(groups=None, arch="sm_80", gpu=None, size="profile", repeat=None, out=None, measured=None,
+                only_measured=False, quiet=False):
+    """`python -m bench.kernels --profile`: profile_case for every case of `size` (the twins) and
+    the model's prediction of every ResNet-50 case from its twin on `gpu`; with `measured` (the
+    path of a kernels.json written by `bench.kernels --json` on a GPU) the measured times beside
+    the predictions (`only_measured`: only the cases it holds).  With a GPU here, the twins' own
+    times are measured too.  Returns the result dict (printed as two tables)."""
     gpu = gpu or gpus.ARCH_GPU[arch]
     device = _gpu()
-    rows = []
+    measured_data = json.loads(Path(measured).read_text()) if measured else None
+    times = measured_times(measured_data) if measured_data else {}
+    profiled, rows = [], []
     for name in MODULES:
         if groups and name not in groups:
             continue
         mod = importlib.import_module(f"bench.kernel_cases.{name}")
-        on_emulator = mod.cases(np, size)
-        on_gpu = mod.cases(device, size) if device is not None else [None] * len(on_emulator)
-        for case, twin in zip(on_emulator, on_gpu):
+        real = mod.cases(plan.cupy, "resnet50")
+        for c in real:
+            c.group = name
+        if only_measured:
+            real = [c for c in real if c.name in times]
+            if not real:
+                continue
+        twins = mod.cases(np, size)
+        on_gpu = mod.cases(device, size) if device is not None else [None] * len(twins)
+        twin_rows = {}
+        for case, twin_gpu in zip(twins, on_gpu):
             case.group = name
+            if only_measured and not any(twin_of(c, twins) is case for c in real):
+                continue
             try:
                 row = profile_case(case, arch)
-                if twin is not None:
-                    row["measured_s"] = _time(twin.run, device, repeat or 20)
+                if twin_gpu is not None:
+                    row["measured_s"] = _time(twin_gpu.run, device, repeat or 20)
             except Exception as exc:   # a failing case is reported, the others still run
                 row = {"group": name, "name": case.name, "error": f"{type(exc).__name__}: {exc}"}
+            twin_rows[id(case)] = row
+            profiled.append(row)
+            if not quiet:
+                print(f"  profiled {case.name}", file=sys.stderr, flush=True)
+        for c in real:
+            twin = twin_of(c, twins)
+            trow = twin_rows.get(id(twin)) if twin is not None else None
+            if trow is None or "error" in trow:
+                row = {"group": name, "name": c.name, "error": "no profiled twin" if trow is None else
+                       f"twin {trow['name']}: {trow['error']}"}
+            else:
+                try:
+                    row = predict_case(c, trow, gpu, arch)
+                except Exception as exc:
+                    row = {"group": name, "name": c.name, "error": f"{type(exc).__name__}: {exc}"}
+            row["key"] = list(c.key)
+            if c.name in times:
+                row["measured_s"] = times[c.name]
+                if row.get("predicted_s"):
+                    row["ratio"] = row["predicted_s"] / times[c.name]
+            if c.notes.get("not_timed"):
+                row["not_timed"] = c.notes["not_timed"]
             rows.append(row)
-            print(f"  profiled {case.name}", file=sys.stderr, flush=True)
-    result = {"arch": arch, "gpu": gpu, "gpu_figures": vars(gpus.GPUS[gpu]), "size": size, "cases": rows,
-              "measured_on": _device_name(device) if device is not None else None}
-    print_profile_table(result)
+    result = {"arch": arch, "gpu": gpu, "gpu_figures": vars(gpus.GPUS[gpu]), "size": size, "profiled": profiled,
+              "cases": rows, "measured_on": _device_name(device) if device is not None else None,
+              "measured_file": str(measured) if measured else None,
+              "measured_device": measured_data.get("device") if measured_data else None}
+    if measured:
+        result["summary"] = summarize(rows)
+    if not quiet:
+        print_profile_table(result)
+        print_prediction_table(result)
     if out:
-        write_json(result, out, indent=1)
+        write_json({k: v for k, v in result.items()} | {"profiled": [_public(r) for r in profiled]}, out, indent=1)
     return result
+
+
+def _public(row):
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def _us(seconds):
@@ -230,16 +367,17 @@ def _us(seconds):
 def print_profile_table(result):
     gpu = result["gpu"]
     g = gpus.GPUS[gpu]
-    print(f"\nkernels profiled on the emulator (size={result['size']}); resources and occupancy for {result['arch']}; "
-          f"bounds for {g.name}: {g.dram_bytes_per_s / 1e9:.0f} GB/s, {g.fp32_flops / 1e12:.1f} TFLOP/s fp32, "
-          f"{g.fp16_matrix_flops / 1e12:.0f} fp16 matrix, {g.sms} SMs at {g.boost_clock_hz / 1e9:.2f} GHz")
+    print(f"\nkernels profiled on the emulator (size={result['size']}, the twins of the predictions below); "
+          f"resources and occupancy for {result['arch']}; roofline bounds for {g.name}: "
+          f"{g.dram_bytes_per_s / 1e9:.0f} GB/s, {g.fp32_flops / 1e12:.1f} TFLOP/s fp32, "
+          f"{g.fp16_matrix_flops / 1e12:.0f} fp16 matrix, {g.sms} SMs at {g.clock_hz / 1e9:.2f} GHz")
     measured = result.get("measured_on")
     head = (f"{'case':<62}{'ld sec/rq':>10}{'ld eff':>7}{'st eff':>7}{'sh wf/rq':>9}{'confl':>7}{'regs':>5}"
-            f"{'spill':>6}{'occ':>5}{'traffic':>8}{'bound us':>9}{'limit':>8}{'x ideal':>8}{'full us':>9}"
+            f"{'spill':>6}{'occ':>5}{'traffic':>8}{'bound us':>9}{'limit':>8}{'x ideal':>8}"
             + (f"{'meas. us':>9}" if measured else ""))
     print(head)
     print("-" * len(head))
-    for r in result["cases"]:
+    for r in result["profiled"]:
         if "error" in r:
             print(f"{r['name'][:61]:<62}ERROR {r['error']}")
             continue
@@ -259,16 +397,51 @@ def print_profile_table(result):
               f"{f(d['global_ld_efficiency'], '.0f'):>7}{f(d['global_st_efficiency'], '.0f'):>7}"
               f"{f(d['shared_ld_wavefronts_per_request'], '.2f'):>9}{conflicts:>7}{regs:>5}{spill:>6}"
               f"{f(occ, '.0%'):>5}{f(traffic, '.2f'):>8}{_us(p['bound_s']):>9}{p['limit']:>8}"
-              f"{f(p['x_ideal'], '.1f'):>8}{_us(p['full_shape_bound_s']) if r['scale'] != 1 else '':>9}"
-              + (f"{_us(r.get('measured_s')):>9}" if measured else ""))
+              f"{f(p['x_ideal'], '.1f'):>8}" + (f"{_us(r.get('measured_s')):>9}" if measured else ""))
     print("(ld sec/rq: sectors per global load request (4 = coalesced floats); eff: % of the moved bytes used; "
           "sh wf/rq: shared-memory wavefronts per load;\n confl: bank-conflict wavefronts; regs: the most "
           "registers per thread of the case's kernels; spill: bytes; occ: the lowest occupancy;\n traffic: "
           "estimated DRAM bytes / the fewest the op must move; bound: max(DRAM, L1, compute) in microseconds "
           "at this shape, without launch latency;\n limit: the side giving the bound; x ideal: the bound / "
-          "the op's own roofline (1.0: this kernel's traffic is the op's minimum);\n full: the bound at ResNet-50's "
-          "full shape (batch 256), the counts scaled with the work (for the cases profiled scaled down)"
+          "the op's own roofline (1.0: this kernel's traffic is the op's minimum)"
           + (f"; meas.: measured on {measured}" if measured else "") + ")")
+
+
+def print_prediction_table(result):
+    g = gpus.GPUS[result["gpu"]]
+    rows = result["cases"]
+    measured = bool(result.get("measured_file"))
+    print(f"\npredicted on {g.name} (kernels/emu/perfmodel.py: the twin's counts scaled to the ResNet-50 shape, its "
+          f"launches planned at that shape){'; measured: ' + result['measured_file'] if measured else ''}")
+    head = (f"{'case':<62}{'launches':>9}{'predicted us':>13}{'%copy':>6}{'limit':>9}"
+            + (f"{'measured us':>12}{'ratio':>7}" if measured else ""))
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if measured and "measured_s" not in r:
+            continue
+        if "error" in r:
+            print(f"{r['name'][:61]:<62}  ERROR {r['error']}")
+            continue
+        pc = f"{r['predicted_pct_copy_bw']:.0f}" if "predicted_pct_copy_bw" in r else ""
+        line = f"{r['name'][:61]:<62}{len(r['launches']):>9}{_us(r['predicted_s']):>13}{pc:>6}{r['limit']:>9}"
+        if measured:
+            ratio = r.get("ratio")
+            mark = "" if ratio is None or 1 / 1.5 <= ratio <= 1.5 else " *"
+            line += f"{_us(r['measured_s']):>12}{ratio:>7.2f}{mark}" if ratio is not None else f"{_us(r['measured_s']):>12}"
+        print(line)
+    print("(launches: kernels, memsets and copies the case makes; %copy: its fewest bytes / the predicted time, as % "
+          "of the copy bandwidth; limit: dram, l2, l1, issue, latency (Little's law: too few loads in flight), "
+          "atomics, host (launch overhead)" + ("; ratio: predicted / measured, * beyond 1.5x" if measured else "") + ")")
+    s = result.get("summary")
+    if s:
+        for pair in s["pairs_list"]:
+            (pa, pb), (ma, mb) = pair["predicted"], pair["measured"]
+            print(f"versions: {pair['a']} / {pair['b']}: measured {ma / mb:.2f}, predicted {pa / pb:.2f}"
+                  f" ({'same order' if pair['agrees'] else 'ORDER DIFFERS'})")
+        median = f"{s['median']:.2f}" if s["median"] is not None else "n/a"
+        print(f"predicted/measured: median {median}, {s['within']} of {s['count']} within 1.5x; "
+              f"version order agrees in {s['pairs_agree']} of {s['pairs']} pairs")
 
 
 def main(argv=None):
@@ -284,10 +457,19 @@ def main(argv=None):
                    help="the architecture for registers, spills and occupancy (with --profile; default: the "
                         "GPU's, else sm_80)")
     p.add_argument("--gpu", choices=sorted(gpus.GPUS), help="the GPU of the predictions (default: --arch's)")
+    p.add_argument("--measured", metavar="FILE.json",
+                   help="with --profile: a kernels.json that `bench.kernels --json` wrote on a GPU; its times print "
+                        "beside the predictions of the cases it holds, with a last line: median predicted/measured, "
+                        "how many within 1.5x, how many version pairs the model orders as the GPU did")
     args = p.parse_args(argv)
+    if args.measured and not args.profile:
+        p.error("--measured goes with --profile")
+    if args.measured and not Path(args.measured).is_file():
+        p.error(f"--measured {args.measured}: no such file")
     if args.profile:
         arch = args.arch or (gpus.GPUS[args.gpu].arch if args.gpu else "sm_80")
-        run_profile(args.groups, arch, args.gpu, args.size or "profile", args.repeat, args.out)
+        run_profile(args.groups, arch, args.gpu, args.size or "profile", args.repeat, args.out, args.measured,
+                    only_measured=bool(args.measured))
     else:
         run(args.groups, args.size, args.repeat, args.out)
     return 0

@@ -76,6 +76,23 @@
  *              numbers as version 3 in the forward; the backward's sums in another order.
  * Versions 1 to 3 share the normalising passes (*_apply_*, *_inference_*, *_backward_dx_*).
  *
+ * On a GPU, at ResNet-50's shape (256x56x56x256; `python -m kernels.batchnorm` prints the performance
+ * model's prediction, kernels/emu/perfmodel.py; measured on an H100 by bench.kernels for version
+ * 2, bench/NOTES.md):
+ *   version 1: 121 ms predicted for the training forward: one thread per channel, 256 threads on
+ *   a GPU that holds 270,000, each walking 802,816 rows with one load in flight: it waits for
+ *   DRAM 200,000 times.  Its launch shows it: grid (2) block (128).
+ *   version 2: 1.59 ms predicted, 1.51 ms measured (training forward; backward 1.37 ms predicted,
+ *   1.48 ms measured, 56 % of copy bandwidth).  The statistics pass is the slow part (~60 %):
+ *   Welford's update divides by the count, and an IEEE division compiles to a branch to its slow
+ *   path, so the next row's load cannot be issued before it: one DRAM latency per row and thread.
+ *   At 14x14x256 the model is 0.72x the measured forward (143 us against 199): its latency
+ *   chains (a DRAM latency per row behind the division; the finalize kernel's 128 dependent
+ *   merges per channel) cost the GPU more per link than the model's one latency.
+ *   version 3: 0.65 ms predicted for the training forward from the convolution's partials (not
+ *   yet measured): the statistics pass is gone, what is left is the normalising pass, latency-
+ *   and DRAM-bound.
+ *
  * float (f32) and __half (f16) activations, from one template per kernel and the KERNEL_ENTRY
  * instantiation lists (common.cuh); statistics, gamma, beta and running statistics are always
  * float.  blockDim must be (32, 8) for the kernels that use BN_TILE_C and BN_ROWS.  For float16

@@ -60,7 +60,10 @@ def max_rel_error(got, want):
 
 class OpCase:
     """One op family at one shape.  Subclasses set `family`, `title`, `SHAPE` (the names of the
-    shape parameters, in --shape order), `SHAPES` ({"emu": ..., "gpu": ...} defaults) and define
+    shape parameters, in --shape order), `SHAPES` ({"emu": ..., "gpu": ...} defaults, "resnet50":
+    the ResNet-50 layer the lesson predicts a GPU time for, "twin": the small shape the emulator
+    counts for that prediction: its inner dimensions the layer's, and whole tiles of the matrix
+    kernels, so that the layer's blocks each do a twin block's work) and define
     build/ops/run/expect/work."""
 
     family = ""
@@ -68,6 +71,7 @@ class OpCase:
     SHAPE = ()
     SHAPES = {}
     TOLERANCE = 1e-5
+    OTHER_LAYERS = ()      # ops that ResNet-50 runs at another shape than SHAPES["resnet50"] (not predicted)
 
     def __init__(self, xp, shape=None, device="emu"):
         values = tuple(self.SHAPES[device] if shape is None else shape)
@@ -156,7 +160,7 @@ def _to_host(a):
 class ReduceCase(OpCase):
     family, title = "reduce", "the sum of an array"
     SHAPE = ("n",)
-    SHAPES = {"emu": (50_000,), "gpu": (1 << 22,)}
+    SHAPES = {"emu": (50_000,), "gpu": (1 << 22,), "resnet50": (256 * 56 * 56 * 256,), "twin": (1 << 20,)}
 
     def build(self, n):
         # small integers: every partial sum below 2^24 is exact in float32, so every version must
@@ -182,7 +186,8 @@ class ReduceCase(OpCase):
 class ElementwiseCase(OpCase):
     family, title = "elementwise", "ReLU, add, add + ReLU, casts"
     SHAPE = ("n",)
-    SHAPES = {"emu": (20_003,), "gpu": (1 << 24,)}   # the emulator's: not a whole number of 16-byte vectors
+    # the emulator's n: not a whole number of 16-byte vectors
+    SHAPES = {"emu": (20_003,), "gpu": (1 << 24,), "resnet50": (256 * 56 * 56 * 256,), "twin": (56 * 56 * 256,)}
     TOLERANCE = 1e-7     # one float32 rounding of the result
     OPS = ["relu_forward", "relu_backward", "add", "add_relu_forward", "relu_forward f16", "relu_backward f16",
            "add f16", "add_relu_forward f16", "cast f32->f16", "cast f16->f32"]
@@ -234,7 +239,8 @@ class ElementwiseCase(OpCase):
 class GemmCase(OpCase):
     family, title = "gemm", "C = op(A) @ op(B), op(X) = X or X^T"
     SHAPE = ("M", "N", "K", "trans_a", "trans_b")
-    SHAPES = {"emu": (67, 45, 129, 0, 0), "gpu": (4096, 4096, 4096, 0, 0)}
+    SHAPES = {"emu": (67, 45, 129, 0, 0), "gpu": (4096, 4096, 4096, 0, 0),
+              "resnet50": (256, 1000, 2048, 0, 1), "twin": (128, 128, 2048, 0, 1)}   # the classifier: x @ w^T
 
     def build(self, M, N, K, trans_a, trans_b):
         if trans_a not in (0, 1) or trans_b not in (0, 1):
@@ -269,7 +275,8 @@ class GemmCase(OpCase):
 class ConvCase(OpCase):
     family, title = "conv", "2-D convolution, forward and backward"
     SHAPE = ("N", "H", "W", "C", "K", "R", "stride", "padding")
-    SHAPES = {"emu": (2, 9, 9, 8, 16, 3, 1, 1), "gpu": (16, 56, 56, 64, 64, 3, 1, 1)}
+    SHAPES = {"emu": (2, 9, 9, 8, 16, 3, 1, 1), "gpu": (16, 56, 56, 64, 64, 3, 1, 1),
+              "resnet50": (256, 56, 56, 64, 64, 3, 1, 1), "twin": (1, 16, 16, 64, 64, 3, 1, 1)}
     # "+ bn stats": the forward that also gives batch norm the partial statistics of y
     # (conv2d_forward_bn_stats), checked by the mean and variance they merge to (float64, on the host)
     STATS = "conv2d_forward + bn stats"
@@ -351,7 +358,7 @@ class ConvCase(OpCase):
 class BatchnormCase(OpCase):
     family, title = "batchnorm", "batch normalisation (plain, + ReLU, + add + ReLU), training and inference"
     SHAPE = ("N", "H", "W", "C")
-    SHAPES = {"emu": (4, 7, 7, 40), "gpu": (32, 56, 56, 256)}
+    SHAPES = {"emu": (4, 7, 7, 40), "gpu": (32, 56, 56, 256), "resnet50": (256, 56, 56, 256), "twin": (1, 16, 16, 256)}
     FORWARD = ["batchnorm_forward_train", "batchnorm_relu_forward_train", "batchnorm_add_relu_forward_train"]
     BACKWARD = ["batchnorm_backward", "batchnorm_relu_backward", "batchnorm_add_relu_backward"]
     # version 3: the same forwards with the statistics from the convolution's partials (made once,
@@ -461,7 +468,9 @@ class BatchnormCase(OpCase):
 class PoolCase(OpCase):
     family, title = "pool", "max pooling and global average pooling"
     SHAPE = ("N", "H", "W", "C", "kernel", "stride", "padding")
-    SHAPES = {"emu": (2, 9, 9, 16, 3, 2, 1), "gpu": (64, 112, 112, 64, 3, 2, 1)}
+    SHAPES = {"emu": (2, 9, 9, 16, 3, 2, 1), "gpu": (64, 112, 112, 64, 3, 2, 1),
+              "resnet50": (256, 112, 112, 64, 3, 2, 1), "twin": (1, 112, 112, 64, 3, 2, 1)}
+    OTHER_LAYERS = ("global_avgpool_forward", "global_avgpool_backward")   # the head's, at 7x7x2048
     TOLERANCE = 1e-6
 
     def build(self, N, H, W, C, kernel, stride, padding):
@@ -531,7 +540,7 @@ class PoolCase(OpCase):
 class CrossEntropyCase(OpCase):
     family, title = "cross_entropy", "softmax cross-entropy with label smoothing, top-k accuracy"
     SHAPE = ("N", "K")
-    SHAPES = {"emu": (8, 1000), "gpu": (256, 1000)}
+    SHAPES = {"emu": (8, 1000), "gpu": (256, 1000), "resnet50": (256, 1000), "twin": (256, 1000)}
     SMOOTHING = 0.1
 
     def build(self, N, K):
@@ -595,7 +604,7 @@ def resnet50_param_sizes():
 class OptimizerCase(OpCase):
     family, title = "optimizer", "SGD with momentum over every parameter, LARS ratios, the gradient norm"
     SHAPE = ("tensors", "divide")
-    SHAPES = {"emu": (12, 64), "gpu": (161, 1)}
+    SHAPES = {"emu": (12, 64), "gpu": (161, 1), "resnet50": (161, 1), "twin": (161, 16)}
     LR, MOMENTUM, WD = 0.1, 0.9, 5e-5
     TOLERANCE = 1e-6
 
@@ -655,7 +664,8 @@ class OptimizerCase(OpCase):
 class InputCase(OpCase):
     family, title = "input", "uint8 images -> normalised float, on the device"
     SHAPE = ("N", "H", "W")
-    SHAPES = {"emu": (2, 24, 30), "gpu": (256, 224, 224)}   # emu: one 4096-byte tile of version 3 and a tail
+    # emu: one 4096-byte tile of version 3 and a tail
+    SHAPES = {"emu": (2, 24, 30), "gpu": (256, 224, 224), "resnet50": (256, 224, 224), "twin": (2, 224, 224)}
     MEAN = (123.68, 116.78, 103.94)
     TOLERANCE = 1e-6
 
@@ -686,6 +696,7 @@ CASES = {c.family: c for c in (ReduceCase, ElementwiseCase, GemmCase, ConvCase, 
 
 
 def make(family, xp=np, shape=None, device=None):
-    """The case of `family` on arrays of `xp` (numpy: the emulator; cupy: the GPU) at `shape` (a
-    tuple in the order of its SHAPE, or None for the default of the device)."""
+    """The case of `family` on arrays of `xp` (numpy: the emulator; cupy: the GPU; or the
+    stand-in kernels.runtime.plan.cupy) at `shape` (a tuple in the order of its SHAPE, or None for
+    the default of the device: "emu", "gpu", or one of the other SHAPES)."""
     return CASES[family](xp, shape, device or ("emu" if xp is np else "gpu"))

@@ -40,6 +40,21 @@
  * statistics of its output from the tile it already holds: batch norm version 3 then reads the
  * activation once instead of twice ("Batch-norm statistics in the epilogue", at the end).
  *
+ * On a GPU, at ResNet-50's shape (stage 1's 3x3, 256x56x56x64 -> 64; `python -m kernels.conv` prints the
+ * performance model's prediction for every pass, kernels/emu/perfmodel.py; not yet measured:
+ * conv.cu did not compile on the first GPU run), on an H100:
+ *     version   forward   backward data   backward weight   what limits the forward
+ *     1         100 ms    100 ms          133 ms            L2: every operand from global memory
+ *     2         5.4 ms    3.6 ms          67 ms             instruction issue (im2col + GEMM)
+ *     3         2.2 ms    3.2 ms          3.7 ms            shared-memory loads (L1)
+ *     4         0.28 ms   0.33 ms         0.64 ms           shared-memory loads (L1)
+ *     5         0.43 ms   0.55 ms         0.61 ms           instruction issue
+ * The model does not give version 5 the gain its design aims at (below): with 5 blocks of 4
+ * warps on each SM, version 4's waits for its loads are already hidden by the other blocks, and
+ * version 5 issues more instructions per tile (each 16-byte asynchronous copy takes a 64-bit
+ * shared address and a zero-fill choice; the pipeline's stage arithmetic), so it counts version
+ * 5 the slower one except in backward weight.  The counts are PTX's, not the machine code's;
+ * a GPU run will tell (bench/NOTES.md, "Predicted beside measured").
  * Version 3 in detail.  Each pass IS a matrix multiply whose operands are never materialised: the
  * tile loader computes, for each (row, column) of the virtual matrix, the address it stands for.
  *

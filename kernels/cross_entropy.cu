@@ -29,6 +29,11 @@
  *              + exp(z - m_new)).  The blockDim (m, s) pairs are merged with the same rule, first
  *              inside each warp with shuffles, then across warps through shared memory.  A second
  *              sweep over the row (now in L1/L2) writes p.
+ * On a GPU, at ResNet-50's [256, 1000] (`python -m kernels.cross_entropy` prints the performance
+ * model's prediction): version 1 194 us (256 threads walking 1000 logits three times, a load at a
+ * time), version 2 50 us predicted, 49 us measured on an H100 -- of which the kernels are a few:
+ * every launch costs ~25 us of host time (our launcher, CuPy, the driver), and version 2's two
+ * launches are what a tiny op costs.
  * Rounding: the row is large logits (|z| ~ 1e4 has a float32 ulp of 1e-3) as often as small ones,
  * so every formula first forms exact differences of nearby floats and only then adds small terms:
  *     p[k]   = exp(z[k] - m) / s                      (not exp(z[k] - lse): lse is rounded to ulp(m))

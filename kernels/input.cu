@@ -9,15 +9,21 @@
  * of 4, and the kernel is a single pass: read 1 byte, write 4 (or 2).
  *
  * Versions (`python -m kernels.input` checks and times each; the launcher is kernels/input.py):
- *   version 1  input_normalize_f32/_f16: one thread per value; the channel is i % 3.  Each warp
- *              reads 32 bytes and writes 128: correct and coalesced, but 1-byte loads waste most
- *              of every memory transaction's width.
+ *   version 1  input_normalize_f32/_f16: one thread per value; the channel is i % 3: the default,
+ *              measured faster than version 2 on an H100 (153 us against 178 us at 256x224x224).
+ *              Each warp reads 32 bytes and writes 128, coalesced; i % 3 by a constant is a
+ *              multiply-high, not a division.  The model says it is limited by instruction issue
+ *              (about 30 instructions per value).
  *   version 2  input_normalize_vec4_f32: four pixels per thread, moved as three 4-byte loads and
- *              three 16-byte (float4) stores: a quarter of the memory instructions, each using the
- *              memory system's full width.  Four pixels = 12 bytes always start with channel R, so
- *              the channel pattern is fixed at compile time (no % 3).  Needs 4-byte aligned input
- *              and 16-byte aligned output (the launcher checks, and runs version 1 otherwise, and
- *              for float16); the last (n_pixels % 4) pixels are done one value at a time.
+ *              three 16-byte (float4) stores: a quarter of the memory instructions.  Four pixels
+ *              = 12 bytes always start with channel R, so the channel pattern is fixed at compile
+ *              time (no % 3).  Needs 4-byte aligned input and 16-byte aligned output (the launcher
+ *              checks, and runs version 1 otherwise, and for float16); the last (n_pixels % 4)
+ *              pixels are done one value at a time.  Fewer instructions did not make it faster on
+ *              the H100: the performance model predicts it 1.6x faster than version 1 (85 us,
+ *              limited by DRAM) and the GPU measured it 1.16x slower; the cause is not known
+ *              (each warp's float4 stores write every second half of 32 sectors, its loads read
+ *              12 sectors for 4 bytes a lane: bench/NOTES.md, "Predicted beside measured").
  *   version 3  input_normalize_tiles_f32/_f16: 16-byte loads and 16-byte stores, through shared
  *              memory.  A block stages 4096 image bytes in shared memory, loaded as 16-byte
  *              vectors (a warp: 512 contiguous bytes), and writes the output as

@@ -191,8 +191,10 @@ def _one(case, op, version, xp, repeat, out, errors=None):
     return ok
 
 
-def run(family, version=None, shape=None, repeat=None, emulator=False, source=None, out=None):
-    """Check and time the versions of `family` (all, or `version`); returns True when all pass."""
+def run(family, version=None, shape=None, repeat=None, emulator=False, source=None, out=None, predict_on="H100"):
+    """Check and time the versions of `family` (all, or `version`); returns True when all pass.
+    predict_on: a GPU of kernels/emu/perfmodel.py to predict every version on at the ResNet-50
+    shape (`predictions`), or None."""
     out = out or sys.stdout
     xp = None if emulator else gpu_module()
     xp = xp or np
@@ -221,8 +223,76 @@ def run(family, version=None, shape=None, repeat=None, emulator=False, source=No
             print(f"  the same in every version (run with version {versions.in_use()[family]}):", file=out)
             for op in shared:
                 ok &= _one(case, op, None, xp, repeat, out, errors)
+        if predict_on and ok:
+            predictions(family, [version] if version else list(versions.numbers(family)), predict_on, xp, repeat, out)
     print("all versions match the reference" if ok else "FAILED: a version does not match the reference", file=out)
     return ok
+
+
+# ---------------------------------------------------------------------------------- predictions
+def _us(t):
+    return f"{t * 1e6:9.1f} us" if t < 1e-3 else f"{t * 1e3:9.2f} ms"
+
+
+def predictions(family, numbers, gpu_name="H100", xp=np, repeat=None, out=None):
+    """Print the performance model's time (kernels/emu/perfmodel.py) of every op of `numbers`
+    (versions of `family`) at the ResNet-50 layer of cases.SHAPES["resnet50"], from the
+    emulator's counts at SHAPES["twin"] (kept on disk: the first run counts, later ones read),
+    with the side that limits it; on a GPU (xp is CuPy) the measured time at that shape beside
+    it, marked where the model is off by more than 1.5x or orders two versions otherwise."""
+    from .runtime import plan, predict   # the model's machinery: only when a prediction is asked for
+    out = out or sys.stdout
+    case_class = cases.CASES[family]
+    real_shape, twin_shape = case_class.SHAPES["resnet50"], case_class.SHAPES["twin"]
+    real = case_class(plan.cupy, real_shape, "gpu")
+    twin = case_class(np, twin_shape, "emu")
+    timed = case_class(xp, real_shape, "gpu") if xp is not np else None
+    g = predict.gpu(gpu_name)
+    print(f"predicted on an {g.name} at ResNet-50's {real.describe_shape()} (the model of kernels/emu/perfmodel.py "
+          f"from the emulator's counts at {twin.describe_shape()}; python -m bench.kernels --profile for every layer)"
+          + ("; measured here beside it" if timed is not None else ""), file=out)
+    rows = []
+    for n in numbers + [None]:
+        ops = real.ops(n) if n is not None else real.shared_ops()
+        for op in ops:
+            if op in case_class.OTHER_LAYERS:
+                continue
+            try:
+                with versions.running(family, n) if n is not None else contextlib.nullcontext():
+                    state_twin, state_real = twin.prepare(op), real.prepare(op)
+                    launches = predict.profile_cached([family, twin_shape, op, n],
+                                                      lambda: twin.run(op, n, state_twin))
+                    planned = predict.plan_of(lambda: real.run(op, n, state_real))
+                    tiled = family in ("gemm", "conv") and twin.work(op)[1]
+                    ratio = real.work(op)[1] / twin.work(op)[1] if tiled else None
+                    p = predict.predict(planned, launches, gpu_name, work_ratio=ratio)
+                    measured = None
+                    if timed is not None:
+                        state = timed.prepare(op)
+                        measured = median_time(lambda: timed.run(op, n, state), xp, repeat or 5)
+            except Exception as e:   # a prediction that cannot be made is said, the lesson goes on
+                print(f"    {'version ' + str(n) if n else 'every version':<13} {op:<34} no prediction: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=out)
+                continue
+            rows.append((n, op, p, measured))
+    worst = {}
+    width = max([34] + [len(op) + 1 for _n, op, _p, _m in rows])
+    for n, op, p, measured in rows:
+        nbytes = real.work(op)[0]
+        share = f"{100 * nbytes / p.seconds / g.copy_bytes_per_s:5.0f} % of copy bandwidth" if nbytes else ""
+        text = (f"    {'version ' + str(n) if n else 'every version':<13} {op:<{width}}{_us(p.seconds)}  limited by "
+                f"{p.limit:<8}{share}")
+        if measured is not None:
+            r = p.seconds / measured
+            text += f"   measured {_us(measured)}  {r:5.2f}x" + ("  * the model is off" if not 1 / 1.5 <= r <= 1.5 else "")
+        print(text, file=out)
+        worst.setdefault(op, []).append((n, p.seconds, measured))
+    for op, entries in worst.items():   # versions the model orders otherwise than the GPU
+        timed_entries = [e for e in entries if e[2] is not None and e[0] is not None]
+        for i, a in enumerate(timed_entries):
+            for b in timed_entries[i + 1:]:
+                if (a[1] < b[1]) != (a[2] < b[2]):
+                    print(f"  * {op}: the model orders versions {a[0]} and {b[0]} otherwise than this GPU", file=out)
 
 
 def _gpu_name(xp):
@@ -247,6 +317,9 @@ def main(family, argv=None):
     p.add_argument("--repeat", type=int, help="timed runs per op (default: as many as fit in about 0.3 s)")
     p.add_argument("--emulator", action="store_true", help="run on the CPU emulator even where there is a GPU")
     p.add_argument("--source", help=f"a copy of kernels/{f.source} to check instead (your own version of it)")
+    p.add_argument("--gpu", default="H100", help="the GPU the performance model predicts every version on at the "
+                                                  "ResNet-50 shape (H100, H200, A100, V100, P100; default H100)")
+    p.add_argument("--no-predict", action="store_true", help="check and time only, no predictions")
     args = p.parse_args(argv)
     if args.list:
         try:
@@ -261,7 +334,8 @@ def main(family, argv=None):
         shape = _parse_shape(case_class, args.shape, device) if args.shape else None
         if args.source and not Path(args.source).is_file():
             raise ValueError(f"--source {args.source}: no such file")
-        ok = run(family, args.version, shape, args.repeat, args.emulator, args.source)
+        ok = run(family, args.version, shape, args.repeat, args.emulator, args.source,
+                 predict_on=None if args.no_predict else args.gpu)
     except ValueError as e:
         p.error(str(e))
     return 0 if ok else 1

@@ -51,6 +51,14 @@
  *              memory system, not the wait for each load, limits them.  The global norm's partial
  *              sums are one per block of a grid of at most 1024 (25,000 before, which one block then
  *              added), and no launch zeroes them first (every block writes its own).
+ * On a GPU, at ResNet-50's 25.6 M parameters (`python -m kernels.optimizer` prints the performance
+ * model's prediction; measured on an H100 by bench.kernels): version 1 4.0 ms predicted, 4.65 ms
+ * measured: 161 launches of ~25 us of host time each, the kernels themselves idle in between;
+ * version 2 193 us predicted (DRAM), 264 us measured (65 % of copy bandwidth): the model is 0.73x.
+ * Each block's chunk is a loop of one element at a time per thread, three loads in flight per
+ * warp; with ~31 warps an SM that is just enough for the bandwidth by Little's law at the idle
+ * DRAM latency, and a loaded memory system answers later than idle: latency, not bandwidth,
+ * is the likelier limit on the GPU (two elements per thread would put twice the bytes in flight).
  */
 #include "common.cuh"   // GRID_STRIDE_LOOP, FULL_MASK, block_sum, block_sum_of
 

@@ -21,15 +21,20 @@
  * and the average pool are the same in all three, except version 3's average-pool backward; the
  * launchers are kernels/pool.py):
  *   version 1  maxpool2d_backward_scatter: one thread per OUTPUT adds its dy into dx[argmax] with
- *              atomicAdd (dx zeroed first).  Short, but windows overlap (stride < k), so several
- *              threads may add into one pixel: atomics serialise them and the order of the float
- *              adds -- hence the last bits -- changes from run to run on a GPU.  float32 only
- *              (atomicAdd on __half needs sm_70).
+ *              atomicAdd (dx zeroed first): the default, 2.1x faster than version 2 on an H100.
+ *              Windows overlap (stride < k), so several threads may add into one pixel: atomics
+ *              make that safe, and the order of the float adds -- hence the last bits -- changes
+ *              from run to run on a GPU.  Its cost is the zeroing pass and the bytes; the atomics
+ *              hit distinct addresses (at most 4 adds on one pixel) and do not serialise.  float32
+ *              only (atomicAdd on __half needs sm_70): float16 gradients run version 2.
  *   version 2  maxpool2d_backward_gather: one thread per INPUT pixel gathers its gradient: no
- *              atomics, no zeroing pass, every pixel written once, the same bits every run.  It
- *              visits the few outputs whose window covers it (p from ceil((h + pad - k + 1) /
- *              stride) to floor((h + pad) / stride), q alike) and adds dy where their argmax
- *              names it.
+ *              atomics, no zeroing pass, every pixel written once, the same bits every run
+ *              (deterministic: choose it for runs that must repeat bit for bit).  It visits the few
+ *              outputs whose window covers it (p from ceil((h + pad - k + 1) / stride) to
+ *              floor((h + pad) / stride), q alike) and adds dy where their argmax names it.  Finding
+ *              them costs seven integer divisions and some 300 instructions per pixel, four times as
+ *              many pixels as version 1 has outputs: the GPU is busy issuing instructions, not
+ *              moving bytes (ResNet-50's stem, 256x112x112x64, H100: 2.39 ms against 1.14 ms).
  *   version 3  maxpool2d_backward_blocks (stride 2, ResNet's): one thread per 2x2 block of input
  *              pixels and 16-byte vector of channels gathers from the outputs whose windows cover
  *              the block (2 x 2 of them for a 3x3 window), reading each one's argmax and dy once,
@@ -41,6 +46,11 @@
  *              backward, a pure write stream, writes 16-byte vectors, each thread dividing its dy
  *              once for all its pixels.  Where C is not a multiple of 8 halves or 4 floats, or an
  *              array is not 16-byte aligned, one channel per thread.
+ * The performance model (`python -m kernels.pool` prints it; bench/NOTES.md) predicts 0.80 ms for
+ * version 1 (the zeroing pass and the bytes: DRAM; 0.70x the measured 1.14 ms: what 51 M
+ * atomic adds to scattered addresses cost in the L2 is not in it) and 2.08 ms for version 2
+ * (instruction issue), and 1.20 ms for the forward (1.12 ms measured: also issue, its index
+ * arithmetic in 64 bits).
  */
 #include <cuda_fp16.h>
 #include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, to_float, from_float, KERNEL_ENTRY

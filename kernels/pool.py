@@ -6,9 +6,10 @@ average pooling, forward and backward, on NHWC activations (float32 or float16, 
     y = global_avgpool_forward(x);  dx = global_avgpool_backward(dy, x.shape)
 
 Versions (the header of pool.cu; `python -m kernels.pool` checks and times them) are those of the
-max-pool backward: 1 scatters with atomicAdd, 2 (the default) gathers, deterministically, 3 gathers
-per 2x2 block of pixels in 16-byte vectors (stride 2; other strides run version 2), the same bits
-as 2; version 3 also writes the global-average-pool backward in 16-byte vectors.
+max-pool backward: 1 (the default, the faster on a GPU) scatters with atomicAdd, float32 only (a
+float16 gradient runs version 2 unless version 1 is asked for by name); 2 gathers, deterministically;
+3 gathers per 2x2 block of pixels in 16-byte vectors (stride 2; other strides run version 2), the
+same bits as 2; version 3 also writes the global-average-pool backward in 16-byte vectors.
 """
 
 import numpy as np
@@ -88,10 +89,12 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, versio
     (N, H, W, C); kernel_size, stride, padding: those of the forward (the gather kernel finds the
     windows covering a pixel from them; always passed, never guessed from the shapes: a 4/2/1
     pooling of an 8x8 input has the shapes of a 3/2/1 one).
-    version: 2 (one thread per input pixel gathers, deterministic), 1 (one thread per output
-    scatters with atomicAdd; float32 only), 3 (one thread per 2x2 block of input pixels and 16-byte
+    version: 1 (one thread per output scatters with atomicAdd; float32 only; the order of the adds
+    into a pixel, and so its last bits, can change from run to run on a GPU), 2 (one thread per
+    input pixel gathers: deterministic), 3 (one thread per 2x2 block of input pixels and 16-byte
     vector of channels gathers, for stride 2, version 2 otherwise; version 2's bits) or None: the
-    version in use (2 unless chosen otherwise).
+    version in use (1 unless chosen otherwise; a float16 dy runs version 2 then, version 1 having no
+    float16 kernel).
     ->  dx [N, H, W, C] like dy.
     """
     op = "maxpool2d_backward"
@@ -99,7 +102,10 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, versio
     check_array(op, "argmax", argmax, dtype=np.int32, shape=dy.shape)
     array_module(dy, argmax)
     N, H, W, C = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
+    requested = version
     version = versions.version("pool", version, op)
+    if requested is None and version == 1 and dy.dtype != np.float32:
+        version = 2    # version 1 adds with float32 atomics: float16 gradients gather
     k, s, pad, P, Q = _pool_geometry(op, (N, H, W, C), kernel_size, stride, padding)
     if dy.shape != (N, P, Q, C):
         raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match x_shape {(N, H, W, C)} pooled "

@@ -19,6 +19,19 @@
  *              the result.  One atomic per block costs nothing, but the order of the adds (and so
  *              the last bits of the result) varies from run to run on a GPU.
  *
+ * On a GPU, at ResNet-50's shape (205,520,896 floats, 822 MB; `python -m kernels.reduce` prints the
+ * performance model's prediction, kernels/emu/perfmodel.py; measured: bench.kernels on an H100,
+ * 2026-12-06; bench/NOTES.md, "Predicted beside measured"):
+ *     version  predicted (H100)  measured (H100)  what limits it
+ *     1        104 ms            (not run)        205 M atomic adds on one address, one per clock
+ *     2        335 us            319 us           DRAM, then a one-block second pass: 256 partial
+ *     3        335 us            316 us             sums a thread, each a DRAM round trip (the
+ *                                                   first pass streamed them out of L2): ~40 us
+ *     4        296 us            277 us           DRAM: no second pass
+ *   Versions 2 and 3 differ in the tree only, once per block: a fraction of a microsecond, the
+ *   same within the measurement's noise.  What made version 4 the fastest is the second launch it
+ *   does not make, not the atomics it saves.
+ *
  * Each thread first accumulates many elements in a register (grid-stride loop): that is where
  * almost all the work happens, at full memory bandwidth.  The tree only combines blockDim.x
  * values.  Dynamic shared memory: version 2 needs blockDim.x floats, versions 3 and 4 one float

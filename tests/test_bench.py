@@ -33,14 +33,17 @@ def test_kernels_bench_tiny_on_emulator(tmp_path, capsys):
 
 
 def test_kernels_bench_profile_predicts_from_the_counts(tmp_path, capsys):
-    # --profile on the tiny cases: every case profiled, bounds for every GPU of bench/gpus.py
+    # --profile with tiny twins: every twin profiled (counts, roofline bounds for every GPU of
+    # bench/gpus.py), every ResNet-50 case of the groups predicted from its twin
     from bench import gpus
     from bench import kernels as bk
+    from bench.kernel_cases import elementwise, reduce
+    from kernels.runtime import plan
     out = tmp_path / "p.json"
     bk.main(["--profile", "--size", "tiny", "--groups", "elementwise", "reduce", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert data["arch"] == "sm_80" and data["gpu"] == "A100" and len(data["cases"]) >= 5
-    for c in data["cases"]:
+    assert data["arch"] == "sm_80" and data["gpu"] == "A100" and len(data["profiled"]) >= 5
+    for c in data["profiled"]:
         assert "error" not in c, c
         m = c["metrics"]
         assert c["dram_bytes"] == m["dram__bytes_read.sum"] + m["dram__bytes_write.sum"] > 0
@@ -52,8 +55,42 @@ def test_kernels_bench_profile_predicts_from_the_counts(tmp_path, capsys):
             assert p["bound_s"] == max(p["dram_s"], p["l1_s"], p["compute_s"]) and p["limit"] in ("dram", "l1", "compute")
             assert p["bound_s"] >= p["ideal_s"] * (1 - 1e-9)     # no kernel beats its op's roofline
         assert all("registers" in e or "resources_error" in e for e in c["launches"])
+    real = [c.name for m in (elementwise, reduce) for c in m.cases(plan.cupy, "resnet50")]
+    assert [c["name"] for c in data["cases"]] == real
+    a100 = gpus.GPUS["A100"]
+    for c in data["cases"]:
+        assert "error" not in c, c
+        assert c["predicted_s"] > 0 and c["launches"] and c["twin"]
+        assert c["predicted_pct_copy_bw"] == pytest.approx(100 * c["bytes"] / c["predicted_s"] / a100.copy_bytes_per_s)
     table = capsys.readouterr().out
-    assert "relu_forward f32" in table and "x ideal" in table and "A100" in table
+    assert "relu_forward f32" in table and "x ideal" in table and "A100" in table and "predicted us" in table
+
+
+def test_kernels_bench_profile_beside_measured_times(tmp_path, capsys):
+    # --measured: the cases of a GPU run's kernels.json beside their predictions, and the last line
+    from bench import kernels as bk
+    run = {"device": "a GPU", "cases": [
+        {"group": "reduce", "name": "sum v2 [205520896]", "seconds": 320e-6},
+        {"group": "reduce", "name": "sum v4 [205520896]", "seconds": 280e-6,
+         "baseline_name": "our v3", "baseline_seconds": 310e-6},
+        {"group": "reduce", "name": "sum v9 [1]", "seconds": 1e-6}]}        # no such case: left out
+    measured = tmp_path / "kernels.json"
+    measured.write_text(json.dumps(run))
+    out = tmp_path / "p.json"
+    bk.main(["--profile", "--gpu", "H100", "--groups", "reduce", "--measured", str(measured), "--json", str(out)])
+    data = json.loads(out.read_text())
+    rows = {c["name"]: c for c in data["cases"]}
+    # the baseline "our v3 ..." of the v4 row is version 3's time, under the name its own row has
+    assert set(rows) == {"sum v2 [205520896]", "sum v3 [205520896]", "sum v4 [205520896]"}
+    assert rows["sum v3 [205520896]"]["measured_s"] == 310e-6
+    for r in rows.values():
+        assert r["ratio"] == pytest.approx(r["predicted_s"] / r["measured_s"])
+    s = data["summary"]
+    assert s["count"] == 3 and s["pairs"] == 3
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-1] == f"wrote {out}"
+    assert lines[-2] == (f"predicted/measured: median {s['median']:.2f}, {s['within']} of 3 within 1.5x; "
+                         f"version order agrees in {s['pairs_agree']} of 3 pairs")
 
 
 def test_gpu_bounds_by_hand():

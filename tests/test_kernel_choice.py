@@ -32,13 +32,13 @@ def default_run():
 def test_non_default_versions_train_to_the_same_losses(default_run):
     default, t_default = default_run
     assert default[-1] < default[0] - 0.3                     # it trains
-    naive, t_naive = _train_tiny(conv=1, batchnorm=1, pool=1, cross_entropy=1, gemm=1)
+    naive, t_naive = _train_tiny(conv=1, batchnorm=1, pool=2, cross_entropy=1, gemm=1)
     np.testing.assert_allclose(naive, default, rtol=1e-5)
     ran, ran_default = set(t_naive.by_kernel()), set(t_default.by_kernel())
-    version_1 = {"conv2d_fwd_naive_f32", "conv2d_bwd_data_naive_f32", "conv2d_bwd_weight_naive_f32",
+    non_default = {"conv2d_fwd_naive_f32", "conv2d_bwd_data_naive_f32", "conv2d_bwd_weight_naive_f32",
                  "batchnorm_stats_naive_f32", "batchnorm_relu_backward_sums_naive_f32",
-                 "maxpool2d_backward_scatter_f32", "softmax_cross_entropy_forward_naive", "gemm_naive_f32"}
-    assert version_1 <= ran and not version_1 & ran_default
+                 "maxpool2d_backward_gather_f32", "softmax_cross_entropy_forward_naive", "gemm_naive_f32"}
+    assert non_default <= ran and not non_default & ran_default
     assert "conv2d_fwd_igemm_stats_f32" in ran_default
     assert not {"conv2d_fwd_igemm_f32", "conv2d_fwd_igemm_stats_f32"} & ran
     assert versions.in_use() == {name: f.default for name, f in versions.FAMILIES.items()}   # restored

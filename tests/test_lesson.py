@@ -36,6 +36,10 @@ def test_the_command_checks_every_version_on_the_emulator(family):
             assert re.search(rf"^    {re.escape(op)} +ok +error", out, re.M), (n, op)
     assert "FAIL" not in out and "ERROR" not in out
     assert out.rstrip().endswith("all versions match the reference")
+    # then the performance model's time of every version at ResNet-50's shape on an H100
+    assert "predicted on an H100" in out and "no prediction" not in out
+    predicted = {int(n) for n in re.findall(r"^    version (\d+) +.* limited by ", out, re.M)}
+    assert predicted == set(listed)
 
 
 def test_every_header_lists_its_versions_as_the_registry_numbers_them():

@@ -435,3 +435,64 @@ def test_debug_modes_profile_the_run_that_counts(mode, monkeypatch):
     np.testing.assert_array_equal(y, x)
     (p,) = prof.launches
     assert g(p, "req", "ld") == 32 and g(p, "sec", "ld") == 128
+
+
+# ---------------------------------------------- what the performance model reads of a profile
+_MODEL_KERNELS = r'''
+extern "C" __global__ void every_eighth(const float* __restrict__ x, float* __restrict__ y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i * 8 < n) y[i] = x[i * 8];                      // one float of each 32-byte sector
+}
+extern "C" __global__ void four_counters(int* counts, float* sums) {
+    atomicAdd(&counts[threadIdx.x % 4], 1);              // 4 addresses
+    atomicAdd(&sums[blockIdx.x * blockDim.x + threadIdx.x], 1.0f);   // one address each
+}
+extern "C" __global__ void low_warps_load(const float* __restrict__ x, float* __restrict__ y) {
+    float v = 0.0f;
+    if (threadIdx.x < 64) v = x[blockIdx.x * 64 + threadIdx.x];   // warps 0 and 1 of each block
+    y[blockIdx.x * blockDim.x + threadIdx.x] = v;
+}
+'''
+
+
+def _model_kernel(name):
+    if "model" not in _MODULE:
+        _MODULE["model"] = kernels.RawModule(code=_MODEL_KERNELS, filename="model_kernels.cu")
+    return _MODULE["model"].get_function(name)
+
+
+def _profiled(name, grid, block, args):
+    with kernels.profile() as prof:
+        _model_kernel(name)(grid, block, args)
+    assert len(prof.launches) == 1
+    return prof.launches[0]
+
+
+def test_touched_bytes_per_argument_count_whole_sectors():
+    n = 1024
+    x, y = aligned_zeros(n, np.float32, 256), aligned_zeros(n // 8, np.float32, 256)
+    p = _profiled("every_eighth", (1,), (128,), (x, y, I32(n)))
+    by_index = {a["index"]: a for a in p.arguments}
+    # x: 4 KiB, one float read per 32-byte sector: every sector read, none written
+    assert by_index[0] == {"index": 0, "bytes": 4096, "read_bytes": 4096, "written_bytes": 0}
+    # y: 128 floats written once (16 sectors), none read
+    assert by_index[1] == {"index": 1, "bytes": 512, "read_bytes": 0, "written_bytes": 512}
+    assert 2 not in by_index                      # the int argument is no array
+
+
+def test_atomics_are_counted_per_address():
+    counts, sums = np.zeros(4, np.int32), np.zeros(512, np.float32)
+    p = _profiled("four_counters", (2,), (256,), (counts, sums))
+    # 512 + 512 lane-level atomics; 4 counters + 512 sums; the busiest counter gets 512 / 4
+    assert p.atomics == {"ops": 1024, "addresses": 4 + 512, "most": 128}
+    np.testing.assert_array_equal(counts, [128, 128, 128, 128])
+
+
+def test_sites_count_the_warps_that_ran_them():
+    x, y = np.ones(3 * 64, np.float32), np.zeros(3 * 256, np.float32)
+    p = _profiled("low_warps_load", (3,), (256,), (x, y))
+    sites = {(s["space"], s["op"]): s for s in p.sites()}
+    load, store = sites[("global", "ld")], sites[("global", "st")]
+    assert (load["requests"], load["warps"]) == (6, 6)        # 2 warps in each of 3 blocks
+    assert (store["requests"], store["warps"]) == (24, 24)    # all 8 warps of 3 blocks
+    np.testing.assert_array_equal(y.reshape(3, 256)[:, :64], 1.0)

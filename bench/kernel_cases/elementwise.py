@@ -25,8 +25,5 @@ def cases(xp, size):
                         f"{name}.maximum"),
             lesson_case(c, "cast f32->f16", 1, f"cast f32->f16 [{s}]", lambda c=c: c.a.astype(np.float16), "astype"),
         ]
-        if size == "profile":
-            for case in group:
-                case.notes["scale"] = 256
         out += group
     return out

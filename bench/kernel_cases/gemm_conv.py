@@ -16,11 +16,12 @@ TFLOP/s are compared with the measured float16 matmul peak.
 size="tiny": a few small shapes with every version, and the kinds of layer of ResNet-50 (the
 stem's 7x7/2 on 3 channels, 1x1, 3x3, 3x3/2, the 1x1/2 projection) at 1/8 of the channels and a
 7x7 or 16x16 image, with both float16 versions: seconds on the CPU emulator.
-size="profile": every version of three of ResNet-50's convolutions (the 7x7/2 stem, stage 1's 3x3
-and its 1x1 reduce) at batch 1 and a quarter of their height and width, the fully connected
-layer's forward GEMM at batch 256 with an eighth of its features and a quarter of its classes
-(1/32 of its work),
-and a 256^3 GEMM: what the emulator profiles in a few seconds each.
+size="profile": every version of three of ResNet-50's convolutions (the 7x7/2 stem at batch 1 and
+a quarter of its height and width, stage 1's 3x3 and its 1x1 reduce at batch 1 on 16x16), the fully connected
+layer's forward GEMM at 128 of its 256 rows and 128 of its 1000 classes with all 2048 features
+(each tile's reduction as long as at full size, the tiles full), and a 256^3 GEMM:
+what the emulator profiles in a few seconds each (the twins `python -m bench.kernels --profile`
+predicts the ResNet-50 cases from).
 Versions are numbered as in the headers of conv.cu (1 naive, 2 im2col + GEMM, 3 implicit GEMM,
 4 tensor cores, 5 tensor cores with asynchronous copies) and gemm.cu (1 naive, 2 tiled, 3 register
 blocking, 4 tensor cores).
@@ -77,7 +78,7 @@ def resnet50_conv_kinds_scaled():
             (7, 7, 32, 64, 1, 2, 0)]
 
 
-def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", scale=None):
+def _conv_cases(xp, n, shape, conv_versions, cudnn, note=""):
     H, W, C, K, R, stride, pad = shape
     c = lesson.make("conv", xp, (n, H, W, C, K, R, stride, pad))
     label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}{note}"
@@ -95,15 +96,15 @@ def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", scale=None):
         for op in c.ops(v):
             baseline = baselines.get(op) if cudnn else None    # (none for the forward with batch-norm statistics)
             case = lesson_case(c, op, v, f"{op} v{v} {label}", baseline,
-                               "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if baseline else "")
+                               "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if baseline else "",
+                               key=("R", R, "stride", stride))
             case.notes["tensor_cores"] = v in CV.F16_VERSIONS   # against the fp16 matrix peak
-            if scale:
-                case.notes["scale"] = scale
+            case.notes["tiled"] = True      # blocks of output tiles, each over the whole reduction
             out.append(case)
     return out
 
 
-def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, version=None):
+def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, version=None, key=()):
     c = lesson.make("gemm", xp, (M, N, K, int(trans_a), int(trans_b)))
     op = "gemm_f16" if half else "gemm"
     version = version or (4 if half else 3)
@@ -113,19 +114,24 @@ def _gemm_case(xp, name, M, N, K, trans_a=False, trans_b=False, half=False, vers
         opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
         baseline = lambda: xp.matmul(opa, opb)
     case = lesson_case(c, op, version, f"{name} v{version} {M}x{K} @ {K}x{N}{' fp16->fp32' if half else ''}",
-                       baseline, "cuBLAS (cupy.matmul)" if baseline else "")
+                       baseline, "cuBLAS (cupy.matmul)" if baseline else "", key=key)
     case.notes["tensor_cores"] = half and version == 4
+    case.notes["tiled"] = True
     return case
 
 
 def _profile_cases(xp):
     out = []
-    for shape, note in [((56, 56, 3, 64, 7, 2, 3), " stem/4"), ((14, 14, 64, 64, 3, 1, 1), " stage1/4"),
-                        ((14, 14, 256, 64, 1, 1, 0), " stage1 reduce/4")]:   # /4: a quarter of H and W
-        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, scale=BATCH * 16)
+    # a quarter of H and W (the stem), 16x16 images (whole 64-row tiles, so that the real layer's
+    # tiles each do a profiled tile's work): one twin per filter size and stride
+    for shape, note in [((56, 56, 3, 64, 7, 2, 3), " stem/4"), ((16, 16, 64, 64, 3, 1, 1), " stage1 16x16"),
+                        ((16, 16, 256, 64, 1, 1, 0), " stage1 reduce 16x16"),
+                        ((16, 16, 64, 64, 3, 2, 1), " strided 16x16"),
+                        ((16, 16, 256, 64, 1, 2, 0), " projection 16x16")]:
+        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note)
     for version in G.F32_VERSIONS:
-        out.append(_gemm_case(xp, "fc forward/32", BATCH, 250, 256, trans_b=True, version=version))
-        out[-1].notes["scale"] = (1000 * 2048) / (250 * 256)
+        out.append(_gemm_case(xp, "fc forward 128 of 256x1000", 128, 128, 2048, trans_b=True, version=version,
+                              key=("fc",)))
         out.append(_gemm_case(xp, "gemm", 256, 256, 256, version=version))
     out.append(_gemm_case(xp, "gemm", 256, 256, 256, half=True))
     return out
@@ -156,8 +162,11 @@ def cases(xp, size):
         out += _conv_cases(xp, BATCH, shape, (4,), cudnn)        # tensor cores without the async copies
     for shape in [(56, 56, 64, 64, 3, 1, 1), (28, 28, 128, 128, 3, 1, 1)]:
         out += _conv_cases(xp, BATCH, shape, (2,), cudnn)
-    # fully connected layer: y = x @ w^T, dx = dy @ w, dw = dy^T @ x
-    out.append(_gemm_case(xp, "fc forward", BATCH, 1000, 2048, trans_b=True))
+    # fully connected layer: y = x @ w^T, dx = dy @ w, dw = dy^T @ x; the forward in every float32
+    # version (the naive one and the shared-memory tiles beside the default register blocking)
+    for version in G.F32_VERSIONS[:-1]:
+        out.append(_gemm_case(xp, "fc forward", BATCH, 1000, 2048, trans_b=True, version=version, key=("fc",)))
+    out.append(_gemm_case(xp, "fc forward", BATCH, 1000, 2048, trans_b=True, key=("fc",)))
     out.append(_gemm_case(xp, "fc backward data", BATCH, 2048, 1000))
     out.append(_gemm_case(xp, "fc backward weight", 1000, 2048, BATCH, trans_a=True))
     for version in (2, 3):

@@ -20,12 +20,15 @@ _BN_RESNET50 = [(256, 112, 112, 64), (256, 56, 56, 64), (256, 56, 56, 256), (256
                 (256, 28, 28, 512), (256, 14, 14, 256), (256, 14, 14, 1024), (256, 7, 7, 512),
                 (256, 7, 7, 2048)]
 _BN_TINY = [(2, 5, 5, 40)]
-_BN_PROFILE = [(2, 28, 28, 128)]   # stage 2's inner width, 2 images of the batch
+# one 16x16 image per channel count of ResNet-50: the launches (channel tiles, idle threads past
+# the last channel) depend on the channels, the rest grows with the rows
+_BN_PROFILE = [(1, 16, 16, C) for C in sorted({s[-1] for s in _BN_RESNET50})]
 
 
 def _bn_cases(xp, shape, note=""):
     c = lesson.make("batchnorm", xp, shape)
     C = shape[-1]
+    key = ("C", C)
     s = "x".join(map(str, shape)) + note
     x2, eps, name = c.x.reshape(-1, C), 1e-5, xp.__name__
 
@@ -47,19 +50,19 @@ def _bn_cases(xp, shape, note=""):
 
     return [
         lesson_case(c, "batchnorm_forward_train", None, f"batchnorm_forward_train [{s}]", xp_forward,
-                    f"{name} mean/var/normalise"),
+                    f"{name} mean/var/normalise", key=key),
         lesson_case(c, "batchnorm_relu_forward_train", None, f"batchnorm_relu_forward_train [{s}]",
-                    lambda: xp_forward(relu=True), f"{name} + maximum"),
+                    lambda: xp_forward(relu=True), f"{name} + maximum", key=key),
         lesson_case(c, "batchnorm_add_relu_forward_train", None, f"batchnorm_add_relu_forward_train [{s}]",
-                    lambda: xp_forward(relu=True, residual=c.residual), f"{name} + add, maximum"),
+                    lambda: xp_forward(relu=True, residual=c.residual), f"{name} + add, maximum", key=key),
         lesson_case(c, "batchnorm_forward_inference", None, f"batchnorm_forward_inference [{s}]",
-                    lambda: (x2 - c.rm) * (c.gamma / xp.sqrt(c.rv + eps)) + c.beta, f"{name} elementwise"),
+                    lambda: (x2 - c.rm) * (c.gamma / xp.sqrt(c.rv + eps)) + c.beta, f"{name} elementwise", key=key),
         lesson_case(c, "batchnorm_backward", None, f"batchnorm_backward [{s}]", xp_backward,
-                    f"{name} sums + elementwise"),
+                    f"{name} sums + elementwise", key=key),
         lesson_case(c, "batchnorm_relu_backward", None, f"batchnorm_relu_backward [{s}]",
-                    lambda: xp_backward(relu=True), f"{name} where + sums"),
+                    lambda: xp_backward(relu=True), f"{name} where + sums", key=key),
         lesson_case(c, "batchnorm_add_relu_backward", None, f"batchnorm_add_relu_backward [{s}]",
-                    lambda: xp_backward(relu=True), f"{name} where + sums"),
+                    lambda: xp_backward(relu=True), f"{name} where + sums", key=key),
     ]
 
 
@@ -73,6 +76,8 @@ def _pool_cases(xp, size):
     HW = a_shape[1] * a_shape[2]
     return [
         lesson_case(c, "maxpool2d_forward", None, f"maxpool2d_forward 3x3 s2 p1 [{s}]"),
+        lesson_case(c, "maxpool2d_backward", 1, f"maxpool2d_backward v1 scatter + atomicAdd [{s}]",
+                    lambda: c.run("maxpool2d_backward", 2, {}), "our v2 gather"),
         lesson_case(c, "maxpool2d_backward", 2, f"maxpool2d_backward v2 gather [{s}]",
                     lambda: c.run("maxpool2d_backward", 1, {}), "our v1 scatter + atomicAdd"),
         lesson_case(a, "global_avgpool_forward", None, f"global_avgpool_forward [{a_s}]",
@@ -165,24 +170,9 @@ def cases(xp, size):
     "resnet50" or "profile"."""
     out = []
     for shape in {"resnet50": _BN_RESNET50, "profile": _BN_PROFILE}.get(size, _BN_TINY):
-        out += _bn_cases(xp, shape, " (batch 2 of 256)" if size == "profile" else "")
-    if size == "profile":
-        for case in out:
-            case.notes["scale"] = 128
-    pool = _pool_cases(xp, size)
-    if size == "profile":   # max pool at batch 1, the average pool at batch 8
-        for case in pool:
-            case.notes["scale"] = 32 if case.name.startswith("global") else 256
-    out += pool
+        out += _bn_cases(xp, shape)
+    out += _pool_cases(xp, size)
     out += _loss_cases(xp, size)
-    optimizer = _optimizer_cases(xp, size)
-    if size == "profile":   # every tensor at 1/16 of its size
-        for case in optimizer:
-            case.notes["scale"] = 16
-    out += optimizer
-    inputs = _input_cases(xp, size)
-    if size == "profile":
-        for case in inputs:
-            case.notes["scale"] = 128
-    out += inputs
+    out += _optimizer_cases(xp, size)
+    out += _input_cases(xp, size)
     return out

@@ -836,7 +836,7 @@ class EmuFunction:
         if rc != 0:
             self._raise(rt, rc, values, regions, owners, binding, named, block, schedule_text)
         if checks and checks & _PROFILE and record:
-            _profiler.record(rt, self, binding, grid, block, shared_mem)
+            _profiler.record(rt, self, binding, grid, block, shared_mem, values, pointers)
 
     def _regions(self, binding, values, pointers, shared_mem):
         """The memory a sanitizer finding can name: ([RegionInfo], ctypes array of _Region)."""

@@ -42,11 +42,19 @@
  *
  * DRAM estimate
  *   The distinct sectors of the argument arrays read and written over the whole launch: what a
- *   perfect L2 cache would fetch and write back (a lower bound; a GPU may move more).
+ *   perfect L2 cache would fetch and write back (a lower bound; a GPU may move more).  The same
+ *   per argument span (emu_profile_spans): what the performance model scales to a larger shape.
+ *
+ * Atomics on one address
+ *   Every global atomic's address (one lane's) is counted in a table: how many lane-level
+ *   atomics there were, on how many distinct addresses, and the most on any one of them
+ *   (emu_profile_atomics).  A GPU applies the atomics of one address one after another in L2.
+ *
+ * An async copy (cp.async) counts twice: its global side as a load, its shared side as a shared
+ * store (the banks see the same wavefronts as for a thread's st.shared).
  *
  * Not counted: local memory (each fiber's stack: what ptxas keeps in registers, the C++
- * compiler may keep on the stack), __constant__ and module variables, the shared-memory side
- * of an async copy (its global side counts as a load).
+ * compiler may keep on the stack), __constant__ and module variables.
  */
 
 namespace {
@@ -86,6 +94,12 @@ struct ProfSpan {      // an argument span of the sanitizer (Z.spans): its alloc
     uintptr_t origin = 0;
     uint64_t first_sector = 0, nsectors = 0;
     unsigned char* marks = nullptr;   // per sector: 1 read, 2 written (in P.marks)
+    uint64_t read = 0, written = 0;   // distinct sectors read / written (at the launch's end)
+    uintptr_t lo = 0, hi = 0;         // the span's bytes (Z.spans is gone after the launch)
+};
+
+struct AtomicSlot {    // one address of the atomics table
+    uint64_t addr, count;
 };
 
 struct Profiler {
@@ -102,10 +116,15 @@ struct Profiler {
     uint32_t hash_key[kSiteHash];     // pc offset + 1, 0: empty
     uint16_t hash_site[kSiteHash];
     emu_profile_site sites[kMaxSites][2];
+    uint32_t site_block[kMaxSites][2];   // the block (+ 1) whose warps site_warps holds
+    uint32_t site_warps[kMaxSites][2];   // a bit per warp of that block that used the site
     unsigned nsites = 0;
     std::vector<ProfSpan> spans;      // parallel to Z.spans
     unsigned char* marks = nullptr;
     size_t marks_bytes = 0;
+    AtomicSlot* atomics = nullptr;    // open addressing, mmap'd, doubled when half full
+    size_t atomics_capacity = 0, atomics_used = 0;
+    uint64_t atomic_ops = 0, atomic_most = 0;
 } P;
 
 void* map_zeroed(size_t bytes) {
@@ -120,6 +139,9 @@ void prof_launch_begin(const emu_launch_params* p) {
     memset(P.hash_key, 0, sizeof P.hash_key);
     P.nsites = 0;
     P.nrecords = 0;
+    P.atomic_ops = P.atomic_most = 0;
+    if (P.atomics && P.atomics_used) memset(P.atomics, 0, sizeof(AtomicSlot) * P.atomics_capacity);
+    P.atomics_used = 0;
     if (++P.phase == 0) P.phase = 1;
     if (!P.counters) P.counters = static_cast<SiteCounter*>(map_zeroed(sizeof(SiteCounter) * kMaxSites * 1024));
     if (!P.since) P.since = static_cast<SinceAnchor*>(map_zeroed(sizeof(SinceAnchor) * kMaxSites * 1024));
@@ -142,6 +164,8 @@ void prof_launch_begin(const emu_launch_params* p) {
         }
         ProfSpan& ps = P.spans[i];
         ps.origin = origin;
+        ps.lo = s.lo;
+        ps.hi = s.hi;
         ps.first_sector = (s.lo - origin) >> 5;
         ps.nsectors = ((s.hi - 1 - origin) >> 5) - ps.first_sector + 1;
         total += ps.nsectors;
@@ -166,6 +190,8 @@ unsigned site_of(uintptr_t pc) {
     P.hash_key[h] = off + 1;
     P.hash_site[h] = (uint16_t)s;
     memset(P.sites[s], 0, sizeof P.sites[s]);
+    memset(P.site_block[s], 0, sizeof P.site_block[s]);
+    memset(P.site_warps[s], 0, sizeof P.site_warps[s]);
     for (int space = 0; space < 2; ++space) {
         P.sites[s][space].pc = pc;
         P.sites[s][space].space = space;
@@ -175,9 +201,39 @@ unsigned site_of(uintptr_t pc) {
 
 void prof_flush();
 
+AtomicSlot* atomic_slot(AtomicSlot* table, size_t capacity, uint64_t addr) {
+    size_t h = (size_t)((addr * 0x9E3779B97F4A7C15ull) >> 20) & (capacity - 1);
+    while (table[h].count && table[h].addr != addr) h = (h + 1) & (capacity - 1);
+    return &table[h];
+}
+
+/* One lane's global atomic at addr: the per-address counts (see the top of this file). */
+void prof_atomic(uint64_t addr) {
+    ++P.atomic_ops;
+    if (P.atomics_used * 2 >= P.atomics_capacity) {   // grow: a new table, every address moved over
+        const size_t capacity = P.atomics_capacity ? P.atomics_capacity * 2 : (size_t(1) << 12);
+        AtomicSlot* grown = static_cast<AtomicSlot*>(map_zeroed(sizeof(AtomicSlot) * capacity));
+        if (!grown) return;
+        for (size_t i = 0; i < P.atomics_capacity; ++i)
+            if (P.atomics[i].count) *atomic_slot(grown, capacity, P.atomics[i].addr) = P.atomics[i];
+        if (P.atomics) munmap(P.atomics, sizeof(AtomicSlot) * P.atomics_capacity);
+        P.atomics = grown;
+        P.atomics_capacity = capacity;
+    }
+    AtomicSlot* slot = atomic_slot(P.atomics, P.atomics_capacity, addr);
+    if (!slot->count) {
+        slot->addr = addr;
+        ++P.atomics_used;
+    }
+    P.atomic_most = std::max(P.atomic_most, ++slot->count);
+}
+
 /* One access of the running thread; sp: the sanitizer's span holding it (or none). */
 void prof_access(const Span* sp, uintptr_t a, unsigned size, int kind, uintptr_t pc) {
-    if (kind == EMU_ACCESS_ASYNC_COPY || !size) return;   // the shared side of cp.async: not an LSU store
+    if (!size) return;
+    // the shared side of an async copy (cp.async, LDGSTS) writes the banks as a store does: counted
+    // as one (Nsight Compute reports it on the LDGSTS pipe; the wavefronts are the same)
+    if (kind == EMU_ACCESS_ASYNC_COPY) kind = EMU_ACCESS_WRITE;
     uint64_t addr;
     uint8_t space;
     if (sp && sp->kind == EMU_REGION_ARGUMENT) {
@@ -195,6 +251,7 @@ void prof_access(const Span* sp, uintptr_t a, unsigned size, int kind, uintptr_t
                 m |= bits;
             }
         }
+        if (kind == EMU_ACCESS_ATOMIC) prof_atomic(addr);
     } else if (sp) {
         space = kShared;
         addr = a;
@@ -263,7 +320,14 @@ void prof_request(const ProfRecord* const* r, int n) {
         size = std::max(size, r[i]->size);
     }
     const uint64_t bytes = union_length(lo, hi, n);
-    emu_profile_site& site = P.sites[(r[0]->key >> 47) & 0xfff][space];
+    const unsigned site_index = (unsigned)((r[0]->key >> 47) & 0xfff);
+    emu_profile_site& site = P.sites[site_index][space];
+    if (P.site_block[site_index][space] != Z.block + 1) {   // blocks run one after another
+        site.warps += (unsigned)__builtin_popcount(P.site_warps[site_index][space]);
+        P.site_block[site_index][space] = Z.block + 1;
+        P.site_warps[site_index][space] = 0;
+    }
+    P.site_warps[site_index][space] |= 1u << ((r[0]->key >> 59) & 31);
     site.kind = k;
     site.size = std::max<int>(site.size, (int)size);
     site.requests += 1;
@@ -383,6 +447,20 @@ void prof_flush() {
 void prof_launch_end() {
     if (!P.on) return;
     prof_flush();
+    for (unsigned s = 0; s < P.nsites; ++s)
+        for (int space = 0; space < 2; ++space) {
+            P.sites[s][space].warps += (unsigned)__builtin_popcount(P.site_warps[s][space]);
+            P.site_warps[s][space] = 0;
+            P.site_block[s][space] = 0;
+        }
+    for (ProfSpan& ps : P.spans) {
+        ps.read = ps.written = 0;
+        for (uint64_t i = 0; ps.marks && i < ps.nsectors; ++i) {
+            ps.read += ps.marks[i] & 1;
+            ps.written += (ps.marks[i] >> 1) & 1;
+        }
+        ps.marks = nullptr;
+    }
     if (P.marks) munmap(P.marks, P.marks_bytes);
     P.marks = nullptr;
     P.marks_bytes = 0;
@@ -407,6 +485,31 @@ __attribute__((visibility("default"))) int emu_profile_sites(emu_profile_site* o
             ++count;
         }
     return count;
+}
+
+/* The argument spans of the last profiled launch: up to `capacity` entries of (first byte, end,
+ * distinct 32-byte sectors read, written) written to out; returns how many there are. */
+__attribute__((visibility("default"))) int emu_profile_spans(unsigned long long* out, int capacity) {
+    int count = 0;
+    for (size_t i = 0; i < P.spans.size(); ++i) {
+        if (!P.spans[i].nsectors) continue;
+        if (count < capacity) {
+            out[4 * count] = P.spans[i].lo;
+            out[4 * count + 1] = P.spans[i].hi;
+            out[4 * count + 2] = P.spans[i].read;
+            out[4 * count + 3] = P.spans[i].written;
+        }
+        ++count;
+    }
+    return count;
+}
+
+/* The global atomics of the last profiled launch: out[0] lane-level atomics, out[1] distinct
+ * addresses, out[2] the most atomics on one address. */
+__attribute__((visibility("default"))) void emu_profile_atomics(unsigned long long* out) {
+    out[0] = P.atomic_ops;
+    out[1] = P.atomics_used;
+    out[2] = P.atomic_most;
 }
 
 }  // extern "C"

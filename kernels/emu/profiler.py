@@ -34,6 +34,8 @@ import ctypes
 import sys
 import threading
 
+import numpy as np
+
 from . import sanitizer as _san
 
 __all__ = ["profile", "Profile", "LaunchProfile", "METRICS", "ESTIMATED"]
@@ -73,7 +75,8 @@ class _Totals(ctypes.Structure):     # emu_profile in emu/include/emu_abi.h
 class _Site(ctypes.Structure):       # emu_profile_site
     _fields_ = [("pc", ctypes.c_ulonglong), ("space", ctypes.c_int), ("kind", ctypes.c_int), ("size", ctypes.c_int),
                 ("pad", ctypes.c_int), ("requests", ctypes.c_ulonglong), ("units", ctypes.c_ulonglong),
-                ("ideal", ctypes.c_ulonglong), ("bytes", ctypes.c_ulonglong), ("lanes", ctypes.c_ulonglong)]
+                ("ideal", ctypes.c_ulonglong), ("bytes", ctypes.c_ulonglong), ("lanes", ctypes.c_ulonglong),
+                ("warps", ctypes.c_ulonglong)]
 
 
 def _ratio(a, b):
@@ -106,9 +109,15 @@ class LaunchProfile:
     outside_arguments: global accesses to memory that is no argument array (not in the DRAM
               estimate; a kernel reading a host pointer it was not passed, say).
     function: the kernel launched (for kernels.resources(launch.function, arch)).
+    arguments: one dict per array argument: index (in the launch's arguments), bytes (its
+              size), read_bytes and written_bytes (32 x the distinct sectors of it the launch read
+              and wrote; an argument sharing memory with another gets their span's figures).
+    atomics:  {'ops': lane-level global atomics, 'addresses': distinct addresses they hit,
+              'most': the most atomics on one address}: what serialises on a GPU.
     """
 
-    def __init__(self, kernel, file, grid, block, shared_mem, totals, sites, symbols, function=None):
+    def __init__(self, kernel, file, grid, block, shared_mem, totals, sites, symbols, function=None,
+                 arguments=(), atomics=None):
         self.kernel, self.file, self.function = kernel, file, function
         self.grid, self.block, self.shared_mem = tuple(grid), tuple(block), int(shared_mem)
         t = totals
@@ -128,6 +137,8 @@ class LaunchProfile:
         self.derived = _derive(self.metrics, self.requested_bytes)
         self.outside_arguments = int(t.outside_arguments)
         self.cut_phases = int(t.cut_phases)
+        self.arguments = list(arguments)
+        self.atomics = dict(atomics or {"ops": 0, "addresses": 0, "most": 0})
         self._sites = sites
         self._symbols = symbols
         self._resolved = None
@@ -137,6 +148,7 @@ class LaunchProfile:
         summing the machine instructions of that line (`buf[i] += buf[i + s]` loads twice):
         file, line, function, space ('global'/'shared'), op ('ld'/'st'/'atom'), size (bytes per
         lane, the largest), instructions (static sites), requests, lanes (active lanes, summed),
+        warps (distinct warps of the launch that ran it; the most of the line's instructions),
         sectors (global) or wavefronts, ideal and conflicts (shared), bytes (distinct bytes
         asked for), per_request, efficiency (global, %).  Sorted by file and line."""
         if self._resolved is None:
@@ -154,6 +166,7 @@ class LaunchProfile:
                 for k in ("requests", "lanes", "bytes", "sectors", "wavefronts", "ideal"):
                     if k in s:
                         m[k] = m.get(k, 0) + s[k]
+                m["warps"] = max(m.get("warps", 0), s.get("warps", 0))
             out = [_site_figures(m) for m in merged.values()]
             out.sort(key=lambda s: (s["file"], s["line"], s["space"], s["op"]))
             self._resolved = out
@@ -173,7 +186,7 @@ def _site_dict(s):
     space = "global" if s.space == 0 else "shared"
     op = _OPS[s.kind] if 0 <= s.kind < 3 else "ld"
     d = {"pc": int(s.pc), "space": space, "op": op, "size": int(s.size), "requests": int(s.requests),
-         "lanes": int(s.lanes), "bytes": int(s.bytes)}
+         "lanes": int(s.lanes), "bytes": int(s.bytes), "warps": int(s.warps)}
     if space == "global":
         d["sectors"] = int(s.units)
     else:
@@ -327,7 +340,35 @@ class profile:
         return False
 
 
-def record(rt, fn, binding, grid, block, shared_mem):
+def _arguments(rt, values, pointers):
+    """The per-argument touched bytes of the last launch (LaunchProfile.arguments); pointers:
+    where each argument's data was during the launch (a debug launch's guarded copy)."""
+    if not hasattr(rt, "_profile_spans_bound"):
+        rt.emu_profile_spans.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        rt.emu_profile_spans.restype = ctypes.c_int
+        rt.emu_profile_atomics.argtypes = [ctypes.c_void_p]
+        rt._profile_spans_bound = True
+    n = rt.emu_profile_spans(None, 0)
+    raw = (ctypes.c_ulonglong * max(4, 4 * n))()
+    rt.emu_profile_spans(ctypes.byref(raw), n)
+    spans = [tuple(raw[4 * i:4 * i + 4]) for i in range(n)]
+    out = []
+    for index, (v, ptr) in enumerate(zip(values or (), pointers or ())):
+        if not isinstance(v, np.ndarray) or not v.nbytes or not ptr:
+            continue
+        span = next((s for s in spans if s[0] <= ptr < s[1]), None)
+        read, written = (32 * span[2], 32 * span[3]) if span else (0, 0)
+        out.append({"index": index, "bytes": int(v.nbytes), "read_bytes": int(read), "written_bytes": int(written)})
+    return out
+
+
+def _atomics(rt):
+    raw = (ctypes.c_ulonglong * 3)()
+    rt.emu_profile_atomics(ctypes.byref(raw))
+    return {"ops": int(raw[0]), "addresses": int(raw[1]), "most": int(raw[2])}
+
+
+def record(rt, fn, binding, grid, block, shared_mem, values=None, pointers=None):
     """Called by the emulator after a profiled launch: read the runtime's counts into every
     open profile() block of this thread."""
     active = _local.active
@@ -340,6 +381,6 @@ def record(rt, fn, binding, grid, block, shared_mem):
     rt.emu_profile_sites(ctypes.byref(raw), n)
     sites = [_site_dict(raw[i]) for i in range(n)]
     launch = LaunchProfile(fn.name, fn.module.filename, grid, block, shared_mem, totals, sites, binding.symbols(),
-                           function=fn)
+                           function=fn, arguments=_arguments(rt, values, pointers), atomics=_atomics(rt))
     for p in active:
         p.launches.append(launch)

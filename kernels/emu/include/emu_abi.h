@@ -160,6 +160,7 @@ struct emu_profile_site {
     unsigned long long ideal;     /* shared: wavefronts without conflicts                      */
     unsigned long long bytes;     /* distinct bytes asked for, summed over requests            */
     unsigned long long lanes;     /* active lanes, summed over requests                        */
+    unsigned long long warps;     /* distinct warps (of all blocks) that made a request         */
 };
 
 /* SIGINT (Ctrl-C) during a launch, as Python's handler for it would have it: */
@@ -208,6 +209,8 @@ int emu_code_range(const void* address, const void** begin, const void** end);
 void emu_last_finding(struct emu_finding* out);
 void emu_last_profile(struct emu_profile* out);
 int emu_profile_sites(struct emu_profile_site* out, int capacity);
+int emu_profile_spans(unsigned long long* out, int capacity);   /* (lo, hi, sectors read, written) */
+void emu_profile_atomics(unsigned long long* out);              /* lane atomics, addresses, most on one */
 
 /* Called by kernel code (through the macros of cuda_emu.h). */
 /* A barrier is one call site: `site` tells apart the call sites of one line (cuda_emu.h passes
