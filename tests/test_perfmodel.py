@@ -199,6 +199,29 @@ def ptx_code():
     return ptx.module_code(m.code, "sm_90", m.options, m.filename)
 
 
+def test_the_ptx_cache_of_another_checkout_is_not_taken_for_this_one(tmp_path, monkeypatch):
+    """The PTX names files by the paths its compile saw (includes under the working directory): one
+    compiled elsewhere first must not be reused here, where it would make kernels/common.cuh look
+    like a CUDA header and move its loads to the calling line."""
+    from kernels.runtime import nvrtc, ptx
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC is not installed")
+    import kernels
+    monkeypatch.setenv("KERNELS_EMU_CACHE", str(tmp_path / "cache"))
+    code = '#include "common.cuh"\nextern "C" __global__ void k(const __half* x, float* y, int n) {\n' \
+           '    float f[8];\n    for (int i = threadIdx.x; i < n; i += blockDim.x) {\n' \
+           '        load_half8(x + 8 * i, f);\n        y[i] = f[0] + f[7];\n    }\n}\n'
+    kernel_dir = Path(kernels.__file__).resolve().parent
+    m = kernels.RawModule(code=code, options=("-I", str(kernel_dir)), filename="ptx_cache_kernel.cu")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "kernels").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    ptx.module_code(m.code, "sm_90", m.options, m.filename)
+    monkeypatch.chdir(kernel_dir.parent)
+    keys = {k for loop in ptx.module_code(m.code, "sm_90", m.options, m.filename)["k"].loops for k in loop.keys}
+    assert any(f == "kernels/common.cuh" and op == "ld" for f, _line, _space, op in keys), keys
+
+
 def test_an_unrolled_loop_waits_for_its_loads_together(ptx_code):
     from kernels.runtime import ptx
     code = ptx_code["scale_loop"]

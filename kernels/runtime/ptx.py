@@ -790,7 +790,10 @@ def module_code(code, arch="sm_90", options=(), filename="kernel.cu"):
     a = architecture(arch).name
     opts, dirs = _nvrtc_options(options)
     from ..emu.emulator import _digest, cache_dir
-    key = _digest("ptx", code, opts, a, nvrtc.nvrtc_version())
+    # the PTX names each file by the absolute path this compile saw (the file's own, the includes'
+    # under the working directory): a PTX cached by another checkout would name files outside this
+    # one, which _parse_module takes for CUDA headers, so the key holds both
+    key = _digest("ptx", code, opts, a, nvrtc.nvrtc_version(), os.path.abspath(filename), os.getcwd())
     with _lock:
         hit = _memory.get(key)
         if hit is not None:
