@@ -29,6 +29,7 @@ from . import pool
 from . import reduce as rd
 from . import reference as ref
 from . import versions
+from .runtime import plan
 
 __all__ = ["OpCase", "CASES", "make", "resnet50_param_sizes"]
 
@@ -365,6 +366,9 @@ class BatchnormCase(OpCase):
     # on the host, as conv.cu's epilogue writes them: one block per 64 rows); its backward is version
     # 2's; version 4: version 3's statistics, its own normalising passes and backward
     FROM_STATS = [f + " from conv stats" for f in FORWARD]
+    # " f16": the same on float16 activations (a mixed-precision step's), statistics in float32
+    BACKWARD_F16 = [b + " f16" for b in BACKWARD]
+    FROM_STATS_F16 = [f + " f16" for f in FROM_STATS]
 
     def build(self, N, H, W, C):
         shape = (N, H, W, C)
@@ -375,49 +379,69 @@ class BatchnormCase(OpCase):
         self.residual, self.dy = self.randn(shape), self.randn(shape)
         self.gamma, self.beta = self.randn(C, scale=0.5) + np.float32(1.0), self.randn(C)
         self.rm, self.rv = self.randn(C), self.ints(0, 1000, C, np.float32) / np.float32(1000) + np.float32(0.5)
+        self._f16 = None
         self._saved = {}
-        self._stats = None
+        self._stats = {}
 
-    def conv_stats(self):
+    def activations(self, op):
+        """(x, residual, dy) in the dtype of `op`: float32, or float16 for an op ending in " f16"."""
+        if not op.endswith(" f16"):
+            return self.x, self.residual, self.dy
+        if self._f16 is None:
+            self._f16 = tuple(a.astype(np.float16) for a in (self.x, self.residual, self.dy))
+        return self._f16
+
+    def conv_stats(self, f16=False):
         """Batch-norm partials of x [4, ceil(M / 64), C] as a convolution's epilogue gives them:
-        per 64-row block the count, its first row as the shift, the mean's offset from it, and M2."""
-        if self._stats is None:
-            rows = self.host(self.x).reshape(-1, self.shape["C"])
+        per 64-row block the count, its first row as the shift, the mean's offset from it, and M2.
+        (On plan.cupy, which holds no numbers: an array of that shape.)"""
+        if f16 not in self._stats:
+            x = self.activations(" f16" if f16 else "")[0]
+            C = self.shape["C"]
+            if self.xp is plan.cupy:
+                self._stats[f16] = self.xp.empty((4, -(-(x.size // C) // 64), C), dtype=np.float32)
+                return self._stats[f16]
+            rows = self.host(x).reshape(-1, C)
             blocks = [rows[i:i + 64] for i in range(0, rows.shape[0], 64)]
             stats = np.empty((4, len(blocks), rows.shape[1]))
             for p, b in enumerate(blocks):
                 shift = self.host(self.host(b[0], np.float32))
                 stats[0, p], stats[1, p] = len(b), shift
                 stats[2, p], stats[3, p] = (b - shift).mean(axis=0), ((b - b.mean(axis=0)) ** 2).sum(axis=0)
-            self._stats = self.xp.asarray(stats.astype(np.float32))
-        return self._stats
+            self._stats[f16] = self.xp.asarray(stats.astype(np.float32))
+        return self._stats[f16]
 
     def ops(self, version):
         # the inference pass: versions 1 to 3 share it, version 4 has its own
         if version == versions.BN_FROM_CONV:
-            return self.FROM_STATS + ["batchnorm_forward_inference"]
+            return self.FROM_STATS + self.FROM_STATS_F16 + ["batchnorm_forward_inference"]
         if version == 4:   # version 3's statistics, its own normalising passes and backward
-            return self.FROM_STATS + self.BACKWARD + ["batchnorm_forward_inference"]
-        return self.FORWARD + self.BACKWARD + ["batchnorm_forward_inference"]
+            return self.FROM_STATS + self.FROM_STATS_F16 + self.BACKWARD + self.BACKWARD_F16 + \
+                ["batchnorm_forward_inference"]
+        return self.FORWARD + self.BACKWARD + self.BACKWARD_F16 + ["batchnorm_forward_inference"]
 
     def prepare(self, op):
-        return {"rm": self.rm.copy(), "rv": self.rv.copy()} if op in self.FORWARD + self.FROM_STATS else {}
+        forward = op.removesuffix(" f16") in self.FORWARD + self.FROM_STATS
+        return {"rm": self.rm.copy(), "rv": self.rv.copy()} if forward else {}
 
     def _forward(self, op, rm, rv):
-        if op in self.FROM_STATS:
-            mode = self.FORWARD[self.FROM_STATS.index(op)]
-            residual = self.residual if mode == "batchnorm_add_relu_forward_train" else None
-            return bn.batchnorm_forward_train_from_stats(self.x, self.conv_stats(), self.gamma, self.beta, rm, rv,
-                                                         relu=mode != "batchnorm_forward_train", residual=residual)
-        if op == "batchnorm_add_relu_forward_train":
-            return bn.batchnorm_add_relu_forward_train(self.x, self.residual, self.gamma, self.beta, rm, rv)
-        return getattr(bn, op)(self.x, self.gamma, self.beta, rm, rv)
+        x, residual, _ = self.activations(op)
+        base = op.removesuffix(" f16")
+        if base in self.FROM_STATS:
+            mode = self.FORWARD[self.FROM_STATS.index(base)]
+            residual = residual if mode == "batchnorm_add_relu_forward_train" else None
+            return bn.batchnorm_forward_train_from_stats(x, self.conv_stats(op.endswith(" f16")), self.gamma,
+                                                         self.beta, rm, rv, relu=mode != "batchnorm_forward_train",
+                                                         residual=residual)
+        if base == "batchnorm_add_relu_forward_train":
+            return bn.batchnorm_add_relu_forward_train(x, residual, self.gamma, self.beta, rm, rv)
+        return getattr(bn, base)(x, self.gamma, self.beta, rm, rv)
 
     def saved(self, op):
         """What the backward `op` gets from its forward: (y, saved_mean, saved_invstd) of the default
         version, the same for every version checked (and for the reference)."""
         if op not in self._saved:
-            fwd = self.FORWARD[self.BACKWARD.index(op)]
+            fwd = self.FORWARD[self.BACKWARD.index(op.removesuffix(" f16"))] + (" f16" if op.endswith(" f16") else "")
             with versions.running("batchnorm", versions.FAMILIES["batchnorm"].default):
                 self._saved[op] = self._forward(fwd, self.rm.copy(), self.rv.copy())
         return self._saved[op]
@@ -426,43 +450,50 @@ class BatchnormCase(OpCase):
         with versions.running("batchnorm", version or versions.FAMILIES["batchnorm"].default):
             if op == "batchnorm_forward_inference":
                 return (bn.batchnorm_forward_inference(self.x, self.gamma, self.beta, self.rm, self.rv),)
-            if op in self.FORWARD + self.FROM_STATS:
+            base = op.removesuffix(" f16")
+            if base in self.FORWARD + self.FROM_STATS:
                 return self._forward(op, state["rm"], state["rv"]) + (state["rm"], state["rv"])
+            x, _, dy = self.activations(op)
             y, mean, invstd = self.saved(op)
-            if op == "batchnorm_backward":
-                return bn.batchnorm_backward(self.dy, self.x, self.gamma, mean, invstd)
-            return getattr(bn, op)(self.dy, y, self.x, self.gamma, mean, invstd)
+            if base == "batchnorm_backward":
+                return bn.batchnorm_backward(dy, x, self.gamma, mean, invstd)
+            return getattr(bn, base)(dy, y, x, self.gamma, mean, invstd)
 
     def expect(self, op):
-        x, g, b, rm, rv = (self.host(a) for a in (self.x, self.gamma, self.beta, self.rm, self.rv))
+        x, residual, dy = (self.host(a) for a in self.activations(op))
+        g, b, rm, rv = (self.host(a) for a in (self.gamma, self.beta, self.rm, self.rv))
         if op == "batchnorm_forward_inference":
             return (ref.batchnorm_forward_inference(x, g, b, rm, rv),)
-        if op in self.FROM_STATS:    # the same numbers as the forward with its own statistics
-            op = self.FORWARD[self.FROM_STATS.index(op)]
-        if op in self.FORWARD:       # the reference updates rm, rv (host copies) in place
-            if op == "batchnorm_add_relu_forward_train":
-                out = ref.batchnorm_add_relu_forward_train(x, self.host(self.residual), g, b, rm, rv)
+        base = op.removesuffix(" f16")
+        if base in self.FROM_STATS:    # the same numbers as the forward with its own statistics
+            base = self.FORWARD[self.FROM_STATS.index(base)]
+        if base in self.FORWARD:       # the reference updates rm, rv (host copies) in place
+            if base == "batchnorm_add_relu_forward_train":
+                out = ref.batchnorm_add_relu_forward_train(x, residual, g, b, rm, rv)
             else:
-                out = getattr(ref, op)(x, g, b, rm, rv)
+                out = getattr(ref, base)(x, g, b, rm, rv)
             return tuple(out) + (rm, rv)
         y, mean, invstd = (self.host(a) for a in self.saved(op))
-        dy = self.host(self.dy)
-        if op == "batchnorm_backward":
+        if base == "batchnorm_backward":
             return ref.batchnorm_backward(dy, x, g, mean, invstd)
-        return getattr(ref, op)(dy, y, x, g, mean, invstd)
+        return getattr(ref, base)(dy, y, x, g, mean, invstd)
 
     def tolerance(self, op, version):
+        if op.endswith(" f16"):
+            return 2e-3     # float16 activations: each rounded once (2^-11); statistics and sums in float32
         return 1e-4 if version == 1 else 1e-5   # version 1: E[x^2] - E[x]^2 and long float32 sums
 
     def work(self, op):
+        item = 2 if op.endswith(" f16") else F32
+        op = op.removesuffix(" f16")
         partials = 0
         if op in self.FROM_STATS:      # the same passes, and the partials read once
             op = self.FORWARD[self.FROM_STATS.index(op)]
-            partials = 4 * F32 * self.conv_stats().shape[1] * self.shape["C"]
+            partials = 4 * F32 * -(-(self.x.size // self.shape["C"]) // 64) * self.shape["C"]
         passes = {"batchnorm_forward_train": 2, "batchnorm_relu_forward_train": 2,
                   "batchnorm_add_relu_forward_train": 3, "batchnorm_forward_inference": 2,
                   "batchnorm_backward": 3, "batchnorm_relu_backward": 4, "batchnorm_add_relu_backward": 5}[op]
-        return passes * F32 * self.x.size + partials, 0
+        return passes * item * self.x.size + partials, 0
 
 
 class PoolCase(OpCase):

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 __all__ = ["Case", "MODULES", "lesson_case", "twin_of"]
 
 # bench.kernels imports these in order; add a module here when you add a file.
-MODULES = ["elementwise", "reduce", "gemm_conv", "norm_pool_loss_optim"]
+MODULES = ["elementwise", "reduce", "gemm_conv", "norm_pool_loss_optim", "step_fp16"]
 
 
 @dataclass

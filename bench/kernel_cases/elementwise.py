@@ -25,5 +25,17 @@ def cases(xp, size):
                         f"{name}.maximum"),
             lesson_case(c, "cast f32->f16", 1, f"cast f32->f16 [{s}]", lambda c=c: c.a.astype(np.float16), "astype"),
         ]
+        # version 2: 16-byte vectors; the float16 ops a mixed-precision step runs, and float32's for comparison
+        for op, baseline, bname in (
+                ("relu_forward", lambda c=c: xp.maximum(c.a, 0), f"{name}.maximum"),
+                ("add_relu_forward", lambda c=c: xp.maximum(c.a + c.b, 0), f"{name} a+b, maximum"),
+                ("relu_forward f16", lambda c=c: xp.maximum(c.a16, 0), f"{name}.maximum"),
+                ("relu_backward f16", lambda c=c: xp.where(c.a16 > 0, c.b16, 0), f"{name}.where"),
+                ("add f16", lambda c=c: c.a16 + c.b16, f"{name} a+b"),
+                ("add_relu_forward f16", lambda c=c: xp.maximum(c.a16 + c.b16, 0), f"{name} a+b, maximum"),
+                ("cast f32->f16", lambda c=c: c.a.astype(np.float16), "astype"),
+                ("cast f16->f32", lambda c=c: c.a16.astype(np.float32), "astype")):
+            label = op if op.endswith(("f16", "f32")) and " " in op else f"{op} f32"
+            group.append(lesson_case(c, op, 2, f"{label} v2 [{s}]", baseline, bname))
         out += group
     return out

@@ -63,7 +63,19 @@ def _bn_cases(xp, shape, note=""):
                     lambda: xp_backward(relu=True), f"{name} where + sums", key=key),
         lesson_case(c, "batchnorm_add_relu_backward", None, f"batchnorm_add_relu_backward [{s}]",
                     lambda: xp_backward(relu=True), f"{name} where + sums", key=key),
-    ]
+    ] + _bn_f16_cases(c, s, key)
+
+
+def _bn_f16_cases(c, s, key):
+    """What a mixed-precision step runs: float16 activations, the training forward with the
+    convolution's statistics (version 3, and version 4's vectors) and the backward (version 2's
+    kernels, which version 3 runs, and version 4's)."""
+    out = []
+    for op in c.FROM_STATS_F16:
+        out += [lesson_case(c, op, n, f"{op.removesuffix(' f16')} f16 v{n} [{s}]", key=key) for n in (3, 4)]
+    for op in c.BACKWARD_F16:
+        out += [lesson_case(c, op, n, f"{op.removesuffix(' f16')} f16 v{n} [{s}]", key=key) for n in (2, 4)]
+    return out
 
 
 def _pool_cases(xp, size):
@@ -85,6 +97,18 @@ def _pool_cases(xp, size):
         lesson_case(a, "global_avgpool_backward", None, f"global_avgpool_backward [{a_s}]",
                     lambda: xp.broadcast_to((a.dyavg / HW)[:, None, None, :], a_shape).copy(),
                     f"{xp.__name__} broadcast copy"),
+        # version 3: 2x2 blocks of pixels in 16-byte vectors; float16 (a mixed-precision step's: version 1
+        # has no float16 kernel, version 2 ran it); the average pool's backward in 16-byte vectors
+        lesson_case(c, "maxpool2d_backward", 3, f"maxpool2d_backward v3 blocks [{s}]",
+                    lambda: c.run("maxpool2d_backward", 1, {}), "our v1 scatter + atomicAdd"),
+        lesson_case(c, "maxpool2d_backward f16", 2, f"maxpool2d_backward f16 v2 gather [{s}]"),
+        lesson_case(c, "maxpool2d_backward f16", 3, f"maxpool2d_backward f16 v3 blocks [{s}]",
+                    lambda: c.run("maxpool2d_backward f16", 2, {}), "our v2 gather"),
+        lesson_case(a, "global_avgpool_backward", 3, f"global_avgpool_backward v3 [{a_s}]",
+                    lambda: xp.broadcast_to((a.dyavg / HW)[:, None, None, :], a_shape).copy(),
+                    f"{xp.__name__} broadcast copy"),
+        lesson_case(a, "global_avgpool_backward f16", 2, f"global_avgpool_backward f16 v2 [{a_s}]"),
+        lesson_case(a, "global_avgpool_backward f16", 3, f"global_avgpool_backward f16 v3 [{a_s}]"),
     ]
 
 
@@ -146,6 +170,11 @@ def _optimizer_cases(xp, size):
                     f"{name}.linalg.norm per tensor"),
         lesson_case(c, "global_grad_norm", None, f"global_grad_norm [{label}]", lambda: float(xp.linalg.norm(g)),
                     f"{name}.linalg.norm"),
+        # version 3: the norms in float4 vectors, four loads in flight a thread
+        lesson_case(c, "lars_trust_ratio_flat", 3, f"lars_trust_ratio_flat v3 [{label}]", xp_lars,
+                    f"{name}.linalg.norm per tensor"),
+        lesson_case(c, "global_grad_norm", 3, f"global_grad_norm v3 [{label}]", lambda: float(xp.linalg.norm(g)),
+                    f"{name}.linalg.norm"),
     ]
 
 
@@ -160,6 +189,13 @@ def _input_cases(xp, size):
                     lambda: c.images.astype(np.float32) - mean, f"{name} astype - mean"),
         lesson_case(c, "input_normalize u8->f32", 1, f"input_normalize u8->f32 v1 scalar [{s}]"),
         lesson_case(c, "input_normalize u8->f16", None, f"input_normalize u8->f16 [{s}]",
+                    lambda: (c.images.astype(np.float32) - mean).astype(np.float16),
+                    f"{name} astype - mean, astype"),
+        # version 3: 16-byte loads through shared memory, 16-byte stores, float32 and float16
+        lesson_case(c, "input_normalize u8->f32", 3, f"input_normalize u8->f32 v3 tiles [{s}]",
+                    lambda: c.images.astype(np.float32) - mean, f"{name} astype - mean"),
+        lesson_case(c, "input_normalize u8->f16", 1, f"input_normalize u8->f16 v1 scalar [{s}]"),
+        lesson_case(c, "input_normalize u8->f16", 3, f"input_normalize u8->f16 v3 tiles [{s}]",
                     lambda: (c.images.astype(np.float32) - mean).astype(np.float16),
                     f"{name} astype - mean, astype"),
     ]
