@@ -91,13 +91,27 @@
  *   merges per channel) cost the GPU more per link than the model's one latency.
  *   version 3: 0.65 ms predicted for the training forward from the convolution's partials (not
  *   yet measured): the statistics pass is gone, what is left is the normalising pass, latency-
- *   and DRAM-bound.
+ *   and DRAM-bound.  In float16 (a mixed-precision step's) 2.07 ms predicted, 14 % of copy
+ *   bandwidth, and the backward (version 2's kernels) 3.08 ms, 13 %: limited by the L2, as the
+ *   model counts it, which is every sector a request moves; the *_f16x8 passes give a thread one
+ *   or two vectors after 24 scalar loads of per-channel numbers whose lanes are 32 bytes apart
+ *   (32 sectors a load), and the backward's sums read 2-byte values.  On a GPU the L1 would serve
+ *   many of those constants (each SM reads the same few KB): the L1 side alone predicts 0.54 ms for
+ *   the forward's pass; the true time is between.
+ *   version 4 (predicted, not measured): float32 forward 0.63 ms (91 %, DRAM), backward 1.32 /
+ *   1.60 / 1.87 ms (plain / ReLU / add + ReLU); float16 forward 351 us (83 % of copy bandwidth; its
+ *   three launches' host time, 75 us in the model, included: the kernels alone 99 %), add + ReLU
+ *   474 us (91 %), backward 678 / 818 / 954 us (61 / 67 / 72 %: at their bounds, 3/5, 4/6.125 and
+ *   5/7 of the passes read and written, as the reductions need their two reads before any dx is
+ *   known).  python -m bench.kernel_cases.step_fp16 adds them up over a whole step (bench/NOTES.md):
+ *   batch norm from 80 to 17 ms per float16 step of batch 256.
  *
  * float (f32) and __half (f16) activations, from one template per kernel and the KERNEL_ENTRY
  * instantiation lists (common.cuh); statistics, gamma, beta and running statistics are always
  * float.  blockDim must be (32, 8) for the kernels that use BN_TILE_C and BN_ROWS.  For float16
- * with C % 8 == 0 the normalizing passes have a second form (*_f16x8, at the end): 8 channels
- * per thread moved as 16-byte vectors.
+ * with C % 8 == 0 the normalizing passes of versions 1-3 have a second form (*_f16x8): 8 channels
+ * per thread moved as 16-byte vectors.  Version 4's kernels (*_rows_*, the backward's *_reduce_*)
+ * are the last section.
  */
 #include <cuda_fp16.h>
 #include "common.cuh"   // GRID_STRIDE_LOOP_Y, to_float, from_float, column_sum, KERNEL_ENTRY

@@ -12,12 +12,14 @@ IN PLACE, as the op contract (kernels/reference.py) says.
 Versions (the header of batchnorm.cu; `python -m kernels.batchnorm` checks and times them): the
 reductions run as version 1 (one thread per channel over all rows) or version 2 (blocks of 32 x 8
 threads, blockIdx.x a tile of 32 channels, blockIdx.y a slice of rows, partial summaries [G, C]
-merged in order by a second launch, so results are deterministic on the GPU too).  Version 3 (the
-default) is version 2 with one more way in: batchnorm_forward_train_from_stats takes the
-statistics as partials from the convolution that produced x (kernels/conv.py,
-conv2d_forward_bn_stats) and reads x only to normalise; nn.layers.conv_bn chooses it for a
-convolution and its batch norm in training.  The others, called directly under version 3, run
-version 2.  Which version runs is the version in use (kernels.versions.use(batchnorm=1)); the op
+merged in order by a second launch, so results are deterministic on the GPU too).  Version 3 is
+version 2 with one more way in: batchnorm_forward_train_from_stats takes the statistics as partials
+from the convolution that produced x (kernels/conv.py, conv2d_forward_bn_stats) and reads x only to
+normalise; nn.layers.conv_bn chooses it for a convolution and its batch norm in training.  The
+others, called directly under version 3, run version 2.  Version 4 (the default) is version 3 with
+every pass in 16-byte vectors (_rows_layout: a thread keeps 8 halves or 4 floats of channels and
+walks rows) and its own backward (the reduction over slices of rows, the ReLU mask as bits, the add
++ ReLU form's dresidual written by the reduction).  Which version runs is the version in use (kernels.versions.use(batchnorm=1)); the op
 contract's functions take no version argument.
 
     y, stats = conv2d_forward_bn_stats(x, w, stride, padding)          # kernels/conv.py
@@ -405,7 +407,7 @@ def batchnorm_add_relu_backward(dy, y, x, gamma, saved_mean, saved_invstd):
 def batchnorm_batch_stats(x, version=None):
     """Per-channel mean and biased variance of x [N, H, W, C] or [M, C] -> (mean, var), float32 [C].
 
-    version 2 (the default): shifted Welford + Chan merges, what the training forward uses;
+    version 2 (what versions 3 and 4 run here): shifted Welford + Chan merges;
     version 1: one thread per channel, var = E[x^2] - E[x]^2 in float32 -- the textbook formula,
     kept to show how it fails when |mean| >> std.  None: the version in use.
     """

@@ -9,8 +9,8 @@
  * of 4, and the kernel is a single pass: read 1 byte, write 4 (or 2).
  *
  * Versions (`python -m kernels.input` checks and times each; the launcher is kernels/input.py):
- *   version 1  input_normalize_f32/_f16: one thread per value; the channel is i % 3: the default,
- *              measured faster than version 2 on an H100 (153 us against 178 us at 256x224x224).
+ *   version 1  input_normalize_f32/_f16: one thread per value; the channel is i % 3: measured
+ *              faster than version 2 on an H100 (153 us against 178 us at 256x224x224).
  *              Each warp reads 32 bytes and writes 128, coalesced; i % 3 by a constant is a
  *              multiply-high, not a division.  The model says it is limited by instruction issue
  *              (about 30 instructions per value).
@@ -32,7 +32,11 @@
  *              bytes apart and loaded 12 apart; and it multiplies by 1/std instead of dividing each
  *              value (an IEEE division is a call with a slow path: versions 1 and 2 pay it per
  *              value, std or not).  float32 and float16; 16-byte aligned buffers (otherwise version
- *              1 runs).
+ *              1 runs).  Predicted (not measured; the model ordered versions 1 and 2 wrongly,
+ *              bench/NOTES.md): float32 85 us (76 % of copy bandwidth, DRAM), float16 62 us (37 us
+ *              of kernel at DRAM speed and 25 us of host time for its launch), against version 1's
+ *              132 and 119 us (153 and 126 measured).  The default: if the H100 disagrees, as with
+ *              version 2, version 1 is one flag away (--kernels input=1).
  * mean and std arrive as kernel arguments (3 floats each): nothing to copy to the device.
  */
 #include <cuda_fp16.h>

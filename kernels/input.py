@@ -5,11 +5,11 @@ input, mean subtracted (and optionally divided by std), in one pass on the devic
     x = input_normalize(images, std=(58.4, 57.1, 57.4), dtype=np.float16)
     x = input_normalize(images, version=2)                       # four pixels per thread
 
-Versions (the header of input.cu; `python -m kernels.input` checks and times them): 1 (the
-default: measured faster on an H100), one value per thread; 2, four pixels per thread with 16-byte
+Versions (the header of input.cu; `python -m kernels.input` checks and times them): 1 (measured
+faster than 2 on an H100), one value per thread; 2, four pixels per thread with 16-byte
 stores (float32 output and aligned buffers; otherwise version 1 runs); 3, tiles of 4096 image bytes
 loaded as 16-byte vectors into shared memory and written as 16-byte vectors (float32 and float16;
-16-byte aligned buffers, otherwise version 1 runs).
+16-byte aligned buffers, otherwise version 1 runs; the default, predicted faster than both).
 """
 
 import numpy as np

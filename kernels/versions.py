@@ -67,18 +67,22 @@ FAMILIES = {f.name: f for f in (
     Family("reduce", "reduce.cu", 4, 3, (),
            "nothing in training sums an array with reduce.cu: its versions are the lesson behind the reductions "
            "of the other kernels (python -m kernels.reduce)"),
-    Family("elementwise", "elementwise.cu", 2, 1, (1, 2)),
+    Family("elementwise", "elementwise.cu", 2, 2, (1, 2)),   # 2: predicted 92-98 % of copy bandwidth, v1's float16 55 %
     Family("gemm", "gemm.cu", 4, 3, (1, 2, 3),
            "version 4 multiplies float16 matrices on tensor cores; the linear layer and the im2col convolution "
            "multiply float32 ones"),
     Family("conv", "conv.cu", 5, 3, (1, 2, 3, 4, 5), f16=(4, 5), default_f16=5),
-    Family("batchnorm", "batchnorm.cu", 4, 3, (1, 2, 3, 4)),
-    Family("pool", "pool.cu", 3, 1, (1, 2, 3)),   # version 1 (atomics) measured 2.1x faster than 2 on an H100
+    Family("batchnorm", "batchnorm.cu", 4, 4, (1, 2, 3, 4)),   # 4: predicted 3-6x faster in float16 (bench/NOTES.md)
+    # version 1 (atomics) measured 2.1x faster than 2 on an H100; 3 predicted 1.9x faster than 1 (and
+    # 7x than 2 in float16), deterministic
+    Family("pool", "pool.cu", 3, 3, (1, 2, 3)),
     Family("cross_entropy", "cross_entropy.cu", 2, 2, (1, 2)),
-    Family("optimizer", "optimizer.cu", 3, 2, (2, 3),
+    Family("optimizer", "optimizer.cu", 3, 3, (2, 3),   # 3: the same update, the norms predicted 1.9x faster
            "version 1 is one launch per tensor with the learning rate as a kernel argument; nn.optim keeps every "
            "parameter in one flat buffer and the learning rate in device memory, which versions 2 and 3 update"),
-    Family("input", "input.cu", 3, 1, (1, 2, 3)),   # version 1 measured faster than 2 on an H100
+    # version 1 measured faster than 2 on an H100 (the model ordered them otherwise); 3 predicted 1.5x
+    # (float32) and 1.9x (float16) faster than 1, unmeasured
+    Family("input", "input.cu", 3, 3, (1, 2, 3)),
 )}
 
 TRAINING = tuple(name for name, f in FAMILIES.items() if f.training)

@@ -332,7 +332,7 @@ def conv_bn(conv, bn, x, relu=False, residual=None):
     """bn(conv(x), relu=relu, residual=residual): a convolution and the batch norm after it.
 
     In training (bn.training, no sync), when the batch norm in use takes its statistics from the
-    convolution (kernels.versions.bn_statistics_from_conv(): batch norm version 3, the default),
+    convolution (kernels.versions.bn_statistics_from_conv(): batch norm versions 3 and 4, 4 the default),
     the convolution also returns the batch-norm partials of its output and batch norm normalises
     with them: one read of the activation fewer.  `--kernels batchnorm=2` (use_kernels(batchnorm=2))
     turns that off; evaluation, synchronised BN and the backward are the same either way."""

@@ -55,3 +55,45 @@ def test_new_versions_train_to_the_same_losses(dtype):
     # float32: other summation orders and 1/std for /std move the last bits; float16: such a change
     # moves some activations by one float16 ulp (2^-11), as the fusion of batch norm's statistics does
     np.testing.assert_allclose(new, old, rtol=1e-5 if dtype is None else 5e-4)
+
+
+def test_the_step_table_counts_what_a_step_runs():
+    """bench/kernel_cases/step_fp16.py lists every memory-bound kernel of a float16 ResNet-50 step
+    with how often a step runs it: the tiny model (the same 53 batch norms, pools and classifier,
+    1/16 of the width) runs exactly those launches in one SGD step with the input normalised on the
+    device."""
+    from bench.kernel_cases import step_fp16
+    with nn.device.use_kernels(**NEW), trace.collect() as t:
+        model = nn.resnet50(num_classes=10, width=0.0625, seed=0, activation_dtype=np.float16).to("emu")
+        opt = nn.optim.SGD(model.named_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5)
+        rng = np.random.default_rng(0)
+        x = F.normalize_images(rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8), "emu", dtype=np.float16)
+        y = nn.device.emu.asarray(rng.integers(0, 10, 2).astype(np.int32))
+        loss = F.cross_entropy(model(x, layout="NHWC"), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ran = t.by_kernel()
+
+    def count(prefix):
+        return sum(n for k, n in ran.items() if k.startswith(prefix))
+
+    bns = {mode: sum(n for _shape, n in layers) for mode, layers in step_fp16.BATCH_NORMS.items()}
+    assert bns == {"relu": 33, "add_relu": 16, "plain": 4}
+    assert count("batchnorm_relu_apply_rows_") == bns["relu"]
+    assert count("batchnorm_add_relu_apply_rows_") == bns["add_relu"]
+    assert count("batchnorm_apply_rows_") == bns["plain"]
+    assert count("batchnorm_relu_backward_reduce_") == bns["relu"]
+    assert count("batchnorm_add_relu_backward_reduce_") == bns["add_relu"]
+    assert count("batchnorm_backward_reduce_f16") + count("batchnorm_backward_reduce_f32") == bns["plain"]
+    assert count("batchnorm_partials_reduce") == count("batchnorm_backward_reduce_finalize") == sum(bns.values())
+    cases = {c.name: c.notes["step"] for c in step_fp16.cases(np, "tiny")}   # a few shapes: the others alike
+    per_step = {}
+    for name, step in cases.items():
+        op = name.split(" [")[0].removeprefix("step: ")
+        per_step[op] = step["count"]
+    assert count("maxpool2d_backward_blocks_") == per_step["maxpool2d_backward f16"] == 1
+    assert count("global_avgpool_backward_f16") == per_step["global_avgpool_backward f16"] == 1
+    assert count("input_normalize_tiles_f16") == per_step["input_normalize u8->f16"] == 1
+    assert count("cast_f32_to_f16") == 2 and count("cast_f16_to_f32") == 1   # fc weight and bias; the logits
+    assert count("momentum_update_flat_f32") == per_step["momentum_update_flat"] == 1

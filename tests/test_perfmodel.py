@@ -162,7 +162,7 @@ def test_planning_records_the_gpu_launch_of_a_real_shape_without_running_it():
     assert sys.modules.get("cupy") is before                           # the real one (or none) is back
     assert isinstance(y, plan.PlanArray) and y.shape == x.shape
     kinds = [(o.kind, o.name) for o in p.operations]
-    assert kinds == [("launch", "relu_forward_f32"), ("memset", "memset"),
+    assert kinds == [("launch", "relu_forward_vec_f32"), ("memset", "memset"),   # elementwise's default, version 2
                      ("launch", "maxpool2d_backward_scatter_f32"), ("memset", "memset"), ("read", "read")]
     relu = p.operations[0]
     # a GPU's grid: blocks_for caps a grid-stride launch at 65535 blocks of 256 (the emulator's at 64)

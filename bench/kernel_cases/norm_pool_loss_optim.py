@@ -5,14 +5,18 @@ All of these are memory bound: `bytes` is the fewest bytes each op must move (ev
 once, every output written once; kernels/cases.py says it per op); our kernels sometimes read an
 input twice (batch norm reads x once for the statistics and once to normalise), which the
 achieved GB/s then shows.  Baselines are CuPy built-ins doing the same arithmetic (CuPy 14 has no
-cuDNN batch norm or pooling).  Every op runs the default version of its kernel file, except where
-a case names another.
+cuDNN batch norm or pooling).  A case whose name carries no version runs the version the first H100
+run measured under that name (MEASURED: the defaults of then), so that its prediction and that
+measurement stay comparable; the cases named "v<N>" run version N.
 """
 
 import numpy as np
 
 from bench.kernel_cases import lesson_case
 from kernels import cases as lesson
+
+# the versions behind the unversioned names of ../shared/gpu-runs/2026-12-06-h100/kernels.json
+MEASURED = {"batchnorm": 2, "pool": 2, "optimizer": 2, "input": 1}
 
 # Batch-norm activation shapes of ResNet-50 at batch 256 (NHWC): the stem, then the output of
 # each stage (BN + add + ReLU at the end of every bottleneck) and the stage's inner width.
@@ -49,19 +53,19 @@ def _bn_cases(xp, shape, note=""):
         return (c.gamma * invstd) * (g - db / x2.shape[0] - xhat * (dg / x2.shape[0])), dg, db
 
     return [
-        lesson_case(c, "batchnorm_forward_train", None, f"batchnorm_forward_train [{s}]", xp_forward,
+        lesson_case(c, "batchnorm_forward_train", MEASURED["batchnorm"], f"batchnorm_forward_train [{s}]", xp_forward,
                     f"{name} mean/var/normalise", key=key),
-        lesson_case(c, "batchnorm_relu_forward_train", None, f"batchnorm_relu_forward_train [{s}]",
+        lesson_case(c, "batchnorm_relu_forward_train", MEASURED["batchnorm"], f"batchnorm_relu_forward_train [{s}]",
                     lambda: xp_forward(relu=True), f"{name} + maximum", key=key),
-        lesson_case(c, "batchnorm_add_relu_forward_train", None, f"batchnorm_add_relu_forward_train [{s}]",
+        lesson_case(c, "batchnorm_add_relu_forward_train", MEASURED["batchnorm"], f"batchnorm_add_relu_forward_train [{s}]",
                     lambda: xp_forward(relu=True, residual=c.residual), f"{name} + add, maximum", key=key),
-        lesson_case(c, "batchnorm_forward_inference", None, f"batchnorm_forward_inference [{s}]",
+        lesson_case(c, "batchnorm_forward_inference", MEASURED["batchnorm"], f"batchnorm_forward_inference [{s}]",
                     lambda: (x2 - c.rm) * (c.gamma / xp.sqrt(c.rv + eps)) + c.beta, f"{name} elementwise", key=key),
-        lesson_case(c, "batchnorm_backward", None, f"batchnorm_backward [{s}]", xp_backward,
+        lesson_case(c, "batchnorm_backward", MEASURED["batchnorm"], f"batchnorm_backward [{s}]", xp_backward,
                     f"{name} sums + elementwise", key=key),
-        lesson_case(c, "batchnorm_relu_backward", None, f"batchnorm_relu_backward [{s}]",
+        lesson_case(c, "batchnorm_relu_backward", MEASURED["batchnorm"], f"batchnorm_relu_backward [{s}]",
                     lambda: xp_backward(relu=True), f"{name} where + sums", key=key),
-        lesson_case(c, "batchnorm_add_relu_backward", None, f"batchnorm_add_relu_backward [{s}]",
+        lesson_case(c, "batchnorm_add_relu_backward", MEASURED["batchnorm"], f"batchnorm_add_relu_backward [{s}]",
                     lambda: xp_backward(relu=True), f"{name} where + sums", key=key),
     ] + _bn_f16_cases(c, s, key)
 
@@ -94,7 +98,7 @@ def _pool_cases(xp, size):
                     lambda: c.run("maxpool2d_backward", 1, {}), "our v1 scatter + atomicAdd"),
         lesson_case(a, "global_avgpool_forward", None, f"global_avgpool_forward [{a_s}]",
                     lambda: a.x.mean(axis=(1, 2)), f"{xp.__name__} mean"),
-        lesson_case(a, "global_avgpool_backward", None, f"global_avgpool_backward [{a_s}]",
+        lesson_case(a, "global_avgpool_backward", MEASURED["pool"], f"global_avgpool_backward [{a_s}]",
                     lambda: xp.broadcast_to((a.dyavg / HW)[:, None, None, :], a_shape).copy(),
                     f"{xp.__name__} broadcast copy"),
         # version 3: 2x2 blocks of pixels in 16-byte vectors; float16 (a mixed-precision step's: version 1
@@ -166,9 +170,9 @@ def _optimizer_cases(xp, size):
         lesson_case(c, "momentum update", 2, f"momentum_update_flat v2 [{label}]", xp_sgd,
                     f"{name} elementwise (unfused)"),
         lesson_case(c, "momentum update", 1, f"sgd_momentum_update v1, per tensor [{label}]"),
-        lesson_case(c, "lars_trust_ratio_flat", None, f"lars_trust_ratio_flat [{label}]", xp_lars,
+        lesson_case(c, "lars_trust_ratio_flat", MEASURED["optimizer"], f"lars_trust_ratio_flat [{label}]", xp_lars,
                     f"{name}.linalg.norm per tensor"),
-        lesson_case(c, "global_grad_norm", None, f"global_grad_norm [{label}]", lambda: float(xp.linalg.norm(g)),
+        lesson_case(c, "global_grad_norm", MEASURED["optimizer"], f"global_grad_norm [{label}]", lambda: float(xp.linalg.norm(g)),
                     f"{name}.linalg.norm"),
         # version 3: the norms in float4 vectors, four loads in flight a thread
         lesson_case(c, "lars_trust_ratio_flat", 3, f"lars_trust_ratio_flat v3 [{label}]", xp_lars,
@@ -188,7 +192,7 @@ def _input_cases(xp, size):
         lesson_case(c, "input_normalize u8->f32", 2, f"input_normalize u8->f32 v2 vec4 [{s}]",
                     lambda: c.images.astype(np.float32) - mean, f"{name} astype - mean"),
         lesson_case(c, "input_normalize u8->f32", 1, f"input_normalize u8->f32 v1 scalar [{s}]"),
-        lesson_case(c, "input_normalize u8->f16", None, f"input_normalize u8->f16 [{s}]",
+        lesson_case(c, "input_normalize u8->f16", MEASURED["input"], f"input_normalize u8->f16 [{s}]",
                     lambda: (c.images.astype(np.float32) - mean).astype(np.float16),
                     f"{name} astype - mean, astype"),
         # version 3: 16-byte loads through shared memory, 16-byte stores, float32 and float16

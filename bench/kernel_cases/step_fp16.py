@@ -66,32 +66,34 @@ def cases(xp, size):
             if shape not in bn_cases:
                 bn_cases[shape] = lesson.make("batchnorm", xp, shape)
             c = bn_cases[shape]
-            s = "x".join(map(str, (256, H, W, C)))
+            s = "x".join(map(str, shape))
             for version, when in _versions("batchnorm"):
                 fwd = _FORWARD[mode] + " from conv stats f16"
-                out.append(_step_case(c, fwd, version, f"{fwd} [{s}]", "batchnorm", count, when, ("C", C)))
+                out.append(_step_case(c, fwd, version, f"{fwd} [{s}]", "batchnorm forward", count, when, ("C", C)))
                 bwd = _BACKWARD[mode] + " f16"
-                out.append(_step_case(c, bwd, version, f"{bwd} [{s}]", "batchnorm", count, when, ("C", C)))
+                out.append(_step_case(c, bwd, version, f"{bwd} [{s}]", "batchnorm backward", count, when, ("C", C)))
     pool_shape = {"resnet50": (256, 112, 112, 64), "profile": (1, 112, 112, 64)}.get(size, (2, 9, 9, 16))
     avg_shape = {"resnet50": (256, 7, 7, 2048), "profile": (8, 7, 7, 2048)}.get(size, (2, 3, 3, 64))
     p = lesson.make("pool", xp, pool_shape + (3, 2, 1))
     a = lesson.make("pool", xp, avg_shape + (1, 1, 0))
+    p_s, a_s = "x".join(map(str, pool_shape)), "x".join(map(str, avg_shape))
     for version, when in _versions("pool"):
-        out.append(_step_case(p, "maxpool2d_backward f16", version, "maxpool2d_backward f16 [256x112x112x64]", "pool",
+        out.append(_step_case(p, "maxpool2d_backward f16", version, f"maxpool2d_backward f16 [{p_s}]", "pool", 1, when))
+        out.append(_step_case(a, "global_avgpool_backward f16", version, f"global_avgpool_backward f16 [{a_s}]", "pool",
                               1, when))
-        out.append(_step_case(a, "global_avgpool_backward f16", version, "global_avgpool_backward f16 [256x7x7x2048]",
-                              "pool", 1, when))
     image = {"resnet50": (256, 224, 224), "profile": (2, 224, 224)}.get(size, (2, 16, 16))
     i = lesson.make("input", xp, image)
+    i_s = "x".join(map(str, image + (3,)))
     for version, when in _versions("input"):
-        out.append(_step_case(i, "input_normalize u8->f16", version, "input_normalize u8->f16 [256x224x224x3]",
-                              "input", 1, when))
+        out.append(_step_case(i, "input_normalize u8->f16", version, f"input_normalize u8->f16 [{i_s}]", "input", 1,
+                              when))
     # the classifier: its float32 weight [1000, 2048] and bias [1000] cast to float16, its logits
     # [256, 1000] back to float32 for the loss
     for n, op, count in ((2048 * 1000, "cast f32->f16", 1), (1000, "cast f32->f16", 1), (256 * 1000, "cast f16->f32", 1)):
-        e = lesson.make("elementwise", xp, (n if size in ("resnet50", "profile") else min(n, 4099),))
+        shown = n if size in ("resnet50", "profile") else min(n, 4099)
+        e = lesson.make("elementwise", xp, (shown,))
         for version, when in _versions("elementwise"):
-            out.append(_step_case(e, op, version, f"{op} [{n}]", "elementwise", count, when, ("n", n)))
+            out.append(_step_case(e, op, version, f"{op} [{shown}]", "elementwise", count, when, ("n", n)))
     o = lesson.make("optimizer", xp, {"resnet50": (161, 1), "profile": (161, 16)}.get(size, (12, 64)))
     for version, when in _versions("optimizer"):
         out.append(_step_case(o, "momentum update", version, "momentum_update_flat [25.6M params]", "optimizer", 1,
