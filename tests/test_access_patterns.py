@@ -68,6 +68,25 @@ EXCEPTIONS = {
         "ld": 60.0, "why": "a thread's 8 channels of argmax are 32 bytes, two int4 loads: each request's lanes "
                            "sit 32 bytes apart and use half of its sectors, the next request the other half "
                            "(from L1); dy's 16-byte vectors use all of theirs"},
+    **{("batchnorm", op + " f16", version): {
+        "ld": floor, "why": "versions 1-3's float16 passes (*_f16x8) load each thread's 8 channels of per-channel "
+                            "numbers one float at a time, lanes 32 bytes apart (12 % of each request's sectors), "
+                            "for one or two 16-byte vectors of data; version 2's sums read 2-byte values.  "
+                            "Version 4 is the fix (bench/NOTES.md, 'Every byte once')"}
+       for op, version, floor in (("batchnorm_backward", 2, 29.0), ("batchnorm_relu_backward", 2, 34.0),
+                                  ("batchnorm_add_relu_backward", 2, 34.0),
+                                  ("batchnorm_forward_train from conv stats", 3, 20.0),
+                                  ("batchnorm_relu_forward_train from conv stats", 3, 20.0),
+                                  ("batchnorm_add_relu_forward_train from conv stats", 3, 24.0))},
+    **{("batchnorm", op + " f16", 4): {
+        "ld": floor, "why": "a thread's 8 channels of per-channel numbers are two float4 loads 32 bytes apart (each "
+                            "request uses half of its sectors, the next the other half, from L1); at this shape a "
+                            "thread has one or two rows, so they are a third of the bytes; at ResNet-50's (8 rows a "
+                            "thread) a few percent"}
+       for op, floor in (("batchnorm_forward_train from conv stats", 63.0),
+                         ("batchnorm_relu_forward_train from conv stats", 63.0),
+                         ("batchnorm_add_relu_forward_train from conv stats", 69.0), ("batchnorm_backward", 72.0),
+                         ("batchnorm_relu_backward", 75.0), ("batchnorm_add_relu_backward", 75.0))},
     ("pool", "maxpool2d_backward", 2): {
         "ld": 68.0, "why": "the gather reads dy only where argmax names this pixel: about half of the lanes of "
                            "each request, so the sectors it moves are half used"},
