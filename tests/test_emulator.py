@@ -633,9 +633,10 @@ def test_gdb_mode_names_sources_by_absolute_path(monkeypatch, tmp_path):
 
 GDB_DEMO = """
 import numpy as np
-from kernels import elementwise
+from kernels import elementwise, versions
 x = np.linspace(-1, 1, 1000, dtype=np.float32)
-print("relu sum", float(elementwise.relu_forward(x).sum()))
+with versions.use(elementwise=1):   # one element per loop iteration (version 2 moves 16-byte vectors)
+    print("relu sum", float(elementwise.relu_forward(x).sum()))
 """
 
 
