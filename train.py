@@ -965,13 +965,15 @@ class Diverged(Exception):
 
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (what schedulers and `docker stop` send) while training: the
-    first one lets the step finish, a checkpoint is written and the run exits 130 / 143; a second
-    one aborts at once (the last checkpoint stays intact)."""
+    first one lets the step finish (or ends a wait for a batch, or an evaluation, at once), a
+    checkpoint is written and the run exits 130 / 143; a second one aborts at once (the last
+    checkpoint stays intact)."""
 
     CODES = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
 
     class WaitInterrupted(Exception):
-        """The first signal came while the run waited for a training batch: stop before the step."""
+        """The first signal came while the run waited for a training batch (stop before the step)
+        or evaluated (stop before the evaluation)."""
 
     def __init__(self):
         self.signum = None
@@ -979,9 +981,10 @@ class StopSignals:
 
     @contextlib.contextmanager
     def waiting(self):
-        """Around a wait for the next training batch: the first signal ends the wait at once (it
-        raises WaitInterrupted), so that a loader worker that never answers (stopped, or on a hung
-        file system) cannot make a Ctrl-C wait for a batch that may never come."""
+        """Around a wait for the next training batch, and around an evaluation: the first signal
+        ends it at once (it raises WaitInterrupted), so that a loader worker that never answers
+        (stopped, or on a hung file system) cannot make a Ctrl-C wait for a batch that may never
+        come, and a Ctrl-C does not wait for the whole validation set."""
         self._waiting = True
         try:
             yield
@@ -1323,7 +1326,8 @@ class Trainer:
         if (pos.epoch + 1) % cfg["eval_every"] == 0 or pos.epoch + 1 == cfg["epochs"]:
             mlog.start(c.EVAL_START, epoch_num=pos.epoch + 1)
             t_eval = time.time()
-            top1, top5 = self.evaluate()
+            with self.stop.waiting() if self.world == 1 else contextlib.nullcontext():
+                top1, top5 = self.evaluate()   # a signal ends it at once: see train()
             self.phases.mark("evaluation")
             record.update(top1=top1, top5=top5, eval_seconds=time.time() - t_eval)
             mlog.end(c.EVAL_STOP, epoch_num=pos.epoch + 1)
@@ -1399,7 +1403,14 @@ class Trainer:
                 self.save("checkpoint_last.npz")
                 self.comm.barrier()
                 return self._stopped(), c.ABORTED
-            if self.end_of_epoch(train_loss, seen, train_time):
+            try:
+                reached = self.end_of_epoch(train_loss, seen, train_time)
+            except StopSignals.WaitInterrupted:
+                # a signal during the evaluation: the epoch is trained, not evaluated; the resumed
+                # run evaluates it first (its position is the end of this epoch)
+                self.save("checkpoint_last.npz")
+                return self._stopped(), c.ABORTED
+            if reached:
                 _say(f"target top-1 {cfg['target_accuracy']} reached after {pos.epoch} epochs, "
                      f"{time.time() - self.t_run:.1f}s of training")
                 return EXIT_OK, c.SUCCESS

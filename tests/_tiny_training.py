@@ -1,5 +1,8 @@
-"""A few training steps of the tiny ResNet-50 on the emulator, with chosen kernel versions: what
-tests/test_kernel_choice.py and the exercises' checks (tests/test_learn.py) compare."""
+"""A few training steps of the tiny ResNet-50 with chosen kernel versions: what
+tests/test_kernel_choice.py, tests/test_conv_bn_fusion.py and the exercises' checks
+(tests/test_learn.py) compare."""
+
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -8,18 +11,21 @@ from kernels.runtime import trace
 from nn import functional as F
 
 
-def train_tiny(steps=3, **choice):
-    """Losses of `steps` SGD steps of the tiny ResNet-50 (width 1/16, 10 classes) on one fixed
-    batch of 8 random 32x32 images, on the emulator with nn.device.use_kernels(**choice), and the
-    trace of its launches.  zero_init_residual: the tiny model's default initialisation is so
+def run_tiny(steps=3, device="emu", dtype=None, **choice):
+    """`steps` SGD steps of the tiny ResNet-50 (width 1/16, 10 classes) on one fixed batch of 8
+    random 32x32 images, on `device` with nn.device.use_kernels(**choice), activations in `dtype`
+    (None: float32).  zero_init_residual: the tiny model's default initialisation is so
     ill-conditioned that rounding-level differences grow to 1e-3 in a step; this one trains
-    smoothly, so any two correct versions agree to float32 rounding (rtol 1e-5)."""
+    smoothly, so any two correct versions agree to float32 rounding (rtol 1e-5).
+    Returns .losses (array), .trace (the launches), .model and its batch .x."""
     with nn.device.use_kernels(**choice), trace.collect() as t:
-        model = nn.resnet50(num_classes=10, width=0.0625, seed=0, zero_init_residual=True).to("emu")
+        model = nn.resnet50(num_classes=10, width=0.0625, seed=0, zero_init_residual=True,
+                            activation_dtype=dtype).to(device)
         opt = nn.optim.SGD(model.named_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5)
         rng = np.random.default_rng(0)
-        x = nn.device.emu.asarray(rng.standard_normal((8, 32, 32, 3), dtype=np.float32))
-        y = nn.device.emu.asarray(rng.integers(0, 10, 8).astype(np.int32))
+        dev = nn.device.get_device(device)
+        x = dev.asarray(rng.standard_normal((8, 32, 32, 3), dtype=np.float32))
+        y = dev.asarray(rng.integers(0, 10, 8).astype(np.int32))
         losses = []
         for _ in range(steps):
             loss = F.cross_entropy(model(x, layout="NHWC"), y)
@@ -27,4 +33,10 @@ def train_tiny(steps=3, **choice):
             loss.backward()
             opt.step()
             losses.append(float(nn.device.to_numpy(loss.data)))
-    return np.array(losses), t
+    return SimpleNamespace(losses=np.array(losses), trace=t, model=model, x=x)
+
+
+def train_tiny(steps=3, **choice):
+    """(losses, trace) of run_tiny on the emulator."""
+    run = run_tiny(steps, **choice)
+    return run.losses, run.trace

@@ -121,3 +121,81 @@ def mpiexec():
         pytest.skip("no mpiexec (pip install -e '.[test]' brings the mpich wheel)")
     pytest.importorskip("mpi4py")
     return path
+
+
+# ---- whole suites in a subprocess, started early -------------------------------------------------
+# Two tests run a whole test suite in a subprocess: the kernel tests under the emulator's four
+# checks, and the GPU tests on the simulated GPU. Each keeps one core busy for minutes. A test
+# marked `@pytest.mark.early(command=f)` has its subprocess started as soon as collection knows it
+# will run (after -k/-m selection), so it uses the second core while the rest of the suite runs;
+# the test then only waits for it through the `early_run` fixture. `f(folder)` returns
+# (argv, env) to run, with `folder` a fresh directory for the subprocess's files, or a string:
+# the reason to skip. Nothing runs early for a test that is not selected.
+
+class EarlyRun:
+    """A started subprocess of an `early` test; `result()` waits for it."""
+
+    def __init__(self, argv, env, folder, timeout):
+        self.folder, self.timeout = folder, timeout
+        self._out = open(folder / "stdout.txt", "w+")
+        self._err = open(folder / "stderr.txt", "w+")
+        import subprocess
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._out, stderr=self._err, text=True)
+
+    def result(self):
+        """(returncode, stdout, stderr) once the subprocess has ended; kills it at the time limit."""
+        import subprocess
+        try:
+            self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{' '.join(self.proc.args[:6])} ... ran past its {self.timeout} s")
+        self._out.seek(0)
+        self._err.seek(0)
+        return self.proc.returncode, self._out.read(), self._err.read()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_EARLY = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "early(command=f, timeout=1800): the test's subprocess starts as soon as "
+                                       "the session is collected (tests/conftest.py)")
+
+
+@pytest.hookimpl(trylast=True)   # after -k / -m have deselected what will not run
+def pytest_collection_modifyitems(session, config, items):
+    import tempfile
+    for item in items:
+        mark = item.get_closest_marker("early")
+        if mark is None or config.option.collectonly:
+            continue
+        folder = Path(tempfile.mkdtemp(prefix="early-"))
+        what = mark.kwargs["command"](folder)   # a keyword: pytest.mark.early(f) would mark f itself
+        _EARLY[item.nodeid] = what if isinstance(what, str) else EarlyRun(*what, folder,
+                                                                              mark.kwargs.get("timeout", 1800))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for run in _EARLY.values():      # a session stopped early (-x, Ctrl-C) leaves nothing running
+        if isinstance(run, EarlyRun):
+            run.kill()
+            run._out.close()
+            run._err.close()
+            shutil.rmtree(run.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def early_run(request):
+    """The finished subprocess of this `early` test: (returncode, stdout, stderr, folder)."""
+    run = _EARLY.get(request.node.nodeid)
+    if run is None:
+        pytest.fail("early_run needs @pytest.mark.early(command=f)")
+    if isinstance(run, str):
+        pytest.skip(run)
+    return (*run.result(), run.folder)

@@ -10,7 +10,7 @@ import pytest
 
 import nn
 from kernels.runtime import trace
-from nn import functional as F
+from tests._tiny_training import run_tiny
 
 FUSED = {"conv2d_fwd_igemm_stats_f32", "conv2d_fwd_wmma_async_stats_f16", "batchnorm_partials_reduce",
          "batchnorm_partials_finalize"}
@@ -19,27 +19,13 @@ UNFUSED = {"conv2d_fwd_igemm_f32", "conv2d_fwd_wmma_async_f16", "batchnorm_stats
 
 
 def train(device="emu", dtype=None, steps=3, **choice):
-    """Losses of `steps` SGD steps of the tiny ResNet-50 (width 1/16, 10 classes, zero_init_residual:
-    see tests/_tiny_training.py) on one batch of 8 random 32x32 images, with
-    nn.device.use_kernels(**choice); activations in `dtype` (None: float32); the kernels it ran."""
-    with nn.device.use_kernels(**choice), trace.collect() as t:
-        model = nn.resnet50(num_classes=10, width=0.0625, seed=0, zero_init_residual=True,
-                            activation_dtype=dtype).to(device)
-        opt = nn.optim.SGD(model.named_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5)
-        rng = np.random.default_rng(0)
-        dev = nn.device.get_device(device)
-        x = dev.asarray(rng.standard_normal((8, 32, 32, 3), dtype=np.float32))
-        y = dev.asarray(rng.integers(0, 10, 8).astype(np.int32))
-        losses = []
-        for _ in range(steps):
-            loss = F.cross_entropy(model(x, layout="NHWC"), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(nn.device.to_numpy(loss.data)))
-        model.eval()
-        logits = nn.device.to_numpy(model(x, layout="NHWC").data)
-    return np.array(losses), logits, set(t.by_kernel()), model
+    """tests/_tiny_training.py's run, then the model's logits in evaluation mode: (losses,
+    logits, the kernels it ran, the model)."""
+    run = run_tiny(steps, device, dtype, **choice)
+    with nn.device.use_kernels(**choice):
+        run.model.eval()
+        logits = nn.device.to_numpy(run.model(run.x, layout="NHWC").data)
+    return run.losses, logits, set(run.trace.by_kernel()), run.model
 
 
 @pytest.mark.parametrize("dtype", [None, np.float16], ids=["fp32", "fp16"])

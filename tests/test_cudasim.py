@@ -334,27 +334,30 @@ def test_train_py_says_the_gpu_is_simulated_in_its_log(tiny_data, tmp_path):
     assert '"submission_platform", "value": "1xNVIDIA H100 80GB HBM3 (simulated)"' in log
 
 
+def _simulated_gpu_suite(folder):
+    from tests.conftest import CUDASIM, gpu_available
+    if CUDASIM:
+        return "this run is on the simulated GPU already"
+    ok, why = gpu_available()
+    if ok:
+        return f"a GPU is here ({why}): this run executes the GPU tests on it"
+    return ([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+             f"--basetemp={folder / 'tmp'}", f"--junitxml={folder / 'gpu-tests.xml'}"],
+            dict(os.environ, KERNELS_CUDASIM="1"))
+
+
 @pytest.mark.slow
-def test_the_gpu_tests_pass_on_the_simulated_gpu(tmp_path):
+@pytest.mark.early(command=_simulated_gpu_suite, timeout=1800)
+def test_the_gpu_tests_pass_on_the_simulated_gpu(early_run):
     """Every GPU test, on the CPU: `KERNELS_CUDASIM=1 python -m pytest -m gpu` in a subprocess, so that
     the one test command (README.md, .ci/run) runs them where there is no GPU. At least 90 % of them
     run (the rest need real hardware: the cuDNN engine), and all of those pass."""
-    from tests.conftest import CUDASIM, gpu_available
-    if CUDASIM:
-        pytest.skip("this run is on the simulated GPU already")
-    ok, why = gpu_available()
-    if ok:
-        pytest.skip(f"a GPU is here ({why}): this run executes the GPU tests on it")
     import xml.etree.ElementTree as ET
-    report = tmp_path / "gpu-tests.xml"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                           f"--basetemp={tmp_path / 'tmp'}", f"--junitxml={report}"],
-                          cwd=ROOT, env=dict(os.environ, KERNELS_CUDASIM="1"), capture_output=True, text=True,
-                          timeout=1800)
-    tail = "\n".join(line for line in proc.stdout.splitlines() if ":::MLLOG" not in line)[-6000:] + proc.stderr[-2000:]
-    suite = ET.parse(report).getroot()
+    returncode, stdout, stderr, folder = early_run
+    tail = "\n".join(line for line in stdout.splitlines() if ":::MLLOG" not in line)[-6000:] + stderr[-2000:]
+    suite = ET.parse(folder / "gpu-tests.xml").getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
     total, skipped = int(suite.get("tests")), int(suite.get("skipped"))
     failed = int(suite.get("failures")) + int(suite.get("errors"))
-    assert proc.returncode == 0 and failed == 0, tail
+    assert returncode == 0 and failed == 0, tail
     assert total > 0 and total - skipped >= 0.9 * total, f"{total - skipped} of {total} GPU tests ran\n{tail}"

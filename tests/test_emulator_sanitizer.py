@@ -628,17 +628,22 @@ def test_async_copy_lands_at_the_wait_without_the_sanitizer():
 
 
 # ------------------------------------------------------------------------------ our kernels, sanitized, in CI
-@pytest.mark.slow
-def test_kernel_suite_passes_under_all_four_checks():
+def _sanitized_kernel_suite(folder):
     # The whole tests/test_kernels_*.py on the emulator with every check on and the random
     # schedule (fixed seed: a failure is reproducible); ~2x the plain time (see README).
     env = dict(os.environ, KERNELS_EMU_SANITIZE="all", KERNELS_EMU_SCHEDULE="random:1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_kernels_*.py"))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert re.search(r"\d+ passed", proc.stdout)
+    return [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"--basetemp={folder / 'tmp'}",
+            *files], env
+
+
+@pytest.mark.slow
+@pytest.mark.early(command=_sanitized_kernel_suite, timeout=1800)
+def test_kernel_suite_passes_under_all_four_checks(early_run):
+    returncode, stdout, stderr, _ = early_run
+    assert returncode == 0, stdout[-6000:] + stderr[-2000:]
+    assert re.search(r"\d+ passed", stdout)
 
 
 def test_bench_emulator_runs_and_reports_every_mode(tmp_path, capsys):

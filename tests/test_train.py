@@ -225,6 +225,48 @@ def test_one_ctrl_c_ends_the_wait_for_a_worker_that_never_answers(tiny_data, ref
     assert_identical(weights(out), weights(reference_run))
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_one_ctrl_c_stops_an_evaluation_and_the_resumed_run_evaluates_first(tiny_data, reference_run, tmp_path):
+    """A signal during an evaluation (here: its loader worker stopped, so it waits forever) ends it
+    at once; the checkpoint holds the trained, unevaluated epoch, and the resumed run evaluates it
+    first and goes on as the uninterrupted run did, bit for bit, one metrics line per epoch."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *map(str, ["--data", tiny_data, *TINY, "--workers", "1", "--epochs", 3,
+                                        "--target-accuracy", 1.0, "--out", out])],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stopped = []
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        # the validation loader's worker: started after the training loader's, at the first evaluation
+        workers = sorted(w for server in _children(proc.pid) for w in _children(server))
+        assert len(workers) == 2, workers
+        stopped = workers[-1:]
+        os.kill(stopped[0], signal.SIGSTOP)
+        if proc.poll() is not None:
+            pytest.skip("the run finished before its worker could be stopped")
+        _wait_until_idle(proc.pid, quiet=1.0)   # epoch 2 trained; its evaluation waits
+        proc.send_signal(signal.SIGINT)         # once
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
+    with np.load(out / "checkpoint_last.npz") as ck:
+        assert (int(ck["extra/epoch"]), int(ck["extra/batch"]), int(ck["extra/step"])) == (1, 12, 24)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert run_main(["--resume", out]) == train.EXIT_NOT_REACHED
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert_identical(weights(out), weights(reference_run))
+
+
 def test_corrupt_record_is_logged_replaced_and_the_run_goes_on(tiny_data, tmp_path):
     import lmdb
     import shutil
