@@ -29,8 +29,10 @@ It installs nothing: it needs CuPy (for your CUDA version: pip install -e ".[gpu
 ".[gpu-cuda13]"); PyTorch is optional (the compare stage then says "skipped").
 
     python -m bench.gpu_check --out gpu_check_out
-    python -m bench.gpu_check --cpu --out /tmp/check       # no GPU: the same stages at tiny sizes
-                                                           # on the emulator and the cpu device
+    python -m bench.gpu_check --cpu --out /tmp/check       # no GPU: the same stages at tiny sizes on
+                                                           # the simulated GPU (KERNELS_CUDASIM=1: the
+                                                           # cuda code paths, kernels on the emulator),
+                                                           # the emulator and the cpu device
 
 Exit code 0 when every stage that ran passed (skipped stages do not count), 2 after a setup
 error, 1 otherwise.
@@ -83,15 +85,15 @@ def stage_plan(cpu, out, pytest_args, jobs=None):
         return [
             ("env", _py("-m", "bench.gpu_check", "--print-env"), 30, "env.json"),
             ("compile", _py("-m", "bench.gpu_check", "--compile-kernels", "emu", "--jobs", str(jobs)), 240, None),
-            ("pytest", _py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *pytest_args), 60, None),
-            ("train", _py("-m", "bench.train", "--size", "tiny", "--device", "cpu", "emu", "--json",
-                          j("train.json")), 60, "train.json"),
+            ("pytest", _py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *pytest_args), 300, None),
+            ("train", _py("-m", "bench.train", "--size", "tiny", "--device", "cpu", "emu", "cuda", "--configs",
+                          "fp32-ours", "amp-ours", "--json", j("train.json")), 90, "train.json"),
             ("kernels", _py("-m", "bench.kernels", "--size", "tiny", "--groups", "elementwise", "reduce",
                             "--repeat", "1", "--json", j("kernels.json")), 60, "kernels.json"),
             ("compare", _py("-m", "bench.compare_torch", "--size", "tiny", "--device", "cpu", "--rounds", "2",
                             "--json", j("compare_torch.json")), 60, "compare_torch.json"),
-            ("graph", _py("-m", "bench.train", "--size", "tiny", "--device", "emu", "--configs", "fp32-ours",
-                          "--json", j("train_graph.json")), 60, "train_graph.json"),
+            ("graph", _py("-m", "bench.train", "--size", "tiny", "--device", "cuda", "--configs", "fp32-ours",
+                          "amp-ours", "--cuda-graph", "--json", j("train_graph.json")), 90, "train_graph.json"),
             ("converge", _py("-m", "bench.train", "--converge", "30", "--device", "cpu", "--size", "tiny",
                              "--json", j("converge.json")), 60, "converge.json"),
             ("launch", _py("-m", "bench.launch", "--no-gpu", "--count", "1000", "--repeat", "2", "--json",
@@ -399,8 +401,8 @@ def _has_gpu():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_check_out", help="folder for logs and JSON (created)")
-    p.add_argument("--cpu", action="store_true", help="tiny sizes on the emulator and the cpu device "
-                                                      "(automatic when no GPU is seen)")
+    p.add_argument("--cpu", action="store_true", help="tiny sizes on the simulated GPU, the emulator and the "
+                                                      "cpu device (automatic when no GPU is seen)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages together (480)")
     p.add_argument("--stages", nargs="+", help="run only these stages (env compile pytest train kernels compare "
                                                "graph converge launch)")
@@ -430,6 +432,8 @@ def main(argv=None):
               "\".[gpu-cuda13]\" for CUDA 13); running the CPU mode at tiny sizes", flush=True)
         cpu = True
     env = dict(os.environ)
+    if cpu:   # the GPU's stages on the simulated GPU: the same cuda code paths, checked before a GPU's minutes
+        env["KERNELS_CUDASIM"] = "1"
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["GPU_CHECK_ENV_JSON"] = str(out / "env.json")
     env.setdefault("PYTHONUNBUFFERED", "1")

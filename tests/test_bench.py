@@ -281,6 +281,10 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
         assert (out / name).exists(), name
     assert json.loads((out / "converge.json").read_text())["passed"]
     assert proc.stdout.rstrip().splitlines()[-1].startswith("launch")    # the summary table comes last
+    # the GPU's stages ran on the simulated GPU: the cuda device, eager and captured as a graph
+    assert "(simulated)" in stages["env"]["summary"]
+    assert "cuda fp32-ours" in stages["train"]["summary"] and "cuda fp32-ours+graph" in stages["graph"]["summary"]
+    assert " passed" in stages["pytest"]["summary"]
 
 
 @pytest.mark.slow
