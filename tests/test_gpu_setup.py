@@ -635,8 +635,8 @@ def test_bench_kernels_stops_at_the_first_setup_error(monkeypatch, capsys):
     import bench
     from bench import kernels as bk
     timed = []
-    monkeypatch.setattr(bk, "measure_ceilings", lambda xp, repeat: {"copy_bytes_per_s": 1.0, "matmul_flops_per_s": 1.0,
-                                                                    "matmul_fp16_flops_per_s": None})
+    monkeypatch.setattr(bk, "measure_ceilings", lambda xp, repeat, size="resnet50": {
+        "copy_bytes_per_s": 1.0, "matmul_flops_per_s": 1.0, "matmul_fp16_flops_per_s": None})
 
     def time_it(fn, xp, repeat, warmup=2):
         timed.append(fn)
