@@ -40,6 +40,19 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx of conv2d_forward: dy [N, P, Q, K], w [K, C, R, S] -> dx of shape x_shape (N, H, W, C)."""
 
 
+def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean):
+    """(g, part): the backward data pass of a convolution whose input a = relu(batchnorm(bn_x)) (a
+    training-mode batch norm with batch mean bn_mean, then a ReLU), with the first half of that
+    batch norm's backward in its epilogue:
+        da = conv2d_backward_data(dy, w, x_shape, stride, padding)
+        g  = da where a > 0, else 0     (the ReLU's backward; like dy, x_shape)
+        part [2, B, C] float32 (or wider): for each block b of g's rows (pixels) and channel c,
+             part[0, b, c] = sum g,  part[1, b, c] = sum g * (bn_x - bn_mean[c])
+    summed over the block's rows, from g as stored.  How the rows are split into blocks is the
+    implementation's (our kernels: the convolution's 64-row tiles; the reference: one block).
+    batchnorm_backward_from_partials(g, bn_x, ...) finishes the batch norm's backward."""
+
+
 def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):
     """dw of conv2d_forward: x [N, H, W, C], dy [N, P, Q, K] -> dw of shape w_shape (K, C, R, S), in
     `dtype` (None: x's; float32 for the float32 master weight of float16 activations)."""
@@ -104,6 +117,19 @@ def batchnorm_add_relu_forward_train(x, residual, gamma, beta, running_mean, run
 
 def batchnorm_add_relu_backward(dy, y, x, gamma, saved_mean, saved_invstd):
     """(dx, dgamma, dbeta, dresidual) of batchnorm_add_relu_forward_train."""
+
+
+def batchnorm_relu_grad_partials(dy, y, x, saved_mean):
+    """(g, part) of conv2d_backward_data_relu_bn from dy = da: g = dy where y > 0, else 0, and
+    part [2, B, C] = per block of rows, [sum g, sum g * (x - saved_mean)] (the way to them when the
+    convolution has no such epilogue: one more read of dy, y and x)."""
+
+
+def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part):
+    """(dx, dgamma, dbeta) of a training-mode batch norm from its output's gradient g (after the
+    ReLU's mask, if any) and part [2, B, C] of conv2d_backward_data_relu_bn: dbeta = sum_b part[0],
+    dgamma = invstd * sum_b part[1], dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M):
+    one read of g and x, one write of dx."""
 
 
 def batchnorm_partial_stats(x, shift):

@@ -28,13 +28,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .optimizer import ParamSegments
 
 __all__ = [
-    "conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_weight", "conv_weight",
-    "linear_forward", "linear_backward",
+    "conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_data_relu_bn",
+    "conv2d_backward_weight", "conv_weight", "linear_forward", "linear_backward",
     "batchnorm_forward_train", "batchnorm_forward_train_from_stats", "batchnorm_forward_inference",
     "batchnorm_backward",
     "batchnorm_relu_forward_train", "batchnorm_relu_backward",
     "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward",
     "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt",
+    "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
     "relu_forward", "relu_backward", "add", "add_relu_forward",
     "maxpool2d_forward", "maxpool2d_backward",
     "global_avgpool_forward", "global_avgpool_backward",
@@ -156,6 +157,15 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
             # tap (r, s) of output pixel (p, q) read padded input pixel (p*stride + r, q*stride + s)
             dxp[:, r:r + stride * P:stride, s:s + stride * Q:stride] += dcols[:, :, :, r, s]
     return dxp[:, padding:padding + H, padding:padding + W]
+
+
+def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean):
+    """(g, part): g = conv2d_backward_data(...) where a > 0, else 0, and the batch-norm backward's
+    partial sums of g over all its rows as one block, part [2, 1, C] (statistics dtype): [sum g,
+    sum g * (bn_x - bn_mean)] (batchnorm_relu_grad_partials).  a: the convolution's input, the
+    output of relu(batchnorm(bn_x)) with batch mean bn_mean; a, bn_x: shape x_shape."""
+    da = conv2d_backward_data(dy, w, x_shape, stride, padding)
+    return batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
 
 
 def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):
@@ -494,6 +504,40 @@ def batchnorm_backward_elemt(dy, x, gamma, saved_mean, saved_invstd, sums, count
     xhat = (_as_rows(x).astype(sd, copy=False) - saved_mean) * saved_invstd
     dx = (gamma * saved_invstd) * (_as_rows(dy).astype(sd, copy=False) - sums[0] / count - xhat * (sums[1] / count))
     return dx.astype(dy.dtype, copy=False).reshape(x.shape)
+
+
+def batchnorm_relu_grad_partials(dy, y, x, saved_mean):
+    """(g, part): g = dy where y > 0, else 0 (like dy), and part [2, 1, C] in the statistics dtype:
+    one block of all rows, part[0] = sum g, part[1] = sum g * (x - saved_mean), from g as stored."""
+    _check_channels(x, saved_mean=saved_mean)
+    if not dy.shape == y.shape == x.shape:
+        raise ValueError(f"batchnorm_relu_grad_partials: dy {dy.shape}, y {y.shape} and x {x.shape} must have "
+                         f"one shape")
+    g = np.where(y > 0, dy, np.zeros((), dtype=dy.dtype))
+    sd = _stat_dtype(x.dtype)
+    g_rows = _as_rows(g).astype(sd, copy=False)
+    centred = _as_rows(x).astype(sd, copy=False) - saved_mean
+    part = np.stack([g_rows.sum(axis=0), np.einsum("mc,mc->c", g_rows, centred)])[:, None, :]
+    return g, part
+
+
+def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part):
+    """(dx, dgamma, dbeta) of batch norm from g (its output's gradient, after any ReLU mask) and the
+    partial sums part [2, B, C] (batchnorm_relu_grad_partials, conv2d_backward_data_relu_bn):
+    dbeta = sum_b part[0], dgamma = invstd * sum_b part[1], dx as batchnorm_backward.  With g's
+    own partials the numbers are batchnorm_backward's."""
+    _check_channels(x, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd)
+    C = x.shape[-1]
+    if g.shape != x.shape or part.ndim != 3 or part.shape[0] != 2 or part.shape[1] < 1 or part.shape[2] != C:
+        raise ValueError(f"batchnorm_backward_from_partials: g {g.shape}, x {x.shape} and part {part.shape} do not "
+                         f"fit together (part must be [2, B, {C}])")
+    sd = _stat_dtype(x.dtype)
+    sums = np.asarray(part, dtype=np.float64).sum(axis=1).astype(sd)
+    dbeta, dgamma = sums[0], sums[1] * saved_invstd
+    M = g.size // C
+    xhat = (_as_rows(x).astype(sd, copy=False) - saved_mean) * saved_invstd
+    dx = (gamma * saved_invstd) * (_as_rows(g).astype(sd, copy=False) - dbeta / M - xhat * (dgamma / M))
+    return dx.astype(g.dtype, copy=False).reshape(x.shape), dgamma, dbeta
 
 
 # ----------------------------------------------------------------------------------------------
