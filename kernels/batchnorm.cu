@@ -842,6 +842,39 @@ extern "C" __global__ void batchnorm_backward_reduce_finalize(const float* __res
     }
 }
 
+/* Version 5: partials from a convolution's epilogue are one per 64-row tile, B = M / 64 of them per
+ * channel (50,176 at 256x112x112x64): the finalize's 32 threads a channel would walk 1,568 each, and at
+ * 64 channels only two blocks would run.  This fold first adds them in groups of `per` consecutive rows,
+ * part [2, B, C] -> folded [2, ceil(B / per), C], on a grid (ceil(C / 32), ceil(B / per)) of 32 x 8
+ * threads: thread (tx, ty) adds rows ty, ty + 8, ... of its group in double, then the 8 sums in order of
+ * ty (deterministic), rounded once to float.  grid.y * blockDim.y loads in flight instead of 32. */
+extern "C" __global__ void batchnorm_backward_partials_fold(const float* __restrict__ part, int B, int C, int per,
+                                                            float* __restrict__ folded) {
+    __shared__ double sh[2][BN_ROWS][BN_TILE_C];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int c = blockIdx.x * BN_TILE_C + tx;
+    const int begin = blockIdx.y * per, end = min(B, begin + per);
+    double a = 0.0, b = 0.0;
+    if (c < C) {
+        for (int r = begin + ty; r < end; r += BN_ROWS) {
+            a += part[(long long)r * C + c];
+            b += part[((long long)B + r) * C + c];
+        }
+    }
+    sh[0][ty][tx] = a;
+    sh[1][ty][tx] = b;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        double sa = 0.0, sb = 0.0;
+        for (int r = 0; r < BN_ROWS; ++r) {
+            sa += sh[0][r][tx];
+            sb += sh[1][r][tx];
+        }
+        folded[(long long)blockIdx.y * C + c] = (float)sa;
+        folded[((long long)gridDim.y + blockIdx.y) * C + c] = (float)sb;
+    }
+}
+
 /* Backward pass 3.  dx = gamma * invstd * (dz - dbeta / M - (x - mean) * invstd * dgamma / M), with dz = dy
  * (plain; the add + ReLU form passes its dresidual as dy) or dy * (y > 0) (RELU: y > 0 from pass 1's mask
  * bits with vectors, from y itself with V = 1); coef from pass 2.  Same layout as pass 1. */

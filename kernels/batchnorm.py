@@ -325,6 +325,7 @@ def _backward(op, mode, dy, y, x, gamma, saved_mean, saved_invstd):
 
 
 _ROW_THREADS = 256     # BN_VEC_THREADS in the .cu: threads of a version 4 block
+_FOLD_ABOVE, _FOLD_ROWS = 512, 64   # version 5: more partials than this are folded in groups of 64 rows first
 
 
 def _rows_layout(C, *arrays):
@@ -454,8 +455,15 @@ def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part
     dgamma = empty(xp, C, dtype=np.float32)
     dbeta = empty(xp, C, dtype=np.float32)
     coef = empty(xp, (3, C), dtype=np.float32)
+    B = part.shape[1]
+    if B > _FOLD_ABOVE:   # many partials (one per 64-row tile): first fold them in groups, on many blocks
+        groups = -(-B // _FOLD_ROWS)
+        folded = empty(xp, (2, groups, C), dtype=np.float32)
+        _kernel("batchnorm_backward_partials_fold")((-(-C // _TILE_C), groups), _BLOCK,
+                                                    (part, np.int32(B), np.int32(C), np.int32(_FOLD_ROWS), folded))
+        part, B = folded, groups
     _kernel("batchnorm_backward_reduce_finalize")((-(-C // _TILE_C),), (_TILE_C, 32),
-                                                  (part, np.int32(part.shape[1]), np.int32(C), np.int64(M), gamma,
+                                                  (part, np.int32(B), np.int32(C), np.int64(M), gamma,
                                                    saved_invstd, dgamma, dbeta, coef))
     dx = empty_like(x)
     V, GX, TY = _rows_layout(C, x, g, dx, saved_mean, coef)

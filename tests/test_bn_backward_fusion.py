@@ -182,3 +182,24 @@ def test_tiny_resnet50_trains_to_version_4s_losses(device, dtype):
     for (name, a), (_, b) in zip(fused.model.named_parameters(), plain.model.named_parameters()):
         a, b = nn.device.to_numpy(a.data), nn.device.to_numpy(b.data)
         np.testing.assert_allclose(a, b, rtol=rtol * 10, atol=rtol * 10 * max(np.abs(b).max(), 1e-3), err_msg=name)
+
+
+@pytest.mark.parametrize("B,C", [(513, 67), (2000, 64), (700, 3)])
+def test_many_partials_are_folded_first(B, C):
+    """A convolution's epilogue writes one partial per 64-row tile: past 512 of them the backward
+    folds them in groups of 64 (batchnorm_backward_partials_fold) before the finalize.  dgamma and
+    dbeta against the float64 sums of the same partials, exactly to float32 rounding."""
+    rng = np.random.default_rng(B)
+    M = 64 * B
+    part = rng.standard_normal((2, B, C)).astype(np.float32)
+    g = np.zeros((M, C), np.float32)     # dx is not the point here (g = 0, x = mean: dx = -dbeta/M...)
+    x = np.zeros((M, C), np.float32)
+    gamma = (rng.random(C) + 0.5).astype(np.float32)
+    invstd = (rng.random(C) + 0.5).astype(np.float32)
+    mean = np.zeros(C, np.float32)
+    dx, dgamma, dbeta = bn.batchnorm_backward_from_partials(g, x, gamma, mean, invstd, part)
+    sums = part.astype(np.float64).sum(axis=1)
+    np.testing.assert_allclose(dbeta, sums[0], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(dgamma, sums[1] * invstd, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(dx[::997], np.broadcast_to(-(gamma * invstd) * sums[0] / M, (len(dx[::997]), C)),
+                               rtol=1e-5, atol=1e-9)

@@ -73,12 +73,16 @@ def _bn_cases(xp, shape, note=""):
 def _bn_f16_cases(c, s, key):
     """What a mixed-precision step runs: float16 activations, the training forward with the
     convolution's statistics (version 3, and version 4's vectors) and the backward (version 2's
-    kernels, which version 3 runs, and version 4's)."""
+    kernels, which version 3 runs, and version 4's); version 5's backward behind a ReLU from the next
+    convolution's partial sums, in float32 too."""
     out = []
     for op in c.FROM_STATS_F16:
         out += [lesson_case(c, op, n, f"{op.removesuffix(' f16')} f16 v{n} [{s}]", key=key) for n in (3, 4)]
     for op in c.BACKWARD_F16:
         out += [lesson_case(c, op, n, f"{op.removesuffix(' f16')} f16 v{n} [{s}]", key=key) for n in (2, 4)]
+    # version 5: the ReLU form's backward from the next convolution's partial sums (float32 and float16)
+    out += [lesson_case(c, op, 5, f"{op.removesuffix(' f16')}{' f16' if op.endswith(' f16') else ''} v5 [{s}]",
+                        key=key) for op in c.FROM_PARTIALS]
     return out
 
 

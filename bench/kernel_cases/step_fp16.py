@@ -1,6 +1,6 @@
 """The memory-bound kernels of one ResNet-50 v1.5 training step (batch 256, 224 px, float16
 activations, SGD), each at its shape, with how many times a step runs it: before and after the
-versions of issue 25 (batch norm 3 -> 4, pool 1 (float16: 2) -> 3, input 1 -> 3, elementwise 1 -> 2).
+versions of issue 25 (batch norm 3 -> 5, pool 1 (float16: 2) -> 3, input 1 -> 3, elementwise 1 -> 2).
 
     python -m bench.kernels --profile --gpu H100 --groups step_fp16 --json step.json
     python -m bench.kernel_cases.step_fp16 step.json        # the table: time per step by family
@@ -23,7 +23,11 @@ from kernels import cases as lesson
 BEFORE = {"batchnorm": 3, "pool": 2, "input": 1, "elementwise": 1, "optimizer": 2}
 """The versions a float16 step ran before: batch norm 3 (its backward: version 2's kernels), pool 1,
 which runs version 2 for float16 gradients (version 1 has no float16 kernel), input 1, elementwise 1."""
-AFTER = {"batchnorm": 4, "pool": 3, "input": 3, "elementwise": 2, "optimizer": 2}
+AFTER = {"batchnorm": 5, "pool": 3, "input": 3, "elementwise": 2, "optimizer": 2}
+"""Batch norm 5 is version 4 with the backward of the 32 batch norms + ReLU whose output feeds a
+convolution finished from the partial sums of that convolution's backward-data epilogue (the stem's
+feeds the max pool: version 4's backward)."""
+STEM = (112, 112, 64)
 
 # (H, W, C) of every batch norm of ResNet-50 v1.5 at 224 px, by mode, and how many: the stem; in
 # each stage the first two of a bottleneck (+ ReLU; the first block's first one at the input's
@@ -68,10 +72,13 @@ def cases(xp, size):
             c = bn_cases[shape]
             s = "x".join(map(str, shape))
             for version, when in _versions("batchnorm"):
+                v = min(version, 4)   # version 5's forward, and its backward elsewhere, are version 4's
                 fwd = _FORWARD[mode] + " from conv stats f16"
-                out.append(_step_case(c, fwd, version, f"{fwd} [{s}]", "batchnorm forward", count, when, ("C", C)))
+                out.append(_step_case(c, fwd, v, f"{fwd} [{s}]", "batchnorm forward", count, when, ("C", C)))
                 bwd = _BACKWARD[mode] + " f16"
-                out.append(_step_case(c, bwd, version, f"{bwd} [{s}]", "batchnorm backward", count, when, ("C", C)))
+                if version >= 5 and mode == "relu" and (H, W, C) != STEM:
+                    v, bwd = version, "batchnorm_relu_backward from conv partials f16"
+                out.append(_step_case(c, bwd, v, f"{bwd} [{s}]", "batchnorm backward", count, when, ("C", C)))
     pool_shape = {"resnet50": (256, 112, 112, 64), "profile": (1, 112, 112, 64)}.get(size, (2, 9, 9, 16))
     avg_shape = {"resnet50": (256, 7, 7, 2048), "profile": (8, 7, 7, 2048)}.get(size, (2, 3, 3, 64))
     p = lesson.make("pool", xp, pool_shape + (3, 2, 1))
