@@ -40,11 +40,12 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx of conv2d_forward: dy [N, P, Q, K], w [K, C, R, S] -> dx of shape x_shape (N, H, W, C)."""
 
 
-def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean):
+def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean, dz=None):
     """(g, part): the backward data pass of a convolution whose input a = relu(batchnorm(bn_x)) (a
-    training-mode batch norm with batch mean bn_mean, then a ReLU), with the first half of that
-    batch norm's backward in its epilogue:
-        da = conv2d_backward_data(dy, w, x_shape, stride, padding)
+    training-mode batch norm with batch mean bn_mean, then a ReLU; or relu(batchnorm(bn_x) + r), the
+    end of a residual block), with the first half of that batch norm's backward in its epilogue:
+        da = conv2d_backward_data(dy, w, x_shape, stride, padding)  (+ dz: a's gradient from its
+             other consumer, a residual block's identity shortcut, like a; None: none)
         g  = da where a > 0, else 0     (the ReLU's backward; like dy, x_shape)
         part [2, B, C] float32 (or wider): for each block b of g's rows (pixels) and channel c,
              part[0, b, c] = sum g,  part[1, b, c] = sum g * (bn_x - bn_mean[c])

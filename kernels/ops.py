@@ -106,16 +106,19 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     return _impl(dy).conv2d_backward_data(dy, w, x_shape, stride, padding)
 
 
-def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean):
+def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean, dz=None):
     """(g, part): dx of conv2d_forward masked by the ReLU whose output a is this convolution's
     input (g), and the partial sums [2, B, C] of the backward of the batch norm before that ReLU
     (input bn_x, batch mean bn_mean), for batchnorm_backward_from_partials.  Our convolutions write
     them in the backward-data epilogue (conv.cu versions 3 to 5); cuDNN's dx (and versions 1 and 2)
-    is read once more for them (batchnorm_relu_grad_partials)."""
+    is read once more for them (batchnorm_relu_grad_partials).  dz: a's gradient from its other
+    consumer (a residual block's identity shortcut), added to dx before the mask."""
     impl = _impl(dy)
-    if impl is _conv and hasattr(_conv, "conv2d_backward_data_relu_bn"):
+    if impl is _conv and dz is None:
         return _conv.conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean)
     da = impl.conv2d_backward_data(dy, w, x_shape, stride, padding)
+    if dz is not None:
+        da = add(da, dz)
     return _bn.batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
 
 

@@ -159,12 +159,17 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     return dxp[:, padding:padding + H, padding:padding + W]
 
 
-def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean):
-    """(g, part): g = conv2d_backward_data(...) where a > 0, else 0, and the batch-norm backward's
-    partial sums of g over all its rows as one block, part [2, 1, C] (statistics dtype): [sum g,
-    sum g * (bn_x - bn_mean)] (batchnorm_relu_grad_partials).  a: the convolution's input, the
-    output of relu(batchnorm(bn_x)) with batch mean bn_mean; a, bn_x: shape x_shape."""
+def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean, dz=None):
+    """(g, part): g = conv2d_backward_data(...) (+ dz) where a > 0, else 0, and the batch-norm
+    backward's partial sums of g over all its rows as one block, part [2, 1, C] (statistics dtype):
+    [sum g, sum g * (bn_x - bn_mean)] (batchnorm_relu_grad_partials).  a: the convolution's input,
+    the output of relu(batchnorm(bn_x) [+ r]) with batch mean bn_mean; a, bn_x (and dz, a's gradient
+    from another consumer, added before the mask): shape x_shape."""
     da = conv2d_backward_data(dy, w, x_shape, stride, padding)
+    if dz is not None:
+        if dz.shape != da.shape:
+            raise ValueError(f"conv2d_backward_data_relu_bn: dz shape {dz.shape} differs from x_shape {da.shape}")
+        da = (da + dz).astype(da.dtype, copy=False)
     return batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
 
 

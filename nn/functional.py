@@ -17,7 +17,7 @@ import numpy as np
 
 from nn.tensor import Tensor
 
-__all__ = ["conv2d", "conv2d_bn_stats", "linear", "batch_norm", "relu", "add", "add_relu", "max_pool2d", "transpose",
+__all__ = ["conv2d", "conv2d_bn_stats", "linear", "batch_norm", "drop_grad_partials", "relu", "add", "add_relu", "max_pool2d", "transpose",
            "normalize_images",
            "global_avg_pool", "cross_entropy", "cast"]
 
@@ -73,9 +73,10 @@ def _conv2d(x, weight, stride, padding, bn_stats):
         dx = None
         if x.requires_grad:
             link = getattr(x, "_bn_grad_partials", None)
-            if link is not None:   # x = relu(bn(.)): that batch norm's backward sums in this epilogue
+            if link is not None:   # x = relu(bn(.) [+ r]): that batch norm's backward sums in this epilogue
+                dz, link.dz = link.dz, None   # x's gradient from the identity shortcut, if it came that way
                 dx, link.part = ops.conv2d_backward_data_relu_bn(dy, w_data, x_data.shape, stride, padding, x_data,
-                                                                 link.bn_x, link.mean)
+                                                                 link.bn_x, link.mean, dz)
                 link.g = dx
             else:
                 dx = ops.conv2d_backward_data(dy, w_data, x_data.shape, stride, padding)
@@ -114,7 +115,7 @@ def linear(x, weight, bias=None):
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, momentum=0.1,
-               relu=False, residual=None, sync=None, stats=None, grad_partials=False):
+               relu=False, residual=None, sync=None, stats=None, grad_partials=False, residual_grad_to_link=False):
     """Batch normalisation over (N, H, W) per channel, optionally fused with what follows it:
 
         relu=False, residual=None:  y = bn(x)
@@ -130,12 +131,18 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
     stats: None, or the batch-norm partials of x from the convolution that produced it
     (conv2d_bn_stats): training without sync then takes the batch statistics from them
     (ops.batchnorm_forward_train_from_stats, one read of x fewer); the backward is the same.
-    grad_partials (relu=True, no residual, training without sync): the convolution that takes y as
-    its input may compute the first half of this batch norm's backward in its backward-data pass
+    grad_partials (relu=True, training without sync): the convolution that takes y as its input may
+    compute the first half of this batch norm's backward in its backward-data pass
     (ops.conv2d_backward_data_relu_bn: y's gradient after the ReLU's mask, and the partial sums of
     it and of it times x - mean); the backward then only finishes it (ops.batchnorm_backward_from_partials:
-    one read of that gradient and x).  Where y's gradient comes otherwise (another consumer, or a
-    consumer that is not a convolution), the backward is batchnorm_relu_backward's, as without it.
+    one read of that gradient and x; with a residual, that gradient is also the residual's).  Where
+    y's gradient comes otherwise (several consumers, or one that is not a convolution), the backward
+    is the unfused one's, as without it.
+    residual_grad_to_link (with a residual that carries such a link, i.e. a residual block's
+    identity shortcut whose input also feeds the block's first convolution): the residual's
+    gradient is handed to that convolution's backward-data pass, which adds it before the mask,
+    instead of being returned to autograd (which would add it in a pass of its own).  Only for a
+    residual whose one other consumer is a convolution: the layer code knows that, this op cannot.
     """
     if residual is not None and not relu:
         raise ValueError("batch_norm: residual is only supported together with relu=True")
@@ -163,13 +170,22 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
         y, mean, invstd = ops.batchnorm_forward_train(
             x_data, gamma, bias.data, running_mean, running_var, eps, momentum)
 
+    link = _GradPartials(x_data, mean) if relu and grad_partials else None
+    to_link = getattr(residual, "_bn_grad_partials", None) if residual_grad_to_link else None
     if residual is not None:
         def backward(dy):
-            dx, dres, dgamma, dbeta = ops.batchnorm_add_relu_backward(dy, y, x_data, gamma, mean, invstd)
+            g, part = (link.g, link.part) if link is not None else (None, None)
+            if link is not None:
+                link.g = link.part = None
+            if dy is g:   # masked already, with its partial sums: dresidual is g itself
+                dx, dgamma, dbeta = ops.batchnorm_backward_from_partials(dy, x_data, gamma, mean, invstd, part)
+                dres = dy
+            else:
+                dx, dres, dgamma, dbeta = ops.batchnorm_add_relu_backward(dy, y, x_data, gamma, mean, invstd)
+            if to_link is not None:   # the residual's gradient goes to its other consumer's epilogue
+                to_link.dz, dres = dres, None
             return dx, dgamma, dbeta, dres
-    elif relu and grad_partials:
-        link = _GradPartials(x_data, mean)
-
+    elif link is not None:
         def backward(dy):
             g, part = link.g, link.part
             link.g = link.part = None
@@ -184,21 +200,31 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
             return ops.batchnorm_backward(dy, x_data, gamma, mean, invstd)
 
     out = Tensor._from_op(y, parents, _cast_param_grads(backward, parents))
-    if relu and grad_partials and residual is None and out.requires_grad:
+    if link is not None and out.requires_grad:
         out._bn_grad_partials = link
     return out
+
+
+def drop_grad_partials(x):
+    """Forget the link of batch_norm(..., grad_partials=True) on x: for a tensor that two
+    convolutions take (a residual block's input with a projection shortcut), whose gradient is a
+    sum, so that neither computes partial sums the batch norm cannot use."""
+    if getattr(x, "_bn_grad_partials", None) is not None:
+        x._bn_grad_partials = None
 
 
 class _GradPartials:
     """What a batch norm + ReLU (batch_norm(..., grad_partials=True)) shares with the convolution
     that takes its output: its input and batch mean (for the partial sums the convolution's
-    backward computes) and, after that backward, its results (g: the gradient after the ReLU's mask,
-    part: the partial sums), which the batch norm's backward takes once."""
+    backward computes), the output's gradient from an identity shortcut (dz, handed over by the
+    next block's batch norm, residual_grad_to_link) and, after that backward, its results (g: the
+    gradient after the ReLU's mask, part: the partial sums), which the batch norm's backward takes
+    once."""
 
-    __slots__ = ("bn_x", "mean", "g", "part")
+    __slots__ = ("bn_x", "mean", "g", "part", "dz")
 
     def __init__(self, bn_x, mean):
-        self.bn_x, self.mean, self.g, self.part = bn_x, mean, None, None
+        self.bn_x, self.mean, self.g, self.part, self.dz = bn_x, mean, None, None, None
 
 
 def _batch_norm_inference(ops, x, weight, bias, running_mean, running_var, eps, relu, residual):

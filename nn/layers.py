@@ -309,13 +309,14 @@ class BatchNorm2d(Module):
         self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
         self.sync = None
 
-    def forward(self, x, relu=False, residual=None, stats=None):
+    def forward(self, x, relu=False, residual=None, stats=None, residual_grad_to_link=False):
         """stats: the batch-norm partials of x from the convolution that produced it (conv_bn), used
-        in training (without sync) instead of computing the statistics from x.  With relu (and no
+        in training (without sync) instead of computing the statistics from x.  With relu (or a
         residual), in training without sync, when the batch norm in use finishes its backward from the
         next convolution's partial sums (kernels.versions.bn_backward_from_conv(): version 5, the
         default), a convolution that takes the output computes them in its backward-data pass
-        (F.batch_norm's grad_partials)."""
+        (F.batch_norm's grad_partials).  residual_grad_to_link: the residual is a block's identity
+        shortcut whose input also feeds the block's first convolution (F.batch_norm)."""
         self._check_input(x, ndim=x.ndim if isinstance(x, Tensor) and x.ndim in (2, 4) else 4)
         if x.shape[-1] != self.num_features:
             raise ValueError(f"{self._label()}: input has {x.shape[-1]} channels, expected {self.num_features}")
@@ -324,27 +325,30 @@ class BatchNorm2d(Module):
                              f"input shape {tuple(x.shape)}")
         if self.training:
             self._buffers["num_batches_tracked"] += 1
-        grad_partials = relu and residual is None and self.training and self.sync is None and _fuse_bn_backward()
+        fuse = self.training and self.sync is None and _fuse_bn_backward()
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             self.training, self.eps, self.momentum, relu=relu or residual is not None,
-                            residual=residual, sync=self.sync, stats=stats, grad_partials=grad_partials)
+                            residual=residual, sync=self.sync, stats=stats,
+                            grad_partials=fuse and (relu or residual is not None),
+                            residual_grad_to_link=fuse and residual_grad_to_link)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
-def conv_bn(conv, bn, x, relu=False, residual=None):
+def conv_bn(conv, bn, x, relu=False, residual=None, residual_grad_to_link=False):
     """bn(conv(x), relu=relu, residual=residual): a convolution and the batch norm after it.
 
     In training (bn.training, no sync), when the batch norm in use takes its statistics from the
-    convolution (kernels.versions.bn_statistics_from_conv(): batch norm versions 3 and 4, 4 the default),
+    convolution (kernels.versions.bn_statistics_from_conv(): batch norm versions 3 to 5, 5 the default),
     the convolution also returns the batch-norm partials of its output and batch norm normalises
     with them: one read of the activation fewer.  `--kernels batchnorm=2` (use_kernels(batchnorm=2))
-    turns that off; evaluation, synchronised BN and the backward are the same either way."""
+    turns that off; evaluation and synchronised BN are the same either way.  The backward (version 5:
+    BatchNorm2d.forward) and residual_grad_to_link: BatchNorm2d.forward."""
     if bn.training and bn.sync is None and _fuse_conv_bn():
         y, stats = conv.forward_bn_stats(x)
-        return bn(y, relu=relu, residual=residual, stats=stats)
-    return bn(conv(x), relu=relu, residual=residual)
+        return bn(y, relu=relu, residual=residual, stats=stats, residual_grad_to_link=residual_grad_to_link)
+    return bn(conv(x), relu=relu, residual=residual, residual_grad_to_link=residual_grad_to_link)
 
 
 def _fuse_conv_bn():

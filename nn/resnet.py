@@ -28,6 +28,14 @@ from nn.tensor import Tensor
 __all__ = ["Bottleneck", "BasicBlock", "ResNet", "resnet50", "resnet18", "resnet34"]
 
 
+def _projection(downsample, x):
+    """The projection shortcut of x.  x then feeds two convolutions (the block's first and the
+    projection's), so its gradient is a sum: the batch norm + ReLU that produced it cannot take its
+    backward's sums from either, and neither should compute them (F.drop_grad_partials)."""
+    F.drop_grad_partials(x)
+    return downsample(x)
+
+
 class Bottleneck(Module):
     """ResNet v1.5 bottleneck block: in_channels -> planes -> planes (stride) -> 4*planes."""
 
@@ -45,10 +53,13 @@ class Bottleneck(Module):
         self.downsample = downsample
 
     def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
+        identity = self.downsample is None
+        shortcut = x if identity else _projection(self.downsample, x)
         out = conv_bn(self.conv1, self.bn1, x, relu=True)
         out = conv_bn(self.conv2, self.bn2, out, relu=True)
-        return conv_bn(self.conv3, self.bn3, out, residual=shortcut)     # relu(bn3(conv3(.)) + shortcut)
+        # relu(bn3(conv3(.)) + shortcut); an identity shortcut's gradient goes to conv1's backward
+        # epilogue (which adds it to its own before the ReLU's mask: F.batch_norm, residual_grad_to_link)
+        return conv_bn(self.conv3, self.bn3, out, residual=shortcut, residual_grad_to_link=identity)
 
     def last_bn(self):
         return self.bn3
@@ -69,9 +80,10 @@ class BasicBlock(Module):
         self.downsample = downsample
 
     def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
+        identity = self.downsample is None
+        shortcut = x if identity else _projection(self.downsample, x)
         out = conv_bn(self.conv1, self.bn1, x, relu=True)
-        return conv_bn(self.conv2, self.bn2, out, residual=shortcut)
+        return conv_bn(self.conv2, self.bn2, out, residual=shortcut, residual_grad_to_link=identity)
 
     def last_bn(self):
         return self.bn2
