@@ -39,6 +39,11 @@
  * conv2d_fwd_wmma_stats_f16, conv2d_fwd_wmma_async_stats_f16), that also writes the batch-norm
  * statistics of its output from the tile it already holds: batch norm version 3 then reads the
  * activation once instead of twice ("Batch-norm statistics in the epilogue", at the end).
+ * Their backward-data kernels have a twin, *_relu_bn (conv2d_bwd_data_igemm_relu_bn_f32,
+ * conv2d_bwd_data_wmma_relu_bn_f16, conv2d_bwd_data_wmma_async_relu_bn_f16), for a convolution whose
+ * input is relu(batchnorm(.)): it applies the ReLU's mask to the gradient it holds and writes the
+ * batch norm's backward partial sums beside it ("The batch norm's backward in the backward-data
+ * epilogue", at the end).
  *
  * On a GPU, at ResNet-50's shape (stage 1's 3x3, 256x56x56x64 -> 64; `python -m kernels.conv` prints the
  * performance model's prediction for every pass, kernels/emu/perfmodel.py; not yet measured:
@@ -225,6 +230,43 @@
  *     (1/8 more than y's 128 bytes in float16); no more registers or shared memory (ptxas: the
  *     same occupancy on sm_70 to sm_90).  Versions 1 and 2, and cuDNN, have no such epilogue: there
  *     batchnorm.cu's batchnorm_chan_partials reads y for the same partials (kernels/conv.py).
+ *
+ * The batch norm's backward in the backward-data epilogue (the *_relu_bn kernels of versions 3 to 5).
+ *
+ *     In ResNet-50's bottleneck the 3x3 and the last 1x1 convolution each take a = relu(bn(x)), a
+ *     training-mode batch norm and a ReLU.  Their backward data computes da; the ReLU's backward is
+ *     g = da where a > 0 (else 0), and the batch norm's backward needs two sums per channel over the
+ *     batch before its elementwise pass: sum g and sum g (x - mean).  The kernel holds each 64-pixel
+ *     x 64-channel tile of da before writing it, so it reads a and x (bn_x) at the same addresses,
+ *     writes g instead of da, and sums each column of the tile:
+ *         part[0][b][c] = sum over tile b's pixels of g,  part[1][b][c] = sum of g * (bn_x - bn_mean[c])
+ *     float32 [2][B][C], from g as stored (rounded to half by the float16 kernels), in a fixed order,
+ *     no atomics: v3, each thread over its 4 rows of the register block, then the 16 threads of a
+ *     column through the freed As/Bs tiles; v4/5, 4 columns per thread over every 8th row of the
+ *     float tile Cs as the store visits them (8-byte vectors of a, bn_x and g where C % 4 == 0 and
+ *     the arrays are aligned), then the 8 threads of a column through Cs.  Block b is blockIdx.x
+ *     (versions 3 and 4: pixels 64 b .. 64 b + 63 in NHWC order); version 5's per-phase tiles are
+ *     b = blockIdx.z * gridDim.x + blockIdx.x (phase-major), and a tile past its phase's pixels (or a
+ *     phase with none: stride 2 on a 1-pixel image) writes zero partials before it leaves.  Columns
+ *     past C are not written.  batchnorm.cu's batchnorm_backward_reduce_finalize adds the B partials
+ *     of each channel in double (part[q][b][c] at (q * B + b) * C + c, its layout), and the
+ *     batch norm's last pass reads g and x once for dx.
+ *
+ *     Error: each term g (x - mean) is rounded at most twice (the difference, the product) and then
+ *     through at most 3 + 15 additions (v3) or 7 + 7 (v4/5), so to first order in u = 2^-24
+ *         |part[q][b][c] - exact| <= 20 u sum over the tile of |term|
+ *     (better than the 63 u of a plain 64-term sum); the merge in double adds at most B 2^-53 of the
+ *     sum of |part| (under 2^-39 at ResNet-50's B <= 12544 tiles), then rounds once to float32.
+ *     tests/test_conv_relu_bn.py checks every block against this bound on float64 sums.
+ *
+ *     The epilogue's cost, per layer of M = N*H*W pixels and C channels of `b`-byte values: reads of
+ *     a and bn_x, 2 b M C bytes, in a pass whose multiply-adds (2 R S K per element of g, 512 to 9216
+ *     in ResNet-50) keep it compute-bound, and 8 bytes of partials per (tile, column), 8 ceil(M / 64) C
+ *     (1/16 of g's bytes in float16); no more shared memory (the sums reuse the tiles).  ResNet-50 at
+ *     batch 256: 32 such layers, sum of M C = 0.84e9 values: 3.37 GB of reads (float16) and 0.11 GB of
+ *     partials per step.  What the batch norm's side saves in return: batchnorm.cu's header.  Versions
+ *     1 and 2, and cuDNN, have no such epilogue: there batchnorm.cu's batchnorm_relu_grad_partials
+ *     reads da, a and x once more for the same g and partials (kernels/conv.py).
  */
 
 #include <cuda_fp16.h>

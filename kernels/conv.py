@@ -20,6 +20,11 @@ Versions (the header of conv.cu; `python -m kernels.conv` checks and times them)
     3  implicit GEMM: a tiled GEMM whose operands are addressed straight in x / dy / w   float32
     4  implicit GEMM on tensor cores (WMMA), float32 accumulation                  float16
     5  + asynchronous copies (sm_80+), backward data per stride phase               float16
+Versions 3 to 5 carry two fusions with batch norm in their kernels' epilogues: the forward's
+batch-norm statistics of y (conv2d_forward_bn_stats, the *_stats kernels) and, for a convolution
+whose input is relu(batchnorm(bn_x)), the ReLU's mask and the batch norm's backward partial sums in
+the backward data (conv2d_backward_data_relu_bn, the *_relu_bn kernels); versions 1 and 2 compute
+the same through batch norm's kernels, reading their output once more.
 version=None runs the version in use for the arrays' dtype (kernels.versions: 3 for float32 and 5
 for float16 unless chosen otherwise).  The float16 versions take w as float16 OIHW, either
 C-contiguous or as conv_weight returns it (channels-last memory viewed as [K, C, R, S]: no copy
