@@ -74,6 +74,19 @@
  *              passes give each
  *              thread about 8 rows and load its per-channel numbers once, as vectors.  The same
  *              numbers as version 3 in the forward; the backward's sums in another order.
+ *   version 5  the backward behind a ReLU takes its two sums from the convolution after it.  In a
+ *              bottleneck the ReLU's output a is the next convolution's input, so that convolution's
+ *              backward-data pass produces da, the ReLU's output gradient, tile by tile: its epilogue
+ *              (conv.cu versions 3 to 5) masks it by a > 0, writes g = da * (a > 0) instead of da,
+ *              and sums g and g * (x - mean) per (64-row tile, channel) from the tile it holds,
+ *              reading x beside a -- extra reads in a pass limited by its multiply-adds.  What is
+ *              left here is version 4's finalize over those partials and its dx pass from g and x:
+ *              one read of g and x, one write of dx, 3 passes over the activation where version 4's
+ *              ReLU form makes 6 1/8 (batchnorm_backward_from_partials; batchnorm_relu_grad_partials
+ *              computes the same partials where the convolution has no such epilogue: versions 1
+ *              and 2, cuDNN).  The layer code chooses it (nn.layers.BatchNorm2d, F.batch_norm's
+ *              grad_partials) when the output's one consumer is a convolution; every other batch
+ *              norm, and this one otherwise, runs version 4.
  * Versions 1 to 3 share the normalising passes (*_apply_*, *_inference_*, *_backward_dx_*).
  *
  * On a GPU, at ResNet-50's shape (256x56x56x256; `python -m kernels.batchnorm` prints the performance

@@ -36,6 +36,7 @@ __all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_
            "batchnorm_relu_forward_train", "batchnorm_relu_backward",
            "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward", "batchnorm_batch_stats",
            "batchnorm_forward_train_from_stats", "batchnorm_chan_partials",
+           "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
            "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt"]
 
 _TILE_C, _ROWS = 32, 8          # blockDim = (32, 8): must match BN_TILE_C, BN_ROWS in the .cu
@@ -402,6 +403,66 @@ def batchnorm_add_relu_backward(dy, y, x, gamma, saved_mean, saved_invstd):
     -> (dx like x, dresidual like x (= dy where y > 0), dgamma float32 [C], dbeta float32 [C]).
     """
     return _backward("batchnorm_add_relu_backward", "add_relu", dy, y, x, gamma, saved_mean, saved_invstd)
+
+
+def batchnorm_relu_grad_partials(dy, y, x, saved_mean):
+    """(g, part): g = dy where y > 0, else 0 (like dy), and the batch-norm backward's partial sums
+    part float32 [2, G, C] per slice of rows: [sum g, sum g * (x - saved_mean)] -- the first half of
+    a batch norm's backward behind a ReLU whose output is y, for batchnorm_backward_from_partials.
+    What conv2d_backward_data_relu_bn returns when the convolution has no such epilogue (conv.cu
+    versions 1 and 2, cuDNN): one read of dy, y and x and one write of g, by version 4's add + ReLU
+    reduction (whose dresidual is g)."""
+    op = "batchnorm_relu_grad_partials"
+    C = _check_x(op, "x", x)
+    _check_like(op, "dy", dy, x)
+    _check_like(op, "y", y, x)
+    _check_channel_vectors(op, C, saved_mean=saved_mean)
+    xp = array_module(dy, y, x, saved_mean)
+    M = x.size // C
+    if M < 1:
+        raise ValueError(f"{op}: x has no rows (shape {tuple(x.shape)})")
+    g = empty_like(x)
+    V, GX, TY = _rows_layout(C, x, dy, y, g, saved_mean)
+    tiles, G = _rows_grid(M, C, V, GX, TY, xp, reduction=True)
+    part = empty(xp, (2, G, C), dtype=np.float32)
+    _kernel(f"batchnorm_add_relu_backward_reduce_{_SUFFIX[x.dtype]}x{V}")(
+        (tiles, G), (GX, TY), (dy, y, x, saved_mean, g, None, part, np.int64(M), np.int32(C)))
+    return g, part
+
+
+def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part):
+    """Gradients of a training-mode batch norm from g, its output's gradient after any ReLU's mask,
+    and the partial sums part float32 [2, B, C] (sum g, sum g * (x - saved_mean) per block of rows)
+    that the convolution after it wrote in its backward-data epilogue (conv2d_backward_data_relu_bn)
+    or batchnorm_relu_grad_partials computed.  Batch norm version 5: what is left of the backward
+    is version 4's finalize (the B partials of each channel added in order, in double) and its dx
+    pass, one read of g and x and one write of dx.
+
+    -> (dx like x, dgamma float32 [C], dbeta float32 [C])."""
+    op = "batchnorm_backward_from_partials"
+    C = _check_x(op, "x", x)
+    _check_like(op, "g", g, x)
+    _check_channel_vectors(op, C, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd)
+    if getattr(part, "ndim", 0) != 3 or part.shape[0] != 2 or part.shape[1] < 1 or part.shape[2] != C:
+        raise ValueError(f"{op}: part must be [2, B, {C}] (sum g, sum g * (x - mean) per block of rows), "
+                         f"got shape {tuple(getattr(part, 'shape', ()))}")
+    check_array(op, "part", part, dtype=np.float32)
+    xp = array_module(g, x, gamma, saved_mean, saved_invstd, part)
+    M = x.size // C
+    if M < 1:
+        raise ValueError(f"{op}: x has no rows (shape {tuple(x.shape)})")
+    dgamma = empty(xp, C, dtype=np.float32)
+    dbeta = empty(xp, C, dtype=np.float32)
+    coef = empty(xp, (3, C), dtype=np.float32)
+    _kernel("batchnorm_backward_reduce_finalize")((-(-C // _TILE_C),), (_TILE_C, 32),
+                                                  (part, np.int32(part.shape[1]), np.int32(C), np.int64(M), gamma,
+                                                   saved_invstd, dgamma, dbeta, coef))
+    dx = empty_like(x)
+    V, GX, TY = _rows_layout(C, x, g, dx, saved_mean, coef)
+    _kernel(f"batchnorm_backward_dx_rows_{_SUFFIX[x.dtype]}x{V}")(
+        _rows_grid(M, C, V, GX, TY, xp, reduction=False), (GX, TY),
+        (g, None, None, x, saved_mean, coef, dx, np.int64(M), np.int32(C)))
+    return dx, dgamma, dbeta
 
 
 def batchnorm_batch_stats(x, version=None):

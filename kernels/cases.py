@@ -410,6 +410,9 @@ class BatchnormCase(OpCase):
     # " f16": the same on float16 activations (a mixed-precision step's), statistics in float32
     BACKWARD_F16 = [b + " f16" for b in BACKWARD]
     FROM_STATS_F16 = [f + " f16" for f in FROM_STATS]
+    # version 5: the ReLU form's backward from g = dy * (y > 0) and the partial sums the next
+    # convolution's backward-data epilogue writes (made once, on the host, per 64-row block as it does)
+    FROM_PARTIALS = ["batchnorm_relu_backward from conv partials", "batchnorm_relu_backward from conv partials f16"]
 
     def build(self, N, H, W, C):
         shape = (N, H, W, C)
@@ -423,6 +426,7 @@ class BatchnormCase(OpCase):
         self._f16 = None
         self._saved = {}
         self._stats = {}
+        self._partials = {}
 
     def activations(self, op):
         """(x, residual, dy) in the dtype of `op`: float32, or float16 for an op ending in " f16"."""
@@ -452,7 +456,29 @@ class BatchnormCase(OpCase):
             self._stats[f16] = self.xp.asarray(stats.astype(np.float32))
         return self._stats[f16]
 
+    def conv_partials(self, op):
+        """(g, part) for the backward `op` from conv partials: g = dy where y > 0 (in op's dtype) and
+        part float32 [2, ceil(M / 64), C] = per 64-row block, [sum g, sum g * (x - mean)] from g and x
+        as stored, as conv.cu's backward-data epilogue writes them.  (On plan.cupy: arrays of
+        those shapes.)"""
+        if op not in self._partials:
+            x, _, dy = self.activations(op)
+            y, mean, _ = self.saved(op)
+            C = self.shape["C"]
+            B = -(-(x.size // C) // 64)
+            if self.xp is plan.cupy:
+                self._partials[op] = (self.xp.empty(x.shape, dtype=x.dtype), self.xp.empty((2, B, C), dtype=np.float32))
+                return self._partials[op]
+            g = np.where(self.host(y) > 0, self.host(dy, x.dtype), 0).astype(x.dtype)
+            rows, xc = self.host(g).reshape(-1, C), self.host(x).reshape(-1, C) - self.host(mean)
+            part = np.stack([np.add.reduceat(rows, range(0, rows.shape[0], 64)),
+                             np.add.reduceat(rows * xc, range(0, rows.shape[0], 64))]).astype(np.float32)
+            self._partials[op] = (self.xp.asarray(g), self.xp.asarray(part))
+        return self._partials[op]
+
     def ops(self, version):
+        if version == versions.BN_BACKWARD_FROM_CONV:   # version 4's kernels, but for the backward from partials
+            return list(self.FROM_PARTIALS)
         # the inference pass: versions 1 to 3 share it, version 4 has its own
         if version == versions.BN_FROM_CONV:
             return self.FROM_STATS + self.FROM_STATS_F16 + ["batchnorm_forward_inference"]
@@ -483,7 +509,8 @@ class BatchnormCase(OpCase):
         """What the backward `op` gets from its forward: (y, saved_mean, saved_invstd) of the default
         version, the same for every version checked (and for the reference)."""
         if op not in self._saved:
-            fwd = self.FORWARD[self.BACKWARD.index(op.removesuffix(" f16"))] + (" f16" if op.endswith(" f16") else "")
+            base = op.removesuffix(" f16").removesuffix(" from conv partials")
+            fwd = self.FORWARD[self.BACKWARD.index(base)] + (" f16" if op.endswith(" f16") else "")
             with versions.running("batchnorm", versions.FAMILIES["batchnorm"].default):
                 self._saved[op] = self._forward(fwd, self.rm.copy(), self.rv.copy())
         return self._saved[op]
@@ -497,6 +524,9 @@ class BatchnormCase(OpCase):
                 return self._forward(op, state["rm"], state["rv"]) + (state["rm"], state["rv"])
             x, _, dy = self.activations(op)
             y, mean, invstd = self.saved(op)
+            if op in self.FROM_PARTIALS:
+                return bn.batchnorm_backward_from_partials(*self.conv_partials(op)[:1], x, self.gamma, mean, invstd,
+                                                           self.conv_partials(op)[1])
             if base == "batchnorm_backward":
                 return bn.batchnorm_backward(dy, x, self.gamma, mean, invstd)
             return getattr(bn, base)(dy, y, x, self.gamma, mean, invstd)
@@ -516,6 +546,7 @@ class BatchnormCase(OpCase):
                 out = getattr(ref, base)(x, g, b, rm, rv)
             return tuple(out) + (rm, rv)
         y, mean, invstd = (self.host(a) for a in self.saved(op))
+        base = base.removesuffix(" from conv partials")   # the same numbers as the ReLU form's backward
         if base == "batchnorm_backward":
             return ref.batchnorm_backward(dy, x, g, mean, invstd)
         return getattr(ref, base)(dy, y, x, g, mean, invstd)
@@ -529,6 +560,8 @@ class BatchnormCase(OpCase):
         item = 2 if op.endswith(" f16") else F32
         op = op.removesuffix(" f16")
         partials = 0
+        if op == self.FROM_PARTIALS[0]:   # g and x read, dx written; the partials read once
+            return 3 * item * self.x.size + 2 * F32 * -(-(self.x.size // self.shape["C"]) // 64) * self.shape["C"], 0
         if op in self.FROM_STATS:      # the same passes, and the partials read once
             op = self.FORWARD[self.FROM_STATS.index(op)]
             partials = 4 * F32 * -(-(self.x.size // self.shape["C"]) // 64) * self.shape["C"]

@@ -18,9 +18,10 @@ import numpy as np
 from . import conv as _conv
 from . import batchnorm as _bn
 from .batchnorm import (batchnorm_add_relu_backward, batchnorm_add_relu_forward_train, batchnorm_backward,
-                        batchnorm_backward_elemt, batchnorm_backward_reduce, batchnorm_forward_inference,
-                        batchnorm_forward_train, batchnorm_forward_train_from_stats, batchnorm_partial_stats,
-                        batchnorm_relu_backward, batchnorm_relu_forward_train)
+                        batchnorm_backward_elemt, batchnorm_backward_from_partials, batchnorm_backward_reduce,
+                        batchnorm_forward_inference, batchnorm_forward_train, batchnorm_forward_train_from_stats,
+                        batchnorm_partial_stats, batchnorm_relu_backward, batchnorm_relu_forward_train,
+                        batchnorm_relu_grad_partials)
 from . import cross_entropy as _ce
 from .cross_entropy import accumulate_loss, softmax_cross_entropy_backward, topk_correct
 from .elementwise import add, add_relu_forward, relu_backward, relu_forward
@@ -32,13 +33,15 @@ from .optimizer import (ParamSegments, global_grad_norm, lars_trust_ratio, lars_
 from . import pool as _pool
 from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_forward
 
-__all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_weight",
+__all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_data_relu_bn",
+           "conv2d_backward_weight",
            "conv_weight", "linear_forward", "linear_backward",
            "batchnorm_forward_train", "batchnorm_forward_train_from_stats", "batchnorm_forward_inference",
            "batchnorm_backward",
            "batchnorm_relu_forward_train", "batchnorm_relu_backward", "batchnorm_add_relu_forward_train",
            "batchnorm_add_relu_backward", "batchnorm_partial_stats", "batchnorm_backward_reduce",
-           "batchnorm_backward_elemt", "relu_forward", "relu_backward", "add", "add_relu_forward",
+           "batchnorm_backward_elemt", "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
+           "relu_forward", "relu_backward", "add", "add_relu_forward",
            "maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward",
            "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
            "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm", "ParamSegments", "momentum_update_flat",
@@ -101,6 +104,19 @@ def conv2d_forward_bn_stats(x, w, stride, padding):
 def conv2d_backward_data(dy, w, x_shape, stride, padding):
     """dx (shape x_shape) of conv2d_forward, from dy[N, P, Q, K]."""
     return _impl(dy).conv2d_backward_data(dy, w, x_shape, stride, padding)
+
+
+def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean):
+    """(g, part): dx of conv2d_forward masked by the ReLU whose output a is this convolution's
+    input (g), and the partial sums [2, B, C] of the backward of the batch norm before that ReLU
+    (input bn_x, batch mean bn_mean), for batchnorm_backward_from_partials.  Our convolutions write
+    them in the backward-data epilogue (conv.cu versions 3 to 5); cuDNN's dx (and versions 1 and 2)
+    is read once more for them (batchnorm_relu_grad_partials)."""
+    impl = _impl(dy)
+    if impl is _conv and hasattr(_conv, "conv2d_backward_data_relu_bn"):
+        return _conv.conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean)
+    da = impl.conv2d_backward_data(dy, w, x_shape, stride, padding)
+    return _bn.batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
 
 
 def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):

@@ -41,6 +41,7 @@ from .runtime.raw import KERNEL_DIR, load_module
 
 __all__ = ["Family", "FAMILIES", "TRAINING", "numbers", "version", "describe", "parse", "select", "restore", "use",
            "running", "in_use", "in_use_f16", "table", "check_source", "check_precision", "BN_FROM_CONV",
+           "BN_BACKWARD_FROM_CONV", "bn_backward_from_conv",
            "bn_statistics_from_conv"]
 
 
@@ -72,7 +73,8 @@ FAMILIES = {f.name: f for f in (
            "version 4 multiplies float16 matrices on tensor cores; the linear layer and the im2col convolution "
            "multiply float32 ones"),
     Family("conv", "conv.cu", 5, 3, (1, 2, 3, 4, 5), f16=(4, 5), default_f16=5),
-    Family("batchnorm", "batchnorm.cu", 4, 4, (1, 2, 3, 4)),   # 4: predicted 3-6x faster in float16 (bench/NOTES.md)
+    # 4: predicted 3-6x faster in float16 (bench/NOTES.md); 5: the backward behind a ReLU 1.6x faster again
+    Family("batchnorm", "batchnorm.cu", 5, 5, (1, 2, 3, 4, 5)),
     # version 1 (atomics) measured 2.1x faster than 2 on an H100; 3 predicted 1.9x faster than 1 (and
     # 7x than 2 in float16), deterministic
     Family("pool", "pool.cu", 3, 3, (1, 2, 3)),
@@ -354,6 +356,18 @@ def bn_statistics_from_conv():
     the batch norm after it as conv2d_forward_bn_stats + batchnorm_forward_train_from_stats.  On
     the cpu device too, where both ways give the same numbers."""
     return _in_use["batchnorm"] >= BN_FROM_CONV
+
+
+BN_BACKWARD_FROM_CONV = 5
+"""The batch-norm version whose backward (behind a ReLU) takes its sums from the convolution after it."""
+
+
+def bn_backward_from_conv():
+    """True when the batch norm in use finishes its training backward from partial sums that the
+    convolution after its ReLU computed in its backward-data pass (version 5): the layer code
+    (nn.layers.BatchNorm2d) then asks F.batch_norm for grad_partials, conv2d's backward runs
+    conv2d_backward_data_relu_bn and batch norm batchnorm_backward_from_partials."""
+    return _in_use["batchnorm"] >= BN_BACKWARD_FROM_CONV
 
 
 def in_use():

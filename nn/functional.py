@@ -70,7 +70,15 @@ def _conv2d(x, weight, stride, padding, bn_stats):
     w_shape, w_dtype = weight.shape, weight.dtype
 
     def backward(dy):
-        dx = ops.conv2d_backward_data(dy, w_data, x_data.shape, stride, padding) if x.requires_grad else None
+        dx = None
+        if x.requires_grad:
+            link = getattr(x, "_bn_grad_partials", None)
+            if link is not None:   # x = relu(bn(.)): that batch norm's backward sums in this epilogue
+                dx, link.part = ops.conv2d_backward_data_relu_bn(dy, w_data, x_data.shape, stride, padding, x_data,
+                                                                 link.bn_x, link.mean)
+                link.g = dx
+            else:
+                dx = ops.conv2d_backward_data(dy, w_data, x_data.shape, stride, padding)
         dw = (ops.conv2d_backward_weight(x_data, dy, w_shape, stride, padding, dtype=w_dtype)
               if weight.requires_grad else None)
         return dx, dw
@@ -106,7 +114,7 @@ def linear(x, weight, bias=None):
 
 
 def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, momentum=0.1,
-               relu=False, residual=None, sync=None, stats=None):
+               relu=False, residual=None, sync=None, stats=None, grad_partials=False):
     """Batch normalisation over (N, H, W) per channel, optionally fused with what follows it:
 
         relu=False, residual=None:  y = bn(x)
@@ -122,6 +130,12 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
     stats: None, or the batch-norm partials of x from the convolution that produced it
     (conv2d_bn_stats): training without sync then takes the batch statistics from them
     (ops.batchnorm_forward_train_from_stats, one read of x fewer); the backward is the same.
+    grad_partials (relu=True, no residual, training without sync): the convolution that takes y as
+    its input may compute the first half of this batch norm's backward in its backward-data pass
+    (ops.conv2d_backward_data_relu_bn: y's gradient after the ReLU's mask, and the partial sums of
+    it and of it times x - mean); the backward then only finishes it (ops.batchnorm_backward_from_partials:
+    one read of that gradient and x).  Where y's gradient comes otherwise (another consumer, or a
+    consumer that is not a convolution), the backward is batchnorm_relu_backward's, as without it.
     """
     if residual is not None and not relu:
         raise ValueError("batch_norm: residual is only supported together with relu=True")
@@ -153,6 +167,15 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
         def backward(dy):
             dx, dres, dgamma, dbeta = ops.batchnorm_add_relu_backward(dy, y, x_data, gamma, mean, invstd)
             return dx, dgamma, dbeta, dres
+    elif relu and grad_partials:
+        link = _GradPartials(x_data, mean)
+
+        def backward(dy):
+            g, part = link.g, link.part
+            link.g = link.part = None
+            if dy is g:   # the convolution's backward-data pass produced dy with the partial sums
+                return ops.batchnorm_backward_from_partials(dy, x_data, gamma, mean, invstd, part)
+            return ops.batchnorm_relu_backward(dy, y, x_data, gamma, mean, invstd)
     elif relu:
         def backward(dy):
             return ops.batchnorm_relu_backward(dy, y, x_data, gamma, mean, invstd)
@@ -160,7 +183,22 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
         def backward(dy):
             return ops.batchnorm_backward(dy, x_data, gamma, mean, invstd)
 
-    return Tensor._from_op(y, parents, _cast_param_grads(backward, parents))
+    out = Tensor._from_op(y, parents, _cast_param_grads(backward, parents))
+    if relu and grad_partials and residual is None and out.requires_grad:
+        out._bn_grad_partials = link
+    return out
+
+
+class _GradPartials:
+    """What a batch norm + ReLU (batch_norm(..., grad_partials=True)) shares with the convolution
+    that takes its output: its input and batch mean (for the partial sums the convolution's
+    backward computes) and, after that backward, its results (g: the gradient after the ReLU's mask,
+    part: the partial sums), which the batch norm's backward takes once."""
+
+    __slots__ = ("bn_x", "mean", "g", "part")
+
+    def __init__(self, bn_x, mean):
+        self.bn_x, self.mean, self.g, self.part = bn_x, mean, None, None
 
 
 def _batch_norm_inference(ops, x, weight, bias, running_mean, running_var, eps, relu, residual):

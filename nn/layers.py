@@ -311,7 +311,11 @@ class BatchNorm2d(Module):
 
     def forward(self, x, relu=False, residual=None, stats=None):
         """stats: the batch-norm partials of x from the convolution that produced it (conv_bn), used
-        in training (without sync) instead of computing the statistics from x."""
+        in training (without sync) instead of computing the statistics from x.  With relu (and no
+        residual), in training without sync, when the batch norm in use finishes its backward from the
+        next convolution's partial sums (kernels.versions.bn_backward_from_conv(): version 5, the
+        default), a convolution that takes the output computes them in its backward-data pass
+        (F.batch_norm's grad_partials)."""
         self._check_input(x, ndim=x.ndim if isinstance(x, Tensor) and x.ndim in (2, 4) else 4)
         if x.shape[-1] != self.num_features:
             raise ValueError(f"{self._label()}: input has {x.shape[-1]} channels, expected {self.num_features}")
@@ -320,9 +324,10 @@ class BatchNorm2d(Module):
                              f"input shape {tuple(x.shape)}")
         if self.training:
             self._buffers["num_batches_tracked"] += 1
+        grad_partials = relu and residual is None and self.training and self.sync is None and _fuse_bn_backward()
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             self.training, self.eps, self.momentum, relu=relu or residual is not None,
-                            residual=residual, sync=self.sync, stats=stats)
+                            residual=residual, sync=self.sync, stats=stats, grad_partials=grad_partials)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -344,6 +349,10 @@ def conv_bn(conv, bn, x, relu=False, residual=None):
 
 def _fuse_conv_bn():
     return importlib.import_module("kernels.versions").bn_statistics_from_conv()
+
+
+def _fuse_bn_backward():
+    return importlib.import_module("kernels.versions").bn_backward_from_conv()
 
 
 class ReLU(Module):

@@ -1,0 +1,184 @@
+"""Batch norm version 5: the backward of a batch norm + ReLU finished from the partial sums that the
+convolution after the ReLU computes in its backward-data pass (ops.conv2d_backward_data_relu_bn,
+ops.batchnorm_backward_from_partials; F.batch_norm's grad_partials).  Checked here: the reference
+against batchnorm_relu_backward in float64, the kernels against the reference (float32 and float16,
+awkward channel counts, two rows), the layer code's choice (the fused ops run exactly where a
+convolution is the output's one consumer, and the gradients equal version 4's otherwise too), and
+the tiny ResNet-50 training to version 4's losses on emu (float32, float16) and cpu.  The
+convolution's epilogue itself is tested in tests/test_conv_relu_bn.py."""
+
+import numpy as np
+import pytest
+
+import nn
+from kernels import batchnorm as bn
+from kernels import ops
+from kernels import reference as ref
+from kernels.runtime import trace
+from tests._tiny_training import run_tiny
+
+FUSED_BN = "batchnorm_backward_dx_rows"     # version 5's dx pass (the plain form of version 4's kernel)
+
+
+def _bn_relu_problem(rng, M, C, dtype=np.float64):
+    """(dy, y, x, gamma, mean, invstd): a batch norm + ReLU's forward and an output gradient."""
+    x = rng.standard_normal((M, C)) * 2.0 + rng.standard_normal(C)
+    gamma, beta = rng.random(C) + 0.5, rng.standard_normal(C) * 0.5
+    y, mean, invstd = ref.batchnorm_relu_forward_train(x, gamma, beta, np.zeros(C), np.ones(C))
+    dy = rng.standard_normal((M, C))
+    return tuple(np.asarray(a, dtype=dtype) for a in (dy, y, x)) + (gamma, mean, invstd)
+
+
+@pytest.mark.parametrize("M,C,blocks", [(300, 16, 1), (300, 16, 7), (2, 5, 1), (130, 67, 3)])
+def test_reference_from_partials_is_the_relu_backward(M, C, blocks):
+    rng = np.random.default_rng(M + C)
+    dy, y, x, gamma, mean, invstd = _bn_relu_problem(rng, M, C)
+    g, part = ref.batchnorm_relu_grad_partials(dy, y, x, mean)
+    assert part.shape == (2, 1, C)
+    np.testing.assert_array_equal(g, np.where(y > 0, dy, 0.0))
+    # any split of the rows into blocks: the partials of each block, summed by the op
+    edges = np.linspace(0, M, blocks + 1).astype(int)
+    split = np.concatenate([ref.batchnorm_relu_grad_partials(dy[a:b], y[a:b], x[a:b], mean)[1]
+                            for a, b in zip(edges[:-1], edges[1:]) if b > a], axis=1)
+    want = ref.batchnorm_relu_backward(dy, y, x, gamma, mean, invstd)
+    for p in (part, split):
+        got = ref.batchnorm_backward_from_partials(g, x, gamma, mean, invstd, p)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_conv_relu_bn_is_dgrad_then_mask_then_sums():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 7, 7, 6))
+    gamma, beta = rng.random(6) + 0.5, rng.standard_normal(6)
+    a, mean, _ = ref.batchnorm_relu_forward_train(x, gamma, beta, np.zeros(6), np.ones(6))
+    w = rng.standard_normal((5, 6, 3, 3))
+    dy = rng.standard_normal((2, 4, 4, 5))
+    g, part = ref.conv2d_backward_data_relu_bn(dy, w, x.shape, 2, 1, a, x, mean)
+    da = ref.conv2d_backward_data(dy, w, x.shape, 2, 1)
+    np.testing.assert_array_equal(g, np.where(a > 0, da, 0.0))
+    rows, xc = g.reshape(-1, 6), (x - mean).reshape(-1, 6)
+    np.testing.assert_allclose(part[:, 0], [rows.sum(0), (rows * xc).sum(0)], rtol=1e-12, atol=1e-12)
+    assert 0 < (a > 0).mean() < 1                      # the mask removes some of da, keeps some
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("M,C", [(300, 64), (77, 67), (2, 8), (65, 3)])
+def test_kernels_match_the_reference(dtype, M, C):
+    """On the emulator: the partials (version 4's add + ReLU reduction, whose dresidual is g) and
+    the backward from them, against float64.  float16: g is dy rounded (exact where kept); sums of
+    float16 values in float32."""
+    rng = np.random.default_rng(M * C)
+    dy, y, x, gamma, mean, invstd = _bn_relu_problem(rng, M, C)
+    dy, y, x = (a.astype(dtype) for a in (dy, y, x))
+    gamma, mean, invstd = (np.asarray(a, dtype=np.float32) for a in (gamma, mean, invstd))
+    g, part = bn.batchnorm_relu_grad_partials(dy, y, x, mean)
+    g_ref, part_ref = ref.batchnorm_relu_grad_partials(*(a.astype(np.float64) for a in (dy, y, x, mean)))
+    np.testing.assert_array_equal(g.astype(np.float64), g_ref)
+    scale = np.abs(g_ref).sum(0) * (np.abs(x.astype(np.float64) - mean).max(0) + 1)
+    assert part.dtype == np.float32 and part.shape[0] == 2 and part.shape[2] == C
+    assert np.all(np.abs(part.astype(np.float64).sum(1) - part_ref[:, 0]) <= 1e-6 * scale + 1e-30)
+    dx, dgamma, dbeta = bn.batchnorm_backward_from_partials(g, x, gamma, mean, invstd, part)
+    want = ref.batchnorm_relu_backward(*(a.astype(np.float64) for a in (dy, y, x, gamma, mean, invstd)))
+    tol = 2e-3 if dtype == np.float16 else 1e-5
+    assert dx.dtype == dtype and dx.shape == x.shape
+    for name, got, exp in (("dx", dx, want[0]), ("dgamma", dgamma, want[1]), ("dbeta", dbeta, want[2])):
+        err = np.abs(got.astype(np.float64) - exp).max() / max(np.abs(exp).max(), 1e-30)
+        assert err < tol, (name, err)
+
+
+def test_kernels_reject_what_does_not_fit():
+    x = np.zeros((8, 4), np.float32)
+    c = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match=r"part must be \[2, B, 4\]"):
+        bn.batchnorm_backward_from_partials(x, x, c, c, c, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="part"):
+        ref.batchnorm_backward_from_partials(x, x, c, c, c, np.zeros((2, 1, 5), np.float32))
+    with pytest.raises((ValueError, TypeError)):
+        bn.batchnorm_relu_grad_partials(x, x[:4], x, c)
+
+
+def _block_grads(device, version, consumers="conv"):
+    """Gradients of conv -> BN + ReLU -> conv (3x3, stride 2) -> BN + ReLU, and the batch-norm
+    backward ops that ran.  consumers="two": the first BN's output also feeds a second branch."""
+    nn.layers.manual_seed(0)
+    rng = np.random.default_rng(1)
+    c1, b1 = nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)
+    c2, b2 = nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+    for m in (c1, b1, c2, b2):
+        m.to(device)
+    x = nn.Tensor(rng.standard_normal((2, 9, 9, 8)).astype(np.float32), requires_grad=True, device=device)
+    ran = []
+    with nn.device.use_kernels(batchnorm=version), _count(ran):
+        a = nn.layers.conv_bn(c1, b1, x, relu=True)
+        y = nn.layers.conv_bn(c2, b2, a, relu=True)
+        if consumers == "two":
+            y = nn.functional.add(y, nn.functional.max_pool2d(a, 3, 2, 1))   # both 5x5
+        y.backward(nn.device.get_device(device).asarray(rng.standard_normal(y.shape).astype(np.float32)))
+    grads = [nn.device.to_numpy(t.grad) for t in (x, c1.weight, b1.weight, b1.bias, c2.weight, b2.weight)]
+    return grads, ran
+
+
+class _count:
+    """Records which of the batch-norm backward ops run (ops and reference alike)."""
+
+    NAMES = ("batchnorm_backward_from_partials", "batchnorm_relu_backward", "conv2d_backward_data_relu_bn")
+
+    def __init__(self, ran):
+        self.ran, self.saved = ran, []
+
+    def __enter__(self):
+        for mod in (ops, ref):
+            for name in self.NAMES:
+                f = getattr(mod, name)
+                self.saved.append((mod, name, f))
+                setattr(mod, name, lambda *a, _f=f, _n=name, **k: (self.ran.append(_n), _f(*a, **k))[1])
+
+    def __exit__(self, *exc):
+        for mod, name, f in self.saved:
+            setattr(mod, name, f)
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_the_layer_code_fuses_where_a_convolution_takes_the_output(device):
+    got, ran = _block_grads(device, 5)
+    want, ran4 = _block_grads(device, 4)
+    # b1's output feeds c2: its backward comes from c2's partials; b2's output is the block's end
+    assert ran.count("conv2d_backward_data_relu_bn") == 1 and ran.count("batchnorm_backward_from_partials") == 1
+    assert ran.count("batchnorm_relu_backward") == 1
+    assert "batchnorm_backward_from_partials" not in ran4 and "conv2d_backward_data_relu_bn" not in ran4
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_a_second_consumer_falls_back_to_the_relu_backward(device):
+    """When the ReLU's output also feeds a max pool, its gradient is a sum: the convolution still
+    computes its partials (it cannot know), but the batch norm sees a different gradient and runs
+    the ReLU form's backward on the sum (the mask applied twice is the mask applied once)."""
+    got, ran = _block_grads(device, 5, consumers="two")
+    want, _ = _block_grads(device, 4, consumers="two")
+    assert "batchnorm_backward_from_partials" not in ran and ran.count("batchnorm_relu_backward") == 2
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("device,dtype", [("emu", None), ("emu", np.float16), ("cpu", None)],
+                         ids=["emu-fp32", "emu-fp16", "cpu"])
+def test_tiny_resnet50_trains_to_version_4s_losses(device, dtype):
+    fused = run_tiny(3, device, dtype)                 # the default: batch norm version 5
+    plain = run_tiny(3, device, dtype, batchnorm=4)
+    assert fused.losses[-1] < fused.losses[0] - 0.3    # it trains
+    if device == "emu":
+        def count(run, prefix):
+            return sum(n for k, n in run.trace.by_kernel().items() if k.startswith(prefix)) // 3   # per step
+        # the 33 batch norms + ReLU: 32 feed a convolution, the stem's feeds the max pool
+        assert count(plain, "batchnorm_relu_backward_reduce") == 33
+        assert count(fused, "batchnorm_relu_backward_reduce") == 1
+        assert count(fused, FUSED_BN) == count(plain, FUSED_BN) + 32
+    # float32: the sums in another order; float16: a last-bit change moves an activation by an ulp
+    rtol = 1e-5 if dtype is None else 5e-4
+    np.testing.assert_allclose(fused.losses, plain.losses, rtol=rtol)
+    for (name, a), (_, b) in zip(fused.model.named_parameters(), plain.model.named_parameters()):
+        a, b = nn.device.to_numpy(a.data), nn.device.to_numpy(b.data)
+        np.testing.assert_allclose(a, b, rtol=rtol * 10, atol=rtol * 10 * max(np.abs(b).max(), 1e-3), err_msg=name)
