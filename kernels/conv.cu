@@ -39,6 +39,11 @@
  * conv2d_fwd_wmma_stats_f16, conv2d_fwd_wmma_async_stats_f16), that also writes the batch-norm
  * statistics of its output from the tile it already holds: batch norm version 3 then reads the
  * activation once instead of twice ("Batch-norm statistics in the epilogue", at the end).
+ * Their backward-data kernels have a twin, *_relu_bn (conv2d_bwd_data_igemm_relu_bn_f32,
+ * conv2d_bwd_data_wmma_relu_bn_f16, conv2d_bwd_data_wmma_async_relu_bn_f16), for a convolution whose
+ * input is relu(batchnorm(.)): it applies the ReLU's mask to the gradient it holds and writes the
+ * batch norm's backward partial sums beside it ("The batch norm's backward in the backward-data
+ * epilogue", at the end).
  *
  * On a GPU, at ResNet-50's shape (stage 1's 3x3, 256x56x56x64 -> 64; `python -m kernels.conv` prints the
  * performance model's prediction for every pass, kernels/emu/perfmodel.py; not yet measured:
@@ -225,6 +230,44 @@
  *     (1/8 more than y's 128 bytes in float16); no more registers or shared memory (ptxas: the
  *     same occupancy on sm_70 to sm_90).  Versions 1 and 2, and cuDNN, have no such epilogue: there
  *     batchnorm.cu's batchnorm_chan_partials reads y for the same partials (kernels/conv.py).
+ *
+ * The batch norm's backward in the backward-data epilogue (the *_relu_bn kernels of versions 3 to 5).
+ *
+ *     In ResNet-50's bottleneck the 3x3 and the last 1x1 convolution each take a = relu(bn(x)), a
+ *     training-mode batch norm and a ReLU.  Their backward data computes da; the ReLU's backward is
+ *     g = da where a > 0 (else 0), and the batch norm's backward needs two sums per channel over the
+ *     batch before its elementwise pass: sum g and sum g (x - mean).  The kernel holds each 64-pixel
+ *     x 64-channel tile of da before writing it, so it reads a and x (bn_x) at the same addresses,
+ *     writes g instead of da, and sums each column of the tile:
+ *         part[0][b][c] = sum over tile b's pixels of g,  part[1][b][c] = sum of g * (bn_x - bn_mean[c])
+ *     float32 [2][B][C], from g as stored (rounded to half by the float16 kernels), in a fixed order,
+ *     no atomics: v3, each thread over its 4 rows of the register block, then the 16 threads of a
+ *     column through the freed As/Bs tiles; v4/5, 4 columns per thread over every 8th row of the
+ *     float tile Cs as the store visits them (8-byte vectors of a, bn_x and g where C % 4 == 0 and
+ *     the arrays are aligned), then the 8 threads of a column through Cs.  Block b is blockIdx.x
+ *     (versions 3 and 4: pixels 64 b .. 64 b + 63 in NHWC order); version 5's per-phase tiles are
+ *     b = blockIdx.z * gridDim.x + blockIdx.x (phase-major), and a tile past its phase's pixels (or a
+ *     phase with none: stride 2 on a 1-pixel image) writes zero partials before it leaves.  Columns
+ *     past C are not written.  batchnorm.cu's batchnorm_backward_reduce_finalize adds the B partials
+ *     of each channel in double (part[q][b][c] at (q * B + b) * C + c, its layout), and the
+ *     batch norm's last pass reads g and x once for dx.
+ *
+ *     Error: each term g (x - mean) is rounded at most twice (the difference, the product) and then
+ *     through at most 3 + 15 additions (v3) or 7 + 7 (v4/5), so to first order in u = 2^-24
+ *         |part[q][b][c] - exact| <= 20 u sum over the tile of |term|
+ *     (better than the 63 u of a plain 64-term sum); the merge in double adds at most B 2^-53 of the
+ *     sum of |part| (under 2^-39 at ResNet-50's B <= 12544 tiles), then rounds once to float32.
+ *     tests/test_conv_relu_bn.py checks every block against this bound on float64 sums.
+ *
+ *     The epilogue's cost, per layer of M = N*H*W pixels and C channels of `b`-byte values: reads of
+ *     a and bn_x, 2 b M C bytes, in a pass whose multiply-adds (2 R S K per element of g, 512 to 9216
+ *     in ResNet-50) keep it compute-bound, and 8 bytes of partials per (tile, column), 8 ceil(M / 64) C
+ *     (1/16 of g's bytes in float16); no more shared memory (the sums reuse the tiles) and the same
+ *     occupancy (ptxas, sm_70 to sm_90: registers within 3 of the plain kernels', no spills).  ResNet-50 at
+ *     batch 256: 32 such layers, sum of M C = 0.84e9 values: 3.37 GB of reads (float16) and 0.11 GB of
+ *     partials per step.  What the batch norm's side saves in return: batchnorm.cu's header.  Versions
+ *     1 and 2, and cuDNN, have no such epilogue: there batch norm's batchnorm_relu_grad_partials
+ *     (kernels/batchnorm.py) reads da, a and x once more for the same g and partials.
  */
 
 #include <cuda_fp16.h>
@@ -555,32 +598,78 @@ conv2d_fwd_igemm_stats_f32(const float* __restrict__ x, const float* __restrict_
     fwd_igemm_f32<true>(x, wt, y, stats, N, H, W, C, K, R, S, P, Q, stride, pad, As, Bs);
 }
 
+// The ReLU's backward and the batch norm's backward partial sums in version 3's backward-data
+// epilogue ("The batch norm's backward in the backward-data epilogue", header): the tile is in
+// registers as igemm_tile returns it (thread (ty, tx): rows ty*4.., columns tx*4..).  Each element:
+// g = da where a > 0, else 0, written to dx instead of da; per column, sum g and
+// sum g * (bn_x - bn_mean) over the tile's rows: each thread over its 4 rows, then the 16 threads'
+// sums of a column, in order, by one thread (As and Bs are free: igemm_tile ended with a barrier).
+// part[q][b][c] for q = 0, 1, b = blockIdx.x of gridDim.x, c < C (columns past C are not written).
+__device__ __forceinline__ void igemm_relu_bn_epilogue(const float acc[4][4], int m0, int n0, int M, int C,
+                                                       const float* __restrict__ a, const float* __restrict__ bn_x,
+                                                       const float* __restrict__ bn_mean, float* __restrict__ dx,
+                                                       float* __restrict__ part, TileA* As, TileB* Bs) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, row0 = m0 + ty * 4, col0 = n0 + tx * 4;
+    float mean[4], sum_g[4], sum_gx[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        mean[j] = col0 + j < C ? bn_mean[col0 + j] : 0.0f;
+        sum_g[j] = sum_gx[j] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = row0 + i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (col0 + j >= C) continue;
+            const long long e = (long long)m * C + col0 + j;
+            const float g = a[e] > 0.0f ? acc[i][j] : 0.0f;
+            dx[e] = g;
+            sum_g[j] += g;
+            sum_gx[j] += g * (bn_x[e] - mean[j]);
+        }
+    }
+    store_float4(&Bs[ty][tx * 4], sum_g);
+    store_float4(&As[ty][tx * 4], sum_gx);
+    __syncthreads();
+    const int c = threadIdx.x % IG_BN, q = threadIdx.x / IG_BN;   // threads 0-63: sum g, 64-127: sum g (x - mean)
+    if (q < 2 && n0 + c < C) {
+        const TileB* sums = q == 0 ? Bs : As;
+        float s = 0.0f;
+        for (int r = 0; r < 16; ++r) s += sums[r][c];
+        part[((long long)q * gridDim.x + blockIdx.x) * C + n0 + c] = s;
+    }
+}
+
 // Backward data.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 256.  wt is the weight in KRSC order,
-// the forward pass's copy.
-extern "C" __global__ void __launch_bounds__(256)
-conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
-                          int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad) {
+// the forward pass's copy.  RELU_BN: dx = g, the masked gradient, and the batch norm's backward
+// partials (conv2d_bwd_data_igemm_relu_bn_f32; a, bn_x, bn_mean, part as igemm_relu_bn_epilogue).
+template <bool RELU_BN>
+__device__ __forceinline__ void bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict__ wt,
+                                                   float* __restrict__ dx, const float* __restrict__ a,
+                                                   const float* __restrict__ bn_x, const float* __restrict__ bn_mean,
+                                                   float* __restrict__ part, int N, int H, int W, int C, int K, int R,
+                                                   int S, int P, int Q, int stride, int pad, TileA* As, TileB* Bs) {
     const int M = N * H * W, Kd = R * S * K;
     const int m0 = blockIdx.x * IG_BM, n0 = blockIdx.y * IG_BN;
     // A[m, kk] = dy[n, p, q, k] with m = (n, h, w), kk = (r, s, k), p = (h + pad - r) / stride when exact.
     const int lk = threadIdx.x % IG_BK, lr = threadIdx.x / IG_BK;
-    const TileRows a = decode_tile_rows(m0, lr, M, H, W, (long long)P * Q * K, 1, pad);   // y, x: h + pad, w + pad
+    const TileRows ta = decode_tile_rows(m0, lr, M, H, W, (long long)P * Q * K, 1, pad);   // y, x: h + pad, w + pad
     // B[kk, c] = w[k, c, r, s] = wt[(k * R*S + r*S + s) * C + c] for kk = (r*S + s) * K + k: here
     // consecutive threads take consecutive c (a row of B is contiguous in KRSC as well)
     const int bc = threadIdx.x % IG_BN, bk = threadIdx.x / IG_BN, RS = R * S;
 
     float acc[4][4] = {};
-    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile
-    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
     igemm_tile(0, Kd, As, Bs, [&](int k0, TileA* As, TileB* Bs) {
         const int kk = k0 + lk;
         const int k = kk % K, rs = kk / K, s = rs % S, r = rs / S;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             int p, q;
-            As[lk][lr + 16 * i] = (kk < Kd && output_of_tap(a.y[i] - r, stride, P, p) &&
-                                   output_of_tap(a.x[i] - s, stride, Q, q))
-                                      ? dy[a.base[i] + ((long long)p * Q + q) * K + k] : 0.0f;
+            As[lk][lr + 16 * i] = (kk < Kd && output_of_tap(ta.y[i] - r, stride, P, p) &&
+                                   output_of_tap(ta.x[i] - s, stride, Q, q))
+                                      ? dy[ta.base[i] + ((long long)p * Q + q) * K + k] : 0.0f;
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -588,7 +677,28 @@ conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict_
             Bs[kr][bc] = (kb < Kd && c < C) ? wt[((long long)(kb % K) * RS + kb / K) * C + c] : 0.0f;
         }
     }, acc);
-    store_block_4x4(dx, acc, m0 + threadIdx.x / 16 * 4, n0 + threadIdx.x % 16 * 4, M, C);
+    if (RELU_BN) igemm_relu_bn_epilogue(acc, m0, n0, M, C, a, bn_x, bn_mean, dx, part, As, Bs);
+    else store_block_4x4(dx, acc, m0 + threadIdx.x / 16 * 4, n0 + threadIdx.x % 16 * 4, M, C);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
+                          int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    bwd_data_igemm_f32<false>(dy, wt, dx, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad,
+                              As, Bs);
+}
+
+// dx = g = da where a > 0, else 0, and part [2][gridDim.x][C] (batch norm's backward partials).
+extern "C" __global__ void __launch_bounds__(256)
+conv2d_bwd_data_igemm_relu_bn_f32(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
+                                  const float* __restrict__ a, const float* __restrict__ bn_x,
+                                  const float* __restrict__ bn_mean, float* __restrict__ part, int N, int H, int W,
+                                  int C, int K, int R, int S, int P, int Q, int stride, int pad) {
+    __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
+    __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
+    bwd_data_igemm_f32<true>(dy, wt, dx, a, bn_x, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad, As, Bs);
 }
 
 // Backward weight, split-K.  grid (ceil(K / 64), ceil(R*S*C / 64), splits), block 256.
@@ -906,6 +1016,89 @@ __device__ __forceinline__ void tc_column_stats(const float* Cs, int rows, int c
         store_tile_partial(stats, K, n0 + col, (float)rows, shift, offset, scratch[col] + scratch[TC_BN + col]);
 }
 
+// The ReLU's backward and the batch norm's backward partial sums in the tensor-core backward-data
+// epilogue (the *_relu_bn_f16 kernels; "The batch norm's backward in the backward-data epilogue",
+// header).  Like tc_store_tile_f16, 4 consecutive columns per thread, but each element is
+//     h = da rounded to half;  g = a > 0 ? h : 0, stored instead of da;
+//     per column: sum g and sum g * (bn_x - bn_mean) (float32, g as stored)
+// with a and bn_x read at g's address (8-byte vectors where vec says the row allows them).  With
+// TC_THREADS a multiple of 16, a thread's 4 columns are the same in every row it visits (rows
+// threadIdx.x / 16 + 8 i): it sums its 8 rows in registers, then the 8 threads' sums of a column are
+// added in order through the freed float tile by one thread per (column, sum).
+// part[q][block][c] for q = 0, 1 of `blocks` blocks, c = n0 + column < ncols (no others written).
+template <class RowOf>
+__device__ __forceinline__ void tc_store_tile_relu_bn_f16(__half* __restrict__ out, float* Cs, int m0, int n0, int M,
+                                                          int ncols, bool vec, const RowOf& row_of,
+                                                          const __half* __restrict__ a,
+                                                          const __half* __restrict__ bn_x,
+                                                          const float* __restrict__ bn_mean,
+                                                          float* __restrict__ part, int block, int blocks) {
+    static_assert(TC_THREADS % (TC_BN / 4) == 0, "a thread's columns stay the same from row to row");
+    constexpr int GROUPS = TC_THREADS / (TC_BN / 4);   // threads per column (8), each every 8th row
+    const int col = threadIdx.x % (TC_BN / 4) * 4, n = n0 + col, group = threadIdx.x / (TC_BN / 4);
+    float mean[4], sum_g[4], sum_gx[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        mean[j] = n + j < ncols ? bn_mean[n + j] : 0.0f;
+        sum_g[j] = sum_gx[j] = 0.0f;
+    }
+    for (int row = group; row < TC_BM; row += GROUPS) {
+        const int m = m0 + row;
+        if (m >= M || n >= ncols) continue;
+        const float4 v = *reinterpret_cast<const float4*>(Cs + row * TC_LDC + col);
+        const float f[4] = {v.x, v.y, v.z, v.w};
+        const long long e = (long long)row_of(m) * ncols + n;
+        if (vec && n + 3 < ncols) {
+            const uint2 a_raw = __ldg(reinterpret_cast<const uint2*>(a + e));
+            const uint2 x_raw = __ldg(reinterpret_cast<const uint2*>(bn_x + e));
+            __align__(8) __half2 ah[2], xh[2], gh[2];
+            memcpy(ah, &a_raw, sizeof(a_raw));
+            memcpy(xh, &x_raw, sizeof(x_raw));
+            float g[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float aj = j % 2 ? __high2float(ah[j / 2]) : __low2float(ah[j / 2]);
+                const float xj = j % 2 ? __high2float(xh[j / 2]) : __low2float(xh[j / 2]);
+                g[j] = aj > 0.0f ? as_stored_half(f[j]) : 0.0f;
+                sum_g[j] += g[j];
+                sum_gx[j] += g[j] * (xj - mean[j]);
+            }
+            gh[0] = __floats2half2_rn(g[0], g[1]);   // exact: g[j] is a half already
+            gh[1] = __floats2half2_rn(g[2], g[3]);
+            *reinterpret_cast<uint2*>(out + e) = *reinterpret_cast<const uint2*>(gh);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (n + j >= ncols) break;
+                const float g = __half2float(a[e + j]) > 0.0f ? as_stored_half(f[j]) : 0.0f;
+                out[e + j] = __float2half_rn(g);
+                sum_g[j] += g;
+                sum_gx[j] += g * (__half2float(bn_x[e + j]) - mean[j]);
+            }
+        }
+    }
+    __syncthreads();   // every thread has read its rows of Cs: its first 2 * GROUPS rows take the sums
+    float* sums = Cs;   // sums[q][group][column], q = 0 (sum g), 1 (sum g (x - mean))
+    store_float4(sums + group * TC_BN + col, sum_g);
+    store_float4(sums + (GROUPS + group) * TC_BN + col, sum_gx);
+    __syncthreads();
+    static_assert(TC_THREADS == 2 * TC_BN, "one thread per (column, sum)");
+    const int c = threadIdx.x % TC_BN, q = threadIdx.x / TC_BN;
+    if (n0 + c < ncols) {
+        float s = 0.0f;
+        for (int r = 0; r < GROUPS; ++r) s += sums[(q * GROUPS + r) * TC_BN + c];
+        part[((long long)q * blocks + block) * ncols + n0 + c] = s;
+    }
+}
+
+// Zero partials of a block with no rows (version 5: a phase with fewer pixels than others, or none),
+// so that the sums over every block of part stay right.
+__device__ __forceinline__ void tc_zero_relu_bn_partials(float* __restrict__ part, int n0, int ncols, int block,
+                                                         int blocks) {
+    const int c = threadIdx.x % TC_BN, q = threadIdx.x / TC_BN;
+    if (n0 + c < ncols) part[((long long)q * blocks + block) * ncols + n0 + c] = 0.0f;
+}
+
 // The loaders' thread mapping, the same in every pass: 8 threads per 64-element row of a tile, each
 // one group of 8 consecutive elements (one 16-byte vector, g8 = 0, 8, ..., 56); rows
 // row0 + 16 i, i < 4.  A quarter-warp stores 8 consecutive units of one row: no bank conflict;
@@ -1044,10 +1237,15 @@ conv2d_fwd_wmma_async_stats_f16(const __half* __restrict__ x, const __half* __re
 // channels of dy (one vector when K % 8 == 0), and a row kk of B, wk[k][r][s][c0 ..], is contiguous in c.
 // Every tap (r, s) is visited for every input pixel; with stride 2, 3 in 4 of them reach no output
 // pixel and load zeros (version 5 does not visit them).
-extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
-conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx, int N,
-                         int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
-    __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];
+// RELU_BN: dx = g and the batch norm's backward partials (conv2d_bwd_data_wmma_relu_bn_f16; a, bn_x,
+// bn_mean, part as tc_store_tile_relu_bn_f16, block b = blockIdx.x of gridDim.x).
+template <bool RELU_BN>
+__device__ __forceinline__ void bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk,
+                                                  __half* __restrict__ dx, const __half* __restrict__ a,
+                                                  const __half* __restrict__ bn_x, const float* __restrict__ bn_mean,
+                                                  float* __restrict__ part, int N, int H, int W, int C, int K, int R,
+                                                  int S, int P, int Q, int stride, int pad, int aligned,
+                                                  __half* tiles) {
     const int M = N * H * W, Kd = R * S * K, RS = R * S;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const bool vec_a = aligned && K % 8 == 0, vec_b = aligned && C % 8 == 0;
@@ -1122,8 +1320,32 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
         }
     });
     // dx[n, h, w, c]: row m of [M, C]
-    tc_store_tile_f16(dx, reinterpret_cast<const float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0,
-                      [](int m) { return m; });
+    if (RELU_BN)
+        tc_store_tile_relu_bn_f16(dx, reinterpret_cast<float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0,
+                                  [](int m) { return m; }, a, bn_x, bn_mean, part, blockIdx.x, gridDim.x);
+    else
+        tc_store_tile_f16(dx, reinterpret_cast<const float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0,
+                          [](int m) { return m; });
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx, int N,
+                         int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];   // declared here, not in the template
+    bwd_data_wmma_f16<false>(dy, wk, dx, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad,
+                             aligned, tiles);
+}
+
+// dx = g = da where a > 0, else 0, and part [2][gridDim.x][C] (batch norm's backward partials).
+// aligned: 1 when dy, wk, dx, a and bn_x start on 16-byte boundaries.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_bwd_data_wmma_relu_bn_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx,
+                                 const __half* __restrict__ a, const __half* __restrict__ bn_x,
+                                 const float* __restrict__ bn_mean, float* __restrict__ part, int N, int H, int W,
+                                 int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];
+    bwd_data_wmma_f16<true>(dy, wk, dx, a, bn_x, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad, aligned,
+                            tiles);
 }
 
 // Backward data, version 5: one sub-convolution per stride phase.  Input pixel (h, w) receives
@@ -1136,16 +1358,25 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
 // stride) taps).  A phase that no tap reaches (a 1x1 filter with stride 2 reaches only phase (0, 0))
 // has an empty reduction, and its tile of zeros is the gradient there.
 // grid (ceil(N * ceil(H/stride) * ceil(W/stride) / 64), ceil(C / 64), stride^2), block 128.
-extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
-conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx,
-                               int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad,
-                               int aligned) {
-    __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];
+// RELU_BN: dx = g and the batch norm's backward partials (conv2d_bwd_data_wmma_async_relu_bn_f16), block
+// b = blockIdx.z * gridDim.x + blockIdx.x of gridDim.x * gridDim.z (phase-major); a block with no
+// rows of its phase writes zero partials.
+template <bool RELU_BN>
+__device__ __forceinline__ void bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __restrict__ wk,
+                                                        __half* __restrict__ dx, const __half* __restrict__ a,
+                                                        const __half* __restrict__ bn_x,
+                                                        const float* __restrict__ bn_mean, float* __restrict__ part,
+                                                        int N, int H, int W, int C, int K, int R, int S, int P, int Q,
+                                                        int stride, int pad, int aligned, __half* tiles) {
     const int ph = blockIdx.z / stride, pw = blockIdx.z % stride;
     const int Hp = (H - ph + stride - 1) / stride, Wp = (W - pw + stride - 1) / stride;   // this phase's pixels
     const int M = N * Hp * Wp;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
-    if (Hp <= 0 || Wp <= 0 || m0 >= M) return;   // the whole block leaves, before any barrier
+    const int block = blockIdx.z * gridDim.x + blockIdx.x, blocks = gridDim.x * gridDim.z;
+    if (Hp <= 0 || Wp <= 0 || m0 >= M) {   // the whole block leaves, before any barrier
+        if (RELU_BN) tc_zero_relu_bn_partials(part, n0, C, block, blocks);
+        return;
+    }
     const int r0 = (ph + pad) % stride, s0 = (pw + pad) % stride;
     const int Rp = r0 < R ? (R - r0 + stride - 1) / stride : 0, Sp = s0 < S ? (S - s0 + stride - 1) / stride : 0;
     const int dp = (ph + pad - r0) / stride, dq = (pw + pad - s0) / stride;
@@ -1223,12 +1454,39 @@ conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __re
     });
     // GEMM row m = (n, hh, ww) is input pixel (n, hh * stride + ph, ww * stride + pw)
     const FastDiv div_hw = make_fastdiv(Hp * Wp), div_w = make_fastdiv(Wp);
-    tc_store_tile_f16(dx, reinterpret_cast<const float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0, [&](int m) {
+    const auto pixel_of = [&](int m) {
         int n, hw, hh, ww;
         fast_divmod(m, div_hw, n, hw);
         fast_divmod(hw, div_w, hh, ww);
         return (n * H + hh * stride + ph) * W + ww * stride + pw;
-    });
+    };
+    if (RELU_BN)
+        tc_store_tile_relu_bn_f16(dx, reinterpret_cast<float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0, pixel_of,
+                                  a, bn_x, bn_mean, part, block, blocks);
+    else
+        tc_store_tile_f16(dx, reinterpret_cast<const float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0, pixel_of);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx,
+                               int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad,
+                               int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];   // declared here, not in the template
+    bwd_data_wmma_async_f16<false>(dy, wk, dx, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride,
+                                   pad, aligned, tiles);
+}
+
+// dx = g = da where a > 0, else 0, and part [2][gridDim.x * stride^2][C] (batch norm's backward
+// partials, block b = phase * gridDim.x + blockIdx.x).  aligned: as version 4's.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
+conv2d_bwd_data_wmma_async_relu_bn_f16(const __half* __restrict__ dy, const __half* __restrict__ wk,
+                                       __half* __restrict__ dx, const __half* __restrict__ a,
+                                       const __half* __restrict__ bn_x, const float* __restrict__ bn_mean,
+                                       float* __restrict__ part, int N, int H, int W, int C, int K, int R, int S, int P,
+                                       int Q, int stride, int pad, int aligned) {
+    __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];
+    bwd_data_wmma_async_f16<true>(dy, wk, dx, a, bn_x, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad, aligned,
+                                  tiles);
 }
 
 // Backward weight, split-K, versions 4 (!ASYNC) and 5.  grid (ceil(K / 64), ceil(R*S*C / 64), splits),

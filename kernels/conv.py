@@ -6,6 +6,8 @@
     wk = conv_weight(w32, np.float16)                                  # fp32 master -> fp16, channels last
     y16 = conv2d_forward(x16, wk, stride, padding)                     # tensor cores (version 5)
     y, stats = conv2d_forward_bn_stats(x, w, stride, padding)          # + batch norm's partials of y
+    g, part = conv2d_backward_data_relu_bn(dy, w, x.shape, stride, padding, a, bn_x, bn_mean)
+                                # dx masked by a ReLU after batch norm, + that batch norm's backward partials
     dw32 = conv2d_backward_weight(x16, dy16, w.shape, stride, padding, dtype=np.float32)
 
 Layouts: x [N, H, W, C] and y / dy [N, P, Q, K] (NHWC), w [K, C, R, S] (OIHW, as torchvision),
@@ -18,6 +20,11 @@ Versions (the header of conv.cu; `python -m kernels.conv` checks and times them)
     3  implicit GEMM: a tiled GEMM whose operands are addressed straight in x / dy / w   float32
     4  implicit GEMM on tensor cores (WMMA), float32 accumulation                  float16
     5  + asynchronous copies (sm_80+), backward data per stride phase               float16
+Versions 3 to 5 carry two fusions with batch norm in their kernels' epilogues: the forward's
+batch-norm statistics of y (conv2d_forward_bn_stats, the *_stats kernels) and, for a convolution
+whose input is relu(batchnorm(bn_x)), the ReLU's mask and the batch norm's backward partial sums in
+the backward data (conv2d_backward_data_relu_bn, the *_relu_bn kernels); versions 1 and 2 compute
+the same through batch norm's kernels, reading their output once more.
 version=None runs the version in use for the arrays' dtype (kernels.versions: 3 for float32 and 5
 for float16 unless chosen otherwise).  The float16 versions take w as float16 OIHW, either
 C-contiguous or as conv_weight returns it (channels-last memory viewed as [K, C, R, S]: no copy
@@ -34,7 +41,8 @@ from . import gemm as _gemm
 from . import versions
 from .runtime.launch import array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
-__all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_weight",
+__all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_data_relu_bn",
+           "conv2d_backward_weight",
            "conv_output_size",
            "permute_weight", "conv_weight", "F16_VERSIONS", "emulate_arch"]
 
@@ -309,6 +317,67 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
         grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
         mod.get_function("conv2d_bwd_data_igemm_f32")(grid, (256,), (dy, wt, dx) + _shape_args(g))
     return dx
+
+
+def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean, version=None):
+    """(g, part): the backward-data pass of a convolution whose input is a = relu(batchnorm(bn_x)), with
+    the ReLU's backward and the first half of the batch norm's backward in its epilogue.
+
+        da = conv2d_backward_data(dy, w, x_shape, stride, padding)
+        g  = da where a > 0, else 0                                   (dy's dtype, x_shape)
+        part[0, b, c] = sum of g[m, c],  part[1, b, c] = sum of g[m, c] * (bn_x[m, c] - bn_mean[c])
+                        over the rows m (pixels) of block b, from g as stored, in float32
+
+    part: float32 [2, B, C], the layout batchnorm.batchnorm_backward_from_partials reads (part[q][b][c]
+    at offset (q * B + b) * C + c).  Versions 3, 4 and 5 compute it in the epilogue of the kernel
+    (conv2d_bwd_data_igemm_relu_bn_f32, conv2d_bwd_data_wmma_relu_bn_f16,
+    conv2d_bwd_data_wmma_async_relu_bn_f16): a block is a 64-pixel tile, rows 64 b .. 64 b + 63 of
+    the [N*H*W, C] matrix for versions 3 and 4 (B = ceil(N*H*W / 64)); for version 5 block
+    b = phase * T + t is tile t of stride phase `phase` = (h % stride) * stride + w % stride, whose
+    pixels (n, hh, ww) in that order are (n, hh * stride + h % stride, ww * stride + w % stride)
+    (T = ceil(N * ceil(H / stride) * ceil(W / stride) / 64), B = stride^2 T; tiles past a phase's
+    pixels hold zeros).  Versions 1 and 2 compute da, then read it once more
+    (batchnorm.batchnorm_relu_grad_partials).
+    a, bn_x: like dy's dtype, shape x_shape; bn_mean: float32 [C] (the batch norm's saved mean).
+    Other arguments as conv2d_backward_data.
+    """
+    op = "conv2d_backward_data_relu_bn"
+    version = versions.version("conv", version, op, getattr(dy, "dtype", None))
+    dtype = _F16 if version in F16_VERSIONS else _F32
+    check_array(op, "dy", dy, dtype=dtype, ndim=4)
+    x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
+    for name, arr in (("a", a), ("bn_x", bn_x)):
+        check_array(op, name, arr, dtype=dtype, ndim=4)
+        if tuple(arr.shape) != x_shape:
+            raise ValueError(f"{op}: {name} must have x_shape {x_shape}, got {tuple(arr.shape)}")
+    check_array(op, "bn_mean", bn_mean, dtype=np.float32, ndim=1)
+    if bn_mean.shape[0] != x_shape[3]:
+        raise ValueError(f"{op}: bn_mean must have shape ({x_shape[3]},) (one per channel of x_shape), got "
+                         f"{tuple(bn_mean.shape)}")
+    if version in (1, 2):
+        da = conv2d_backward_data(dy, w, x_shape, stride, padding, version=version)
+        return _bn.batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
+    check_array(op, "w", w, dtype=dtype, ndim=4, contiguous=False)
+    xp = array_module(dy, w, a, bn_x, bn_mean)
+    g = _geometry(op, x_shape, w.shape, stride, padding)
+    N, H, W, C, K, R, S, P, Q, stride, _ = g
+    _check_dy(op, dy, g, f"x_shape {x_shape} and w {tuple(w.shape)}")
+    dx = empty(xp, x_shape, dtype=dtype)
+    if version == 3:
+        grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
+        part = empty(xp, (2, grid[0], C), dtype=np.float32)
+        _module(xp).get_function("conv2d_bwd_data_igemm_relu_bn_f32")(
+            grid, (256,), (dy, _krsc(op, w, _F32), dx, a, bn_x, bn_mean, part) + _shape_args(g))
+        return dx, part
+    wk = _krsc(op, w, _F16)
+    if version == 4:
+        grid = (-(-(N * H * W) // _TC_TILE), -(-C // _TC_TILE))
+    else:
+        grid = (-(-(N * -(-H // stride) * -(-W // stride)) // _TC_TILE), -(-C // _TC_TILE), stride * stride)
+    part = empty(xp, (2, grid[0] * (grid[2] if len(grid) == 3 else 1), C), dtype=np.float32)
+    _module(xp).get_function(_TC_NAMES[version].replace("_f16", "_relu_bn_f16") % "conv2d_bwd_data")(
+        grid, (_TC_THREADS,), (dy, wk, dx, a, bn_x, bn_mean, part) + _shape_args(g) + (_aligned(dy, wk, dx, a, bn_x),))
+    return dx, part
 
 
 def _split_k(xp, tiles, reduction, split_k, step=_IG_BK, min_steps=32):

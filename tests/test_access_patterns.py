@@ -147,6 +147,15 @@ TILE_CONFLICTS = {
     ("conv", (1, 8, 8, 128, 64, 1, 1, 0), "conv2d_forward", 3): {"conv2d_fwd_igemm_f32": (0, 512)},
     ("conv", (1, 16, 16, 3, 64, 7, 2, 3), "conv2d_forward", 3): {"conv2d_fwd_igemm_f32": (0, 640)},
     ("conv", (1, 16, 16, 3, 64, 7, 2, 3), "conv2d_backward_data", 3): {"conv2d_bwd_data_igemm_f32": (0, 25088)},
+    # the ReLU + batch-norm epilogue of backward data: its column sums go through the freed tiles
+    # (v3: rows of 16 threads' float4s; v4/5: the float tile's rows, each thread its 4 columns)
+    # without a conflict of their own: v3 keeps the plain kernel's transposed fill, v4/5 none
+    ("conv", (1, 8, 8, 64, 64, 3, 1, 1), "conv2d_backward_data + relu bn", 3):
+        {"conv2d_bwd_data_igemm_relu_bn_f32": (0, 1152)},
+    ("conv", (1, 8, 8, 64, 64, 3, 1, 1), "conv2d_backward_data + relu bn f16", 4):
+        {"conv2d_bwd_data_wmma_relu_bn_f16": (0, 0)},
+    ("conv", (1, 16, 16, 64, 64, 3, 2, 1), "conv2d_backward_data + relu bn f16", 5):
+        {"conv2d_bwd_data_wmma_async_relu_bn_f16": (0, 0)},
     # gemm.cu: version 2's unpadded 16 x 16 tiles: a warp fills 32 consecutive floats (512 with
     # Bs[16][17], whose padding put rows ty and ty + 1 of a warp's fill in one bank)
     ("gemm", (64, 64, 64, 0, 0), "gemm", 2): {"gemm_tiled_f32": (0, 0)},

@@ -36,6 +36,7 @@ from kernels import gemm as G
 from kernels import versions
 
 BATCH = 256
+RELU_BN_VERSIONS = (3, 4, 5)   # the versions with the ReLU + batch-norm epilogue in their backward data
 
 
 def resnet50_conv_shapes():
@@ -78,7 +79,16 @@ def resnet50_conv_kinds_scaled():
             (7, 7, 32, 64, 1, 2, 0)]
 
 
-def _conv_cases(xp, n, shape, conv_versions, cudnn, note=""):
+def follows_bn_relu(shape):
+    """Whether ResNet-50's convolution of this (H, W, C, K, R, stride, padding) takes relu(batchnorm(.))
+    as its input, so that its backward data may carry the ReLU's and batch norm's backward in its
+    epilogue (conv2d_backward_data_relu_bn): the 3x3 (conv2) and the 1x1 expand (conv3, K = 4 C) of
+    a bottleneck.  (The 1x1 reduce and the projection follow a residual add + ReLU; the stem, the image.)"""
+    _, _, C, K, R, _, _ = shape
+    return (R == 3 and C != 3) or (R == 1 and K == 4 * C)
+
+
+def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", relu_bn=()):
     H, W, C, K, R, stride, pad = shape
     c = lesson.make("conv", xp, (n, H, W, C, K, R, stride, pad))
     label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}{note}"
@@ -93,7 +103,8 @@ def _conv_cases(xp, n, shape, conv_versions, cudnn, note=""):
                                                                                          stride, pad)}
     out = []
     for v in conv_versions:
-        for op in c.ops(v):
+        # relu_bn: the versions whose backward data also runs with the ReLU + batch-norm epilogue
+        for op in c.ops(v) + (c.relu_bn_ops(v) if v in relu_bn else []):
             baseline = baselines.get(op) if cudnn else None    # (none for the forward with batch-norm statistics)
             case = lesson_case(c, op, v, f"{op} v{v} {label}", baseline,
                                "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if baseline else "",
@@ -128,7 +139,11 @@ def _profile_cases(xp):
                         ((16, 16, 256, 64, 1, 1, 0), " stage1 reduce 16x16"),
                         ((16, 16, 64, 64, 3, 2, 1), " strided 16x16"),
                         ((16, 16, 256, 64, 1, 2, 0), " projection 16x16")]:
-        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note)
+        # the twins of the backward data with the ReLU + batch-norm epilogue (the 1x1 s1 one is the
+        # reduce's shape, as for the plain backward data of the expand layers it is predicted beside)
+        R, stride = shape[4], shape[5]
+        relu_bn = RELU_BN_VERSIONS if R == 3 or stride == 1 else ()
+        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, relu_bn)
     for version in G.F32_VERSIONS:
         out.append(_gemm_case(xp, "fc forward 128 of 256x1000", 128, 128, 2048, trans_b=True, version=version,
                               key=("fc",)))
@@ -143,10 +158,11 @@ def cases(xp, size):
         return _profile_cases(xp)
     if size == "tiny":
         out = []
-        for shape in [(9, 9, 3, 8, 3, 1, 1), (7, 7, 5, 7, 1, 2, 0)]:
-            out += _conv_cases(xp, 2, shape, versions.numbers("conv"), None)
+        for shape in [(9, 9, 3, 8, 3, 1, 1), (7, 7, 5, 7, 1, 2, 0)]:   # (+ the epilogue on 3 and 5 channels)
+            out += _conv_cases(xp, 2, shape, versions.numbers("conv"), None, relu_bn=RELU_BN_VERSIONS)
         for shape in resnet50_conv_kinds_scaled():
-            out += _conv_cases(xp, 2, shape, CV.F16_VERSIONS, None)
+            out += _conv_cases(xp, 2, shape, CV.F16_VERSIONS, None,
+                               relu_bn=RELU_BN_VERSIONS if follows_bn_relu(shape) else ())
         for version in G.F32_VERSIONS:
             out.append(_gemm_case(xp, "gemm", 33, 17, 65, version=version))
         out.append(_gemm_case(xp, "gemm_f16", 33, 17, 65, half=True))
@@ -157,7 +173,8 @@ def cases(xp, size):
     cudnn = _cudnn()
     out = []
     for shape in resnet50_conv_shapes():
-        out += _conv_cases(xp, BATCH, shape, (3, versions.FAMILIES["conv"].default_f16), cudnn)
+        ours = (3, versions.FAMILIES["conv"].default_f16)
+        out += _conv_cases(xp, BATCH, shape, ours, cudnn, relu_bn=ours if follows_bn_relu(shape) else ())
     for shape in [(56, 56, 64, 64, 3, 1, 1), (56, 56, 128, 128, 3, 2, 1)]:
         out += _conv_cases(xp, BATCH, shape, (4,), cudnn)        # tensor cores without the async copies
     for shape in [(56, 56, 64, 64, 3, 1, 1), (28, 28, 128, 128, 3, 1, 1)]:
