@@ -203,3 +203,55 @@ def test_many_partials_are_folded_first(B, C):
     np.testing.assert_allclose(dgamma, sums[1] * invstd, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(dx[::997], np.broadcast_to(-(gamma * invstd) * sums[0] / M, (len(dx[::997]), C)),
                                rtol=1e-5, atol=1e-9)
+
+
+def _two_blocks(device, version):
+    """Gradients of two bottlenecks (the first with a projection shortcut, the second with an
+    identity one) and the calls of the fused ops (with whether a dz came along)."""
+    from nn.resnet import Bottleneck
+    nn.layers.manual_seed(0)
+    rng = np.random.default_rng(4)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16))
+    blocks = [Bottleneck(8, 4, stride=2, downsample=down), Bottleneck(16, 4), Bottleneck(16, 4)]
+    for b in blocks:
+        b.to(device)
+    x = nn.Tensor(rng.standard_normal((2, 8, 8, 8)).astype(np.float32), requires_grad=True, device=device)
+    calls = []
+    real = ops.conv2d_backward_data_relu_bn, ref.conv2d_backward_data_relu_bn
+
+    def spy(f):
+        def call(*a, **k):
+            calls.append("dz" if (a[8] if len(a) > 8 else k.get("dz")) is not None else "no dz")
+            return f(*a, **k)
+        return call
+
+    ran = []
+    try:
+        ops.conv2d_backward_data_relu_bn, ref.conv2d_backward_data_relu_bn = spy(real[0]), spy(real[1])
+        with nn.device.use_kernels(batchnorm=version), _count(ran):
+            y = x
+            for b in blocks:
+                y = b(y)
+            y.backward(nn.device.get_device(device).asarray(rng.standard_normal(y.shape).astype(np.float32)))
+    finally:
+        ops.conv2d_backward_data_relu_bn, ref.conv2d_backward_data_relu_bn = real
+    params = [p for b in blocks for _, p in b.named_parameters()]
+    return [nn.device.to_numpy(t.grad) for t in [x] + params], calls, ran
+
+
+@pytest.mark.parametrize("device", ["cpu", "emu"])
+def test_identity_shortcuts_hand_their_gradient_to_the_first_convolution(device):
+    """A block's add + ReLU output feeds the next block's first convolution and, through an identity
+    shortcut, its add + ReLU.  That second gradient goes to the convolution's backward-data epilogue
+    (dz, added before the mask), so the add + ReLU batch norm finishes from partials too; after a
+    projection shortcut (two convolutions take the input) nothing is fused there."""
+    got, calls, ran = _two_blocks(device, 5)
+    want, calls4, _ = _two_blocks(device, 4)
+    assert calls4 == []
+    # per block: conv2 and conv3 take a BN + ReLU output (no dz); block 2's and 3's conv1 take the add +
+    # ReLU output of the block before (dz: its identity shortcut's gradient); block 1's conv1 and
+    # projection take x, which no batch norm made
+    assert sorted(calls) == ["dz", "dz"] + ["no dz"] * 6
+    assert ran.count("batchnorm_backward_from_partials") == 8
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
