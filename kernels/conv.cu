@@ -607,6 +607,7 @@ conv2d_fwd_igemm_stats_f32(const float* __restrict__ x, const float* __restrict_
 // part[q][b][c] for q = 0, 1, b = blockIdx.x of gridDim.x, c < C (columns past C are not written).
 __device__ __forceinline__ void igemm_relu_bn_epilogue(const float acc[4][4], int m0, int n0, int M, int C,
                                                        const float* __restrict__ a, const float* __restrict__ bn_x,
+                                                       const float* __restrict__ dz,
                                                        const float* __restrict__ bn_mean, float* __restrict__ dx,
                                                        float* __restrict__ part, TileA* As, TileB* Bs) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, row0 = m0 + ty * 4, col0 = n0 + tx * 4;
@@ -624,7 +625,7 @@ __device__ __forceinline__ void igemm_relu_bn_epilogue(const float acc[4][4], in
         for (int j = 0; j < 4; ++j) {
             if (col0 + j >= C) continue;
             const long long e = (long long)m * C + col0 + j;
-            const float g = a[e] > 0.0f ? acc[i][j] : 0.0f;
+            const float g = a[e] > 0.0f ? (dz ? acc[i][j] + dz[e] : acc[i][j]) : 0.0f;
             dx[e] = g;
             sum_g[j] += g;
             sum_gx[j] += g * (bn_x[e] - mean[j]);
@@ -644,11 +645,12 @@ __device__ __forceinline__ void igemm_relu_bn_epilogue(const float acc[4][4], in
 
 // Backward data.  grid (ceil(N*H*W / 64), ceil(C / 64)), block 256.  wt is the weight in KRSC order,
 // the forward pass's copy.  RELU_BN: dx = g, the masked gradient, and the batch norm's backward
-// partials (conv2d_bwd_data_igemm_relu_bn_f32; a, bn_x, bn_mean, part as igemm_relu_bn_epilogue).
+// partials (conv2d_bwd_data_igemm_relu_bn_f32; a, bn_x, dz, bn_mean, part as igemm_relu_bn_epilogue).
 template <bool RELU_BN>
 __device__ __forceinline__ void bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict__ wt,
                                                    float* __restrict__ dx, const float* __restrict__ a,
-                                                   const float* __restrict__ bn_x, const float* __restrict__ bn_mean,
+                                                   const float* __restrict__ bn_x,
+                                                   const float* __restrict__ dz, const float* __restrict__ bn_mean,
                                                    float* __restrict__ part, int N, int H, int W, int C, int K, int R,
                                                    int S, int P, int Q, int stride, int pad, TileA* As, TileB* Bs) {
     const int M = N * H * W, Kd = R * S * K;
@@ -677,7 +679,7 @@ __device__ __forceinline__ void bwd_data_igemm_f32(const float* __restrict__ dy,
             Bs[kr][bc] = (kb < Kd && c < C) ? wt[((long long)(kb % K) * RS + kb / K) * C + c] : 0.0f;
         }
     }, acc);
-    if (RELU_BN) igemm_relu_bn_epilogue(acc, m0, n0, M, C, a, bn_x, bn_mean, dx, part, As, Bs);
+    if (RELU_BN) igemm_relu_bn_epilogue(acc, m0, n0, M, C, a, bn_x, dz, bn_mean, dx, part, As, Bs);
     else store_block_4x4(dx, acc, m0 + threadIdx.x / 16 * 4, n0 + threadIdx.x % 16 * 4, M, C);
 }
 
@@ -686,7 +688,7 @@ conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict_
                           int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad) {
     __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];   // the tiles of igemm_tile
     __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
-    bwd_data_igemm_f32<false>(dy, wt, dx, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad,
+    bwd_data_igemm_f32<false>(dy, wt, dx, nullptr, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad,
                               As, Bs);
 }
 
@@ -694,11 +696,12 @@ conv2d_bwd_data_igemm_f32(const float* __restrict__ dy, const float* __restrict_
 extern "C" __global__ void __launch_bounds__(256)
 conv2d_bwd_data_igemm_relu_bn_f32(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx,
                                   const float* __restrict__ a, const float* __restrict__ bn_x,
+                                  const float* __restrict__ dz,
                                   const float* __restrict__ bn_mean, float* __restrict__ part, int N, int H, int W,
                                   int C, int K, int R, int S, int P, int Q, int stride, int pad) {
     __shared__ __align__(16) float As[IG_BK][IG_BM + IG_PAD];
     __shared__ __align__(16) float Bs[IG_BK][IG_BN + IG_PAD];
-    bwd_data_igemm_f32<true>(dy, wt, dx, a, bn_x, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad, As, Bs);
+    bwd_data_igemm_f32<true>(dy, wt, dx, a, bn_x, dz, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad, As, Bs);
 }
 
 // Backward weight, split-K.  grid (ceil(K / 64), ceil(R*S*C / 64), splits), block 256.
@@ -1031,6 +1034,7 @@ __device__ __forceinline__ void tc_store_tile_relu_bn_f16(__half* __restrict__ o
                                                           int ncols, bool vec, const RowOf& row_of,
                                                           const __half* __restrict__ a,
                                                           const __half* __restrict__ bn_x,
+                                                          const __half* __restrict__ dz,
                                                           const float* __restrict__ bn_mean,
                                                           float* __restrict__ part, int block, int blocks) {
     static_assert(TC_THREADS % (TC_BN / 4) == 0, "a thread's columns stay the same from row to row");
@@ -1051,15 +1055,20 @@ __device__ __forceinline__ void tc_store_tile_relu_bn_f16(__half* __restrict__ o
         if (vec && n + 3 < ncols) {
             const uint2 a_raw = __ldg(reinterpret_cast<const uint2*>(a + e));
             const uint2 x_raw = __ldg(reinterpret_cast<const uint2*>(bn_x + e));
-            __align__(8) __half2 ah[2], xh[2], gh[2];
+            const uint2 z_raw = dz ? __ldg(reinterpret_cast<const uint2*>(dz + e)) : make_uint2(0u, 0u);
+            __align__(8) __half2 ah[2], xh[2], zh[2], gh[2];
             memcpy(ah, &a_raw, sizeof(a_raw));
             memcpy(xh, &x_raw, sizeof(x_raw));
+            memcpy(zh, &z_raw, sizeof(z_raw));
             float g[4];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const float aj = j % 2 ? __high2float(ah[j / 2]) : __low2float(ah[j / 2]);
                 const float xj = j % 2 ? __high2float(xh[j / 2]) : __low2float(xh[j / 2]);
-                g[j] = aj > 0.0f ? as_stored_half(f[j]) : 0.0f;
+                const float zj = j % 2 ? __high2float(zh[j / 2]) : __low2float(zh[j / 2]);
+                // da as stored, then (with dz) the sum as stored: what da + dz in float16 gives
+                const float h = dz ? as_stored_half(as_stored_half(f[j]) + zj) : as_stored_half(f[j]);
+                g[j] = aj > 0.0f ? h : 0.0f;
                 sum_g[j] += g[j];
                 sum_gx[j] += g[j] * (xj - mean[j]);
             }
@@ -1070,7 +1079,9 @@ __device__ __forceinline__ void tc_store_tile_relu_bn_f16(__half* __restrict__ o
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 if (n + j >= ncols) break;
-                const float g = __half2float(a[e + j]) > 0.0f ? as_stored_half(f[j]) : 0.0f;
+                const float h = dz ? as_stored_half(as_stored_half(f[j]) + __half2float(dz[e + j]))
+                                   : as_stored_half(f[j]);
+                const float g = __half2float(a[e + j]) > 0.0f ? h : 0.0f;
                 out[e + j] = __float2half_rn(g);
                 sum_g[j] += g;
                 sum_gx[j] += g * (__half2float(bn_x[e + j]) - mean[j]);
@@ -1242,7 +1253,8 @@ conv2d_fwd_wmma_async_stats_f16(const __half* __restrict__ x, const __half* __re
 template <bool RELU_BN>
 __device__ __forceinline__ void bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk,
                                                   __half* __restrict__ dx, const __half* __restrict__ a,
-                                                  const __half* __restrict__ bn_x, const float* __restrict__ bn_mean,
+                                                  const __half* __restrict__ bn_x,
+                                                  const __half* __restrict__ dz, const float* __restrict__ bn_mean,
                                                   float* __restrict__ part, int N, int H, int W, int C, int K, int R,
                                                   int S, int P, int Q, int stride, int pad, int aligned,
                                                   __half* tiles) {
@@ -1322,7 +1334,7 @@ __device__ __forceinline__ void bwd_data_wmma_f16(const __half* __restrict__ dy,
     // dx[n, h, w, c]: row m of [M, C]
     if (RELU_BN)
         tc_store_tile_relu_bn_f16(dx, reinterpret_cast<float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0,
-                                  [](int m) { return m; }, a, bn_x, bn_mean, part, blockIdx.x, gridDim.x);
+                                  [](int m) { return m; }, a, bn_x, dz, bn_mean, part, blockIdx.x, gridDim.x);
     else
         tc_store_tile_f16(dx, reinterpret_cast<const float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0,
                           [](int m) { return m; });
@@ -1332,7 +1344,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx, int N,
                          int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];   // declared here, not in the template
-    bwd_data_wmma_f16<false>(dy, wk, dx, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad,
+    bwd_data_wmma_f16<false>(dy, wk, dx, nullptr, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride, pad,
                              aligned, tiles);
 }
 
@@ -1341,10 +1353,11 @@ conv2d_bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_data_wmma_relu_bn_f16(const __half* __restrict__ dy, const __half* __restrict__ wk, __half* __restrict__ dx,
                                  const __half* __restrict__ a, const __half* __restrict__ bn_x,
+                                 const __half* __restrict__ dz,
                                  const float* __restrict__ bn_mean, float* __restrict__ part, int N, int H, int W,
                                  int C, int K, int R, int S, int P, int Q, int stride, int pad, int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V4 / 2];
-    bwd_data_wmma_f16<true>(dy, wk, dx, a, bn_x, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad, aligned,
+    bwd_data_wmma_f16<true>(dy, wk, dx, a, bn_x, dz, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad, aligned,
                             tiles);
 }
 
@@ -1364,7 +1377,7 @@ conv2d_bwd_data_wmma_relu_bn_f16(const __half* __restrict__ dy, const __half* __
 template <bool RELU_BN>
 __device__ __forceinline__ void bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __restrict__ wk,
                                                         __half* __restrict__ dx, const __half* __restrict__ a,
-                                                        const __half* __restrict__ bn_x,
+                                                        const __half* __restrict__ bn_x, const __half* __restrict__ dz,
                                                         const float* __restrict__ bn_mean, float* __restrict__ part,
                                                         int N, int H, int W, int C, int K, int R, int S, int P, int Q,
                                                         int stride, int pad, int aligned, __half* tiles) {
@@ -1462,7 +1475,7 @@ __device__ __forceinline__ void bwd_data_wmma_async_f16(const __half* __restrict
     };
     if (RELU_BN)
         tc_store_tile_relu_bn_f16(dx, reinterpret_cast<float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0, pixel_of,
-                                  a, bn_x, bn_mean, part, block, blocks);
+                                  a, bn_x, dz, bn_mean, part, block, blocks);
     else
         tc_store_tile_f16(dx, reinterpret_cast<const float*>(tiles), m0, n0, M, C, aligned && C % 4 == 0, pixel_of);
 }
@@ -1472,7 +1485,7 @@ conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __re
                                int N, int H, int W, int C, int K, int R, int S, int P, int Q, int stride, int pad,
                                int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];   // declared here, not in the template
-    bwd_data_wmma_async_f16<false>(dy, wk, dx, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride,
+    bwd_data_wmma_async_f16<false>(dy, wk, dx, nullptr, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, P, Q, stride,
                                    pad, aligned, tiles);
 }
 
@@ -1481,12 +1494,13 @@ conv2d_bwd_data_wmma_async_f16(const __half* __restrict__ dy, const __half* __re
 extern "C" __global__ void __launch_bounds__(TC_THREADS, TC_MIN_BLOCKS)
 conv2d_bwd_data_wmma_async_relu_bn_f16(const __half* __restrict__ dy, const __half* __restrict__ wk,
                                        __half* __restrict__ dx, const __half* __restrict__ a,
-                                       const __half* __restrict__ bn_x, const float* __restrict__ bn_mean,
+                                       const __half* __restrict__ bn_x,
+                                       const __half* __restrict__ dz, const float* __restrict__ bn_mean,
                                        float* __restrict__ part, int N, int H, int W, int C, int K, int R, int S, int P,
                                        int Q, int stride, int pad, int aligned) {
     __shared__ __align__(128) __half tiles[TC_SMEM_V5 / 2];
-    bwd_data_wmma_async_f16<true>(dy, wk, dx, a, bn_x, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad, aligned,
-                                  tiles);
+    bwd_data_wmma_async_f16<true>(dy, wk, dx, a, bn_x, dz, bn_mean, part, N, H, W, C, K, R, S, P, Q, stride, pad,
+                                  aligned, tiles);
 }
 
 // Backward weight, split-K, versions 4 (!ASYNC) and 5.  grid (ceil(K / 64), ceil(R*S*C / 64), splits),

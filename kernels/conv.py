@@ -37,6 +37,7 @@ import contextlib
 import numpy as np
 
 from . import batchnorm as _bn
+from . import elementwise as _elementwise
 from . import gemm as _gemm
 from . import versions
 from .runtime.launch import array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
@@ -319,11 +320,13 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     return dx
 
 
-def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean, version=None):
-    """(g, part): the backward-data pass of a convolution whose input is a = relu(batchnorm(bn_x)), with
-    the ReLU's backward and the first half of the batch norm's backward in its epilogue.
+def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean, dz=None, version=None):
+    """(g, part): the backward-data pass of a convolution whose input is a = relu(batchnorm(bn_x)) (or
+    relu(batchnorm(bn_x) + r)), with the ReLU's backward and the first half of the batch norm's
+    backward in its epilogue.
 
-        da = conv2d_backward_data(dy, w, x_shape, stride, padding)
+        da = conv2d_backward_data(dy, w, x_shape, stride, padding)   (+ dz, a's gradient from its
+             other consumer, an identity shortcut: added as stored, (da + dz) rounded to dy's dtype)
         g  = da where a > 0, else 0                                   (dy's dtype, x_shape)
         part[0, b, c] = sum of g[m, c],  part[1, b, c] = sum of g[m, c] * (bn_x[m, c] - bn_mean[c])
                         over the rows m (pixels) of block b, from g as stored, in float32
@@ -338,15 +341,15 @@ def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_me
     (T = ceil(N * ceil(H / stride) * ceil(W / stride) / 64), B = stride^2 T; tiles past a phase's
     pixels hold zeros).  Versions 1 and 2 compute da, then read it once more
     (batchnorm.batchnorm_relu_grad_partials).
-    a, bn_x: like dy's dtype, shape x_shape; bn_mean: float32 [C] (the batch norm's saved mean).
-    Other arguments as conv2d_backward_data.
+    a, bn_x (and dz, or None): like dy's dtype, shape x_shape; bn_mean: float32 [C] (the batch norm's
+    saved mean).  Other arguments as conv2d_backward_data.
     """
     op = "conv2d_backward_data_relu_bn"
     version = versions.version("conv", version, op, getattr(dy, "dtype", None))
     dtype = _F16 if version in F16_VERSIONS else _F32
     check_array(op, "dy", dy, dtype=dtype, ndim=4)
     x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
-    for name, arr in (("a", a), ("bn_x", bn_x)):
+    for name, arr in (("a", a), ("bn_x", bn_x)) + ((("dz", dz),) if dz is not None else ()):
         check_array(op, name, arr, dtype=dtype, ndim=4)
         if tuple(arr.shape) != x_shape:
             raise ValueError(f"{op}: {name} must have x_shape {x_shape}, got {tuple(arr.shape)}")
@@ -356,6 +359,8 @@ def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_me
                          f"{tuple(bn_mean.shape)}")
     if version in (1, 2):
         da = conv2d_backward_data(dy, w, x_shape, stride, padding, version=version)
+        if dz is not None:
+            da = _elementwise.add(da, dz)
         return _bn.batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
     check_array(op, "w", w, dtype=dtype, ndim=4, contiguous=False)
     xp = array_module(dy, w, a, bn_x, bn_mean)
@@ -367,7 +372,7 @@ def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_me
         grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
         part = empty(xp, (2, grid[0], C), dtype=np.float32)
         _module(xp).get_function("conv2d_bwd_data_igemm_relu_bn_f32")(
-            grid, (256,), (dy, _krsc(op, w, _F32), dx, a, bn_x, bn_mean, part) + _shape_args(g))
+            grid, (256,), (dy, _krsc(op, w, _F32), dx, a, bn_x, dz, bn_mean, part) + _shape_args(g))
         return dx, part
     wk = _krsc(op, w, _F16)
     if version == 4:
@@ -376,7 +381,8 @@ def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_me
         grid = (-(-(N * -(-H // stride) * -(-W // stride)) // _TC_TILE), -(-C // _TC_TILE), stride * stride)
     part = empty(xp, (2, grid[0] * (grid[2] if len(grid) == 3 else 1), C), dtype=np.float32)
     _module(xp).get_function(_TC_NAMES[version].replace("_f16", "_relu_bn_f16") % "conv2d_bwd_data")(
-        grid, (_TC_THREADS,), (dy, wk, dx, a, bn_x, bn_mean, part) + _shape_args(g) + (_aligned(dy, wk, dx, a, bn_x),))
+        grid, (_TC_THREADS,), (dy, wk, dx, a, bn_x, dz, bn_mean, part) + _shape_args(g)
+        + (_aligned(*(arr for arr in (dy, wk, dx, a, bn_x, dz) if arr is not None)),))
     return dx, part
 
 

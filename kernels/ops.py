@@ -114,8 +114,8 @@ def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_me
     is read once more for them (batchnorm_relu_grad_partials).  dz: a's gradient from its other
     consumer (a residual block's identity shortcut), added to dx before the mask."""
     impl = _impl(dy)
-    if impl is _conv and dz is None:
-        return _conv.conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean)
+    if impl is _conv:
+        return _conv.conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean, dz)
     da = impl.conv2d_backward_data(dy, w, x_shape, stride, padding)
     if dz is not None:
         da = add(da, dz)

@@ -172,10 +172,16 @@ def test_tiny_resnet50_trains_to_version_4s_losses(device, dtype):
     if device == "emu":
         def count(run, prefix):
             return sum(n for k, n in run.trace.by_kernel().items() if k.startswith(prefix)) // 3   # per step
-        # the 33 batch norms + ReLU: 32 feed a convolution, the stem's feeds the max pool
+        # the 33 batch norms + ReLU: 32 feed a convolution, the stem's feeds the max pool; of the 16 add +
+        # ReLU ones, 12 feed a block with an identity shortcut (the other 4: a projection, or the pool)
         assert count(plain, "batchnorm_relu_backward_reduce") == 33
         assert count(fused, "batchnorm_relu_backward_reduce") == 1
+        assert count(plain, "batchnorm_add_relu_backward_reduce") == 16
+        assert count(fused, "batchnorm_add_relu_backward_reduce") == 4
         assert count(fused, FUSED_BN) == count(plain, FUSED_BN) + 32
+        assert count(fused, "add_") == 0      # each shortcut's gradient added in an epilogue
+        conv = "conv2d_bwd_data_" + ("igemm" if dtype is None else "wmma_async")
+        assert count(fused, conv + "_relu_bn") == 44 and count(plain, conv + "_relu_bn") == 0
     # float32: the sums in another order; float16: a last-bit change moves an activation by an ulp
     rtol = 1e-5 if dtype is None else 5e-4
     np.testing.assert_allclose(fused.losses, plain.losses, rtol=rtol)

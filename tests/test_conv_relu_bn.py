@@ -87,8 +87,9 @@ def _blocks(x_shape, stride, version):
     return out
 
 
-def _check(g, part, dy, w, a, bn_x, bn_mean, x_shape, stride, pad, version, backend):
-    """g and part of `version` against the plain backward data and float64 sums (module docstring)."""
+def _check(g, part, dy, w, a, bn_x, bn_mean, x_shape, stride, pad, version, backend, dz=None):
+    """g and part of `version` against the plain backward data and float64 sums (module docstring);
+    dz: the other consumer's gradient, added to da as stored (da + dz rounded to the dtype)."""
     d = backend.to_device
     C = x_shape[3]
     dtype = _dtype(version)
@@ -97,9 +98,11 @@ def _check(g, part, dy, w, a, bn_x, bn_mean, x_shape, stride, pad, version, back
     assert not np.isnan(part).any(), f"unwritten partials: {np.argwhere(np.isnan(part))[:4].tolist()}"
     da = backend.to_host(CV.conv2d_backward_data(d(dy), CV.conv_weight(d(w), dtype), x_shape, stride, pad,
                                                  version=version))
+    if dz is not None:
+        da = (da + dz).astype(dtype)
     np.testing.assert_array_equal(g, np.where(a > 0, da, np.zeros((), dtype)))   # the mask, bit for bit
-    want = np.where(a > 0, ref.conv2d_backward_data(dy.astype(np.float64), w.astype(dtype).astype(np.float64),
-                                                    x_shape, stride, pad), 0.0)
+    want = ref.conv2d_backward_data(dy.astype(np.float64), w.astype(dtype).astype(np.float64), x_shape, stride, pad)
+    want = np.where(a > 0, want if dz is None else want + dz, 0.0)
     scale = max(np.abs(want).max(), 1e-30)
     assert np.abs(g - want).max() / scale < (F16_OUT if dtype == np.float16 else F32_OUT)
 
@@ -129,6 +132,21 @@ def test_relu_bn_epilogue(backend, case, version):
     g, part = CV.conv2d_backward_data_relu_bn(d(dy), CV.conv_weight(d(w), _dtype(version)), xs, stride, pad, d(a),
                                               d(bn_x), d(bn_mean), version=version)
     _check(backend.to_host(g), backend.to_host(part), dy, w, a, bn_x, bn_mean, xs, stride, pad, version, backend)
+
+
+@pytest.mark.parametrize("version", (1, 2, 3, 4, 5))
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6]], ids=[IDS[1], IDS[2], IDS[6]])
+def test_relu_bn_adds_the_shortcut_gradient(backend, case, version):
+    """dz (a's gradient from an identity shortcut) is added to da before the mask, in the epilogue
+    of versions 3-5 (the vector path at C = 16, the element path at C = 3) and by an add kernel in
+    versions 1 and 2: g and the partials then are those of the sum."""
+    xs, _, stride, pad = case
+    dy, w, a, bn_x, bn_mean = _problem(case, 5, _dtype(version))
+    dz = np.random.default_rng(6).standard_normal(xs).astype(_dtype(version))
+    d = backend.to_device
+    g, part = CV.conv2d_backward_data_relu_bn(d(dy), CV.conv_weight(d(w), _dtype(version)), xs, stride, pad, d(a),
+                                              d(bn_x), d(bn_mean), d(dz), version=version)
+    _check(backend.to_host(g), backend.to_host(part), dy, w, a, bn_x, bn_mean, xs, stride, pad, version, backend, dz)
 
 
 @pytest.mark.parametrize("version", (1, 2))
@@ -187,6 +205,10 @@ def test_relu_bn_rejects_bad_arguments():
         call(dy, wk, xs, 1, 1, a, bn_x, bn_mean.astype(np.float16))
     with pytest.raises(ValueError, match="bn_mean must have shape"):
         call(dy, wk, xs, 1, 1, a, bn_x, bn_mean[:4])
+    with pytest.raises(ValueError, match="dz must have x_shape"):
+        call(dy, wk, xs, 1, 1, a, bn_x, bn_mean, a[:, :4])
+    with pytest.raises(TypeError, match="dz must be float16"):
+        call(dy, wk, xs, 1, 1, a, bn_x, bn_mean, a.astype(np.float32))
     with pytest.raises(ValueError, match="dy must have shape"):
         call(dy[:, :4], wk, xs, 1, 1, a, bn_x, bn_mean)
     with pytest.raises(TypeError, match="version 3 of conv computes on float32"):
