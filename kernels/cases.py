@@ -292,6 +292,9 @@ class ConvCase(OpCase):
     # checked by g and the partials summed over the blocks.  Not in OPS: the benchmark asks for it at
     # the layers whose input follows a batch norm and a ReLU (bench/kernel_cases/gemm_conv.py)
     RELU_BN = "conv2d_backward_data + relu bn"
+    # "+ shortcut": the same, with dz, a's gradient from an identity shortcut, added before the mask
+    # (the 1x1 reduce of a bottleneck whose input is the block before's add + ReLU output)
+    RELU_BN_DZ = "conv2d_backward_data + shortcut + relu bn"
 
     def build(self, N, H, W, C, K, R, stride, padding):
         P, Q = cv.conv_output_size(H, R, stride, padding), cv.conv_output_size(W, R, stride, padding)
@@ -314,24 +317,30 @@ class ConvCase(OpCase):
     def ops(self, version):
         return self.OPS_F16 if version in cv.F16_VERSIONS else self.OPS
 
-    def relu_bn_ops(self, version):
-        """The backward data with the ReLU's and batch norm's backward in its epilogue, by version."""
-        return [self.RELU_BN + (" f16" if version in cv.F16_VERSIONS else "")]
+    def relu_bn_ops(self, version, shortcut=False):
+        """The backward data with the ReLU's and batch norm's backward in its epilogue, by version
+        (shortcut: with an identity shortcut's gradient added, RELU_BN_DZ)."""
+        return [(self.RELU_BN_DZ if shortcut else self.RELU_BN) + (" f16" if version in cv.F16_VERSIONS else "")]
 
     def relu_bn_inputs(self, f16=False):
-        """(a, bn_x, bn_mean) of the "+ relu bn" op: a = relu of normal numbers (about half of the
-        gradient masked), bn_x normal about 0.5 (float16 for f16), bn_mean float32 [C] near 0.5;
-        made once, on first use (prepare), outside the timed calls."""
+        """(a, bn_x, bn_mean, dz) of the "+ relu bn" ops: a = relu of normal numbers (about half of
+        the gradient masked), bn_x normal about 0.5 (float16 for f16), bn_mean float32 [C] near 0.5,
+        dz normal (the shortcut's gradient); made once, on first use (prepare), outside the timed calls."""
         if not hasattr(self, "_relu_bn"):
             shape = (self.shape["N"], self.shape["H"], self.shape["W"], self.shape["C"])
             a = self.xp.maximum(self.randn(shape), np.float32(0))
             bn_x = self.randn(shape) + np.float32(0.5)
             mean = self.randn((self.shape["C"],), scale=0.1) + np.float32(0.5)
-            self._relu_bn = {False: (a, bn_x, mean), True: (a.astype(np.float16), bn_x.astype(np.float16), mean)}
+            dz = self.randn(shape)
+            self._relu_bn = {False: (a, bn_x, mean, dz),
+                             True: (a.astype(np.float16), bn_x.astype(np.float16), mean, dz.astype(np.float16))}
         return self._relu_bn[bool(f16)]
 
+    def _relu_bn_op(self, op):
+        return op.startswith(self.RELU_BN) or op.startswith(self.RELU_BN_DZ)
+
     def prepare(self, op):
-        return {"relu_bn": self.relu_bn_inputs(op.endswith("f16"))} if op.startswith(self.RELU_BN) else {}
+        return {"relu_bn": self.relu_bn_inputs(op.endswith("f16"))} if self._relu_bn_op(op) else {}
 
     def run(self, op, version, state):
         s, p = self.shape["stride"], self.shape["padding"]
@@ -339,9 +348,10 @@ class ConvCase(OpCase):
             x, w, dy = self.x16, self.wk16(), self.dy16
         else:
             x, w, dy = self.x, self.w, self.dy
-        if op.startswith(self.RELU_BN):
-            a, bn_x, mean = state["relu_bn"]
-            return cv.conv2d_backward_data_relu_bn(dy, w, x.shape, s, p, a, bn_x, mean, version=version)   # (g, part)
+        if self._relu_bn_op(op):
+            a, bn_x, mean, dz = state["relu_bn"]
+            dz = dz if op.startswith(self.RELU_BN_DZ) else None
+            return cv.conv2d_backward_data_relu_bn(dy, w, x.shape, s, p, a, bn_x, mean, dz, version=version)  # (g, part)
         if op.startswith(self.STATS):
             return cv.conv2d_forward_bn_stats(x, w, s, p, version=version)   # (y, stats)
         if op.startswith("conv2d_forward"):
@@ -356,10 +366,10 @@ class ConvCase(OpCase):
             y, stats = got
             _, mean, var = ref.merge_bn_partials(_to_host(stats))
             got = (y, mean, var)
-        if op.startswith(self.RELU_BN):   # g against the reference; the partials against g's own sums
+        if self._relu_bn_op(op):   # g against the reference; the partials against g's own sums
             g, part = (_to_host(a) for a in got)
             err = max_rel_error((g,), self.expected(op))
-            _, bn_x, mean = (self.host(a) for a in self.relu_bn_inputs(op.endswith("f16")))
+            _, bn_x, mean, _ = (self.host(a) for a in self.relu_bn_inputs(op.endswith("f16")))
             rows, centred = self.host(g).reshape(-1, g.shape[-1]), (bn_x - mean).reshape(-1, g.shape[-1])
             want = (rows.sum(axis=0), np.einsum("mc,mc->c", rows, centred))
             got_sums = tuple(np.asarray(part, dtype=np.float64).sum(axis=1)) if part.ndim == 3 else ()
@@ -375,9 +385,10 @@ class ConvCase(OpCase):
             y = ref.conv2d_forward(x, w, s, p)
             rows = y.reshape(-1, y.shape[-1])
             return y, rows.mean(axis=0), rows.var(axis=0)
-        if op.startswith(self.RELU_BN):
-            a = self.host(self.relu_bn_inputs(half)[0])
-            return (np.where(a > 0, ref.conv2d_backward_data(dy, w, x.shape, s, p), 0.0),)
+        if self._relu_bn_op(op):
+            a, _, _, dz = (self.host(v) for v in self.relu_bn_inputs(half))
+            da = ref.conv2d_backward_data(dy, w, x.shape, s, p)
+            return (np.where(a > 0, da + dz if op.startswith(self.RELU_BN_DZ) else da, 0.0),)
         if op.startswith("conv2d_forward"):
             return (ref.conv2d_forward(x, w, s, p),)
         if op.startswith("conv2d_backward_data"):
@@ -392,8 +403,9 @@ class ConvCase(OpCase):
         N, C, K, R = self.shape["N"], self.shape["C"], self.shape["K"], self.shape["R"]
         item = 2 if op.endswith("f16") or op.endswith("f32") else F32
         partials = 4 * F32 * -(-(N * self.P * self.Q) // 64) * K if op.startswith(self.STATS) else 0
-        if op.startswith(self.RELU_BN):   # also reads a and bn_x; 2 floats per (64-pixel tile, channel)
-            partials = 2 * self.x.size * item + 2 * F32 * -(-self.x.size // C // 64) * C
+        if self._relu_bn_op(op):   # also reads a and bn_x (and dz); 2 floats per (64-pixel tile, channel)
+            partials = (3 if op.startswith(self.RELU_BN_DZ) else 2) * self.x.size * item + \
+                2 * F32 * -(-self.x.size // C // 64) * C
         return item * (self.x.size + self.w.size + self.dy.size) + partials, 2 * N * self.P * self.Q * K * C * R * R
 
 

@@ -1,5 +1,6 @@
-"""The memory-bound kernels' newer versions (elementwise 2, batch norm 4, pool 3, input 3, optimizer 3:
-16-byte vectors, more work in flight) train the tiny ResNet-50 on the emulator to the same losses as
+"""The memory-bound kernels' newer versions (elementwise 2, batch norm 4 and 5, pool 3, input 3,
+optimizer 3: 16-byte vectors, more work in flight, batch norm's backward sums from the next
+convolution) train the tiny ResNet-50 on the emulator to the same losses as
 the versions before them, in float32 and float16, with LARS (whose trust ratios use the norms) and the
 input normalised on the device.  Each kernel's own tests are in tests/test_kernels_<op>.py."""
 
@@ -11,7 +12,7 @@ from kernels.runtime import trace
 from nn import functional as F
 
 OLD = {"elementwise": 1, "batchnorm": 3, "pool": 2, "input": 2, "optimizer": 2}
-NEW = {"elementwise": 2, "batchnorm": 4, "pool": 3, "input": 3, "optimizer": 3}
+NEW = {"elementwise": 2, "batchnorm": 5, "pool": 3, "input": 3, "optimizer": 3}
 
 
 def train(dtype, choice, steps=3):
@@ -43,7 +44,7 @@ def test_new_versions_train_to_the_same_losses(dtype):
     assert new[-1] < new[0] - 0.1                                     # it trains
     sfx = "f32" if dtype is None else "f16"
     vector = "f32x4" if dtype is None else "f16x8"
-    want = {f"batchnorm_add_relu_backward_reduce_{vector}", f"batchnorm_relu_backward_dx_rows_{vector}",
+    want = {f"batchnorm_add_relu_backward_reduce_{vector}", f"batchnorm_backward_dx_rows_{vector}",
             "batchnorm_backward_reduce_finalize", f"global_avgpool_backward_{vector}", f"input_normalize_tiles_{sfx}",
             "chunk_sum_squares_vec_f32",
             # the stem's 4 channels (width 1/16) are half a 16-byte vector of halves: one channel a thread
@@ -63,6 +64,7 @@ def test_the_step_table_counts_what_a_step_runs():
     1/16 of the width) runs exactly those launches in one SGD step with the input normalised on the
     device."""
     from bench.kernel_cases import step_fp16
+    from kernels.runtime import plan
     with nn.device.use_kernels(**NEW), trace.collect() as t:
         model = nn.resnet50(num_classes=10, width=0.0625, seed=0, activation_dtype=np.float16).to("emu")
         opt = nn.optim.SGD(model.named_parameters(), lr=0.05, momentum=0.9, weight_decay=5e-5)
@@ -83,8 +85,15 @@ def test_the_step_table_counts_what_a_step_runs():
     assert count("batchnorm_relu_apply_rows_") == bns["relu"]
     assert count("batchnorm_add_relu_apply_rows_") == bns["add_relu"]
     assert count("batchnorm_apply_rows_") == bns["plain"]
-    assert count("batchnorm_relu_backward_reduce_") == bns["relu"]
-    assert count("batchnorm_add_relu_backward_reduce_") == bns["add_relu"]
+    # batch norm 5: the backward of 32 + 12 of them from the next convolution's partials (the stem's and
+    # each stage's last add + ReLU run version 4's reduction)
+    after = {c.name: c.notes["step"] for c in step_fp16.cases(plan.cupy, "resnet50")}
+    fused = sum(s["count"] for n, s in after.items() if "from conv partials" in n and s["when"] == "after")
+    layers = step_fp16.conv_backward_data_layers()
+    assert fused == sum(n for _s, n, _k in layers) == 44
+    assert count("conv2d_bwd_data_wmma_async_relu_bn_f16") == fused
+    assert count("batchnorm_relu_backward_reduce_") == 1
+    assert count("batchnorm_add_relu_backward_reduce_") == bns["add_relu"] - 12
     assert count("batchnorm_backward_reduce_f16") + count("batchnorm_backward_reduce_f32") == bns["plain"]
     assert count("batchnorm_partials_reduce") == count("batchnorm_backward_reduce_finalize") == sum(bns.values())
     cases = {c.name: c.notes["step"] for c in step_fp16.cases(np, "tiny")}   # a few shapes: the others alike

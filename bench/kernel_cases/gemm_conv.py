@@ -88,7 +88,17 @@ def follows_bn_relu(shape):
     return (R == 3 and C != 3) or (R == 1 and K == 4 * C)
 
 
-def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", relu_bn=()):
+def follows_identity_block(shape):
+    """Whether the convolution is a bottleneck's 1x1 reduce (C = 4 K, stride 1) in a block with an
+    identity shortcut: its input is the block before's add + ReLU output, whose gradient from the
+    shortcut its backward data adds before the mask (the "+ shortcut + relu bn" op)."""
+    _, _, C, K, R, stride, _ = shape
+    return R == 1 and stride == 1 and C == 4 * K
+
+
+def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", relu_bn=(), shortcut=None):
+    """shortcut: which "+ relu bn" op the versions in relu_bn get: None as the layer at this shape has
+    (follows_identity_block), "both" (a profile twin that stands for both kinds)."""
     H, W, C, K, R, stride, pad = shape
     c = lesson.make("conv", xp, (n, H, W, C, K, R, stride, pad))
     label = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}{note}"
@@ -104,7 +114,9 @@ def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", relu_bn=()):
     out = []
     for v in conv_versions:
         # relu_bn: the versions whose backward data also runs with the ReLU + batch-norm epilogue
-        for op in c.ops(v) + (c.relu_bn_ops(v) if v in relu_bn else []):
+        kinds = (False, True) if shortcut == "both" else (follows_identity_block(shape),)
+        fused = [op for k in kinds for op in c.relu_bn_ops(v, shortcut=k)] if v in relu_bn else []
+        for op in c.ops(v) + fused:
             baseline = baselines.get(op) if cudnn else None    # (none for the forward with batch-norm statistics)
             case = lesson_case(c, op, v, f"{op} v{v} {label}", baseline,
                                "cuDNN" + (" fp16" if v in CV.F16_VERSIONS else "") if baseline else "",
@@ -143,7 +155,7 @@ def _profile_cases(xp):
         # reduce's shape, as for the plain backward data of the expand layers it is predicted beside)
         R, stride = shape[4], shape[5]
         relu_bn = RELU_BN_VERSIONS if R == 3 or stride == 1 else ()
-        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, relu_bn)
+        out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, relu_bn, shortcut="both")
     for version in G.F32_VERSIONS:
         out.append(_gemm_case(xp, "fc forward 128 of 256x1000", 128, 128, 2048, trans_b=True, version=version,
                               key=("fc",)))
@@ -161,8 +173,8 @@ def cases(xp, size):
         for shape in [(9, 9, 3, 8, 3, 1, 1), (7, 7, 5, 7, 1, 2, 0)]:   # (+ the epilogue on 3 and 5 channels)
             out += _conv_cases(xp, 2, shape, versions.numbers("conv"), None, relu_bn=RELU_BN_VERSIONS)
         for shape in resnet50_conv_kinds_scaled():
-            out += _conv_cases(xp, 2, shape, CV.F16_VERSIONS, None,
-                               relu_bn=RELU_BN_VERSIONS if follows_bn_relu(shape) else ())
+            fused = follows_bn_relu(shape) or follows_identity_block(shape)
+            out += _conv_cases(xp, 2, shape, CV.F16_VERSIONS, None, relu_bn=RELU_BN_VERSIONS if fused else ())
         for version in G.F32_VERSIONS:
             out.append(_gemm_case(xp, "gemm", 33, 17, 65, version=version))
         out.append(_gemm_case(xp, "gemm_f16", 33, 17, 65, half=True))
@@ -174,7 +186,8 @@ def cases(xp, size):
     out = []
     for shape in resnet50_conv_shapes():
         ours = (3, versions.FAMILIES["conv"].default_f16)
-        out += _conv_cases(xp, BATCH, shape, ours, cudnn, relu_bn=ours if follows_bn_relu(shape) else ())
+        fused = follows_bn_relu(shape) or follows_identity_block(shape)
+        out += _conv_cases(xp, BATCH, shape, ours, cudnn, relu_bn=ours if fused else ())
     for shape in [(56, 56, 64, 64, 3, 1, 1), (56, 56, 128, 128, 3, 2, 1)]:
         out += _conv_cases(xp, BATCH, shape, (4,), cudnn)        # tensor cores without the async copies
     for shape in [(56, 56, 64, 64, 3, 1, 1), (28, 28, 128, 128, 3, 1, 1)]:

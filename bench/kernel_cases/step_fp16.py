@@ -25,8 +25,9 @@ BEFORE = {"batchnorm": 3, "pool": 2, "input": 1, "elementwise": 1, "optimizer": 
 which runs version 2 for float16 gradients (version 1 has no float16 kernel), input 1, elementwise 1."""
 AFTER = {"batchnorm": 5, "pool": 3, "input": 3, "elementwise": 2, "optimizer": 2}
 """Batch norm 5 is version 4 with the backward of the 32 batch norms + ReLU whose output feeds a
-convolution finished from the partial sums of that convolution's backward-data epilogue (the stem's
-feeds the max pool: version 4's backward)."""
+convolution (the stem's feeds the max pool) and of the 12 add + ReLU ones whose output feeds a block
+with an identity shortcut finished from the partial sums of that convolution's backward-data epilogue
+(conv_backward_data_layers: its cost is in the table too)."""
 STEM = (112, 112, 64)
 
 # (H, W, C) of every batch norm of ResNet-50 v1.5 at 224 px, by mode, and how many: the stem; in
@@ -47,6 +48,62 @@ def _step_case(case, op, version, label, family, count, when, key=()):
     c = lesson_case(case, op, version, f"step: {label} v{version} x{count}", key=key)
     c.notes["step"] = {"family": family, "count": count, "when": when}
     return c
+
+
+def conv_backward_data_layers():
+    """[((H, W, C, K, R, stride, padding), count, kind)] of the backward-data passes that batch norm
+    version 5 changes: a bottleneck's 3x3 (conv2) and 1x1 expand (conv3), whose inputs come from a
+    batch norm + ReLU (kind "relu bn"), and the 1x1 reduce (conv1) of a block with an identity
+    shortcut, whose input is the block before's add + ReLU output (kind "shortcut + relu bn": it also
+    adds the shortcut's gradient).  32 + 12 of them; the others (the stem, the first block's reduce,
+    the projections) run plain before and after."""
+    layers = {}
+    size, cin = 56, 64
+    for width, blocks, first_stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for b in range(blocks):
+            stride = first_stride if b == 0 else 1
+            out = (size - 1) // stride + 1
+            fused = [((size, size, width, width, 3, stride, 1), "relu bn"), ((out, out, width, 4 * width, 1, 1, 0),
+                                                                             "relu bn")]
+            if b > 0:
+                fused.append(((size, size, cin, width, 1, 1, 0), "shortcut + relu bn"))
+            for key in fused:
+                layers[key] = layers.get(key, 0) + 1
+            size, cin = out, 4 * width
+    return [(shape, count, kind) for (shape, kind), count in layers.items()]
+
+
+# the twins the model scales each layer's kernels from: 16x16 images, one per kind of filter
+_CONV_TWINS = {(3, 1): (16, 16, 64, 64, 3, 1, 1), (3, 2): (16, 16, 64, 64, 3, 2, 1),
+               (1, 1): (16, 16, 256, 64, 1, 1, 0)}
+
+
+def _conv_cases(xp, size):
+    """The backward data of the layers of conv_backward_data_layers, float16 (conv.cu version 5):
+    before, plain (and batch norm's own reduction reads g, a and x again); after, with the epilogue."""
+    out = []
+    if size == "profile":   # one twin per kind and op: the layers' keys find them
+        for (R, stride), shape in _CONV_TWINS.items():
+            c = lesson.make("conv", xp, (1,) + shape)
+            for op in ("conv2d_backward_data f16", c.RELU_BN + " f16", c.RELU_BN_DZ + " f16"):
+                out.append(_step_case(c, op, 5, f"{op} twin {R}x{R} s{stride}", "conv backward data", 1, "both",
+                                      ("R", R, "stride", stride)))
+        return out
+    made = {}
+    for (H, W, C, K, R, stride, pad), count, kind in conv_backward_data_layers():
+        if size == "tiny" and (H < 56 or C > 64):
+            continue
+        n = 256 if size == "resnet50" else 2
+        shape = (n, H, W, C, K, R, stride, pad) if size == "resnet50" else (n, 6, 6, C // 8, max(1, K // 8), R,
+                                                                             stride, pad)
+        c = made.setdefault(shape, lesson.make("conv", xp, shape))
+        s = f"{R}x{R} s{stride} [{n},{H},{W},{C}]->{K}"
+        key = ("R", R, "stride", stride)
+        fused = (c.RELU_BN_DZ if kind.startswith("shortcut") else c.RELU_BN) + " f16"
+        out.append(_step_case(c, "conv2d_backward_data f16", 5, f"conv2d_backward_data f16 {s}", "conv backward data",
+                              count, "before", key))
+        out.append(_step_case(c, fused, 5, f"{fused} {s}", "conv backward data", count, "after", key))
+    return out
 
 
 def _versions(family):
@@ -76,9 +133,18 @@ def cases(xp, size):
                 fwd = _FORWARD[mode] + " from conv stats f16"
                 out.append(_step_case(c, fwd, v, f"{fwd} [{s}]", "batchnorm forward", count, when, ("C", C)))
                 bwd = _BACKWARD[mode] + " f16"
-                if version >= 5 and mode == "relu" and (H, W, C) != STEM:
-                    v, bwd = version, "batchnorm_relu_backward from conv partials f16"
-                out.append(_step_case(c, bwd, v, f"{bwd} [{s}]", "batchnorm backward", count, when, ("C", C)))
+                # version 5: from the next convolution's partials, the batch norms + ReLU but the stem's,
+                # and the add + ReLU ones but each stage's last (its output feeds a projection or the pool)
+                fused = 0 if version < 5 else count - 1 if mode == "add_relu" else count if (H, W, C) != STEM else 0
+                if mode == "plain":
+                    fused = 0
+                if fused:
+                    op = "batchnorm_relu_backward from conv partials f16"   # (the add + ReLU form's: the same kernels)
+                    out.append(_step_case(c, op, version, f"{op} [{s}] ({mode})", "batchnorm backward", fused, when,
+                                          ("C", C)))
+                if count - fused:
+                    out.append(_step_case(c, bwd, v, f"{bwd} [{s}]", "batchnorm backward", count - fused, when,
+                                          ("C", C)))
     pool_shape = {"resnet50": (256, 112, 112, 64), "profile": (1, 112, 112, 64)}.get(size, (2, 9, 9, 16))
     avg_shape = {"resnet50": (256, 7, 7, 2048), "profile": (8, 7, 7, 2048)}.get(size, (2, 3, 3, 64))
     p = lesson.make("pool", xp, pool_shape + (3, 2, 1))
@@ -101,6 +167,7 @@ def cases(xp, size):
         e = lesson.make("elementwise", xp, (shown,))
         for version, when in _versions("elementwise"):
             out.append(_step_case(e, op, version, f"{op} [{shown}]", "elementwise", count, when, ("n", n)))
+    out += _conv_cases(xp, size)
     o = lesson.make("optimizer", xp, {"resnet50": (161, 1), "profile": (161, 16)}.get(size, (12, 64)))
     for version, when in _versions("optimizer"):
         out.append(_step_case(o, "momentum update", version, "momentum_update_flat [25.6M params]", "optimizer", 1,
