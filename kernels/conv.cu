@@ -248,24 +248,34 @@
  *     (versions 3 and 4: pixels 64 b .. 64 b + 63 in NHWC order); version 5's per-phase tiles are
  *     b = blockIdx.z * gridDim.x + blockIdx.x (phase-major), and a tile past its phase's pixels (or a
  *     phase with none: stride 2 on a 1-pixel image) writes zero partials before it leaves.  Columns
- *     past C are not written.  batchnorm.cu's batchnorm_backward_reduce_finalize adds the B partials
- *     of each channel in double (part[q][b][c] at (q * B + b) * C + c, its layout), and the
- *     batch norm's last pass reads g and x once for dx.
+ *     past C are not written.  batchnorm.cu adds the B partials of each channel in double (part[q][b][c]
+ *     at (q * B + b) * C + c, its layout: batchnorm_backward_reduce_finalize; past 512 partials first
+ *     in groups of 64 by batchnorm_backward_partials_fold, each group's sum rounded once to float32),
+ *     and the batch norm's last pass reads g and x once for dx.
+ *
+ *     With an identity shortcut (ResNet-50's 12 blocks whose input, the block before's add + ReLU
+ *     output, feeds both the first 1x1 convolution and the shortcut), a's gradient has a second part,
+ *     dz, from the shortcut (the next block's batch norm hands it over instead of returning it to
+ *     autograd: nn/functional.py, residual_grad_to_link).  The epilogue adds it before the mask, as
+ *     stored: g = a > 0 ? round(round(da) + dz) : 0 (the rounding of da + dz in float16, as autograd's
+ *     add of the two gradients did), one more read (dz) in the same pass; dz = null: none.
  *
  *     Error: each term g (x - mean) is rounded at most twice (the difference, the product) and then
  *     through at most 3 + 15 additions (v3) or 7 + 7 (v4/5), so to first order in u = 2^-24
  *         |part[q][b][c] - exact| <= 20 u sum over the tile of |term|
  *     (better than the 63 u of a plain 64-term sum); the merge in double adds at most B 2^-53 of the
- *     sum of |part| (under 2^-39 at ResNet-50's B <= 12544 tiles), then rounds once to float32.
+ *     sum of |part| (under 2^-39 at ResNet-50's B <= 12544 tiles), then rounds once to float32 (the
+ *     fold: once per group of 64 partials more, u of the group's sum).
  *     tests/test_conv_relu_bn.py checks every block against this bound on float64 sums.
  *
  *     The epilogue's cost, per layer of M = N*H*W pixels and C channels of `b`-byte values: reads of
- *     a and bn_x, 2 b M C bytes, in a pass whose multiply-adds (2 R S K per element of g, 512 to 9216
+ *     a and bn_x (and dz, with a shortcut), 2 b M C bytes (3 b M C), in a pass whose multiply-adds (2 R S K per element of g, 512 to 9216
  *     in ResNet-50) keep it compute-bound, and 8 bytes of partials per (tile, column), 8 ceil(M / 64) C
  *     (1/16 of g's bytes in float16); no more shared memory (the sums reuse the tiles) and the same
  *     occupancy (ptxas, sm_70 to sm_90: registers within 3 of the plain kernels', no spills).  ResNet-50 at
  *     batch 256: 32 such layers, sum of M C = 0.84e9 values: 3.37 GB of reads (float16) and 0.11 GB of
- *     partials per step.  What the batch norm's side saves in return: batchnorm.cu's header.  Versions
+ *     partials per step, and 12 with a shortcut (the 1x1 reduce layers, C = 4 K: 1.03e9 values, 6.2 GB of
+ *     reads; bench/NOTES.md, "Every byte once", has the predicted times).  What the batch norm's side saves in return: batchnorm.cu's header.  Versions
  *     1 and 2, and cuDNN, have no such epilogue: there batch norm's batchnorm_relu_grad_partials
  *     (kernels/batchnorm.py) reads da, a and x once more for the same g and partials.
  */
