@@ -611,7 +611,7 @@ conv2d_fwd_igemm_stats_f32(const float* __restrict__ x, const float* __restrict_
 // The ReLU's backward and the batch norm's backward partial sums in version 3's backward-data
 // epilogue ("The batch norm's backward in the backward-data epilogue", header): the tile is in
 // registers as igemm_tile returns it (thread (ty, tx): rows ty*4.., columns tx*4..).  Each element:
-// g = da where a > 0, else 0, written to dx instead of da; per column, sum g and
+// g = da (+ dz, when dz is not null) where a > 0, else 0, written to dx instead of da; per column, sum g and
 // sum g * (bn_x - bn_mean) over the tile's rows: each thread over its 4 rows, then the 16 threads'
 // sums of a column, in order, by one thread (As and Bs are free: igemm_tile ended with a barrier).
 // part[q][b][c] for q = 0, 1, b = blockIdx.x of gridDim.x, c < C (columns past C are not written).
@@ -1032,9 +1032,9 @@ __device__ __forceinline__ void tc_column_stats(const float* Cs, int rows, int c
 // The ReLU's backward and the batch norm's backward partial sums in the tensor-core backward-data
 // epilogue (the *_relu_bn_f16 kernels; "The batch norm's backward in the backward-data epilogue",
 // header).  Like tc_store_tile_f16, 4 consecutive columns per thread, but each element is
-//     h = da rounded to half;  g = a > 0 ? h : 0, stored instead of da;
-//     per column: sum g and sum g * (bn_x - bn_mean) (float32, g as stored)
-// with a and bn_x read at g's address (8-byte vectors where vec says the row allows them).  With
+//     h = da rounded to half (with dz not null: h + dz rounded to half);  g = a > 0 ? h : 0, stored
+//     instead of da;  per column: sum g and sum g * (bn_x - bn_mean) (float32, g as stored)
+// with a, bn_x (and dz) read at g's address (8-byte vectors where vec says the row allows them).  With
 // TC_THREADS a multiple of 16, a thread's 4 columns are the same in every row it visits (rows
 // threadIdx.x / 16 + 8 i): it sums its 8 rows in registers, then the 8 threads' sums of a column are
 // added in order through the freed float tile by one thread per (column, sum).
@@ -1259,7 +1259,7 @@ conv2d_fwd_wmma_async_stats_f16(const __half* __restrict__ x, const __half* __re
 // Every tap (r, s) is visited for every input pixel; with stride 2, 3 in 4 of them reach no output
 // pixel and load zeros (version 5 does not visit them).
 // RELU_BN: dx = g and the batch norm's backward partials (conv2d_bwd_data_wmma_relu_bn_f16; a, bn_x,
-// bn_mean, part as tc_store_tile_relu_bn_f16, block b = blockIdx.x of gridDim.x).
+// dz, bn_mean, part as tc_store_tile_relu_bn_f16, block b = blockIdx.x of gridDim.x).
 template <bool RELU_BN>
 __device__ __forceinline__ void bwd_data_wmma_f16(const __half* __restrict__ dy, const __half* __restrict__ wk,
                                                   __half* __restrict__ dx, const __half* __restrict__ a,
