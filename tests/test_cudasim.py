@@ -213,6 +213,29 @@ def test_the_declared_gpu(monkeypatch):
         cp.cuda.runtime.getDeviceCount()
 
 
+def test_a_block_freed_while_the_pool_allocates_does_not_deadlock(monkeypatch):
+    """Garbage collection can free a block (its finalizer gives it back to the pool) on the thread
+    that is inside the pool's malloc, holding its lock: the lock must be re-entrant.  (A plain lock
+    hung the simulated-GPU test run in tests/test_cuda_graph.py.)  The block is dropped from inside
+    malloc here; the allocation runs in a thread that a deadlock would leave stuck."""
+    import threading
+    pool = cudasim.MemoryPool()
+    doomed = [pool.malloc(4096)]
+    real = cudasim._device_bytes_in_use
+
+    def in_use_while_a_block_dies():
+        doomed.clear()          # the last reference: its finalizer runs here, inside malloc
+        return real()
+
+    monkeypatch.setattr(cudasim, "_device_bytes_in_use", in_use_while_a_block_dies)
+    got = []
+    t = threading.Thread(target=lambda: got.append(pool.malloc(8192)), daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert not t.is_alive(), "malloc waited for its own lock"
+    assert got and pool.used_bytes() == 8192 and pool.n_free_blocks() == 1
+
+
 def test_fresh_memory_holds_garbage_until_written():
     cp = cudasim.module()
     a = cp.empty((4, 3), np.float32)

@@ -408,7 +408,10 @@ class MemoryPool:
         self._used = 0
         self._free = collections.Counter()     # rounded size -> cached blocks
         self._limit = _limit_from_environment()
-        self._lock = threading.Lock()
+        # re-entrant: a Memory's finalizer returns its block through _release, and garbage collection
+        # can run it on this thread while malloc holds the lock (iterating the pools' WeakSet in _fits
+        # allocates); a plain Lock then waits for itself forever (seen in the GPU tests)
+        self._lock = threading.RLock()
         _pools.add(self)
 
     def malloc(self, size):
