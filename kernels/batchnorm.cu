@@ -87,13 +87,14 @@
  *              residual's gradient) (batchnorm_backward_from_partials; batchnorm_relu_grad_partials
  *              computes the same partials where the convolution has no such epilogue: versions 1
  *              and 2, cuDNN).  The layer code chooses it (nn.layers.BatchNorm2d, F.batch_norm's
- *              grad_partials) for a batch norm + ReLU, and for an add + ReLU whose output feeds a
- *              block with an identity shortcut, whose gradient the epilogue adds (conv.cu); where the
- *              gradient arrives otherwise (a sum of several consumers') it runs version 4.
+ *              grad_partials) for a batch norm + ReLU, and for an add + ReLU whose output feeds the
+ *              next block (its second consumer's gradient, the identity shortcut's or the other
+ *              convolution's, is added by the epilogue: conv.cu); where the gradient arrives
+ *              otherwise (a sum of several consumers') it runs version 4.
  *              Predicted on an H100 (not measured): 433 us at 256x56x56x256 in float16, 89 % of copy
  *              bandwidth (the kernels alone 104 %), against version 4's 818 / 954 us (ReLU / add +
- *              ReLU form); a float16 step's batch-norm backward 12.0 -> 7.6 ms, its convolutions'
- *              backward data +1.0 ms (bench/NOTES.md, "Every byte once").
+ *              ReLU form); a float16 step's batch-norm backward 12.0 -> 6.7 ms, its convolutions'
+ *              backward data +1.3 ms (bench/NOTES.md, "Every byte once").
  * Versions 1 to 3 share the normalising passes (*_apply_*, *_inference_*, *_backward_dx_*).
  *
  * On a GPU, at ResNet-50's shape (256x56x56x256; `python -m kernels.batchnorm` prints the performance

@@ -253,12 +253,14 @@
  *     in groups of 64 by batchnorm_backward_partials_fold, each group's sum rounded once to float32),
  *     and the batch norm's last pass reads g and x once for dx.
  *
- *     With an identity shortcut (ResNet-50's 12 blocks whose input, the block before's add + ReLU
- *     output, feeds both the first 1x1 convolution and the shortcut), a's gradient has a second part,
- *     dz, from the shortcut (the next block's batch norm hands it over instead of returning it to
- *     autograd: nn/functional.py, residual_grad_to_link).  The epilogue adds it before the mask, as
- *     stored: g = a > 0 ? round(round(da) + dz) : 0 (the rounding of da + dz in float16, as autograd's
- *     add of the two gradients did), one more read (dz) in the same pass; dz = null: none.
+ *     Where a has a second consumer, its gradient has a second part, dz: through an identity shortcut
+ *     (ResNet-50's 12 blocks whose input, the block before's add + ReLU output, feeds both the first
+ *     1x1 convolution and the shortcut; the block's last batch norm hands it over instead of returning
+ *     it to autograd: nn/functional.py, residual_grad_to_link), or from the other convolution of a
+ *     block with a projection (stages 2-4: the reduce and the projection take the same input; the one
+ *     whose backward runs first hands its da over: share_grad_partials).  The epilogue adds it before
+ *     the mask, as stored: g = a > 0 ? round(round(da) + dz) : 0 (the rounding of da + dz in float16,
+ *     as autograd's add of the two gradients did), one more read (dz) in the same pass; dz = null: none.
  *
  *     Error: each term g (x - mean) is rounded at most twice (the difference, the product) and then
  *     through at most 3 + 15 additions (v3) or 7 + 7 (v4/5), so to first order in u = 2^-24
@@ -274,9 +276,9 @@
  *     (1/16 of g's bytes in float16); no more shared memory (the sums reuse the tiles) and the same
  *     occupancy (ptxas, sm_70 to sm_90: registers within 3 of the plain kernels', no spills).  ResNet-50 at
  *     batch 256: 32 such layers, sum of M C = 0.84e9 values: 3.37 GB of reads (float16) and 0.11 GB of
- *     partials per step, and 12 with a shortcut (the 1x1 reduce layers, C = 4 K: 1.03e9 values, 6.2 GB of
- *     reads; bench/NOTES.md, "Every byte once", has the predicted times).  What the batch norm's side saves in return: batchnorm.cu's header.  Versions
- *     1 and 2, and cuDNN, have no such epilogue: there batch norm's batchnorm_relu_grad_partials
+ *     partials per step, and 15 with dz (12 1x1 reduce layers, C = 4 K, and 3 projections: 1.39e9
+ *     values, 8.3 GB of reads; bench/NOTES.md, "Every byte once", has the predicted times).  What the
+ *     batch norm's side saves in return: batchnorm.cu's header.  Versions 1 and 2, and cuDNN, have no such epilogue: there batch norm's batchnorm_relu_grad_partials
  *     (kernels/batchnorm.py) reads da, a and x once more for the same g and partials.
  */
 

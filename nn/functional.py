@@ -17,7 +17,7 @@ import numpy as np
 
 from nn.tensor import Tensor
 
-__all__ = ["conv2d", "conv2d_bn_stats", "linear", "batch_norm", "drop_grad_partials", "relu", "add", "add_relu", "max_pool2d", "transpose",
+__all__ = ["conv2d", "conv2d_bn_stats", "linear", "batch_norm", "share_grad_partials", "relu", "add", "add_relu", "max_pool2d", "transpose",
            "normalize_images",
            "global_avg_pool", "cross_entropy", "cast"]
 
@@ -73,8 +73,12 @@ def _conv2d(x, weight, stride, padding, bn_stats):
         dx = None
         if x.requires_grad:
             link = getattr(x, "_bn_grad_partials", None)
-            if link is not None:   # x = relu(bn(.) [+ r]): that batch norm's backward sums in this epilogue
-                dz, link.dz = link.dz, None   # x's gradient from the identity shortcut, if it came that way
+            if link is not None and link.pending > 1:   # another convolution takes x too, and comes later:
+                link.pending -= 1                        # this part of x's gradient goes to its epilogue
+                da = ops.conv2d_backward_data(dy, w_data, x_data.shape, stride, padding)
+                link.dz = da if link.dz is None else ops.add(link.dz, da)
+            elif link is not None:   # x = relu(bn(.) [+ r]): that batch norm's backward sums in this epilogue
+                dz, link.dz = link.dz, None   # x's gradient from its other consumer, if it came that way
                 dx, link.part = ops.conv2d_backward_data_relu_bn(dy, w_data, x_data.shape, stride, padding, x_data,
                                                                  link.bn_x, link.mean, dz)
                 link.g = dx
@@ -205,26 +209,33 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
     return out
 
 
-def drop_grad_partials(x):
-    """Forget the link of batch_norm(..., grad_partials=True) on x: for a tensor that two
-    convolutions take (a residual block's input with a projection shortcut), whose gradient is a
-    sum, so that neither computes partial sums the batch norm cannot use."""
-    if getattr(x, "_bn_grad_partials", None) is not None:
-        x._bn_grad_partials = None
+def share_grad_partials(x, convolutions):
+    """x (the output of batch_norm(..., grad_partials=True)) is the input of `convolutions`
+    convolutions and of nothing else (a residual block's input with a projection shortcut: the
+    block's first convolution and the projection's).  Each but the last whose backward runs hands its
+    part of x's gradient to the next one's epilogue (dz) instead of returning it to autograd, and the
+    last adds it before the mask: the batch norm then finishes from partials too.  Only the layer code
+    knows x has no other consumer; a consumer that is not one of these would make the gradient a sum,
+    which the batch norm handles as without the link."""
+    link = getattr(x, "_bn_grad_partials", None)
+    if link is not None:
+        link.pending = int(convolutions)
 
 
 class _GradPartials:
     """What a batch norm + ReLU (batch_norm(..., grad_partials=True)) shares with the convolution
     that takes its output: its input and batch mean (for the partial sums the convolution's
-    backward computes), the output's gradient from an identity shortcut (dz, handed over by the
-    next block's batch norm, residual_grad_to_link) and, after that backward, its results (g: the
+    backward computes), the output's gradient from its other consumer (dz, handed over by the next
+    block's batch norm through an identity shortcut, residual_grad_to_link, or by another
+    convolution, share_grad_partials) and, after that backward, its results (g: the
     gradient after the ReLU's mask, part: the partial sums), which the batch norm's backward takes
     once."""
 
-    __slots__ = ("bn_x", "mean", "g", "part", "dz")
+    __slots__ = ("bn_x", "mean", "g", "part", "dz", "pending")
 
     def __init__(self, bn_x, mean):
         self.bn_x, self.mean, self.g, self.part, self.dz = bn_x, mean, None, None, None
+        self.pending = 1   # the convolutions still to run their backward (share_grad_partials)
 
 
 def _batch_norm_inference(ops, x, weight, bias, running_mean, running_var, eps, relu, residual):

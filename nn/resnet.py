@@ -30,9 +30,10 @@ __all__ = ["Bottleneck", "BasicBlock", "ResNet", "resnet50", "resnet18", "resnet
 
 def _projection(downsample, x):
     """The projection shortcut of x.  x then feeds two convolutions (the block's first and the
-    projection's), so its gradient is a sum: the batch norm + ReLU that produced it cannot take its
-    backward's sums from either, and neither should compute them (F.drop_grad_partials)."""
-    F.drop_grad_partials(x)
+    projection's) and nothing else: the one whose backward runs first hands its part of x's
+    gradient to the other's epilogue (F.share_grad_partials), so the batch norm + ReLU that produced
+    x still finishes its backward from partials."""
+    F.share_grad_partials(x, 2)
     return downsample(x)
 
 

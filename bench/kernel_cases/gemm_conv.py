@@ -89,11 +89,13 @@ def follows_bn_relu(shape):
 
 
 def follows_identity_block(shape):
-    """Whether the convolution is a bottleneck's 1x1 reduce (C = 4 K, stride 1) in a block with an
-    identity shortcut: its input is the block before's add + ReLU output, whose gradient from the
-    shortcut its backward data adds before the mask (the "+ shortcut + relu bn" op)."""
+    """Whether the convolution's input is the block before's add + ReLU output and its backward data
+    adds that input's other gradient before the mask (the "+ shortcut + relu bn" op): a bottleneck's
+    1x1 reduce (C = 4 K, stride 1) in a block with an identity shortcut (the shortcut's gradient), or
+    the 1x1 stride-2 projection of stages 2-4 (K = 2 C; the block's reduce's da, whose backward runs
+    first)."""
     _, _, C, K, R, stride, _ = shape
-    return R == 1 and stride == 1 and C == 4 * K
+    return R == 1 and ((stride == 1 and C == 4 * K) or (stride == 2 and K == 2 * C))
 
 
 def _conv_cases(xp, n, shape, conv_versions, cudnn, note="", relu_bn=(), shortcut=None):
@@ -153,8 +155,7 @@ def _profile_cases(xp):
                         ((16, 16, 256, 64, 1, 2, 0), " projection 16x16")]:
         # the twins of the backward data with the ReLU + batch-norm epilogue (the 1x1 s1 one is the
         # reduce's shape, as for the plain backward data of the expand layers it is predicted beside)
-        R, stride = shape[4], shape[5]
-        relu_bn = RELU_BN_VERSIONS if R == 3 or stride == 1 else ()
+        relu_bn = RELU_BN_VERSIONS if shape[2] != 3 else ()   # not the stem's
         out += _conv_cases(xp, 1, shape, versions.numbers("conv"), None, note, relu_bn, shortcut="both")
     for version in G.F32_VERSIONS:
         out.append(_gemm_case(xp, "fc forward 128 of 256x1000", 128, 128, 2048, trans_b=True, version=version,

@@ -25,10 +25,11 @@ BEFORE = {"batchnorm": 3, "pool": 2, "input": 1, "elementwise": 1, "optimizer": 
 which runs version 2 for float16 gradients (version 1 has no float16 kernel), input 1, elementwise 1."""
 AFTER = {"batchnorm": 5, "pool": 3, "input": 3, "elementwise": 2, "optimizer": 2}
 """Batch norm 5 is version 4 with the backward of the 32 batch norms + ReLU whose output feeds a
-convolution (the stem's feeds the max pool) and of the 12 add + ReLU ones whose output feeds a block
-with an identity shortcut finished from the partial sums of that convolution's backward-data epilogue
-(conv_backward_data_layers: its cost is in the table too)."""
+convolution (the stem's feeds the max pool) and of the 15 add + ReLU ones whose output feeds the
+next block (the last one's feeds the pool) finished from the partial sums of a convolution's
+backward-data epilogue (conv_backward_data_layers: its cost is in the table too)."""
 STEM = (112, 112, 64)
+LAST = (7, 7, 2048)     # the last block's output: the global average pool takes it
 
 # (H, W, C) of every batch norm of ResNet-50 v1.5 at 224 px, by mode, and how many: the stem; in
 # each stage the first two of a bottleneck (+ ReLU; the first block's first one at the input's
@@ -53,10 +54,12 @@ def _step_case(case, op, version, label, family, count, when, key=()):
 def conv_backward_data_layers():
     """[((H, W, C, K, R, stride, padding), count, kind)] of the backward-data passes that batch norm
     version 5 changes: a bottleneck's 3x3 (conv2) and 1x1 expand (conv3), whose inputs come from a
-    batch norm + ReLU (kind "relu bn"), and the 1x1 reduce (conv1) of a block with an identity
-    shortcut, whose input is the block before's add + ReLU output (kind "shortcut + relu bn": it also
-    adds the shortcut's gradient).  32 + 12 of them; the others (the stem, the first block's reduce,
-    the projections) run plain before and after."""
+    batch norm + ReLU (kind "relu bn"), the 1x1 reduce (conv1) of a block with an identity shortcut,
+    whose input is the block before's add + ReLU output (kind "shortcut + relu bn": it also adds the
+    shortcut's gradient), and the projection of stages 2-4, whose input the block's reduce takes too
+    (the projection's backward runs second and adds the reduce's da: the same kind).  32 + 12 + 3 of
+    them; the others (the stem, the reduce beside a projection, stage 1's projection of the max
+    pool's output) run plain before and after."""
     layers = {}
     size, cin = 56, 64
     for width, blocks, first_stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
@@ -67,6 +70,8 @@ def conv_backward_data_layers():
                                                                              "relu bn")]
             if b > 0:
                 fused.append(((size, size, cin, width, 1, 1, 0), "shortcut + relu bn"))
+            elif stride == 2:   # stages 2-4: the input is the stage before's last add + ReLU output
+                fused.append(((size, size, cin, 4 * width, 1, 2, 0), "shortcut + relu bn"))
             for key in fused:
                 layers[key] = layers.get(key, 0) + 1
             size, cin = out, 4 * width
@@ -75,7 +80,7 @@ def conv_backward_data_layers():
 
 # the twins the model scales each layer's kernels from: 16x16 images, one per kind of filter
 _CONV_TWINS = {(3, 1): (16, 16, 64, 64, 3, 1, 1), (3, 2): (16, 16, 64, 64, 3, 2, 1),
-               (1, 1): (16, 16, 256, 64, 1, 1, 0)}
+               (1, 1): (16, 16, 256, 64, 1, 1, 0), (1, 2): (16, 16, 64, 128, 1, 2, 0)}
 
 
 def _conv_cases(xp, size):
@@ -134,8 +139,9 @@ def cases(xp, size):
                 out.append(_step_case(c, fwd, v, f"{fwd} [{s}]", "batchnorm forward", count, when, ("C", C)))
                 bwd = _BACKWARD[mode] + " f16"
                 # version 5: from the next convolution's partials, the batch norms + ReLU but the stem's,
-                # and the add + ReLU ones but each stage's last (its output feeds a projection or the pool)
-                fused = 0 if version < 5 else count - 1 if mode == "add_relu" else count if (H, W, C) != STEM else 0
+                # and the add + ReLU ones but the network's last (its output feeds the pool)
+                fused = 0 if version < 5 else count - ((H, W, C) == LAST) if mode == "add_relu" else \
+                    count if (H, W, C) != STEM else 0
                 if mode == "plain":
                     fused = 0
                 if fused:
