@@ -182,13 +182,11 @@ def _wait_until_idle(pid, quiet=0.5, limit=60):
     raise AssertionError(f"process {pid} kept running for {limit} s")
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_one_ctrl_c_ends_the_wait_for_a_worker_that_never_answers(tiny_data, reference_run, tmp_path):
-    """Loader workers that are alive but never answer (stopped here; a hung file system alike):
-    the first SIGINT ends the wait for its batch at once, the run checkpoints before the step it
-    could not take and exits 130, and the resumed run is the uninterrupted one bit for bit (the
-    first signal used to wait for the step to finish, so the run waited for the batch forever)."""
-    out = tmp_path / "run"
+def _interrupt_with_workers_stopped(tiny_data, out, pick_workers, quiet=0.5):
+    """Start a 3-epoch tiny run with one loader worker per loader, wait for its first metrics line,
+    SIGSTOP the workers pick_workers(all loader workers) returns, wait until the run waits for them,
+    send one SIGINT, and return (the process, stdout, stderr); the workers are continued, the run
+    killed if it still lives.  Skips when the run finished before its workers could be stopped."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
                              *map(str, ["--data", tiny_data, *TINY, "--workers", "1", "--epochs", 3,
                                         "--target-accuracy", 1.0, "--out", out])],
@@ -199,13 +197,12 @@ def test_one_ctrl_c_ends_the_wait_for_a_worker_that_never_answers(tiny_data, ref
         while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
         # the workers: the children of the forkserver, itself a child of the run
-        stopped = [w for server in _children(proc.pid) for w in _children(server)]
-        assert stopped, "no loader worker found"
+        stopped = pick_workers(sorted(w for server in _children(proc.pid) for w in _children(server)))
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
         if proc.poll() is not None:
             pytest.skip("the run finished before its workers could be stopped")
-        _wait_until_idle(proc.pid)           # the batches made before the stop are used up: it waits
+        _wait_until_idle(proc.pid, quiet=quiet)
         proc.send_signal(signal.SIGINT)      # once
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -216,6 +213,23 @@ def test_one_ctrl_c_ends_the_wait_for_a_worker_that_never_answers(tiny_data, ref
                 pass
         if proc.poll() is None:
             proc.kill()
+    return proc, stdout, stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_one_ctrl_c_ends_the_wait_for_a_worker_that_never_answers(tiny_data, reference_run, tmp_path):
+    """Loader workers that are alive but never answer (stopped here; a hung file system alike):
+    the first SIGINT ends the wait for its batch at once, the run checkpoints before the step it
+    could not take and exits 130, and the resumed run is the uninterrupted one bit for bit (the
+    first signal used to wait for the step to finish, so the run waited for the batch forever)."""
+    out = tmp_path / "run"
+
+    def every_worker(workers):
+        assert workers, "no loader worker found"
+        return workers
+
+    # the batches made before the stop are used up: it waits for the next
+    proc, stdout, stderr = _interrupt_with_workers_stopped(tiny_data, out, every_worker)
     if proc.returncode == train.EXIT_NOT_REACHED:
         pytest.skip("the run finished before the interrupt arrived")
     assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
@@ -231,33 +245,14 @@ def test_one_ctrl_c_stops_an_evaluation_and_the_resumed_run_evaluates_first(tiny
     at once; the checkpoint holds the trained, unevaluated epoch, and the resumed run evaluates it
     first and goes on as the uninterrupted run did, bit for bit, one metrics line per epoch."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
-                             *map(str, ["--data", tiny_data, *TINY, "--workers", "1", "--epochs", 3,
-                                        "--target-accuracy", 1.0, "--out", out])],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stopped = []
-    try:
-        deadline = time.time() + 120
-        while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        # the validation loader's worker: started after the training loader's, at the first evaluation
-        workers = sorted(w for server in _children(proc.pid) for w in _children(server))
+
+    def the_validation_worker(workers):
+        # started after the training loader's, at the first evaluation
         assert len(workers) == 2, workers
-        stopped = workers[-1:]
-        os.kill(stopped[0], signal.SIGSTOP)
-        if proc.poll() is not None:
-            pytest.skip("the run finished before its worker could be stopped")
-        _wait_until_idle(proc.pid, quiet=1.0)   # epoch 2 trained; its evaluation waits
-        proc.send_signal(signal.SIGINT)         # once
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        for pid in stopped:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            proc.kill()
+        return workers[-1:]
+
+    # epoch 2 trained; its evaluation waits
+    proc, stdout, stderr = _interrupt_with_workers_stopped(tiny_data, out, the_validation_worker, quiet=1.0)
     assert proc.returncode == train.EXIT_INTERRUPTED, stderr[-2000:]
     with np.load(out / "checkpoint_last.npz") as ck:
         assert (int(ck["extra/epoch"]), int(ck["extra/batch"]), int(ck["extra/step"])) == (1, 12, 24)
