@@ -641,28 +641,6 @@ KERNEL_ENTRY(batchnorm_add_relu_backward_dx_f16x8, backward_dx_x8<true, true>)
  * whose lanes sit 32 bytes apart: 32 sectors per load). */
 #define BN_VEC_THREADS 256
 
-/* V channels of one row, to or from floats: one 16-byte vector, or (V = 1) one value; and V per-channel
- * floats (float32 [C] arrays, 16-byte aligned) as V / 4 float4 vectors. */
-template <int V>
-struct RowVector {
-    template <typename T>
-    static __device__ __forceinline__ void load(const T* p, float* f) { load_vec16(p, f); }
-    template <typename T>
-    static __device__ __forceinline__ void store(T* p, const float* f) { store_vec16(p, f); }
-    static __device__ __forceinline__ void channels(const float* p, float* f) {
-#pragma unroll
-        for (int j = 0; j < V; j += 4) load_vec16(p + j, f + j);
-    }
-};
-template <>
-struct RowVector<1> {
-    template <typename T>
-    static __device__ __forceinline__ void load(const T* p, float* f) { f[0] = to_float(*p); }
-    template <typename T>
-    static __device__ __forceinline__ void store(T* p, const float* f) { *p = from_float<T>(f[0]); }
-    static __device__ __forceinline__ void channels(const float* p, float* f) { f[0] = *p; }
-};
-
 /* Forward, training: y = (x - mean) * (gamma * invstd) + beta [+ residual] [then ReLU], as
  * normalize_rows computes it. */
 template <typename T, int V, bool RELU, bool ADD>
@@ -673,17 +651,17 @@ __device__ void apply_rows(const T* __restrict__ x, const T* __restrict__ residu
     const int g = blockIdx.x * blockDim.x + threadIdx.x;
     if (g * V >= C) return;   // no barriers in this kernel
     float mean[V], scale[V], shift[V], invstd[V];
-    RowVector<V>::channels(saved_mean + g * V, mean);
-    RowVector<V>::channels(gamma + g * V, scale);
-    RowVector<V>::channels(saved_invstd + g * V, invstd);
-    RowVector<V>::channels(beta + g * V, shift);
+    Lanes<V>::load_floats(saved_mean + g * V, mean);
+    Lanes<V>::load_floats(gamma + g * V, scale);
+    Lanes<V>::load_floats(saved_invstd + g * V, invstd);
+    Lanes<V>::load_floats(beta + g * V, shift);
 #pragma unroll
     for (int j = 0; j < V; ++j) scale[j] *= invstd[j];
     GRID_STRIDE_LOOP_Y(r, M) {
         const long long i = r * C + (long long)g * V;
         float f[V], res[V];
-        RowVector<V>::load(x + i, f);
-        if (ADD) RowVector<V>::load(residual + i, res);
+        Lanes<V>::load(x + i, f);
+        if (ADD) Lanes<V>::load(residual + i, res);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
             float o = (f[j] - mean[j]) * scale[j] + shift[j];
@@ -691,7 +669,7 @@ __device__ void apply_rows(const T* __restrict__ x, const T* __restrict__ residu
             if (RELU) o = o > 0.0f ? o : 0.0f;
             f[j] = o;
         }
-        RowVector<V>::store(y + i, f);
+        Lanes<V>::store(y + i, f);
     }
 }
 
@@ -716,19 +694,19 @@ __device__ void inference_rows(const T* __restrict__ x, T* __restrict__ y, const
     const int g = blockIdx.x * blockDim.x + threadIdx.x;
     if (g * V >= C) return;
     float mean[V], scale[V], shift[V], var[V];
-    RowVector<V>::channels(running_mean + g * V, mean);
-    RowVector<V>::channels(gamma + g * V, scale);
-    RowVector<V>::channels(running_var + g * V, var);
-    RowVector<V>::channels(beta + g * V, shift);
+    Lanes<V>::load_floats(running_mean + g * V, mean);
+    Lanes<V>::load_floats(gamma + g * V, scale);
+    Lanes<V>::load_floats(running_var + g * V, var);
+    Lanes<V>::load_floats(beta + g * V, shift);
 #pragma unroll
     for (int j = 0; j < V; ++j) scale[j] = scale[j] / sqrtf(var[j] + eps);
     GRID_STRIDE_LOOP_Y(r, M) {
         const long long i = r * C + (long long)g * V;
         float f[V];
-        RowVector<V>::load(x + i, f);
+        Lanes<V>::load(x + i, f);
 #pragma unroll
         for (int j = 0; j < V; ++j) f[j] = (f[j] - mean[j]) * scale[j] + shift[j];
-        RowVector<V>::store(y + i, f);
+        Lanes<V>::store(y + i, f);
     }
 }
 
@@ -755,15 +733,15 @@ __device__ void backward_reduce_rows(const T* __restrict__ dy, const T* __restri
 #pragma unroll
     for (int j = 0; j < V; ++j) sum_dz[j] = sum_dz_xc[j] = 0.0f;
     if (g * V < C) {   // no early return: every thread reaches the barrier
-        RowVector<V>::channels(saved_mean + g * V, mean);
+        Lanes<V>::load_floats(saved_mean + g * V, mean);
         GRID_STRIDE_LOOP_Y(r, M) {
             const long long i = r * C + (long long)g * V;
             float gv[V], xv[V];
-            RowVector<V>::load(dy + i, gv);
-            RowVector<V>::load(x + i, xv);
+            Lanes<V>::load(dy + i, gv);
+            Lanes<V>::load(x + i, xv);
             if (RELU) {
                 float yv[V];
-                RowVector<V>::load(y + i, yv);
+                Lanes<V>::load(y + i, yv);
                 unsigned int bits = 0;
 #pragma unroll
                 for (int j = 0; j < V; ++j) {
@@ -772,7 +750,7 @@ __device__ void backward_reduce_rows(const T* __restrict__ dy, const T* __restri
                 }
                 if (!ADD && V > 1) mask[r * (C / V) + g] = (unsigned char)bits;
             }
-            if (ADD) RowVector<V>::store(dz_out + i, gv);
+            if (ADD) Lanes<V>::store(dz_out + i, gv);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
                 sum_dz[j] += gv[j];
@@ -894,28 +872,28 @@ __device__ void backward_dx_rows(const T* __restrict__ dy, const T* __restrict__
     const int g = blockIdx.x * blockDim.x + threadIdx.x;
     if (g * V >= C) return;   // no barriers in this kernel
     float mean[V], k[V], dbeta_mean[V], dgamma_mean_invstd[V];
-    RowVector<V>::channels(saved_mean + g * V, mean);
-    RowVector<V>::channels(coef + g * V, k);
-    RowVector<V>::channels(coef + C + g * V, dbeta_mean);
-    RowVector<V>::channels(coef + 2 * C + g * V, dgamma_mean_invstd);
+    Lanes<V>::load_floats(saved_mean + g * V, mean);
+    Lanes<V>::load_floats(coef + g * V, k);
+    Lanes<V>::load_floats(coef + C + g * V, dbeta_mean);
+    Lanes<V>::load_floats(coef + 2 * C + g * V, dgamma_mean_invstd);
     GRID_STRIDE_LOOP_Y(r, M) {
         const long long i = r * C + (long long)g * V;
         float gv[V], xv[V];
-        RowVector<V>::load(dy + i, gv);
-        RowVector<V>::load(x + i, xv);
+        Lanes<V>::load(dy + i, gv);
+        Lanes<V>::load(x + i, xv);
         if (RELU && V > 1) {
             const unsigned int bits = mask[r * (C / V) + g];
 #pragma unroll
             for (int j = 0; j < V; ++j) gv[j] = (bits >> j) & 1u ? gv[j] : 0.0f;
         } else if (RELU) {
             float yv[V];
-            RowVector<V>::load(y + i, yv);
+            Lanes<V>::load(y + i, yv);
 #pragma unroll
             for (int j = 0; j < V; ++j) gv[j] = yv[j] > 0.0f ? gv[j] : 0.0f;
         }
 #pragma unroll
         for (int j = 0; j < V; ++j) xv[j] = k[j] * (gv[j] - dbeta_mean[j] - (xv[j] - mean[j]) * dgamma_mean_invstd[j]);
-        RowVector<V>::store(dx + i, xv);
+        Lanes<V>::store(dx + i, xv);
     }
 }
 

@@ -25,6 +25,8 @@
  *                               aligned) to or from 8 floats f[0..7]: one instruction instead of 8
  *   VEC16(T), load_vec16(p, f), store_vec16(p, f)   the same for either storage type: one 16-byte
  *                               vector is VEC16(T) = 4 floats or 8 halves (overloaded on T)
+ *   Lanes<V>::load / store / load_floats / load_ints   V values as one 16-byte vector, or one value
+ *                               (V = 1): for a thread that owns V channels
  * Reductions (1-D blocks whose size is a multiple of 32; every thread of the block must call them,
  * since they hold barriers)
  *   warp_sum(v)                 sum over the 32 lanes of a warp by __shfl_down_sync; valid in lane 0
@@ -162,6 +164,41 @@ __device__ __forceinline__ void load_vec16(const float* p, float* f) {
 __device__ __forceinline__ void load_vec16(const __half* p, float* f) { load_half8(p, f); }
 __device__ __forceinline__ void store_vec16(float* p, const float* f) { store_float4(p, f); }
 __device__ __forceinline__ void store_vec16(__half* p, const float* f) { store_half8(p, f); }
+
+/* V consecutive values of the storage type T, to or from floats: one 16-byte vector (V = VEC16(T): 4
+ * floats, 8 halves) or, V = 1, one value; and V float32 or int32 companions (a channel's constants, an
+ * argmax) as V / 4 16-byte vectors.  For kernels whose thread owns V channels (batchnorm.cu version 4,
+ * pool.cu version 3), which take V = 1 where the channels or the arrays do not allow vectors. */
+template <int V>
+struct Lanes {
+    template <typename T>
+    static __device__ __forceinline__ void load(const T* p, float* f) { load_vec16(p, f); }
+    template <typename T>
+    static __device__ __forceinline__ void store(T* p, const float* f) { store_vec16(p, f); }
+    static __device__ __forceinline__ void load_floats(const float* p, float* f) {
+#pragma unroll
+        for (int j = 0; j < V; j += 4) load_vec16(p + j, f + j);
+    }
+    static __device__ __forceinline__ void load_ints(const int* p, int* a) {
+#pragma unroll
+        for (int j = 0; j < V; j += 4) {
+            const int4 v = __ldg(reinterpret_cast<const int4*>(p + j));
+            a[j] = v.x;
+            a[j + 1] = v.y;
+            a[j + 2] = v.z;
+            a[j + 3] = v.w;
+        }
+    }
+};
+template <>
+struct Lanes<1> {
+    template <typename T>
+    static __device__ __forceinline__ void load(const T* p, float* f) { f[0] = to_float(*p); }
+    template <typename T>
+    static __device__ __forceinline__ void store(T* p, const float* f) { *p = from_float<T>(f[0]); }
+    static __device__ __forceinline__ void load_floats(const float* p, float* f) { f[0] = *p; }
+    static __device__ __forceinline__ void load_ints(const int* p, int* a) { a[0] = *p; }
+};
 
 /* ------------------------------------------------------------------------------- reductions */
 /* Five shuffle steps: lane l adds lane l + 16, then l + 8, ... l + 1; lane 0 ends with the sum. */

@@ -161,34 +161,6 @@ KERNEL_ENTRY(global_avgpool_backward_f32, avgpool_backward<float>)
 KERNEL_ENTRY(global_avgpool_backward_f16, avgpool_backward<__half>)
 
 /* ============================================================== version 3: blocks of pixels, 16-byte vectors */
-/* V consecutive channels, moved as one 16-byte vector (V = VEC16(T): 4 floats, 8 halves) or, V = 1, one
- * value; argmax's V int32 as V / 4 int4 vectors. */
-template <int V>
-struct ChannelVector {
-    template <typename T>
-    static __device__ __forceinline__ void load(const T* p, float* f) { load_vec16(p, f); }
-    template <typename T>
-    static __device__ __forceinline__ void store(T* p, const float* f) { store_vec16(p, f); }
-    static __device__ __forceinline__ void load_int(const int* p, int* a) {
-#pragma unroll
-        for (int j = 0; j < V; j += 4) {
-            const int4 v = __ldg(reinterpret_cast<const int4*>(p + j));
-            a[j] = v.x;
-            a[j + 1] = v.y;
-            a[j + 2] = v.z;
-            a[j + 3] = v.w;
-        }
-    }
-};
-template <>
-struct ChannelVector<1> {
-    template <typename T>
-    static __device__ __forceinline__ void load(const T* p, float* f) { f[0] = to_float(*p); }
-    template <typename T>
-    static __device__ __forceinline__ void store(T* p, const float* f) { *p = from_float<T>(f[0]); }
-    static __device__ __forceinline__ void load_int(const int* p, int* a) { a[0] = *p; }
-};
-
 /* Max-pool backward for stride 2 (ResNet's 3x3/2/1; any window k and padding pad < k).  One thread per
  * 2x2 block of input pixels (rows 2t, 2t+1, columns 2u, 2u+1; the last row or column alone where H or W is
  * odd) and V channels: the outputs whose window covers any of its four pixels are rows
@@ -226,8 +198,8 @@ __device__ void maxpool_backward_blocks(const T* __restrict__ dy, const int* __r
                 const long long o = (((long long)n * P + p) * Q + q) * C + g * V;
                 int a[V];
                 float d[V];
-                ChannelVector<V>::load_int(argmax + o, a);
-                ChannelVector<V>::load(dy + o, d);
+                Lanes<V>::load_ints(argmax + o, a);
+                Lanes<V>::load(dy + o, d);
 #pragma unroll
                 for (int j = 0; j < V; ++j) {
                     const int at = a[j] - base;
@@ -239,10 +211,10 @@ __device__ void maxpool_backward_blocks(const T* __restrict__ dy, const int* __r
             }
         const long long pixel = ((long long)n * H + h0) * W + w0;   // dx's pixel (h0, w0)
         T* out = dx + pixel * C + g * V;
-        ChannelVector<V>::store(out, acc[0]);
-        if (right) ChannelVector<V>::store(out + C, acc[1]);
-        if (below) ChannelVector<V>::store(out + (long long)W * C, acc[2]);
-        if (right && below) ChannelVector<V>::store(out + (long long)(W + 1) * C, acc[3]);
+        Lanes<V>::store(out, acc[0]);
+        if (right) Lanes<V>::store(out + C, acc[1]);
+        if (below) Lanes<V>::store(out + (long long)W * C, acc[2]);
+        if (right && below) Lanes<V>::store(out + (long long)(W + 1) * C, acc[3]);
     }
 }
 
@@ -261,12 +233,12 @@ __device__ void avgpool_backward_vec(const T* __restrict__ dy, T* __restrict__ d
     const int g = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
     if (g * V >= C) return;   // no barriers in this kernel
     float d[V];
-    ChannelVector<V>::load(dy + (long long)n * C + g * V, d);
+    Lanes<V>::load(dy + (long long)n * C + g * V, d);
 #pragma unroll
     for (int j = 0; j < V; ++j) d[j] = d[j] / (float)HW;   // as version 1 divides: the same bits
     T* plane = dx + (long long)n * HW * C + g * V;
     for (int pixel = blockIdx.z * blockDim.y + threadIdx.y; pixel < HW; pixel += blockDim.y * gridDim.z)
-        ChannelVector<V>::store(plane + (long long)pixel * C, d);
+        Lanes<V>::store(plane + (long long)pixel * C, d);
 }
 
 KERNEL_ENTRY(global_avgpool_backward_f32x1, avgpool_backward_vec<float, 1>)
