@@ -295,8 +295,8 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     """
     op = "conv2d_backward_data"
     version = versions.version("conv", version, op, getattr(dy, "dtype", None))
-    if version in F16_VERSIONS:
-        return _backward_data_f16(op, dy, w, x_shape, stride, padding, version)
+    if version >= 3:
+        return _backward_data_tiled(op, dy, w, x_shape, stride, padding, version)
     check_array(op, "dy", dy, dtype=np.float32, ndim=4)
     check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
     x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
@@ -309,14 +309,10 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
     if version == 1:
         w = _oihw_f32(op, w)
         mod.get_function("conv2d_bwd_data_naive_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dy, w, dx) + _shape_args(g))
-    elif version == 2:
+    else:
         wt = _krsc(op, w, _F32).reshape(K, R * S * C)
         dcols = _gemm.gemm(dy.reshape(N * P * Q, K), wt)     # [NPQ, RSC]
         mod.get_function("col2im_f32")((_blocks(dx.size, xp),), (_BLOCK,), (dcols, dx) + _shape_args(g))
-    else:
-        wt = _krsc(op, w, _F32)                              # KRSC, as the forward pass reads it
-        grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
-        mod.get_function("conv2d_bwd_data_igemm_f32")(grid, (256,), (dy, wt, dx) + _shape_args(g))
     return dx
 
 
@@ -362,28 +358,7 @@ def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_me
         if dz is not None:
             da = _elementwise.add(da, dz)
         return _bn.batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
-    check_array(op, "w", w, dtype=dtype, ndim=4, contiguous=False)
-    xp = array_module(dy, w, a, bn_x, bn_mean)
-    g = _geometry(op, x_shape, w.shape, stride, padding)
-    N, H, W, C, K, R, S, P, Q, stride, _ = g
-    _check_dy(op, dy, g, f"x_shape {x_shape} and w {tuple(w.shape)}")
-    dx = empty(xp, x_shape, dtype=dtype)
-    if version == 3:
-        grid = (-(-(N * H * W) // _IG_TILE), -(-C // _IG_TILE))
-        part = empty(xp, (2, grid[0], C), dtype=np.float32)
-        _module(xp).get_function("conv2d_bwd_data_igemm_relu_bn_f32")(
-            grid, (256,), (dy, _krsc(op, w, _F32), dx, a, bn_x, dz, bn_mean, part) + _shape_args(g))
-        return dx, part
-    wk = _krsc(op, w, _F16)
-    if version == 4:
-        grid = (-(-(N * H * W) // _TC_TILE), -(-C // _TC_TILE))
-    else:
-        grid = (-(-(N * -(-H // stride) * -(-W // stride)) // _TC_TILE), -(-C // _TC_TILE), stride * stride)
-    part = empty(xp, (2, grid[0] * (grid[2] if len(grid) == 3 else 1), C), dtype=np.float32)
-    _module(xp).get_function(_TC_NAMES[version].replace("_f16", "_relu_bn_f16") % "conv2d_bwd_data")(
-        grid, (_TC_THREADS,), (dy, wk, dx, a, bn_x, dz, bn_mean, part) + _shape_args(g)
-        + (_aligned(*(arr for arr in (dy, wk, dx, a, bn_x, dz) if arr is not None)),))
-    return dx, part
+    return _backward_data_tiled(op, dy, w, x_shape, stride, padding, version, relu_bn=(a, bn_x, dz, bn_mean))
 
 
 def _split_k(xp, tiles, reduction, split_k, step=_IG_BK, min_steps=32):
@@ -468,25 +443,41 @@ def _forward_f16(op, x, w, stride, padding, version, stats=False):
     return y, part
 
 
-def _backward_data_f16(op, dy, w, x_shape, stride, padding, version):
-    check_array(op, "dy", dy, dtype=np.float16, ndim=4)
+def _backward_data_tiled(op, dy, w, x_shape, stride, padding, version, relu_bn=None):
+    """Backward data by versions 3 (conv2d_bwd_data_igemm_f32), 4 and 5 (tensor cores, float16) -> dx;
+    relu_bn = (a, bn_x, dz, bn_mean): their *_relu_bn kernel instead, -> (g, part)
+    (conv2d_backward_data_relu_bn, which checks those four)."""
+    dtype = _F16 if version in F16_VERSIONS else _F32
+    check_array(op, "dy", dy, dtype=dtype, ndim=4)
+    check_array(op, "w", w, dtype=dtype, ndim=4, contiguous=False)
     x_shape = check_shape_tuple(op, "x_shape", x_shape, "(N, H, W, C)")
     xp = array_module(dy, w)
-    check_array(op, "w", w, dtype=np.float16, ndim=4, contiguous=False)
-    wk = _krsc(op, w, _F16)
     g = _geometry(op, x_shape, w.shape, stride, padding)
-    N, H, W, C, K, R, S, P, Q, _, _ = g
+    N, H, W, C, K, R, S, P, Q, stride, _ = g
     _check_dy(op, dy, g, f"x_shape {x_shape} and w {tuple(w.shape)}")
-    dx = empty(xp, x_shape, dtype=np.float16)
-    stride = g[9]
-    if version == 4:   # every input pixel, every tap
-        grid = (-(-(N * H * W) // _TC_TILE), -(-C // _TC_TILE))
-    else:              # one sub-convolution per stride phase: blockIdx.z = the phase
-        rows = N * -(-H // stride) * -(-W // stride)
-        grid = (-(-rows // _TC_TILE), -(-C // _TC_TILE), stride * stride)
-    _module(xp).get_function(_TC_NAMES[version] % "conv2d_bwd_data")(grid, (_TC_THREADS,), (dy, wk, dx) + _shape_args(g)
-                                                                     + (_aligned(dy, wk, dx),))
-    return dx
+    dx = empty(xp, x_shape, dtype=dtype)
+    wk = _krsc(op, w, dtype)                     # KRSC, as the forward pass reads it
+    if version == 3:
+        name, block, tile = "conv2d_bwd_data_igemm_f32", 256, _IG_TILE
+    else:
+        name, block, tile = _TC_NAMES[version] % "conv2d_bwd_data", _TC_THREADS, _TC_TILE
+    if version == 5:   # one sub-convolution per stride phase: blockIdx.z = the phase
+        grid = (-(-(N * -(-H // stride) * -(-W // stride)) // tile), -(-C // tile), stride * stride)
+    else:              # every input pixel, every tap
+        grid = (-(-(N * H * W) // tile), -(-C // tile))
+
+    def launch(name, args, vectors):
+        aligned = (_aligned(*(v for v in vectors if v is not None)),) if version in F16_VERSIONS else ()
+        _module(xp).get_function(name)(grid, (block,), args + _shape_args(g) + aligned)
+
+    if relu_bn is None:
+        launch(name, (dy, wk, dx), (dy, wk, dx))
+        return dx
+    a, bn_x, dz, bn_mean = relu_bn
+    part = empty(xp, (2, grid[0] * (grid[2] if version == 5 else 1), C), dtype=np.float32)
+    base, suffix = name.rsplit("_", 1)               # conv2d_bwd_data_..._f16 -> conv2d_bwd_data_..._relu_bn_f16
+    launch(f"{base}_relu_bn_{suffix}", (dy, wk, dx, a, bn_x, dz, bn_mean, part), (dy, wk, dx, a, bn_x, dz))
+    return dx, part
 
 
 def _backward_weight_f16(op, x, dy, w_shape, stride, padding, version, split_k, dtype):
