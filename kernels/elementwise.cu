@@ -139,27 +139,10 @@ __device__ void relu_forward_vec(const T* __restrict__ x, T* __restrict__ y, lon
     }
 }
 
-template <typename T>
-__device__ void relu_backward_vec(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
-                                  long long n) {
-    constexpr int V = VEC16(T);
-    const long long vectors = n / V;
-    GRID_STRIDE_LOOP(v, vectors) {
-        float g[V], out[V];
-        load_vec16(dy + v * V, g);
-        load_vec16(y + v * V, out);
-#pragma unroll
-        for (int j = 0; j < V; ++j) g[j] = out[j] > 0.0f ? g[j] : 0.0f;   // a half survives the float round trip
-        store_vec16(dx + v * V, g);
-    }
-    GRID_STRIDE_LOOP(t, n - vectors * V) {
-        const long long i = vectors * V + t;
-        dx[i] = to_float(y[i]) > 0.0f ? dy[i] : from_float<T>(0.0f);
-    }
-}
-
-template <typename T, bool RELU>
-__device__ void add_vec(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, long long n) {
+// c = op(a, b) elementwise, in floats: whole vectors, then the tail one element per thread.
+template <typename T, class Op>
+__device__ __forceinline__ void map2_vec(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c,
+                                         long long n, Op op) {
     constexpr int V = VEC16(T);
     const long long vectors = n / V;
     GRID_STRIDE_LOOP(v, vectors) {
@@ -167,17 +150,28 @@ __device__ void add_vec(const T* __restrict__ a, const T* __restrict__ b, T* __r
         load_vec16(a + v * V, fa);
         load_vec16(b + v * V, fb);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-            const float s = fa[j] + fb[j];
-            fa[j] = RELU ? (s > 0.0f ? s : 0.0f) : s;
-        }
+        for (int j = 0; j < V; ++j) fa[j] = op(fa[j], fb[j]);
         store_vec16(c + v * V, fa);
     }
     GRID_STRIDE_LOOP(t, n - vectors * V) {
         const long long i = vectors * V + t;
-        const float s = to_float(a[i]) + to_float(b[i]);
-        c[i] = from_float<T>(RELU ? (s > 0.0f ? s : 0.0f) : s);
+        c[i] = from_float<T>(op(to_float(a[i]), to_float(b[i])));
     }
+}
+
+template <typename T>
+__device__ void relu_backward_vec(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                                  long long n) {
+    // a half survives the float round trip: dx is dy's bits where y > 0
+    map2_vec(dy, y, dx, n, [](float g, float out) { return out > 0.0f ? g : 0.0f; });
+}
+
+template <typename T, bool RELU>
+__device__ void add_vec(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, long long n) {
+    map2_vec(a, b, c, n, [](float x, float y) {
+        const float s = x + y;
+        return RELU ? (s > 0.0f ? s : 0.0f) : s;
+    });
 }
 
 KERNEL_ENTRY(relu_forward_vec_f32, relu_forward_vec<float>)
