@@ -537,8 +537,8 @@ class BatchnormCase(OpCase):
             x, _, dy = self.activations(op)
             y, mean, invstd = self.saved(op)
             if op in self.FROM_PARTIALS:
-                return bn.batchnorm_backward_from_partials(*self.conv_partials(op)[:1], x, self.gamma, mean, invstd,
-                                                           self.conv_partials(op)[1])
+                g, part = self.conv_partials(op)
+                return bn.batchnorm_backward_from_partials(g, x, self.gamma, mean, invstd, part)
             if base == "batchnorm_backward":
                 return bn.batchnorm_backward(dy, x, self.gamma, mean, invstd)
             return getattr(bn, base)(dy, y, x, self.gamma, mean, invstd)

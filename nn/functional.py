@@ -178,9 +178,7 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
     to_link = getattr(residual, "_bn_grad_partials", None) if residual_grad_to_link else None
     if residual is not None:
         def backward(dy):
-            g, part = (link.g, link.part) if link is not None else (None, None)
-            if link is not None:
-                link.g = link.part = None
+            g, part = link.take() if link is not None else (None, None)
             if dy is g:   # masked already, with its partial sums: dresidual is g itself
                 dx, dgamma, dbeta = ops.batchnorm_backward_from_partials(dy, x_data, gamma, mean, invstd, part)
                 dres = dy
@@ -191,8 +189,7 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
             return dx, dgamma, dbeta, dres
     elif link is not None:
         def backward(dy):
-            g, part = link.g, link.part
-            link.g = link.part = None
+            g, part = link.take()
             if dy is g:   # the convolution's backward-data pass produced dy with the partial sums
                 return ops.batchnorm_backward_from_partials(dy, x_data, gamma, mean, invstd, part)
             return ops.batchnorm_relu_backward(dy, y, x_data, gamma, mean, invstd)
@@ -236,6 +233,11 @@ class _GradPartials:
     def __init__(self, bn_x, mean):
         self.bn_x, self.mean, self.g, self.part, self.dz = bn_x, mean, None, None, None
         self.pending = 1   # the convolutions still to run their backward (share_grad_partials)
+
+    def take(self):
+        """(g, part) of the convolution's backward, once: the link lets go of them."""
+        g, part, self.g, self.part = self.g, self.part, None, None
+        return g, part
 
 
 def _batch_norm_inference(ops, x, weight, bias, running_mean, running_var, eps, relu, residual):

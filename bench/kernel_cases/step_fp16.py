@@ -45,6 +45,17 @@ _FORWARD = {"plain": "batchnorm_forward_train", "relu": "batchnorm_relu_forward_
 _BACKWARD = {"plain": "batchnorm_backward", "relu": "batchnorm_relu_backward", "add_relu": "batchnorm_add_relu_backward"}
 
 
+def _from_partials(mode, shape, count):
+    """How many of `count` batch norms of `mode` at (H, W, C) `shape` finish their backward from a
+    convolution's partials in version 5: the batch norms + ReLU but the stem's (its output feeds the
+    max pool), the add + ReLU ones but the network's last (the pool), none of the plain ones."""
+    if mode == "plain":
+        return 0
+    if mode == "add_relu":
+        return count - (shape == LAST)
+    return count if shape != STEM else 0
+
+
 def _step_case(case, op, version, label, family, count, when, key=()):
     c = lesson_case(case, op, version, f"step: {label} v{version} x{count}", key=key)
     c.notes["step"] = {"family": family, "count": count, "when": when}
@@ -138,12 +149,7 @@ def cases(xp, size):
                 fwd = _FORWARD[mode] + " from conv stats f16"
                 out.append(_step_case(c, fwd, v, f"{fwd} [{s}]", "batchnorm forward", count, when, ("C", C)))
                 bwd = _BACKWARD[mode] + " f16"
-                # version 5: from the next convolution's partials, the batch norms + ReLU but the stem's,
-                # and the add + ReLU ones but the network's last (its output feeds the pool)
-                fused = 0 if version < 5 else count - ((H, W, C) == LAST) if mode == "add_relu" else \
-                    count if (H, W, C) != STEM else 0
-                if mode == "plain":
-                    fused = 0
+                fused = _from_partials(mode, (H, W, C), count) if version >= 5 else 0
                 if fused:
                     op = "batchnorm_relu_backward from conv partials f16"   # (the add + ReLU form's: the same kernels)
                     out.append(_step_case(c, op, version, f"{op} [{s}] ({mode})", "batchnorm backward", fused, when,
