@@ -229,8 +229,8 @@ def conv2d_forward(x, w, stride, padding, version=None):
     """
     op = "conv2d_forward"
     version = versions.version("conv", version, op, getattr(x, "dtype", None))
-    if version in F16_VERSIONS:
-        return _forward_f16(op, x, w, stride, padding, version)
+    if version >= 3:
+        return _forward_tiled(op, x, w, stride, padding, version)
     check_array(op, "x", x, dtype=np.float32, ndim=4)
     check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
     xp = array_module(x, w)
@@ -241,15 +241,11 @@ def conv2d_forward(x, w, stride, padding, version=None):
     if version == 1:
         w = _oihw_f32(op, w)
         mod.get_function("conv2d_fwd_naive_f32")((_blocks(y.size, xp),), (_BLOCK,), (x, w, y) + _shape_args(g))
-    elif version == 2:
+    else:
         cols = empty(xp, (N * P * Q, R * S * C), dtype=np.float32)
         mod.get_function("im2col_f32")((_blocks(cols.size, xp),), (_BLOCK,), (x, cols) + _shape_args(g))
         wt = _krsc(op, w, _F32).reshape(K, R * S * C)
         _gemm.gemm(cols, wt, trans_b=True, c=y.reshape(N * P * Q, K))
-    else:
-        wt = _krsc(op, w, _F32)                              # KRSC
-        grid = (-(-(N * P * Q) // _IG_TILE), -(-K // _IG_TILE))
-        mod.get_function("conv2d_fwd_igemm_f32")(grid, (256,), (x, wt, y) + _shape_args(g))
     return y
 
 
@@ -269,19 +265,7 @@ def conv2d_forward_bn_stats(x, w, stride, padding, version=None):
     if version in (1, 2):
         y = conv2d_forward(x, w, stride, padding, version=version)
         return y, _bn.batchnorm_chan_partials(y)
-    if version in F16_VERSIONS:
-        return _forward_f16(op, x, w, stride, padding, version, stats=True)
-    check_array(op, "x", x, dtype=np.float32, ndim=4)
-    check_array(op, "w", w, dtype=np.float32, ndim=4, contiguous=False)
-    xp = array_module(x, w)
-    g = _geometry(op, x.shape, w.shape, stride, padding)
-    N, H, W, C, K, R, S, P, Q, _, _ = g
-    y = empty(xp, (N, P, Q, K), dtype=np.float32)
-    grid = (-(-(N * P * Q) // _IG_TILE), -(-K // _IG_TILE))
-    stats = empty(xp, (4, grid[0], K), dtype=np.float32)
-    _module(xp).get_function("conv2d_fwd_igemm_stats_f32")(grid, (256,), (x, _krsc(op, w, _F32), y, stats)
-                                                           + _shape_args(g))
-    return y, stats
+    return _forward_tiled(op, x, w, stride, padding, version, stats=True)
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding, version=None):
@@ -423,23 +407,28 @@ def conv2d_backward_weight(x, dy, w_shape, stride, padding, version=None, split_
 # ---- versions 4 (and up): float16 on tensor cores --------------------------------------------------
 
 
-def _forward_f16(op, x, w, stride, padding, version, stats=False):
-    """y (stats=False) or (y, the batch-norm partials of y) (stats=True: the *_stats_f16 kernels)."""
-    check_array(op, "x", x, dtype=np.float16, ndim=4)
+def _forward_tiled(op, x, w, stride, padding, version, stats=False):
+    """The forward by versions 3 (conv2d_fwd_igemm_f32), 4 and 5 (tensor cores, float16) -> y; stats=True:
+    their *_stats kernel, -> (y, the batch-norm partials of y)."""
+    dtype = _F16 if version in F16_VERSIONS else _F32
+    check_array(op, "x", x, dtype=dtype, ndim=4)
     xp = array_module(x, w)
-    check_array(op, "w", w, dtype=np.float16, ndim=4, contiguous=False)
-    wk = _krsc(op, w, _F16)
+    check_array(op, "w", w, dtype=dtype, ndim=4, contiguous=False)
+    wk = _krsc(op, w, dtype)
     g = _geometry(op, x.shape, w.shape, stride, padding)
     N, H, W, C, K, R, S, P, Q, _, _ = g
-    y = empty(xp, (N, P, Q, K), dtype=np.float16)
-    grid = (-(-(N * P * Q) // _TC_TILE), -(-K // _TC_TILE))
-    name = _TC_NAMES[version] % "conv2d_fwd"
+    y = empty(xp, (N, P, Q, K), dtype=dtype)
+    if version == 3:
+        name, block, tile, aligned = "conv2d_fwd_igemm_f32", 256, _IG_TILE, ()
+    else:
+        name, block, tile, aligned = _TC_NAMES[version] % "conv2d_fwd", _TC_THREADS, _TC_TILE, (_aligned(x, wk, y),)
+    grid = (-(-(N * P * Q) // tile), -(-K // tile))
     if not stats:
-        _module(xp).get_function(name)(grid, (_TC_THREADS,), (x, wk, y) + _shape_args(g) + (_aligned(x, wk, y),))
+        _module(xp).get_function(name)(grid, (block,), (x, wk, y) + _shape_args(g) + aligned)
         return y
     part = empty(xp, (4, grid[0], K), dtype=np.float32)   # count, shift, offset, M2 per (row tile, channel)
-    _module(xp).get_function(name.replace("_f16", "_stats_f16"))(
-        grid, (_TC_THREADS,), (x, wk, y, part) + _shape_args(g) + (_aligned(x, wk, y),))
+    base, suffix = name.rsplit("_", 1)                      # conv2d_fwd_..._f16 -> conv2d_fwd_..._stats_f16
+    _module(xp).get_function(f"{base}_stats_{suffix}")(grid, (block,), (x, wk, y, part) + _shape_args(g) + aligned)
     return y, part
 
 
