@@ -602,10 +602,29 @@ class PoolCase(OpCase):
         self.x16, self.dy16, self.dyavg16 = (a.astype(np.float16) for a in (self.x, self.dy, self.dyavg))
         self._argmax = {}
 
+    RELU_BN = "maxpool2d_backward relu_bn"   # + the stem's ReLU mask and batch-norm partials (version 3's epilogue)
+
     def ops(self, version):
         # float16: version 1 adds with float32 atomics only
         f16 = ["maxpool2d_backward f16"] if version >= 2 else []
-        return ["maxpool2d_backward"] + f16 + ["global_avgpool_backward", "global_avgpool_backward f16"]
+        relu_bn = [self.RELU_BN, self.RELU_BN + " f16"] if version >= 3 else []
+        return ["maxpool2d_backward"] + f16 + relu_bn + ["global_avgpool_backward", "global_avgpool_backward f16"]
+
+    def relu_bn_inputs(self, f16=False):
+        """(a, bn_x, bn_mean, y, argmax) of the relu_bn ops: bn_x normal about 0.5 (float16 for f16),
+        bn_mean float32 [C] near 0.5, a = relu(bn_x - bn_mean) (about half the pixels masked), y and
+        argmax the max pool's forward of a; made once, on first use (as the argmax of the other ops:
+        a prediction plans its call twice and keeps the second), outside the timed calls."""
+        if not hasattr(self, "_relu_bn"):
+            self._relu_bn = {}
+        if bool(f16) not in self._relu_bn:
+            dtype = np.float16 if f16 else np.float32
+            bn_x = (self.x + np.float32(0.5)).astype(dtype)
+            mean = self.randn((self.shape["C"],), scale=0.1) + np.float32(0.5)
+            a = self.xp.maximum(bn_x.astype(np.float32) - mean, np.float32(0)).astype(dtype)
+            y, argmax = pool.maxpool2d_forward(a, *self._geometry())
+            self._relu_bn[bool(f16)] = (a, bn_x, mean, y, argmax)
+        return self._relu_bn[bool(f16)]
 
     def shared_ops(self):
         return ["maxpool2d_forward", "global_avgpool_forward"]
@@ -623,6 +642,10 @@ class PoolCase(OpCase):
         f16 = op.endswith(" f16")
         if op == "maxpool2d_forward":
             return pool.maxpool2d_forward(self.x, *self._geometry())
+        if op.startswith(self.RELU_BN):
+            a, bn_x, mean, y, argmax = self.relu_bn_inputs(f16)
+            return pool.maxpool2d_backward_relu_bn(self.dy16 if f16 else self.dy, argmax, y, a, bn_x, mean,
+                                                   *self._geometry(), version=version)   # (g, part)
         if op.startswith("maxpool2d_backward"):
             return (pool.maxpool2d_backward(self.dy16 if f16 else self.dy, self.argmax(f16), self.x.shape,
                                             *self._geometry(), version=version),)
@@ -635,6 +658,11 @@ class PoolCase(OpCase):
         f16 = op.endswith(" f16")
         if op == "maxpool2d_forward":
             return ref.maxpool2d_forward(self.host(self.x), *self._geometry())
+        if op.startswith(self.RELU_BN):
+            a, _, _, _, argmax = (self.host(v) for v in self.relu_bn_inputs(f16))
+            dy = self.host(self.dy16 if f16 else self.dy)
+            da = ref.maxpool2d_backward(dy, argmax.astype(np.int64), self.x.shape, *self._geometry())
+            return (np.where(a > 0, da, 0.0),)
         if op.startswith("maxpool2d_backward"):
             argmax = self.host(self.argmax(f16), np.int64)
             dy = self.host(self.dy16 if f16 else self.dy)
@@ -643,6 +671,17 @@ class PoolCase(OpCase):
             return (ref.global_avgpool_forward(self.host(self.x)),)
         return (ref.global_avgpool_backward(self.host(self.dyavg16 if f16 else self.dyavg), self.x.shape),)
 
+    def check(self, op, version, got):
+        if op.startswith(self.RELU_BN):   # g against the reference; the partials against g's own sums
+            g, part = (_to_host(a) for a in got)
+            err = max_rel_error((g,), self.expected(op))
+            _, bn_x, mean, _, _ = (self.host(a) for a in self.relu_bn_inputs(op.endswith(" f16")))
+            rows, centred = self.host(g).reshape(-1, g.shape[-1]), (bn_x - mean).reshape(-1, g.shape[-1])
+            want = (rows.sum(axis=0), np.einsum("mc,mc->c", rows, centred))
+            got_sums = tuple(np.asarray(part, dtype=np.float64).sum(axis=1)) if part.ndim == 3 else ()
+            return max(err, max_rel_error(got_sums, want)), self.tolerance(op, version)
+        return super().check(op, version, got)
+
     def tolerance(self, op, version):
         # float16: a few adds rounded to float16, or one division (2^-11 each)
         return 2e-3 if op.endswith(" f16") else self.TOLERANCE
@@ -650,7 +689,11 @@ class PoolCase(OpCase):
     def work(self, op):
         nx, ny, nc = self.x.size, self.dy.size, self.dyavg.size
         item = 2 if op.endswith(" f16") else 4
+        # relu_bn: dy, y and argmax read at the outputs, bn_x read and g written at the input, and a
+        # float pair per channel of each block of 256 threads (2x2 pixels and 16 bytes of channels each)
+        partials = 2 * 4 * self.shape["C"] * -(-nx // (4 * 256 * (16 // item)))
         return {"maxpool2d_forward": 4 * nx + 8 * ny, "maxpool2d_backward": (item + 4) * ny + item * nx,
+                self.RELU_BN: (2 * item + 4) * ny + 2 * item * nx + partials,
                 "global_avgpool_forward": 4 * nx + 4 * nc, "global_avgpool_backward": item * (nx + nc)}[
                     op.removesuffix(" f16")], 0
 

@@ -183,6 +183,18 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding):
     that of the forward."""
 
 
+def maxpool2d_backward_relu_bn(dy, argmax, y, a, bn_x, bn_mean, kernel_size, stride, padding):
+    """(g, part): the backward of a max pool whose input a = relu(batchnorm(bn_x)) (a training-mode
+    batch norm with batch mean bn_mean, then a ReLU: ResNet's stem), with the first half of that
+    batch norm's backward, as conv2d_backward_data_relu_bn gives it for a batch norm before a
+    convolution:
+        g    = maxpool2d_backward(dy, argmax, a.shape, ...) where a > 0, else 0     (like a)
+        part [2, B, C] float32 (or wider): per block b of g's rows (pixels) and channel c,
+             part[0, b, c] = sum g,  part[1, b, c] = sum g * (bn_x - bn_mean[c])
+    from g as stored.  y, argmax: the max pool's forward outputs of a.  How the rows are split into
+    blocks is the implementation's.  batchnorm_backward_from_partials(g, bn_x, ...) finishes it."""
+
+
 def global_avgpool_forward(x):
     """y[n, c] = mean over (h, w) of x[n, h, w, c]."""
 

@@ -42,7 +42,7 @@ __all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", 
            "batchnorm_add_relu_backward", "batchnorm_partial_stats", "batchnorm_backward_reduce",
            "batchnorm_backward_elemt", "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
            "relu_forward", "relu_backward", "add", "add_relu_forward",
-           "maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward",
+           "maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn", "global_avgpool_forward", "global_avgpool_backward",
            "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
            "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm", "ParamSegments", "momentum_update_flat",
            "lars_trust_ratio_flat", "nonfinite_flag", "loss_scale_update", "input_normalize", "cast",
@@ -151,6 +151,14 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding):
     """dx of maxpool2d_forward (version 3 of pool.cu unless chosen otherwise: one thread per 2x2 block
     of input pixels gathers, deterministic)."""
     return _pool.maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding)
+
+
+def maxpool2d_backward_relu_bn(dy, argmax, y, a, bn_x, bn_mean, kernel_size, stride, padding):
+    """(g, part): dx of maxpool2d_forward masked by the ReLU whose output a is the pool's input (g),
+    and the partial sums [2, B, C] of the backward of the batch norm before that ReLU (input bn_x,
+    batch mean bn_mean), for batchnorm_backward_from_partials: version 3 of pool.cu writes them in
+    its epilogue (the mask from the pool's output y); other versions read g once more for them."""
+    return _pool.maxpool2d_backward_relu_bn(dy, argmax, y, a, bn_x, bn_mean, kernel_size, stride, padding)
 
 
 def softmax_cross_entropy_forward(logits, labels, label_smoothing=0.0):

@@ -45,7 +45,11 @@
  *              zero it and once by atomics).  Other strides run version 2.  The global-average-pool
  *              backward, a pure write stream, writes 16-byte vectors, each thread dividing its dy
  *              once for all its pixels.  Where C is not a multiple of 8 halves or 4 floats, or an
- *              array is not 16-byte aligned, one channel per thread.
+ *              array is not 16-byte aligned, one channel per thread.  Its twin
+ *              maxpool2d_backward_blocks_relu_bn (below) does the backward of ResNet's stem, conv ->
+ *              batch norm -> ReLU -> max pool, with the ReLU's mask and the batch norm's backward
+ *              partial sums in its epilogue, as conv.cu's *_relu_bn kernels do for a batch norm before
+ *              a convolution (batch norm 5 then finishes from them).
  * The performance model (`python -m kernels.pool` prints it; bench/NOTES.md) predicts 0.80 ms for
  * version 1 (the zeroing pass and the bytes: DRAM; 0.70x the measured 1.14 ms: what 51 M
  * atomic adds to scattered addresses cost in the L2 is not in it) and 2.08 ms for version 2
@@ -54,7 +58,11 @@
  * DRAM), against version 1's 0.80 ms predicted and 1.14 ms measured; in float16 298 us (81 %,
  * instruction issue) where version 2 takes 2.14 ms; the average pool's float16 backward at
  * 256x7x7x2048 16 us of kernel (DRAM; 41 us with its launch's 25 us of host time, against 104 us).
- * It is the default: faster by the model than version 1, and deterministic.
+ * It is the default: faster by the model than version 1, and deterministic.  The stem's twin with the
+ * batch norm's sums (predicted, not measured): 522 us in float16 (80 %, instruction issue: the mask and
+ * the sums' conversions come on top of version 3's compares), 770 us in float32 (DRAM), where version 3
+ * and batch norm 4's reduction of dy, y and x took 298 + 385 us; the batch norm's backward from its
+ * partials then reads g and x once (408 us against version 4's 823).
  */
 #include <cuda_fp16.h>
 #include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, to_float, from_float, KERNEL_ENTRY
@@ -172,6 +180,60 @@ KERNEL_ENTRY(global_avgpool_backward_f16, avgpool_backward<__half>)
  * Thread v = ((n * T2 + t) * U2 + u) * groups + g with T2 = ceil(H / 2), U2 = ceil(W / 2), groups = C / V:
  * a warp takes consecutive channel vectors of neighbouring blocks, so its stores are runs of whole rows
  * of channels.  The launcher keeps N * T2 * U2 * groups below 2^31 (else version 2 runs). */
+/* Thread v's block of pixels and channel vector, and the gradient its four pixels gather. */
+struct PixelBlock {
+    int n, h0, w0, g;      // image, the block's top-left pixel, its channel vector (channels g*V ..)
+    bool right, below;     // pixels (h0, w0 + 1) and (h0 + 1, w0) exist (not past an odd W or H)
+};
+
+/* acc[i][j]: the gradient of pixel i (0: (h0, w0), 1: + 1, 2: + W, 3: + W + 1) at channel g*V + j, from
+ * the outputs whose windows cover the block, in order of p then q.  MASKED (the ReLU before the pool,
+ * maxpool2d_backward_relu_bn): only the outputs whose y > 0 count. */
+template <typename T, int V, bool MASKED>
+__device__ __forceinline__ PixelBlock gather_block(int v, const T* __restrict__ dy, const int* __restrict__ argmax,
+                                                   const T* __restrict__ y, int H, int W, int C, int P, int Q,
+                                                   int k, int pad, const FastDiv& by_groups, const FastDiv& by_u2,
+                                                   const FastDiv& by_t2, float (&acc)[4][V]) {
+    PixelBlock b;
+    int rest, u, t;
+    fast_divmod(v, by_groups, rest, b.g);
+    fast_divmod(rest, by_u2, rest, u);
+    fast_divmod(rest, by_t2, b.n, t);
+    b.h0 = 2 * t;
+    b.w0 = 2 * u;
+    // ceil(a / 2) = (a + 1) >> 1 also for a < 0 (an arithmetic shift rounds down)
+    const int p_lo = max(0, (b.h0 + pad - k + 2) >> 1), p_hi = min(P - 1, (b.h0 + 1 + pad) >> 1);
+    const int q_lo = max(0, (b.w0 + pad - k + 2) >> 1), q_hi = min(Q - 1, (b.w0 + 1 + pad) >> 1);
+    b.right = b.w0 + 1 < W;
+    b.below = b.h0 + 1 < H;
+    const int base = b.h0 * W + b.w0;   // argmax of pixel (h0, w0); its neighbours: + 1, + W, + W + 1
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.0f;
+    for (int p = p_lo; p <= p_hi; ++p)
+        for (int q = q_lo; q <= q_hi; ++q) {
+            const long long o = (((long long)b.n * P + p) * Q + q) * C + b.g * V;
+            int a[V];
+            float d[V];
+            Lanes<V>::load_ints(argmax + o, a);
+            Lanes<V>::load(dy + o, d);
+            if (MASKED) {
+                float out[V];
+                Lanes<V>::load(y + o, out);
+#pragma unroll
+                for (int j = 0; j < V; ++j) d[j] = out[j] > 0.0f ? d[j] : 0.0f;
+            }
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const int at = a[j] - base;
+                acc[0][j] += at == 0 ? d[j] : 0.0f;
+                acc[1][j] += (at == 1 && b.right) ? d[j] : 0.0f;
+                acc[2][j] += (at == W && b.below) ? d[j] : 0.0f;
+                acc[3][j] += (at == W + 1 && b.right && b.below) ? d[j] : 0.0f;
+            }
+        }
+    return b;
+}
+
 template <typename T, int V>
 __device__ void maxpool_backward_blocks(const T* __restrict__ dy, const int* __restrict__ argmax,
                                         T* __restrict__ dx, int N, int H, int W, int C, int P, int Q, int k,
@@ -180,41 +242,15 @@ __device__ void maxpool_backward_blocks(const T* __restrict__ dy, const int* __r
     const FastDiv by_groups = make_fastdiv(groups), by_u2 = make_fastdiv(U2), by_t2 = make_fastdiv(T2);
     const int total = N * T2 * U2 * groups;
     for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += blockDim.x * gridDim.x) {
-        int rest, g, u, t, n;
-        fast_divmod(v, by_groups, rest, g);
-        fast_divmod(rest, by_u2, rest, u);
-        fast_divmod(rest, by_t2, n, t);
-        const int h0 = 2 * t, w0 = 2 * u;
-        // ceil(a / 2) = (a + 1) >> 1 also for a < 0 (an arithmetic shift rounds down)
-        const int p_lo = max(0, (h0 + pad - k + 2) >> 1), p_hi = min(P - 1, (h0 + 1 + pad) >> 1);
-        const int q_lo = max(0, (w0 + pad - k + 2) >> 1), q_hi = min(Q - 1, (w0 + 1 + pad) >> 1);
-        const bool right = w0 + 1 < W, below = h0 + 1 < H;
-        const int base = h0 * W + w0;   // argmax of pixel (h0, w0); its neighbours: + 1, + W, + W + 1
         float acc[4][V];
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.0f;
-        for (int p = p_lo; p <= p_hi; ++p)
-            for (int q = q_lo; q <= q_hi; ++q) {
-                const long long o = (((long long)n * P + p) * Q + q) * C + g * V;
-                int a[V];
-                float d[V];
-                Lanes<V>::load_ints(argmax + o, a);
-                Lanes<V>::load(dy + o, d);
-#pragma unroll
-                for (int j = 0; j < V; ++j) {
-                    const int at = a[j] - base;
-                    acc[0][j] += at == 0 ? d[j] : 0.0f;
-                    acc[1][j] += (at == 1 && right) ? d[j] : 0.0f;
-                    acc[2][j] += (at == W && below) ? d[j] : 0.0f;
-                    acc[3][j] += (at == W + 1 && right && below) ? d[j] : 0.0f;
-                }
-            }
-        const long long pixel = ((long long)n * H + h0) * W + w0;   // dx's pixel (h0, w0)
-        T* out = dx + pixel * C + g * V;
+        const PixelBlock b = gather_block<T, V, false>(v, dy, argmax, (const T*)nullptr, H, W, C, P, Q, k, pad,
+                                                       by_groups, by_u2, by_t2, acc);
+        const long long pixel = ((long long)b.n * H + b.h0) * W + b.w0;   // dx's pixel (h0, w0)
+        T* out = dx + pixel * C + b.g * V;
         Lanes<V>::store(out, acc[0]);
-        if (right) Lanes<V>::store(out + C, acc[1]);
-        if (below) Lanes<V>::store(out + (long long)W * C, acc[2]);
-        if (right && below) Lanes<V>::store(out + (long long)(W + 1) * C, acc[3]);
+        if (b.right) Lanes<V>::store(out + C, acc[1]);
+        if (b.below) Lanes<V>::store(out + (long long)W * C, acc[2]);
+        if (b.right && b.below) Lanes<V>::store(out + (long long)(W + 1) * C, acc[3]);
     }
 }
 
@@ -222,6 +258,82 @@ KERNEL_ENTRY(maxpool2d_backward_blocks_f32x1, maxpool_backward_blocks<float, 1>)
 KERNEL_ENTRY(maxpool2d_backward_blocks_f16x1, maxpool_backward_blocks<__half, 1>)
 KERNEL_ENTRY(maxpool2d_backward_blocks_f32x4, maxpool_backward_blocks<float, 4>)
 KERNEL_ENTRY(maxpool2d_backward_blocks_f16x8, maxpool_backward_blocks<__half, 8>)
+
+/* ----------------------------------------- version 3 with the batch norm's backward in its epilogue */
+/* The stem, conv -> batch norm -> ReLU -> max pool: the batch norm's backward needs its output's gradient
+ * after the ReLU's mask and two sums per channel over all pixels (as conv.cu's *_relu_bn kernels give it
+ * for a batch norm before a convolution):
+ *     g = maxpool_backward(dy) where a > 0, else 0        (a = relu(bn(bn_x)): the pool's input)
+ *     part[0, b, c] = sum g,   part[1, b, c] = sum g * (bn_x - mean[c])   over the pixels of block b
+ * A pixel gets a gradient only from the windows it won, and there the pool's output y equals a (a max is
+ * exact), so the mask is taken on dy from y before the gather: g = maxpool_backward(dy where y > 0), the
+ * same bits, reading y at the outputs (a quarter of a's pixels) instead of a.  Version 3's thread then
+ * reads bn_x at its pixels, writes g and adds g and g * (bn_x - mean) -- g as stored, rounded to T -- into
+ * its sums.  Its channels are the same at every trip of the grid-stride loop when the channel vectors per
+ * pixel (groups) divide blockDim.x (the launcher's condition, with blockDim.x = POOL_BN_BLOCK), so at the
+ * end the block adds its threads' sums per channel in shared memory, in thread order, into one partial
+ * row per block: part[:, blockIdx.x, :] (B = gridDim.x; no atomics: the same bits every run).  Each term
+ * passes through at most 4 * trips + POOL_BN_BLOCK / groups float roundings (trips: of the loop; 36 at
+ * ResNet-50's stem on a GPU, one trip); batchnorm_backward_from_partials adds the B rows in double. */
+#define POOL_BN_BLOCK 256
+
+template <typename T, int V>
+__device__ void maxpool_backward_blocks_relu_bn(const T* __restrict__ dy, const int* __restrict__ argmax,
+                                                const T* __restrict__ y, const T* __restrict__ bn_x,
+                                                const float* __restrict__ bn_mean, T* __restrict__ g_out,
+                                                float* __restrict__ part, int N, int H, int W, int C, int P, int Q,
+                                                int k, int pad) {
+    __shared__ float sums[2][POOL_BN_BLOCK][V];
+    const int groups = C / V, T2 = (H + 1) / 2, U2 = (W + 1) / 2;
+    const FastDiv by_groups = make_fastdiv(groups), by_u2 = make_fastdiv(U2), by_t2 = make_fastdiv(T2);
+    const int total = N * T2 * U2 * groups;
+    const int first = blockIdx.x * blockDim.x + threadIdx.x, mine = threadIdx.x % groups;  // my channel vector
+    float mean[V], s0[V], s1[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        mean[j] = bn_mean[mine * V + j];
+        s0[j] = s1[j] = 0.0f;
+    }
+    for (int v = first; v < total; v += blockDim.x * gridDim.x) {
+        float acc[4][V];
+        const PixelBlock b = gather_block<T, V, true>(v, dy, argmax, y, H, W, C, P, Q, k, pad, by_groups, by_u2,
+                                                      by_t2, acc);
+        const long long pixel = ((long long)b.n * H + b.h0) * W + b.w0;
+        const long long offset[4] = {pixel * C, (pixel + 1) * C, (pixel + W) * C, (pixel + W + 1) * C};
+        const bool present[4] = {true, b.right, b.below, b.right && b.below};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (!present[i]) continue;
+            float x[V];
+            Lanes<V>::store(g_out + offset[i] + b.g * V, acc[i]);
+            Lanes<V>::load(bn_x + offset[i] + b.g * V, x);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const float stored = to_float(from_float<T>(acc[i][j]));   // g as stored
+                s0[j] += stored;
+                s1[j] += stored * (x[j] - mean[j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        sums[0][threadIdx.x][j] = s0[j];
+        sums[1][threadIdx.x][j] = s1[j];
+    }
+    __syncthreads();
+    // threads mine, mine + groups, mine + 2 groups, ... hold channel vector `mine`: sum them in that order
+    for (int o = threadIdx.x; o < 2 * C; o += blockDim.x) {
+        const int s = o / C, c = o % C, vec = c / V, j = c % V;
+        float total_of_block = 0.0f;
+        for (int r = vec; r < (int)blockDim.x; r += groups) total_of_block += sums[s][r][j];
+        part[((long long)s * gridDim.x + blockIdx.x) * C + c] = total_of_block;
+    }
+}
+
+KERNEL_ENTRY(maxpool2d_backward_blocks_relu_bn_f32x1, maxpool_backward_blocks_relu_bn<float, 1>)
+KERNEL_ENTRY(maxpool2d_backward_blocks_relu_bn_f16x1, maxpool_backward_blocks_relu_bn<__half, 1>)
+KERNEL_ENTRY(maxpool2d_backward_blocks_relu_bn_f32x4, maxpool_backward_blocks_relu_bn<float, 4>)
+KERNEL_ENTRY(maxpool2d_backward_blocks_relu_bn_f16x8, maxpool_backward_blocks_relu_bn<__half, 8>)
 
 /* Global-average-pool backward, dx[n, h, w, c] = dy[n, c] / HW: a pure write stream.  Thread (tx, ty) of
  * block (blockIdx.x, n = blockIdx.y, blockIdx.z) owns channel group g = blockIdx.x * blockDim.x + tx of

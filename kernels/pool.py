@@ -10,7 +10,9 @@ max-pool backward: 1 scatters with atomicAdd, float32 only (a float16 gradient r
 unless version 1 is asked for by name; measured 2.1x faster than 2 on an H100); 2 gathers,
 deterministically; 3 (the default: predicted 1.9x faster than 1) gathers per 2x2 block of pixels in
 16-byte vectors (stride 2; other strides run version 2), the same bits as 2; version 3 also writes
-the global-average-pool backward in 16-byte vectors.
+the global-average-pool backward in 16-byte vectors.  maxpool2d_backward_relu_bn is the backward
+of a max pool after a batch norm + ReLU (ResNet's stem) with the mask and that batch norm's
+backward partial sums in version 3's epilogue (batchnorm_backward_from_partials finishes it).
 """
 
 import numpy as np
@@ -18,7 +20,8 @@ import numpy as np
 from . import versions
 from .runtime.launch import FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
-__all__ = ["maxpool2d_forward", "maxpool2d_backward", "global_avgpool_forward", "global_avgpool_backward"]
+__all__ = ["maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn", "global_avgpool_forward",
+           "global_avgpool_backward"]
 
 _BLOCK = 256
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
@@ -131,6 +134,50 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding, versio
     _launch(f"maxpool2d_backward_gather_{_SUFFIX[dy.dtype]}", dx.size,
             (dy, argmax, dx) + tuple(np.int32(v) for v in (N, H, W, C, P, Q, k, s, pad)), xp)
     return dx
+
+
+def maxpool2d_backward_relu_bn(dy, argmax, y, a, bn_x, bn_mean, kernel_size, stride, padding, version=None):
+    """(g, part): the max pool's backward where its input a = relu(batchnorm(bn_x)) (ResNet's stem),
+    with the first half of that batch norm's backward in its epilogue, as conv.py's
+    conv2d_backward_data_relu_bn gives it for a batch norm before a convolution:
+        g    = maxpool2d_backward(dy, argmax, a.shape, ...) where a > 0, else 0   (like a)
+        part float32 [2, B, C]: per block b of g's pixels, [sum g, sum g * (bn_x - bn_mean)]
+    for batchnorm_backward_from_partials(g, bn_x, ...).
+
+    dy, y (the forward's output), argmax: [N, P, Q, C]; a, bn_x: [N, H, W, C], all float32 or all
+    float16; bn_mean float32 [C], the batch mean of bn_x.  Version 3 (stride 2, the channel vectors
+    of a pixel dividing 256) runs maxpool2d_backward_blocks_relu_bn: the mask from y (a pixel's
+    gradient comes from the windows it won, where y = a), one partial row per block of 256 threads
+    (B = the grid).  Otherwise the max pool's backward of that version, then
+    batchnorm_relu_grad_partials (one more read of g, a and bn_x): the same g, other blocks."""
+    op = "maxpool2d_backward_relu_bn"
+    check_array(op, "dy", dy, dtype=FLOAT_DTYPES, ndim=4)
+    check_array(op, "argmax", argmax, dtype=np.int32, shape=dy.shape)
+    check_array(op, "y", y, dtype=dy.dtype, shape=dy.shape)
+    check_array(op, "a", a, dtype=dy.dtype, ndim=4)
+    check_array(op, "bn_x", bn_x, dtype=dy.dtype, shape=a.shape)
+    N, H, W, C = a.shape
+    check_array(op, "bn_mean", bn_mean, dtype=np.float32, shape=(C,))
+    xp = array_module(dy, argmax, y, a, bn_x, bn_mean)
+    k, s, pad, P, Q = _pool_geometry(op, (N, H, W, C), kernel_size, stride, padding)
+    if dy.shape != (N, P, Q, C):
+        raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match a's shape {(N, H, W, C)} pooled "
+                         f"with kernel_size={k}, stride={s}, padding={pad} (expected {(N, P, Q, C)})")
+    version = versions.version("pool", version, op)
+    blocks = N * (-(-H // 2)) * (-(-W // 2)) * C   # version 3's threads, at one channel each
+    g = empty(xp, (N, H, W, C), dtype=dy.dtype)
+    V = _vector(C, dy, argmax, y, bn_x, g) if C else 1
+    if version >= 3 and s == 2 and 0 < blocks < 2 ** 31 and _BLOCK % (C // V) == 0:
+        grid = blocks_for(blocks // V, _BLOCK, xp)
+        part = empty(xp, (2, grid, C), dtype=np.float32)
+        _kernel(f"maxpool2d_backward_blocks_relu_bn_{_SUFFIX[dy.dtype]}x{V}")(
+            (grid,), (_BLOCK,), (dy, argmax, y, bn_x, bn_mean, g, part)
+            + tuple(np.int32(v) for v in (N, H, W, C, P, Q, k, pad)))
+        return g, part
+    from .batchnorm import batchnorm_relu_grad_partials   # batchnorm.py does not import this module
+    fallback = 2 if version == 1 and dy.dtype != np.float32 else version   # version 1 has no float16 kernel
+    da = maxpool2d_backward(dy, argmax, (N, H, W, C), k, s, pad, version=fallback)
+    return batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
 
 
 def global_avgpool_forward(x):

@@ -37,7 +37,7 @@ __all__ = [
     "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt",
     "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
     "relu_forward", "relu_backward", "add", "add_relu_forward",
-    "maxpool2d_forward", "maxpool2d_backward",
+    "maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn",
     "global_avgpool_forward", "global_avgpool_backward",
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
     "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm",
@@ -639,6 +639,18 @@ def maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding):
     flat = (n * (H * W) + argmax.astype(np.int64)) * C + c    # index into dx.ravel()
     dx = np.bincount(flat.ravel(), weights=dy.ravel(), minlength=N * H * W * C)
     return dx.astype(dy.dtype, copy=False).reshape(x_shape)
+
+
+def maxpool2d_backward_relu_bn(dy, argmax, y, a, bn_x, bn_mean, kernel_size, stride, padding):
+    """(g, part): g = maxpool2d_backward(...) where a > 0, else 0, and the batch-norm backward's
+    partial sums of g over all its rows as one block, part [2, 1, C] (statistics dtype):
+    [sum g, sum g * (bn_x - bn_mean)] (batchnorm_relu_grad_partials).  a: the max pool's input,
+    relu(batchnorm(bn_x)) with batch mean bn_mean; y, argmax: the pool's forward outputs (y is not
+    needed here: the mask is a's)."""
+    if y.shape != dy.shape:
+        raise ValueError(f"maxpool2d_backward_relu_bn: y shape {y.shape} differs from dy shape {dy.shape}")
+    da = maxpool2d_backward(dy, argmax, a.shape, kernel_size, stride, padding)
+    return batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
 
 
 def global_avgpool_forward(x):

@@ -385,12 +385,26 @@ def add_relu(a, b):
 
 
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):
-    """Max pooling: x [N, H, W, C] -> y [N, P, Q, C]; backward routes dy to each window's winner."""
+    """Max pooling: x [N, H, W, C] -> y [N, P, Q, C]; backward routes dy to each window's winner.
+
+    Where x = relu(batch_norm(...)) carries that batch norm's link (batch_norm(..., grad_partials=True):
+    ResNet's stem) and the pool is x's one consumer, the backward also computes the first half of the
+    batch norm's backward (ops.maxpool2d_backward_relu_bn: x's gradient after the ReLU's mask and its
+    partial sums), which the batch norm then finishes from partials, as after a convolution."""
     ops = _ops(x)
-    y, argmax = ops.maxpool2d_forward(x.data, kernel_size, stride, padding)
+    x_data = x.data
+    y, argmax = ops.maxpool2d_forward(x_data, kernel_size, stride, padding)
     x_shape = x.shape
-    return Tensor._from_op(y, (x,), lambda dy: (ops.maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride,
-                                                                        padding),))
+
+    def backward(dy):
+        link = getattr(x, "_bn_grad_partials", None)
+        if link is not None and link.pending == 1 and link.dz is None:
+            link.g, link.part = ops.maxpool2d_backward_relu_bn(dy, argmax, y, x_data, link.bn_x, link.mean,
+                                                               kernel_size, stride, padding)
+            return (link.g,)
+        return (ops.maxpool2d_backward(dy, argmax, x_shape, kernel_size, stride, padding),)
+
+    return Tensor._from_op(y, (x,), backward)
 
 
 def global_avg_pool(x):

@@ -115,6 +115,9 @@ def _pool_cases(xp, size):
         lesson_case(a, "global_avgpool_backward", 3, f"global_avgpool_backward v3 [{a_s}]",
                     lambda: xp.broadcast_to((a.dyavg / HW)[:, None, None, :], a_shape).copy(),
                     f"{xp.__name__} broadcast copy"),
+        # the stem's: with its batch norm's ReLU mask and backward partial sums in version 3's epilogue
+        lesson_case(c, "maxpool2d_backward relu_bn", 3, f"maxpool2d_backward relu_bn v3 blocks [{s}]"),
+        lesson_case(c, "maxpool2d_backward relu_bn f16", 3, f"maxpool2d_backward relu_bn f16 v3 blocks [{s}]"),
         lesson_case(a, "global_avgpool_backward f16", 2, f"global_avgpool_backward f16 v2 [{a_s}]"),
         lesson_case(a, "global_avgpool_backward f16", 3, f"global_avgpool_backward f16 v3 [{a_s}]"),
     ]

@@ -25,9 +25,10 @@ BEFORE = {"batchnorm": 3, "pool": 2, "input": 1, "elementwise": 1, "optimizer": 
 which runs version 2 for float16 gradients (version 1 has no float16 kernel), input 1, elementwise 1."""
 AFTER = {"batchnorm": 5, "pool": 3, "input": 3, "elementwise": 2, "optimizer": 2}
 """Batch norm 5 is version 4 with the backward of the 32 batch norms + ReLU whose output feeds a
-convolution (the stem's feeds the max pool) and of the 15 add + ReLU ones whose output feeds the
-next block (the last one's feeds the pool) finished from the partial sums of a convolution's
-backward-data epilogue (conv_backward_data_layers: its cost is in the table too)."""
+convolution and of the 15 add + ReLU ones whose output feeds the next block (the last one's feeds
+the average pool) finished from the partial sums of a convolution's backward-data epilogue
+(conv_backward_data_layers: its cost is in the table too), and the stem's from those of the max
+pool's backward (pool 3's maxpool2d_backward_blocks_relu_bn, in the pool's row)."""
 STEM = (112, 112, 64)
 LAST = (7, 7, 2048)     # the last block's output: the global average pool takes it
 
@@ -46,14 +47,15 @@ _BACKWARD = {"plain": "batchnorm_backward", "relu": "batchnorm_relu_backward", "
 
 
 def _from_partials(mode, shape, count):
-    """How many of `count` batch norms of `mode` at (H, W, C) `shape` finish their backward from a
-    convolution's partials in version 5: the batch norms + ReLU but the stem's (its output feeds the
-    max pool), the add + ReLU ones but the network's last (the pool), none of the plain ones."""
+    """How many of `count` batch norms of `mode` at (H, W, C) `shape` finish their backward from
+    partial sums in version 5: every batch norm + ReLU (a convolution's backward-data epilogue sums
+    them; the stem's, the max pool's backward), the add + ReLU ones but the network's last (the
+    average pool), none of the plain ones."""
     if mode == "plain":
         return 0
     if mode == "add_relu":
         return count - (shape == LAST)
-    return count if shape != STEM else 0
+    return count
 
 
 def _step_case(case, op, version, label, family, count, when, key=()):
@@ -163,7 +165,9 @@ def cases(xp, size):
     a = lesson.make("pool", xp, avg_shape + (1, 1, 0))
     p_s, a_s = "x".join(map(str, pool_shape)), "x".join(map(str, avg_shape))
     for version, when in _versions("pool"):
-        out.append(_step_case(p, "maxpool2d_backward f16", version, f"maxpool2d_backward f16 [{p_s}]", "pool", 1, when))
+        # after: batch norm 5 and pool 3, the stem's mask and batch-norm partials in the pool's backward
+        op = "maxpool2d_backward relu_bn f16" if when == "after" else "maxpool2d_backward f16"
+        out.append(_step_case(p, op, version, f"{op} [{p_s}]", "pool", 1, when))
         out.append(_step_case(a, "global_avgpool_backward f16", version, f"global_avgpool_backward f16 [{a_s}]", "pool",
                               1, when))
     image = {"resnet50": (256, 224, 224), "profile": (2, 224, 224)}.get(size, (2, 16, 16))
