@@ -90,11 +90,21 @@
  *              grad_partials) for a batch norm + ReLU, and for an add + ReLU whose output feeds the
  *              next block (its second consumer's gradient, the identity shortcut's or the other
  *              convolution's, is added by the epilogue: conv.cu); where the gradient arrives
- *              otherwise (a sum of several consumers') it runs version 4.
+ *              otherwise (a sum of several consumers') it runs version 4.  The stem's batch norm +
+ *              ReLU feeds the max pool, whose backward sums for it the same way (pool.cu,
+ *              maxpool2d_backward_blocks_relu_bn).  A plain batch norm whose output is an add + ReLU
+ *              batch norm's residual (a projection shortcut: relu(bn3(c3) + bnp(cp))) has that one's
+ *              output gradient g: the add + ReLU one, finishing from partials, sums g and
+ *              g * (cp - mean_p) in its dx pass, which reads g anyway (the pair form,
+ *              batchnorm_backward_dx_rows_pair_*: cp read once more there), and the plain one
+ *              finishes from those (batchnorm_backward_from_partials_pair), where version 4 reads g
+ *              and cp twice.  So 52 of ResNet-50's 53 batch norms finish from partials; the last
+ *              block's add + ReLU (its output feeds the average pool) runs version 4.
  *              Predicted on an H100 (not measured): 433 us at 256x56x56x256 in float16, 89 % of copy
  *              bandwidth (the kernels alone 104 %), against version 4's 818 / 954 us (ReLU / add +
- *              ReLU form); a float16 step's batch-norm backward 12.0 -> 6.7 ms, its convolutions'
- *              backward data +1.3 ms (bench/NOTES.md, "Every byte once").
+ *              ReLU form); the pair form 599 us (94 %; 678 us of version 4's plain backward saved
+ *              for 125 us of reading cp); a float16 step's batch-norm backward 12.0 -> 6.0 ms, its
+ *              convolutions' backward data +1.3 ms (bench/NOTES.md, "Every byte once").
  * Versions 1 to 3 share the normalising passes (*_apply_*, *_inference_*, *_backward_dx_*).
  *
  * On a GPU, at ResNet-50's shape (256x56x56x256; `python -m kernels.batchnorm` prints the performance
@@ -715,12 +725,37 @@ KERNEL_ENTRY(batchnorm_inference_rows_f16x1, inference_rows<__half, 1>)
 KERNEL_ENTRY(batchnorm_inference_rows_f32x4, inference_rows<float, 4>)
 KERNEL_ENTRY(batchnorm_inference_rows_f16x8, inference_rows<__half, 8>)
 
+/* The end of a pass that sums over rows in version 4's layout: thread t = (tx, ty) holds the sums s0, s1 of
+ * its V channels over its rows; the block's TY sums per channel are added in order of ty through shared
+ * memory sh [2 V][BN_VEC_THREADS + 1] (deterministic), by threads that each own one (sum, channel) of the
+ * block, consecutive threads on consecutive channels, into part[s][blockIdx.y][c] of part [2][gridDim.y][C].
+ * Every thread of the block calls it (a barrier inside). */
+template <int V>
+__device__ __forceinline__ void rows_block_partials(float (*sh)[BN_VEC_THREADS + 1], const float* s0, const float* s1,
+                                                    float* __restrict__ part, int C) {
+    const int t = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        sh[j][t] = s0[j];
+        sh[V + j][t] = s1[j];
+    }
+    __syncthreads();
+    const int cols = blockDim.x * V;   // this block's channels (the last block's may run past C)
+    for (int o = t; o < 2 * cols; o += blockDim.x * blockDim.y) {
+        const int s = o / cols, local = o % cols, c = blockIdx.x * cols + local;
+        if (c >= C) continue;
+        const int tx = local / V, j = local % V;
+        float v = 0.0f;
+        for (int ty = 0; ty < (int)blockDim.y; ++ty) v += sh[s * V + j][ty * blockDim.x + tx];
+        part[((long long)s * gridDim.y + blockIdx.y) * C + c] = v;
+    }
+}
+
 /* Backward pass 1.  part is float32 [2, gridDim.y, C]: part[0] = sum dz, part[1] = sum dz * (x - mean) over
  * this block's rows.  dz_out (add + ReLU only; null otherwise) receives dz = dy * (y > 0).  The ReLU form
  * with vectors writes mask[r * C / V + g], one byte per row and vector: bit j = (y > 0) of its channel j,
  * so that pass 3 reads 1 byte where it would read the 16 of y.  The block's TY partial sums per channel
- * are added in order of ty through shared memory (deterministic), by threads that each own one (sum,
- * channel) of the block: consecutive threads, consecutive channels. */
+ * are added in order of ty (rows_block_partials). */
 template <typename T, int V, bool RELU, bool ADD>
 __device__ void backward_reduce_rows(const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
                                      const float* __restrict__ saved_mean, T* __restrict__ dz_out,
@@ -728,7 +763,6 @@ __device__ void backward_reduce_rows(const T* __restrict__ dy, const T* __restri
                                      int C) {
     __shared__ float sh[2 * V][BN_VEC_THREADS + 1];   // + 1: the V sums of one thread in different banks
     const int g = blockIdx.x * blockDim.x + threadIdx.x;
-    const int t = threadIdx.y * blockDim.x + threadIdx.x;
     float sum_dz[V], sum_dz_xc[V], mean[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) sum_dz[j] = sum_dz_xc[j] = 0.0f;
@@ -758,21 +792,7 @@ __device__ void backward_reduce_rows(const T* __restrict__ dy, const T* __restri
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-        sh[j][t] = sum_dz[j];
-        sh[V + j][t] = sum_dz_xc[j];
-    }
-    __syncthreads();
-    const int cols = blockDim.x * V;   // this block's channels (the last block's may run past C)
-    for (int o = t; o < 2 * cols; o += blockDim.x * blockDim.y) {
-        const int s = o / cols, local = o % cols, c = blockIdx.x * cols + local;
-        if (c >= C) continue;
-        const int tx = local / V, j = local % V;
-        float v = 0.0f;
-        for (int ty = 0; ty < (int)blockDim.y; ++ty) v += sh[s * V + j][ty * blockDim.x + tx];
-        part[((long long)s * gridDim.y + blockIdx.y) * C + c] = v;
-    }
+    rows_block_partials<V>(sh, sum_dz, sum_dz_xc, part, C);
 }
 
 KERNEL_ENTRY(batchnorm_backward_reduce_f32x1, backward_reduce_rows<float, 1, false, false>)
@@ -905,3 +925,51 @@ KERNEL_ENTRY(batchnorm_relu_backward_dx_rows_f32x1, backward_dx_rows<float, 1, t
 KERNEL_ENTRY(batchnorm_relu_backward_dx_rows_f16x1, backward_dx_rows<__half, 1, true>)
 KERNEL_ENTRY(batchnorm_relu_backward_dx_rows_f32x4, backward_dx_rows<float, 4, true>)
 KERNEL_ENTRY(batchnorm_relu_backward_dx_rows_f16x8, backward_dx_rows<__half, 8, true>)
+
+/* Version 5, a pair of batch norms whose outputs are added before a ReLU (ResNet's projection block:
+ * relu(bn3(c3) + bnp(cp)), the main branch's last batch norm and the projection's).  Behind the add both
+ * have the same output gradient g (the ReLU's mask applied once, by whoever made g), so the projection's
+ * two sums, sum g and sum g (x2 - mean2) over its input x2 = cp, can be made in bn3's dx pass, which
+ * reads g anyway: x2 is read once more there, where a reduction of its own would read g and x2.
+ * backward_dx_rows (plain: dy = g) plus those sums, added per (row slice, channel) as pass 1 adds its own
+ * (rows_block_partials): part2 [2][gridDim.y][C], for batchnorm_backward_from_partials of the projection's
+ * batch norm.  Same layout and grid as pass 1 (a slice of rows per blockIdx.y). */
+template <typename T, int V>
+__device__ void backward_dx_rows_pair(const T* __restrict__ g_in, const T* __restrict__ x,
+                                      const float* __restrict__ saved_mean, const float* __restrict__ coef,
+                                      T* __restrict__ dx, const T* __restrict__ x2, const float* __restrict__ mean2_in,
+                                      float* __restrict__ part2, long long M, int C) {
+    __shared__ float sh[2 * V][BN_VEC_THREADS + 1];
+    const int g = blockIdx.x * blockDim.x + threadIdx.x;
+    float sum_g[V], sum_g_x2c[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) sum_g[j] = sum_g_x2c[j] = 0.0f;
+    if (g * V < C) {   // no early return: every thread reaches the barrier
+        float mean[V], k[V], dbeta_mean[V], dgamma_mean_invstd[V], mean2[V];
+        Lanes<V>::load_floats(saved_mean + g * V, mean);
+        Lanes<V>::load_floats(coef + g * V, k);
+        Lanes<V>::load_floats(coef + C + g * V, dbeta_mean);
+        Lanes<V>::load_floats(coef + 2 * C + g * V, dgamma_mean_invstd);
+        Lanes<V>::load_floats(mean2_in + g * V, mean2);
+        GRID_STRIDE_LOOP_Y(r, M) {
+            const long long i = r * C + (long long)g * V;
+            float gv[V], xv[V], x2v[V];
+            Lanes<V>::load(g_in + i, gv);
+            Lanes<V>::load(x + i, xv);
+            Lanes<V>::load(x2 + i, x2v);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                sum_g[j] += gv[j];
+                sum_g_x2c[j] += gv[j] * (x2v[j] - mean2[j]);
+                xv[j] = k[j] * (gv[j] - dbeta_mean[j] - (xv[j] - mean[j]) * dgamma_mean_invstd[j]);
+            }
+            Lanes<V>::store(dx + i, xv);
+        }
+    }
+    rows_block_partials<V>(sh, sum_g, sum_g_x2c, part2, C);
+}
+
+KERNEL_ENTRY(batchnorm_backward_dx_rows_pair_f32x1, backward_dx_rows_pair<float, 1>)
+KERNEL_ENTRY(batchnorm_backward_dx_rows_pair_f16x1, backward_dx_rows_pair<__half, 1>)
+KERNEL_ENTRY(batchnorm_backward_dx_rows_pair_f32x4, backward_dx_rows_pair<float, 4>)
+KERNEL_ENTRY(batchnorm_backward_dx_rows_pair_f16x8, backward_dx_rows_pair<__half, 8>)

@@ -16,10 +16,13 @@ merged in order by a second launch, so results are deterministic on the GPU too)
 version 2 with one more way in: batchnorm_forward_train_from_stats takes the statistics as partials
 from the convolution that produced x (kernels/conv.py, conv2d_forward_bn_stats) and reads x only to
 normalise; nn.layers.conv_bn chooses it for a convolution and its batch norm in training.  The
-others, called directly under version 3, run version 2.  Version 4 (the default) is version 3 with
-every pass in 16-byte vectors (_rows_layout: a thread keeps 8 halves or 4 floats of channels and
-walks rows) and its own backward (the reduction over slices of rows, the ReLU mask as bits, the add
-+ ReLU form's dresidual written by the reduction).  Which version runs is the version in use (kernels.versions.use(batchnorm=1)); the op
+others, called directly under version 3, run version 2.  Version 4 is version 3 with every pass in
+16-byte vectors (_rows_layout: a thread keeps 8 halves or 4 floats of channels and walks rows) and
+its own backward (the reduction over slices of rows, the ReLU mask as bits, the add + ReLU form's
+dresidual written by the reduction).  Version 5 (the default) is version 4 with the backward's sums
+taken from whoever produced its output gradient: batchnorm_backward_from_partials (after a
+convolution's or the max pool's backward epilogue) and batchnorm_backward_from_partials_pair (an
+add + ReLU batch norm whose dx pass also sums for the plain batch norm of its residual).  Which version runs is the version in use (kernels.versions.use(batchnorm=1)); the op
 contract's functions take no version argument.
 
     y, stats = conv2d_forward_bn_stats(x, w, stride, padding)          # kernels/conv.py
@@ -37,7 +40,7 @@ __all__ = ["batchnorm_forward_train", "batchnorm_forward_inference", "batchnorm_
            "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward", "batchnorm_batch_stats",
            "batchnorm_forward_train_from_stats", "batchnorm_chan_partials",
            "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
-           "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt"]
+           "batchnorm_backward_from_partials_pair", "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt"]
 
 _TILE_C, _ROWS = 32, 8          # blockDim = (32, 8): must match BN_TILE_C, BN_ROWS in the .cu
 _BLOCK = (_TILE_C, _ROWS, 1)
@@ -440,7 +443,26 @@ def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part
     pass, one read of g and x and one write of dx.
 
     -> (dx like x, dgamma float32 [C], dbeta float32 [C])."""
-    op = "batchnorm_backward_from_partials"
+    return _from_partials("batchnorm_backward_from_partials", g, x, gamma, saved_mean, saved_invstd, part)
+
+
+def batchnorm_backward_from_partials_pair(g, x, gamma, saved_mean, saved_invstd, part, x2, mean2):
+    """batchnorm_backward_from_partials for the first of two batch norms whose outputs are added
+    (ResNet's projection block, relu(bn(x) + bn2(x2))): behind the add both have the output gradient
+    g, so its dx pass (batchnorm_backward_dx_rows_pair_*) also sums what the second needs, over x2
+    (bn2's input, batch mean mean2): x2 read once there, instead of g and x2 by a reduction of bn2's
+    own.  -> (dx, dgamma, dbeta, part2), part2 float32 [2, G, C]: per slice of rows, [sum g,
+    sum g * (x2 - mean2)], for batchnorm_backward_from_partials(g, x2, ...) of the second."""
+    op = "batchnorm_backward_from_partials_pair"
+    C = _check_x(op, "x", x)
+    _check_like(op, "x2", x2, x)
+    _check_channel_vectors(op, C, mean2=mean2)
+    return _from_partials(op, g, x, gamma, saved_mean, saved_invstd, part, pair=(x2, mean2))
+
+
+def _from_partials(op, g, x, gamma, saved_mean, saved_invstd, part, pair=None):
+    """Batch norm 5's backward from part [2, B, C]: the fold past 512 partials, the finalize, the dx
+    pass (with pair = (x2, mean2), the pair form's dx pass, which returns part2 as well)."""
     C = _check_x(op, "x", x)
     _check_like(op, "g", g, x)
     _check_channel_vectors(op, C, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd)
@@ -448,7 +470,7 @@ def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part
         raise ValueError(f"{op}: part must be [2, B, {C}] (sum g, sum g * (x - mean) per block of rows), "
                          f"got shape {tuple(getattr(part, 'shape', ()))}")
     check_array(op, "part", part, dtype=np.float32)
-    xp = array_module(g, x, gamma, saved_mean, saved_invstd, part)
+    xp = array_module(g, x, gamma, saved_mean, saved_invstd, part, *(pair or ()))
     M = x.size // C
     if M < 1:
         raise ValueError(f"{op}: x has no rows (shape {tuple(x.shape)})")
@@ -466,11 +488,19 @@ def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part
                                                   (part, np.int32(B), np.int32(C), np.int64(M), gamma,
                                                    saved_invstd, dgamma, dbeta, coef))
     dx = empty_like(x)
-    V, GX, TY = _rows_layout(C, x, g, dx, saved_mean, coef)
-    _kernel(f"batchnorm_backward_dx_rows_{_SUFFIX[x.dtype]}x{V}")(
-        _rows_grid(M, C, V, GX, TY, xp, reduction=False), (GX, TY),
-        (g, None, None, x, saved_mean, coef, dx, np.int64(M), np.int32(C)))
-    return dx, dgamma, dbeta
+    if pair is None:
+        V, GX, TY = _rows_layout(C, x, g, dx, saved_mean, coef)
+        _kernel(f"batchnorm_backward_dx_rows_{_SUFFIX[x.dtype]}x{V}")(
+            _rows_grid(M, C, V, GX, TY, xp, reduction=False), (GX, TY),
+            (g, None, None, x, saved_mean, coef, dx, np.int64(M), np.int32(C)))
+        return dx, dgamma, dbeta
+    x2, mean2 = pair
+    V, GX, TY = _rows_layout(C, x, g, dx, saved_mean, coef, x2, mean2)
+    tiles, G = _rows_grid(M, C, V, GX, TY, xp, reduction=True)   # a slice of rows per block: its sums
+    part2 = empty(xp, (2, G, C), dtype=np.float32)
+    _kernel(f"batchnorm_backward_dx_rows_pair_{_SUFFIX[x.dtype]}x{V}")(
+        (tiles, G), (GX, TY), (g, x, saved_mean, coef, dx, x2, mean2, part2, np.int64(M), np.int32(C)))
+    return dx, dgamma, dbeta, part2
 
 
 def batchnorm_batch_stats(x, version=None):

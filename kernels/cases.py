@@ -425,6 +425,9 @@ class BatchnormCase(OpCase):
     # version 5: the ReLU form's backward from g = dy * (y > 0) and the partial sums the next
     # convolution's backward-data epilogue writes (made once, on the host, per 64-row block as it does)
     FROM_PARTIALS = ["batchnorm_relu_backward from conv partials", "batchnorm_relu_backward from conv partials f16"]
+    # and the pair form (a projection block's add + ReLU batch norm): its dx pass also sums g over the
+    # projection's batch norm's input (the residual stands for it, with mean2 its batch mean)
+    PAIR = ["batchnorm_relu_backward from conv partials pair", "batchnorm_relu_backward from conv partials pair f16"]
 
     def build(self, N, H, W, C):
         shape = (N, H, W, C)
@@ -490,7 +493,7 @@ class BatchnormCase(OpCase):
 
     def ops(self, version):
         if version == versions.BN_BACKWARD_FROM_CONV:   # version 4's kernels, but for the backward from partials
-            return list(self.FROM_PARTIALS)
+            return self.FROM_PARTIALS + self.PAIR
         # the inference pass: versions 1 to 3 share it, version 4 has its own
         if version == versions.BN_FROM_CONV:
             return self.FROM_STATS + self.FROM_STATS_F16 + ["batchnorm_forward_inference"]
@@ -521,7 +524,7 @@ class BatchnormCase(OpCase):
         """What the backward `op` gets from its forward: (y, saved_mean, saved_invstd) of the default
         version, the same for every version checked (and for the reference)."""
         if op not in self._saved:
-            base = op.removesuffix(" f16").removesuffix(" from conv partials")
+            base = op.removesuffix(" f16").removesuffix(" pair").removesuffix(" from conv partials")
             fwd = self.FORWARD[self.BACKWARD.index(base)] + (" f16" if op.endswith(" f16") else "")
             with versions.running("batchnorm", versions.FAMILIES["batchnorm"].default):
                 self._saved[op] = self._forward(fwd, self.rm.copy(), self.rv.copy())
@@ -539,9 +542,33 @@ class BatchnormCase(OpCase):
             if op in self.FROM_PARTIALS:
                 g, part = self.conv_partials(op)
                 return bn.batchnorm_backward_from_partials(g, x, self.gamma, mean, invstd, part)
+            if op in self.PAIR:
+                g, part = self.conv_partials(op)
+                return bn.batchnorm_backward_from_partials_pair(g, x, self.gamma, mean, invstd, part,
+                                                                *self.pair_input(op))
             if base == "batchnorm_backward":
                 return bn.batchnorm_backward(dy, x, self.gamma, mean, invstd)
             return getattr(bn, base)(dy, y, x, self.gamma, mean, invstd)
+
+    def pair_input(self, op):
+        """(x2, mean2) of the pair form: the residual (in op's dtype) as the second batch norm's input,
+        its batch mean made once (float32)."""
+        x2 = self.activations(op)[1]
+        if "mean2" not in self._partials:
+            self._partials["mean2"] = self.randn(self.shape["C"], scale=0.1)
+        return x2, self._partials["mean2"]
+
+    def check(self, op, version, got):
+        if op in self.PAIR:   # dx, dgamma, dbeta as the ReLU form's; part2 against g's own sums over x2
+            dx, dgamma, dbeta, part2 = (_to_host(a) for a in got)
+            err = max_rel_error((dx, dgamma, dbeta), self.expected(op))
+            g = self.host(_to_host(self.conv_partials(op)[0]))
+            x2, mean2 = (self.host(a) for a in self.pair_input(op))
+            rows, centred = g.reshape(-1, g.shape[-1]), (x2 - mean2).reshape(-1, g.shape[-1])
+            want = (rows.sum(axis=0), np.einsum("mc,mc->c", rows, centred))
+            got_sums = tuple(np.asarray(part2, dtype=np.float64).sum(axis=1)) if part2.ndim == 3 else ()
+            return max(err, max_rel_error(got_sums, want)), self.tolerance(op, version)
+        return super().check(op, version, got)
 
     def expect(self, op):
         x, residual, dy = (self.host(a) for a in self.activations(op))
@@ -558,7 +585,7 @@ class BatchnormCase(OpCase):
                 out = getattr(ref, base)(x, g, b, rm, rv)
             return tuple(out) + (rm, rv)
         y, mean, invstd = (self.host(a) for a in self.saved(op))
-        base = base.removesuffix(" from conv partials")   # the same numbers as the ReLU form's backward
+        base = base.removesuffix(" pair").removesuffix(" from conv partials")   # the ReLU form's numbers
         if base == "batchnorm_backward":
             return ref.batchnorm_backward(dy, x, g, mean, invstd)
         return getattr(ref, base)(dy, y, x, g, mean, invstd)
@@ -574,6 +601,8 @@ class BatchnormCase(OpCase):
         partials = 0
         if op == self.FROM_PARTIALS[0]:   # g and x read, dx written; the partials read once
             return 3 * item * self.x.size + 2 * F32 * -(-(self.x.size // self.shape["C"]) // 64) * self.shape["C"], 0
+        if op == self.PAIR[0]:   # and x2 read (the sums written are a few KB)
+            return 4 * item * self.x.size + 2 * F32 * -(-(self.x.size // self.shape["C"]) // 64) * self.shape["C"], 0
         if op in self.FROM_STATS:      # the same passes, and the partials read once
             op = self.FORWARD[self.FROM_STATS.index(op)]
             partials = 4 * F32 * -(-(self.x.size // self.shape["C"]) // 64) * self.shape["C"]

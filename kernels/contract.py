@@ -133,6 +133,14 @@ def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part
     one read of g and x, one write of dx."""
 
 
+def batchnorm_backward_from_partials_pair(g, x, gamma, saved_mean, saved_invstd, part, x2, mean2):
+    """(dx, dgamma, dbeta, part2): batchnorm_backward_from_partials of the first of two batch norms
+    whose outputs are added (relu(bn(x) + bn2(x2)): both have the output gradient g), and part2
+    [2, B2, C] float32 (or wider): per block of g's rows, [sum g, sum g * (x2 - mean2)] (x2: bn2's
+    input, mean2 its batch mean), for batchnorm_backward_from_partials(g, x2, ...) of the second.
+    How the rows are split into blocks is the implementation's."""
+
+
 def batchnorm_partial_stats(x, shift):
     """This process's share of synchronised BN's statistics: [count, sum(x - shift), sum((x - shift)^2)]
     per channel -> stats [3, C] (float32 or wider)."""

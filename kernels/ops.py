@@ -18,7 +18,8 @@ import numpy as np
 from . import conv as _conv
 from . import batchnorm as _bn
 from .batchnorm import (batchnorm_add_relu_backward, batchnorm_add_relu_forward_train, batchnorm_backward,
-                        batchnorm_backward_elemt, batchnorm_backward_from_partials, batchnorm_backward_reduce,
+                        batchnorm_backward_elemt, batchnorm_backward_from_partials,
+                        batchnorm_backward_from_partials_pair, batchnorm_backward_reduce,
                         batchnorm_forward_inference, batchnorm_forward_train, batchnorm_forward_train_from_stats,
                         batchnorm_partial_stats, batchnorm_relu_backward, batchnorm_relu_forward_train,
                         batchnorm_relu_grad_partials)
@@ -41,6 +42,7 @@ __all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", 
            "batchnorm_relu_forward_train", "batchnorm_relu_backward", "batchnorm_add_relu_forward_train",
            "batchnorm_add_relu_backward", "batchnorm_partial_stats", "batchnorm_backward_reduce",
            "batchnorm_backward_elemt", "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
+           "batchnorm_backward_from_partials_pair",
            "relu_forward", "relu_backward", "add", "add_relu_forward",
            "maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn", "global_avgpool_forward", "global_avgpool_backward",
            "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",

@@ -35,7 +35,7 @@ __all__ = [
     "batchnorm_relu_forward_train", "batchnorm_relu_backward",
     "batchnorm_add_relu_forward_train", "batchnorm_add_relu_backward",
     "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt",
-    "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
+    "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials", "batchnorm_backward_from_partials_pair",
     "relu_forward", "relu_backward", "add", "add_relu_forward",
     "maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn",
     "global_avgpool_forward", "global_avgpool_backward",
@@ -531,6 +531,10 @@ def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part
     partial sums part [2, B, C] (batchnorm_relu_grad_partials, conv2d_backward_data_relu_bn):
     dbeta = sum_b part[0], dgamma = invstd * sum_b part[1], dx as batchnorm_backward.  With g's
     own partials the numbers are batchnorm_backward's."""
+    return _backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part)
+
+
+def _backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part):
     _check_channels(x, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd)
     C = x.shape[-1]
     if g.shape != x.shape or part.ndim != 3 or part.shape[0] != 2 or part.shape[1] < 1 or part.shape[2] != C:
@@ -543,6 +547,21 @@ def batchnorm_backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part
     xhat = (_as_rows(x).astype(sd, copy=False) - saved_mean) * saved_invstd
     dx = (gamma * saved_invstd) * (_as_rows(g).astype(sd, copy=False) - dbeta / M - xhat * (dgamma / M))
     return dx.astype(g.dtype, copy=False).reshape(x.shape), dgamma, dbeta
+
+
+def batchnorm_backward_from_partials_pair(g, x, gamma, saved_mean, saved_invstd, part, x2, mean2):
+    """(dx, dgamma, dbeta, part2): batchnorm_backward_from_partials, and the second batch norm's
+    partial sums of g over all its rows as one block, part2 [2, 1, C] (statistics dtype):
+    [sum g, sum g * (x2 - mean2)]."""
+    if x2.shape != x.shape:
+        raise ValueError(f"batchnorm_backward_from_partials_pair: x2 shape {x2.shape} differs from x shape {x.shape}")
+    _check_channels(x2, mean2=mean2)
+    dx, dgamma, dbeta = _backward_from_partials(g, x, gamma, saved_mean, saved_invstd, part)
+    sd = _stat_dtype(x.dtype)
+    g_rows = _as_rows(g).astype(sd, copy=False)
+    centred = _as_rows(x2).astype(sd, copy=False) - mean2
+    part2 = np.stack([g_rows.sum(axis=0), np.einsum("mc,mc->c", g_rows, centred)])[:, None, :]
+    return dx, dgamma, dbeta, part2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -135,13 +135,18 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
     stats: None, or the batch-norm partials of x from the convolution that produced it
     (conv2d_bn_stats): training without sync then takes the batch statistics from them
     (ops.batchnorm_forward_train_from_stats, one read of x fewer); the backward is the same.
-    grad_partials (relu=True, training without sync): the convolution that takes y as its input may
+    grad_partials (training without sync; relu=True): the convolution that takes y as its input may
     compute the first half of this batch norm's backward in its backward-data pass
     (ops.conv2d_backward_data_relu_bn: y's gradient after the ReLU's mask, and the partial sums of
     it and of it times x - mean); the backward then only finishes it (ops.batchnorm_backward_from_partials:
     one read of that gradient and x; with a residual, that gradient is also the residual's).  Where
     y's gradient comes otherwise (several consumers, or one that is not a convolution), the backward
     is the unfused one's, as without it.
+    A plain batch norm (relu=False) with grad_partials offers its input and mean to an add + ReLU
+    batch norm that takes its output as the residual (a projection shortcut: relu(bn3(c3) + bn(cp))):
+    behind the add both have the same output gradient g, so when that one finishes from partials, its
+    dx pass also sums for this one (ops.batchnorm_backward_from_partials_pair), and this backward, seeing
+    that very g arrive, finishes from those partials (one read of g and x instead of two).
     residual_grad_to_link (with a residual that carries such a link, i.e. a residual block's
     identity shortcut whose input also feeds the block's first convolution): the residual's
     gradient is handed to that convolution's backward-data pass, which adds it before the mask,
@@ -176,10 +181,17 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
 
     link = _GradPartials(x_data, mean) if relu and grad_partials else None
     to_link = getattr(residual, "_bn_grad_partials", None) if residual_grad_to_link else None
+    # a plain batch norm's offer (below): its input and mean, and later the partial sums of its gradient
+    pair = _GradPartials(x_data, mean) if grad_partials and not relu and residual is None else None
+    residual_pair = getattr(residual, "_bn_pair_partials", None) if residual is not None else None
     if residual is not None:
         def backward(dy):
             g, part = link.take() if link is not None else (None, None)
-            if dy is g:   # masked already, with its partial sums: dresidual is g itself
+            if dy is g and residual_pair is not None:   # the residual is a batch norm's: its sums too
+                dx, dgamma, dbeta, residual_pair.part = ops.batchnorm_backward_from_partials_pair(
+                    dy, x_data, gamma, mean, invstd, part, residual_pair.bn_x, residual_pair.mean)
+                residual_pair.g = dres = dy
+            elif dy is g:   # masked already, with its partial sums: dresidual is g itself
                 dx, dgamma, dbeta = ops.batchnorm_backward_from_partials(dy, x_data, gamma, mean, invstd, part)
                 dres = dy
             else:
@@ -196,6 +208,12 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
     elif relu:
         def backward(dy):
             return ops.batchnorm_relu_backward(dy, y, x_data, gamma, mean, invstd)
+    elif pair is not None:
+        def backward(dy):
+            g, part = pair.take()
+            if dy is g:   # the add + ReLU batch norm beside this one summed for it in its dx pass
+                return ops.batchnorm_backward_from_partials(dy, x_data, gamma, mean, invstd, part)
+            return ops.batchnorm_backward(dy, x_data, gamma, mean, invstd)
     else:
         def backward(dy):
             return ops.batchnorm_backward(dy, x_data, gamma, mean, invstd)
@@ -203,6 +221,8 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, eps=1e-5, m
     out = Tensor._from_op(y, parents, _cast_param_grads(backward, parents))
     if link is not None and out.requires_grad:
         out._bn_grad_partials = link
+    if pair is not None and out.requires_grad:
+        out._bn_pair_partials = pair
     return out
 
 

@@ -314,8 +314,9 @@ class BatchNorm2d(Module):
         in training (without sync) instead of computing the statistics from x.  With relu (or a
         residual), in training without sync, when the batch norm in use finishes its backward from the
         next convolution's partial sums (kernels.versions.bn_backward_from_conv(): version 5, the
-        default), a convolution that takes the output computes them in its backward-data pass
-        (F.batch_norm's grad_partials).  residual_grad_to_link: the residual is a block's identity
+        default), a convolution (or the max pool) that takes the output computes them in its backward
+        pass (F.batch_norm's grad_partials); without relu, the add + ReLU batch norm that takes the
+        output as its residual (a projection shortcut) sums for it in its dx pass.  residual_grad_to_link: the residual is a block's identity
         shortcut whose input also feeds the block's first convolution (F.batch_norm)."""
         self._check_input(x, ndim=x.ndim if isinstance(x, Tensor) and x.ndim in (2, 4) else 4)
         if x.shape[-1] != self.num_features:
@@ -329,7 +330,7 @@ class BatchNorm2d(Module):
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             self.training, self.eps, self.momentum, relu=relu or residual is not None,
                             residual=residual, sync=self.sync, stats=stats,
-                            grad_partials=fuse and (relu or residual is not None),
+                            grad_partials=fuse,
                             residual_grad_to_link=fuse and residual_grad_to_link)
 
     def extra_repr(self):

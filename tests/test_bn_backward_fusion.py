@@ -87,6 +87,58 @@ def test_kernels_match_the_reference(dtype, M, C):
         assert err < tol, (name, err)
 
 
+U32 = 2.0 ** -24
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("M,C", [(300, 64), (77, 67), (2, 8), (65, 3), (1000, 16)])
+def test_the_pair_form_sums_for_the_other_batch_norm(monkeypatch, dtype, M, C):
+    """batchnorm_backward_from_partials_pair: dx, dgamma, dbeta bit for bit those of
+    batchnorm_backward_from_partials (the same arithmetic), and part2 per slice of rows (version 4's
+    layout: rows r with (r // TY) % G == slice) against float64 sums of g and g (x2 - mean2), within
+    the roundings of its order (the thread's rows, then TY threads).  Outputs start as NaN."""
+    rng = np.random.default_rng(M * C + 1)
+    dy, y, x, gamma, mean, invstd = _bn_relu_problem(rng, M, C)
+    dy, y, x = (a.astype(dtype) for a in (dy, y, x))
+    gamma, mean, invstd = (np.asarray(a, dtype=np.float32) for a in (gamma, mean, invstd))
+    x2 = (3.0 + rng.standard_normal((M, C))).astype(dtype)
+    mean2 = (3.0 + 0.1 * rng.standard_normal(C)).astype(np.float32)
+    g, part = bn.batchnorm_relu_grad_partials(dy, y, x, mean)
+    want = bn.batchnorm_backward_from_partials(g, x, gamma, mean, invstd, part)
+    monkeypatch.setattr(bn, "empty", lambda xp, shape, dtype: xp.full(shape, np.nan, dtype=dtype))
+    dx, dgamma, dbeta, part2 = bn.batchnorm_backward_from_partials_pair(g, x, gamma, mean, invstd, part, x2, mean2)
+    for a, b in zip((dx, dgamma, dbeta), want):
+        np.testing.assert_array_equal(a, b)
+    assert part2.dtype == np.float32 and part2.shape[0] == 2 and part2.shape[2] == C
+    assert not np.isnan(part2).any()
+    G = part2.shape[1]
+    V, GX, TY = bn._rows_layout(C, x, g, dx, mean, mean, x2, mean2)
+    rows = np.arange(M)
+    terms = np.stack([g.astype(np.float64), g.astype(np.float64) * (x2.astype(np.float64) - mean2)])   # [2, M, C]
+    per_thread = -(-M // (TY * G))
+    for b in range(G):
+        mine = rows[(rows // TY) % G == b]
+        err = np.abs(part2[:, b].astype(np.float64) - terms[:, mine].sum(axis=1))
+        assert np.all(err <= (per_thread + TY + 2) * U32 * np.abs(terms[:, mine]).sum(axis=1)), b
+    # and the reference: the same sums over all rows as one block
+    r = ref.batchnorm_backward_from_partials_pair(g.astype(np.float64), x.astype(np.float64), gamma, mean, invstd,
+                                                  part.astype(np.float64), x2.astype(np.float64), mean2)
+    np.testing.assert_allclose(r[3][:, 0], terms.sum(axis=1), rtol=1e-12, atol=1e-12)
+
+
+def test_the_pair_kernel_passes_the_sanitizer():
+    import kernels
+    rng = np.random.default_rng(9)
+    for dtype, (M, C) in ((np.float16, (77, 64)), (np.float32, (65, 3))):
+        dy, y, x, gamma, mean, invstd = _bn_relu_problem(rng, M, C)
+        dy, y, x = (a.astype(dtype) for a in (dy, y, x))
+        gamma, mean, invstd = (np.asarray(a, dtype=np.float32) for a in (gamma, mean, invstd))
+        g, part = bn.batchnorm_relu_grad_partials(dy, y, x, mean)
+        with kernels.sanitize("all"):
+            out = bn.batchnorm_backward_from_partials_pair(g, x, gamma, mean, invstd, part, x, mean)
+        np.testing.assert_array_equal(out[0], bn.batchnorm_backward_from_partials(g, x, gamma, mean, invstd, part)[0])
+
+
 def test_kernels_reject_what_does_not_fit():
     x = np.zeros((8, 4), np.float32)
     c = np.zeros(4, np.float32)
@@ -94,6 +146,13 @@ def test_kernels_reject_what_does_not_fit():
         bn.batchnorm_backward_from_partials(x, x, c, c, c, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match="part"):
         ref.batchnorm_backward_from_partials(x, x, c, c, c, np.zeros((2, 1, 5), np.float32))
+    part = np.zeros((2, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="batchnorm_backward_from_partials_pair: x2"):
+        bn.batchnorm_backward_from_partials_pair(x, x, c, c, c, part, x[:4], c)
+    with pytest.raises(ValueError, match="mean2"):
+        bn.batchnorm_backward_from_partials_pair(x, x, c, c, c, part, x, c[:3])
+    with pytest.raises(ValueError, match="x2"):
+        ref.batchnorm_backward_from_partials_pair(x, x, c, c, c, part, x[:4], c)
     with pytest.raises((ValueError, TypeError)):
         bn.batchnorm_relu_grad_partials(x, x[:4], x, c)
 
@@ -122,7 +181,8 @@ def _block_grads(device, version, consumers="conv"):
 class _count:
     """Records which of the batch-norm backward ops run (ops and reference alike)."""
 
-    NAMES = ("batchnorm_backward_from_partials", "batchnorm_relu_backward", "conv2d_backward_data_relu_bn")
+    NAMES = ("batchnorm_backward_from_partials", "batchnorm_relu_backward", "conv2d_backward_data_relu_bn",
+             "batchnorm_backward_from_partials_pair")
 
     def __init__(self, ran):
         self.ran, self.saved = ran, []
@@ -182,6 +242,11 @@ def test_tiny_resnet50_trains_to_version_4s_losses(device, dtype):
         assert count(fused, FUSED_BN) == count(plain, FUSED_BN) + 33
         assert count(fused, "maxpool2d_backward_blocks_relu_bn") == 1
         assert count(plain, "maxpool2d_backward_blocks_relu_bn") == 0
+        # the 4 projections' plain batch norms: from the sums of their block's add + ReLU one (the pair form)
+        assert count(fused, FUSED_BN + "_pair") == 4 and count(plain, FUSED_BN + "_pair") == 0
+        def plain_reduce(run):   # version 4's reduction of the plain form (not its _finalize)
+            return count(run, "batchnorm_backward_reduce_f32") + count(run, "batchnorm_backward_reduce_f16")
+        assert plain_reduce(plain) == 4 and plain_reduce(fused) == 0
         assert count(fused, "add_") == 0      # each second gradient added in an epilogue
         conv = "conv2d_bwd_data_" + ("igemm" if dtype is None else "wmma_async")
         assert count(fused, conv + "_relu_bn") == 47 and count(plain, conv + "_relu_bn") == 0
@@ -256,7 +321,9 @@ def test_identity_shortcuts_hand_their_gradient_to_the_first_convolution(device)
     """A block's add + ReLU output feeds the next block's first convolution and, through an identity
     shortcut, its add + ReLU.  That second gradient goes to the convolution's backward-data epilogue
     (dz, added before the mask), so the add + ReLU batch norm finishes from partials too; after a
-    projection shortcut (two convolutions take the input) nothing is fused there."""
+    projection shortcut (two convolutions take the input) nothing is fused there.  The first block's
+    add + ReLU batch norm, finishing from partials, sums for its projection's batch norm in its dx pass
+    (the pair form), which then finishes from those."""
     got, calls, ran = _two_blocks(device, 5)
     want, calls4, _ = _two_blocks(device, 4)
     assert calls4 == []
@@ -264,7 +331,9 @@ def test_identity_shortcuts_hand_their_gradient_to_the_first_convolution(device)
     # ReLU output of the block before (dz: its identity shortcut's gradient); block 1's conv1 and
     # projection take x, which no batch norm made
     assert sorted(calls) == ["dz", "dz"] + ["no dz"] * 6
+    # bn1, bn2 of every block, bn3 of blocks 1 (the pair form) and 2, block 1's projection (from the pair)
     assert ran.count("batchnorm_backward_from_partials") == 8
+    assert ran.count("batchnorm_backward_from_partials_pair") == 1
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
 
@@ -281,6 +350,9 @@ def test_a_projection_block_hands_one_convolutions_gradient_to_the_other(device)
     # the identity shortcut); block 3's input feeds its first convolution and its projection: the
     # second of those to run gets the first's da as dz, the first runs plain
     assert sorted(calls) == ["dz", "dz"] + ["no dz"] * 6
+    # block 3's projection: its add + ReLU batch norm is the network's last (no convolution after it), so
+    # that projection runs the plain backward; block 1's finishes from its pair's sums
     assert ran.count("batchnorm_backward_from_partials") == 8
+    assert ran.count("batchnorm_backward_from_partials_pair") == 1
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())

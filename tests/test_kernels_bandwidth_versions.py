@@ -86,17 +86,20 @@ def test_the_step_table_counts_what_a_step_runs():
     assert count("batchnorm_relu_apply_rows_") == bns["relu"]
     assert count("batchnorm_add_relu_apply_rows_") == bns["add_relu"]
     assert count("batchnorm_apply_rows_") == bns["plain"]
-    # batch norm 5: the backward of 32 + 15 of them from the next convolution's partials, the stem's from
-    # the max pool's (the last block's add + ReLU runs version 4's reduction)
+    # batch norm 5: the backward of 32 + 15 of them from the next convolution's partials (4 of the 15 in
+    # the pair form, summing for their projection's plain batch norm too), the stem's from the max pool's,
+    # the 4 plain ones from their pair's; the last block's add + ReLU runs version 4's reduction
     after = {c.name: c.notes["step"] for c in step_fp16.cases(plan.cupy, "resnet50")}
     fused = sum(s["count"] for n, s in after.items() if "from conv partials" in n and s["when"] == "after")
+    pair = sum(s["count"] for n, s in after.items() if "partials pair" in n and s["when"] == "after")
     layers = step_fp16.conv_backward_data_layers()
-    assert fused - 1 == sum(n for _s, n, _k in layers) == 47
-    assert count("conv2d_bwd_data_wmma_async_relu_bn_f16") == fused - 1
+    assert fused - 1 - bns["plain"] == sum(n for _s, n, _k in layers) == 47 and pair == bns["plain"] == 4
+    assert count("conv2d_bwd_data_wmma_async_relu_bn_f16") == 47
     assert count("maxpool2d_backward_blocks_relu_bn_") == 1
+    assert count("batchnorm_backward_dx_rows_pair_") == pair
     assert count("batchnorm_relu_backward_reduce_") == 0
     assert count("batchnorm_add_relu_backward_reduce_") == bns["add_relu"] - 15
-    assert count("batchnorm_backward_reduce_f16") + count("batchnorm_backward_reduce_f32") == bns["plain"]
+    assert count("batchnorm_backward_reduce_f16") + count("batchnorm_backward_reduce_f32") == 0
     assert count("batchnorm_partials_reduce") == count("batchnorm_backward_reduce_finalize") == sum(bns.values())
     cases = {c.name: c.notes["step"] for c in step_fp16.cases(np, "tiny")}   # a few shapes: the others alike
     per_step = {}

@@ -27,8 +27,9 @@ AFTER = {"batchnorm": 5, "pool": 3, "input": 3, "elementwise": 2, "optimizer": 2
 """Batch norm 5 is version 4 with the backward of the 32 batch norms + ReLU whose output feeds a
 convolution and of the 15 add + ReLU ones whose output feeds the next block (the last one's feeds
 the average pool) finished from the partial sums of a convolution's backward-data epilogue
-(conv_backward_data_layers: its cost is in the table too), and the stem's from those of the max
-pool's backward (pool 3's maxpool2d_backward_blocks_relu_bn, in the pool's row)."""
+(conv_backward_data_layers: its cost is in the table too), the stem's from those of the max pool's
+backward (pool 3's maxpool2d_backward_blocks_relu_bn, in the pool's row), and the 4 plain ones of
+the projections from those their block's add + ReLU batch norm makes in its dx pass (the pair form)."""
 STEM = (112, 112, 64)
 LAST = (7, 7, 2048)     # the last block's output: the global average pool takes it
 
@@ -47,15 +48,16 @@ _BACKWARD = {"plain": "batchnorm_backward", "relu": "batchnorm_relu_backward", "
 
 
 def _from_partials(mode, shape, count):
-    """How many of `count` batch norms of `mode` at (H, W, C) `shape` finish their backward from
-    partial sums in version 5: every batch norm + ReLU (a convolution's backward-data epilogue sums
-    them; the stem's, the max pool's backward), the add + ReLU ones but the network's last (the
-    average pool), none of the plain ones."""
-    if mode == "plain":
-        return 0
+    """(plain, pair): how many of `count` batch norms of `mode` at (H, W, C) `shape` finish their
+    backward from partial sums in version 5, and how many of those in the pair form: every batch norm
+    + ReLU (a convolution's backward-data epilogue sums them; the stem's, the max pool's backward), the
+    add + ReLU ones but the network's last (the average pool), the first block's of each stage in the
+    pair form (its dx pass also sums for the projection's batch norm), and the 4 plain ones of the
+    projections (from those sums)."""
     if mode == "add_relu":
-        return count - (shape == LAST)
-    return count
+        pair = sum(n for s, n in BATCH_NORMS["plain"] if s == shape)   # a projection block per stage
+        return count - pair - (shape == LAST), pair
+    return count, 0
 
 
 def _step_case(case, op, version, label, family, count, when, key=()):
@@ -151,11 +153,16 @@ def cases(xp, size):
                 fwd = _FORWARD[mode] + " from conv stats f16"
                 out.append(_step_case(c, fwd, v, f"{fwd} [{s}]", "batchnorm forward", count, when, ("C", C)))
                 bwd = _BACKWARD[mode] + " f16"
-                fused = _from_partials(mode, (H, W, C), count) if version >= 5 else 0
-                if fused:
-                    op = "batchnorm_relu_backward from conv partials f16"   # (the add + ReLU form's: the same kernels)
-                    out.append(_step_case(c, op, version, f"{op} [{s}] ({mode})", "batchnorm backward", fused, when,
+                plain, pair = _from_partials(mode, (H, W, C), count) if version >= 5 else (0, 0)
+                if plain:   # (the add + ReLU and plain forms': the same kernels)
+                    op = "batchnorm_relu_backward from conv partials f16"
+                    out.append(_step_case(c, op, version, f"{op} [{s}] ({mode})", "batchnorm backward", plain, when,
                                           ("C", C)))
+                if pair:
+                    op = "batchnorm_relu_backward from conv partials pair f16"
+                    out.append(_step_case(c, op, version, f"{op} [{s}] ({mode})", "batchnorm backward", pair, when,
+                                          ("C", C)))
+                fused = plain + pair
                 if count - fused:
                     out.append(_step_case(c, bwd, v, f"{bwd} [{s}]", "batchnorm backward", count - fused, when,
                                           ("C", C)))
