@@ -220,6 +220,8 @@ def predict_case(case: Case, twin_row, gpu, arch):
            "gpu_s": p.gpu_seconds, "launches": []}
     if case.bytes:
         row["predicted_pct_copy_bw"] = 100 * case.bytes / p.seconds / g.copy_bytes_per_s
+        if p.gpu_seconds:   # the kernels alone: a CUDA graph's replay, or a step whose host runs ahead
+            row["predicted_pct_copy_bw_kernels"] = 100 * case.bytes / p.gpu_seconds / g.copy_bytes_per_s
     for lp in p.launches:
         e = {"kernel": lp.kernel, "seconds": lp.seconds, "limit": lp.limit, "parts": lp.parts}
         if lp.work is not None:
@@ -415,7 +417,7 @@ def print_prediction_table(result):
     measured = bool(result.get("measured_file"))
     print(f"\npredicted on {g.name} (kernels/emu/perfmodel.py: the twin's counts scaled to the ResNet-50 shape, its "
           f"launches planned at that shape){'; measured: ' + result['measured_file'] if measured else ''}")
-    head = (f"{'case':<62}{'launches':>9}{'predicted us':>13}{'%copy':>6}{'limit':>9}"
+    head = (f"{'case':<62}{'launches':>9}{'predicted us':>13}{'%copy':>6}{'%kern':>6}{'limit':>9}"
             + (f"{'measured us':>12}{'ratio':>7}" if measured else ""))
     print(head)
     print("-" * len(head))
@@ -426,14 +428,16 @@ def print_prediction_table(result):
             print(f"{r['name'][:61]:<62}  ERROR {r['error']}")
             continue
         pc = f"{r['predicted_pct_copy_bw']:.0f}" if "predicted_pct_copy_bw" in r else ""
-        line = f"{r['name'][:61]:<62}{len(r['launches']):>9}{_us(r['predicted_s']):>13}{pc:>6}{r['limit']:>9}"
+        pk = f"{r['predicted_pct_copy_bw_kernels']:.0f}" if "predicted_pct_copy_bw_kernels" in r else ""
+        line = f"{r['name'][:61]:<62}{len(r['launches']):>9}{_us(r['predicted_s']):>13}{pc:>6}{pk:>6}{r['limit']:>9}"
         if measured:
             ratio = r.get("ratio")
             mark = "" if ratio is None or 1 / 1.5 <= ratio <= 1.5 else " *"
             line += f"{_us(r['measured_s']):>12}{ratio:>7.2f}{mark}" if ratio is not None else f"{_us(r['measured_s']):>12}"
         print(line)
     print("(launches: kernels, memsets and copies the case makes; %copy: its fewest bytes / the predicted time, as % "
-          "of the copy bandwidth; limit: dram, l2, l1, issue, latency (Little's law: too few loads in flight), "
+          "of the copy bandwidth, with the host's time per launch as a call timed alone pays it; %kern: the same for "
+          "the kernels alone, as a CUDA graph or a step whose host runs ahead sees them; limit: dram, l2, l1, issue, latency (Little's law: too few loads in flight), "
           "atomics, host (launch overhead)" + ("; ratio: predicted / measured, * beyond 1.5x" if measured else "") + ")")
     s = result.get("summary")
     if s:

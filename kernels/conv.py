@@ -43,9 +43,7 @@ from . import versions
 from .runtime.launch import array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
 __all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_data_relu_bn",
-           "conv2d_backward_weight",
-           "conv_output_size",
-           "permute_weight", "conv_weight", "F16_VERSIONS", "emulate_arch"]
+           "relu_bn_from_dgrad", "conv2d_backward_weight", "conv_output_size", "permute_weight", "conv_weight", "F16_VERSIONS", "emulate_arch"]
 
 _BLOCK = 256
 _IG_TILE = 64           # implicit-GEMM tile (IG_BM = IG_BN in conv.cu)
@@ -338,11 +336,18 @@ def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_me
         raise ValueError(f"{op}: bn_mean must have shape ({x_shape[3]},) (one per channel of x_shape), got "
                          f"{tuple(bn_mean.shape)}")
     if version in (1, 2):
-        da = conv2d_backward_data(dy, w, x_shape, stride, padding, version=version)
-        if dz is not None:
-            da = _elementwise.add(da, dz)
-        return _bn.batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
+        return relu_bn_from_dgrad(conv2d_backward_data(dy, w, x_shape, stride, padding, version=version), a, bn_x,
+                                  bn_mean, dz)
     return _backward_data_tiled(op, dy, w, x_shape, stride, padding, version, relu_bn=(a, bn_x, dz, bn_mean))
+
+
+def relu_bn_from_dgrad(da, a, bn_x, bn_mean, dz=None):
+    """(g, part) of conv2d_backward_data_relu_bn from a finished da, for a backward data with no such
+    epilogue (versions 1 and 2, cuDNN's): da (+ dz, as stored), then batch norm's
+    batchnorm_relu_grad_partials (one more read of it, a and bn_x; its own blocks of rows)."""
+    if dz is not None:
+        da = _elementwise.add(da, dz)
+    return _bn.batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
 
 
 def _split_k(xp, tiles, reduction, split_k, step=_IG_BK, min_steps=32):

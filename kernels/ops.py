@@ -118,10 +118,7 @@ def conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_me
     impl = _impl(dy)
     if impl is _conv:
         return _conv.conv2d_backward_data_relu_bn(dy, w, x_shape, stride, padding, a, bn_x, bn_mean, dz)
-    da = impl.conv2d_backward_data(dy, w, x_shape, stride, padding)
-    if dz is not None:
-        da = add(da, dz)
-    return _bn.batchnorm_relu_grad_partials(da, a, bn_x, bn_mean)
+    return _conv.relu_bn_from_dgrad(impl.conv2d_backward_data(dy, w, x_shape, stride, padding), a, bn_x, bn_mean, dz)
 
 
 def conv2d_backward_weight(x, dy, w_shape, stride, padding, dtype=None):

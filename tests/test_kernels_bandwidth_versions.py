@@ -10,31 +10,17 @@ import pytest
 import nn
 from kernels.runtime import trace
 from nn import functional as F
+from tests._tiny_training import run_tiny
 
 OLD = {"elementwise": 1, "batchnorm": 3, "pool": 2, "input": 2, "optimizer": 2}
 NEW = {"elementwise": 2, "batchnorm": 5, "pool": 3, "input": 3, "optimizer": 3}
 
 
 def train(dtype, choice, steps=3):
-    """Losses of `steps` LARS steps of the tiny ResNet-50 (width 1/16, 10 classes, zero_init_residual:
-    see tests/_tiny_training.py) on one batch of 8 random uint8 32x32 images normalised on the device,
-    activations in `dtype`; the kernels it ran."""
-    with nn.device.use_kernels(**choice), trace.collect() as t:
-        model = nn.resnet50(num_classes=10, width=0.0625, seed=0, zero_init_residual=True,
-                            activation_dtype=dtype).to("emu")
-        opt = nn.optim.LARS(model.named_parameters(), lr=2.0, momentum=0.9, weight_decay=5e-5)
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-        x = F.normalize_images(images, "emu", std=(58.4, 57.1, 57.4), dtype=dtype or np.float32)
-        y = nn.device.emu.asarray(rng.integers(0, 10, 8).astype(np.int32))
-        losses = []
-        for _ in range(steps):
-            loss = F.cross_entropy(model(x, layout="NHWC"), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(nn.device.to_numpy(loss.data)))
-    return np.array(losses), set(t.by_kernel())
+    """Losses of `steps` LARS steps of the tiny ResNet-50 (tests/_tiny_training.py) on one batch of 8
+    random uint8 32x32 images normalised on the device, activations in `dtype`; the kernels it ran."""
+    run = run_tiny(steps, "emu", dtype, lars=True, uint8_images=True, **choice)
+    return run.losses, set(run.trace.by_kernel())
 
 
 @pytest.mark.parametrize("dtype", [None, np.float16], ids=["fp32", "fp16"])

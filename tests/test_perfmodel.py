@@ -70,6 +70,9 @@ def test_every_prediction_carries_its_share_of_the_copy_bandwidth(h100_predictio
         assert c["predicted_s"] > 0 and c["limit"]
         if c["bytes"]:
             assert c["predicted_pct_copy_bw"] == pytest.approx(100 * c["bytes"] / c["predicted_s"] / g.copy_bytes_per_s)
+            kernels = c["predicted_pct_copy_bw_kernels"]   # without the host's time: never below
+            assert kernels == pytest.approx(100 * c["bytes"] / c["gpu_s"] / g.copy_bytes_per_s)
+            assert kernels >= c["predicted_pct_copy_bw"] and c["gpu_s"] + c["host_s"] >= c["predicted_s"] * (1 - 1e-9)
 
 
 # ------------------------------------------------------------------------------ the model's arithmetic
