@@ -617,7 +617,8 @@ class PoolCase(OpCase):
     SHAPE = ("N", "H", "W", "C", "kernel", "stride", "padding")
     SHAPES = {"emu": (2, 9, 9, 16, 3, 2, 1), "gpu": (64, 112, 112, 64, 3, 2, 1),
               "resnet50": (256, 112, 112, 64, 3, 2, 1), "twin": (1, 112, 112, 64, 3, 2, 1)}
-    OTHER_LAYERS = ("global_avgpool_forward", "global_avgpool_backward", "global_avgpool_backward f16")   # the head's, at 7x7x2048
+    OTHER_LAYERS = ("global_avgpool_forward", "global_avgpool_backward", "global_avgpool_backward f16",
+                    "global_avgpool_backward relu_bn", "global_avgpool_backward relu_bn f16")   # the head's, at 7x7x2048
     TOLERANCE = 1e-6
 
     def build(self, N, H, W, C, kernel, stride, padding):
@@ -632,25 +633,36 @@ class PoolCase(OpCase):
         self._argmax = {}
 
     RELU_BN = "maxpool2d_backward relu_bn"   # + the stem's ReLU mask and batch-norm partials (version 3's epilogue)
+    AVG_RELU_BN = "global_avgpool_backward relu_bn"   # + the last block's (the head's average pool)
 
     def ops(self, version):
         # float16: version 1 adds with float32 atomics only
         f16 = ["maxpool2d_backward f16"] if version >= 2 else []
         relu_bn = [self.RELU_BN, self.RELU_BN + " f16"] if version >= 3 else []
-        return ["maxpool2d_backward"] + f16 + relu_bn + ["global_avgpool_backward", "global_avgpool_backward f16"]
+        avg = [self.AVG_RELU_BN, self.AVG_RELU_BN + " f16"] if version >= 3 else []
+        return ["maxpool2d_backward"] + f16 + relu_bn + ["global_avgpool_backward", "global_avgpool_backward f16"] + avg
 
-    def relu_bn_inputs(self, f16=False):
-        """(a, bn_x, bn_mean, y, argmax) of the relu_bn ops: bn_x normal about 0.5 (float16 for f16),
-        bn_mean float32 [C] near 0.5, a = relu(bn_x - bn_mean) (about half the pixels masked), y and
-        argmax the max pool's forward of a; made once, on first use (as the argmax of the other ops:
-        a prediction plans its call twice and keeps the second), outside the timed calls."""
-        if not hasattr(self, "_relu_bn"):
-            self._relu_bn = {}
-        if bool(f16) not in self._relu_bn:
+    def bn_inputs(self, f16=False):
+        """(a, bn_x, bn_mean) of the relu_bn ops: bn_x normal about 0.5 (float16 for f16), bn_mean
+        float32 [C] near 0.5, a = relu(bn_x - bn_mean) (about half the pixels masked); made once, on
+        first use (as the argmax of the other ops: a prediction plans its call twice and keeps the
+        second), outside the timed calls."""
+        if not hasattr(self, "_bn_inputs"):
+            self._bn_inputs = {}
+        if bool(f16) not in self._bn_inputs:
             dtype = np.float16 if f16 else np.float32
             bn_x = (self.x + np.float32(0.5)).astype(dtype)
             mean = self.randn((self.shape["C"],), scale=0.1) + np.float32(0.5)
             a = self.xp.maximum(bn_x.astype(np.float32) - mean, np.float32(0)).astype(dtype)
+            self._bn_inputs[bool(f16)] = (a, bn_x, mean)
+        return self._bn_inputs[bool(f16)]
+
+    def relu_bn_inputs(self, f16=False):
+        """bn_inputs and y, argmax: the max pool's forward of a (the stem's op)."""
+        if not hasattr(self, "_relu_bn"):
+            self._relu_bn = {}
+        if bool(f16) not in self._relu_bn:
+            a, bn_x, mean = self.bn_inputs(f16)
             y, argmax = pool.maxpool2d_forward(a, *self._geometry())
             self._relu_bn[bool(f16)] = (a, bn_x, mean, y, argmax)
         return self._relu_bn[bool(f16)]
@@ -671,6 +683,9 @@ class PoolCase(OpCase):
         f16 = op.endswith(" f16")
         if op == "maxpool2d_forward":
             return pool.maxpool2d_forward(self.x, *self._geometry())
+        if op.startswith(self.AVG_RELU_BN):
+            a, bn_x, mean = self.bn_inputs(f16)
+            return pool.global_avgpool_backward_relu_bn(self.dyavg16 if f16 else self.dyavg, a, bn_x, mean)
         if op.startswith(self.RELU_BN):
             a, bn_x, mean, y, argmax = self.relu_bn_inputs(f16)
             return pool.maxpool2d_backward_relu_bn(self.dy16 if f16 else self.dy, argmax, y, a, bn_x, mean,
@@ -687,6 +702,10 @@ class PoolCase(OpCase):
         f16 = op.endswith(" f16")
         if op == "maxpool2d_forward":
             return ref.maxpool2d_forward(self.host(self.x), *self._geometry())
+        if op.startswith(self.AVG_RELU_BN):
+            a = self.host(self.bn_inputs(f16)[0])
+            return (np.where(a > 0, ref.global_avgpool_backward(self.host(self.dyavg16 if f16 else self.dyavg),
+                                                                self.x.shape), 0.0),)
         if op.startswith(self.RELU_BN):
             a, _, _, _, argmax = (self.host(v) for v in self.relu_bn_inputs(f16))
             dy = self.host(self.dy16 if f16 else self.dy)
@@ -701,10 +720,10 @@ class PoolCase(OpCase):
         return (ref.global_avgpool_backward(self.host(self.dyavg16 if f16 else self.dyavg), self.x.shape),)
 
     def check(self, op, version, got):
-        if op.startswith(self.RELU_BN):   # g against the reference; the partials against g's own sums
+        if op.startswith(self.RELU_BN) or op.startswith(self.AVG_RELU_BN):   # g, then the partials against g's sums
             g, part = (_to_host(a) for a in got)
             err = max_rel_error((g,), self.expected(op))
-            _, bn_x, mean, _, _ = (self.host(a) for a in self.relu_bn_inputs(op.endswith(" f16")))
+            _, bn_x, mean = (self.host(a) for a in self.bn_inputs(op.endswith(" f16")))
             rows, centred = self.host(g).reshape(-1, g.shape[-1]), (bn_x - mean).reshape(-1, g.shape[-1])
             want = (rows.sum(axis=0), np.einsum("mc,mc->c", rows, centred))
             got_sums = tuple(np.asarray(part, dtype=np.float64).sum(axis=1)) if part.ndim == 3 else ()
@@ -723,6 +742,8 @@ class PoolCase(OpCase):
         partials = 2 * 4 * self.shape["C"] * -(-nx // (4 * 256 * (16 // item)))
         return {"maxpool2d_forward": 4 * nx + 8 * ny, "maxpool2d_backward": (item + 4) * ny + item * nx,
                 self.RELU_BN: (2 * item + 4) * ny + 2 * item * nx + partials,
+                # the head's: a and bn_x read, g written, dy read; a float pair per (image, channel)
+                self.AVG_RELU_BN: 3 * item * nx + item * nc + 2 * 4 * nc,
                 "global_avgpool_forward": 4 * nx + 4 * nc, "global_avgpool_backward": item * (nx + nc)}[
                     op.removesuffix(" f16")], 0
 

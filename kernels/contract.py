@@ -211,6 +211,15 @@ def global_avgpool_backward(dy, x_shape):
     """dx[n, h, w, c] = dy[n, c] / (H * W)."""
 
 
+def global_avgpool_backward_relu_bn(dy, a, bn_x, bn_mean):
+    """(g, part): the backward of a global average pool whose input a = relu(batchnorm(bn_x) + r)
+    (ResNet's last block), with the first half of that batch norm's backward:
+        g    = global_avgpool_backward(dy, a.shape) where a > 0, else 0     (like a)
+        part [2, B, C] float32 (or wider): per block b of g's rows, [sum g, sum g * (bn_x - bn_mean)]
+    from g as stored, for batchnorm_backward_from_partials(g, bn_x, ...).  How the rows are split
+    into blocks is the implementation's."""
+
+
 # ---- the loss and the metrics ---------------------------------------------------------------------
 
 

@@ -43,7 +43,8 @@ from . import versions
 from .runtime.launch import array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
 
 __all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_data_relu_bn",
-           "relu_bn_from_dgrad", "conv2d_backward_weight", "conv_output_size", "permute_weight", "conv_weight", "F16_VERSIONS", "emulate_arch"]
+           "relu_bn_from_dgrad", "conv2d_backward_weight", "conv_output_size", "permute_weight", "conv_weight",
+           "F16_VERSIONS", "emulate_arch"]
 
 _BLOCK = 256
 _IG_TILE = 64           # implicit-GEMM tile (IG_BM = IG_BN in conv.cu)

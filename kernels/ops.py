@@ -32,7 +32,7 @@ from . import input as _input
 from .optimizer import (ParamSegments, global_grad_norm, lars_trust_ratio, lars_trust_ratio_flat, loss_scale_update,
                         momentum_update_flat, nonfinite_flag, sgd_momentum_update)
 from . import pool as _pool
-from .pool import global_avgpool_backward, global_avgpool_forward, maxpool2d_forward
+from .pool import global_avgpool_backward, global_avgpool_backward_relu_bn, global_avgpool_forward, maxpool2d_forward
 
 __all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", "conv2d_backward_data_relu_bn",
            "conv2d_backward_weight",
@@ -44,7 +44,8 @@ __all__ = ["conv2d_forward", "conv2d_forward_bn_stats", "conv2d_backward_data", 
            "batchnorm_backward_elemt", "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials",
            "batchnorm_backward_from_partials_pair",
            "relu_forward", "relu_backward", "add", "add_relu_forward",
-           "maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn", "global_avgpool_forward", "global_avgpool_backward",
+           "maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn",
+           "global_avgpool_backward_relu_bn", "global_avgpool_forward", "global_avgpool_backward",
            "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
            "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm", "ParamSegments", "momentum_update_flat",
            "lars_trust_ratio_flat", "nonfinite_flag", "loss_scale_update", "input_normalize", "cast",

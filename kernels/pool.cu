@@ -49,7 +49,8 @@
  *              maxpool2d_backward_blocks_relu_bn (below) does the backward of ResNet's stem, conv ->
  *              batch norm -> ReLU -> max pool, with the ReLU's mask and the batch norm's backward
  *              partial sums in its epilogue, as conv.cu's *_relu_bn kernels do for a batch norm before
- *              a convolution (batch norm 5 then finishes from them).
+ *              a convolution (batch norm 5 then finishes from them); and the average pool's,
+ *              global_avgpool_backward_relu_bn, the head's for the last block's add + ReLU batch norm.
  * The performance model (`python -m kernels.pool` prints it; bench/NOTES.md) predicts 0.80 ms for
  * version 1 (the zeroing pass and the bytes: DRAM; 0.70x the measured 1.14 ms: what 51 M
  * atomic adds to scattered addresses cost in the L2 is not in it) and 2.08 ms for version 2
@@ -62,7 +63,9 @@
  * batch norm's sums (predicted, not measured): 522 us in float16 (80 %, instruction issue: the mask and
  * the sums' conversions come on top of version 3's compares), 770 us in float32 (DRAM), where version 3
  * and batch norm 4's reduction of dy, y and x took 298 + 385 us; the batch norm's backward from its
- * partials then reads g and x once (408 us against version 4's 823).
+ * partials then reads g and x once (408 us against version 4's 823).  The head's twin: 52 us of kernel
+ * (103 %, DRAM; 77 us with its launch's host time) where the average pool's backward and batch norm 4's
+ * add + ReLU backward took 16 + 133 us, then 53 us from the partials.
  */
 #include <cuda_fp16.h>
 #include "common.cuh"   // GRID_STRIDE_LOOP, unravel4, to_float, from_float, KERNEL_ENTRY
@@ -357,3 +360,68 @@ KERNEL_ENTRY(global_avgpool_backward_f32x1, avgpool_backward_vec<float, 1>)
 KERNEL_ENTRY(global_avgpool_backward_f16x1, avgpool_backward_vec<__half, 1>)
 KERNEL_ENTRY(global_avgpool_backward_f32x4, avgpool_backward_vec<float, 4>)
 KERNEL_ENTRY(global_avgpool_backward_f16x8, avgpool_backward_vec<__half, 8>)
+
+/* The head's twin with the batch norm's backward in its epilogue: the network's last add + ReLU batch norm
+ * feeds the global average pool, so its output gradient after the ReLU's mask is
+ *     g[n, h, w, c] = dy[n, c] / HW where a > 0, else 0        (a = relu(bn(bn_x) + r): the pool's input)
+ * and its backward needs sum g and sum g * (bn_x - mean[c]) per channel (as for the stem,
+ * maxpool2d_backward_blocks_relu_bn).  Thread (tx, ty) of block (blockIdx.x, n = blockIdx.y) owns channel
+ * vector grp = blockIdx.x * blockDim.x + tx of image n: it divides its dy once, then at pixels ty,
+ * ty + blockDim.y, ... reads a and bn_x, writes g and adds g and g * (bn_x - mean) -- g as stored -- into its
+ * sums; the block adds its rows of threads in order of ty in shared memory into part[:, n, :] (one partial
+ * row per image, B = N; the blocks of one image write its channels side by side; no atomics: the same
+ * bits every run).  blockDim.x * blockDim.y = POOL_BN_BLOCK. */
+template <typename T, int V>
+__device__ void avgpool_backward_relu_bn(const T* __restrict__ dy, const T* __restrict__ a,
+                                         const T* __restrict__ bn_x, const float* __restrict__ bn_mean,
+                                         T* __restrict__ g_out, float* __restrict__ part, int N, int HW, int C) {
+    __shared__ float sums[2][POOL_BN_BLOCK][V];
+    const int grp = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+    const int t = threadIdx.y * blockDim.x + threadIdx.x;
+    float s0[V], s1[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) s0[j] = s1[j] = 0.0f;
+    if (grp * V < C) {   // no early return: every thread reaches the barrier
+        float d[V], mean[V];
+        Lanes<V>::load(dy + (long long)n * C + grp * V, d);
+#pragma unroll
+        for (int j = 0; j < V; ++j) d[j] = d[j] / (float)HW;   // as version 1 divides: the same bits
+        Lanes<V>::load_floats(bn_mean + grp * V, mean);
+        const long long plane = (long long)n * HW * C + grp * V;
+        for (int pixel = threadIdx.y; pixel < HW; pixel += blockDim.y) {
+            const long long e = plane + (long long)pixel * C;
+            float av[V], xv[V], gv[V];
+            Lanes<V>::load(a + e, av);
+            Lanes<V>::load(bn_x + e, xv);
+#pragma unroll
+            for (int j = 0; j < V; ++j) gv[j] = av[j] > 0.0f ? d[j] : 0.0f;
+            Lanes<V>::store(g_out + e, gv);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                const float stored = to_float(from_float<T>(gv[j]));   // g as stored
+                s0[j] += stored;
+                s1[j] += stored * (xv[j] - mean[j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        sums[0][t][j] = s0[j];
+        sums[1][t][j] = s1[j];
+    }
+    __syncthreads();
+    const int cols = blockDim.x * V;   // this block's channels (the last block's may run past C)
+    for (int o = t; o < 2 * cols; o += blockDim.x * blockDim.y) {
+        const int s = o / cols, local = o % cols, c = blockIdx.x * cols + local;
+        if (c >= C) continue;
+        const int tx = local / V, j = local % V;
+        float total_of_block = 0.0f;
+        for (int ty = 0; ty < (int)blockDim.y; ++ty) total_of_block += sums[s][ty * blockDim.x + tx][j];
+        part[((long long)s * gridDim.y + n) * C + c] = total_of_block;
+    }
+}
+
+KERNEL_ENTRY(global_avgpool_backward_relu_bn_f32x1, avgpool_backward_relu_bn<float, 1>)
+KERNEL_ENTRY(global_avgpool_backward_relu_bn_f16x1, avgpool_backward_relu_bn<__half, 1>)
+KERNEL_ENTRY(global_avgpool_backward_relu_bn_f32x4, avgpool_backward_relu_bn<float, 4>)
+KERNEL_ENTRY(global_avgpool_backward_relu_bn_f16x8, avgpool_backward_relu_bn<__half, 8>)

@@ -12,16 +12,18 @@ deterministically; 3 (the default: predicted 1.9x faster than 1) gathers per 2x2
 16-byte vectors (stride 2; other strides run version 2), the same bits as 2; version 3 also writes
 the global-average-pool backward in 16-byte vectors.  maxpool2d_backward_relu_bn is the backward
 of a max pool after a batch norm + ReLU (ResNet's stem) with the mask and that batch norm's
-backward partial sums in version 3's epilogue (batchnorm_backward_from_partials finishes it).
+backward partial sums in version 3's epilogue (batchnorm_backward_from_partials finishes it);
+global_avgpool_backward_relu_bn the same for the average pool after the last add + ReLU batch norm.
 """
 
 import numpy as np
 
 from . import versions
-from .runtime.launch import FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy, module
+from .runtime.launch import (FLOAT_DTYPES, array_module, blocks_for, check_array, check_shape_tuple, empty, is_cupy,
+                             module)
 
 __all__ = ["maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn", "global_avgpool_forward",
-           "global_avgpool_backward"]
+           "global_avgpool_backward", "global_avgpool_backward_relu_bn"]
 
 _BLOCK = 256
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
@@ -217,6 +219,38 @@ def global_avgpool_backward(dy, x_shape):
     _launch(f"global_avgpool_backward_{_SUFFIX[dy.dtype]}", dx.size,
             (dy, dx, np.int32(N), np.int32(H * W), np.int32(C)), xp)
     return dx
+
+
+def global_avgpool_backward_relu_bn(dy, a, bn_x, bn_mean):
+    """(g, part): the global average pool's backward where its input a = relu(batchnorm(bn_x) + r)
+    (ResNet's last block), with the first half of that batch norm's backward in its epilogue:
+        g    = global_avgpool_backward(dy, a.shape) where a > 0, else 0     (like a)
+        part float32 [2, B, C]: per block b of g's pixels, [sum g, sum g * (bn_x - bn_mean)]
+    for batchnorm_backward_from_partials(g, bn_x, ...).  dy: [N, C]; a, bn_x: [N, H, W, C], all float32
+    or all float16; bn_mean float32 [C].  Pool version 3: global_avgpool_backward_relu_bn_* (one
+    partial row per image, B = N); otherwise the average pool's backward, then
+    batchnorm_relu_grad_partials (one more read of g, a and bn_x)."""
+    op = "global_avgpool_backward_relu_bn"
+    check_array(op, "dy", dy, dtype=FLOAT_DTYPES, ndim=2)
+    check_array(op, "a", a, dtype=dy.dtype, ndim=4)
+    check_array(op, "bn_x", bn_x, dtype=dy.dtype, shape=a.shape)
+    N, H, W, C = a.shape
+    check_array(op, "bn_mean", bn_mean, dtype=np.float32, shape=(C,))
+    if dy.shape != (N, C):
+        raise ValueError(f"{op}: dy shape {tuple(dy.shape)} does not match a's shape {(N, H, W, C)} "
+                         f"(expected {(N, C)})")
+    xp = array_module(dy, a, bn_x, bn_mean)
+    if versions.version("pool", None, op) >= 3 and 0 < N <= 65535 and C and H * W:
+        g = empty(xp, (N, H, W, C), dtype=dy.dtype)
+        V = _vector(C, dy, a, bn_x, g)
+        GX = min(C // V, 32)        # 32 channel vectors side by side, 8 rows of threads over the pixels
+        part = empty(xp, (2, N, C), dtype=np.float32)
+        _kernel(f"global_avgpool_backward_relu_bn_{_SUFFIX[dy.dtype]}x{V}")(
+            (-(-(C // V) // GX), N), (GX, _BLOCK // GX), (dy, a, bn_x, bn_mean, g, part, np.int32(N),
+                                                          np.int32(H * W), np.int32(C)))
+        return g, part
+    from .batchnorm import batchnorm_relu_grad_partials   # batchnorm.py does not import this module
+    return batchnorm_relu_grad_partials(global_avgpool_backward(dy, (N, H, W, C)), a, bn_x, bn_mean)
 
 
 if __name__ == "__main__":   # `python -m kernels.pool ARGS` is `python -m kernels pool ARGS` (the lesson)

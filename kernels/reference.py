@@ -37,7 +37,7 @@ __all__ = [
     "batchnorm_partial_stats", "batchnorm_backward_reduce", "batchnorm_backward_elemt",
     "batchnorm_relu_grad_partials", "batchnorm_backward_from_partials", "batchnorm_backward_from_partials_pair",
     "relu_forward", "relu_backward", "add", "add_relu_forward",
-    "maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn",
+    "maxpool2d_forward", "maxpool2d_backward", "maxpool2d_backward_relu_bn", "global_avgpool_backward_relu_bn",
     "global_avgpool_forward", "global_avgpool_backward",
     "softmax_cross_entropy_forward", "softmax_cross_entropy_backward", "topk_correct", "accumulate_loss",
     "sgd_momentum_update", "lars_trust_ratio", "global_grad_norm",
@@ -684,6 +684,13 @@ def global_avgpool_backward(dy, x_shape):
     if dy.shape != (N, C):
         raise ValueError(f"global_avgpool_backward: dy shape {dy.shape}, expected {(N, C)}")
     return np.broadcast_to((dy / (H * W))[:, None, None, :], (N, H, W, C)).copy()
+
+
+def global_avgpool_backward_relu_bn(dy, a, bn_x, bn_mean):
+    """(g, part): g = global_avgpool_backward(dy, a.shape) where a > 0, else 0, and the batch-norm
+    backward's partial sums of g over all its rows as one block, part [2, 1, C] (statistics dtype):
+    [sum g, sum g * (bn_x - bn_mean)] (batchnorm_relu_grad_partials)."""
+    return batchnorm_relu_grad_partials(global_avgpool_backward(dy, a.shape), a, bn_x, bn_mean)
 
 
 # ----------------------------------------------------------------------------------------------

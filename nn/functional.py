@@ -428,11 +428,22 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
 
 
 def global_avg_pool(x):
-    """Mean over (H, W): x [N, H, W, C] -> y [N, C]; backward spreads dy/(H*W) evenly."""
+    """Mean over (H, W): x [N, H, W, C] -> y [N, C]; backward spreads dy/(H*W) evenly.
+
+    Where x = relu(batch_norm(...) + r) carries that batch norm's link (ResNet's last block) and the
+    pool is x's one consumer, the backward also computes the first half of the batch norm's backward
+    (ops.global_avgpool_backward_relu_bn), as max_pool2d does for the stem's."""
     ops = _ops(x)
-    x_shape = x.shape
-    return Tensor._from_op(ops.global_avgpool_forward(x.data), (x,),
-                           lambda dy: (ops.global_avgpool_backward(dy, x_shape),))
+    x_data, x_shape = x.data, x.shape
+
+    def backward(dy):
+        link = getattr(x, "_bn_grad_partials", None)
+        if link is not None and link.pending == 1 and link.dz is None:
+            link.g, link.part = ops.global_avgpool_backward_relu_bn(dy, x_data, link.bn_x, link.mean)
+            return (link.g,)
+        return (ops.global_avgpool_backward(dy, x_shape),)
+
+    return Tensor._from_op(ops.global_avgpool_forward(x_data), (x,), backward)
 
 
 # ---- loss ---------------------------------------------------------------------------------------

@@ -217,3 +217,79 @@ def test_reference_is_the_pool_backward_then_mask_then_sums():
     rows = want.reshape(-1, 5)
     np.testing.assert_allclose(part[:, 0], np.stack([rows.sum(0), (rows * (bn_x.reshape(-1, 5) - mean)).sum(0)]),
                                rtol=1e-12)
+
+
+# ---- the head: the global average pool after the last add + ReLU batch norm -------------------------
+GAP_CASES = [((2, 7, 7, 64), np.float16), ((3, 3, 3, 16), np.float32), ((2, 2, 2, 3), np.float32),
+             ((1, 1, 1, 8), np.float16), ((2, 3, 3, 300), np.float16), ((4, 5, 4, 128), np.float32)]
+
+
+def _gap_problem(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    bn_x = (2.0 + rng.standard_normal(shape)).astype(dtype)
+    mean = (2.0 + 0.1 * rng.standard_normal(shape[3])).astype(np.float32)
+    a = np.maximum(bn_x.astype(np.float32) - mean, 0).astype(dtype)
+    dy = rng.standard_normal((shape[0], shape[3])).astype(dtype)
+    return dy, a, bn_x, mean
+
+
+@pytest.mark.parametrize("shape,dtype", GAP_CASES, ids=[f"{'x'.join(map(str, s))}-{np.dtype(d).name}"
+                                                         for s, d in GAP_CASES])
+def test_average_pool_relu_bn_epilogue(backend, shape, dtype):
+    """g bit for bit the plain version-3 backward masked where a > 0 (and dy / HW within rounding);
+    part one row per image (B = N), each against the float64 sums of g as stored over that image's
+    pixels, within the kernel's roundings (a thread's pixels, then its block's rows of threads)."""
+    dy, a, bn_x, mean = _gap_problem(shape, dtype, GAP_CASES.index((shape, dtype)))
+    d = backend.to_device
+    g, part = (backend.to_host(v) for v in PL.global_avgpool_backward_relu_bn(d(dy), d(a), d(bn_x), d(mean)))
+    N, H, W, C = shape
+    plain = backend.to_host(PL.global_avgpool_backward(d(dy), shape))
+    np.testing.assert_array_equal(g, np.where(a > 0, plain, np.zeros((), dtype)))
+    want = np.where(a > 0, dy.astype(np.float64)[:, None, None, :] / (H * W), 0.0)
+    assert np.abs(g - want).max() <= (F16_OUT if dtype == np.float16 else 1e-6) * max(np.abs(want).max(), 1e-30)
+    assert part.dtype == np.float32 and part.shape == (2, N, C) and not np.isnan(part).any()
+    V = _vector(C, dtype)
+    TY = BLOCK // min(C // V, 32)
+    terms = np.stack([g.astype(np.float64), g.astype(np.float64) * (bn_x.astype(np.float64) - mean)])
+    for n in range(N):
+        image = terms[:, n].reshape(2, -1, C)
+        err = np.abs(part[:, n].astype(np.float64) - image.sum(axis=1))
+        bound = (-(-(H * W) // TY) + TY + 2) * U * np.abs(image).sum(axis=1)
+        assert np.all(err <= bound), n
+
+
+def test_average_pool_relu_bn_without_version_3():
+    """Pool versions 1 and 2: the plain backward, then batchnorm_relu_grad_partials; the same g."""
+    from kernels import versions
+    dy, a, bn_x, mean = _gap_problem((2, 3, 3, 16), np.float32, 5)
+    with versions.running("pool", 2):
+        g, part = PL.global_avgpool_backward_relu_bn(dy, a, bn_x, mean)
+    np.testing.assert_array_equal(g, np.where(a > 0, PL.global_avgpool_backward(dy, a.shape), 0).astype(np.float32))
+    terms = np.stack([g.astype(np.float64), g.astype(np.float64) * (bn_x - mean)]).reshape(2, -1, 16)
+    assert np.all(np.abs(part.astype(np.float64).sum(axis=1) - terms.sum(axis=1))
+                  <= (terms.shape[1] + 2) * U * np.abs(terms).sum(axis=1))
+
+
+def test_average_pool_relu_bn_passes_the_sanitizer(monkeypatch):
+    import kernels
+    from kernels.runtime import launch
+    monkeypatch.setattr(PL, "empty", launch.empty)
+    for shape, dtype in (((2, 3, 3, 300), np.float16), ((3, 3, 3, 16), np.float32)):
+        dy, a, bn_x, mean = _gap_problem(shape, dtype, 8)
+        with kernels.sanitize("all"):
+            g, part = PL.global_avgpool_backward_relu_bn(dy, a, bn_x, mean)
+        np.testing.assert_array_equal(g, np.where(a > 0, PL.global_avgpool_backward(dy, shape), np.zeros((), dtype)))
+
+
+def test_average_pool_relu_bn_refuses_bad_arguments():
+    dy, a, bn_x, mean = _gap_problem((2, 3, 3, 8), np.float32, 6)
+    call = PL.global_avgpool_backward_relu_bn
+    with pytest.raises(ValueError, match="global_avgpool_backward_relu_bn"):
+        call(dy[:1], a, bn_x, mean)
+    with pytest.raises(ValueError, match="global_avgpool_backward_relu_bn"):
+        call(dy, a, bn_x[:1], mean)
+    with pytest.raises(TypeError, match="global_avgpool_backward_relu_bn"):
+        call(dy, a.astype(np.float16), bn_x, mean)
+    g, part = ref.global_avgpool_backward_relu_bn(dy.astype(np.float64), a, bn_x.astype(np.float64), mean)
+    np.testing.assert_array_equal(g, np.where(a > 0, ref.global_avgpool_backward(dy.astype(np.float64), a.shape), 0))
+    assert part.shape == (2, 1, 8)

@@ -118,6 +118,7 @@ def _pool_cases(xp, size):
         # the stem's: with its batch norm's ReLU mask and backward partial sums in version 3's epilogue
         lesson_case(c, "maxpool2d_backward relu_bn", 3, f"maxpool2d_backward relu_bn v3 blocks [{s}]"),
         lesson_case(c, "maxpool2d_backward relu_bn f16", 3, f"maxpool2d_backward relu_bn f16 v3 blocks [{s}]"),
+        lesson_case(a, "global_avgpool_backward relu_bn f16", 3, f"global_avgpool_backward relu_bn f16 v3 [{a_s}]"),
         lesson_case(a, "global_avgpool_backward f16", 2, f"global_avgpool_backward f16 v2 [{a_s}]"),
         lesson_case(a, "global_avgpool_backward f16", 3, f"global_avgpool_backward f16 v3 [{a_s}]"),
     ]

@@ -27,11 +27,10 @@ AFTER = {"batchnorm": 5, "pool": 3, "input": 3, "elementwise": 2, "optimizer": 2
 """Batch norm 5 is version 4 with the backward of the 32 batch norms + ReLU whose output feeds a
 convolution and of the 15 add + ReLU ones whose output feeds the next block (the last one's feeds
 the average pool) finished from the partial sums of a convolution's backward-data epilogue
-(conv_backward_data_layers: its cost is in the table too), the stem's from those of the max pool's
-backward (pool 3's maxpool2d_backward_blocks_relu_bn, in the pool's row), and the 4 plain ones of
-the projections from those their block's add + ReLU batch norm makes in its dx pass (the pair form)."""
-STEM = (112, 112, 64)
-LAST = (7, 7, 2048)     # the last block's output: the global average pool takes it
+(conv_backward_data_layers: its cost is in the table too), the stem's and the last block's from those
+of the max pool's and the average pool's backward (pool 3's *_relu_bn kernels, in the pool's row),
+and the 4 plain ones of the projections from those their block's add + ReLU batch norm makes in its
+dx pass (the pair form): all 53."""
 
 # (H, W, C) of every batch norm of ResNet-50 v1.5 at 224 px, by mode, and how many: the stem; in
 # each stage the first two of a bottleneck (+ ReLU; the first block's first one at the input's
@@ -50,13 +49,13 @@ _BACKWARD = {"plain": "batchnorm_backward", "relu": "batchnorm_relu_backward", "
 def _from_partials(mode, shape, count):
     """(plain, pair): how many of `count` batch norms of `mode` at (H, W, C) `shape` finish their
     backward from partial sums in version 5, and how many of those in the pair form: every batch norm
-    + ReLU (a convolution's backward-data epilogue sums them; the stem's, the max pool's backward), the
-    add + ReLU ones but the network's last (the average pool), the first block's of each stage in the
-    pair form (its dx pass also sums for the projection's batch norm), and the 4 plain ones of the
+    + ReLU (a convolution's backward-data epilogue sums them; the stem's, the max pool's backward), every
+    add + ReLU one (the network's last: the average pool's backward), the first block's of each stage in
+    the pair form (its dx pass also sums for the projection's batch norm), and the 4 plain ones of the
     projections (from those sums)."""
     if mode == "add_relu":
         pair = sum(n for s, n in BATCH_NORMS["plain"] if s == shape)   # a projection block per stage
-        return count - pair - (shape == LAST), pair
+        return count - pair, pair
     return count, 0
 
 
@@ -175,8 +174,8 @@ def cases(xp, size):
         # after: batch norm 5 and pool 3, the stem's mask and batch-norm partials in the pool's backward
         op = "maxpool2d_backward relu_bn f16" if when == "after" else "maxpool2d_backward f16"
         out.append(_step_case(p, op, version, f"{op} [{p_s}]", "pool", 1, when))
-        out.append(_step_case(a, "global_avgpool_backward f16", version, f"global_avgpool_backward f16 [{a_s}]", "pool",
-                              1, when))
+        op = "global_avgpool_backward relu_bn f16" if when == "after" else "global_avgpool_backward f16"
+        out.append(_step_case(a, op, version, f"{op} [{a_s}]", "pool", 1, when))
     image = {"resnet50": (256, 224, 224), "profile": (2, 224, 224)}.get(size, (2, 16, 16))
     i = lesson.make("input", xp, image)
     i_s = "x".join(map(str, image + (3,)))
