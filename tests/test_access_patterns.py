@@ -91,6 +91,12 @@ EXCEPTIONS = {
         "ld": 67.0, "why": "version 4's dx pass, alone: as version 4's float16 backward, its per-channel numbers "
                            "are two float4 loads 32 bytes apart, a third of the bytes at this shape (one or two "
                            "rows a thread), a few percent at ResNet-50's"},
+    ("pool", "maxpool2d_backward relu_bn f16", 3): {
+        "ld": 63.0, "why": "as maxpool2d_backward f16 v3: argmax's 8 int32 a thread are two int4 loads 32 bytes "
+                           "apart; y, dy and bn_x's 16-byte vectors use all of their sectors"},
+    ("batchnorm", "batchnorm_relu_backward from conv partials pair f16", 5): {
+        "ld": 69.0, "why": "the pair form's dx pass: as version 5's, its per-channel numbers (and mean2) are float4 "
+                           "loads 32 bytes apart, a third of the bytes at this shape, a few percent at ResNet-50's"},
     ("pool", "maxpool2d_backward", 2): {
         "ld": 68.0, "why": "the gather reads dy only where argmax names this pixel: about half of the lanes of "
                            "each request, so the sectors it moves are half used"},
