@@ -366,6 +366,10 @@ def run(out, probes, predict=True, timeout=None, say=print):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"status": "skipped", "metrics": list(METRICS), "cases": {}}
+    deadline = time.monotonic() + timeout if timeout else None
+
+    def left(default):
+        return default if deadline is None else max(1.0, deadline - time.monotonic())
 
     def finish(code, status, reason=None):
         result["status"] = status
@@ -400,7 +404,7 @@ def run(out, probes, predict=True, timeout=None, say=print):
         result["command"] = argv
         say(f"[ncu_probe] {' '.join(argv[:4])} ... ({len(probes)} NVTX ranges, {len(metrics)} metrics): starting")
         t0 = time.monotonic()
-        log, rc = _run_group(argv, timeout)
+        log, rc = _run_group(argv, left(None))
         (out / "ncu.log").write_text(log)
         result["ncu_seconds"] = time.monotonic() - t0
         refused = _refused(log)
@@ -437,15 +441,18 @@ def run(out, probes, predict=True, timeout=None, say=print):
         say(f"ncu_probe: FAILED: ncu profiled no kernel (see {out / 'ncu.log'})")
         _stop(predictor)
         return finish(1, "failed", "no kernel profiled")
+    code, result = finish(0, "ok")               # the measurement is kept before waiting for the model
     if predictor is not None:
         try:
-            predictor.wait(timeout=120)
+            predictor.wait(timeout=left(120))
         except subprocess.TimeoutExpired:
             _stop(predictor)
+            say(f"ncu_probe: the predictions were not ready in time (python -m bench.ncu_probe --report {out} "
+                f"makes them anywhere)")
         predicted = _load(out / "predicted.json")
         if predicted:
             result["predicted"] = predicted
-    code, result = finish(0, "ok")
+            code, result = finish(0, "ok")
     print_table(result, probes, say)
     return code, result
 
@@ -543,7 +550,8 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="with --driver: compare each result with the reference")
     p.add_argument("--list", action="store_true", help="the cases and their NVTX ranges")
     p.add_argument("--no-predict", action="store_true", help="the measured figures only, no model predictions")
-    p.add_argument("--timeout", type=float, help="stop ncu after this many seconds (default: none)")
+    p.add_argument("--timeout", type=float, help="end within this many seconds: ncu stopped, the predictions "
+                                                "left out (default: no limit)")
     p.add_argument("--manifest", help=argparse.SUPPRESS)      # the driver's {case: [kernels]}
     p.add_argument("--predictions", help=argparse.SUPPRESS)   # the runner's predicting subprocess
     args = p.parse_args(argv)
