@@ -12,6 +12,9 @@ seconds (480 = 8 minutes by default), everything written under DIR:
                 nothing is timed while it runs)                            pytest.log
     train       throughput + per-phase breakdown + peak memory (bench.train)   train.json
     kernels     per-kernel microbenchmarks: python -m bench.kernels        kernels.json
+    ncu         Nsight Compute's DRAM bytes and L2 sectors of the cases the performance model
+                orders wrongly, beside its predictions (bench.ncu_probe; "skipped" without ncu
+                or without permission to read the counters)                ncu/ncu.json
     compare     our training step beside PyTorch's (bench.compare_torch)   compare_torch.json
     graph       the step captured as a CUDA graph                          train_graph.json
     converge    200 steps on synthetic textures; the loss must fall        converge.json
@@ -57,9 +60,13 @@ from bench import EXIT_SETUP, SETUP_STOP, stop_on_setup_error
 # each figure comes from). The first GPU run (an H100) took: pytest -m gpu -n 8 22 s with
 # conv/gemm failing fast; kernels under 80 s with 100 cases timed; compare over 110 s (killed;
 # PyTorch's side alone); launch under 40 s. Compile: NVRTC, the slowest file (conv.cu) ~10 s
-# per architecture on one core of a 2-core CPU.
-GPU_LIMITS = {"env": 30, "compile": 90, "pytest": 150, "train": 90, "kernels": 90, "compare": 130, "graph": 60,
-              "converge": 60, "launch": 30}
+# per architecture on one core of a 2-core CPU. ncu: 16 cases at the ResNet-50 shapes, each kernel
+# replayed for its metrics (not measured yet; ncu stops itself 10 s before, so that ncu.json says
+# why). The stages up to ncu fit gpu_session.sh's --budget 500 with their whole limits (env and
+# compile gave 25 s for it: both take seconds to tens of seconds), so the probe runs in full
+# however long the tests and benchmarks before it take.
+GPU_LIMITS = {"env": 20, "compile": 75, "pytest": 150, "train": 90, "kernels": 90, "ncu": 75, "compare": 130,
+              "graph": 60, "converge": 60, "launch": 30}
 
 
 def _py(*args):
@@ -90,6 +97,9 @@ def stage_plan(cpu, out, pytest_args, jobs=None):
                           "fp32-ours", "amp-ours", "--json", j("train.json")), 90, "train.json"),
             ("kernels", _py("-m", "bench.kernels", "--size", "tiny", "--groups", "elementwise", "reduce",
                             "--repeat", "1", "--json", j("kernels.json")), 60, "kernels.json"),
+            # no ncu on the simulated GPU: its driver runs every case there, checked against the reference
+            ("ncu", _py("-m", "bench.ncu_probe", "--driver", "--check", "--manifest", j("ncu_driver.json")), 60,
+             "ncu_driver.json"),
             ("compare", _py("-m", "bench.compare_torch", "--size", "tiny", "--device", "cpu", "--rounds", "2",
                             "--json", j("compare_torch.json")), 60, "compare_torch.json"),
             ("graph", _py("-m", "bench.train", "--size", "tiny", "--device", "cuda", "--configs", "fp32-ours",
@@ -109,6 +119,8 @@ def stage_plan(cpu, out, pytest_args, jobs=None):
                       "--json", j("train.json")), L["train"], "train.json"),
         ("kernels", _py("-m", "bench.kernels", "--repeat", "10", "--json", j("kernels.json")), L["kernels"],
          "kernels.json"),
+        ("ncu", _py("-m", "bench.ncu_probe", "--out", j("ncu"), "--timeout", str(L["ncu"] - 10)), L["ncu"],
+         "ncu/ncu.json"),
         ("compare", _py("-m", "bench.compare_torch", "--rounds", "2", "--steps", "8", "--warmup", "3",
                         "--json", j("compare_torch.json")), L["compare"], "compare_torch.json"),
         ("graph", _py("-m", "bench.train", "--device", "cuda", "--configs", "amp-cudnn", "fp32-cudnn", "--cuda-graph",
@@ -287,6 +299,8 @@ def summarize(stage, out):
             text += f"; memory-bound kernels at {min(mem):.0f}-{max(mem):.0f}% of copy bandwidth " \
                     f"({sum(p >= 70 for p in mem)}/{len(mem)} >= 70%)"
         return text
+    if name == "ncu":
+        return _ncu_summary(out)
     if name == "compare":
         c = _load(out, "compare_torch.json")
         if not c:
@@ -328,6 +342,27 @@ def summarize(stage, out):
                 f"{r['args']} args {r['ours_us']:.1f}/{r['cupy_us']:.1f} us ({r['ratio']:.2f}x)" for r in t["gpu"])
         return text
     return ""
+
+
+def _ncu_summary(out):
+    """The ncu stage's line: the driver's cases (CPU mode), or what ncu measured of input v1 and v2
+    (the pair the model orders wrongly) beside the model."""
+    d = _load(out, "ncu_driver.json")
+    if d is not None:
+        return f"driver: {len(d['cases'])} cases on {d['device']} (no ncu there)"
+    r = _load(out, "ncu/ncu.json")
+    if r is None:
+        return "no ncu/ncu.json"
+    if r["status"] != "ok":
+        return f"{r['status']}: {r.get('reason', '')}"[:200]
+    from bench.ncu_probe import measured_totals
+    text = f"{len(r['cases'])} cases, {sum(len(k) for k in r['cases'].values())} kernels profiled"
+    v = {n: measured_totals(r["cases"][f"input_normalize u8->f32 v{n}"]) for n in (1, 2)
+         if f"input_normalize u8->f32 v{n}" in r["cases"]}
+    if len(v) == 2 and v[1]["dram_read_bytes"] is not None and v[2]["dram_read_bytes"] is not None:
+        text += (f"; input u8->f32 DRAM read v1 {v[1]['dram_read_bytes'] / 1e6:.0f} MB, v2 "
+                 f"{v[2]['dram_read_bytes'] / 1e6:.0f} MB (38.5 MB: the images only)")
+    return text
 
 
 def _tail(path, n=2000):
@@ -404,8 +439,8 @@ def main(argv=None):
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the simulated GPU, the emulator and the "
                                                       "cpu device (automatic when no GPU is seen)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for all stages together (480)")
-    p.add_argument("--stages", nargs="+", help="run only these stages (env compile pytest train kernels compare "
-                                               "graph converge launch)")
+    p.add_argument("--stages", nargs="+", help="run only these stages (env compile pytest train kernels ncu "
+                                               "compare graph converge launch)")
     p.add_argument("--stage-limit", type=float, help="cap every stage's limit at this many seconds")
     p.add_argument("--keep-going", action="store_true", help="run the later stages after a CudaSetupError too")
     p.add_argument("--jobs", type=int, help="processes of the compile stage (default: the CPU count, at most 8)")

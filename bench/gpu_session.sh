@@ -8,11 +8,14 @@
 #      when one is missing and .whl/fallback/ carries the crt wheel, installs it and asks again;
 #   3. python -m bench.gpu_check --budget 500: env, compile (every kernel once, in parallel
 #      processes: CuPy's kernel cache is warm for all that follows), pytest -m gpu -n 8 (nothing
-#      is timed meanwhile), then the timed stages one at a time; a CudaSetupError stops it at
-#      once with its one line.
+#      is timed meanwhile), then the timed stages one at a time (train, kernels, ncu: Nsight
+#      Compute's counts of the cases the performance model gets wrong, "skipped" where ncu is
+#      missing or may not read the counters; compare, graph, converge, launch); the stages up to
+#      ncu fit the 500 s with their whole limits; a CudaSetupError stops it at once with its one line.
 # and leaves in OUTDIR: setup.txt (nvidia-smi, versions, where the headers come from),
 # gpu_check.log (the console, summary table last), summary.json and gpu_check.tar.gz (every log
-# and JSON): few files, easy to copy back from a machine you reach only through a job queue or a shell.
+# and JSON, ncu/ncu.json and ncu's raw CSVs among them): few files, easy to copy back from a
+# machine you reach only through a job queue or a shell.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/gpu_session.sh OUTDIR}

@@ -274,10 +274,12 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["stage"]: s for s in summary["stages"]}
-    assert list(stages) == ["env", "compile", "pytest", "train", "kernels", "compare", "graph", "converge", "launch"]
+    assert list(stages) == ["env", "compile", "pytest", "train", "kernels", "ncu", "compare", "graph", "converge",
+                            "launch"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
+    assert stages["ncu"]["summary"].startswith("driver: 16 cases on the simulated GPU")
     for name in ("env.json", "kernels.json", "compare_torch.json", "converge.json", "train.json", "pytest.log",
-                 "launch.json"):
+                 "launch.json", "ncu_driver.json"):
         assert (out / name).exists(), name
     assert json.loads((out / "converge.json").read_text())["passed"]
     assert proc.stdout.rstrip().splitlines()[-1].startswith("launch")    # the summary table comes last

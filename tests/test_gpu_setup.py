@@ -722,11 +722,22 @@ def test_gpu_check_plans_compile_then_tests_then_the_timed_stages(monkeypatch, t
     plan = gpu_check.stage_plan(False, tmp_path, ["tests"], jobs=8)
     names = [p[0] for p in plan]
     assert names[:3] == ["env", "compile", "pytest"]
-    assert set(names[3:]) == {"train", "kernels", "compare", "graph", "converge", "launch"}
+    assert set(names[3:]) == {"train", "kernels", "ncu", "compare", "graph", "converge", "launch"}
+    assert names.index("ncu") == names.index("kernels") + 1
     pytest_argv = plan[2][1]
     assert pytest_argv[pytest_argv.index("-n") + 1] == "8" and "--timeout=120" in pytest_argv
     assert plan[1][1][-4:] == ["--compile-kernels", "cuda", "--jobs", "8"]
-    assert sum(p[2] for p in plan) <= 9 * 60 + 200       # the limits; the budget (--budget) caps the sum
+    # ncu under Nsight Compute (bench/ncu_probe.py), stopping itself before the stage's limit
+    ncu_name, ncu_argv, ncu_limit, ncu_json = plan[names.index("ncu")]
+    assert ncu_argv[1:4] == ["-m", "bench.ncu_probe", "--out"] and ncu_json == "ncu/ncu.json"
+    assert float(ncu_argv[ncu_argv.index("--timeout") + 1]) < ncu_limit <= 90
+    # the limits; the budget (--budget, 500 s in bench/gpu_session.sh) caps the sum; the stages
+    # up to ncu must fit in it with ncu's limit whole (bench/NOTES.md, "A GPU session")
+    assert sum(p[2] for p in plan) <= 9 * 60 + 300
+    assert sum(p[2] for p in plan[:names.index("ncu") + 1]) <= 500
+    cpu = gpu_check.stage_plan(True, tmp_path, ["tests"], jobs=2)
+    assert [p[0] for p in cpu] == names
+    assert "--driver" in cpu[names.index("ncu")][1]       # the simulated GPU: the driver, no ncu
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
     assert "-n" not in gpu_check.stage_plan(False, tmp_path, ["tests"])[2][1]
 
@@ -756,3 +767,26 @@ def test_train_exits_2_on_a_setup_error_before_training(monkeypatch, capsys):
     code = train.main(["--synthetic", "tiny", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.splitlines() == [f"train.py: error: {SETUP}"]
+
+
+def test_gpu_check_summarizes_the_ncu_stage(tmp_path):
+    """The ncu stage's line: input v1/v2's DRAM reads when ncu measured, the reason when skipped,
+    the driver's cases in CPU mode."""
+    from bench import gpu_check
+    stage = {"stage": "ncu", "status": "ok", "log": str(tmp_path / "ncu.log")}
+    assert gpu_check.summarize(stage, tmp_path) == "no ncu/ncu.json"
+    (tmp_path / "ncu").mkdir()
+    result = {"status": "skipped", "reason": "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission",
+              "cases": {}}
+    (tmp_path / "ncu" / "ncu.json").write_text(json.dumps(result))
+    assert gpu_check.summarize(stage, tmp_path) == "skipped: ==ERROR== ERR_NVGPUCTRPERM - The user does not have " \
+                                                   "permission"
+    read = {1: 38.6e6, 2: 192.9e6}
+    result = {"status": "ok", "cases": {
+        f"input_normalize u8->f32 v{n}": {"k": {"dram__bytes_read.sum": read[n], "gpu__time_duration.sum": 1.5e5}}
+        for n in (1, 2)} | {"relu_forward f16 v1": {"a": {}, "b": {}}}}
+    (tmp_path / "ncu" / "ncu.json").write_text(json.dumps(result))
+    assert gpu_check.summarize(stage, tmp_path) == ("3 cases, 4 kernels profiled; input u8->f32 DRAM read v1 39 MB, "
+                                                    "v2 193 MB (38.5 MB: the images only)")
+    (tmp_path / "ncu_driver.json").write_text(json.dumps({"device": "the simulated GPU", "cases": {"a": ["k"]}}))
+    assert gpu_check.summarize(stage, tmp_path) == "driver: 1 cases on the simulated GPU (no ncu there)"
