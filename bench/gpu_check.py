@@ -60,7 +60,7 @@ from bench import EXIT_SETUP, SETUP_STOP, stop_on_setup_error
 # each figure comes from). The first GPU run (an H100) took: pytest -m gpu -n 8 22 s with
 # conv/gemm failing fast; kernels under 80 s with 100 cases timed; compare over 110 s (killed;
 # PyTorch's side alone); launch under 40 s. Compile: NVRTC, the slowest file (conv.cu) ~10 s
-# per architecture on one core of a 2-core CPU. ncu: 16 cases at the ResNet-50 shapes, each kernel
+# per architecture on one core of a 2-core CPU. ncu: 19 cases at the ResNet-50 shapes, each kernel
 # replayed for its metrics (not measured yet; ncu stops itself 10 s before, so that ncu.json says
 # why). The stages up to ncu fit gpu_session.sh's --budget 500 with their whole limits (env and
 # compile gave 25 s for it: both take seconds to tens of seconds), so the probe runs in full

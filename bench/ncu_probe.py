@@ -98,6 +98,10 @@ PROBES = [
     Probe("batchnorm", "batchnorm_relu_backward from conv partials f16", 5),
     Probe("pool", "global_avgpool_backward f16", 2, _HEAD_POOL),
     Probe("pool", "global_avgpool_backward f16", 3, _HEAD_POOL),
+    # issue 25's last fusions: the pools' backward with a batch norm's sums, and the pair form
+    Probe("pool", "maxpool2d_backward relu_bn f16", 3),
+    Probe("pool", "global_avgpool_backward relu_bn f16", 3, _HEAD_POOL),
+    Probe("batchnorm", "batchnorm_relu_backward from conv partials pair f16", 5),
 ]
 
 # What ncu counts (Nsight Compute's metric names): time, DRAM bytes, L2 sectors by operation, the
