@@ -267,6 +267,7 @@ def test_torch_model_has_torchvision_names_and_matches_in_float64():
 
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_end_to_end(tmp_path):
+    from bench import ncu_probe
     out = tmp_path / "check"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--cpu", "--out", str(out), "--budget", "170",
                            "--pytest-args", "tests/test_bench.py"],
@@ -277,7 +278,7 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
     assert list(stages) == ["env", "compile", "pytest", "train", "kernels", "ncu", "compare", "graph", "converge",
                             "launch"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
-    assert stages["ncu"]["summary"].startswith("driver: 16 cases on the simulated GPU")
+    assert stages["ncu"]["summary"].startswith(f"driver: {len(ncu_probe.PROBES)} cases on the simulated GPU")
     for name in ("env.json", "kernels.json", "compare_torch.json", "converge.json", "train.json", "pytest.log",
                  "launch.json", "ncu_driver.json"):
         assert (out / name).exists(), name
