@@ -83,9 +83,10 @@ def run(groups=None, size=None, repeat=None, out=None):
     progress("bench.kernels", "the copy and matmul ceilings: starting")
     ceilings = measure_ceilings(xp, repeat, size)
     rows = []
-    for name in MODULES:
-        if groups and name not in groups:
-            continue
+    result = {"device": _device_name(xp), "size": size, "repeat": repeat, "ceilings": ceilings, "cases": rows,
+              "python": sys.version.split()[0], "numpy": np.__version__,
+              "cupy": getattr(xp, "__version__", None) if xp is not np else None, "complete": False}
+    for name in groups or MODULES:   # in the order asked for: a run stopped early keeps the first groups
         try:
             mod = importlib.import_module(f"bench.kernel_cases.{name}")
         except ImportError as exc:
@@ -95,9 +96,9 @@ def run(groups=None, size=None, repeat=None, out=None):
         for case in mod.cases(xp, size):
             case.group = name
             rows.append(_run_case(case, xp, repeat, ceilings))
-    result = {"device": _device_name(xp), "size": size, "repeat": repeat, "ceilings": ceilings, "cases": rows,
-              "python": sys.version.split()[0], "numpy": np.__version__,
-              "cupy": getattr(xp, "__version__", None) if xp is not np else None}
+            if out:   # what is measured so far, kept if a time limit stops the run ("complete": false)
+                write_json(result, out, quiet=True)
+    result["complete"] = True
     print_table(result)
     if out:
         write_json(result, out)

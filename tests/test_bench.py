@@ -32,6 +32,30 @@ def test_kernels_bench_tiny_on_emulator(tmp_path, capsys):
     assert "relu_forward f32" in capsys.readouterr().out
 
 
+def test_kernels_bench_keeps_what_it_measured_when_stopped(tmp_path, monkeypatch):
+    """A GPU session's time limit can stop bench.kernels: the JSON holds every case measured so far,
+    in the order of the groups asked for, marked incomplete; a finished run says complete."""
+    from bench import kernels as bk
+    out = tmp_path / "k.json"
+    real, ran = bk._run_case, []
+
+    def run_case(case, xp, repeat, ceilings):
+        if len(ran) == 3:
+            raise KeyboardInterrupt   # what a stage's time limit does to the run
+        ran.append(case.name)
+        return real(case, xp, repeat, ceilings)
+
+    monkeypatch.setattr(bk, "_run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        bk.run(groups=["reduce", "elementwise"], size="tiny", repeat=1, out=str(out))
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and [c["name"] for c in data["cases"]] == ran
+    assert [c["group"] for c in data["cases"]] == ["reduce"] * 3          # reduce first, as asked
+    monkeypatch.setattr(bk, "_run_case", real)
+    bk.run(groups=["reduce"], size="tiny", repeat=1, out=str(out))
+    assert json.loads(out.read_text())["complete"] is True
+
+
 def test_kernels_bench_profile_predicts_from_the_counts(tmp_path, capsys):
     # --profile with tiny twins: every twin profiled (counts, roofline bounds for every GPU of
     # bench/gpus.py), every ResNet-50 case of the groups predicted from its twin
