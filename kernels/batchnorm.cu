@@ -726,37 +726,11 @@ KERNEL_ENTRY(batchnorm_inference_rows_f16x1, inference_rows<__half, 1>)
 KERNEL_ENTRY(batchnorm_inference_rows_f32x4, inference_rows<float, 4>)
 KERNEL_ENTRY(batchnorm_inference_rows_f16x8, inference_rows<__half, 8>)
 
-/* The end of a pass that sums over rows in version 4's layout: thread t = (tx, ty) holds the sums s0, s1 of
- * its V channels over its rows; the block's TY sums per channel are added in order of ty through shared
- * memory sh [2 V][BN_VEC_THREADS + 1] (deterministic), by threads that each own one (sum, channel) of the
- * block, consecutive threads on consecutive channels, into part[s][blockIdx.y][c] of part [2][gridDim.y][C].
- * Every thread of the block calls it (a barrier inside). */
-template <int V>
-__device__ __forceinline__ void rows_block_partials(float (*sh)[BN_VEC_THREADS + 1], const float* s0, const float* s1,
-                                                    float* __restrict__ part, int C) {
-    const int t = threadIdx.y * blockDim.x + threadIdx.x;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-        sh[j][t] = s0[j];
-        sh[V + j][t] = s1[j];
-    }
-    __syncthreads();
-    const int cols = blockDim.x * V;   // this block's channels (the last block's may run past C)
-    for (int o = t; o < 2 * cols; o += blockDim.x * blockDim.y) {
-        const int s = o / cols, local = o % cols, c = blockIdx.x * cols + local;
-        if (c >= C) continue;
-        const int tx = local / V, j = local % V;
-        float v = 0.0f;
-        for (int ty = 0; ty < (int)blockDim.y; ++ty) v += sh[s * V + j][ty * blockDim.x + tx];
-        part[((long long)s * gridDim.y + blockIdx.y) * C + c] = v;
-    }
-}
-
 /* Backward pass 1.  part is float32 [2, gridDim.y, C]: part[0] = sum dz, part[1] = sum dz * (x - mean) over
  * this block's rows.  dz_out (add + ReLU only; null otherwise) receives dz = dy * (y > 0).  The ReLU form
  * with vectors writes mask[r * C / V + g], one byte per row and vector: bit j = (y > 0) of its channel j,
  * so that pass 3 reads 1 byte where it would read the 16 of y.  The block's TY partial sums per channel
- * are added in order of ty (rows_block_partials). */
+ * are added in order of ty (common.cuh, rows_block_partials). */
 template <typename T, int V, bool RELU, bool ADD>
 __device__ void backward_reduce_rows(const T* __restrict__ dy, const T* __restrict__ y, const T* __restrict__ x,
                                      const float* __restrict__ saved_mean, T* __restrict__ dz_out,
@@ -793,7 +767,7 @@ __device__ void backward_reduce_rows(const T* __restrict__ dy, const T* __restri
             }
         }
     }
-    rows_block_partials<V>(sh, sum_dz, sum_dz_xc, part, C);
+    rows_block_partials<V, BN_VEC_THREADS>(sh, sum_dz, sum_dz_xc, part, C);
 }
 
 KERNEL_ENTRY(batchnorm_backward_reduce_f32x1, backward_reduce_rows<float, 1, false, false>)
@@ -933,7 +907,7 @@ KERNEL_ENTRY(batchnorm_relu_backward_dx_rows_f16x8, backward_dx_rows<__half, 8, 
  * two sums, sum g and sum g (x2 - mean2) over its input x2 = cp, can be made in bn3's dx pass, which
  * reads g anyway: x2 is read once more there, where a reduction of its own would read g and x2.
  * backward_dx_rows (plain: dy = g) plus those sums, added per (row slice, channel) as pass 1 adds its own
- * (rows_block_partials): part2 [2][gridDim.y][C], for batchnorm_backward_from_partials of the projection's
+ * (common.cuh, rows_block_partials): part2 [2][gridDim.y][C], for batchnorm_backward_from_partials of the projection's
  * batch norm.  Same layout and grid as pass 1 (a slice of rows per blockIdx.y). */
 template <typename T, int V>
 __device__ void backward_dx_rows_pair(const T* __restrict__ g_in, const T* __restrict__ x,
@@ -967,7 +941,7 @@ __device__ void backward_dx_rows_pair(const T* __restrict__ g_in, const T* __res
             Lanes<V>::store(dx + i, xv);
         }
     }
-    rows_block_partials<V>(sh, sum_g, sum_g_x2c, part2, C);
+    rows_block_partials<V, BN_VEC_THREADS>(sh, sum_g, sum_g_x2c, part2, C);
 }
 
 KERNEL_ENTRY(batchnorm_backward_dx_rows_pair_f32x1, backward_dx_rows_pair<float, 1>)

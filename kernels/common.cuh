@@ -38,6 +38,9 @@
  *   column_sum(v, tile)         2-D blocks (threadIdx.x a column, threadIdx.y a row): the sum of v
  *                               over the rows of each column, through `tile` (shared memory, one
  *                               value per thread); valid where threadIdx.y == 0
+ *   rows_block_partials<V, THREADS>(sh, s0, s1, part, C)   2-D blocks of channel vectors x rows:
+ *                               two sums per channel added over the block's rows into one row of
+ *                               part [2][gridDim.y][C] (below)
  * Entry points
  *   KERNEL_ENTRY(name, template<arguments>)   see below
  */
@@ -235,6 +238,33 @@ __device__ __forceinline__ float column_sum(float v, float (*tile)[COLS]) {
         for (int r = 0; r < (int)blockDim.y; ++r) s += tile[r][threadIdx.x];  // rows in a fixed order
     __syncthreads();  // the tile may be used again
     return s;
+}
+
+/* The end of a pass that sums over rows, in the layout of batch norm's version 4 and the pools' *_relu_bn
+ * kernels: thread (tx, ty) owns channels (blockIdx.x * blockDim.x + tx) * V .. + V - 1 and holds the sums
+ * s0, s1 of them over its rows; the block's blockDim.y sums per channel are added in order of ty through
+ * shared memory sh [2 V][THREADS + 1] (+ 1: a thread's V sums in different banks; deterministic), by
+ * threads that each own one (sum, channel) of the block, consecutive threads on consecutive channels, into
+ * part[s][blockIdx.y][c] of part [2][gridDim.y][C].  blockDim.x * blockDim.y <= THREADS. */
+template <int V, int THREADS>
+__device__ __forceinline__ void rows_block_partials(float (*sh)[THREADS + 1], const float* s0, const float* s1,
+                                                    float* __restrict__ part, int C) {
+    const int t = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        sh[j][t] = s0[j];
+        sh[V + j][t] = s1[j];
+    }
+    __syncthreads();
+    const int cols = blockDim.x * V;   // this block's channels (the last block's may run past C)
+    for (int o = t; o < 2 * cols; o += blockDim.x * blockDim.y) {
+        const int s = o / cols, local = o % cols, c = blockIdx.x * cols + local;
+        if (c >= C) continue;
+        const int tx = local / V, j = local % V;
+        float v = 0.0f;
+        for (int ty = 0; ty < (int)blockDim.y; ++ty) v += sh[s * V + j][ty * blockDim.x + tx];
+        part[((long long)s * gridDim.y + blockIdx.y) * C + c] = v;
+    }
 }
 
 /* ----------------------------------------------------------------------------- entry points */

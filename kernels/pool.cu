@@ -368,16 +368,15 @@ KERNEL_ENTRY(global_avgpool_backward_f16x8, avgpool_backward_vec<__half, 8>)
  * maxpool2d_backward_blocks_relu_bn).  Thread (tx, ty) of block (blockIdx.x, n = blockIdx.y) owns channel
  * vector grp = blockIdx.x * blockDim.x + tx of image n: it divides its dy once, then at pixels ty,
  * ty + blockDim.y, ... reads a and bn_x, writes g and adds g and g * (bn_x - mean) -- g as stored -- into its
- * sums; the block adds its rows of threads in order of ty in shared memory into part[:, n, :] (one partial
- * row per image, B = N; the blocks of one image write its channels side by side; no atomics: the same
- * bits every run).  blockDim.x * blockDim.y = POOL_BN_BLOCK. */
+ * sums; the block adds its rows of threads in order of ty (common.cuh, rows_block_partials) into
+ * part[:, n, :] (one partial row per image, B = N; the blocks of one image write its channels side by
+ * side; no atomics: the same bits every run).  blockDim.x * blockDim.y = POOL_BN_BLOCK. */
 template <typename T, int V>
 __device__ void avgpool_backward_relu_bn(const T* __restrict__ dy, const T* __restrict__ a,
                                          const T* __restrict__ bn_x, const float* __restrict__ bn_mean,
                                          T* __restrict__ g_out, float* __restrict__ part, int N, int HW, int C) {
-    __shared__ float sums[2][POOL_BN_BLOCK][V];
+    __shared__ float sh[2 * V][POOL_BN_BLOCK + 1];
     const int grp = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
-    const int t = threadIdx.y * blockDim.x + threadIdx.x;
     float s0[V], s1[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) s0[j] = s1[j] = 0.0f;
@@ -404,21 +403,7 @@ __device__ void avgpool_backward_relu_bn(const T* __restrict__ dy, const T* __re
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-        sums[0][t][j] = s0[j];
-        sums[1][t][j] = s1[j];
-    }
-    __syncthreads();
-    const int cols = blockDim.x * V;   // this block's channels (the last block's may run past C)
-    for (int o = t; o < 2 * cols; o += blockDim.x * blockDim.y) {
-        const int s = o / cols, local = o % cols, c = blockIdx.x * cols + local;
-        if (c >= C) continue;
-        const int tx = local / V, j = local % V;
-        float total_of_block = 0.0f;
-        for (int ty = 0; ty < (int)blockDim.y; ++ty) total_of_block += sums[s][ty * blockDim.x + tx][j];
-        part[((long long)s * gridDim.y + n) * C + c] = total_of_block;
-    }
+    rows_block_partials<V, POOL_BN_BLOCK>(sh, s0, s1, part, C);   // part[:, n, :]: gridDim.y = N
 }
 
 KERNEL_ENTRY(global_avgpool_backward_relu_bn_f32x1, avgpool_backward_relu_bn<float, 1>)
