@@ -45,12 +45,12 @@
  *              zero it and once by atomics).  Other strides run version 2.  The global-average-pool
  *              backward, a pure write stream, writes 16-byte vectors, each thread dividing its dy
  *              once for all its pixels.  Where C is not a multiple of 8 halves or 4 floats, or an
- *              array is not 16-byte aligned, one channel per thread.  Its twin
- *              maxpool2d_backward_blocks_relu_bn (below) does the backward of ResNet's stem, conv ->
- *              batch norm -> ReLU -> max pool, with the ReLU's mask and the batch norm's backward
- *              partial sums in its epilogue, as conv.cu's *_relu_bn kernels do for a batch norm before
- *              a convolution (batch norm 5 then finishes from them); and the average pool's,
- *              global_avgpool_backward_relu_bn, the head's for the last block's add + ReLU batch norm.
+ *              array is not 16-byte aligned, one channel per thread.  Both backward passes have a
+ *              twin with the ReLU's mask and the backward partial sums of the batch norm before them
+ *              in the epilogue, as conv.cu's *_relu_bn kernels give them for a batch norm before a
+ *              convolution (batch norm 5 then finishes from them): maxpool2d_backward_blocks_relu_bn
+ *              for ResNet's stem (conv -> batch norm -> ReLU -> max pool), and
+ *              global_avgpool_backward_relu_bn for its head (the last block's add + ReLU batch norm).
  * The performance model (`python -m kernels.pool` prints it; bench/NOTES.md) predicts 0.80 ms for
  * version 1 (the zeroing pass and the bytes: DRAM; 0.70x the measured 1.14 ms: what 51 M
  * atomic adds to scattered addresses cost in the L2 is not in it) and 2.08 ms for version 2
