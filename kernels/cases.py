@@ -157,6 +157,15 @@ def _to_host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
+def partials_error(part, g, x, mean):
+    """max_rel_error of the batch-norm backward partials part [2, B, C] (any split of the rows into
+    blocks, summed here in float64) against [sum g, sum g * (x - mean)] per channel, from host arrays."""
+    rows, centred = g.reshape(-1, g.shape[-1]), (x - mean).reshape(-1, g.shape[-1])
+    want = (rows.sum(axis=0), np.einsum("mc,mc->c", rows, centred))
+    got = tuple(np.asarray(part, dtype=np.float64).sum(axis=1)) if part.ndim == 3 else ()
+    return max_rel_error(got, want)
+
+
 # ---------------------------------------------------------------------------------- the families
 
 class ReduceCase(OpCase):
@@ -370,10 +379,7 @@ class ConvCase(OpCase):
             g, part = (_to_host(a) for a in got)
             err = max_rel_error((g,), self.expected(op))
             _, bn_x, mean, _ = (self.host(a) for a in self.relu_bn_inputs(op.endswith("f16")))
-            rows, centred = self.host(g).reshape(-1, g.shape[-1]), (bn_x - mean).reshape(-1, g.shape[-1])
-            want = (rows.sum(axis=0), np.einsum("mc,mc->c", rows, centred))
-            got_sums = tuple(np.asarray(part, dtype=np.float64).sum(axis=1)) if part.ndim == 3 else ()
-            return max(err, max_rel_error(got_sums, want)), self.tolerance(op, version)
+            return max(err, partials_error(part, self.host(g), bn_x, mean)), self.tolerance(op, version)
         return super().check(op, version, got)
 
     def expect(self, op):
@@ -564,10 +570,7 @@ class BatchnormCase(OpCase):
             err = max_rel_error((dx, dgamma, dbeta), self.expected(op))
             g = self.host(_to_host(self.conv_partials(op)[0]))
             x2, mean2 = (self.host(a) for a in self.pair_input(op))
-            rows, centred = g.reshape(-1, g.shape[-1]), (x2 - mean2).reshape(-1, g.shape[-1])
-            want = (rows.sum(axis=0), np.einsum("mc,mc->c", rows, centred))
-            got_sums = tuple(np.asarray(part2, dtype=np.float64).sum(axis=1)) if part2.ndim == 3 else ()
-            return max(err, max_rel_error(got_sums, want)), self.tolerance(op, version)
+            return max(err, partials_error(part2, g, x2, mean2)), self.tolerance(op, version)
         return super().check(op, version, got)
 
     def expect(self, op):
@@ -724,10 +727,7 @@ class PoolCase(OpCase):
             g, part = (_to_host(a) for a in got)
             err = max_rel_error((g,), self.expected(op))
             _, bn_x, mean = (self.host(a) for a in self.bn_inputs(op.endswith(" f16")))
-            rows, centred = self.host(g).reshape(-1, g.shape[-1]), (bn_x - mean).reshape(-1, g.shape[-1])
-            want = (rows.sum(axis=0), np.einsum("mc,mc->c", rows, centred))
-            got_sums = tuple(np.asarray(part, dtype=np.float64).sum(axis=1)) if part.ndim == 3 else ()
-            return max(err, max_rel_error(got_sums, want)), self.tolerance(op, version)
+            return max(err, partials_error(part, self.host(g), bn_x, mean)), self.tolerance(op, version)
         return super().check(op, version, got)
 
     def tolerance(self, op, version):
