@@ -30,6 +30,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,11 @@ def measure_ceilings(xp, repeat, size="resnet50"):
             "matmul_fp16_flops_per_s": 2 * n ** 3 / th}
 
 
+PARTIAL_EVERY_S = 2.0
+"""How often, at most, run() rewrites its JSON while it goes (a whole rewrite per case would make the
+644 cases' run write its growing file 644 times)."""
+
+
 def run(groups=None, size=None, repeat=None, out=None):
     xp = _gpu() or np
     size = size or ("resnet50" if xp is not np else "tiny")
@@ -86,6 +92,7 @@ def run(groups=None, size=None, repeat=None, out=None):
     result = {"device": _device_name(xp), "size": size, "repeat": repeat, "ceilings": ceilings, "cases": rows,
               "python": sys.version.split()[0], "numpy": np.__version__,
               "cupy": getattr(xp, "__version__", None) if xp is not np else None, "complete": False}
+    written = None   # time.monotonic() of the last partial write
     for name in groups or MODULES:   # in the order asked for: a run stopped early keeps the first groups
         try:
             mod = importlib.import_module(f"bench.kernel_cases.{name}")
@@ -96,8 +103,10 @@ def run(groups=None, size=None, repeat=None, out=None):
         for case in mod.cases(xp, size):
             case.group = name
             rows.append(_run_case(case, xp, repeat, ceilings))
-            if out:   # what is measured so far, kept if a time limit stops the run ("complete": false)
+            # what is measured so far, kept if a time limit stops the run ("complete": false)
+            if out and (written is None or time.monotonic() - written >= PARTIAL_EVERY_S):
                 write_json(result, out, quiet=True)
+                written = time.monotonic()
     result["complete"] = True
     print_table(result)
     if out:
