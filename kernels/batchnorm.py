@@ -453,11 +453,8 @@ def batchnorm_backward_from_partials_pair(g, x, gamma, saved_mean, saved_invstd,
     (bn2's input, batch mean mean2): x2 read once there, instead of g and x2 by a reduction of bn2's
     own.  -> (dx, dgamma, dbeta, part2), part2 float32 [2, G, C]: per slice of rows, [sum g,
     sum g * (x2 - mean2)], for batchnorm_backward_from_partials(g, x2, ...) of the second."""
-    op = "batchnorm_backward_from_partials_pair"
-    C = _check_x(op, "x", x)
-    _check_like(op, "x2", x2, x)
-    _check_channel_vectors(op, C, mean2=mean2)
-    return _from_partials(op, g, x, gamma, saved_mean, saved_invstd, part, pair=(x2, mean2))
+    return _from_partials("batchnorm_backward_from_partials_pair", g, x, gamma, saved_mean, saved_invstd, part,
+                          pair=(x2, mean2))
 
 
 def _from_partials(op, g, x, gamma, saved_mean, saved_invstd, part, pair=None):
@@ -466,6 +463,9 @@ def _from_partials(op, g, x, gamma, saved_mean, saved_invstd, part, pair=None):
     C = _check_x(op, "x", x)
     _check_like(op, "g", g, x)
     _check_channel_vectors(op, C, gamma=gamma, saved_mean=saved_mean, saved_invstd=saved_invstd)
+    if pair is not None:
+        _check_like(op, "x2", pair[0], x)
+        _check_channel_vectors(op, C, mean2=pair[1])
     if getattr(part, "ndim", 0) != 3 or part.shape[0] != 2 or part.shape[1] < 1 or part.shape[2] != C:
         raise ValueError(f"{op}: part must be [2, B, {C}] (sum g, sum g * (x - mean) per block of rows), "
                          f"got shape {tuple(getattr(part, 'shape', ()))}")

@@ -404,6 +404,14 @@ def add_relu(a, b):
 # ---- pooling ------------------------------------------------------------------------------------
 
 
+def _link_for_a_pool(x):
+    """x's batch-norm link when a pool's backward may sum for it: no convolution shares x
+    (share_grad_partials) and no other gradient was handed to it (dz, which the pools' epilogues do
+    not add); else None."""
+    link = getattr(x, "_bn_grad_partials", None)
+    return link if link is not None and link.pending == 1 and link.dz is None else None
+
+
 def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     """Max pooling: x [N, H, W, C] -> y [N, P, Q, C]; backward routes dy to each window's winner.
 
@@ -417,8 +425,8 @@ def max_pool2d(x, kernel_size=3, stride=2, padding=1):
     x_shape = x.shape
 
     def backward(dy):
-        link = getattr(x, "_bn_grad_partials", None)
-        if link is not None and link.pending == 1 and link.dz is None:
+        link = _link_for_a_pool(x)
+        if link is not None:
             link.g, link.part = ops.maxpool2d_backward_relu_bn(dy, argmax, y, x_data, link.bn_x, link.mean,
                                                                kernel_size, stride, padding)
             return (link.g,)
@@ -437,8 +445,8 @@ def global_avg_pool(x):
     x_data, x_shape = x.data, x.shape
 
     def backward(dy):
-        link = getattr(x, "_bn_grad_partials", None)
-        if link is not None and link.pending == 1 and link.dz is None:
+        link = _link_for_a_pool(x)
+        if link is not None:
             link.g, link.part = ops.global_avgpool_backward_relu_bn(dy, x_data, link.bn_x, link.mean)
             return (link.g,)
         return (ops.global_avgpool_backward(dy, x_shape),)
