@@ -203,19 +203,14 @@ def predict_probes(probes, gpu="H100"):
     total dram_read_bytes, dram_written_bytes, l2_sectors (perfmodel.LaunchWork), from the twins'
     counts on the emulator (kept on disk, as python -m kernels.<op> keeps them)."""
     import numpy as np
-    from kernels import cases, versions
-    from kernels.runtime import plan, predict
+    from kernels import cases, lesson
+    from kernels.runtime import plan
     out = {}
     for p in probes:
         try:
             cls = cases.CASES[p.family]
             real, twin = cls(plan.cupy, p.shape("resnet50"), "gpu"), cls(np, p.shape("twin"), "emu")
-            with versions.running(p.family, p.version):
-                st, sr = twin.prepare(p.op), real.prepare(p.op)
-                launches = predict.profile_cached([p.family, p.shape("twin"), p.op, p.version],
-                                                  lambda: twin.run(p.op, p.version, st))
-                planned = predict.plan_of(lambda: real.run(p.op, p.version, sr))
-            pred = predict.predict(planned, launches, gpu)
+            pred = lesson.predict_one(real, twin, p.shape("twin"), p.op, p.version, gpu)
         except Exception as exc:   # one case the model cannot predict: said, the others go on
             out[p.name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
             continue

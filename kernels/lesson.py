@@ -259,13 +259,7 @@ def predictions(family, numbers, gpu_name="H100", xp=np, repeat=None, out=None):
                 continue
             try:
                 with versions.running(family, n) if n is not None else contextlib.nullcontext():
-                    state_twin, state_real = twin.prepare(op), real.prepare(op)
-                    launches = predict.profile_cached([family, twin_shape, op, n],
-                                                      lambda: twin.run(op, n, state_twin))
-                    planned = predict.plan_of(lambda: real.run(op, n, state_real))
-                    tiled = family in ("gemm", "conv") and twin.work(op)[1]
-                    ratio = real.work(op)[1] / twin.work(op)[1] if tiled else None
-                    p = predict.predict(planned, launches, gpu_name, work_ratio=ratio)
+                    p = predict_one(real, twin, twin_shape, op, n, gpu_name)
                     measured = None
                     if timed is not None:
                         state = timed.prepare(op)
@@ -293,6 +287,22 @@ def predictions(family, numbers, gpu_name="H100", xp=np, repeat=None, out=None):
             for b in timed_entries[i + 1:]:
                 if (a[1] < b[1]) != (a[2] < b[2]):
                     print(f"  * {op}: the model orders versions {a[0]} and {b[0]} otherwise than this GPU", file=out)
+
+
+def predict_one(real, twin, twin_shape, op, version, gpu_name="H100"):
+    """The model's prediction (a perfmodel.CasePrediction) of `op` at `version` (None: the version in
+    use) on `real`, a case of its family on kernels.runtime.plan's stand-in arrays at the real shape,
+    from the emulator's counts of `twin`, the same case at `twin_shape` (counted once, kept on disk).
+    A GEMM's or convolution's tiles scale with the ratio of their FLOPs."""
+    from .runtime import predict   # the model's machinery: only when a prediction is asked for
+    with versions.running(real.family, version) if version is not None else contextlib.nullcontext():
+        state_twin, state_real = twin.prepare(op), real.prepare(op)
+        launches = predict.profile_cached([real.family, twin_shape, op, version],
+                                          lambda: twin.run(op, version, state_twin))
+        planned = predict.plan_of(lambda: real.run(op, version, state_real))
+    tiled = real.family in ("gemm", "conv") and twin.work(op)[1]
+    ratio = real.work(op)[1] / twin.work(op)[1] if tiled else None
+    return predict.predict(planned, launches, gpu_name, work_ratio=ratio)
 
 
 def _gpu_name(xp):
