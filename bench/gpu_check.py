@@ -298,8 +298,11 @@ def summarize(stage, out):
         mem = [c["pct_copy_bw"] for c in cases if "pct_copy_bw" in c and not c.get("flops")]
         text = f"{len(cases)} cases, {errors} errors" + ("" if k.get("complete", True) else " (stopped before the end)")
         if mem:
-            text += f"; memory-bound kernels at {min(mem):.0f}-{max(mem):.0f}% of copy bandwidth " \
+            text += f"; memory-bound kernels at {min(mem):.0f}-{max(mem):.0f}% of copy bandwidth, the host hidden " \
                     f"({sum(p >= 70 for p in mem)}/{len(mem)} >= 70%)"
+        per_call = sum(1 for c in cases if c.get("timing") == "per call")
+        if per_call:
+            text += f"; {per_call} timed per call (the host could not be hidden: timing_note)"
         return text
     if name == "ncu":
         return _ncu_summary(out)

@@ -3,7 +3,11 @@
 On a GPU (CuPy sees one): every kernel at the ResNet-50 v1.5 shapes for batch 256, timed with
 CUDA events (median of repeats after warm-up), reported as time, achieved GB/s or TFLOP/s, the
 percentage of the ceilings measured in the same run (a large device-to-device copy; a large
-cuBLAS matmul) and the ratio to cuDNN / cuBLAS / a CuPy built-in doing the same work.
+cuBLAS matmul) and the ratio to cuDNN / cuBLAS / a CuPy built-in doing the same work.  Each
+case is timed two ways (kernels/runtime/timing.py): with the host's launch time hidden behind a
+wait on the GPU (`seconds`, `pct_copy_bw`: the kernels' own time, as a training step whose host
+runs ahead sees it) and each call alone (`seconds_per_call`, `pct_copy_bw_per_call`: the GPU
+waits for the host's ~25 us per launch, which is most of a small kernel's time).
 
 Without a GPU it runs tiny sizes through the CPU emulator, to show that every case works
 end to end (the times then measure the emulator, not a GPU).
@@ -39,7 +43,8 @@ import kernels
 import kernels.emu.profiler
 from bench import gpus, progress, stop_on_setup_error, write_json
 from bench.kernel_cases import MODULES, Case, twin_of
-from kernels.lesson import gpu_module, median_time
+from kernels.lesson import gpu_module
+from kernels.runtime.timing import PER_CALL, time_call
 from kernels.runtime import plan, predict
 from kernels.runtime.cuda_env import CudaSetupError
 
@@ -48,9 +53,14 @@ def _gpu():
     return gpu_module()
 
 
+def _timing(fn, xp, repeat, warmup=2):
+    """kernels.runtime.timing.Timing of fn(): `repeat` calls with the host hidden, half as many alone."""
+    return time_call(fn, xp, repeat, warmup, per_call_repeat=max(3, repeat // 2))
+
+
 def _time(fn, xp, repeat, warmup=2):
-    """Median seconds of fn() over `repeat` runs (CUDA events on the GPU)."""
-    return median_time(fn, xp, repeat, warmup)
+    """Median seconds of fn() over `repeat` runs (CUDA events on the GPU, the host's time hidden)."""
+    return _timing(fn, xp, repeat, warmup).seconds
 
 
 def measure_ceilings(xp, repeat, size="resnet50"):
@@ -128,19 +138,25 @@ def _run_case(case: Case, xp, repeat, ceilings):
         row["skipped"] = case.notes["not_timed"]
         return row
     try:
-        t = _time(case.run, xp, repeat)
-        row["seconds"] = t
+        timing = _timing(case.run, xp, repeat)
+        t = row["seconds"] = timing.seconds
+        row["timing"] = timing.method
+        row["seconds_per_call"] = timing.per_call_seconds
+        if timing.note:
+            row["timing_note"] = timing.note
         if case.bytes:
             row["bytes_per_s"] = case.bytes / t
             row["pct_copy_bw"] = 100 * row["bytes_per_s"] / ceilings["copy_bytes_per_s"]
+            row["pct_copy_bw_per_call"] = 100 * case.bytes / timing.per_call_seconds / ceilings["copy_bytes_per_s"]
         if case.flops:
             row["flops_per_s"] = case.flops / t
             half = case.notes.get("tensor_cores") and ceilings.get("matmul_fp16_flops_per_s")
             row["pct_matmul_peak"] = 100 * row["flops_per_s"] / ceilings["matmul_fp16_flops_per_s" if half else
                                                                          "matmul_flops_per_s"]
         if case.baseline is not None:
-            tb = _time(case.baseline, xp, repeat)
-            row["baseline_seconds"] = tb
+            base = _timing(case.baseline, xp, repeat)
+            tb = row["baseline_seconds"] = base.seconds
+            row["baseline_timing"] = base.method
             row["ours_over_baseline_time"] = t / tb
             if case.flops:
                 row["baseline_flops_per_s"] = case.flops / tb
@@ -157,7 +173,8 @@ def print_table(result):
     print(f"measured ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"matmul fp32 {c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s"
           + (f", fp16 {c['matmul_fp16_flops_per_s'] / 1e12:.1f} TFLOP/s" if c.get("matmul_fp16_flops_per_s") else ""))
-    header = f"{'group':<22}{'kernel':<52}{'time':>10}{'GB/s':>9}{'%copy':>7}{'TFLOP/s':>9}{'%mm':>6}{'vs base':>9}  baseline"
+    header = (f"{'group':<22}{'kernel':<52}{'time':>10}{'GB/s':>9}{'%copy':>7}{'%call':>7}{'TFLOP/s':>9}{'%mm':>6}"
+              f"{'vs base':>9}  baseline")
     print(header)
     print("-" * len(header))
     for r in result["cases"]:
@@ -171,13 +188,18 @@ def print_table(result):
         tstr = f"{t * 1e6:.1f}us" if t < 1e-3 else f"{t * 1e3:.2f}ms"
         gbs = f"{r['bytes_per_s'] / 1e9:.1f}" if "bytes_per_s" in r else ""
         pc = f"{r['pct_copy_bw']:.0f}" if "pct_copy_bw" in r else ""
+        if r.get("timing") == PER_CALL:
+            pc += "*"
+        pcall = f"{r['pct_copy_bw_per_call']:.0f}" if "pct_copy_bw_per_call" in r else ""
         tf = f"{r['flops_per_s'] / 1e12:.2f}" if "flops_per_s" in r else ""
         pm = f"{r['pct_matmul_peak']:.0f}" if "pct_matmul_peak" in r else ""
         ratio = f"{r['ours_over_baseline_time']:.2f}x" if "ours_over_baseline_time" in r else ""
-        print(f"{r['group']:<22}{r['name'][:51]:<52}{tstr:>10}{gbs:>9}{pc:>7}{tf:>9}{pm:>6}{ratio:>9}  "
+        print(f"{r['group']:<22}{r['name'][:51]:<52}{tstr:>10}{gbs:>9}{pc:>7}{pcall:>7}{tf:>9}{pm:>6}{ratio:>9}  "
               f"{r.get('baseline_name', '')}")
-    print("(vs base: our time / baseline time; below 1 is faster than the baseline; %mm of the fp16 matmul peak "
-          "for float16 (tensor-core) cases)")
+    print("(time, GB/s, %copy: the kernels' own time, the host's launch time hidden behind a wait on the GPU; "
+          "%call: each call timed alone, the GPU waiting for the host (* : the host could not be hidden, see "
+          "timing_note in the JSON);\n vs base: our time / baseline time; below 1 is faster than the baseline; "
+          "%mm of the fp16 matmul peak for float16 (tensor-core) cases)")
 
 
 # ---------------------------------------------------------------------------------- --profile
@@ -226,12 +248,15 @@ def predict_case(case: Case, twin_row, gpu, arch):
     p = predict.predict(ops, twin_row["_launches"], gpu, arch, work_ratio)
     g = gpus.GPUS[gpu]
     row = {"group": case.group, "name": case.name, "twin": twin_row["name"], "bytes": case.bytes,
-           "flops": case.flops, "predicted_s": p.seconds, "limit": p.limit, "host_s": p.host_seconds,
-           "gpu_s": p.gpu_seconds, "launches": []}
+           "flops": case.flops,
+           # what bench.kernels measures: the host's launch time hidden (a value read on the host: per call)
+           "predicted_s": p.hidden_seconds, "limit": p.hidden_limit,
+           # each call alone, the GPU waiting for the host's time per launch
+           "predicted_per_call_s": p.seconds, "limit_per_call": p.limit,
+           "host_s": p.host_seconds, "gpu_s": p.gpu_seconds, "host_reads": p.host_reads, "launches": []}
     if case.bytes:
-        row["predicted_pct_copy_bw"] = 100 * case.bytes / p.seconds / g.copy_bytes_per_s
-        if p.gpu_seconds:   # the kernels alone: a CUDA graph's replay, or a step whose host runs ahead
-            row["predicted_pct_copy_bw_kernels"] = 100 * case.bytes / p.gpu_seconds / g.copy_bytes_per_s
+        row["predicted_pct_copy_bw"] = 100 * case.bytes / p.hidden_seconds / g.copy_bytes_per_s
+        row["predicted_pct_copy_bw_per_call"] = 100 * case.bytes / p.seconds / g.copy_bytes_per_s
     for lp in p.launches:
         e = {"kernel": lp.kernel, "seconds": lp.seconds, "limit": lp.limit, "parts": lp.parts}
         if lp.work is not None:
@@ -246,17 +271,27 @@ _NAMED_VERSION = re.compile(r"^(.*?) v\d+ [^\[]*(\[.*)$")
 
 
 def measured_times(data):
-    """{case name: seconds} of a kernels.json that `bench.kernels --json` wrote on a GPU.  A row
-    whose baseline is another version of our own kernel ("our v1 scatter + atomicAdd") gives that
-    version's time too, under the name its own row has now."""
+    """{case name: (seconds, timing)} of a kernels.json that `bench.kernels --json` wrote on a GPU;
+    timing: how it was timed (kernels.runtime.timing's HIDDEN or PER_CALL; a file from before the
+    hidden timing has only per-call times).  A row whose baseline is another version of our own
+    kernel ("our v1 scatter + atomicAdd") gives that version's time too, under the name its own
+    row has now."""
     out = {}
     for r in data.get("cases", []):
         if r.get("seconds"):
-            out[r["name"]] = r["seconds"]
+            out[r["name"]] = (r["seconds"], r.get("timing", PER_CALL))
         m, n = _BASELINE_VERSION.match(r.get("baseline_name") or ""), _NAMED_VERSION.match(r["name"])
         if m and n and r.get("baseline_seconds"):
-            out.setdefault(f"{n.group(1)} {m.group(1).strip()} {n.group(2)}", r["baseline_seconds"])
+            out.setdefault(f"{n.group(1)} {m.group(1).strip()} {n.group(2)}",
+                           (r["baseline_seconds"], r.get("baseline_timing", PER_CALL)))
     return out
+
+
+def compared_prediction(row):
+    """The prediction to set beside a row's measured time: per call when it was timed per call."""
+    if row.get("measured_timing") == PER_CALL:
+        return row.get("predicted_per_call_s")
+    return row.get("predicted_s")
 
 
 def version_pairs(rows):
@@ -276,7 +311,7 @@ def version_pairs(rows):
 
 def _same_order(a, b):
     """True when the model orders two cases as the GPU did (a tie in the prediction does not)."""
-    p = a["predicted_s"] - b["predicted_s"]
+    p = compared_prediction(a) - compared_prediction(b)
     m = a["measured_s"] - b["measured_s"]
     return p != 0 and (p < 0) == (m < 0)
 
@@ -284,14 +319,14 @@ def _same_order(a, b):
 def summarize(rows):
     """The last line's figures over the rows with a measured time: {'median', 'within', 'count',
     'pairs_agree', 'pairs'} (None where there is nothing to count)."""
-    both = [r for r in rows if r.get("measured_s") and r.get("predicted_s")]
-    ratios = sorted(r["predicted_s"] / r["measured_s"] for r in both)
+    both = [r for r in rows if r.get("measured_s") and compared_prediction(r)]
+    ratios = sorted(compared_prediction(r) / r["measured_s"] for r in both)
     pairs = [(a, b) for a, b in version_pairs(both)]
     agree = sum(_same_order(a, b) for a, b in pairs)
     return {"median": statistics.median(ratios) if ratios else None,
             "within": sum(1 / 1.5 <= x <= 1.5 for x in ratios), "count": len(ratios),
             "pairs_agree": agree, "pairs": len(pairs),
-            "pairs_list": [{"a": a["name"], "b": b["name"], "predicted": [a["predicted_s"], b["predicted_s"]],
+            "pairs_list": [{"a": a["name"], "b": b["name"], "predicted": [compared_prediction(a), compared_prediction(b)],
                             "measured": [a["measured_s"], b["measured_s"]],
                             "agrees": _same_order(a, b)}
                            for a, b in pairs]}
@@ -350,9 +385,9 @@ def run_profile(groups=None, arch="sm_80", gpu=None, size="profile", repeat=None
                     row = {"group": name, "name": c.name, "error": f"{type(exc).__name__}: {exc}"}
             row["key"] = list(c.key)
             if c.name in times:
-                row["measured_s"] = times[c.name]
-                if row.get("predicted_s"):
-                    row["ratio"] = row["predicted_s"] / times[c.name]
+                row["measured_s"], row["measured_timing"] = times[c.name]
+                if compared_prediction(row):
+                    row["ratio"] = compared_prediction(row) / row["measured_s"]
             if c.notes.get("not_timed"):
                 row["not_timed"] = c.notes["not_timed"]
             rows.append(row)
@@ -425,9 +460,13 @@ def print_prediction_table(result):
     g = gpus.GPUS[result["gpu"]]
     rows = result["cases"]
     measured = bool(result.get("measured_file"))
+    timings = {r.get("measured_timing") for r in rows if "measured_s" in r}
+    how = ""
+    if measured and timings == {PER_CALL}:     # say it once: a file from before the host was hidden
+        how = " (timed per call: each ratio against the per-call prediction)"
     print(f"\npredicted on {g.name} (kernels/emu/perfmodel.py: the twin's counts scaled to the ResNet-50 shape, its "
-          f"launches planned at that shape){'; measured: ' + result['measured_file'] if measured else ''}")
-    head = (f"{'case':<62}{'launches':>9}{'predicted us':>13}{'%copy':>6}{'%kern':>6}{'limit':>9}"
+          f"launches planned at that shape){'; measured: ' + result['measured_file'] + how if measured else ''}")
+    head = (f"{'case':<62}{'launches':>9}{'predicted us':>13}{'%copy':>6}{'call us':>9}{'%call':>6}{'limit':>9}"
             + (f"{'measured us':>12}{'ratio':>7}" if measured else ""))
     print(head)
     print("-" * len(head))
@@ -438,17 +477,22 @@ def print_prediction_table(result):
             print(f"{r['name'][:61]:<62}  ERROR {r['error']}")
             continue
         pc = f"{r['predicted_pct_copy_bw']:.0f}" if "predicted_pct_copy_bw" in r else ""
-        pk = f"{r['predicted_pct_copy_bw_kernels']:.0f}" if "predicted_pct_copy_bw_kernels" in r else ""
-        line = f"{r['name'][:61]:<62}{len(r['launches']):>9}{_us(r['predicted_s']):>13}{pc:>6}{pk:>6}{r['limit']:>9}"
+        pk = f"{r['predicted_pct_copy_bw_per_call']:.0f}" if "predicted_pct_copy_bw_per_call" in r else ""
+        line = (f"{r['name'][:61]:<62}{len(r['launches']):>9}{_us(r['predicted_s']):>13}{pc:>6}"
+                f"{_us(r['predicted_per_call_s']):>9}{pk:>6}{r['limit']:>9}")
         if measured:
             ratio = r.get("ratio")
             mark = "" if ratio is None or 1 / 1.5 <= ratio <= 1.5 else " *"
+            if r.get("measured_timing") == PER_CALL and not how:
+                mark += " (per call)"
             line += f"{_us(r['measured_s']):>12}{ratio:>7.2f}{mark}" if ratio is not None else f"{_us(r['measured_s']):>12}"
         print(line)
-    print("(launches: kernels, memsets and copies the case makes; %copy: its fewest bytes / the predicted time, as % "
-          "of the copy bandwidth, with the host's time per launch as a call timed alone pays it; %kern: the same for "
-          "the kernels alone, as a CUDA graph or a step whose host runs ahead sees them; limit: dram, l2, l1, issue, latency (Little's law: too few loads in flight), "
-          "atomics, host (launch overhead)" + ("; ratio: predicted / measured, * beyond 1.5x" if measured else "") + ")")
+    print("(launches: kernels, memsets and copies the case makes; predicted, %copy: the time bench.kernels measures, "
+          "the host's launch time hidden (a case that reads a value on the host: per call), and its fewest bytes / "
+          "that time, as % of the copy bandwidth;\n call us, %call: the same for a call timed alone, which pays the "
+          "host's time per launch; limit: dram, l2, l1, issue, latency (Little's law: too few loads in flight), "
+          "atomics, host (launch overhead)" + ("; ratio: predicted / measured (per call: against the per-call "
+                                               "prediction), * beyond 1.5x" if measured else "") + ")")
     s = result.get("summary")
     if s:
         for pair in s["pairs_list"]:

@@ -832,9 +832,12 @@ class OptimizerCase(OpCase):
         self.lr = self.xp.asarray(np.array([self.LR], np.float32))   # in device memory, as nn.optim keeps it
 
     def ops(self, version):
-        return ["momentum update", "lars_trust_ratio_flat", "global_grad_norm"]   # the norms: 1 and 2 alike
+        # the norms: 1 and 2 alike; "global_grad_norm out": into a device array, nothing read on the host
+        return ["momentum update", "lars_trust_ratio_flat", "global_grad_norm", "global_grad_norm out"]
 
     def prepare(self, op):
+        if op == "global_grad_norm out":
+            return {"out": self.xp.empty(1, dtype=np.float32)}
         return {"p": self.p.copy(), "v": self.v.copy()} if op == "momentum update" else {}
 
     def run(self, op, version, state):
@@ -843,6 +846,8 @@ class OptimizerCase(OpCase):
                 return (opt.lars_trust_ratio_flat(self.p, self.g, self.segments),)
             if op == "global_grad_norm":
                 return (opt.global_grad_norm([self.g]),)
+            if op == "global_grad_norm out":
+                return (opt.global_grad_norm([self.g], out=state["out"]),)
         p, v = state["p"], state["v"]
         if version == 1:      # one launch per tensor
             for ps, gs, vs, wd in zip(self.segments.split(p), self.segments.split(self.g), self.segments.split(v),
@@ -859,6 +864,8 @@ class OptimizerCase(OpCase):
             return (np.array([ref.lars_trust_ratio(p[s], g[s], wd) for s, wd in zip(parts, self.wd)]),)
         if op == "global_grad_norm":
             return (np.array(ref.global_grad_norm([g])),)
+        if op == "global_grad_norm out":
+            return (ref.global_grad_norm([g], out=np.empty(1)),)
         p, v = p.copy(), self.host(self.v)
         for s, wd in zip(parts, self.wd):
             ref.sgd_momentum_update(p[s], g[s], v[s], self.LR, self.MOMENTUM, wd)   # in place, per tensor
@@ -869,7 +876,8 @@ class OptimizerCase(OpCase):
 
     def work(self, op):
         n = self.segments.total
-        return {"momentum update": 20 * n, "lars_trust_ratio_flat": 8 * n, "global_grad_norm": 4 * n}[op], 0
+        return {"momentum update": 20 * n, "lars_trust_ratio_flat": 8 * n, "global_grad_norm": 4 * n,
+                "global_grad_norm out": 4 * n}[op], 0
 
 
 class InputCase(OpCase):

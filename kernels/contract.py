@@ -252,8 +252,9 @@ def lars_trust_ratio(param, grad, weight_decay, eta=0.001, eps=1e-9):
     """eta * ||w|| / (||g|| + wd * ||w|| + eps), 1 where a norm is 0 -> Python float."""
 
 
-def global_grad_norm(list_of_grads):
-    """sqrt(sum of g^2 over every array) -> Python float."""
+def global_grad_norm(list_of_grads, out=None):
+    """sqrt(sum of g^2 over every array) -> Python float; with out (float32 [1] on the same device)
+    written there and out returned, nothing read on the host."""
 
 
 def momentum_update_flat(params_flat, grads_flat, momentum_flat, segments, lr, momentum=0.9, nesterov=False,

@@ -4,7 +4,8 @@ holding every parameter), LARS trust ratios and the global gradient norm.
 Per tensor (the op contract):
     sgd_momentum_update(param, grad, momentum_buf, lr, momentum=0.9, weight_decay=0.0, nesterov=False)
     ratio = lars_trust_ratio(param, grad, weight_decay)           # Python float
-    norm = global_grad_norm([g1, g2, ...])                         # Python float
+    norm = global_grad_norm([g1, g2, ...])                         # Python float (the host waits)
+    global_grad_norm([g1, g2, ...], out=norm1)                     # into a device array: no wait
 
 All parameters at once (what nn.optim does): keep params, grads and momenta in three flat float32
 buffers laid out alike, describe the layout once with a `ParamSegments` table, and update
@@ -308,15 +309,25 @@ def lars_trust_ratio(param, grad, weight_decay, eta=0.001, eps=1e-9):
     return float(ratios[0])
 
 
-def global_grad_norm(list_of_grads):
+def global_grad_norm(list_of_grads, out=None):
     """sqrt(sum over all arrays and elements of g^2) -> Python float (inf/NaN if any gradient holds
-    one).  list_of_grads: float32 arrays of any shapes, all on one device."""
+    one).  list_of_grads: float32 arrays of any shapes, all on one device.
+
+    out: a one-element float32 array on that device: the norm is written there and `out` returned,
+    without reading it on the host (a float makes the host wait for the GPU: a training step that
+    clips or logs by the norm every step would lose its lead over the GPU)."""
     op = "global_grad_norm"
     grads = list(list_of_grads)
     for i, g in enumerate(grads):
         check_array(op, f"list_of_grads[{i}]", g, dtype=np.float32)
+    if out is not None:
+        check_array(op, "out", out, dtype=np.float32, shape=(1,))
+        array_module(out, *grads)
     if not grads:
-        return 0.0
+        if out is None:
+            return 0.0
+        out[...] = 0
+        return out
     xp = array_module(*grads)
     if versions.version("optimizer") >= 3:   # float4 vectors, at most 1024 partial sums an array
         blocks = [min(blocks_for(g.size, _BLOCK, xp, per_thread=16), 1024) if g.size else 0 for g in grads]
@@ -333,9 +344,9 @@ def global_grad_norm(list_of_grads):
                 "sum_squares_blocks_f32"
             _kernel(kernel)((nb,), (_BLOCK,), (g.reshape(-1), np.int64(g.size), partial[start:start + nb]))
         start += nb
-    out = empty(xp, 1, dtype=np.float32)
-    _kernel("sqrt_of_sum_f32")((1,), (_BLOCK,), (partial, np.int32(partial.size), out))
-    return float(out[0])
+    result = empty(xp, 1, dtype=np.float32) if out is None else out
+    _kernel("sqrt_of_sum_f32")((1,), (_BLOCK,), (partial, np.int32(partial.size), result))
+    return float(result[0]) if out is None else out
 
 
 if __name__ == "__main__":   # `python -m kernels.optimizer ARGS` is `python -m kernels optimizer ARGS` (the lesson)

@@ -810,10 +810,17 @@ def lars_trust_ratio(param, grad, weight_decay, eta=0.001, eps=1e-9):
     return eta * w_norm / (g_norm + weight_decay * w_norm + eps)
 
 
-def global_grad_norm(list_of_grads):
+def global_grad_norm(list_of_grads, out=None):
     """sqrt(sum over all arrays and elements of g^2), accumulated in float64. -> Python float
-    (inf or nan if any gradient holds one)."""
-    return float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in list_of_grads)))
+    (inf or nan if any gradient holds one); with out (an array of one element) stored there in its
+    dtype, and out returned."""
+    norm = float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in list_of_grads)))
+    if out is None:
+        return norm
+    if out.size != 1:
+        raise ValueError(f"global_grad_norm: out must have one element, got shape {tuple(out.shape)}")
+    out[...] = norm
+    return out
 
 
 def _one(value):

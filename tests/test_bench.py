@@ -29,6 +29,10 @@ def test_kernels_bench_tiny_on_emulator(tmp_path, capsys):
     assert {c["group"] for c in data["cases"]} == {"elementwise", "reduce"}
     assert all("error" not in c for c in data["cases"]), [c for c in data["cases"] if "error" in c]
     assert all(c["seconds"] > 0 and c["bytes_per_s"] > 0 for c in data["cases"])
+    # on the CPU one clock, so one time: per call and "hidden" are the same measurement
+    for c in data["cases"]:
+        assert c["timing"] == "host clock" and c["seconds_per_call"] == c["seconds"]
+        assert c["pct_copy_bw_per_call"] == pytest.approx(c["pct_copy_bw"])
     assert "relu_forward f32" in capsys.readouterr().out
 
 
@@ -96,8 +100,8 @@ def test_kernels_bench_profile_beside_measured_times(tmp_path, capsys):
     from bench import kernels as bk
     run = {"device": "a GPU", "cases": [
         {"group": "reduce", "name": "sum v2 [205520896]", "seconds": 320e-6},
-        {"group": "reduce", "name": "sum v4 [205520896]", "seconds": 280e-6,
-         "baseline_name": "our v3", "baseline_seconds": 310e-6},
+        {"group": "reduce", "name": "sum v4 [205520896]", "seconds": 280e-6, "timing": "host hidden",
+         "baseline_name": "our v3", "baseline_seconds": 310e-6, "baseline_timing": "host hidden"},
         {"group": "reduce", "name": "sum v9 [1]", "seconds": 1e-6}]}        # no such case: left out
     measured = tmp_path / "kernels.json"
     measured.write_text(json.dumps(run))
@@ -108,8 +112,16 @@ def test_kernels_bench_profile_beside_measured_times(tmp_path, capsys):
     # the baseline "our v3 ..." of the v4 row is version 3's time, under the name its own row has
     assert set(rows) == {"sum v2 [205520896]", "sum v3 [205520896]", "sum v4 [205520896]"}
     assert rows["sum v3 [205520896]"]["measured_s"] == 310e-6
-    for r in rows.values():
+    # a row without "timing" was timed per call (a file from before the host was hidden): beside it
+    # the per-call prediction; a row timed with the host hidden, beside the kernels' own time
+    v2 = rows["sum v2 [205520896]"]
+    assert v2["measured_timing"] == "per call"
+    assert v2["ratio"] == pytest.approx(v2["predicted_per_call_s"] / v2["measured_s"])
+    for name in ("sum v3 [205520896]", "sum v4 [205520896]"):
+        r = rows[name]
+        assert r["measured_timing"] == "host hidden"
         assert r["ratio"] == pytest.approx(r["predicted_s"] / r["measured_s"])
+        assert r["predicted_s"] < r["predicted_per_call_s"]
     s = data["summary"]
     assert s["count"] == 3 and s["pairs"] == 3
     lines = capsys.readouterr().out.rstrip().splitlines()

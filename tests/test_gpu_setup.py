@@ -642,7 +642,7 @@ def test_bench_kernels_stops_at_the_first_setup_error(monkeypatch, capsys):
         timed.append(fn)
         raise SETUP
 
-    monkeypatch.setattr(bk, "_time", time_it)
+    monkeypatch.setattr(bk, "_timing", time_it)
     code = bench.stop_on_setup_error("bench.kernels", bk.main, ["--size", "tiny", "--groups", "elementwise", "reduce",
                                                                  "--repeat", "1"])
     out, err = capsys.readouterr()

@@ -213,6 +213,29 @@ def test_global_grad_norm(backend, norms_version):
     assert np.isnan(opt.global_grad_norm([backend.to_device(bad)]))
 
 
+def test_global_grad_norm_into_a_device_array(backend, norms_version):
+    """out=: the norm stays on the device (no host read: nothing launched after it waits), equal to the
+    float form; an empty list writes 0; a wrong out is refused by name."""
+    rng = np.random.default_rng(6)
+    grads = [backend.to_device(a) for a in (randn(rng, 64, 3, 7, 7), randn(rng, 2048), randn(rng, 5, 5))]
+    out = backend.to_device(np.full(1, np.nan, np.float32))
+    with trace.collect() as t:
+        got = opt.global_grad_norm(grads, out=out)
+    assert got is out and {"sqrt_of_sum_f32"} <= set(t.by_kernel())
+    want = ref.global_grad_norm([backend.to_host(g).astype(np.float64) for g in grads])
+    assert abs(float(backend.to_host(out)[0]) - want) < 1e-5 * want
+    assert float(backend.to_host(out)[0]) == opt.global_grad_norm(grads)
+    assert opt.global_grad_norm([], out=out) is out and float(backend.to_host(out)[0]) == 0.0
+    with pytest.raises(ValueError, match="out must have shape"):
+        opt.global_grad_norm(grads, out=backend.to_device(np.zeros(2, np.float32)))
+    with pytest.raises(TypeError, match="out must be float32"):
+        opt.global_grad_norm(grads, out=backend.to_device(np.zeros(1, np.float64)))
+    # the reference does the same on the CPU
+    ref_out = np.zeros(1, np.float32)
+    assert ref.global_grad_norm([backend.to_host(g) for g in grads], out=ref_out) is ref_out
+    assert abs(float(ref_out[0]) - want) < 1e-6 * want
+
+
 def test_version_3_norms_load_vectors_and_fall_back_off_alignment(backend):
     """Version 3 launches the float4 kernels; chunks starting and ending off a multiple of 4 floats
     (tensors of 1, 33, 315 floats) add their odd floats one per thread; a buffer one float into its

@@ -163,6 +163,19 @@ class CasePrediction:
     launches: list                    # [LaunchPrediction] (memsets and copies included)
     host_seconds: float = 0.0
     gpu_seconds: float = 0.0
+    host_reads: bool = False          # a value read on the host: the host waits for the GPU
+    gpu_limit: str = ""               # the limit of the launch that takes longest
+
+    @property
+    def hidden_seconds(self):
+        """The time between events when the host's launching is hidden behind a wait on the GPU
+        (kernels/runtime/timing.py): the GPU's own time, back to back; a case that reads a value on
+        the host cannot hide it (its host waits for the GPU), and is timed per call."""
+        return self.seconds if self.host_reads else self.gpu_seconds
+
+    @property
+    def hidden_limit(self):
+        return self.limit if self.host_reads else self.gpu_limit
 
 
 def _issue_cycles(instructions):
@@ -217,7 +230,8 @@ def predict_launch(gpu: GPU, w: LaunchWork) -> LaunchPrediction:
 
 
 def predict_operations(gpu: GPU, operations, host_seconds=HOST_SECONDS_PER_OPERATION):
-    """The time of a sequence of device operations as CUDA events around them measure it.
+    """The time of a sequence of device operations as CUDA events around them measure it when the
+    GPU is idle at the first event (a call timed alone; `.hidden_seconds`: behind a wait).
 
     operations: dicts {"kind": "launch", "work": LaunchWork} | {"kind": "memset", "nbytes"} |
     {"kind": "copy", "nbytes"} | {"kind": "read", "nbytes"} (a device value read on the host:
@@ -252,4 +266,5 @@ def predict_operations(gpu: GPU, operations, host_seconds=HOST_SECONDS_PER_OPERA
     total = max(gpu_free, host if operations and operations[-1]["kind"] == "read" else 0.0)
     longest = max(launches, key=lambda p: p.seconds, default=None)
     limit = "host" if total > 2 * busy or longest is None else longest.limit
-    return CasePrediction(total, limit, launches, host, busy)
+    return CasePrediction(total, limit, launches, host, busy, any(op["kind"] == "read" for op in operations),
+                          longest.limit if longest is not None else "host")
