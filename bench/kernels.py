@@ -44,7 +44,7 @@ import kernels.emu.profiler
 from bench import gpus, progress, stop_on_setup_error, write_json
 from bench.kernel_cases import MODULES, Case, twin_of
 from kernels.lesson import gpu_module
-from kernels.runtime.timing import PER_CALL, time_call
+from kernels.runtime.timing import HOST_CLOCK, PER_CALL, time_call
 from kernels.runtime import plan, predict
 from kernels.runtime.cuda_env import CudaSetupError
 
@@ -157,7 +157,12 @@ def _run_case(case: Case, xp, repeat, ceilings):
             base = _timing(case.baseline, xp, repeat)
             tb = row["baseline_seconds"] = base.seconds
             row["baseline_timing"] = base.method
-            row["ours_over_baseline_time"] = t / tb
+            row["baseline_seconds_per_call"] = base.per_call_seconds
+            if base.method == timing.method:
+                row["ours_over_baseline_time"] = t / tb
+            else:   # one of them reads on the host (timed per call): compare the calls alone, both
+                row["ours_over_baseline_time"] = timing.per_call_seconds / base.per_call_seconds
+                row["ours_over_baseline_timing"] = PER_CALL
             if case.flops:
                 row["baseline_flops_per_s"] = case.flops / tb
     except CudaSetupError:
@@ -194,11 +199,16 @@ def print_table(result):
         tf = f"{r['flops_per_s'] / 1e12:.2f}" if "flops_per_s" in r else ""
         pm = f"{r['pct_matmul_peak']:.0f}" if "pct_matmul_peak" in r else ""
         ratio = f"{r['ours_over_baseline_time']:.2f}x" if "ours_over_baseline_time" in r else ""
+        if r.get("ours_over_baseline_timing") == PER_CALL:
+            ratio += "*"
         print(f"{r['group']:<22}{r['name'][:51]:<52}{tstr:>10}{gbs:>9}{pc:>7}{pcall:>7}{tf:>9}{pm:>6}{ratio:>9}  "
               f"{r.get('baseline_name', '')}")
-    print("(time, GB/s, %copy: the kernels' own time, the host's launch time hidden behind a wait on the GPU; "
-          "%call: each call timed alone, the GPU waiting for the host (* : the host could not be hidden, see "
-          "timing_note in the JSON);\n vs base: our time / baseline time; below 1 is faster than the baseline; "
+    on_cpu = all(r.get("timing") in (None, HOST_CLOCK) for r in result["cases"])
+    print(("(time: the host's clock around each call, on the CPU emulator (%call the same);" if on_cpu else
+           "(time, GB/s, %copy: the kernels' own time, the host's launch time hidden behind a wait on the GPU; "
+           "%call: each call timed alone, the GPU waiting for the host (* : the host could not be hidden, see "
+           "timing_note in the JSON);") + "\n vs base: our time / baseline time (* : per call, both, where one could not "
+          "hide the host); below 1 is faster than the baseline; "
           "%mm of the fp16 matmul peak for float16 (tensor-core) cases)")
 
 

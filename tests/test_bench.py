@@ -36,6 +36,31 @@ def test_kernels_bench_tiny_on_emulator(tmp_path, capsys):
     assert "relu_forward f32" in capsys.readouterr().out
 
 
+def test_kernels_bench_row_carries_both_timings_and_compares_like_with_like(monkeypatch):
+    """A row: the hidden time and the per-call one with their shares of the copy rate; against a
+    baseline timed the same way, the ratio of those times; when one of the two had to be timed per
+    call (it reads on the host), the ratio of the per-call times, and it says so."""
+    from bench import kernels as bk
+    from bench.kernel_cases import Case
+    from kernels.runtime.timing import HIDDEN, PER_CALL, Timing
+    ours, base = object(), object()
+    timings = {}
+    monkeypatch.setattr(bk, "_timing", lambda fn, xp, repeat, warmup=2: timings[fn])
+    case = Case(name="k", run=ours, bytes=3_000_000, baseline=base, group="g")
+    ceilings = {"copy_bytes_per_s": 3e12}
+
+    timings.update({ours: Timing(10e-6, HIDDEN, 35e-6), base: Timing(20e-6, HIDDEN, 50e-6)})
+    row = bk._run_case(case, "xp", 5, ceilings)
+    assert row["seconds"] == 10e-6 and row["seconds_per_call"] == 35e-6 and row["timing"] == HIDDEN
+    assert row["pct_copy_bw"] == pytest.approx(10.0) and row["pct_copy_bw_per_call"] == pytest.approx(100 / 35)
+    assert row["ours_over_baseline_time"] == pytest.approx(0.5) and "ours_over_baseline_timing" not in row
+
+    timings[base] = Timing(60e-6, PER_CALL, 60e-6, "it reads on the host")
+    row = bk._run_case(case, "xp", 5, ceilings)
+    assert row["baseline_timing"] == PER_CALL and row["ours_over_baseline_timing"] == PER_CALL
+    assert row["ours_over_baseline_time"] == pytest.approx(35 / 60)
+
+
 def test_kernels_bench_keeps_what_it_measured_when_stopped(tmp_path, monkeypatch):
     """A GPU session's time limit can stop bench.kernels: the JSON holds every case measured so far,
     in the order of the groups asked for, marked incomplete; a finished run says complete."""
