@@ -7,6 +7,8 @@ known exactly: a call's kernels take `gpu` seconds, the host `host` seconds to q
 The delay kernel itself runs on the CPU emulator, and on a GPU where there is one.
 """
 
+import types
+
 import numpy as np
 import pytest
 
@@ -18,13 +20,29 @@ from tests.conftest import CUDASIM, real_gpu_only
 API_S = 2e-6         # host time of one event record or launch in the model
 
 
+class ModelEvent:
+    """A CUDA event of ModelGPU: stamped with the time the GPU reaches it."""
+
+    def __init__(self, gpu):
+        self.gpu, self.t = gpu, None
+
+    def record(self):
+        self.t = self.gpu.queue(0.0)
+
+    def synchronize(self):
+        self.gpu.synchronize(self.t)
+
+
 class ModelGPU:
-    """One stream: `now` is the host's clock, `free` when the GPU finishes what it holds."""
+    """One stream: `now` is the host's clock, `free` when the GPU finishes what it holds.  `cuda`
+    holds the parts of CuPy that time_call uses (Event, get_elapsed_time in milliseconds)."""
 
     def __init__(self):
         self.now = 0.0
         self.free = 0.0
         self.delays = []          # the waits asked for, in seconds
+        self.cuda = types.SimpleNamespace(Event=lambda: ModelEvent(self),
+                                          get_elapsed_time=lambda a, b: (b.t - a.t) * 1e3)
 
     def clock(self):
         return self.now
@@ -41,30 +59,6 @@ class ModelGPU:
 
     def synchronize(self, t):
         self.now = max(self.now, t)
-
-    # the parts of CuPy that time_call uses
-    @property
-    def cuda(self):
-        gpu = self
-
-        class Event:
-            def __init__(self):
-                self.t = None
-
-            def record(self):
-                self.t = gpu.queue(0.0)
-
-            def synchronize(self):
-                gpu.synchronize(self.t)
-
-        def get_elapsed_time(a, b):
-            return (b.t - a.t) * 1e3          # milliseconds, as CUDA's
-
-        class NS:
-            pass
-        ns = NS()
-        ns.Event, ns.get_elapsed_time = Event, get_elapsed_time
-        return ns
 
     def delay(self, xp, seconds):
         assert xp is self
@@ -222,7 +216,6 @@ def test_the_whole_hidden_path_runs_on_a_cupy_shaped_module_and_refuses_a_gpu_th
 
 def test_the_clock_rate_comes_from_the_attribute_where_the_properties_lack_it(monkeypatch):
     """CUDA 13's device properties have no clockRate: the attribute gives it, and without either 2 GHz."""
-    import types
     monkeypatch.setattr(timing, "_CLOCK_HZ", {})
 
     def runtime(props, attribute):

@@ -164,7 +164,6 @@ class CasePrediction:
     host_seconds: float = 0.0
     gpu_seconds: float = 0.0
     host_reads: bool = False          # a value read on the host: the host waits for the GPU
-    gpu_limit: str = ""               # the limit of the launch that takes longest
 
     @property
     def hidden_seconds(self):
@@ -175,7 +174,10 @@ class CasePrediction:
 
     @property
     def hidden_limit(self):
-        return self.limit if self.host_reads else self.gpu_limit
+        """The limit of hidden_seconds: that of the launch that takes longest (per call: `limit`)."""
+        if self.host_reads:
+            return self.limit
+        return max(self.launches, key=lambda p: p.seconds).limit if self.launches else "host"
 
 
 def _issue_cycles(instructions):
@@ -266,5 +268,4 @@ def predict_operations(gpu: GPU, operations, host_seconds=HOST_SECONDS_PER_OPERA
     total = max(gpu_free, host if operations and operations[-1]["kind"] == "read" else 0.0)
     longest = max(launches, key=lambda p: p.seconds, default=None)
     limit = "host" if total > 2 * busy or longest is None else longest.limit
-    return CasePrediction(total, limit, launches, host, busy, any(op["kind"] == "read" for op in operations),
-                          longest.limit if longest is not None else "host")
+    return CasePrediction(total, limit, launches, host, busy, any(op["kind"] == "read" for op in operations))

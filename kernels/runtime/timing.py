@@ -47,8 +47,9 @@ MARGIN_S = 20e-6         # from the host queueing a launch to the GPU holding it
 
 @dataclass
 class Timing:
-    """seconds: the median by `method`; per_call_seconds: the median of calls timed alone (None
-    on the CPU); note: why the host's time could not be hidden, when it could not."""
+    """seconds: the median by `method`; per_call_seconds: the median of calls timed alone (on the
+    CPU, one clock: the same as seconds); note: why the host's time could not be hidden, when it
+    could not."""
     seconds: float
     method: str
     per_call_seconds: float = None
